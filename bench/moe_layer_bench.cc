@@ -1,0 +1,140 @@
+// moe_layer_bench: forward + backward time of one MoE layer on CPU against (a) the expert GEMMs
+// alone (same shapes, same rows per expert) and (b) a PyTorch implementation of the same layer,
+// timed in the same run (bench/torch_layer_bench.py, through /usr/bin/python3 when present).
+// A benchmark, not a test: it reports ratios and asserts nothing.
+#include <CLI/CLI.hpp>
+#include <malloc.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "experts/cpu/blas.h"
+#include "runtime/base/rng.h"
+#include "runtime/config.h"
+#include "runtime/moe_layer.h"
+
+namespace {
+
+struct Shape {
+  std::string name;
+  int s, m, h, e, k;
+};
+
+double Now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+template <typename F>
+double MedianSeconds(int iters, F&& f) {
+  f();  // warm-up
+  std::vector<double> t;
+  for (int i = 0; i < iters; ++i) {
+    const double t0 = Now();
+    f();
+    t.push_back(Now() - t0);
+  }
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+moe::config::LayerConfig MakeConfig(const Shape& sh) {
+  moe::MoeConfig cfg;
+  auto* l = cfg.mutable_moe();
+  l->set_model_dim(sh.m);
+  l->set_num_experts(sh.e);
+  l->mutable_expert()->set_hidden_dim(sh.h);
+  l->mutable_expert()->set_activation(moe::config::GELU_TANH);
+  l->mutable_router()->set_gate(moe::config::TOPK);
+  l->mutable_router()->set_top_k(sh.k);
+  l->mutable_router()->set_capacity_factor_train(1.25);
+  moe::ResolveConfig(&cfg);
+  return cfg.moe();
+}
+
+// PyTorch timing of the same shape, in ms (fwd+bwd median), or < 0 if unavailable.
+double TorchMs(const std::string& script, const Shape& sh, int iters) {
+  const std::string cmd = "/usr/bin/python3 " + script + " --s " + std::to_string(sh.s) + " --m " +
+                          std::to_string(sh.m) + " --h " + std::to_string(sh.h) + " --e " +
+                          std::to_string(sh.e) + " --k " + std::to_string(sh.k) + " --iters " +
+                          std::to_string(iters) + " 2>/dev/null";
+  FILE* p = popen(cmd.c_str(), "r");
+  if (p == nullptr) return -1;
+  char buf[256] = {0};
+  double ms = -1;
+  if (std::fgets(buf, sizeof(buf), p) != nullptr) ms = std::atof(buf);
+  if (pclose(p) != 0) return -1;
+  return ms;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"MoE layer forward+backward benchmark (CPU, one thread by default)."};
+  int iters = 5, threads = 1;
+  std::string torch_script = "bench/torch_layer_bench.py";
+  bool no_torch = false;
+  std::string only;
+  app.add_option("-n,--iters", iters, "timed iterations (median reported)")->check(CLI::Range(1, 1000));
+  app.add_option("--threads", threads, "OpenBLAS threads")->check(CLI::Range(1, 256));
+  app.add_option("--torch-script", torch_script, "PyTorch baseline script");
+  app.add_flag("--no-torch", no_torch, "skip the PyTorch baseline");
+  app.add_option("--shape", only, "run only this shape (small, medium, fine-grained)");
+  CLI11_PARSE(app, argc, argv);
+  moe::blas::SetThreads(threads);
+  if (std::getenv("MOE_BENCH_NO_MMAP")) { mallopt(M_MMAP_THRESHOLD, 1 << 30); mallopt(M_TRIM_THRESHOLD, 1 << 30); }
+  const char* coretype = std::getenv("OPENBLAS_CORETYPE");
+  std::printf("# moe_layer_bench: OpenBLAS core %s (OPENBLAS_CORETYPE=%s), threads=%d, fp32, GELU FFN\n",
+              moe::blas::CoreName(), coretype ? coretype : "unset", moe::blas::GetThreads());
+  std::printf("# %-12s %5s %4s %5s %3s %2s | %9s %9s %9s | %9s %9s\n", "shape", "S", "M", "H", "E", "k",
+              "ours ms", "gemm ms", "ours/gemm", "torch ms", "torch/ours");
+  const std::vector<Shape> shapes = {{"small", 1024, 256, 1024, 8, 2},
+                                     {"medium", 2048, 512, 1024, 16, 2},
+                                     {"fine-grained", 1024, 256, 256, 64, 6}};
+  for (const Shape& sh : shapes) {
+    if (!only.empty() && sh.name != only) continue;
+    const auto cfg = MakeConfig(sh);
+    moe::MoeLayer layer(cfg);
+    moe::InitLayerParams(cfg, 1, &layer.params());
+    moe::Tensor x(sh.s, sh.m), dy(sh.s, sh.m), y, dx;
+    for (int64_t i = 0; i < x.size(); ++i) {
+      x[i] = moe::CounterNormal(9, 0, static_cast<uint64_t>(i), moe::RngStream::kInit);
+      dy[i] = moe::CounterNormal(10, 0, static_cast<uint64_t>(i), moe::RngStream::kInit);
+    }
+    moe::MoeLayerParams grads = moe::MakeLayerParams(cfg);
+    moe::RouteContext ctx;
+    ctx.train = true;
+    const double ours = MedianSeconds(iters, [&] {
+      MOE_CHECK_OK(layer.Forward(x.view(), ctx, &y));
+      MOE_CHECK_OK(layer.Backward(dy.view(), &dx, &grads));
+    });
+    // The expert GEMMs alone: 2 forward + 4 backward GEMMs per expert with the same row counts.
+    const auto& plan = layer.plan();
+    const int64_t rows_max = plan.num_rows();
+    moe::Tensor a(rows_max, sh.h), b(rows_max, sh.m), c(rows_max, sh.h), w1(sh.m, sh.h), w2(sh.h, sh.m);
+    const double gemm = MedianSeconds(iters, [&] {
+      for (int e = 0; e < sh.e; ++e) {
+        const int64_t r = plan.expert_offset[e + 1] - plan.expert_offset[e];
+        moe::blas::Gemm(false, false, r, sh.h, sh.m, 1, b.data(), w1.data(), 0, a.data());
+        moe::blas::Gemm(false, false, r, sh.m, sh.h, 1, a.data(), w2.data(), 0, b.data());
+        moe::blas::Gemm(true, false, sh.h, sh.m, r, 1, a.data(), b.data(), 1, w2.data());
+        moe::blas::Gemm(false, true, r, sh.h, sh.m, 1, b.data(), w2.data(), 0, c.data());
+        moe::blas::Gemm(true, false, sh.m, sh.h, r, 1, b.data(), c.data(), 1, w1.data());
+        moe::blas::Gemm(false, true, r, sh.m, sh.h, 1, c.data(), w1.data(), 0, b.data());
+      }
+    });
+    const double torch_ms = no_torch ? -1 : TorchMs(torch_script, sh, iters);
+    char torch_col[32] = "n/a", ratio_col[32] = "n/a";
+    if (torch_ms > 0) {
+      std::snprintf(torch_col, sizeof(torch_col), "%.1f", torch_ms);
+      std::snprintf(ratio_col, sizeof(ratio_col), "%.2fx", torch_ms / (ours * 1e3));
+    }
+    std::printf("  %-12s %5d %4d %5d %3d %2d | %9.1f %9.1f %9.3f | %9s %9s\n", sh.name.c_str(), sh.s,
+                sh.m, sh.h, sh.e, sh.k, ours * 1e3, gemm * 1e3, ours / gemm, torch_col, ratio_col);
+    std::fflush(stdout);
+  }
+  return 0;
+}

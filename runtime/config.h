@@ -1,0 +1,41 @@
+// Loading and validating configs (protobuf text format). Validation lives here and only here:
+// every error names the field path, the value and the rule, e.g.
+//   "moe.router.top_k=5 must be <= moe.num_experts=4".
+#pragma once
+
+#include <string>
+
+#include "proto/moe_config.pb.h"
+#include "runtime/base/status.h"
+
+namespace moe {
+
+using config::MoeConfig;
+
+// Parses text-format `text` (`name` is used in messages), fills defaults, validates.
+StatusOr<MoeConfig> ParseConfig(const std::string& text, const std::string& name);
+// Reads and parses a .textproto file.
+StatusOr<MoeConfig> LoadConfig(const std::string& path);
+
+// Checks every rule that does not depend on the world; fills derived defaults (see ResolveConfig).
+Status ValidateConfig(const MoeConfig& cfg);
+// Rules that depend on the number of ranks (expert placement).
+Status ValidateForWorld(const MoeConfig& cfg, int world_size);
+
+// Sets every unset field to its default and resolves kind-dependent defaults (TOP1 → k = 1,
+// NOISY_TOPK → TOPK_SOFTMAX, EXPERT_CHOICE → no aux loss), so that the result can be written out
+// (JSON, checkpoint manifest) and read by tools that do not know protobuf defaults.
+void ResolveConfig(MoeConfig* cfg);
+
+// Protobuf JSON with snake_case names and every field present.
+std::string ConfigToJson(const MoeConfig& cfg);
+
+// Convenience accessors.
+inline int TopK(const config::RouterConfig& r) {
+  return r.gate() == config::TOP1 ? 1 : r.top_k();
+}
+inline int SharedHidden(const config::LayerConfig& l) {
+  return l.shared_hidden_dim() > 0 ? l.shared_hidden_dim() : l.expert().hidden_dim();
+}
+
+}  // namespace moe

@@ -1,0 +1,299 @@
+#include "runtime/moe_layer.h"
+
+#include <cmath>
+#include <cstring>
+
+#include "experts/cpu/blas.h"
+#include "runtime/base/rng.h"
+#include "runtime/config.h"
+
+namespace moe {
+namespace {
+
+experts::Activation ToActivation(config::Activation a) {
+  switch (a) {
+    case config::RELU: return experts::Activation::kRelu;
+    case config::GELU_TANH: return experts::Activation::kGeluTanh;
+    case config::SILU: return experts::Activation::kSilu;
+  }
+  return experts::Activation::kGeluTanh;
+}
+
+MatrixView<float> Rows(Tensor& t, int64_t begin, int64_t end) {
+  return {t.data() + begin * t.cols(), end - begin, t.cols()};
+}
+
+void ResizeFor(Tensor* t, int64_t rows, int64_t cols) {
+  if (t->rows() != rows || t->cols() != cols) t->Reset(rows, cols);
+}
+
+}  // namespace
+
+experts::FfnShape ExpertShape(const config::LayerConfig& cfg) {
+  experts::FfnShape s;
+  s.model_dim = cfg.model_dim();
+  s.hidden_dim = cfg.expert().hidden_dim();
+  s.activation = ToActivation(cfg.expert().activation());
+  s.swiglu = cfg.expert().kind() == config::SWIGLU;
+  s.bias = cfg.expert().bias();
+  return s;
+}
+
+experts::FfnShape SharedShape(const config::LayerConfig& cfg) {
+  experts::FfnShape s = ExpertShape(cfg);
+  s.hidden_dim = SharedHidden(cfg);
+  return s;
+}
+
+void MoeLayerParams::Zero() {
+  ForEach([](const std::string&, Tensor& t) { t.Fill(0.0f); });
+}
+
+MoeLayerParams MakeLayerParams(const config::LayerConfig& cfg) {
+  MoeLayerParams p;
+  p.router = Tensor(cfg.model_dim(), cfg.num_experts());
+  if (cfg.router().gate() == config::NOISY_TOPK) p.router_noise = Tensor(cfg.model_dim(), cfg.num_experts());
+  for (int e = 0; e < cfg.num_experts(); ++e) p.experts.push_back(experts::FfnParams::Zeros(ExpertShape(cfg)));
+  for (int s = 0; s < cfg.num_shared_experts(); ++s) p.shared.push_back(experts::FfnParams::Zeros(SharedShape(cfg)));
+  return p;
+}
+
+void InitLayerParams(const config::LayerConfig& cfg, uint64_t seed, MoeLayerParams* params) {
+  const int64_t m = cfg.model_dim();
+  uint64_t id = 0;
+  params->ForEach([&](const std::string& name, Tensor& t) {
+    // fan_in: rows of a weight matrix; for b1 the model dim, for b2 the hidden dim.
+    int64_t fan_in = t.rows();
+    if (name.size() > 3 && name.compare(name.size() - 3, 3, "_b1") == 0) fan_in = m;
+    if (name.size() > 3 && name.compare(name.size() - 3, 3, "_b2") == 0) {
+      fan_in = name.rfind("shared", 0) == 0 ? SharedHidden(cfg) : cfg.expert().hidden_dim();
+    }
+    const double bound = 1.0 / std::sqrt(static_cast<double>(fan_in));
+    for (int64_t i = 0; i < t.size(); ++i) {
+      const double u = CounterUniform(seed, 0, id, RngStream::kInit, static_cast<uint64_t>(i));
+      t[i] = static_cast<float>((2.0 * u - 1.0) * bound);
+    }
+    ++id;
+  });
+}
+
+MoeLayer::MoeLayer(const config::LayerConfig& cfg)
+    : cfg_(cfg),
+      expert_shape_(ExpertShape(cfg)),
+      shared_shape_(SharedShape(cfg)),
+      params_(MakeLayerParams(cfg)),
+      bias_(static_cast<size_t>(cfg.num_experts()), 0.0f) {}
+
+Status MoeLayer::Forward(MatrixView<const float> x, const RouteContext& ctx, Tensor* y) {
+  const int64_t s = x.rows(), m = cfg_.model_dim();
+  if (x.cols() != m) {
+    return InvalidArgument("input has " + std::to_string(x.cols()) +
+                           " columns, must equal moe.model_dim=" + std::to_string(m));
+  }
+  if (s < 1) return InvalidArgument("input has no tokens (S=0)");
+  have_forward_ = false;
+  ResizeFor(&x_, s, m);
+  std::memcpy(x_.data(), x.data(), sizeof(float) * static_cast<size_t>(s * m));
+  ctx_ = ctx;
+  ComputeRouter(cfg_.router(), x_.view(), params_.router, params_.router_noise, ctx, &router_);
+  MOE_ASSIGN_OR_RETURN(plan_, BuildDispatchPlan(cfg_.router(), router_.probs, bias_, ctx));
+  losses_ = ComputeRouterLosses(cfg_.router(), plan_, router_.probs, router_.logits);
+
+  // Pack: gather token rows in expert-major order.
+  const int64_t rows = plan_.num_rows();
+  ResizeFor(&packed_x_, rows, m);
+  for (int64_t r = 0; r < rows; ++r) {
+    std::memcpy(packed_x_.row(r), x_.row(plan_.row_token[r]), sizeof(float) * static_cast<size_t>(m));
+  }
+  RunExpertsForward();
+
+  // Shared experts write y first (y = shared(x)), then the routed contributions are added per token
+  // in slot order, so the sum order does not depend on how rows are laid out.
+  ResizeFor(y, s, m);
+  if (params_.shared.empty()) y->Fill(0.0f);
+  shared_h_.resize(params_.shared.size());
+  shared_a_.resize(params_.shared.size());
+  shared_u_.resize(params_.shared.size());
+  for (size_t i = 0; i < params_.shared.size(); ++i) {
+    const int64_t h = shared_shape_.hidden_dim;
+    ResizeFor(&shared_h_[i], s, h);
+    ResizeFor(&shared_a_[i], s, h);
+    if (shared_shape_.swiglu) ResizeFor(&shared_u_[i], s, h);
+    experts::FfnForward(shared_shape_, params_.shared[i], x_.view(), y->view(), i > 0,
+                        {shared_h_[i].view(), shared_a_[i].view(), shared_u_[i].view()});
+  }
+  for (int64_t t = 0; t < s; ++t) {
+    float* out = y->row(t);
+    for (int64_t i = plan_.token_row_offset[t]; i < plan_.token_row_offset[t + 1]; ++i) {
+      const int32_t r = plan_.token_rows[i];
+      const float g = plan_.row_gate[r];
+      const float* src = packed_y_.row(r);
+      for (int64_t c = 0; c < m; ++c) out[c] += g * src[c];
+    }
+  }
+  have_forward_ = true;
+  return Status::Ok();
+}
+
+void MoeLayer::RunExpertsForward() {
+  const int64_t rows = plan_.num_rows(), m = cfg_.model_dim(), h = expert_shape_.hidden_dim;
+  ResizeFor(&packed_y_, rows, m);
+  ResizeFor(&expert_h_, rows, h);
+  ResizeFor(&expert_a_, rows, h);
+  if (expert_shape_.swiglu) ResizeFor(&expert_u_, rows, h);
+  for (int64_t e = 0; e < plan_.num_experts; ++e) {
+    const int64_t b = plan_.expert_offset[e], end = plan_.expert_offset[e + 1];
+    if (b == end) continue;
+    experts::FfnSaved saved{Rows(expert_h_, b, end), Rows(expert_a_, b, end),
+                            expert_shape_.swiglu ? Rows(expert_u_, b, end) : MatrixView<float>()};
+    experts::FfnForward(expert_shape_, params_.experts[e], Rows(packed_x_, b, end),
+                        Rows(packed_y_, b, end), false, saved);
+  }
+}
+
+void MoeLayer::RunExpertsBackward() {
+  const int64_t rows = plan_.num_rows(), m = cfg_.model_dim(), h = expert_shape_.hidden_dim;
+  ResizeFor(&packed_dx_, rows, m);
+  ResizeFor(&scratch1_, rows, h);
+  if (expert_shape_.swiglu) ResizeFor(&scratch2_, rows, h);
+  for (int64_t e = 0; e < plan_.num_experts; ++e) {
+    const int64_t b = plan_.expert_offset[e], end = plan_.expert_offset[e + 1];
+    if (b == end) continue;
+    experts::FfnSaved saved{Rows(expert_h_, b, end), Rows(expert_a_, b, end),
+                            expert_shape_.swiglu ? Rows(expert_u_, b, end) : MatrixView<float>()};
+    experts::FfnBackward(expert_shape_, params_.experts[e], Rows(packed_x_, b, end), saved,
+                         Rows(packed_dy_, b, end), Rows(packed_dx_, b, end), false,
+                         &grads_->experts[e], Rows(scratch1_, b, end),
+                         expert_shape_.swiglu ? Rows(scratch2_, b, end) : MatrixView<float>());
+  }
+}
+
+Status MoeLayer::Backward(MatrixView<const float> dy, Tensor* dx, MoeLayerParams* grads) {
+  if (!have_forward_) return FailedPrecondition("MoeLayer::Backward called without a Forward");
+  const int64_t s = x_.rows(), m = x_.cols();
+  if (dy.rows() != s || dy.cols() != m) {
+    return InvalidArgument("grad output is " + std::to_string(dy.rows()) + "x" +
+                           std::to_string(dy.cols()) + ", must be " + std::to_string(s) + "x" +
+                           std::to_string(m) + " like the layer output");
+  }
+  grads_ = grads;
+  const int64_t rows = plan_.num_rows();
+  // dY of each packed row = gate * dy[token]; d gate = dy[token] . expert output row.
+  ResizeFor(&packed_dy_, rows, m);
+  std::vector<float> dgate(static_cast<size_t>(rows));
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* d = dy.row(plan_.row_token[r]);
+    const float* out = packed_y_.row(r);
+    float* pd = packed_dy_.row(r);
+    const float g = plan_.row_gate[r];
+    double dot = 0.0;
+    for (int64_t c = 0; c < m; ++c) {
+      pd[c] = g * d[c];
+      dot += static_cast<double>(d[c]) * out[c];
+    }
+    dgate[r] = static_cast<float>(dot);
+  }
+  RunExpertsBackward();
+
+  ResizeFor(dx, s, m);
+  dx->Fill(0.0f);
+  for (size_t i = 0; i < params_.shared.size(); ++i) {
+    const int64_t h = shared_shape_.hidden_dim;
+    Tensor sc1(s, h), sc2(shared_shape_.swiglu ? s : 0, h);
+    experts::FfnBackward(shared_shape_, params_.shared[i], x_.view(),
+                         {shared_h_[i].view(), shared_a_[i].view(), shared_u_[i].view()}, dy,
+                         dx->view(), true, &grads->shared[i], sc1.view(), sc2.view());
+  }
+  for (int64_t t = 0; t < s; ++t) {
+    float* out = dx->row(t);
+    for (int64_t i = plan_.token_row_offset[t]; i < plan_.token_row_offset[t + 1]; ++i) {
+      const float* src = packed_dx_.row(plan_.token_rows[i]);
+      for (int64_t c = 0; c < m; ++c) out[c] += src[c];
+    }
+  }
+  RouterBackward(dgate, dx, grads);
+  return Status::Ok();
+}
+
+void MoeLayer::RouterBackward(const std::vector<float>& dgate_rows, Tensor* dx, MoeLayerParams* grads) {
+  const DispatchPlan& p = plan_;
+  const int64_t s = p.num_tokens, e = p.num_experts, k = p.top_k, m = x_.cols();
+  Tensor dprobs(s, e), dlogits(s, e);
+  if (p.expert_choice) {
+    for (int64_t r = 0; r < p.num_rows(); ++r) dprobs(p.row_token[r], p.row_expert[r]) += dgate_rows[r];
+  } else {
+    for (int64_t t = 0; t < s; ++t) {
+      double dot = 0.0, denom = 0.0;
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t slot = t * k + j;
+        const bool kept = p.slot_row[slot] >= 0;
+        const double dg = kept ? dgate_rows[p.slot_row[slot]] : 0.0;
+        dot += dg * p.slot_gate[slot];
+        if (p.normalization == config::TOPK_SOFTMAX || kept) denom += p.slot_raw[slot];
+      }
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t slot = t * k + j;
+        const bool kept = p.slot_row[slot] >= 0;
+        const double dg = kept ? dgate_rows[p.slot_row[slot]] : 0.0;
+        double dr = 0.0;
+        if (p.normalization == config::NONE) {
+          dr = dg;
+        } else if (p.normalization == config::TOPK_SOFTMAX || kept) {
+          dr = (dg - dot) / denom;
+        }
+        dprobs(t, p.slot_final[slot]) += static_cast<float>(dr);
+      }
+    }
+  }
+  AccumulateRouterLossGradients(cfg_.router(), p, router_.probs, router_.logits, &dprobs, &dlogits);
+  // Softmax backward: dscores = probs * (dprobs - <dprobs, probs>).
+  Tensor dscores(s, e);
+  for (int64_t t = 0; t < s; ++t) {
+    double dot = 0.0;
+    for (int64_t i = 0; i < e; ++i) dot += static_cast<double>(dprobs(t, i)) * router_.probs(t, i);
+    for (int64_t i = 0; i < e; ++i) {
+      dscores(t, i) = static_cast<float>(router_.probs(t, i) * (dprobs(t, i) - dot));
+      dlogits(t, i) += dscores(t, i);
+    }
+  }
+  if (router_.noisy) {
+    Tensor dn(s, e);
+    for (int64_t t = 0; t < s; ++t) {
+      for (int64_t i = 0; i < e; ++i) {
+        const float n = router_.noise_in(t, i);
+        dn(t, i) = dscores(t, i) * router_.eps(t, i) / (1.0f + std::exp(-n));
+      }
+    }
+    blas::Gemm(true, false, m, e, s, 1.0f, x_.data(), dn.data(), 1.0f, grads->router_noise.data());
+    blas::Gemm(false, true, s, m, e, 1.0f, dn.data(), params_.router_noise.data(), 1.0f, dx->data());
+  }
+  blas::Gemm(true, false, m, e, s, 1.0f, x_.data(), dlogits.data(), 1.0f, grads->router.data());
+  blas::Gemm(false, true, s, m, e, 1.0f, dlogits.data(), params_.router.data(), 1.0f, dx->data());
+}
+
+report::LayerMetrics MoeLayer::Metrics() const {
+  report::LayerMetrics mt;
+  mt.set_aux_loss(losses_.aux);
+  mt.set_z_loss(losses_.z);
+  mt.set_dropped_slots(plan_.dropped_slots);
+  for (int64_t v : plan_.kept_per_expert) mt.add_tokens_per_expert(v);
+  for (int64_t v : plan_.dropped_per_expert) mt.add_dropped_per_expert(v);
+  mt.set_capacity(plan_.capacity);
+  mt.set_total_slots(plan_.expert_choice ? plan_.num_rows() : plan_.num_tokens * plan_.top_k);
+  return mt;
+}
+
+void MoeLayer::UpdateRouterBias() {
+  const double rate = cfg_.router().bias_update_rate();
+  if (rate == 0.0 || plan_.load_per_expert.empty()) return;
+  double mean = 0.0;
+  for (int64_t v : plan_.load_per_expert) mean += static_cast<double>(v);
+  mean /= static_cast<double>(plan_.load_per_expert.size());
+  for (size_t i = 0; i < bias_.size(); ++i) {
+    const double d = mean - static_cast<double>(plan_.load_per_expert[i]);
+    const double sign = d > 0 ? 1.0 : (d < 0 ? -1.0 : 0.0);
+    bias_[i] = static_cast<float>(bias_[i] + rate * sign);
+  }
+}
+
+}  // namespace moe

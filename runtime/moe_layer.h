@@ -1,0 +1,110 @@
+// One MoE layer on one process (CPU): route -> plan -> pack -> experts -> combine, and the backward
+// through the same plan. The expert-parallel layer (later) replaces the local expert step with
+// dispatch / combine all-to-alls; everything else is shared.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "experts/expert_ffn.h"
+#include "proto/moe_config.pb.h"
+#include "proto/report.pb.h"
+#include "runtime/base/status.h"
+#include "runtime/base/tensor.h"
+#include "runtime/dispatch_plan.h"
+#include "runtime/losses.h"
+#include "runtime/router.h"
+
+namespace moe {
+
+struct MoeLayerParams {
+  Tensor router;        // M x E
+  Tensor router_noise;  // M x E (NOISY_TOPK only, else empty)
+  std::vector<experts::FfnParams> experts;  // E
+  std::vector<experts::FfnParams> shared;   // num_shared_experts
+
+  // Visits every parameter with its file-style name ("router", "expert_3_w1", "shared_0_b2").
+  template <typename F>
+  void ForEach(F&& f);
+  template <typename F>
+  void ForEach(F&& f) const;
+  void Zero();
+};
+
+experts::FfnShape ExpertShape(const config::LayerConfig& cfg);
+experts::FfnShape SharedShape(const config::LayerConfig& cfg);
+
+// Zero parameters of the right shapes for `cfg`.
+MoeLayerParams MakeLayerParams(const config::LayerConfig& cfg);
+// Deterministic init from `seed`: weights U(-1/sqrt(fan_in), 1/sqrt(fan_in)), biases likewise.
+void InitLayerParams(const config::LayerConfig& cfg, uint64_t seed, MoeLayerParams* params);
+
+class MoeLayer {
+ public:
+  explicit MoeLayer(const config::LayerConfig& cfg);
+
+  const config::LayerConfig& config() const { return cfg_; }
+  MoeLayerParams& params() { return params_; }
+  const MoeLayerParams& params() const { return params_; }
+  // Aux-loss-free balancing bias (E), state not parameter.
+  std::vector<float>& router_bias() { return bias_; }
+
+  // y = MoE(x) for the S rows of x (S x M). Keeps what the backward needs.
+  Status Forward(MatrixView<const float> x, const RouteContext& ctx, Tensor* y);
+  // Gradient of sum(y * dy) + aux_w * aux + z_w * z w.r.t. x (written to dx) and every parameter
+  // (accumulated into grads, which must have the shapes of params()).
+  Status Backward(MatrixView<const float> dy, Tensor* dx, MoeLayerParams* grads);
+
+  const DispatchPlan& plan() const { return plan_; }
+  const RouterOutput& router_output() const { return router_; }
+  const RouterLosses& losses() const { return losses_; }
+  report::LayerMetrics Metrics() const;
+  // bias_i += rate * sign(mean load - load_i), from the last forward's selection.
+  void UpdateRouterBias();
+
+ private:
+  void RunExpertsForward();
+  void RunExpertsBackward();
+  void RouterBackward(const std::vector<float>& dgate_rows, Tensor* dx, MoeLayerParams* grads);
+
+  config::LayerConfig cfg_;
+  experts::FfnShape expert_shape_, shared_shape_;
+  MoeLayerParams params_;
+  std::vector<float> bias_;
+
+  // Saved by Forward.
+  Tensor x_;  // copy of the input (the backward's GEMMs read it)
+  RouteContext ctx_;
+  RouterOutput router_;
+  DispatchPlan plan_;
+  RouterLosses losses_;
+  Tensor packed_x_, packed_y_, expert_h_, expert_a_, expert_u_;
+  std::vector<Tensor> shared_h_, shared_a_, shared_u_;
+  // Backward scratch.
+  Tensor packed_dy_, packed_dx_, scratch1_, scratch2_;
+  MoeLayerParams* grads_ = nullptr;
+  bool have_forward_ = false;
+};
+
+template <typename F>
+void MoeLayerParams::ForEach(F&& f) {
+  f(std::string("router"), router);
+  if (router_noise.size() > 0) f(std::string("router_noise"), router_noise);
+  auto ffn = [&](const std::string& prefix, experts::FfnParams& p) {
+    f(prefix + "_w1", p.w1);
+    if (p.b1.size() > 0) f(prefix + "_b1", p.b1);
+    f(prefix + "_w2", p.w2);
+    if (p.b2.size() > 0) f(prefix + "_b2", p.b2);
+    if (p.w3.size() > 0) f(prefix + "_w3", p.w3);
+  };
+  for (size_t e = 0; e < experts.size(); ++e) ffn("expert_" + std::to_string(e), experts[e]);
+  for (size_t s = 0; s < shared.size(); ++s) ffn("shared_" + std::to_string(s), shared[s]);
+}
+
+template <typename F>
+void MoeLayerParams::ForEach(F&& f) const {
+  const_cast<MoeLayerParams*>(this)->ForEach(
+      [&](const std::string& name, Tensor& t) { f(name, static_cast<const Tensor&>(t)); });
+}
+
+}  // namespace moe

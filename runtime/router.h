@@ -1,0 +1,38 @@
+// The router's dense part: logits = x Wg, optional Shazeer noise, softmax, all in float32.
+// Selection, capacity and gates live in the DispatchPlan (dispatch_plan.h).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "proto/moe_config.pb.h"
+#include "runtime/base/tensor.h"
+
+namespace moe {
+
+// Where a call sits in training: drives noise, capacity factor and counter-based randomness.
+struct RouteContext {
+  bool train = false;
+  uint64_t seed = 0;
+  uint64_t step = 0;
+  int64_t token_offset = 0;  // global index of this call's first token
+};
+
+struct RouterOutput {
+  Tensor logits;  // S x E, x Wg (clean)
+  Tensor noise_in;  // S x E, x Wnoise (NOISY_TOPK at training only)
+  Tensor eps;       // S x E, the N(0,1) draws (NOISY_TOPK at training only)
+  Tensor probs;     // S x E, softmax of the (noisy) scores
+  bool noisy = false;
+};
+
+// Computes logits, noise and probs for the S rows of x.
+void ComputeRouter(const config::RouterConfig& cfg, MatrixView<const float> x, const Tensor& wg,
+                   const Tensor& wnoise, const RouteContext& ctx, RouterOutput* out);
+
+// Row-wise softmax in float32: subtract the row max, exp, divide by the sum.
+void SoftmaxRows(MatrixView<const float> in, MatrixView<float> out);
+
+inline float Softplus(float v) { return v > 20.0f ? v : std::log1p(std::exp(v)); }
+
+}  // namespace moe

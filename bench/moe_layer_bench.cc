@@ -57,7 +57,7 @@ moe::config::LayerConfig MakeConfig(const Shape& sh) {
 
 // PyTorch timing of the same shape, in ms (fwd+bwd median), or < 0 if unavailable.
 double TorchMs(const std::string& script, const Shape& sh, int iters) {
-  const std::string cmd = "/usr/bin/python3 " + script + " --s " + std::to_string(sh.s) + " --m " +
+  const std::string cmd = "OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 /usr/bin/python3 " + script + " --s " + std::to_string(sh.s) + " --m " +
                           std::to_string(sh.m) + " --h " + std::to_string(sh.h) + " --e " +
                           std::to_string(sh.e) + " --k " + std::to_string(sh.k) + " --iters " +
                           std::to_string(iters) + " 2>/dev/null";

@@ -85,10 +85,10 @@ RouterLosses ComputeRouterLosses(const config::RouterConfig& cfg, const Dispatch
 }
 
 void AccumulateRouterLossGradients(const config::RouterConfig& cfg, const DispatchPlan& p,
-                                   const Tensor& probs, const Tensor& logits, Tensor* dprobs,
-                                   Tensor* dlogits) {
+                                   const Tensor& probs, const Tensor& logits, double scale,
+                                   Tensor* dprobs, Tensor* dlogits) {
   const int64_t e = p.num_experts, k = p.top_k;
-  const double inv_g = 1.0 / static_cast<double>(p.num_groups);
+  const double inv_g = scale / static_cast<double>(p.num_groups);
   const double zw = cfg.z_loss_weight(), aw = cfg.aux_loss_weight();
   std::vector<double> soft(static_cast<size_t>(e));
   for (int64_t g = 0; g < p.num_groups; ++g) {
@@ -98,9 +98,9 @@ void AccumulateRouterLossGradients(const config::RouterConfig& cfg, const Dispat
       for (int64_t t = b; t < b + n; ++t) {
         const float* row = logits.row(t);
         const double lse = LogSumExp(row, e);
-        const double scale = zw * inv_g * 2.0 * lse / static_cast<double>(n);
+        const double zscale = zw * inv_g * 2.0 * lse / static_cast<double>(n);
         for (int64_t i = 0; i < e; ++i) {
-          (*dlogits)(t, i) += static_cast<float>(scale * std::exp(static_cast<double>(row[i]) - lse));
+          (*dlogits)(t, i) += static_cast<float>(zscale * std::exp(static_cast<double>(row[i]) - lse));
         }
       }
     }

@@ -16,10 +16,11 @@ struct RouterLosses {
 RouterLosses ComputeRouterLosses(const config::RouterConfig& cfg, const DispatchPlan& plan,
                                  const Tensor& probs, const Tensor& logits);
 
-// Adds aux_weight * d(aux)/d(probs) into dprobs (S x E) and z_weight * d(z)/d(logits) into dlogits.
+// Adds scale * aux_weight * d(aux)/d(probs) into dprobs (S x E) and
+// scale * z_weight * d(z)/d(logits) into dlogits.
 void AccumulateRouterLossGradients(const config::RouterConfig& cfg, const DispatchPlan& plan,
-                                   const Tensor& probs, const Tensor& logits, Tensor* dprobs,
-                                   Tensor* dlogits);
+                                   const Tensor& probs, const Tensor& logits, double scale,
+                                   Tensor* dprobs, Tensor* dlogits);
 
 // Pre-capacity gates g° of a token-choice slot (used by IMPORTANCE_CV).
 float PreCapacityGate(const DispatchPlan& plan, const Tensor& probs, int64_t t, int64_t j);

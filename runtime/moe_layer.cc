@@ -19,13 +19,7 @@ experts::Activation ToActivation(config::Activation a) {
   return experts::Activation::kGeluTanh;
 }
 
-MatrixView<float> Rows(Tensor& t, int64_t begin, int64_t end) {
-  return {t.data() + begin * t.cols(), end - begin, t.cols()};
-}
-
-void ResizeFor(Tensor* t, int64_t rows, int64_t cols) {
-  if (t->rows() != rows || t->cols() != cols) t->Reset(rows, cols);
-}
+void ResizeFor(Tensor* t, int64_t rows, int64_t cols) { ResizeTensor(t, rows, cols); }
 
 }  // namespace
 
@@ -49,18 +43,25 @@ void MoeLayerParams::Zero() {
   ForEach([](const std::string&, Tensor& t) { t.Fill(0.0f); });
 }
 
-MoeLayerParams MakeLayerParams(const config::LayerConfig& cfg) {
+uint64_t ParamNameHash(const std::string& name) {
+  uint64_t h = 0xcbf29ce484222325ull;  // FNV-1a
+  for (unsigned char c : name) h = (h ^ c) * 0x100000001b3ull;
+  return h;
+}
+
+MoeLayerParams MakeLayerParams(const config::LayerConfig& cfg, int first_expert, int num_local_experts) {
   MoeLayerParams p;
   p.router = Tensor(cfg.model_dim(), cfg.num_experts());
   if (cfg.router().gate() == config::NOISY_TOPK) p.router_noise = Tensor(cfg.model_dim(), cfg.num_experts());
-  for (int e = 0; e < cfg.num_experts(); ++e) p.experts.push_back(experts::FfnParams::Zeros(ExpertShape(cfg)));
+  p.first_expert = first_expert;
+  const int local = num_local_experts < 0 ? cfg.num_experts() : num_local_experts;
+  for (int e = 0; e < local; ++e) p.experts.push_back(experts::FfnParams::Zeros(ExpertShape(cfg)));
   for (int s = 0; s < cfg.num_shared_experts(); ++s) p.shared.push_back(experts::FfnParams::Zeros(SharedShape(cfg)));
   return p;
 }
 
 void InitLayerParams(const config::LayerConfig& cfg, uint64_t seed, MoeLayerParams* params) {
   const int64_t m = cfg.model_dim();
-  uint64_t id = 0;
   params->ForEach([&](const std::string& name, Tensor& t) {
     // fan_in: rows of a weight matrix; for b1 the model dim, for b2 the hidden dim.
     int64_t fan_in = t.rows();
@@ -69,19 +70,24 @@ void InitLayerParams(const config::LayerConfig& cfg, uint64_t seed, MoeLayerPara
       fan_in = name.rfind("shared", 0) == 0 ? SharedHidden(cfg) : cfg.expert().hidden_dim();
     }
     const double bound = 1.0 / std::sqrt(static_cast<double>(fan_in));
+    const uint64_t id = ParamNameHash(name);
     for (int64_t i = 0; i < t.size(); ++i) {
       const double u = CounterUniform(seed, 0, id, RngStream::kInit, static_cast<uint64_t>(i));
       t[i] = static_cast<float>((2.0 * u - 1.0) * bound);
     }
-    ++id;
   });
 }
 
 MoeLayer::MoeLayer(const config::LayerConfig& cfg)
+    : MoeLayer(cfg, std::make_unique<LocalExpertExecutor>(ExpertShape(cfg)), 0, cfg.num_experts()) {}
+
+MoeLayer::MoeLayer(const config::LayerConfig& cfg, std::unique_ptr<ExpertExecutor> executor,
+                   int first_expert, int num_local_experts)
     : cfg_(cfg),
       expert_shape_(ExpertShape(cfg)),
       shared_shape_(SharedShape(cfg)),
-      params_(MakeLayerParams(cfg)),
+      params_(MakeLayerParams(cfg, first_expert, num_local_experts)),
+      executor_(std::move(executor)),
       bias_(static_cast<size_t>(cfg.num_experts()), 0.0f) {}
 
 Status MoeLayer::Forward(MatrixView<const float> x, const RouteContext& ctx, Tensor* y) {
@@ -105,7 +111,7 @@ Status MoeLayer::Forward(MatrixView<const float> x, const RouteContext& ctx, Ten
   for (int64_t r = 0; r < rows; ++r) {
     std::memcpy(packed_x_.row(r), x_.row(plan_.row_token[r]), sizeof(float) * static_cast<size_t>(m));
   }
-  RunExpertsForward();
+  MOE_RETURN_IF_ERROR(executor_->Forward(plan_, packed_x_.view(), params_.experts, &packed_y_));
 
   // Shared experts write y first (y = shared(x)), then the routed contributions are added per token
   // in slot order, so the sum order does not depend on how rows are laid out.
@@ -135,39 +141,6 @@ Status MoeLayer::Forward(MatrixView<const float> x, const RouteContext& ctx, Ten
   return Status::Ok();
 }
 
-void MoeLayer::RunExpertsForward() {
-  const int64_t rows = plan_.num_rows(), m = cfg_.model_dim(), h = expert_shape_.hidden_dim;
-  ResizeFor(&packed_y_, rows, m);
-  ResizeFor(&expert_h_, rows, h);
-  ResizeFor(&expert_a_, rows, h);
-  if (expert_shape_.swiglu) ResizeFor(&expert_u_, rows, h);
-  for (int64_t e = 0; e < plan_.num_experts; ++e) {
-    const int64_t b = plan_.expert_offset[e], end = plan_.expert_offset[e + 1];
-    if (b == end) continue;
-    experts::FfnSaved saved{Rows(expert_h_, b, end), Rows(expert_a_, b, end),
-                            expert_shape_.swiglu ? Rows(expert_u_, b, end) : MatrixView<float>()};
-    experts::FfnForward(expert_shape_, params_.experts[e], Rows(packed_x_, b, end),
-                        Rows(packed_y_, b, end), false, saved);
-  }
-}
-
-void MoeLayer::RunExpertsBackward() {
-  const int64_t rows = plan_.num_rows(), m = cfg_.model_dim(), h = expert_shape_.hidden_dim;
-  ResizeFor(&packed_dx_, rows, m);
-  ResizeFor(&scratch1_, rows, h);
-  if (expert_shape_.swiglu) ResizeFor(&scratch2_, rows, h);
-  for (int64_t e = 0; e < plan_.num_experts; ++e) {
-    const int64_t b = plan_.expert_offset[e], end = plan_.expert_offset[e + 1];
-    if (b == end) continue;
-    experts::FfnSaved saved{Rows(expert_h_, b, end), Rows(expert_a_, b, end),
-                            expert_shape_.swiglu ? Rows(expert_u_, b, end) : MatrixView<float>()};
-    experts::FfnBackward(expert_shape_, params_.experts[e], Rows(packed_x_, b, end), saved,
-                         Rows(packed_dy_, b, end), Rows(packed_dx_, b, end), false,
-                         &grads_->experts[e], Rows(scratch1_, b, end),
-                         expert_shape_.swiglu ? Rows(scratch2_, b, end) : MatrixView<float>());
-  }
-}
-
 Status MoeLayer::Backward(MatrixView<const float> dy, Tensor* dx, MoeLayerParams* grads) {
   if (!have_forward_) return FailedPrecondition("MoeLayer::Backward called without a Forward");
   const int64_t s = x_.rows(), m = x_.cols();
@@ -176,7 +149,6 @@ Status MoeLayer::Backward(MatrixView<const float> dy, Tensor* dx, MoeLayerParams
                            std::to_string(dy.cols()) + ", must be " + std::to_string(s) + "x" +
                            std::to_string(m) + " like the layer output");
   }
-  grads_ = grads;
   const int64_t rows = plan_.num_rows();
   // dY of each packed row = gate * dy[token]; d gate = dy[token] . expert output row.
   ResizeFor(&packed_dy_, rows, m);
@@ -193,7 +165,8 @@ Status MoeLayer::Backward(MatrixView<const float> dy, Tensor* dx, MoeLayerParams
     }
     dgate[r] = static_cast<float>(dot);
   }
-  RunExpertsBackward();
+  MOE_RETURN_IF_ERROR(
+      executor_->Backward(plan_, packed_dy_.view(), params_.experts, &grads->experts, &packed_dx_));
 
   ResizeFor(dx, s, m);
   dx->Fill(0.0f);
@@ -245,7 +218,8 @@ void MoeLayer::RouterBackward(const std::vector<float>& dgate_rows, Tensor* dx, 
       }
     }
   }
-  AccumulateRouterLossGradients(cfg_.router(), p, router_.probs, router_.logits, &dprobs, &dlogits);
+  AccumulateRouterLossGradients(cfg_.router(), p, router_.probs, router_.logits, loss_grad_scale_,
+                                &dprobs, &dlogits);
   // Softmax backward: dscores = probs * (dprobs - <dprobs, probs>).
   Tensor dscores(s, e);
   for (int64_t t = 0; t < s; ++t) {

@@ -3,6 +3,7 @@
 // dispatch / combine all-to-alls; everything else is shared.
 #pragma once
 
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -12,6 +13,7 @@
 #include "runtime/base/status.h"
 #include "runtime/base/tensor.h"
 #include "runtime/dispatch_plan.h"
+#include "runtime/expert_executor.h"
 #include "runtime/losses.h"
 #include "runtime/router.h"
 
@@ -20,10 +22,13 @@ namespace moe {
 struct MoeLayerParams {
   Tensor router;        // M x E
   Tensor router_noise;  // M x E (NOISY_TOPK only, else empty)
-  std::vector<experts::FfnParams> experts;  // E
-  std::vector<experts::FfnParams> shared;   // num_shared_experts
+  // The experts held by this process: global ids first_expert .. first_expert + experts.size() - 1.
+  std::vector<experts::FfnParams> experts;
+  int first_expert = 0;
+  std::vector<experts::FfnParams> shared;  // num_shared_experts (replicated)
 
-  // Visits every parameter with its file-style name ("router", "expert_3_w1", "shared_0_b2").
+  // Visits every parameter with its file-style name ("router", "expert_3_w1", "shared_0_b2");
+  // experts are named by global id.
   template <typename F>
   void ForEach(F&& f);
   template <typename F>
@@ -34,14 +39,22 @@ struct MoeLayerParams {
 experts::FfnShape ExpertShape(const config::LayerConfig& cfg);
 experts::FfnShape SharedShape(const config::LayerConfig& cfg);
 
-// Zero parameters of the right shapes for `cfg`.
-MoeLayerParams MakeLayerParams(const config::LayerConfig& cfg);
-// Deterministic init from `seed`: weights U(-1/sqrt(fan_in), 1/sqrt(fan_in)), biases likewise.
+// Zero parameters of the right shapes for `cfg`, holding experts [first_expert, first_expert +
+// num_local_experts) (num_local_experts < 0: all).
+MoeLayerParams MakeLayerParams(const config::LayerConfig& cfg, int first_expert = 0,
+                               int num_local_experts = -1);
+// Deterministic init from `seed`: every tensor U(-1/sqrt(fan_in), 1/sqrt(fan_in)), drawn from
+// (seed, hash of its global name, element index) — the same values whichever rank holds it.
 void InitLayerParams(const config::LayerConfig& cfg, uint64_t seed, MoeLayerParams* params);
+uint64_t ParamNameHash(const std::string& name);
 
 class MoeLayer {
  public:
+  // A layer holding all experts and running them in this process.
   explicit MoeLayer(const config::LayerConfig& cfg);
+  // A layer holding experts [first_expert, first_expert + num_local_experts), run by `executor`.
+  MoeLayer(const config::LayerConfig& cfg, std::unique_ptr<ExpertExecutor> executor,
+           int first_expert, int num_local_experts);
 
   const config::LayerConfig& config() const { return cfg_; }
   MoeLayerParams& params() { return params_; }
@@ -54,6 +67,9 @@ class MoeLayer {
   // Gradient of sum(y * dy) + aux_w * aux + z_w * z w.r.t. x (written to dx) and every parameter
   // (accumulated into grads, which must have the shapes of params()).
   Status Backward(MatrixView<const float> dy, Tensor* dx, MoeLayerParams* grads);
+  // Multiplies the aux and z-loss gradient weights (e.g. 1/W when W ranks each hold 1/W of the
+  // groups whose losses are averaged). Default 1.
+  void set_loss_gradient_scale(double s) { loss_grad_scale_ = s; }
 
   const DispatchPlan& plan() const { return plan_; }
   const RouterOutput& router_output() const { return router_; }
@@ -63,14 +79,14 @@ class MoeLayer {
   void UpdateRouterBias();
 
  private:
-  void RunExpertsForward();
-  void RunExpertsBackward();
   void RouterBackward(const std::vector<float>& dgate_rows, Tensor* dx, MoeLayerParams* grads);
 
   config::LayerConfig cfg_;
   experts::FfnShape expert_shape_, shared_shape_;
   MoeLayerParams params_;
+  std::unique_ptr<ExpertExecutor> executor_;
   std::vector<float> bias_;
+  double loss_grad_scale_ = 1.0;
 
   // Saved by Forward.
   Tensor x_;  // copy of the input (the backward's GEMMs read it)
@@ -78,11 +94,10 @@ class MoeLayer {
   RouterOutput router_;
   DispatchPlan plan_;
   RouterLosses losses_;
-  Tensor packed_x_, packed_y_, expert_h_, expert_a_, expert_u_;
+  Tensor packed_x_, packed_y_;
   std::vector<Tensor> shared_h_, shared_a_, shared_u_;
   // Backward scratch.
-  Tensor packed_dy_, packed_dx_, scratch1_, scratch2_;
-  MoeLayerParams* grads_ = nullptr;
+  Tensor packed_dy_, packed_dx_;
   bool have_forward_ = false;
 };
 
@@ -97,7 +112,9 @@ void MoeLayerParams::ForEach(F&& f) {
     if (p.b2.size() > 0) f(prefix + "_b2", p.b2);
     if (p.w3.size() > 0) f(prefix + "_w3", p.w3);
   };
-  for (size_t e = 0; e < experts.size(); ++e) ffn("expert_" + std::to_string(e), experts[e]);
+  for (size_t e = 0; e < experts.size(); ++e) {
+    ffn("expert_" + std::to_string(first_expert + static_cast<int>(e)), experts[e]);
+  }
   for (size_t s = 0; s < shared.size(); ++s) ffn("shared_" + std::to_string(s), shared[s]);
 }
 

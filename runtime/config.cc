@@ -81,11 +81,8 @@ void FillDefaults(Message* msg) {
 Status ValidateLayer(const config::LayerConfig& l) {
   using config::RouterConfig;
   Checker c;
-  c.Require(l.has_model_dim(), "moe.model_dim", l.model_dim(), "be set");
   c.Require(l.model_dim() > 0, "moe.model_dim", l.model_dim(), "be > 0");
-  c.Require(l.has_num_experts(), "moe.num_experts", l.num_experts(), "be set");
   c.Require(l.num_experts() > 0, "moe.num_experts", l.num_experts(), "be > 0");
-  c.Require(l.expert().has_hidden_dim(), "moe.expert.hidden_dim", l.expert().hidden_dim(), "be set");
   c.Require(l.expert().hidden_dim() > 0, "moe.expert.hidden_dim", l.expert().hidden_dim(), "be > 0");
   c.Require(l.num_shared_experts() >= 0, "moe.num_shared_experts", l.num_shared_experts(), "be >= 0");
   c.Require(l.shared_hidden_dim() >= 0, "moe.shared_hidden_dim", l.shared_hidden_dim(), "be >= 0");
@@ -184,10 +181,20 @@ Status ValidateTrain(const MoeConfig& cfg) {
   return c.status;
 }
 
+// Fields without a meaningful default must be written in the file (checked before defaults fill).
+Status CheckRequired(const MoeConfig& cfg) {
+  if (!cfg.has_moe()) return InvalidArgument("moe must be set (the layer: model_dim, num_experts, expert)");
+  const auto& l = cfg.moe();
+  if (!l.has_model_dim()) return InvalidArgument("moe.model_dim must be set");
+  if (!l.has_num_experts()) return InvalidArgument("moe.num_experts must be set");
+  if (!l.expert().has_hidden_dim()) return InvalidArgument("moe.expert.hidden_dim must be set");
+  return Status::Ok();
+}
+
 }  // namespace
 
-void ResolveConfig(MoeConfig* cfg) {
-  auto* router = cfg->mutable_moe()->mutable_router();
+void ResolveLayerConfig(config::LayerConfig* layer) {
+  auto* router = layer->mutable_router();
   if (router->gate() == config::TOP1 && !router->has_top_k()) router->set_top_k(1);
   if (router->gate() == config::NOISY_TOPK && !router->has_normalization()) {
     router->set_normalization(config::TOPK_SOFTMAX);
@@ -195,13 +202,17 @@ void ResolveConfig(MoeConfig* cfg) {
   if (router->gate() == config::EXPERT_CHOICE && !router->has_aux_loss()) {
     router->set_aux_loss(config::NO_AUX_LOSS);
   }
+  FillDefaults(layer);
+}
+
+void ResolveConfig(MoeConfig* cfg) {
+  ResolveLayerConfig(cfg->mutable_moe());
   const bool had_topology = cfg->has_topology();
   FillDefaults(cfg);
   if (!had_topology) cfg->clear_topology();
 }
 
 Status ValidateConfig(const MoeConfig& cfg) {
-  if (!cfg.has_moe()) return InvalidArgument("moe must be set (the layer: model_dim, num_experts, expert)");
   MOE_RETURN_IF_ERROR(ValidateLayer(cfg.moe()));
   return ValidateTrain(cfg);
 }
@@ -228,6 +239,7 @@ StatusOr<MoeConfig> ParseConfig(const std::string& text, const std::string& name
   if (!parser.ParseFromString(text, &cfg)) {
     return InvalidArgument("config " + name + ": " + errors.text());
   }
+  MOE_RETURN_IF_ERROR(CheckRequired(cfg).WithContext("config " + name));
   ResolveConfig(&cfg);
   Status s = ValidateConfig(cfg);
   if (!s.ok()) return s.WithContext("config " + name);

@@ -26,6 +26,8 @@ Status ValidateForWorld(const MoeConfig& cfg, int world_size);
 // NOISY_TOPK → TOPK_SOFTMAX, EXPERT_CHOICE → no aux loss), so that the result can be written out
 // (JSON, checkpoint manifest) and read by tools that do not know protobuf defaults.
 void ResolveConfig(MoeConfig* cfg);
+// The layer part of ResolveConfig (used by MoeLayer, which may be built from an unparsed config).
+void ResolveLayerConfig(config::LayerConfig* layer);
 
 // Protobuf JSON with snake_case names and every field present.
 std::string ConfigToJson(const MoeConfig& cfg);

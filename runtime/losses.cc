@@ -52,6 +52,7 @@ RouterLosses ComputeRouterLosses(const config::RouterConfig& cfg, const Dispatch
       z += lse * lse;
     }
     out.z += z / static_cast<double>(n);
+    if (p.expert_choice) continue;  // balanced by construction; validation forbids an aux loss
     switch (cfg.aux_loss()) {
       case config::SWITCH:
       case config::GSHARD: {
@@ -104,7 +105,7 @@ void AccumulateRouterLossGradients(const config::RouterConfig& cfg, const Dispat
         }
       }
     }
-    if (aw == 0.0) continue;
+    if (aw == 0.0 || p.expert_choice) continue;
     switch (cfg.aux_loss()) {
       case config::SWITCH:
       case config::GSHARD: {

@@ -16,6 +16,8 @@ enum class RngStream : uint64_t {
   kRoutingUniform = 1,  // GShard random routing of the 2nd expert, one draw per token
   kRouterNoise = 2,     // noisy top-k, one normal draw per (token, expert)
   kInit = 3,            // weight initialization
+  kData = 4,            // training-batch positions, one draw per (step, global token)
+  kEval = 5,            // held-out batch positions
 };
 
 inline uint64_t SplitMix64(uint64_t x) {

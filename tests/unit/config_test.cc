@@ -1,0 +1,234 @@
+// Config parsing and validation: every error names the field path, the value and the rule.
+#include "runtime/config.h"
+
+#include <google/protobuf/descriptor.h>
+#include <gtest/gtest.h>
+
+#include <string>
+
+namespace moe {
+namespace {
+
+const char* kValidLayer = R"(
+moe {
+  model_dim: 16
+  num_experts: 4
+  expert { hidden_dim: 32 activation: SILU }
+  router { gate: TOPK top_k: 2 normalization: TOPK_SOFTMAX capacity_factor_train: 1.5
+           min_capacity: 2 num_local_groups: 2 aux_loss: IMPORTANCE_CV z_loss_weight: 0.001 }
+  num_shared_experts: 1
+}
+seed: 77
+)";
+
+// Parses `text`; expects InvalidArgument whose message contains every one of `parts`.
+void ExpectInvalid(const std::string& text, std::initializer_list<std::string> parts) {
+  StatusOr<MoeConfig> cfg = ParseConfig(text, "cfg.textproto");
+  ASSERT_FALSE(cfg.ok()) << text;
+  EXPECT_EQ(cfg.status().code(), StatusCode::kInvalidArgument) << cfg.status().ToString();
+  EXPECT_NE(cfg.status().message().find("cfg.textproto"), std::string::npos) << cfg.status().message();
+  for (const std::string& p : parts) {
+    EXPECT_NE(cfg.status().message().find(p), std::string::npos)
+        << "missing '" << p << "' in: " << cfg.status().message();
+  }
+}
+
+std::string Layer(const std::string& router, const std::string& extra = "") {
+  return "moe { model_dim: 8 num_experts: 4 expert { hidden_dim: 16 } router { " + router + " } " +
+         extra + " }";
+}
+
+TEST(ConfigTest, ParsesValidTextAndFillsDefaults) {
+  StatusOr<MoeConfig> cfg = ParseConfig(kValidLayer, "valid");
+  ASSERT_TRUE(cfg.ok()) << cfg.status().ToString();
+  const auto& l = cfg->moe();
+  EXPECT_EQ(l.model_dim(), 16);
+  EXPECT_EQ(l.num_experts(), 4);
+  EXPECT_EQ(l.expert().hidden_dim(), 32);
+  EXPECT_EQ(l.expert().activation(), config::SILU);
+  EXPECT_EQ(l.expert().kind(), config::FFN);
+  EXPECT_TRUE(l.expert().bias());
+  EXPECT_EQ(l.router().top_k(), 2);
+  EXPECT_EQ(l.router().normalization(), config::TOPK_SOFTMAX);
+  EXPECT_EQ(l.router().capacity_factor_train(), 1.5);
+  EXPECT_EQ(l.router().capacity_factor_eval(), 2.0);
+  EXPECT_EQ(l.router().min_capacity(), 2);
+  EXPECT_EQ(l.router().num_local_groups(), 2);
+  EXPECT_EQ(l.router().aux_loss(), config::IMPORTANCE_CV);
+  EXPECT_EQ(l.router().z_loss_weight(), 0.001);
+  EXPECT_EQ(l.num_shared_experts(), 1);
+  EXPECT_EQ(SharedHidden(l), 32);
+  EXPECT_EQ(cfg->seed(), 77u);
+  // Defaults are explicit after resolution.
+  EXPECT_TRUE(l.router().has_drop_policy());
+  EXPECT_TRUE(cfg->train().has_lr());
+}
+
+TEST(ConfigTest, KindDependentDefaults) {
+  StatusOr<MoeConfig> top1 = ParseConfig(Layer("gate: TOP1"), "t");
+  ASSERT_TRUE(top1.ok()) << top1.status().ToString();
+  EXPECT_EQ(top1->moe().router().top_k(), 1);
+  StatusOr<MoeConfig> noisy = ParseConfig(Layer("gate: NOISY_TOPK"), "t");
+  ASSERT_TRUE(noisy.ok()) << noisy.status().ToString();
+  EXPECT_EQ(noisy->moe().router().normalization(), config::TOPK_SOFTMAX);
+  StatusOr<MoeConfig> ec = ParseConfig(Layer("gate: EXPERT_CHOICE"), "t");
+  ASSERT_TRUE(ec.ok()) << ec.status().ToString();
+  EXPECT_EQ(ec->moe().router().aux_loss(), config::NO_AUX_LOSS);
+  StatusOr<MoeConfig> rr = ParseConfig(Layer("top_k: 2 random_routing: true"), "t");
+  EXPECT_TRUE(rr.ok()) << rr.status().ToString();
+  StatusOr<MoeConfig> dropless = ParseConfig(Layer("capacity_factor_train: 0 capacity_factor_eval: -1"), "t");
+  EXPECT_TRUE(dropless.ok()) << dropless.status().ToString();
+}
+
+TEST(ConfigTest, TopKAboveNumExperts) {
+  ExpectInvalid(Layer("top_k: 5"), {"moe.router.top_k=5", "<= moe.num_experts=4"});
+  ExpectInvalid(Layer("gate: NOISY_TOPK top_k: 5"), {"moe.router.top_k=5", "<= moe.num_experts=4"});
+  ExpectInvalid(Layer("top_k: 0"), {"moe.router.top_k=0", ">= 1"});
+  EXPECT_TRUE(ParseConfig(Layer("top_k: 4"), "t").ok());
+}
+
+TEST(ConfigTest, Top1WithTopK2) {
+  ExpectInvalid(Layer("gate: TOP1 top_k: 2"), {"moe.router.top_k=2", "be 1 with gate TOP1"});
+}
+
+TEST(ConfigTest, RandomRoutingNeedsK2) {
+  ExpectInvalid(Layer("top_k: 3 random_routing: true"),
+                {"moe.router.top_k=3", "be 2 when moe.router.random_routing is true"});
+  ExpectInvalid(Layer("gate: TOP1 random_routing: true"),
+                {"moe.router.top_k=1", "be 2 when moe.router.random_routing is true"});
+}
+
+TEST(ConfigTest, NoisyTopKNeedsTopKSoftmax) {
+  ExpectInvalid(Layer("gate: NOISY_TOPK normalization: NONE"),
+                {"moe.router.normalization=NONE", "TOPK_SOFTMAX with gate NOISY_TOPK"});
+  ExpectInvalid(Layer("gate: NOISY_TOPK normalization: RENORM_AFTER_CAPACITY"),
+                {"moe.router.normalization=RENORM_AFTER_CAPACITY", "TOPK_SOFTMAX with gate NOISY_TOPK"});
+}
+
+TEST(ConfigTest, ExpertChoiceRestrictions) {
+  ExpectInvalid(Layer("gate: EXPERT_CHOICE aux_loss: SWITCH"),
+                {"moe.router.aux_loss=SWITCH", "be NO_AUX_LOSS with gate EXPERT_CHOICE"});
+  ExpectInvalid(Layer("gate: EXPERT_CHOICE reroute_overflow: true"),
+                {"moe.router.reroute_overflow", "with gate EXPERT_CHOICE"});
+  ExpectInvalid(Layer("gate: EXPERT_CHOICE bias_update_rate: 0.1"),
+                {"moe.router.bias_update_rate=0.1", "be 0 with gate EXPERT_CHOICE"});
+  ExpectInvalid(Layer("gate: EXPERT_CHOICE random_routing: true"),
+                {"moe.router.random_routing", "with gate EXPERT_CHOICE"});
+}
+
+TEST(ConfigTest, MissingOrBadDims) {
+  // Required fields that are missing are reported as missing, with their path.
+  ExpectInvalid("moe { num_experts: 4 expert { hidden_dim: 16 } }", {"moe.model_dim must be set"});
+  ExpectInvalid("moe { model_dim: 8 expert { hidden_dim: 16 } }", {"moe.num_experts must be set"});
+  ExpectInvalid("moe { model_dim: 8 num_experts: 4 }", {"moe.expert.hidden_dim must be set"});
+  ExpectInvalid("moe { model_dim: 8 num_experts: 4 expert { hidden_dim: 0 } }",
+                {"moe.expert.hidden_dim=0", "be > 0"});
+  ExpectInvalid("moe { model_dim: -3 num_experts: 4 expert { hidden_dim: 2 } }",
+                {"moe.model_dim=-3", "be > 0"});
+  ExpectInvalid("seed: 3", {"moe must be set"});
+  ExpectInvalid(Layer("", "num_shared_experts: -1"), {"moe.num_shared_experts=-1", "be >= 0"});
+}
+
+TEST(ConfigTest, RouterNumbers) {
+  ExpectInvalid(Layer("min_capacity: -1"), {"moe.router.min_capacity=-1", "be >= 0"});
+  ExpectInvalid(Layer("num_local_groups: 0"), {"moe.router.num_local_groups=0", "be >= 1"});
+  ExpectInvalid(Layer("capacity_factor_train: nan"),
+                {"moe.router.capacity_factor_train=nan", "be a finite number"});
+  ExpectInvalid(Layer("capacity_factor_eval: inf"),
+                {"moe.router.capacity_factor_eval=inf", "be a finite number"});
+  ExpectInvalid(Layer("aux_loss_weight: -0.5"), {"moe.router.aux_loss_weight=-0.5", "be >= 0"});
+  ExpectInvalid(Layer("z_loss_weight: nan"), {"moe.router.z_loss_weight=nan", "finite"});
+  ExpectInvalid(Layer("bias_update_rate: -1"), {"moe.router.bias_update_rate=-1", "be >= 0"});
+}
+
+TEST(ConfigTest, TrainNumbers) {
+  ExpectInvalid(Layer("") + " train { lr: 0 }", {"train.lr=0", "> 0"});
+  ExpectInvalid(Layer("") + " train { beta1: 1 }", {"train.beta1=1", "[0, 1)"});
+  ExpectInvalid(Layer("") + " comm { deadline_seconds: -1 }", {"comm.deadline_seconds=-1"});
+  ExpectInvalid(Layer("") + " topology { nodes: 0 gpus_per_node: 1 }", {"topology.nodes=0"});
+}
+
+TEST(ConfigTest, SyntaxErrorsHaveLineAndColumn) {
+  StatusOr<MoeConfig> cfg = ParseConfig("moe {\n  model_dim: 8\n  no_such_field: 3\n}\n", "x.textproto");
+  ASSERT_FALSE(cfg.ok());
+  EXPECT_EQ(cfg.status().code(), StatusCode::kInvalidArgument);
+  const std::string& m = cfg.status().message();
+  EXPECT_NE(m.find("x.textproto"), std::string::npos) << m;
+  EXPECT_NE(m.find("line 3"), std::string::npos) << m;
+  EXPECT_NE(m.find("column "), std::string::npos) << m;
+  EXPECT_NE(m.find("no_such_field"), std::string::npos) << m;
+
+  StatusOr<MoeConfig> syn = ParseConfig("moe { model_dim: 8\n num_experts: : 4 }", "y.textproto");
+  ASSERT_FALSE(syn.ok());
+  EXPECT_NE(syn.status().message().find("y.textproto"), std::string::npos);
+  EXPECT_NE(syn.status().message().find("line 2"), std::string::npos) << syn.status().message();
+  EXPECT_NE(syn.status().message().find("column"), std::string::npos);
+
+  StatusOr<MoeConfig> badenum = ParseConfig("moe { router { gate: TOP3 } }", "z");
+  ASSERT_FALSE(badenum.ok());
+  EXPECT_NE(badenum.status().message().find("TOP3"), std::string::npos) << badenum.status().message();
+  EXPECT_NE(badenum.status().message().find("line 1"), std::string::npos);
+}
+
+TEST(ConfigTest, ValidateForWorld) {
+  StatusOr<MoeConfig> cfg = ParseConfig(
+      "moe { model_dim: 8 num_experts: 6 expert { hidden_dim: 4 } }", "w");
+  ASSERT_TRUE(cfg.ok()) << cfg.status().ToString();
+  Status s = ValidateForWorld(*cfg, 4);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(s.message(), "moe.num_experts=6 must be divisible by ep_size=4");
+  EXPECT_EQ(s.ToString(), "INVALID_ARGUMENT: moe.num_experts=6 must be divisible by ep_size=4");
+  EXPECT_TRUE(ValidateForWorld(*cfg, 3).ok());
+  EXPECT_TRUE(ValidateForWorld(*cfg, 6).ok());
+  MoeConfig c2 = *cfg;
+  c2.mutable_parallel()->set_ep_size(3);
+  EXPECT_TRUE(ValidateForWorld(c2, 6).ok());
+  Status bad = ValidateForWorld(c2, 4);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.message().find("parallel.ep_size=3"), std::string::npos) << bad.message();
+}
+
+// Every field name of `d` (recursively through set sub-messages) appears as "name": in json.
+void ExpectAllFields(const google::protobuf::Descriptor* d, const std::string& json, bool with_topology) {
+  for (int i = 0; i < d->field_count(); ++i) {
+    const auto* f = d->field(i);
+    if (f->message_type() != nullptr) {
+      if (f->name() == "topology" && !with_topology) {
+        EXPECT_EQ(json.find("\"topology\""), std::string::npos);
+        continue;
+      }
+      EXPECT_NE(json.find("\"" + f->name() + "\""), std::string::npos) << f->full_name();
+      ExpectAllFields(f->message_type(), json, with_topology);
+      continue;
+    }
+    EXPECT_NE(json.find("\"" + f->name() + "\":"), std::string::npos) << f->full_name() << "\n" << json;
+  }
+}
+
+TEST(ConfigTest, ConfigToJsonHasEveryField) {
+  StatusOr<MoeConfig> cfg = ParseConfig(kValidLayer, "valid");
+  ASSERT_TRUE(cfg.ok());
+  const std::string json = ConfigToJson(*cfg);
+  EXPECT_NE(json.find("\"min_capacity\": 2"), std::string::npos) << json;
+  EXPECT_NE(json.find("\"num_local_groups\": 2"), std::string::npos) << json;
+  EXPECT_NE(json.find("\"capacity_factor_eval\": 2"), std::string::npos) << json;
+  EXPECT_NE(json.find("\"IMPORTANCE_CV\""), std::string::npos) << json;
+  ExpectAllFields(MoeConfig::descriptor(), json, false);
+
+  // From an unresolved message, defaults (and kind defaults) are written too.
+  MoeConfig raw;
+  raw.mutable_moe()->set_model_dim(4);
+  raw.mutable_moe()->mutable_router()->set_gate(config::TOP1);
+  const std::string j2 = ConfigToJson(raw);
+  EXPECT_NE(j2.find("\"top_k\": 1"), std::string::npos) << j2;
+  EXPECT_NE(j2.find("\"min_capacity\": 4"), std::string::npos) << j2;
+  ExpectAllFields(MoeConfig::descriptor(), j2, false);
+
+  MoeConfig topo = *cfg;
+  topo.mutable_topology()->set_name("t");
+  ExpectAllFields(MoeConfig::descriptor(), ConfigToJson(topo), true);
+}
+
+}  // namespace
+}  // namespace moe

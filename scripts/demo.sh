@@ -29,7 +29,10 @@ import numpy as np
 out = sys.argv[1]
 same = (np.load(f"{out}/layer/routing_expert.npy") == np.load(f"{out}/reference/routing_expert.npy")).all()
 print(f"routing identical to the PyTorch reference: {bool(same)}")
-for name in ["y.npy", "dx.npy"] + sorted(os.path.basename(p) for p in glob.glob(f"{out}/layer/grad_*.npy")):
+def err(name):
     a, b = np.load(f"{out}/layer/{name}"), np.load(f"{out}/reference/{name}")
-    print(f"  {name:24s} max |ours - torch| = {np.abs(a - b).max():.2e}")
+    return np.abs(a - b).max() / max(1.0, np.abs(b).max())
+grads = sorted(os.path.basename(p) for p in glob.glob(f"{out}/layer/grad_*.npy"))
+print(f"max |ours - torch| / max(1, |torch|): y {err('y.npy'):.1e}, dx {err('dx.npy'):.1e}, "
+      f"worst of {len(grads)} weight gradients {max(err(g) for g in grads):.1e}")
 PY

@@ -143,7 +143,7 @@ Status ValidateTrain(const MoeConfig& cfg) {
   c.Require(std::isfinite(m.init_std()) && m.init_std() > 0, "model.init_std", m.init_std(),
             "be a finite number > 0");
   c.Require(t.steps() >= 0, "train.steps", t.steps(), "be >= 0");
-  c.Require(t.tokens_per_rank() >= 1, "train.tokens_per_rank", t.tokens_per_rank(), "be >= 1");
+  c.Require(t.global_batch_tokens() >= 1, "train.global_batch_tokens", t.global_batch_tokens(), "be >= 1");
   c.Require(std::isfinite(t.lr()) && t.lr() > 0, "train.lr", t.lr(), "be a finite number > 0");
   c.Require(t.warmup_steps() >= 0, "train.warmup_steps", t.warmup_steps(), "be >= 0");
   c.Require(std::isfinite(t.weight_decay()) && t.weight_decay() >= 0, "train.weight_decay",
@@ -227,6 +227,12 @@ Status ValidateForWorld(const MoeConfig& cfg, int world_size) {
   if (e % ep != 0) {
     return InvalidArgument("moe.num_experts=" + std::to_string(e) + " must be divisible by ep_size=" +
                            std::to_string(ep));
+  }
+  const int64_t shards = static_cast<int64_t>(world_size) * cfg.moe().router().num_local_groups();
+  if (cfg.train().global_batch_tokens() % shards != 0) {
+    return InvalidArgument("train.global_batch_tokens=" + std::to_string(cfg.train().global_batch_tokens()) +
+                           " must be divisible by world size x moe.router.num_local_groups = " +
+                           std::to_string(shards));
   }
   return Status::Ok();
 }

@@ -261,14 +261,16 @@ report::LayerMetrics MoeLayer::Metrics() const {
   return mt;
 }
 
-void MoeLayer::UpdateRouterBias() {
+void MoeLayer::UpdateRouterBias() { UpdateRouterBias(plan_.load_per_expert); }
+
+void MoeLayer::UpdateRouterBias(const std::vector<int64_t>& load) {
   const double rate = cfg_.router().bias_update_rate();
-  if (rate == 0.0 || plan_.load_per_expert.empty()) return;
+  if (rate == 0.0 || load.size() != bias_.size()) return;
   double mean = 0.0;
-  for (int64_t v : plan_.load_per_expert) mean += static_cast<double>(v);
-  mean /= static_cast<double>(plan_.load_per_expert.size());
+  for (int64_t v : load) mean += static_cast<double>(v);
+  mean /= static_cast<double>(load.size());
   for (size_t i = 0; i < bias_.size(); ++i) {
-    const double d = mean - static_cast<double>(plan_.load_per_expert[i]);
+    const double d = mean - static_cast<double>(load[i]);
     const double sign = d > 0 ? 1.0 : (d < 0 ? -1.0 : 0.0);
     bias_[i] = static_cast<float>(bias_[i] + rate * sign);
   }

@@ -77,6 +77,8 @@ class MoeLayer {
   report::LayerMetrics Metrics() const;
   // bias_i += rate * sign(mean load - load_i), from the last forward's selection.
   void UpdateRouterBias();
+  // The same with a given load per expert (e.g. summed over all ranks).
+  void UpdateRouterBias(const std::vector<int64_t>& load);
 
  private:
   void RouterBackward(const std::vector<float>& dgate_rows, Tensor* dx, MoeLayerParams* grads);

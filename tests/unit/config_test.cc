@@ -172,7 +172,8 @@ TEST(ConfigTest, SyntaxErrorsHaveLineAndColumn) {
 
 TEST(ConfigTest, ValidateForWorld) {
   StatusOr<MoeConfig> cfg = ParseConfig(
-      "moe { model_dim: 8 num_experts: 6 expert { hidden_dim: 4 } }", "w");
+      "moe { model_dim: 8 num_experts: 6 expert { hidden_dim: 4 } } train { global_batch_tokens: 1536 }",
+      "w");
   ASSERT_TRUE(cfg.ok()) << cfg.status().ToString();
   Status s = ValidateForWorld(*cfg, 4);
   ASSERT_FALSE(s.ok());
@@ -187,6 +188,13 @@ TEST(ConfigTest, ValidateForWorld) {
   Status bad = ValidateForWorld(c2, 4);
   ASSERT_FALSE(bad.ok());
   EXPECT_NE(bad.message().find("parallel.ep_size=3"), std::string::npos) << bad.message();
+  // Every rank's batch splits into its local groups, each reading its own data shard.
+  MoeConfig c3 = *cfg;
+  c3.mutable_train()->set_global_batch_tokens(1000);
+  Status batch = ValidateForWorld(c3, 3);
+  ASSERT_FALSE(batch.ok());
+  EXPECT_EQ(batch.message(),
+            "train.global_batch_tokens=1000 must be divisible by world size x moe.router.num_local_groups = 3");
 }
 
 // Every field name of `d` (recursively through set sub-messages) appears as "name": in json.

@@ -1,0 +1,268 @@
+#include "comm/loopback/loopback_communicator.h"
+
+#include <algorithm>
+#include <chrono>
+#include <utility>
+
+#include "comm/host_reduce.h"
+
+namespace moe::comm {
+namespace {
+
+const char* Bytes(const void* p) { return static_cast<const char*>(p); }
+char* Bytes(void* p) { return static_cast<char*>(p); }
+
+// Async request of the loopback backend: the post is done; Wait completes it.
+class LoopbackRequest final : public Request {
+ public:
+  LoopbackRequest(LoopbackCommunicator* comm, uint64_t seq, std::string op)
+      : comm_(comm), seq_(seq), op_(std::move(op)) {}
+  ~LoopbackRequest() override {
+    if (!waited_) (void)Wait();
+  }
+  Status Wait() override {
+    if (waited_) return FailedPrecondition(op_ + " #" + std::to_string(seq_) + ": waited twice");
+    waited_ = true;
+    return comm_->Complete(seq_, op_);
+  }
+
+ private:
+  LoopbackCommunicator* const comm_;
+  const uint64_t seq_;
+  const std::string op_;
+  bool waited_ = false;
+};
+
+std::string Mismatch(const std::string& op, uint64_t seq, int rank, const std::string& what) {
+  return op + " #" + std::to_string(seq) + " on rank " + std::to_string(rank) + ": " + what;
+}
+
+}  // namespace
+
+Status LoopbackCommunicator::FailPeers(const std::string& op, uint64_t seq,
+                                       const LoopbackWait& wait) {
+  return Abort(Aborted(op + " #" + std::to_string(seq) + " on rank " + std::to_string(rank_) +
+                       ": ranks " + FormatRanks(wait.ranks) +
+                       " gave up (deadline or abort), so it can never complete"));
+}
+
+Status LoopbackCommunicator::PostOrFail(uint64_t seq, LoopbackPost post) {
+  const std::string op = post.op;
+  const LoopbackWait posted = group_->Post(seq, rank_, std::move(post));
+  if (!posted.ok) return FailPeers(op, seq, posted);
+  return Status::Ok();
+}
+
+Status LoopbackCommunicator::Run(uint64_t seq, LoopbackPost post) {
+  const std::string op = post.op;
+  MOE_RETURN_IF_ERROR(PostOrFail(seq, std::move(post)));
+  return Complete(seq, op);
+}
+
+Status LoopbackCommunicator::Complete(uint64_t seq, const std::string& op) {
+  const auto deadline =
+      LoopbackGroup::Clock::now() + std::chrono::duration_cast<LoopbackGroup::Clock::duration>(
+                                        std::chrono::duration<double>(options().deadline_seconds));
+  const std::vector<LoopbackPost>* posts = nullptr;
+  const LoopbackWait arrival = group_->AwaitArrival(seq, rank_, deadline, &posts);
+  if (!arrival.ok) {
+    if (arrival.peer_aborted) return FailPeers(op, seq, arrival);
+    return Abort(DeadlineError(op, seq, arrival.ranks));
+  }
+  const Status moved = Move(seq, *posts);
+  const LoopbackWait departure = group_->Depart(seq, rank_, deadline);
+  if (!departure.ok) return Abort(DeadlineError(op, seq, departure.ranks, "did not complete"));
+  if (moved.ok() && reduce_target_ != nullptr) {
+    MOE_RETURN_IF_ERROR(
+        CopyFromHost(memory_space(), reduce_target_, reduce_result_, reduce_bytes_));
+  }
+  reduce_target_ = nullptr;
+  return moved;
+}
+
+Status LoopbackCommunicator::Move(uint64_t seq, const std::vector<LoopbackPost>& posts) {
+  const LoopbackPost& mine = posts[static_cast<size_t>(rank_)];
+  for (int p = 0; p < size(); ++p) {
+    const LoopbackPost& peer = posts[static_cast<size_t>(p)];
+    if (peer.op != mine.op) {
+      return InvalidArgument(Mismatch(mine.op, seq, rank_,
+                                      "rank " + std::to_string(p) + " called " + peer.op +
+                                          " as the same operation; collectives must be called "
+                                          "in the same order on every rank"));
+    }
+    if (peer.dtype != mine.dtype) {
+      return InvalidArgument(Mismatch(mine.op, seq, rank_,
+                                      "rank " + std::to_string(p) + " uses dtype " +
+                                          DataTypeName(peer.dtype) + ", this rank " +
+                                          DataTypeName(mine.dtype)));
+    }
+  }
+  const std::string& op = mine.op;
+  if (op == "alltoall") return MoveAllToAll(posts);
+  if (op == "alltoallv") return MoveAllToAllV(posts);
+  if (op == "allgather") return MoveAllGather(posts);
+  if (op == "broadcast") return MoveBroadcast(posts);
+  if (op == "allreduce") {
+    MOE_RETURN_IF_ERROR(ReduceToHost(posts));
+    reduce_target_ = mine.recv;
+    return Status::Ok();
+  }
+  if (op == "split") {
+    if (mine.color == kNoColor) return Status::Ok();
+    std::vector<std::pair<int, int>> members;  // (key, old rank)
+    for (int p = 0; p < size(); ++p) {
+      if (posts[static_cast<size_t>(p)].color == mine.color) {
+        members.emplace_back(posts[static_cast<size_t>(p)].key, p);
+      }
+    }
+    std::sort(members.begin(), members.end());
+    const auto me = std::find(members.begin(), members.end(), std::make_pair(mine.key, rank_));
+    const int new_rank = static_cast<int>(me - members.begin());
+    split_result_ = std::make_unique<LoopbackCommunicator>(
+        group_->SplitGroup(seq, mine.color, static_cast<int>(members.size())), new_rank, options());
+    return Status::Ok();
+  }
+  return Status::Ok();  // barrier: arrival is all it needs
+}
+
+Status LoopbackCommunicator::MoveAllToAll(const std::vector<LoopbackPost>& posts) {
+  const LoopbackPost& mine = posts[static_cast<size_t>(rank_)];
+  const int64_t block = mine.count * DataTypeSize(mine.dtype);
+  for (int p = 0; p < size(); ++p) {
+    const LoopbackPost& peer = posts[static_cast<size_t>(p)];
+    if (peer.count != mine.count) {
+      return InvalidArgument("alltoall on rank " + std::to_string(rank_) +
+                             ": count=" + std::to_string(mine.count) + " but rank " +
+                             std::to_string(p) + " passed count=" + std::to_string(peer.count));
+    }
+    MOE_RETURN_IF_ERROR(CopyBytes(memory_space(), Bytes(mine.recv) + p * block,
+                                  Bytes(peer.send) + rank_ * block, block));
+  }
+  return Status::Ok();
+}
+
+Status LoopbackCommunicator::MoveAllToAllV(const std::vector<LoopbackPost>& posts) {
+  const LoopbackPost& mine = posts[static_cast<size_t>(rank_)];
+  const int64_t es = DataTypeSize(mine.dtype);
+  const auto r = static_cast<size_t>(rank_);
+  for (int p = 0; p < size(); ++p) {
+    const LoopbackPost& peer = posts[static_cast<size_t>(p)];
+    const auto pi = static_cast<size_t>(p);
+    if (peer.send_counts[r] != mine.recv_counts[pi]) {
+      return InvalidArgument("alltoallv on rank " + std::to_string(rank_) + ": recv_counts[" +
+                             std::to_string(p) + "]=" + std::to_string(mine.recv_counts[pi]) +
+                             " but rank " + std::to_string(p) + " sends " +
+                             std::to_string(peer.send_counts[r]) + " elements");
+    }
+    MOE_RETURN_IF_ERROR(CopyBytes(memory_space(), Bytes(mine.recv) + mine.recv_displs[pi] * es,
+                                  Bytes(peer.send) + peer.send_displs[r] * es,
+                                  mine.recv_counts[pi] * es));
+  }
+  return Status::Ok();
+}
+
+Status LoopbackCommunicator::MoveAllGather(const std::vector<LoopbackPost>& posts) {
+  const LoopbackPost& mine = posts[static_cast<size_t>(rank_)];
+  const int64_t block = mine.count * DataTypeSize(mine.dtype);
+  for (int p = 0; p < size(); ++p) {
+    const LoopbackPost& peer = posts[static_cast<size_t>(p)];
+    if (peer.count != mine.count) {
+      return InvalidArgument("allgather on rank " + std::to_string(rank_) +
+                             ": count=" + std::to_string(mine.count) + " but rank " +
+                             std::to_string(p) + " passed count=" + std::to_string(peer.count));
+    }
+    MOE_RETURN_IF_ERROR(CopyBytes(memory_space(), Bytes(mine.recv) + p * block, peer.send, block));
+  }
+  return Status::Ok();
+}
+
+Status LoopbackCommunicator::MoveBroadcast(const std::vector<LoopbackPost>& posts) {
+  const LoopbackPost& mine = posts[static_cast<size_t>(rank_)];
+  const LoopbackPost& root = posts[static_cast<size_t>(mine.root)];
+  if (root.root != mine.root || root.count != mine.count) {
+    return InvalidArgument(
+        "broadcast on rank " + std::to_string(rank_) + ": root=" + std::to_string(mine.root) +
+        " count=" + std::to_string(mine.count) + " but rank " + std::to_string(mine.root) +
+        " passed root=" + std::to_string(root.root) + " count=" + std::to_string(root.count));
+  }
+  if (mine.root == rank_) return Status::Ok();
+  return CopyBytes(memory_space(), mine.recv, root.recv, mine.count * DataTypeSize(mine.dtype));
+}
+
+Status LoopbackCommunicator::ReduceToHost(const std::vector<LoopbackPost>& posts) {
+  const LoopbackPost& mine = posts[static_cast<size_t>(rank_)];
+  const int64_t bytes = mine.count * DataTypeSize(mine.dtype);
+  for (int p = 0; p < size(); ++p) {
+    const LoopbackPost& peer = posts[static_cast<size_t>(p)];
+    if (peer.count != mine.count || peer.reduce != mine.reduce) {
+      return InvalidArgument(
+          "allreduce on rank " + std::to_string(rank_) + ": count=" + std::to_string(mine.count) +
+          " op=" + ReduceOpName(mine.reduce) + " but rank " + std::to_string(p) +
+          " passed count=" + std::to_string(peer.count) + " op=" + ReduceOpName(peer.reduce));
+    }
+  }
+  // Every rank reduces in rank order, so all ranks get the same bits.
+  MOE_ASSIGN_OR_RETURN(void* const acc, reduce_acc_.Get(bytes));
+  MOE_RETURN_IF_ERROR(CopyToHost(memory_space(), acc, posts[0].send, bytes));
+  for (int p = 1; p < size(); ++p) {
+    const void* in = posts[static_cast<size_t>(p)].send;
+    if (memory_space() == MemorySpace::kDevice) {
+      MOE_ASSIGN_OR_RETURN(void* const staged, reduce_staging_.Get(bytes));
+      MOE_RETURN_IF_ERROR(CopyToHost(memory_space(), staged, in, bytes));
+      in = staged;
+    }
+    HostReduceInto(acc, in, mine.count, mine.dtype, mine.reduce);
+  }
+  reduce_result_ = acc;
+  reduce_bytes_ = bytes;
+  return Status::Ok();
+}
+
+Status LoopbackCommunicator::DoAllToAll(uint64_t seq, const void* send, void* recv, int64_t count,
+                                        DataType dtype) {
+  LoopbackPost post{.op = "alltoall", .send = send, .recv = recv, .count = count, .dtype = dtype};
+  return Run(seq, std::move(post));
+}
+
+StatusOr<std::unique_ptr<Request>> LoopbackCommunicator::DoStartAllToAllV(
+    uint64_t seq, const AllToAllVArgs& args) {
+  LoopbackPost post{.op = "alltoallv", .send = args.send, .recv = args.recv, .dtype = args.dtype};
+  post.send_counts.assign(args.send_counts.begin(), args.send_counts.end());
+  post.send_displs.assign(args.send_displs.begin(), args.send_displs.end());
+  post.recv_counts.assign(args.recv_counts.begin(), args.recv_counts.end());
+  post.recv_displs.assign(args.recv_displs.begin(), args.recv_displs.end());
+  MOE_RETURN_IF_ERROR(PostOrFail(seq, std::move(post)));
+  return std::unique_ptr<Request>(std::make_unique<LoopbackRequest>(this, seq, "alltoallv"));
+}
+
+Status LoopbackCommunicator::DoAllReduce(uint64_t seq, const void* send, void* recv, int64_t count,
+                                         DataType dtype, ReduceOp op) {
+  LoopbackPost post{
+      .op = "allreduce", .send = send, .recv = recv, .count = count, .dtype = dtype, .reduce = op};
+  return Run(seq, std::move(post));
+}
+
+Status LoopbackCommunicator::DoAllGather(uint64_t seq, const void* send, void* recv, int64_t count,
+                                         DataType dtype) {
+  LoopbackPost post{.op = "allgather", .send = send, .recv = recv, .count = count, .dtype = dtype};
+  return Run(seq, std::move(post));
+}
+
+Status LoopbackCommunicator::DoBroadcast(uint64_t seq, void* buffer, int64_t count, DataType dtype,
+                                         int root) {
+  LoopbackPost post{
+      .op = "broadcast", .recv = buffer, .count = count, .dtype = dtype, .root = root};
+  return Run(seq, std::move(post));
+}
+
+Status LoopbackCommunicator::DoBarrier(uint64_t seq) {
+  return Run(seq, LoopbackPost{.op = "barrier"});
+}
+
+StatusOr<std::unique_ptr<Communicator>> LoopbackCommunicator::DoSplit(uint64_t seq, int color,
+                                                                      int key) {
+  MOE_RETURN_IF_ERROR(Run(seq, LoopbackPost{.op = "split", .color = color, .key = key}));
+  return std::move(split_result_);
+}
+
+}  // namespace moe::comm

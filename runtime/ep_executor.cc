@@ -1,0 +1,214 @@
+#include "runtime/ep_executor.h"
+
+#include <chrono>
+#include <cstring>
+
+namespace moe {
+namespace {
+
+double Now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+void CopyRows(const float* src, float* dst, int64_t rows, int64_t m) {
+  if (rows > 0) std::memcpy(dst, src, sizeof(float) * static_cast<size_t>(rows * m));
+}
+
+}  // namespace
+
+ExpertParallelExecutor::ExpertParallelExecutor(comm::Communicator* ep, const experts::FfnShape& shape,
+                                               int num_experts, bool dropless_exchange)
+    : ep_(ep),
+      shape_(shape),
+      num_experts_(num_experts),
+      w_(ep->size()),
+      local_(num_experts / ep->size()),
+      dropless_(dropless_exchange),
+      blocks_(shape) {}
+
+Status ExpertParallelExecutor::Layout(const DispatchPlan& plan) {
+  const int64_t g = plan.num_groups, l = local_, w = w_;
+  groups_ = g;
+  capacity_ = plan.capacity;
+  padded_ = !dropless_ && plan.capacity > 0;
+  const auto count = [&](int64_t r, int64_t le, int64_t gr) {
+    return static_cast<int64_t>(plan.group_expert_count[gr * num_experts_ + r * l + le]);
+  };
+  send_rows_.assign(static_cast<size_t>(w), 0);
+  recv_counts_.assign(static_cast<size_t>(w * l * g), 0);
+  if (padded_) {
+    for (int64_t r = 0; r < w; ++r) send_rows_[r] = l * g * capacity_;
+    std::fill(recv_counts_.begin(), recv_counts_.end(), capacity_);
+  } else {
+    std::vector<int64_t> send_counts(static_cast<size_t>(w * l * g));
+    for (int64_t r = 0; r < w; ++r) {
+      for (int64_t le = 0; le < l; ++le) {
+        for (int64_t gr = 0; gr < g; ++gr) {
+          send_counts[(r * l + le) * g + gr] = count(r, le, gr);
+          send_rows_[r] += count(r, le, gr);
+        }
+      }
+    }
+    const double t0 = Now();
+    MOE_RETURN_IF_ERROR(ep_->AllToAll(send_counts.data(), recv_counts_.data(), l * g,
+                                      comm::DataType::kInt64));
+    stats_.alltoall_seconds += Now() - t0;
+  }
+  recv_rows_.assign(static_cast<size_t>(w), 0);
+  for (int64_t s = 0; s < w; ++s) {
+    for (int64_t i = 0; i < l * g; ++i) recv_rows_[s] += recv_counts_[s * l * g + i];
+  }
+  send_row_displ_.assign(static_cast<size_t>(w), 0);
+  recv_row_displ_.assign(static_cast<size_t>(w), 0);
+  for (int64_t r = 1; r < w; ++r) {
+    send_row_displ_[r] = send_row_displ_[r - 1] + send_rows_[r - 1];
+    recv_row_displ_[r] = recv_row_displ_[r - 1] + recv_rows_[r - 1];
+  }
+  expert_offsets_.assign(static_cast<size_t>(l + 1), 0);
+  for (int64_t le = 0; le < l; ++le) {
+    int64_t rows = 0;
+    for (int64_t s = 0; s < w; ++s) {
+      for (int64_t gr = 0; gr < g; ++gr) rows += recv_counts_[(s * l + le) * g + gr];
+    }
+    expert_offsets_[le + 1] = expert_offsets_[le] + rows;
+  }
+  return Status::Ok();
+}
+
+Status ExpertParallelExecutor::Dispatch(const DispatchPlan& plan, MatrixView<const float> packed,
+                                        Tensor* expert_rows) {
+  const int64_t m = shape_.model_dim, l = local_, g = groups_, w = w_;
+  const int64_t total_send = send_row_displ_[w - 1] + send_rows_[w - 1];
+  const int64_t total_recv = recv_row_displ_[w - 1] + recv_rows_[w - 1];
+  const float* send = packed.data();
+  if (padded_) {
+    // [dest][local expert][group][C] with zero padding.
+    ResizeTensor(&send_buf_, total_send, m);
+    int64_t row = 0;
+    for (int64_t e = 0; e < num_experts_; ++e) {
+      int64_t src = plan.expert_offset[e];
+      for (int64_t gr = 0; gr < g; ++gr) {
+        const int64_t n = plan.group_expert_count[gr * num_experts_ + e];
+        CopyRows(packed.row(src), send_buf_.row(row), n, m);
+        if (capacity_ > n) {
+          std::memset(send_buf_.row(row + n), 0, sizeof(float) * static_cast<size_t>((capacity_ - n) * m));
+        }
+        src += n;
+        row += capacity_;
+      }
+    }
+    send = send_buf_.data();
+  }
+  for (int64_t r = 0; r < w; ++r) {
+    const int64_t bytes = send_rows_[r] * m * static_cast<int64_t>(sizeof(float));
+    stats_.bytes_sent += bytes;
+    if (static_cast<int64_t>(stats_.bytes_to_rank.size()) < w) stats_.bytes_to_rank.assign(static_cast<size_t>(w), 0);
+    stats_.bytes_to_rank[r] += bytes;
+  }
+  ResizeTensor(&recv_buf_, total_recv, m);
+  std::vector<int64_t> sc(static_cast<size_t>(w)), sd(static_cast<size_t>(w)), rc(static_cast<size_t>(w)),
+      rd(static_cast<size_t>(w));
+  for (int64_t r = 0; r < w; ++r) {
+    sc[r] = send_rows_[r] * m;
+    sd[r] = send_row_displ_[r] * m;
+    rc[r] = recv_rows_[r] * m;
+    rd[r] = recv_row_displ_[r] * m;
+  }
+  const double t0 = Now();
+  if (padded_) {
+    MOE_RETURN_IF_ERROR(ep_->AllToAll(send, recv_buf_.data(), l * g * capacity_ * m, comm::DataType::kFloat32));
+  } else {
+    MOE_RETURN_IF_ERROR(ep_->AllToAllV(send, sc, sd, recv_buf_.data(), rc, rd, comm::DataType::kFloat32));
+  }
+  stats_.alltoall_seconds += Now() - t0;
+  // Regroup [source][local expert][group] -> [local expert][source][group].
+  ResizeTensor(expert_rows, total_recv, m);
+  std::vector<int64_t> fill(expert_offsets_.begin(), expert_offsets_.end() - 1);
+  for (int64_t s = 0; s < w; ++s) {
+    int64_t src = recv_row_displ_[s];
+    for (int64_t le = 0; le < l; ++le) {
+      int64_t n = 0;
+      for (int64_t gr = 0; gr < g; ++gr) n += recv_counts_[(s * l + le) * g + gr];
+      CopyRows(recv_buf_.row(src), expert_rows->row(fill[le]), n, m);
+      fill[le] += n;
+      src += n;
+    }
+  }
+  return Status::Ok();
+}
+
+Status ExpertParallelExecutor::Combine(const DispatchPlan& plan, const Tensor& expert_rows, Tensor* packed) {
+  const int64_t m = shape_.model_dim, l = local_, g = groups_, w = w_;
+  const int64_t total_send = send_row_displ_[w - 1] + send_rows_[w - 1];
+  const int64_t total_recv = recv_row_displ_[w - 1] + recv_rows_[w - 1];
+  // Ungroup [local expert][source][group] -> [source][local expert][group] (the receive layout).
+  ResizeTensor(&back_buf_, total_recv, m);
+  std::vector<int64_t> take(expert_offsets_.begin(), expert_offsets_.end() - 1);
+  for (int64_t s = 0; s < w; ++s) {
+    int64_t dst = recv_row_displ_[s];
+    for (int64_t le = 0; le < l; ++le) {
+      int64_t n = 0;
+      for (int64_t gr = 0; gr < g; ++gr) n += recv_counts_[(s * l + le) * g + gr];
+      CopyRows(expert_rows.row(take[le]), back_buf_.row(dst), n, m);
+      take[le] += n;
+      dst += n;
+    }
+  }
+  ResizeTensor(packed, plan.num_rows(), m);
+  float* out = padded_ ? (ResizeTensor(&send_buf_, total_send, m), send_buf_.data()) : packed->data();
+  std::vector<int64_t> sc(static_cast<size_t>(w)), sd(static_cast<size_t>(w)), rc(static_cast<size_t>(w)),
+      rd(static_cast<size_t>(w));
+  for (int64_t r = 0; r < w; ++r) {
+    sc[r] = recv_rows_[r] * m;
+    sd[r] = recv_row_displ_[r] * m;
+    rc[r] = send_rows_[r] * m;
+    rd[r] = send_row_displ_[r] * m;
+  }
+  const double t0 = Now();
+  if (padded_) {
+    MOE_RETURN_IF_ERROR(ep_->AllToAll(back_buf_.data(), out, l * g * capacity_ * m, comm::DataType::kFloat32));
+  } else {
+    MOE_RETURN_IF_ERROR(ep_->AllToAllV(back_buf_.data(), sc, sd, out, rc, rd, comm::DataType::kFloat32));
+  }
+  stats_.alltoall_seconds += Now() - t0;
+  if (padded_) {
+    int64_t row = 0;
+    for (int64_t e = 0; e < num_experts_; ++e) {
+      int64_t dst = plan.expert_offset[e];
+      for (int64_t gr = 0; gr < g; ++gr) {
+        const int64_t n = plan.group_expert_count[gr * num_experts_ + e];
+        CopyRows(send_buf_.row(row), packed->row(dst), n, m);
+        dst += n;
+        row += capacity_;
+      }
+    }
+  }
+  return Status::Ok();
+}
+
+Status ExpertParallelExecutor::Forward(const DispatchPlan& plan, MatrixView<const float> packed_x,
+                                       const std::vector<experts::FfnParams>& experts, Tensor* packed_y) {
+  if (plan.num_experts != num_experts_) {
+    return InvalidArgument("plan has " + std::to_string(plan.num_experts) + " experts, executor " +
+                           std::to_string(num_experts_));
+  }
+  MOE_RETURN_IF_ERROR(Layout(plan));
+  MOE_RETURN_IF_ERROR(Dispatch(plan, packed_x, &expert_in_));
+  const double t0 = Now();
+  blocks_.Forward(expert_offsets_, expert_in_.view(), experts, &expert_out_);
+  stats_.expert_seconds += Now() - t0;
+  return Combine(plan, expert_out_, packed_y);
+}
+
+Status ExpertParallelExecutor::Backward(const DispatchPlan& plan, MatrixView<const float> packed_dy,
+                                        const std::vector<experts::FfnParams>& experts,
+                                        std::vector<experts::FfnParams>* grads, Tensor* packed_dx) {
+  Tensor expert_dy, expert_dx;
+  MOE_RETURN_IF_ERROR(Dispatch(plan, packed_dy, &expert_dy));
+  const double t0 = Now();
+  blocks_.Backward(expert_offsets_, expert_dy.view(), experts, grads, &expert_dx);
+  stats_.expert_seconds += Now() - t0;
+  return Combine(plan, expert_dx, packed_dx);
+}
+
+}  // namespace moe

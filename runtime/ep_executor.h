@@ -1,0 +1,73 @@
+// The expert-parallel executor: experts are spread over the W ranks of an expert-parallel
+// communicator in contiguous blocks (rank r hosts experts r*L .. r*L + L - 1, L = E / W).
+//
+// Forward: the layer's packed rows (expert, group, position order = destination rank, local
+// expert, group, position) are dispatched with an all-to-all, regrouped so each local expert owns
+// one contiguous block ordered (source rank, group, position) — exactly the order a 1-rank layer with
+// G = W * groups would use —, run through the local experts, ungrouped and sent back (combine).
+// Backward sends dY the same way and returns dX, reusing the forward's layout (one plan).
+//
+// Two exchange modes:
+//   capacity: every rank sends exactly C rows per (remote expert, group), zero-padded, with one
+//             equal-count all-to-all (GShard's fixed shape; padded rows are computed and dropped);
+//   dropless: the per-(expert, group) row counts are exchanged first (an all-to-all of integers),
+//             then an all-to-all-v moves only the real rows.
+// Dropless routing (capacity 0) always uses the dropless exchange.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "runtime/expert_executor.h"
+
+namespace moe {
+
+struct ExchangeStats {
+  double alltoall_seconds = 0.0;
+  double expert_seconds = 0.0;
+  int64_t bytes_sent = 0;
+  std::vector<int64_t> bytes_to_rank;  // per destination rank of the EP group
+  void Reset() { *this = ExchangeStats(); }
+};
+
+class ExpertParallelExecutor : public ExpertExecutor {
+ public:
+  // `ep` must outlive the executor; num_experts must be divisible by ep->size().
+  ExpertParallelExecutor(comm::Communicator* ep, const experts::FfnShape& shape, int num_experts,
+                         bool dropless_exchange);
+
+  Status Forward(const DispatchPlan& plan, MatrixView<const float> packed_x,
+                 const std::vector<experts::FfnParams>& experts, Tensor* packed_y) override;
+  Status Backward(const DispatchPlan& plan, MatrixView<const float> packed_dy,
+                  const std::vector<experts::FfnParams>& experts,
+                  std::vector<experts::FfnParams>* grads, Tensor* packed_dx) override;
+
+  ExchangeStats& stats() { return stats_; }
+
+ private:
+  // Sends rows of `packed` (layout of `plan`) to the experts' ranks; fills `expert_rows` in the
+  // regrouped order (local expert, source rank, group, position).
+  Status Dispatch(const DispatchPlan& plan, MatrixView<const float> packed, Tensor* expert_rows);
+  // The reverse: rows of `expert_rows` back to their source ranks, into `packed` (plan layout).
+  Status Combine(const DispatchPlan& plan, const Tensor& expert_rows, Tensor* packed);
+  Status Layout(const DispatchPlan& plan);
+
+  comm::Communicator* ep_;
+  experts::FfnShape shape_;
+  int num_experts_, w_, local_;
+  bool dropless_;
+  ExpertBlocks blocks_;
+
+  // Layout of the current plan.
+  bool padded_ = false;
+  int64_t groups_ = 0, capacity_ = 0;
+  std::vector<int64_t> send_rows_, recv_rows_;  // per peer (rows)
+  std::vector<int64_t> send_row_displ_, recv_row_displ_;
+  std::vector<int64_t> recv_counts_;  // [src][l][g] rows received (dropless) or C (padded)
+  std::vector<int64_t> expert_offsets_;  // L + 1 offsets in the regrouped buffer
+  Tensor send_buf_, recv_buf_, expert_in_, expert_out_, back_buf_;
+  ExchangeStats stats_;
+};
+
+}  // namespace moe

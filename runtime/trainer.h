@@ -1,0 +1,80 @@
+// The training job behind moe_train: a byte-level MoE language model trained with expert
+// parallelism over a world communicator (MPI processes or loopback threads).
+//
+// World layout: world = R expert-data-parallel replicas x W expert-parallel ranks; rank =
+// replica * W + ep_rank. The EP communicator groups the W ranks of one replica (dispatch /
+// combine); the replica communicator groups the ranks that hold the same experts. Every rank is
+// a data-parallel rank with its own tokens (global_batch_tokens / world, in G local groups, each
+// reading its own shard of the text).
+// Gradients: replicated tensors are summed over the world (the loss is already divided by the
+// global token count), expert tensors over the replicas of the same experts.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "proto/moe_config.pb.h"
+#include "proto/report.pb.h"
+#include "runtime/base/status.h"
+#include "runtime/byte_lm.h"
+#include "runtime/ep_executor.h"
+#include "runtime/optimizer.h"
+#include "runtime/text_data.h"
+
+namespace moe {
+
+struct TrainOptions {
+  bool resume = false;     // continue from the newest complete checkpoint in train.checkpoint_dir
+  bool quiet = false;      // no progress lines
+  std::string run_label;   // shown in the start report
+};
+
+class Trainer {
+ public:
+  // Collective over `world`.
+  static StatusOr<std::unique_ptr<Trainer>> Create(const config::MoeConfig& cfg, comm::Communicator* world,
+                                                   const TrainOptions& options);
+
+  // Runs until train.steps; returns the per-step metrics (identical on every rank).
+  Status Run();
+  const std::vector<report::StepMetrics>& history() const { return history_; }
+  ByteLm& model() { return *model_; }
+  int64_t step() const { return step_; }
+  // Saves a checkpoint of the current step (collective).
+  Status SaveCheckpoint();
+  // Global gradient norm of the last step (after the reductions).
+  double last_grad_norm() const { return last_grad_norm_; }
+
+ private:
+  Trainer(const config::MoeConfig& cfg, comm::Communicator* world, const TrainOptions& options);
+  Status Init();
+  Status Step(report::StepMetrics* metrics);
+  Status ReduceGradients();
+  StatusOr<double> GlobalGradNorm();
+  Status Evaluate(double* loss);
+  Status LoadCheckpoint(const std::string& dir);
+  std::vector<bool> Trainable(const std::vector<ParamRef>& params) const;
+  void PrintStart();
+  void PrintProgress(const report::StepMetrics& m, double elapsed);
+
+  config::MoeConfig cfg_;
+  comm::Communicator* world_;
+  TrainOptions options_;
+  std::unique_ptr<comm::Communicator> ep_, replicas_;
+  int ep_size_ = 1, ep_rank_ = 0, replicas_count_ = 1;
+  int groups_ = 1;
+  int64_t tokens_per_rank_ = 0;
+  std::vector<ExpertParallelExecutor*> executors_;
+  std::unique_ptr<ByteLm> model_;
+  std::unique_ptr<AdamW> optimizer_;
+  std::unique_ptr<TextData> data_;
+  std::vector<report::StepMetrics> history_;
+  int64_t step_ = 0;
+  int64_t skipped_steps_ = 0;
+  double last_grad_norm_ = 0.0;
+};
+
+}  // namespace moe

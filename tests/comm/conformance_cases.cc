@@ -1,0 +1,486 @@
+#include "tests/comm/conformance_cases.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstring>
+#include <functional>
+#include <numeric>
+
+#include "comm/algorithms/hierarchical_alltoall.h"
+#include "runtime/base/check.h"
+#include "tests/comm/test_buffers.h"
+
+namespace moe::comm::testing {
+namespace {
+
+// Large cases move at least this much in total per call (all ranks together).
+constexpr int64_t kLargeTotalBytes = 64LL << 20;
+
+std::string Where(const Communicator& comm, const std::string& what) {
+  return "rank " + std::to_string(comm.rank()) + "/" + std::to_string(comm.size()) + " " + what;
+}
+
+// ---- all-to-all with equal counts --------------------------------------------------------------
+
+void CheckAllToAll(Communicator& comm, DataType dtype, int64_t count) {
+  const int n = comm.size();
+  const int me = comm.rank();
+  const int64_t block = count * DataTypeSize(dtype);
+  Bytes send, expected;
+  for (int p = 0; p < n; ++p) {
+    const Bytes out = Pattern(dtype, count, me, p);
+    send.insert(send.end(), out.begin(), out.end());
+    const Bytes in = Pattern(dtype, count, p, me);
+    expected.insert(expected.end(), in.begin(), in.end());
+  }
+  const Buffer send_buf = Upload(comm.memory_space(), send);
+  const Buffer recv_buf = Poisoned(comm.memory_space(), block * n);
+  const Status status = comm.AllToAll(send_buf.data(), recv_buf.data(), count, dtype);
+  const std::string what =
+      std::string("alltoall ") + DataTypeName(dtype) + " count=" + std::to_string(count);
+  ASSERT_TRUE(status.ok()) << Where(comm, what) << ": " << status.ToString();
+  EXPECT_EQ(CompareBytes(expected, Download(recv_buf)), "") << Where(comm, what);
+}
+
+void AllToAllEveryDtype(Communicator& comm) {
+  for (const DataType dtype : kAllDataTypes) {
+    for (const int64_t count : {0, 1, 5, 1000}) CheckAllToAll(comm, dtype, count);
+  }
+}
+
+// ---- all-to-all with per-peer counts -----------------------------------------------------------
+
+using CountFn = std::function<int64_t(int src, int dst)>;
+
+struct VLayout {
+  std::vector<int64_t> send_counts, send_displs, recv_counts, recv_displs;
+  int64_t send_elems = 0, recv_elems = 0;
+};
+
+// Send blocks in peer order with a gap of `gap` elements after each; receive blocks in reverse
+// peer order, also with gaps, so displacements matter.
+VLayout MakeLayout(const Communicator& comm, const CountFn& counts, int64_t gap) {
+  const int n = comm.size();
+  const int me = comm.rank();
+  VLayout v;
+  v.send_counts.resize(static_cast<size_t>(n));
+  v.send_displs.resize(static_cast<size_t>(n));
+  v.recv_counts.resize(static_cast<size_t>(n));
+  v.recv_displs.resize(static_cast<size_t>(n));
+  for (int p = 0; p < n; ++p) {
+    v.send_counts[static_cast<size_t>(p)] = counts(me, p);
+    v.send_displs[static_cast<size_t>(p)] = v.send_elems;
+    v.send_elems += counts(me, p) + gap;
+  }
+  for (int p = n - 1; p >= 0; --p) {
+    v.recv_counts[static_cast<size_t>(p)] = counts(p, me);
+    v.recv_displs[static_cast<size_t>(p)] = v.recv_elems;
+    v.recv_elems += counts(p, me) + gap;
+  }
+  return v;
+}
+
+struct VData {
+  VLayout layout;
+  Buffer send, recv;
+  Bytes expected;
+};
+
+VData PrepareV(const Communicator& comm, DataType dtype, const CountFn& counts, int64_t gap) {
+  const int64_t es = DataTypeSize(dtype);
+  VData d;
+  d.layout = MakeLayout(comm, counts, gap);
+  const VLayout& v = d.layout;
+  Bytes send(static_cast<size_t>(v.send_elems * es), 0xAB);
+  d.expected.assign(static_cast<size_t>(v.recv_elems * es), 0xEE);
+  for (int p = 0; p < comm.size(); ++p) {
+    const auto pi = static_cast<size_t>(p);
+    FillPattern(dtype, send.data() + v.send_displs[pi] * es, v.send_counts[pi], comm.rank(), p);
+    FillPattern(dtype, d.expected.data() + v.recv_displs[pi] * es, v.recv_counts[pi], p,
+                comm.rank());
+  }
+  d.send = Upload(comm.memory_space(), send);
+  d.recv = Poisoned(comm.memory_space(), v.recv_elems * es);
+  return d;
+}
+
+void CheckAllToAllV(Communicator& comm, DataType dtype, const CountFn& counts, int64_t gap,
+                    const std::string& what) {
+  const VData d = PrepareV(comm, dtype, counts, gap);
+  const VLayout& v = d.layout;
+  const Status status = comm.AllToAllV(d.send.data(), v.send_counts, v.send_displs, d.recv.data(),
+                                       v.recv_counts, v.recv_displs, dtype);
+  const std::string label = "alltoallv " + what + " " + DataTypeName(dtype);
+  ASSERT_TRUE(status.ok()) << Where(comm, label) << ": " << status.ToString();
+  EXPECT_EQ(CompareBytes(d.expected, Download(d.recv)), "") << Where(comm, label);
+}
+
+int64_t VariedCount(int src, int dst) { return (src * 3 + dst * 5 + 1) % 4; }
+
+void AllToAllVSkewed(Communicator& comm) {
+  const int n = comm.size();
+  for (const DataType dtype : kAllDataTypes) {
+    CheckAllToAllV(comm, dtype, VariedCount, 1, "varied");
+    // One peer gets everything, the others nothing.
+    CheckAllToAllV(
+        comm, dtype, [](int, int dst) -> int64_t { return dst == 0 ? 50 : 0; }, 0, "all-to-rank-0");
+    // Only the last rank sends.
+    CheckAllToAllV(
+        comm, dtype, [n](int src, int dst) -> int64_t { return src == n - 1 ? 20 + dst : 0; }, 2,
+        "only-last-sends");
+    CheckAllToAllV(
+        comm, dtype, [](int, int) -> int64_t { return 0; }, 0, "all-empty");
+  }
+}
+
+void AsyncAllToAllV(Communicator& comm) {
+  const DataType dtype = DataType::kFloat32;
+  VData a = PrepareV(comm, dtype, VariedCount, 1);
+  VData b = PrepareV(
+      comm, dtype, [](int src, int dst) -> int64_t { return 3 + src + 2 * dst; }, 0);
+  auto first =
+      comm.StartAllToAllV(a.send.data(), a.layout.send_counts, a.layout.send_displs, a.recv.data(),
+                          a.layout.recv_counts, a.layout.recv_displs, dtype);
+  ASSERT_TRUE(first.ok()) << Where(comm, first.status().ToString());
+  auto second =
+      comm.StartAllToAllV(b.send.data(), b.layout.send_counts, b.layout.send_displs, b.recv.data(),
+                          b.layout.recv_counts, b.layout.recv_displs, dtype);
+  ASSERT_TRUE(second.ok()) << Where(comm, second.status().ToString());
+  // "Compute" while the exchanges are in flight.
+  volatile double sink = 0;
+  for (int i = 0; i < 100000; ++i) sink = sink + i * 0.5;
+  const Status done_first = (*first)->Wait();
+  const Status done_second = (*second)->Wait();
+  ASSERT_TRUE(done_first.ok()) << Where(comm, done_first.ToString());
+  ASSERT_TRUE(done_second.ok()) << Where(comm, done_second.ToString());
+  EXPECT_EQ(CompareBytes(a.expected, Download(a.recv)), "") << Where(comm, "first request");
+  EXPECT_EQ(CompareBytes(b.expected, Download(b.recv)), "") << Where(comm, "second request");
+}
+
+// ---- all-reduce --------------------------------------------------------------------------------
+
+double ReduceInput(int rank, int64_t i) { return static_cast<double>((rank * 13 + i * 5) % 31); }
+
+void CheckAllReduce(Communicator& comm, DataType dtype, ReduceOp op, int64_t count, bool in_place) {
+  const int64_t es = DataTypeSize(dtype);
+  Bytes input(static_cast<size_t>(count * es)), expected(static_cast<size_t>(count * es));
+  for (int64_t i = 0; i < count; ++i) {
+    SetElement(dtype, input.data(), i, ReduceInput(comm.rank(), i));
+    double acc = ReduceInput(0, i);
+    for (int r = 1; r < comm.size(); ++r) {
+      const double x = ReduceInput(r, i);
+      acc = op == ReduceOp::kSum   ? acc + x
+            : op == ReduceOp::kMax ? std::max(acc, x)
+                                   : std::min(acc, x);
+    }
+    SetElement(dtype, expected.data(), i, acc);
+  }
+  const Buffer send = Upload(comm.memory_space(), input);
+  const Buffer recv = Poisoned(comm.memory_space(), count * es);
+  const Buffer& out = in_place ? send : recv;
+  const Status status = comm.AllReduce(send.data(), out.data(), count, dtype, op);
+  const std::string what = std::string("allreduce ") + ReduceOpName(op) + " " +
+                           DataTypeName(dtype) + " count=" + std::to_string(count) +
+                           (in_place ? " in place" : "");
+  ASSERT_TRUE(status.ok()) << Where(comm, what) << ": " << status.ToString();
+  EXPECT_EQ(CompareBytes(expected, Download(out)), "") << Where(comm, what);
+}
+
+void AllReduceEveryDtypeAndOp(Communicator& comm) {
+  for (const DataType dtype : kAllDataTypes) {
+    for (const ReduceOp op : {ReduceOp::kSum, ReduceOp::kMax, ReduceOp::kMin}) {
+      for (const int64_t count : {0, 1, 1000}) {
+        CheckAllReduce(comm, dtype, op, count, /*in_place=*/false);
+      }
+      CheckAllReduce(comm, dtype, op, 257, /*in_place=*/true);
+    }
+  }
+}
+
+// ---- all-gather, broadcast, barrier -----------------------------------------------------------
+
+void CheckAllGather(Communicator& comm, DataType dtype, int64_t count) {
+  Bytes expected;
+  for (int p = 0; p < comm.size(); ++p) {
+    const Bytes block = Pattern(dtype, count, p, 0);
+    expected.insert(expected.end(), block.begin(), block.end());
+  }
+  const Buffer send = Upload(comm.memory_space(), Pattern(dtype, count, comm.rank(), 0));
+  const Buffer recv = Poisoned(comm.memory_space(), count * DataTypeSize(dtype) * comm.size());
+  const Status status = comm.AllGather(send.data(), recv.data(), count, dtype);
+  const std::string what =
+      std::string("allgather ") + DataTypeName(dtype) + " count=" + std::to_string(count);
+  ASSERT_TRUE(status.ok()) << Where(comm, what) << ": " << status.ToString();
+  EXPECT_EQ(CompareBytes(expected, Download(recv)), "") << Where(comm, what);
+}
+
+void AllGatherEveryDtype(Communicator& comm) {
+  for (const DataType dtype : kAllDataTypes) {
+    for (const int64_t count : {0, 3, 1000}) CheckAllGather(comm, dtype, count);
+  }
+}
+
+void BroadcastEveryRoot(Communicator& comm) {
+  for (const DataType dtype : kAllDataTypes) {
+    for (int root = 0; root < comm.size(); ++root) {
+      for (const int64_t count : {0, 17}) {
+        const Bytes expected = Pattern(dtype, count, root, 99);
+        const Buffer buf = comm.rank() == root
+                               ? Upload(comm.memory_space(), expected)
+                               : Poisoned(comm.memory_space(), count * DataTypeSize(dtype));
+        const Status status = comm.Broadcast(buf.data(), count, dtype, root);
+        const std::string what = std::string("broadcast ") + DataTypeName(dtype) +
+                                 " root=" + std::to_string(root) +
+                                 " count=" + std::to_string(count);
+        ASSERT_TRUE(status.ok()) << Where(comm, what) << ": " << status.ToString();
+        EXPECT_EQ(CompareBytes(expected, Download(buf)), "") << Where(comm, what);
+      }
+    }
+  }
+}
+
+void BarrierRepeated(Communicator& comm) {
+  for (int i = 0; i < 20; ++i) {
+    const Status status = comm.Barrier();
+    ASSERT_TRUE(status.ok()) << Where(comm, "barrier " + std::to_string(i)) << ": "
+                             << status.ToString();
+  }
+}
+
+// ---- zero-length messages and argument validation ----------------------------------------------
+
+void ZeroLengthWithNullBuffers(Communicator& comm) {
+  const int n = comm.size();
+  const std::vector<int64_t> zeros(static_cast<size_t>(n), 0);
+  for (const DataType dtype : kAllDataTypes) {
+    EXPECT_TRUE(comm.AllToAll(nullptr, nullptr, 0, dtype).ok()) << Where(comm, "alltoall");
+    EXPECT_TRUE(comm.AllToAllV(nullptr, zeros, zeros, nullptr, zeros, zeros, dtype).ok())
+        << Where(comm, "alltoallv");
+    EXPECT_TRUE(comm.AllReduce(nullptr, nullptr, 0, dtype, ReduceOp::kSum).ok())
+        << Where(comm, "allreduce");
+    EXPECT_TRUE(comm.AllGather(nullptr, nullptr, 0, dtype).ok()) << Where(comm, "allgather");
+    EXPECT_TRUE(comm.Broadcast(nullptr, 0, dtype, n - 1).ok()) << Where(comm, "broadcast");
+  }
+}
+
+void ExpectInvalid(const Communicator& comm, const Status& status, const std::string& needle) {
+  EXPECT_EQ(status.code(), StatusCode::kInvalidArgument) << Where(comm, status.ToString());
+  EXPECT_NE(status.message().find(needle), std::string::npos)
+      << Where(comm, "message '" + status.message() + "' lacks '" + needle + "'");
+}
+
+// Argument errors are detected before any communication, identically on every rank.
+void InvalidArgumentsRejected(Communicator& comm) {
+  const int n = comm.size();
+  std::vector<int64_t> ok(static_cast<size_t>(n), 1), displs(static_cast<size_t>(n), 0);
+  std::vector<int64_t> short_counts(static_cast<size_t>(n + 1), 1);
+  std::vector<int64_t> negative = ok;
+  negative[0] = -2;
+  const Buffer buf = Poisoned(comm.memory_space(), 64 * n);
+  void* p = buf.data();
+  const DataType u8 = DataType::kUint8;
+  ExpectInvalid(comm, comm.AllToAll(p, p, -1, u8), "alltoall: count=-1 must be >= 0");
+  ExpectInvalid(comm, comm.AllToAll(nullptr, p, 4, u8), "alltoall: send buffer is null");
+  ExpectInvalid(comm, comm.AllToAllV(p, short_counts, displs, p, ok, displs, u8),
+                "alltoallv: send_counts has " + std::to_string(n + 1) + " entries");
+  ExpectInvalid(comm, comm.AllToAllV(p, ok, displs, p, negative, displs, u8),
+                "alltoallv: recv_counts[0]=-2 must be >= 0");
+  ExpectInvalid(comm, comm.AllToAllV(p, ok, negative, p, ok, displs, u8),
+                "alltoallv: send_displs[0]=-2 must be >= 0");
+  ExpectInvalid(comm, comm.AllToAllV(p, ok, displs, nullptr, ok, displs, u8),
+                "alltoallv: recv buffer is null");
+  ExpectInvalid(comm, comm.AllReduce(p, nullptr, 3, u8, ReduceOp::kMax),
+                "allreduce: recv buffer is null");
+  ExpectInvalid(comm, comm.AllGather(p, p, -5, u8), "allgather: count=-5 must be >= 0");
+  ExpectInvalid(comm, comm.Broadcast(p, 1, u8, n), "broadcast: root=" + std::to_string(n));
+  ExpectInvalid(comm, comm.Split(-7, 0).status(), "split: color=-7");
+  auto bad = HierarchicalAllToAll::Create(comm, n + 1);
+  ExpectInvalid(comm, bad.status(), "ranks_per_node=" + std::to_string(n + 1) + " must be");
+  EXPECT_FALSE(comm.aborted()) << Where(comm, "argument errors must not abort");
+  // The communicator still works afterwards.
+  CheckAllToAll(comm, u8, 2);
+}
+
+// ---- split -------------------------------------------------------------------------------------
+
+void CheckSubCommunicator(Communicator& sub, const std::vector<int>& members, int parent_rank) {
+  ASSERT_EQ(sub.size(), static_cast<int>(members.size())) << Where(sub, "split size");
+  const auto it = std::find(members.begin(), members.end(), parent_rank);
+  ASSERT_NE(it, members.end());
+  EXPECT_EQ(sub.rank(), static_cast<int>(it - members.begin())) << "parent rank " << parent_rank;
+  // Gather the parent ranks over the sub-communicator: they must come in the documented order.
+  Bytes mine(sizeof(int64_t));
+  const int64_t value = parent_rank;
+  std::memcpy(mine.data(), &value, sizeof(value));
+  const Buffer send = Upload(sub.memory_space(), mine);
+  const Buffer recv = Poisoned(sub.memory_space(), sizeof(int64_t) * sub.size());
+  const Status status = sub.AllGather(send.data(), recv.data(), 1, DataType::kInt64);
+  ASSERT_TRUE(status.ok()) << Where(sub, status.ToString());
+  const Bytes got = Download(recv);
+  for (int i = 0; i < sub.size(); ++i) {
+    int64_t v = 0;
+    std::memcpy(&v, got.data() + i * sizeof(int64_t), sizeof(v));
+    EXPECT_EQ(v, members[static_cast<size_t>(i)]) << Where(sub, "member " + std::to_string(i));
+  }
+  CheckAllToAll(sub, DataType::kInt32, 3);
+  CheckAllToAllV(sub, DataType::kFloat64, VariedCount, 1, "in sub-communicator");
+}
+
+void SplitSubCommunicators(Communicator& comm) {
+  const int n = comm.size();
+  const int me = comm.rank();
+  // Even / odd ranks, ordered by descending parent rank (key = -rank).
+  {
+    auto sub = comm.Split(me % 2, -me);
+    ASSERT_TRUE(sub.ok()) << Where(comm, sub.status().ToString());
+    ASSERT_NE(*sub, nullptr);
+    std::vector<int> members;
+    for (int r = n - 1; r >= 0; --r) {
+      if (r % 2 == me % 2) members.push_back(r);
+    }
+    CheckSubCommunicator(**sub, members, me);
+    // Split of a split: everyone in one group, key ties broken by rank.
+    auto nested = (*sub)->Split(0, 0);
+    ASSERT_TRUE(nested.ok()) << Where(comm, nested.status().ToString());
+    ASSERT_NE(*nested, nullptr);
+    std::vector<int> nested_members = members;  // nested ranks are sub ranks in order
+    CheckSubCommunicator(**nested, nested_members, me);
+  }
+  // Rank 0 opts out; the rest form one group.
+  {
+    auto sub = comm.Split(me == 0 ? Communicator::kNoColor : 5, 0);
+    ASSERT_TRUE(sub.ok()) << Where(comm, sub.status().ToString());
+    if (me == 0) {
+      EXPECT_EQ(*sub, nullptr);
+    } else {
+      ASSERT_NE(*sub, nullptr);
+      std::vector<int> members(static_cast<size_t>(n - 1));
+      std::iota(members.begin(), members.end(), 1);
+      CheckSubCommunicator(**sub, members, me);
+    }
+  }
+  // The parent still works after its children.
+  CheckAllToAll(comm, DataType::kUint8, 4);
+}
+
+// ---- large messages and repetition -------------------------------------------------------------
+
+void LargeAllToAll(Communicator& comm) {
+  const int64_t n = comm.size();
+  const int64_t count = (kLargeTotalBytes / 4 + n * n - 1) / (n * n);  // int32 per peer
+  CheckAllToAll(comm, DataType::kInt32, count);
+}
+
+void LargeAllToAllVSkewed(Communicator& comm) {
+  const int64_t n = comm.size();
+  const int64_t per_sender = (kLargeTotalBytes + n - 1) / n;  // all of it goes to rank 0
+  CheckAllToAllV(
+      comm, DataType::kUint8,
+      [per_sender](int, int dst) -> int64_t { return dst == 0 ? per_sender : 0; }, 0,
+      "large to rank 0");
+}
+
+void LargeAllReduceAndAllGather(Communicator& comm) {
+  CheckAllReduce(comm, DataType::kFloat32, ReduceOp::kSum, (16 << 20) / 4, /*in_place=*/false);
+  CheckAllGather(comm, DataType::kFloat32, (16 << 20) / 4 / comm.size());
+}
+
+void RepeatedMixedCalls(Communicator& comm) {
+  for (int iter = 0; iter < 30; ++iter) {
+    const DataType dtype = kAllDataTypes[iter % 5];
+    CheckAllToAllV(
+        comm, dtype, [iter](int src, int dst) -> int64_t { return (src + 2 * dst + iter) % 5; },
+        iter % 3, "iteration " + std::to_string(iter));
+    CheckAllReduce(comm, DataType::kInt64, ReduceOp::kMax, iter, /*in_place=*/iter % 2 == 0);
+  }
+}
+
+// ---- hierarchical == flat -----------------------------------------------------------------------
+
+void HierarchicalEqualsFlat(Communicator& comm) {
+  const int n = comm.size();
+  for (int per_node = 1; per_node <= n; ++per_node) {
+    if (n % per_node != 0) continue;
+    auto hier = HierarchicalAllToAll::Create(comm, per_node);
+    ASSERT_TRUE(hier.ok()) << Where(comm, hier.status().ToString());
+    const std::string tag = "ranks_per_node=" + std::to_string(per_node);
+    for (const DataType dtype : {DataType::kUint8, DataType::kFloat64}) {
+      // Equal counts.
+      for (const int64_t count : {0, 3}) {
+        Bytes send;
+        for (int p = 0; p < n; ++p) {
+          const Bytes block = Pattern(dtype, count, comm.rank(), p);
+          send.insert(send.end(), block.begin(), block.end());
+        }
+        const Buffer in = Upload(comm.memory_space(), send);
+        const int64_t bytes = static_cast<int64_t>(send.size());
+        const Buffer flat = Poisoned(comm.memory_space(), bytes);
+        const Buffer two_stage = Poisoned(comm.memory_space(), bytes);
+        ASSERT_TRUE(comm.AllToAll(in.data(), flat.data(), count, dtype).ok());
+        const Status status = hier->AllToAll(in.data(), two_stage.data(), count, dtype);
+        ASSERT_TRUE(status.ok()) << Where(comm, tag + " " + status.ToString());
+        EXPECT_EQ(CompareBytes(Download(flat), Download(two_stage)), "")
+            << Where(comm, tag + " alltoall " + DataTypeName(dtype));
+      }
+      // Per-peer counts: varied with gaps, and skewed to one rank.
+      const CountFn patterns[] = {VariedCount,
+                                  [n](int, int dst) -> int64_t { return dst == n - 1 ? 40 : 0; }};
+      for (const CountFn& counts : patterns) {
+        VData flat = PrepareV(comm, dtype, counts, 1);
+        const Buffer two_stage = Poisoned(comm.memory_space(), flat.recv.bytes());
+        const VLayout& v = flat.layout;
+        ASSERT_TRUE(comm.AllToAllV(flat.send.data(), v.send_counts, v.send_displs, flat.recv.data(),
+                                   v.recv_counts, v.recv_displs, dtype)
+                        .ok());
+        const Status status =
+            hier->AllToAllV(flat.send.data(), v.send_counts, v.send_displs, two_stage.data(),
+                            v.recv_counts, v.recv_displs, dtype);
+        ASSERT_TRUE(status.ok()) << Where(comm, tag + " " + status.ToString());
+        const Bytes flat_bytes = Download(flat.recv);
+        EXPECT_EQ(CompareBytes(flat_bytes, Download(two_stage)), "")
+            << Where(comm, tag + " alltoallv " + DataTypeName(dtype));
+        EXPECT_EQ(CompareBytes(flat.expected, flat_bytes), "") << Where(comm, tag + " flat");
+      }
+    }
+  }
+}
+
+}  // namespace
+
+const std::vector<ConformanceCase>& ConformanceCases() {
+  static const std::vector<ConformanceCase> cases = {
+      {"AllToAllEveryDtype", AllToAllEveryDtype},
+      {"AllToAllVSkewed", AllToAllVSkewed},
+      {"AsyncAllToAllV", AsyncAllToAllV},
+      {"AllReduceEveryDtypeAndOp", AllReduceEveryDtypeAndOp},
+      {"AllGatherEveryDtype", AllGatherEveryDtype},
+      {"BroadcastEveryRoot", BroadcastEveryRoot},
+      {"BarrierRepeated", BarrierRepeated},
+      {"ZeroLengthWithNullBuffers", ZeroLengthWithNullBuffers},
+      {"InvalidArgumentsRejected", InvalidArgumentsRejected},
+      {"SplitSubCommunicators", SplitSubCommunicators},
+      {"LargeAllToAll", LargeAllToAll},
+      {"LargeAllToAllVSkewed", LargeAllToAllVSkewed},
+      {"LargeAllReduceAndAllGather", LargeAllReduceAndAllGather},
+      {"RepeatedMixedCalls", RepeatedMixedCalls},
+      {"HierarchicalEqualsFlat", HierarchicalEqualsFlat},
+  };
+  return cases;
+}
+
+std::vector<std::string> ConformanceCaseNames() {
+  std::vector<std::string> names;
+  for (const ConformanceCase& c : ConformanceCases()) names.push_back(c.name);
+  return names;
+}
+
+const ConformanceCase& FindConformanceCase(const std::string& name) {
+  for (const ConformanceCase& c : ConformanceCases()) {
+    if (c.name == name) return c;
+  }
+  MOE_CHECK_MSG(false, name.c_str());
+  return ConformanceCases().front();
+}
+
+}  // namespace moe::comm::testing

@@ -1,0 +1,169 @@
+// Expert-parallel equivalence (DESIGN §4 "Local groups", §7): W ranks of S tokens each, experts
+// sharded over the ranks and exchanged with all-to-alls, must equal one rank with G = W local
+// groups on the concatenated tokens — routing bitwise, outputs and gradients within 1e-5.
+// Ranks are threads over the loopback communicator.
+#include <gtest/gtest.h>
+
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "comm/loopback/loopback_world.h"
+#include "runtime/config.h"
+#include "runtime/ep_executor.h"
+#include "runtime/moe_layer.h"
+#include "tests/unit/test_util.h"
+
+namespace moe {
+namespace {
+
+struct EpCase {
+  std::string name;
+  int world;
+  int experts;
+  std::string router;  // router { ... } fields
+  int shared = 0;
+  bool dropless_exchange = false;
+};
+
+void PrintTo(const EpCase& c, std::ostream* os) { *os << c.name; }
+
+class EpEquivalenceTest : public ::testing::TestWithParam<EpCase> {};
+
+constexpr int kTokensPerRank = 12;
+constexpr int kModel = 6;
+constexpr int kHidden = 5;
+
+config::LayerConfig MakeLayer(const EpCase& c, int groups) {
+  return testing::LayerFromText("model_dim: " + std::to_string(kModel) +
+                                " num_experts: " + std::to_string(c.experts) +
+                                " expert { hidden_dim: " + std::to_string(kHidden) +
+                                " activation: SILU } num_shared_experts: " + std::to_string(c.shared) +
+                                " router { " + c.router + " num_local_groups: " +
+                                std::to_string(groups) + " aux_loss_weight: 0.1 z_loss_weight: 0.01 }");
+}
+
+void ExpectNear(const Tensor& a, const Tensor& b, const std::string& what) {
+  ASSERT_EQ(a.size(), b.size()) << what;
+  float worst = 0.0f;
+  for (int64_t i = 0; i < a.size(); ++i) worst = std::max(worst, std::abs(a[i] - b[i]));
+  EXPECT_LE(worst, 1e-5f) << what;
+}
+
+TEST_P(EpEquivalenceTest, ForwardAndBackwardEqualOneRankWithGroups) {
+  const EpCase& c = GetParam();
+  const int w = c.world, s = kTokensPerRank, total = w * s;
+  Tensor x(total, kModel), dy(total, kModel);
+  testing::FillRandom(&x, 11, 1.0f);
+  testing::FillRandom(&dy, 12, 1.0f);
+  RouteContext ctx;
+  ctx.train = true;
+  ctx.seed = 77;
+  ctx.step = 3;
+
+  // Reference: one rank, G = W groups.
+  const config::LayerConfig ref_cfg = MakeLayer(c, w);
+  MoeLayer ref(ref_cfg);
+  InitLayerParams(ref_cfg, 5, &ref.params());
+  Tensor ref_y, ref_dx;
+  ASSERT_TRUE(ref.Forward(x.view(), ctx, &ref_y).ok());
+  MoeLayerParams ref_grads = MakeLayerParams(ref_cfg);
+  ASSERT_TRUE(ref.Backward(dy.view(), &ref_dx, &ref_grads).ok());
+
+  // W ranks, one group each.
+  const config::LayerConfig cfg = MakeLayer(c, 1);
+  auto world = comm::LoopbackWorld::Create(w, {});
+  ASSERT_TRUE(world.ok()) << world.status().ToString();
+  const int local = c.experts / w;
+  std::vector<Tensor> y(w), dx(w);
+  std::vector<MoeLayerParams> grads(w);
+  std::vector<DispatchPlan> plans(w);
+  std::vector<Status> status(w);
+  world->RunPerRank([&](comm::Communicator& comm) {
+    const int r = comm.rank();
+    MoeLayer layer(cfg,
+                   std::make_unique<ExpertParallelExecutor>(&comm, ExpertShape(cfg), c.experts,
+                                                            c.dropless_exchange),
+                   r * local, local);
+    InitLayerParams(cfg, 5, &layer.params());
+    layer.set_loss_gradient_scale(1.0 / w);
+    MatrixView<const float> xr(x.row(r * s), s, kModel), dyr(dy.row(r * s), s, kModel);
+    RouteContext rctx = ctx;
+    rctx.token_offset = r * s;
+    status[r] = layer.Forward(xr, rctx, &y[r]);
+    if (!status[r].ok()) return;
+    grads[r] = MakeLayerParams(cfg, r * local, local);
+    status[r] = layer.Backward(dyr, &dx[r], &grads[r]);
+    plans[r] = layer.plan();
+  });
+  for (int r = 0; r < w; ++r) ASSERT_TRUE(status[r].ok()) << "rank " << r << ": " << status[r].ToString();
+
+  const DispatchPlan& rp = ref.plan();
+  const int k = static_cast<int>(rp.top_k);
+  for (int r = 0; r < w; ++r) {
+    for (int t = 0; t < s; ++t) {
+      for (int j = 0; j < k; ++j) {
+        ASSERT_EQ(plans[r].slot_expert[t * k + j], rp.slot_expert[(r * s + t) * k + j])
+            << "rank " << r << " token " << t << " slot " << j;
+        ASSERT_EQ(plans[r].slot_gate[t * k + j], rp.slot_gate[(r * s + t) * k + j]);
+      }
+    }
+    Tensor ref_y_r(s, kModel), ref_dx_r(s, kModel);
+    for (int64_t i = 0; i < s * kModel; ++i) {
+      ref_y_r[i] = ref_y[r * s * kModel + i];
+      ref_dx_r[i] = ref_dx[r * s * kModel + i];
+    }
+    ExpectNear(y[r], ref_y_r, "y of rank " + std::to_string(r));
+    ExpectNear(dx[r], ref_dx_r, "dx of rank " + std::to_string(r));
+    for (int l = 0; l < local; ++l) {
+      const auto& got = grads[r].experts[l];
+      const auto& want = ref_grads.experts[r * local + l];
+      ExpectNear(got.w1, want.w1, "expert w1 grad");
+      ExpectNear(got.w2, want.w2, "expert w2 grad");
+      ExpectNear(got.b1, want.b1, "expert b1 grad");
+      ExpectNear(got.b2, want.b2, "expert b2 grad");
+    }
+  }
+  // Replicated parameters: the sum over ranks equals the 1-rank gradient.
+  Tensor router_sum(kModel, c.experts);
+  for (int r = 0; r < w; ++r) {
+    for (int64_t i = 0; i < router_sum.size(); ++i) router_sum[i] += grads[r].router[i];
+  }
+  ExpectNear(router_sum, ref_grads.router, "router grad summed over ranks");
+  for (int sh = 0; sh < c.shared; ++sh) {
+    Tensor w1_sum(kModel, kHidden);
+    for (int r = 0; r < w; ++r) {
+      for (int64_t i = 0; i < w1_sum.size(); ++i) w1_sum[i] += grads[r].shared[sh].w1[i];
+    }
+    ExpectNear(w1_sum, ref_grads.shared[sh].w1, "shared w1 grad summed over ranks");
+  }
+}
+
+const char* kTop1 = "gate: TOP1 capacity_factor_train: 1.0 min_capacity: 1";
+const char* kTop2Pos =
+    "gate: TOPK top_k: 2 normalization: RENORM_AFTER_CAPACITY capacity_factor_train: 1.0 "
+    "min_capacity: 1 drop_policy: POSITION";
+const char* kTop2Prob =
+    "gate: TOPK top_k: 2 normalization: TOPK_SOFTMAX capacity_factor_train: 1.0 min_capacity: 1 "
+    "drop_policy: PROBABILITY";
+const char* kDropless = "gate: TOPK top_k: 2 capacity_factor_train: 0";
+
+INSTANTIATE_TEST_SUITE_P(
+    Ranks, EpEquivalenceTest,
+    ::testing::Values(EpCase{"w1_top1", 1, 4, kTop1}, EpCase{"w2_top1", 2, 4, kTop1},
+                      EpCase{"w4_top1", 4, 4, kTop1}, EpCase{"w2_top2_position", 2, 4, kTop2Pos},
+                      EpCase{"w4_top2_position_shared", 4, 8, kTop2Pos, 1},
+                      EpCase{"w2_top2_probability", 2, 4, kTop2Prob},
+                      EpCase{"w4_top2_probability_dropless_exchange", 4, 4, kTop2Prob, 0, true},
+                      EpCase{"w3_e6_top2", 3, 6, kTop2Pos, 1}, EpCase{"w7_e7_top1", 7, 7, kTop1},
+                      EpCase{"w2_dropless_routing", 2, 4, kDropless, 1},
+                      EpCase{"w4_dropless_routing_shared", 4, 8, kDropless, 2},
+                      EpCase{"w2_random_routing", 2, 4,
+                             "gate: TOPK top_k: 2 normalization: RENORM_AFTER_CAPACITY "
+                             "random_routing: true capacity_factor_train: 1.0 min_capacity: 1"},
+                      EpCase{"w2_expert_choice", 2, 4,
+                             "gate: EXPERT_CHOICE capacity_factor_train: 2.0 min_capacity: 1"}),
+    [](const ::testing::TestParamInfo<EpCase>& p) { return p.param.name; });
+
+}  // namespace
+}  // namespace moe

@@ -92,12 +92,16 @@ Status Communicator::Abort(Status status) {
   return status;
 }
 
-Status Communicator::DeadlineError(std::string_view op, uint64_t seq, std::span<const int> missing,
-                                   std::string_view what) const {
+std::string Communicator::DeadlinePrefix(std::string_view op, uint64_t seq) const {
   char deadline[32];
   std::snprintf(deadline, sizeof(deadline), "%.1f", options_.deadline_seconds);
-  std::string msg = std::string(op) + " #" + std::to_string(seq) + " deadline " + deadline +
-                    " s exceeded on rank " + std::to_string(rank()) + ": ";
+  return std::string(op) + " #" + std::to_string(seq) + " deadline " + deadline +
+         " s exceeded on rank " + std::to_string(rank());
+}
+
+Status Communicator::DeadlineError(std::string_view op, uint64_t seq, std::span<const int> missing,
+                                   std::string_view what) const {
+  std::string msg = DeadlinePrefix(op, seq) + ": ";
   if (missing.empty()) {
     msg += "all ranks arrived but the operation did not complete";
   } else {

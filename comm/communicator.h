@@ -68,6 +68,8 @@ Status ValidateOptions(const Options& options);
 // Handle to an asynchronous operation. Wait() blocks until the operation completes on this rank
 // or its deadline (counted from the Wait call) expires; it returns the operation's status and may
 // be called once. Destroying a Request that was not waited for waits for it (errors are dropped).
+// A Request must not outlive its communicator. Requests of one communicator may be outstanding
+// together; other collectives may be called meanwhile (all ranks in the same order).
 class Request {
  public:
   virtual ~Request() = default;
@@ -156,6 +158,8 @@ class Communicator {
   // "did not arrive" for later phases of an operation).
   Status DeadlineError(std::string_view op, uint64_t seq, std::span<const int> missing,
                        std::string_view what = "did not arrive") const;
+  // "alltoallv #17 deadline 2.0 s exceeded on rank 0".
+  std::string DeadlinePrefix(std::string_view op, uint64_t seq) const;
 
  private:
   // Validates the common preconditions and returns the next sequence number.

@@ -33,6 +33,7 @@ struct Flags {
   int steps = -1;
   std::string metrics, checkpoint_dir, data;
   bool quiet = false;
+  int log_every = 1;
 };
 
 int Fail(const std::string& message, int code) {
@@ -62,6 +63,7 @@ int RunLoopback(const Flags& f, const moe::MoeConfig& cfg) {
     moe::TrainOptions options;
     options.resume = f.resume;
     options.quiet = f.quiet;
+    options.log_every = f.log_every;
     auto trainer = moe::Trainer::Create(cfg, &comm, options);
     moe::Status s = trainer.ok() ? (*trainer)->Run() : trainer.status();
     std::lock_guard<std::mutex> lock(mu);
@@ -91,6 +93,7 @@ int RunMpi(const Flags& f, const moe::MoeConfig& cfg) {
   moe::TrainOptions options;
   options.resume = f.resume;
   options.quiet = f.quiet;
+  options.log_every = f.log_every;
   auto trainer = moe::Trainer::Create(cfg, world->get(), options);
   moe::Status s = trainer.ok() ? (*trainer)->Run() : trainer.status();
   if (!s.ok()) {
@@ -125,6 +128,7 @@ int main(int argc, char** argv) {
   app.add_option("--checkpoint-dir", f.checkpoint_dir, "override train.checkpoint_dir");
   app.add_option("--data", f.data, "override train.data_path");
   app.add_flag("--quiet", f.quiet, "no progress lines");
+  app.add_option("--log-every", f.log_every, "a progress line every N steps")->check(CLI::Range(1, 1 << 30));
   CLI11_PARSE(app, argc, argv);
   moe::blas::SetThreads(1);
   const bool under_mpirun = std::getenv("OMPI_COMM_WORLD_SIZE") != nullptr || std::getenv("PMI_SIZE") != nullptr;

@@ -124,7 +124,7 @@ void Trainer::PrintStart() {
   std::printf("  model: %d layers, M=%d, H=%d, context %d bytes; parameters: %s total, %s active per token (%.1f%%)\n",
               cfg_.model().num_layers(), cfg_.moe().model_dim(), cfg_.moe().expert().hidden_dim(),
               cfg_.model().context(), HumanCount(total).c_str(), HumanCount(active).c_str(), 100.0 * active / total);
-  std::printf("  data: %s, %lld training bytes in %d shards, %lld held out; %lld tokens per step (%lld per rank, %d groups)\n",
+  std::printf("  data: %s, %lld training bytes in %d shards, %lld held out; %lld tokens per step (%lld per rank in %d local group(s))\n",
               cfg_.train().data_path().c_str(), static_cast<long long>(data_->train_bytes()), world_->size() * groups_,
               static_cast<long long>(data_->eval_bytes()), static_cast<long long>(cfg_.train().global_batch_tokens()),
               static_cast<long long>(tokens_per_rank_), groups_);
@@ -313,7 +313,10 @@ Status Trainer::Run() {
     if (!status.ok()) break;
     history_.push_back(m);
     if (rank == 0) {
-      if (!options_.quiet) PrintProgress(m, Now() - start);
+      const int every = std::max(1, options_.log_every);
+      if (!options_.quiet && (step_ % every == 0 || step_ == cfg_.train().steps() || step_ == 1)) {
+        PrintProgress(m, Now() - start);
+      }
       if (metrics != nullptr) {
         std::string json;
         google::protobuf::util::JsonPrintOptions opts;

@@ -29,6 +29,7 @@ namespace moe {
 struct TrainOptions {
   bool resume = false;     // continue from the newest complete checkpoint in train.checkpoint_dir
   bool quiet = false;      // no progress lines
+  int log_every = 1;       // a progress line every N steps (and the last)
   std::string run_label;   // shown in the start report
 };
 

@@ -3,9 +3,9 @@
 // The communicator's ranks are grouped into nodes of `ranks_per_node` consecutive ranks: rank r is
 // local rank r % P on node r / P. Stage 1 (intra-node) sends, to each local peer j, everything this
 // rank has for local index j on any node; stage 2 (inter-node) sends, to the rank with the same
-// local index on each node b, everything gathered for that rank. Inter-node traffic thus goes in
-// N·(N-1) messages of P·P blocks each instead of n·(n-1) single blocks. The result equals the flat
-// AllToAll / AllToAllV byte for byte.
+// local index on each node b, everything gathered for that rank. Each rank thus sends N-1
+// inter-node messages of P blocks instead of n-P messages of one block.
+// The result equals the flat AllToAll / AllToAllV byte for byte.
 //
 // Buffers live in the parent communicator's memory space; staging buffers are workspaces there
 // (comm/memory.h), kept between calls. Deadlines and abort come from the sub-communicators (same

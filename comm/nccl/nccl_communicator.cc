@@ -176,7 +176,9 @@ Status NcclCommunicator::Settle(std::string_view op, uint64_t seq, ncclResult_t 
   const std::string where =
       std::string(op) + " #" + std::to_string(seq) + " on rank " + std::to_string(rank_);
   if (settled == ncclInProgress) {
-    return AbortWith(DeadlineExceeded(where + ": deadline exceeded while NCCL was enqueueing"));
+    return AbortWith(DeadlineExceeded(DeadlinePrefix(op, seq) +
+                                      ": NCCL was still launching the operation (ranks unknown); "
+                                      "communicator aborted (ncclCommAbort)"));
   }
   return AbortWith(Internal(where + ": " + ncclGetErrorString(settled)));
 }
@@ -210,9 +212,8 @@ Status NcclCommunicator::WaitForEvent(std::string_view op, uint64_t seq, cudaEve
                                 std::to_string(rank_) + ": " + ncclGetErrorString(async)));
     }
     if (Clock::now() >= deadline) {
-      Status late = DeadlineError(op, seq, {});
       return AbortWith(DeadlineExceeded(
-          late.message().substr(0, late.message().find(": all ranks")) +
+          DeadlinePrefix(op, seq) +
           ": NCCL cannot tell which ranks did not arrive; communicator aborted (ncclCommAbort)"));
     }
     if (poll > 64) std::this_thread::yield();

@@ -123,5 +123,25 @@ TEST(TrainTest, CheckpointFromFourRanksResumesOnTwoAndOne) {
   fs::remove_all(dir);
 }
 
+TEST(TrainTest, FinetuneModesFreezeTheRightParameters) {
+  const MoeConfig base = TinyConfig(0, 1);  // 0 steps: the initial parameters
+  const RunResult init = Train(base, 2);
+  for (auto mode : {config::FREEZE_NON_EXPERT, config::FREEZE_MOE}) {
+    SCOPED_TRACE(config::FinetuneMode_Name(mode));
+    MoeConfig cfg = TinyConfig(4, 1);
+    cfg.mutable_train()->set_finetune(mode);
+    const RunResult tuned = Train(cfg, 2);
+    for (const auto& [name, t] : init.params) {
+      const bool expert = name.find("_moe_expert_") != std::string::npos;
+      const bool moe = name.find("_moe_") != std::string::npos;
+      const bool should_change = mode == config::FREEZE_NON_EXPERT ? expert : !moe;
+      bool changed = false;
+      const Tensor& after = tuned.params.at(name);
+      for (int64_t i = 0; i < t.size(); ++i) changed = changed || after[i] != t[i];
+      EXPECT_EQ(changed, should_change) << name;
+    }
+  }
+}
+
 }  // namespace
 }  // namespace moe

@@ -210,21 +210,6 @@ Status CopyBaseline(RankState& s) {
 }
 
 #if MOE_COMM_HAVE_MPI
-MPI_Datatype ToMpi(DataType dtype) {
-  switch (dtype) {
-    case DataType::kFloat32:
-      return MPI_FLOAT;
-    case DataType::kFloat64:
-      return MPI_DOUBLE;
-    case DataType::kInt32:
-      return MPI_INT32_T;
-    case DataType::kInt64:
-      return MPI_INT64_T;
-    case DataType::kUint8:
-      return MPI_UINT8_T;
-  }
-  return MPI_BYTE;
-}
 Status MpiResult(int rc, const char* what) {
   return rc == MPI_SUCCESS ? Status::Ok() : moe::Internal(std::string(what) + " failed");
 }
@@ -238,8 +223,8 @@ Status AllToAllBaseline(RankState& s, bool raw_mpi) {
         displs(counts.size());
     for (int p = 0; p < n; ++p) displs[static_cast<size_t>(p)] = p * static_cast<int>(s.count / n);
     return MpiResult(
-        MPI_Alltoallv(s.send.data(), counts.data(), displs.data(), ToMpi(s.dtype), s.recv.data(),
-                      counts.data(), displs.data(), ToMpi(s.dtype), s.raw),
+        MPI_Alltoallv(s.send.data(), counts.data(), displs.data(), moe::comm::MpiDatatype(s.dtype), s.recv.data(),
+                      counts.data(), displs.data(), moe::comm::MpiDatatype(s.dtype), s.raw),
         "MPI_Alltoallv");
   }
 #endif
@@ -251,7 +236,7 @@ Status AllReduceBaseline(RankState& s, bool raw_mpi) {
 #if MOE_COMM_HAVE_MPI
   if (raw_mpi) {
     return MpiResult(MPI_Allreduce(s.send.data(), s.recv.data(), static_cast<int>(s.count),
-                                   ToMpi(s.dtype), MPI_SUM, s.raw),
+                                   moe::comm::MpiDatatype(s.dtype), MPI_SUM, s.raw),
                      "MPI_Allreduce");
   }
 #endif
@@ -263,8 +248,8 @@ Status AllGatherBaseline(RankState& s, bool raw_mpi) {
 #if MOE_COMM_HAVE_MPI
   if (raw_mpi) {
     const int per_rank = static_cast<int>(s.count / s.comm->size());
-    return MpiResult(MPI_Allgather(s.send.data(), per_rank, ToMpi(s.dtype), s.recv.data(), per_rank,
-                                   ToMpi(s.dtype), s.raw),
+    return MpiResult(MPI_Allgather(s.send.data(), per_rank, moe::comm::MpiDatatype(s.dtype), s.recv.data(), per_rank,
+                                   moe::comm::MpiDatatype(s.dtype), s.raw),
                      "MPI_Allgather");
   }
 #endif

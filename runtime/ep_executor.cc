@@ -75,6 +75,28 @@ Status ExpertParallelExecutor::Layout(const DispatchPlan& plan) {
   return Status::Ok();
 }
 
+Status ExpertParallelExecutor::Exchange(const float* send, const std::vector<int64_t>& send_rows,
+                                        const std::vector<int64_t>& send_displ, float* recv,
+                                        const std::vector<int64_t>& recv_rows,
+                                        const std::vector<int64_t>& recv_displ) {
+  const int64_t m = shape_.model_dim;
+  const double t0 = Now();
+  if (padded_) {
+    // Every peer gets the same L * G * C rows: a plain all-to-all.
+    MOE_RETURN_IF_ERROR(ep_->AllToAll(send, recv, send_rows[0] * m, comm::DataType::kFloat32));
+  } else {
+    const auto elements = [m](const std::vector<int64_t>& rows) {
+      std::vector<int64_t> out(rows.size());
+      for (size_t i = 0; i < rows.size(); ++i) out[i] = rows[i] * m;
+      return out;
+    };
+    MOE_RETURN_IF_ERROR(ep_->AllToAllV(send, elements(send_rows), elements(send_displ), recv,
+                                       elements(recv_rows), elements(recv_displ), comm::DataType::kFloat32));
+  }
+  stats_.alltoall_seconds += Now() - t0;
+  return Status::Ok();
+}
+
 Status ExpertParallelExecutor::Dispatch(const DispatchPlan& plan, MatrixView<const float> packed,
                                         Tensor* expert_rows) {
   const int64_t m = shape_.model_dim, l = local_, g = groups_, w = w_;
@@ -106,21 +128,7 @@ Status ExpertParallelExecutor::Dispatch(const DispatchPlan& plan, MatrixView<con
     stats_.bytes_to_rank[r] += bytes;
   }
   ResizeTensor(&recv_buf_, total_recv, m);
-  std::vector<int64_t> sc(static_cast<size_t>(w)), sd(static_cast<size_t>(w)), rc(static_cast<size_t>(w)),
-      rd(static_cast<size_t>(w));
-  for (int64_t r = 0; r < w; ++r) {
-    sc[r] = send_rows_[r] * m;
-    sd[r] = send_row_displ_[r] * m;
-    rc[r] = recv_rows_[r] * m;
-    rd[r] = recv_row_displ_[r] * m;
-  }
-  const double t0 = Now();
-  if (padded_) {
-    MOE_RETURN_IF_ERROR(ep_->AllToAll(send, recv_buf_.data(), l * g * capacity_ * m, comm::DataType::kFloat32));
-  } else {
-    MOE_RETURN_IF_ERROR(ep_->AllToAllV(send, sc, sd, recv_buf_.data(), rc, rd, comm::DataType::kFloat32));
-  }
-  stats_.alltoall_seconds += Now() - t0;
+  MOE_RETURN_IF_ERROR(Exchange(send, send_rows_, send_row_displ_, recv_buf_.data(), recv_rows_, recv_row_displ_));
   // Regroup [source][local expert][group] -> [local expert][source][group].
   ResizeTensor(expert_rows, total_recv, m);
   std::vector<int64_t> fill(expert_offsets_.begin(), expert_offsets_.end() - 1);
@@ -156,21 +164,7 @@ Status ExpertParallelExecutor::Combine(const DispatchPlan& plan, const Tensor& e
   }
   ResizeTensor(packed, plan.num_rows(), m);
   float* out = padded_ ? (ResizeTensor(&send_buf_, total_send, m), send_buf_.data()) : packed->data();
-  std::vector<int64_t> sc(static_cast<size_t>(w)), sd(static_cast<size_t>(w)), rc(static_cast<size_t>(w)),
-      rd(static_cast<size_t>(w));
-  for (int64_t r = 0; r < w; ++r) {
-    sc[r] = recv_rows_[r] * m;
-    sd[r] = recv_row_displ_[r] * m;
-    rc[r] = send_rows_[r] * m;
-    rd[r] = send_row_displ_[r] * m;
-  }
-  const double t0 = Now();
-  if (padded_) {
-    MOE_RETURN_IF_ERROR(ep_->AllToAll(back_buf_.data(), out, l * g * capacity_ * m, comm::DataType::kFloat32));
-  } else {
-    MOE_RETURN_IF_ERROR(ep_->AllToAllV(back_buf_.data(), sc, sd, out, rc, rd, comm::DataType::kFloat32));
-  }
-  stats_.alltoall_seconds += Now() - t0;
+  MOE_RETURN_IF_ERROR(Exchange(back_buf_.data(), recv_rows_, recv_row_displ_, out, send_rows_, send_row_displ_));
   if (padded_) {
     int64_t row = 0;
     for (int64_t e = 0; e < num_experts_; ++e) {

@@ -52,6 +52,10 @@ class ExpertParallelExecutor : public ExpertExecutor {
   // The reverse: rows of `expert_rows` back to their source ranks, into `packed` (plan layout).
   Status Combine(const DispatchPlan& plan, const Tensor& expert_rows, Tensor* packed);
   Status Layout(const DispatchPlan& plan);
+  // One all-to-all(v) of float rows; counts and displacements in rows.
+  Status Exchange(const float* send, const std::vector<int64_t>& send_rows,
+                  const std::vector<int64_t>& send_displ, float* recv,
+                  const std::vector<int64_t>& recv_rows, const std::vector<int64_t>& recv_displ);
 
   comm::Communicator* ep_;
   experts::FfnShape shape_;

@@ -195,7 +195,12 @@ Status MoeLayer::Backward(MatrixView<const float> dy, Tensor* dx, MoeLayerParams
 void MoeLayer::RouterBackward(const std::vector<float>& dgate_rows, Tensor* dx, MoeLayerParams* grads) {
   const DispatchPlan& p = plan_;
   const int64_t s = p.num_tokens, e = p.num_experts, k = p.top_k, m = x_.cols();
-  Tensor dprobs(s, e), dlogits(s, e);
+  Tensor& dprobs = dprobs_;
+  Tensor& dlogits = dlogits_;
+  ResizeFor(&dprobs, s, e);
+  ResizeFor(&dlogits, s, e);
+  dprobs.Fill(0.0f);
+  dlogits.Fill(0.0f);
   if (p.expert_choice) {
     for (int64_t r = 0; r < p.num_rows(); ++r) dprobs(p.row_token[r], p.row_expert[r]) += dgate_rows[r];
   } else {
@@ -225,7 +230,8 @@ void MoeLayer::RouterBackward(const std::vector<float>& dgate_rows, Tensor* dx, 
   AccumulateRouterLossGradients(cfg_.router(), p, router_.probs, router_.logits, loss_grad_scale_,
                                 &dprobs, &dlogits);
   // Softmax backward: dscores = probs * (dprobs - <dprobs, probs>).
-  Tensor dscores(s, e);
+  Tensor& dscores = dscores_;
+  ResizeFor(&dscores, s, e);
   for (int64_t t = 0; t < s; ++t) {
     double dot = 0.0;
     for (int64_t i = 0; i < e; ++i) dot += static_cast<double>(dprobs(t, i)) * router_.probs(t, i);

@@ -100,6 +100,7 @@ class MoeLayer {
   std::vector<Tensor> shared_h_, shared_a_, shared_u_;
   // Backward scratch.
   Tensor packed_dy_, packed_dx_;
+  Tensor dprobs_, dlogits_, dscores_;
   bool have_forward_ = false;
 };
 

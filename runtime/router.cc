@@ -4,6 +4,7 @@
 
 #include "experts/cpu/blas.h"
 #include "runtime/base/rng.h"
+#include "runtime/expert_blocks.h"
 
 namespace moe {
 
@@ -27,8 +28,8 @@ void SoftmaxRows(MatrixView<const float> in, MatrixView<float> out) {
 void ComputeRouter(const config::RouterConfig& cfg, MatrixView<const float> x, const Tensor& wg,
                    const Tensor& wnoise, const RouteContext& ctx, RouterOutput* out) {
   const int64_t s = x.rows(), m = x.cols(), e = wg.cols();
-  out->logits.Reset(s, e);
-  out->probs.Reset(s, e);
+  ResizeTensor(&out->logits, s, e);  // fully overwritten below
+  ResizeTensor(&out->probs, s, e);  // fully overwritten below
   blas::Gemm(false, false, s, e, m, 1.0f, x.data(), wg.data(), 0.0f, out->logits.data());
   out->noisy = cfg.gate() == config::NOISY_TOPK && ctx.train;
   if (!out->noisy) {
@@ -37,8 +38,8 @@ void ComputeRouter(const config::RouterConfig& cfg, MatrixView<const float> x, c
     SoftmaxRows(out->logits.view(), out->probs.view());
     return;
   }
-  out->noise_in.Reset(s, e);
-  out->eps.Reset(s, e);
+  ResizeTensor(&out->noise_in, s, e);  // fully overwritten below
+  ResizeTensor(&out->eps, s, e);  // fully overwritten below
   blas::Gemm(false, false, s, e, m, 1.0f, x.data(), wnoise.data(), 0.0f, out->noise_in.data());
   Tensor scores(s, e);
   for (int64_t t = 0; t < s; ++t) {

@@ -8,6 +8,22 @@
 
 namespace moe::comm {
 
+MPI_Datatype MpiDatatype(DataType dtype) {
+  switch (dtype) {
+    case DataType::kFloat32:
+      return MPI_FLOAT;
+    case DataType::kFloat64:
+      return MPI_DOUBLE;
+    case DataType::kInt32:
+      return MPI_INT32_T;
+    case DataType::kInt64:
+      return MPI_INT64_T;
+    case DataType::kUint8:
+      return MPI_UINT8_T;
+  }
+  return MPI_DATATYPE_NULL;
+}
+
 // One operation in flight: the collective's request and the arrival handshake.
 struct MpiOperation {
   std::string name;
@@ -23,22 +39,6 @@ struct MpiOperation {
 };
 
 namespace {
-
-MPI_Datatype ToMpi(DataType dtype) {
-  switch (dtype) {
-    case DataType::kFloat32:
-      return MPI_FLOAT;
-    case DataType::kFloat64:
-      return MPI_DOUBLE;
-    case DataType::kInt32:
-      return MPI_INT32_T;
-    case DataType::kInt64:
-      return MPI_INT64_T;
-    case DataType::kUint8:
-      return MPI_UINT8_T;
-  }
-  return MPI_DATATYPE_NULL;
-}
 
 MPI_Op ToMpi(ReduceOp op) {
   switch (op) {
@@ -244,7 +244,7 @@ Status MpiCommunicator::DoAllToAll(uint64_t seq, const void* send, void* recv, i
   MOE_ASSIGN_OR_RETURN(const int n, ToInt("alltoall", "count", count));
   MOE_ASSIGN_OR_RETURN(std::unique_ptr<MpiOperation> op, Begin("alltoall", seq));
   const int rc =
-      MPI_Ialltoall(send, n, ToMpi(dtype), recv, n, ToMpi(dtype), data_.get(), &op->collective);
+      MPI_Ialltoall(send, n, MpiDatatype(dtype), recv, n, MpiDatatype(dtype), data_.get(), &op->collective);
   if (rc != MPI_SUCCESS) return StartFailed(std::move(op), rc);
   return Finish(std::move(op));
 }
@@ -262,8 +262,8 @@ StatusOr<std::unique_ptr<Request>> MpiCommunicator::DoStartAllToAllV(uint64_t se
   started->recv_counts = std::move(op->recv_counts);
   started->recv_displs = std::move(op->recv_displs);
   const int rc = MPI_Ialltoallv(a.send, started->send_counts.data(), started->send_displs.data(),
-                                ToMpi(a.dtype), a.recv, started->recv_counts.data(),
-                                started->recv_displs.data(), ToMpi(a.dtype), data_.get(),
+                                MpiDatatype(a.dtype), a.recv, started->recv_counts.data(),
+                                started->recv_displs.data(), MpiDatatype(a.dtype), data_.get(),
                                 &started->collective);
   if (rc != MPI_SUCCESS) return StartFailed(std::move(started), rc);
   return std::unique_ptr<Request>(std::make_unique<MpiRequest>(this, std::move(started)));
@@ -275,7 +275,7 @@ Status MpiCommunicator::DoAllReduce(uint64_t seq, const void* send, void* recv, 
   MOE_ASSIGN_OR_RETURN(std::unique_ptr<MpiOperation> op, Begin("allreduce", seq));
   const void* in = send == recv ? MPI_IN_PLACE : send;
   const int rc =
-      MPI_Iallreduce(in, recv, n, ToMpi(dtype), ToMpi(reduce), data_.get(), &op->collective);
+      MPI_Iallreduce(in, recv, n, MpiDatatype(dtype), ToMpi(reduce), data_.get(), &op->collective);
   if (rc != MPI_SUCCESS) return StartFailed(std::move(op), rc);
   return Finish(std::move(op));
 }
@@ -285,7 +285,7 @@ Status MpiCommunicator::DoAllGather(uint64_t seq, const void* send, void* recv, 
   MOE_ASSIGN_OR_RETURN(const int n, ToInt("allgather", "count", count));
   MOE_ASSIGN_OR_RETURN(std::unique_ptr<MpiOperation> op, Begin("allgather", seq));
   const int rc =
-      MPI_Iallgather(send, n, ToMpi(dtype), recv, n, ToMpi(dtype), data_.get(), &op->collective);
+      MPI_Iallgather(send, n, MpiDatatype(dtype), recv, n, MpiDatatype(dtype), data_.get(), &op->collective);
   if (rc != MPI_SUCCESS) return StartFailed(std::move(op), rc);
   return Finish(std::move(op));
 }
@@ -294,7 +294,7 @@ Status MpiCommunicator::DoBroadcast(uint64_t seq, void* buffer, int64_t count, D
                                     int root) {
   MOE_ASSIGN_OR_RETURN(const int n, ToInt("broadcast", "count", count));
   MOE_ASSIGN_OR_RETURN(std::unique_ptr<MpiOperation> op, Begin("broadcast", seq));
-  const int rc = MPI_Ibcast(buffer, n, ToMpi(dtype), root, data_.get(), &op->collective);
+  const int rc = MPI_Ibcast(buffer, n, MpiDatatype(dtype), root, data_.get(), &op->collective);
   if (rc != MPI_SUCCESS) return StartFailed(std::move(op), rc);
   return Finish(std::move(op));
 }

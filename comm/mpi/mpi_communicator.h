@@ -31,6 +31,9 @@
 
 namespace moe::comm {
 
+// The MPI datatype of `dtype` (MPI_FLOAT, MPI_INT64_T, ...).
+MPI_Datatype MpiDatatype(DataType dtype);
+
 struct MpiOperation;  // an operation in flight (mpi_communicator.cc)
 
 class MpiCommunicator final : public Communicator {

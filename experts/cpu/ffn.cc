@@ -115,18 +115,24 @@ void FfnForward(const FfnShape& s, const FfnParams& p, MatrixView<const float> x
   const int64_t rows = x.rows();
   if (rows == 0) return;
   const int64_t m = s.model_dim, h = s.hidden_dim;
-  // h = x W1 + b1 (the bias is broadcast first, then the GEMM accumulates).
-  BroadcastRows(p.b1, saved.h);
-  blas::Gemm(false, false, rows, h, m, 1.0f, x.data(), p.w1.data(), 1.0f, saved.h.data());
+  // h = x W1, then row by row (while the row is in cache) h += b1 and a = act(h).
+  blas::Gemm(false, false, rows, h, m, 1.0f, x.data(), p.w1.data(), 0.0f, saved.h.data());
   if (s.swiglu) {
     blas::Gemm(false, false, rows, h, m, 1.0f, x.data(), p.w3.data(), 0.0f, saved.u.data());
-    const float* hv = saved.h.data();
-    const float* uv = saved.u.data();
-    float* av = saved.a.data();
-    const int64_t n = rows * h;
-    for (int64_t i = 0; i < n; ++i) av[i] = hv[i] * FastSigmoid(hv[i]) * uv[i];
-  } else {
-    Activate(s.activation, saved.h.data(), saved.a.data(), rows * h);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    float* __restrict hv = saved.h.row(r);
+    float* __restrict av = saved.a.row(r);
+    if (p.b1.size() > 0) {
+      const float* __restrict b = p.b1.data();
+      for (int64_t c = 0; c < h; ++c) hv[c] += b[c];
+    }
+    if (s.swiglu) {
+      const float* __restrict uv = saved.u.row(r);
+      for (int64_t c = 0; c < h; ++c) av[c] = hv[c] * FastSigmoid(hv[c]) * uv[c];
+    } else {
+      Activate(s.activation, hv, av, h);
+    }
   }
   if (accumulate) {
     AddRows(p.b2, y);
@@ -149,27 +155,36 @@ void FfnBackward(const FfnShape& s, const FfnParams& p, MatrixView<const float> 
   AccumulateColumnSums(dy, &g->b2);
   float* dh = scratch1.data();
   blas::Gemm(false, true, rows, h, m, 1.0f, dy.data(), p.w2.data(), 0.0f, dh);
-  const int64_t n = rows * h;
-  if (s.swiglu) {
-    // a = silu(h) * u: du = da * silu(h); dh = da * u * silu'(h).
-    float* du = scratch2.data();
-    const float* hv = saved.h.data();
-    const float* uv = saved.u.data();
-    for (int64_t i = 0; i < n; ++i) {
-      const float sg = FastSigmoid(hv[i]);
-      const float da = dh[i];
-      du[i] = da * hv[i] * sg;
-      dh[i] = da * uv[i] * sg * (1.0f + hv[i] * (1.0f - sg));
+  // Row by row (while the row is in cache): dh = da * act'(h), and db1 += dh.
+  float* __restrict db1 = g->b1.size() > 0 ? g->b1.data() : nullptr;
+  for (int64_t r = 0; r < rows; ++r) {
+    float* __restrict dr = dh + r * h;
+    const float* __restrict hv = saved.h.row(r);
+    if (s.swiglu) {
+      // a = silu(h) * u: du = da * silu(h); dh = da * u * silu'(h).
+      float* __restrict du = scratch2.row(r);
+      const float* __restrict uv = saved.u.row(r);
+      for (int64_t c = 0; c < h; ++c) {
+        const float sg = FastSigmoid(hv[c]);
+        const float da = dr[c];
+        du[c] = da * hv[c] * sg;
+        dr[c] = da * uv[c] * sg * (1.0f + hv[c] * (1.0f - sg));
+      }
+    } else {
+      MultiplyByDerivative(s.activation, hv, dr, h);
     }
+    if (db1 != nullptr) {
+      for (int64_t c = 0; c < h; ++c) db1[c] += dr[c];
+    }
+  }
+  if (s.swiglu) {
+    const float* du = scratch2.data();
     blas::Gemm(true, false, m, h, rows, 1.0f, x.data(), du, 1.0f, g->w3.data());
     blas::Gemm(false, true, rows, m, h, 1.0f, du, p.w3.data(), accumulate_dx ? 1.0f : 0.0f,
                dx.data());
     accumulate_dx = true;
-  } else {
-    MultiplyByDerivative(s.activation, saved.h.data(), dh, n);
   }
   blas::Gemm(true, false, m, h, rows, 1.0f, x.data(), dh, 1.0f, g->w1.data());
-  AccumulateColumnSums(MatrixView<const float>(dh, rows, h), &g->b1);
   blas::Gemm(false, true, rows, m, h, 1.0f, dh, p.w1.data(), accumulate_dx ? 1.0f : 0.0f,
              dx.data());
 }

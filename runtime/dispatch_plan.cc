@@ -20,10 +20,10 @@ std::vector<int64_t> GroupBounds(int64_t s, int64_t g) {
 }
 
 // Experts of one token ordered by selection score (probs + bias) descending, ties lower index.
+// `score_buf` and `idx` are E-sized scratch buffers owned by the caller.
 void RankExperts(const float* probs, const std::vector<float>& bias, int64_t e, int64_t count,
-                 int32_t* out, float* score_buf) {
+                 int32_t* out, float* score_buf, std::vector<int32_t>& idx) {
   for (int64_t j = 0; j < e; ++j) score_buf[j] = probs[j] + (bias.empty() ? 0.0f : bias[j]);
-  std::vector<int32_t> idx(static_cast<size_t>(e));
   std::iota(idx.begin(), idx.end(), 0);
   auto better = [&](int32_t a, int32_t b) {
     return score_buf[a] > score_buf[b] || (score_buf[a] == score_buf[b] && a < b);
@@ -82,9 +82,10 @@ StatusOr<DispatchPlan> BuildTokenChoice(const config::RouterConfig& cfg, const T
   const int64_t rank_len = reroute ? e : k;
   std::vector<int32_t> ranking(static_cast<size_t>(s * rank_len));
   std::vector<float> score_buf(static_cast<size_t>(e));
+  std::vector<int32_t> idx_buf(static_cast<size_t>(e));
   p.selected.resize(static_cast<size_t>(s * k));
   for (int64_t t = 0; t < s; ++t) {
-    RankExperts(probs.row(t), bias, e, rank_len, &ranking[t * rank_len], score_buf.data());
+    RankExperts(probs.row(t), bias, e, rank_len, &ranking[t * rank_len], score_buf.data(), idx_buf);
     for (int64_t j = 0; j < k; ++j) p.selected[t * k + j] = ranking[t * rank_len + j];
   }
   p.slot_final = p.selected;
@@ -178,8 +179,6 @@ StatusOr<DispatchPlan> BuildTokenChoice(const config::RouterConfig& cfg, const T
 
   std::vector<RowAssignment> assignments;
   assignments.reserve(static_cast<size_t>(s * k));
-  std::vector<size_t> slot_of;
-  slot_of.reserve(static_cast<size_t>(s * k));
   for (int64_t gr = 0; gr < g; ++gr) {
     for (int64_t t = p.group_begin[gr]; t < p.group_begin[gr + 1]; ++t) {
       for (int64_t j = 0; j < k; ++j) {
@@ -187,7 +186,6 @@ StatusOr<DispatchPlan> BuildTokenChoice(const config::RouterConfig& cfg, const T
         if (p.slot_expert[slot] < 0) continue;
         assignments.push_back({static_cast<int32_t>(t), p.slot_expert[slot], static_cast<int32_t>(gr),
                                position[slot], p.slot_gate[slot]});
-        slot_of.push_back(static_cast<size_t>(slot));
       }
     }
   }

@@ -141,11 +141,7 @@ void AccumulateRouterLossGradients(const config::RouterConfig& cfg, const Dispat
             }
             continue;
           }
-          const double d = [&] {
-            double sum = 0.0;
-            for (int64_t j = 0; j < k; ++j) sum += probs(t, p.selected[t * k + j]);
-            return sum;
-          }();
+          const double d = SelectedSum(p, probs, t);
           double dot = 0.0;  // sum_j dg_j g_j
           for (int64_t j = 0; j < k; ++j) {
             const int32_t ex = p.selected[t * k + j];

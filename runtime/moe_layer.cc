@@ -19,7 +19,6 @@ experts::Activation ToActivation(config::Activation a) {
   return experts::Activation::kGeluTanh;
 }
 
-void ResizeFor(Tensor* t, int64_t rows, int64_t cols) { ResizeTensor(t, rows, cols); }
 
 }  // namespace
 
@@ -102,7 +101,7 @@ Status MoeLayer::Forward(MatrixView<const float> x, const RouteContext& ctx, Ten
   }
   if (s < 1) return InvalidArgument("input has no tokens (S=0)");
   have_forward_ = false;
-  ResizeFor(&x_, s, m);
+  ResizeTensor(&x_, s, m);
   std::memcpy(x_.data(), x.data(), sizeof(float) * static_cast<size_t>(s * m));
   ctx_ = ctx;
   ComputeRouter(cfg_.router(), x_.view(), params_.router, params_.router_noise, ctx, &router_);
@@ -111,7 +110,7 @@ Status MoeLayer::Forward(MatrixView<const float> x, const RouteContext& ctx, Ten
 
   // Pack: gather token rows in expert-major order.
   const int64_t rows = plan_.num_rows();
-  ResizeFor(&packed_x_, rows, m);
+  ResizeTensor(&packed_x_, rows, m);
   for (int64_t r = 0; r < rows; ++r) {
     std::memcpy(packed_x_.row(r), x_.row(plan_.row_token[r]), sizeof(float) * static_cast<size_t>(m));
   }
@@ -119,16 +118,16 @@ Status MoeLayer::Forward(MatrixView<const float> x, const RouteContext& ctx, Ten
 
   // Shared experts write y first (y = shared(x)), then the routed contributions are added per token
   // in slot order, so the sum order does not depend on how rows are laid out.
-  ResizeFor(y, s, m);
+  ResizeTensor(y, s, m);
   if (params_.shared.empty()) y->Fill(0.0f);
   shared_h_.resize(params_.shared.size());
   shared_a_.resize(params_.shared.size());
   shared_u_.resize(params_.shared.size());
   for (size_t i = 0; i < params_.shared.size(); ++i) {
     const int64_t h = shared_shape_.hidden_dim;
-    ResizeFor(&shared_h_[i], s, h);
-    ResizeFor(&shared_a_[i], s, h);
-    if (shared_shape_.swiglu) ResizeFor(&shared_u_[i], s, h);
+    ResizeTensor(&shared_h_[i], s, h);
+    ResizeTensor(&shared_a_[i], s, h);
+    if (shared_shape_.swiglu) ResizeTensor(&shared_u_[i], s, h);
     experts::FfnForward(shared_shape_, params_.shared[i], x_.view(), y->view(), i > 0,
                         {shared_h_[i].view(), shared_a_[i].view(), shared_u_[i].view()});
   }
@@ -155,7 +154,7 @@ Status MoeLayer::Backward(MatrixView<const float> dy, Tensor* dx, MoeLayerParams
   }
   const int64_t rows = plan_.num_rows();
   // dY of each packed row = gate * dy[token]; d gate = dy[token] . expert output row.
-  ResizeFor(&packed_dy_, rows, m);
+  ResizeTensor(&packed_dy_, rows, m);
   std::vector<float> dgate(static_cast<size_t>(rows));
   for (int64_t r = 0; r < rows; ++r) {
     const float* d = dy.row(plan_.row_token[r]);
@@ -172,14 +171,16 @@ Status MoeLayer::Backward(MatrixView<const float> dy, Tensor* dx, MoeLayerParams
   MOE_RETURN_IF_ERROR(
       executor_->Backward(plan_, packed_dy_.view(), params_.experts, &grads->experts, &packed_dx_));
 
-  ResizeFor(dx, s, m);
+  ResizeTensor(dx, s, m);
   dx->Fill(0.0f);
   for (size_t i = 0; i < params_.shared.size(); ++i) {
     const int64_t h = shared_shape_.hidden_dim;
-    Tensor sc1(s, h), sc2(shared_shape_.swiglu ? s : 0, h);
+    ResizeTensor(&shared_scratch1_, s, h);
+    if (shared_shape_.swiglu) ResizeTensor(&shared_scratch2_, s, h);
     experts::FfnBackward(shared_shape_, params_.shared[i], x_.view(),
                          {shared_h_[i].view(), shared_a_[i].view(), shared_u_[i].view()}, dy,
-                         dx->view(), true, &grads->shared[i], sc1.view(), sc2.view());
+                         dx->view(), true, &grads->shared[i], shared_scratch1_.view(),
+                         shared_scratch2_.view());
   }
   for (int64_t t = 0; t < s; ++t) {
     float* out = dx->row(t);
@@ -197,8 +198,8 @@ void MoeLayer::RouterBackward(const std::vector<float>& dgate_rows, Tensor* dx, 
   const int64_t s = p.num_tokens, e = p.num_experts, k = p.top_k, m = x_.cols();
   Tensor& dprobs = dprobs_;
   Tensor& dlogits = dlogits_;
-  ResizeFor(&dprobs, s, e);
-  ResizeFor(&dlogits, s, e);
+  ResizeTensor(&dprobs, s, e);
+  ResizeTensor(&dlogits, s, e);
   dprobs.Fill(0.0f);
   dlogits.Fill(0.0f);
   if (p.expert_choice) {
@@ -231,7 +232,7 @@ void MoeLayer::RouterBackward(const std::vector<float>& dgate_rows, Tensor* dx, 
                                 &dprobs, &dlogits);
   // Softmax backward: dscores = probs * (dprobs - <dprobs, probs>).
   Tensor& dscores = dscores_;
-  ResizeFor(&dscores, s, e);
+  ResizeTensor(&dscores, s, e);
   for (int64_t t = 0; t < s; ++t) {
     double dot = 0.0;
     for (int64_t i = 0; i < e; ++i) dot += static_cast<double>(dprobs(t, i)) * router_.probs(t, i);

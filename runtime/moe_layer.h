@@ -101,6 +101,7 @@ class MoeLayer {
   // Backward scratch.
   Tensor packed_dy_, packed_dx_;
   Tensor dprobs_, dlogits_, dscores_;
+  Tensor shared_scratch1_, shared_scratch2_;
   bool have_forward_ = false;
 };
 

@@ -13,14 +13,6 @@ namespace {
 
 constexpr int kVocab = 256;
 
-void InitUniform(Tensor* t, uint64_t seed, const std::string& name, double bound) {
-  const uint64_t id = ParamNameHash(name);
-  for (int64_t i = 0; i < t->size(); ++i) {
-    const double u = CounterUniform(seed, 0, id, RngStream::kInit, static_cast<uint64_t>(i));
-    (*t)[i] = static_cast<float>((2.0 * u - 1.0) * bound);
-  }
-}
-
 }  // namespace
 
 ByteLm::ByteLm(const config::MoeConfig& cfg, const ExecutorFactory& make_executor, int first_expert,
@@ -56,8 +48,8 @@ ByteLm::ByteLm(const config::MoeConfig& cfg, const ExecutorFactory& make_executo
 void ByteLm::Init() {
   const uint64_t seed = cfg_.seed();
   const double std = cfg_.model().init_std();
-  InitUniform(&embed_, seed, "embed", std * std::sqrt(3.0));
-  InitUniform(&out_w_, seed, "out_w", 1.0 / std::sqrt(static_cast<double>(m_)));
+  InitUniformByName("embed", seed, std * std::sqrt(3.0), &embed_);
+  InitUniformByName("out_w", seed, 1.0 / std::sqrt(static_cast<double>(m_)), &out_w_);
   out_b_.Fill(0.0f);
   final_gamma_.Fill(1.0f);
   final_beta_.Fill(0.0f);

@@ -22,12 +22,6 @@ std::string CheckpointDirName(int64_t step) {
   return buf;
 }
 
-uint64_t Fnv1a64(const std::string& bytes) {
-  uint64_t h = 0xcbf29ce484222325ull;
-  for (unsigned char c : bytes) h = (h ^ c) * 0x100000001b3ull;
-  return h;
-}
-
 Status WriteCheckpointTensors(const std::string& dir, const std::map<std::string, const Tensor*>& tensors) {
   MOE_RETURN_IF_ERROR(MakeDirs(dir));
   for (const auto& [name, t] : tensors) {

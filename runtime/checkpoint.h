@@ -11,13 +11,13 @@
 #include <vector>
 
 #include "proto/checkpoint.pb.h"
+#include "runtime/base/hash.h"
 #include "runtime/base/status.h"
 #include "runtime/base/tensor.h"
 
 namespace moe {
 
 std::string CheckpointDirName(int64_t step);  // "step_00000100"
-uint64_t Fnv1a64(const std::string& bytes);
 
 // Writes each (name -> tensor) as <dir>/<name>.npy (creates dir).
 Status WriteCheckpointTensors(const std::string& dir, const std::map<std::string, const Tensor*>& tensors);

@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "experts/cpu/blas.h"
+#include "runtime/base/hash.h"
 #include "runtime/base/rng.h"
 #include "runtime/config.h"
 
@@ -42,10 +43,12 @@ void MoeLayerParams::Zero() {
   ForEach([](const std::string&, Tensor& t) { t.Fill(0.0f); });
 }
 
-uint64_t ParamNameHash(const std::string& name) {
-  uint64_t h = 0xcbf29ce484222325ull;  // FNV-1a
-  for (unsigned char c : name) h = (h ^ c) * 0x100000001b3ull;
-  return h;
+void InitUniformByName(const std::string& name, uint64_t seed, double bound, Tensor* t) {
+  const uint64_t id = Fnv1a64(name);
+  for (int64_t i = 0; i < t->size(); ++i) {
+    const double u = CounterUniform(seed, 0, id, RngStream::kInit, static_cast<uint64_t>(i));
+    (*t)[i] = static_cast<float>((2.0 * u - 1.0) * bound);
+  }
 }
 
 MoeLayerParams MakeLayerParams(const config::LayerConfig& cfg, int first_expert, int num_local_experts) {
@@ -68,12 +71,7 @@ void InitLayerParams(const config::LayerConfig& cfg, uint64_t seed, MoeLayerPara
     if (name.size() > 3 && name.compare(name.size() - 3, 3, "_b2") == 0) {
       fan_in = name.rfind("shared", 0) == 0 ? SharedHidden(cfg) : cfg.expert().hidden_dim();
     }
-    const double bound = 1.0 / std::sqrt(static_cast<double>(fan_in));
-    const uint64_t id = ParamNameHash(name);
-    for (int64_t i = 0; i < t.size(); ++i) {
-      const double u = CounterUniform(seed, 0, id, RngStream::kInit, static_cast<uint64_t>(i));
-      t[i] = static_cast<float>((2.0 * u - 1.0) * bound);
-    }
+    InitUniformByName(name, seed, 1.0 / std::sqrt(static_cast<double>(fan_in)), &t);
   });
 }
 

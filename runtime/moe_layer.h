@@ -46,7 +46,8 @@ MoeLayerParams MakeLayerParams(const config::LayerConfig& cfg, int first_expert 
 // Deterministic init from `seed`: every tensor U(-1/sqrt(fan_in), 1/sqrt(fan_in)), drawn from
 // (seed, hash of its global name, element index) — the same values whichever rank holds it.
 void InitLayerParams(const config::LayerConfig& cfg, uint64_t seed, MoeLayerParams* params);
-uint64_t ParamNameHash(const std::string& name);
+// Fills t with U(-bound, bound) drawn from (seed, Fnv1a64(name), element index).
+void InitUniformByName(const std::string& name, uint64_t seed, double bound, Tensor* t);
 
 class MoeLayer {
  public:

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "experts/cpu/blas.h"
+#include "runtime/base/clock.h"
 #include "runtime/base/rng.h"
 #include "runtime/config.h"
 #include "runtime/moe_layer.h"
@@ -24,18 +25,15 @@ struct Shape {
   int s, m, h, e, k;
 };
 
-double Now() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
 
 template <typename F>
 double MedianSeconds(int iters, F&& f) {
   f();  // warm-up
   std::vector<double> t;
   for (int i = 0; i < iters; ++i) {
-    const double t0 = Now();
+    const double t0 = moe::WallSeconds();
     f();
-    t.push_back(Now() - t0);
+    t.push_back(moe::WallSeconds() - t0);
   }
   std::sort(t.begin(), t.end());
   return t[t.size() / 2];

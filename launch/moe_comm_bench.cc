@@ -53,6 +53,7 @@
 #include "comm/loopback/loopback_world.h"
 #include "comm/memory.h"
 #include "proto/report.pb.h"
+#include "runtime/base/clock.h"
 #include "runtime/base/status.h"
 #include "runtime/base/tensor.h"
 #include "runtime/dispatch_plan.h"
@@ -511,10 +512,6 @@ class TimedComm : public Communicator {
   std::string_view backend() const override { return inner_->backend(); }
 
   std::vector<Exchange>& exchanges() { return exchanges_; }
-  static double Now() {
-    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
-        .count();
-  }
 
  protected:
   Status DoAllToAll(uint64_t, const void* send, void* recv, int64_t count,
@@ -528,16 +525,16 @@ class TimedComm : public Communicator {
     for (int p = 0; p < n; ++p) e.send_displs[static_cast<size_t>(p)] = p * count;
     e.recv_counts = e.send_counts;
     e.recv_displs = e.send_displs;
-    e.start = Now();
+    e.start = moe::WallSeconds();
     const Status st = inner_->AllToAll(send, recv, count, dtype);
-    e.end = Now();
+    e.end = moe::WallSeconds();
     exchanges_.push_back(std::move(e));
     return st;
   }
   StatusOr<std::unique_ptr<moe::comm::Request>> DoStartAllToAllV(
       uint64_t, const AllToAllVArgs& a) override {
     const bool record = a.dtype == DataType::kFloat32;
-    const double start = Now();
+    const double start = moe::WallSeconds();
     MOE_ASSIGN_OR_RETURN(std::unique_ptr<moe::comm::Request> inner,
                          inner_->StartAllToAllV(a.send, a.send_counts, a.send_displs, a.recv,
                                                 a.recv_counts, a.recv_displs, a.dtype));
@@ -576,7 +573,7 @@ class TimedComm : public Communicator {
         : inner_(std::move(inner)), log_(log), index_(index) {}
     Status Wait() override {
       const Status st = inner_->Wait();
-      (*log_)[index_].end = Now();
+      (*log_)[index_].end = moe::WallSeconds();
       return st;
     }
 
@@ -833,9 +830,9 @@ Status BenchDispatchCombine(Communicator& comm, const Settings& s) {
     const auto forward = [&](bool timed_iter) -> Status {
       timed.exchanges().clear();
       const double expert0 = exec.stats().expert_seconds;
-      const double t0 = TimedComm::Now();
+      const double t0 = moe::WallSeconds();
       MOE_RETURN_IF_ERROR(exec.Forward(plan, packed_x.view(), tiny_experts, &packed_y));
-      const double t3 = TimedComm::Now();
+      const double t3 = moe::WallSeconds();
       const auto& x = timed.exchanges();
       if (x.size() != 2) return moe::Internal("dispatch_combine: expected 2 row exchanges per Forward");
       const double expert = exec.stats().expert_seconds - expert0;

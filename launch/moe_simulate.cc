@@ -38,6 +38,7 @@
 
 #include "comm/loopback/loopback_world.h"
 #include "experts/cpu/blas.h"
+#include "runtime/base/clock.h"
 #include "runtime/base/file.h"
 #include "runtime/config.h"
 #include "runtime/cost_model.h"
@@ -54,9 +55,6 @@ int Fail(const std::string& message, int code) {
   return code;
 }
 
-double Now() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
 
 // ---- Recording communicator -------------------------------------------------------------------
 
@@ -396,9 +394,9 @@ StatusOr<moe::AlphaBetaFit> SweepLoopback(int ranks) {
     world.RunPerRank([&](moe::comm::Communicator& c) {
       std::vector<float> send(static_cast<size_t>(floats * ranks), 1.0f), recv(send.size());
       (void)c.AllToAll(send.data(), recv.data(), floats, moe::comm::DataType::kFloat32);  // warm-up
-      const double t0 = Now();
+      const double t0 = moe::WallSeconds();
       for (int i = 0; i < reps; ++i) (void)c.AllToAll(send.data(), recv.data(), floats, moe::comm::DataType::kFloat32);
-      secs[static_cast<size_t>(c.rank())] = (Now() - t0) / reps;
+      secs[static_cast<size_t>(c.rank())] = (moe::WallSeconds() - t0) / reps;
     });
     double mean = 0;
     for (double s : secs) mean += s / ranks;

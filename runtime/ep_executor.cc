@@ -1,14 +1,12 @@
 #include "runtime/ep_executor.h"
 
+#include "runtime/base/clock.h"
 #include <chrono>
 #include <cstring>
 
 namespace moe {
 namespace {
 
-double Now() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
 
 void CopyRows(const float* src, float* dst, int64_t rows, int64_t m) {
   if (rows > 0) std::memcpy(dst, src, sizeof(float) * static_cast<size_t>(rows * m));
@@ -49,10 +47,10 @@ Status ExpertParallelExecutor::Layout(const DispatchPlan& plan) {
         }
       }
     }
-    const double t0 = Now();
+    const double t0 = WallSeconds();
     MOE_RETURN_IF_ERROR(ep_->AllToAll(send_counts.data(), recv_counts_.data(), l * g,
                                       comm::DataType::kInt64));
-    stats_.alltoall_seconds += Now() - t0;
+    stats_.alltoall_seconds += WallSeconds() - t0;
   }
   recv_rows_.assign(static_cast<size_t>(w), 0);
   for (int64_t s = 0; s < w; ++s) {
@@ -80,7 +78,7 @@ Status ExpertParallelExecutor::Exchange(const float* send, const std::vector<int
                                         const std::vector<int64_t>& recv_rows,
                                         const std::vector<int64_t>& recv_displ) {
   const int64_t m = shape_.model_dim;
-  const double t0 = Now();
+  const double t0 = WallSeconds();
   if (padded_) {
     // Every peer gets the same L * G * C rows: a plain all-to-all.
     MOE_RETURN_IF_ERROR(ep_->AllToAll(send, recv, send_rows[0] * m, comm::DataType::kFloat32));
@@ -93,7 +91,7 @@ Status ExpertParallelExecutor::Exchange(const float* send, const std::vector<int
     MOE_RETURN_IF_ERROR(ep_->AllToAllV(send, elements(send_rows), elements(send_displ), recv,
                                        elements(recv_rows), elements(recv_displ), comm::DataType::kFloat32));
   }
-  stats_.alltoall_seconds += Now() - t0;
+  stats_.alltoall_seconds += WallSeconds() - t0;
   return Status::Ok();
 }
 
@@ -188,9 +186,9 @@ Status ExpertParallelExecutor::Forward(const DispatchPlan& plan, MatrixView<cons
   }
   MOE_RETURN_IF_ERROR(Layout(plan));
   MOE_RETURN_IF_ERROR(Dispatch(plan, packed_x, &expert_in_));
-  const double t0 = Now();
+  const double t0 = WallSeconds();
   blocks_.Forward(expert_offsets_, expert_in_.view(), experts, &expert_out_);
-  stats_.expert_seconds += Now() - t0;
+  stats_.expert_seconds += WallSeconds() - t0;
   return Combine(plan, expert_out_, packed_y);
 }
 
@@ -199,9 +197,9 @@ Status ExpertParallelExecutor::Backward(const DispatchPlan& plan, MatrixView<con
                                         std::vector<experts::FfnParams>* grads, Tensor* packed_dx) {
   Tensor expert_dy, expert_dx;
   MOE_RETURN_IF_ERROR(Dispatch(plan, packed_dy, &expert_dy));
-  const double t0 = Now();
+  const double t0 = WallSeconds();
   blocks_.Backward(expert_offsets_, expert_dy.view(), experts, grads, &expert_dx);
-  stats_.expert_seconds += Now() - t0;
+  stats_.expert_seconds += WallSeconds() - t0;
   return Combine(plan, expert_dx, packed_dx);
 }
 

@@ -10,15 +10,13 @@
 #include <set>
 
 #include "runtime/base/file.h"
+#include "runtime/base/clock.h"
 #include "runtime/checkpoint.h"
 #include "runtime/config.h"
 
 namespace moe {
 namespace {
 
-double Now() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
 
 std::string FormatDuration(double seconds) {
   const int64_t s = static_cast<int64_t>(seconds + 0.5);
@@ -190,7 +188,7 @@ Status Trainer::Evaluate(double* loss) {
 }
 
 Status Trainer::Step(report::StepMetrics* m) {
-  const double t0 = Now();
+  const double t0 = WallSeconds();
   const int world = world_->size(), rank = world_->rank();
   for (ExpertParallelExecutor* ex : executors_) ex->stats().Reset();
   const int64_t offset = rank * tokens_per_rank_;
@@ -273,7 +271,7 @@ Status Trainer::Step(report::StepMetrics* m) {
     MOE_RETURN_IF_ERROR(Evaluate(&eval_loss));
     m->set_eval_loss(eval_loss);
   }
-  const double dt = Now() - t0;
+  const double dt = WallSeconds() - t0;
   m->set_step_seconds(dt);
   m->set_alltoall_seconds(a2a);
   m->set_expert_seconds(expert);
@@ -297,7 +295,7 @@ void Trainer::PrintProgress(const report::StepMetrics& m, double elapsed) {
 }
 
 Status Trainer::Run() {
-  const double start = Now();
+  const double start = WallSeconds();
   const int rank = world_->rank();
   std::FILE* metrics = nullptr;
   if (rank == 0 && !cfg_.train().metrics_path().empty()) {
@@ -315,7 +313,7 @@ Status Trainer::Run() {
     if (rank == 0) {
       const int every = std::max(1, options_.log_every);
       if (!options_.quiet && (step_ % every == 0 || step_ == cfg_.train().steps() || step_ == 1)) {
-        PrintProgress(m, Now() - start);
+        PrintProgress(m, WallSeconds() - start);
       }
       if (metrics != nullptr) {
         std::string json;

@@ -95,9 +95,28 @@ Status ExpertParallelExecutor::Exchange(const float* send, const std::vector<int
   return Status::Ok();
 }
 
+void ExpertParallelExecutor::Regroup(const Tensor& from, Tensor* to, bool to_expert_major) const {
+  const int64_t m = shape_.model_dim, l = local_, g = groups_;
+  std::vector<int64_t> expert_pos(expert_offsets_.begin(), expert_offsets_.end() - 1);
+  for (int64_t s = 0; s < w_; ++s) {
+    int64_t source_pos = recv_row_displ_[s];
+    for (int64_t le = 0; le < l; ++le) {
+      int64_t n = 0;
+      for (int64_t gr = 0; gr < g; ++gr) n += recv_counts_[(s * l + le) * g + gr];
+      if (to_expert_major) {
+        CopyRows(from.row(source_pos), to->row(expert_pos[le]), n, m);
+      } else {
+        CopyRows(from.row(expert_pos[le]), to->row(source_pos), n, m);
+      }
+      expert_pos[le] += n;
+      source_pos += n;
+    }
+  }
+}
+
 Status ExpertParallelExecutor::Dispatch(const DispatchPlan& plan, MatrixView<const float> packed,
                                         Tensor* expert_rows) {
-  const int64_t m = shape_.model_dim, l = local_, g = groups_, w = w_;
+  const int64_t m = shape_.model_dim, g = groups_, w = w_;
   const int64_t total_send = send_row_displ_[w - 1] + send_rows_[w - 1];
   const int64_t total_recv = recv_row_displ_[w - 1] + recv_rows_[w - 1];
   const float* send = packed.data();
@@ -119,47 +138,25 @@ Status ExpertParallelExecutor::Dispatch(const DispatchPlan& plan, MatrixView<con
     }
     send = send_buf_.data();
   }
+  if (static_cast<int64_t>(stats_.bytes_to_rank.size()) != w) stats_.bytes_to_rank.assign(static_cast<size_t>(w), 0);
   for (int64_t r = 0; r < w; ++r) {
     const int64_t bytes = send_rows_[r] * m * static_cast<int64_t>(sizeof(float));
     stats_.bytes_sent += bytes;
-    if (static_cast<int64_t>(stats_.bytes_to_rank.size()) < w) stats_.bytes_to_rank.assign(static_cast<size_t>(w), 0);
     stats_.bytes_to_rank[r] += bytes;
   }
   ResizeTensor(&recv_buf_, total_recv, m);
   MOE_RETURN_IF_ERROR(Exchange(send, send_rows_, send_row_displ_, recv_buf_.data(), recv_rows_, recv_row_displ_));
-  // Regroup [source][local expert][group] -> [local expert][source][group].
   ResizeTensor(expert_rows, total_recv, m);
-  std::vector<int64_t> fill(expert_offsets_.begin(), expert_offsets_.end() - 1);
-  for (int64_t s = 0; s < w; ++s) {
-    int64_t src = recv_row_displ_[s];
-    for (int64_t le = 0; le < l; ++le) {
-      int64_t n = 0;
-      for (int64_t gr = 0; gr < g; ++gr) n += recv_counts_[(s * l + le) * g + gr];
-      CopyRows(recv_buf_.row(src), expert_rows->row(fill[le]), n, m);
-      fill[le] += n;
-      src += n;
-    }
-  }
+  Regroup(recv_buf_, expert_rows, /*to_expert_major=*/true);
   return Status::Ok();
 }
 
 Status ExpertParallelExecutor::Combine(const DispatchPlan& plan, const Tensor& expert_rows, Tensor* packed) {
-  const int64_t m = shape_.model_dim, l = local_, g = groups_, w = w_;
+  const int64_t m = shape_.model_dim, g = groups_, w = w_;
   const int64_t total_send = send_row_displ_[w - 1] + send_rows_[w - 1];
   const int64_t total_recv = recv_row_displ_[w - 1] + recv_rows_[w - 1];
-  // Ungroup [local expert][source][group] -> [source][local expert][group] (the receive layout).
   ResizeTensor(&back_buf_, total_recv, m);
-  std::vector<int64_t> take(expert_offsets_.begin(), expert_offsets_.end() - 1);
-  for (int64_t s = 0; s < w; ++s) {
-    int64_t dst = recv_row_displ_[s];
-    for (int64_t le = 0; le < l; ++le) {
-      int64_t n = 0;
-      for (int64_t gr = 0; gr < g; ++gr) n += recv_counts_[(s * l + le) * g + gr];
-      CopyRows(expert_rows.row(take[le]), back_buf_.row(dst), n, m);
-      take[le] += n;
-      dst += n;
-    }
-  }
+  Regroup(expert_rows, &back_buf_, /*to_expert_major=*/false);
   ResizeTensor(packed, plan.num_rows(), m);
   float* out = padded_ ? (ResizeTensor(&send_buf_, total_send, m), send_buf_.data()) : packed->data();
   MOE_RETURN_IF_ERROR(Exchange(back_buf_.data(), recv_rows_, recv_row_displ_, out, send_rows_, send_row_displ_));

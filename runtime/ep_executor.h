@@ -52,6 +52,9 @@ class ExpertParallelExecutor : public ExpertExecutor {
   // The reverse: rows of `expert_rows` back to their source ranks, into `packed` (plan layout).
   Status Combine(const DispatchPlan& plan, const Tensor& expert_rows, Tensor* packed);
   Status Layout(const DispatchPlan& plan);
+  // Copies row blocks between the receive layout [source][local expert][group] and the expert-major
+  // layout [local expert][source][group] (to_expert_major picks the direction).
+  void Regroup(const Tensor& from, Tensor* to, bool to_expert_major) const;
   // One all-to-all(v) of float rows; counts and displacements in rows.
   Status Exchange(const float* send, const std::vector<int64_t>& send_rows,
                   const std::vector<int64_t>& send_displ, float* recv,

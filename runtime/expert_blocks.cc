@@ -2,6 +2,11 @@
 
 namespace moe {
 
+experts::FfnSaved ExpertBlocks::Saved(int64_t begin, int64_t end) {
+  return {RowBlock(h_, begin, end), RowBlock(a_, begin, end),
+          shape_.swiglu ? RowBlock(u_, begin, end) : MatrixView<float>()};
+}
+
 void ExpertBlocks::Forward(const std::vector<int64_t>& offsets, MatrixView<const float> x,
                            const std::vector<experts::FfnParams>& params, Tensor* y) {
   const int64_t rows = x.rows(), h = shape_.hidden_dim;
@@ -13,9 +18,7 @@ void ExpertBlocks::Forward(const std::vector<int64_t>& offsets, MatrixView<const
   for (size_t e = 0; e + 1 < offsets.size(); ++e) {
     const int64_t b = offsets[e], end = offsets[e + 1];
     if (b == end) continue;
-    const experts::FfnSaved saved{RowBlock(h_, b, end), RowBlock(a_, b, end),
-                                  shape_.swiglu ? RowBlock(u_, b, end) : MatrixView<float>()};
-    experts::FfnForward(shape_, params[e], RowBlock(x, b, end), RowBlock(*y, b, end), false, saved);
+    experts::FfnForward(shape_, params[e], RowBlock(x, b, end), RowBlock(*y, b, end), false, Saved(b, end));
   }
 }
 
@@ -29,9 +32,7 @@ void ExpertBlocks::Backward(const std::vector<int64_t>& offsets, MatrixView<cons
   for (size_t e = 0; e + 1 < offsets.size(); ++e) {
     const int64_t b = offsets[e], end = offsets[e + 1];
     if (b == end) continue;
-    const experts::FfnSaved saved{RowBlock(h_, b, end), RowBlock(a_, b, end),
-                                  shape_.swiglu ? RowBlock(u_, b, end) : MatrixView<float>()};
-    experts::FfnBackward(shape_, params[e], RowBlock(x_, b, end), saved, RowBlock(dy, b, end),
+    experts::FfnBackward(shape_, params[e], RowBlock(x_, b, end), Saved(b, end), RowBlock(dy, b, end),
                          RowBlock(*dx, b, end), false, &(*grads)[e], RowBlock(scratch1_, b, end),
                          shape_.swiglu ? RowBlock(scratch2_, b, end) : MatrixView<float>());
   }

@@ -24,6 +24,8 @@ class ExpertBlocks {
                 std::vector<experts::FfnParams>* grads, Tensor* dx);
 
  private:
+  experts::FfnSaved Saved(int64_t begin, int64_t end);  // views of rows [begin, end)
+
   experts::FfnShape shape_;
   MatrixView<const float> x_;
   Tensor h_, a_, u_, scratch1_, scratch2_;

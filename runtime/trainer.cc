@@ -203,6 +203,7 @@ Status Trainer::Step(report::StepMetrics* m) {
   LmStepStats stats;
   MOE_RETURN_IF_ERROR(model_->Forward(batch, ctx, tokens_per_rank_ * world, 1.0 / world, &stats));
   MOE_RETURN_IF_ERROR(model_->Backward());
+  if (options_.after_backward) MOE_RETURN_IF_ERROR(options_.after_backward(*this));
   MOE_RETURN_IF_ERROR(ReduceGradients());
   MOE_ASSIGN_OR_RETURN(const double norm, GlobalGradNorm());
   last_grad_norm_ = norm;
@@ -323,6 +324,10 @@ Status Trainer::Run() {
         std::fprintf(metrics, "%s\n", json.c_str());
         std::fflush(metrics);
       }
+    }
+    if (options_.on_step) {
+      status = options_.on_step(*this, m);
+      if (!status.ok()) break;
     }
     const int every = cfg_.train().checkpoint_every();
     if (every > 0 && !cfg_.train().checkpoint_dir().empty() &&

@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -26,11 +27,19 @@
 
 namespace moe {
 
+class Trainer;
+
 struct TrainOptions {
   bool resume = false;     // continue from the newest complete checkpoint in train.checkpoint_dir
   bool quiet = false;      // no progress lines
   int log_every = 1;       // a progress line every N steps (and the last)
   std::string run_label;   // shown in the start report
+  // Called on every rank after each completed step (the metrics are identical on all ranks); a
+  // non-OK status ends Run() with it. moe_simulate records its measurements here.
+  std::function<Status(const Trainer&, const report::StepMetrics&)> on_step;
+  // Fault injection for tests: called on every rank after the backward pass of each step, before
+  // the gradients are reduced (a test poisons a gradient or stops a rank here).
+  std::function<Status(Trainer&)> after_backward;
 };
 
 class Trainer {
@@ -48,6 +57,10 @@ class Trainer {
   Status SaveCheckpoint();
   // Global gradient norm of the last step (after the reductions).
   double last_grad_norm() const { return last_grad_norm_; }
+  // Steps skipped because of a non-finite loss or gradient (train.nan_policy=SKIP_STEP).
+  int64_t skipped_steps() const { return skipped_steps_; }
+  // The expert-parallel executors of the MoE layers; their stats() describe the last step.
+  const std::vector<ExpertParallelExecutor*>& executors() const { return executors_; }
 
  private:
   Trainer(const config::MoeConfig& cfg, comm::Communicator* world, const TrainOptions& options);

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "experts/cpu/blas.h"
+#include "launch/cli.h"
 #include "runtime/base/clock.h"
 #include "runtime/base/rng.h"
 #include "runtime/config.h"
@@ -81,7 +82,7 @@ int main(int argc, char** argv) {
   app.add_option("--torch-script", torch_script, "PyTorch baseline script");
   app.add_flag("--no-torch", no_torch, "skip the PyTorch baseline");
   app.add_option("--shape", only, "run only this shape (small, medium, fine-grained)");
-  CLI11_PARSE(app, argc, argv);
+  if (const int rc = moe::launch::ParseFlags(app, argc, argv); rc >= 0) return rc;
   moe::blas::SetThreads(threads);
   if (std::getenv("MOE_BENCH_NO_MMAP")) { mallopt(M_MMAP_THRESHOLD, 1 << 30); mallopt(M_TRIM_THRESHOLD, 1 << 30); }
   const char* coretype = std::getenv("OPENBLAS_CORETYPE");

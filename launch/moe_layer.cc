@@ -14,6 +14,7 @@
 #include <string>
 
 #include "experts/cpu/blas.h"
+#include "launch/cli.h"
 #include "runtime/base/file.h"
 #include "runtime/base/npy.h"
 #include "runtime/config.h"
@@ -135,7 +136,7 @@ int main(int argc, char** argv) {
   app.add_option("--router-bias", f.router_bias, "aux-loss-free bias (E float32 .npy)");
   app.add_option("--threads", f.threads, "OpenBLAS threads")->check(CLI::Range(1, 256));
   app.add_option("--out", f.out, "output directory")->required();
-  CLI11_PARSE(app, argc, argv);
+  if (const int rc = moe::launch::ParseFlags(app, argc, argv); rc >= 0) return rc;
   if (f.weights.empty() && f.init_seed < 0) {
     std::fprintf(stderr, "moe_layer: one of --weights DIR or --init-seed N is required\n");
     return 2;

@@ -6,15 +6,21 @@
 // A thin main: flags, config, communicator, then runtime::Trainer.
 #include <CLI/CLI.hpp>
 
+#include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <mutex>
+#include <thread>
 #include <string>
 #include <vector>
 
 #include "comm/loopback/loopback_world.h"
 #include "experts/cpu/blas.h"
+#include "launch/cli.h"
 #include "runtime/config.h"
+#include "runtime/fault_injection.h"
 #include "runtime/trainer.h"
 #if MOE_COMM_HAVE_MPI
 #include <mpi.h>
@@ -34,6 +40,8 @@ struct Flags {
   std::string metrics, checkpoint_dir, data;
   bool quiet = false;
   int log_every = 1;
+  double deadline = -1;
+  std::string inject_fault;
 };
 
 int Fail(const std::string& message, int code) {
@@ -48,35 +56,94 @@ moe::StatusOr<moe::MoeConfig> LoadWithOverrides(const Flags& f) {
   if (!f.metrics.empty()) cfg.mutable_train()->set_metrics_path(f.metrics);
   if (!f.checkpoint_dir.empty()) cfg.mutable_train()->set_checkpoint_dir(f.checkpoint_dir);
   if (!f.data.empty()) cfg.mutable_train()->set_data_path(f.data);
+  if (f.deadline >= 0) cfg.mutable_comm()->set_deadline_seconds(f.deadline);
   MOE_RETURN_IF_ERROR(moe::ValidateConfig(cfg).WithContext("config " + f.config));
   return cfg;
 }
 
+moe::StatusOr<moe::TrainOptions> MakeOptions(const Flags& f, bool process_per_rank) {
+  moe::TrainOptions options;
+  options.resume = f.resume;
+  options.quiet = f.quiet;
+  options.log_every = f.log_every;
+  if (!f.inject_fault.empty()) {
+    MOE_ASSIGN_OR_RETURN(const moe::FaultSpec spec, moe::ParseFaultSpec(f.inject_fault));
+    options.after_backward = moe::MakeFaultHook(spec, process_per_rank);
+  }
+  return options;
+}
+
+int ExitCode(const moe::Status& s) { return s.code() == moe::StatusCode::kInvalidArgument ? 2 : 1; }
+
+// Ranks as threads. The process never waits for a rank that stopped making progress. Once one
+// rank has failed, the others get time to finish: kGraceSeconds when that failure was a missed
+// deadline (the peers' collectives are aborted, so a live rank fails at once at its next one),
+// else the deadline plus kGraceSeconds (they may be waiting in a collective for the failed rank
+// and will report it by name). Ranks still running after that are left behind and the process
+// exits.
+constexpr double kGraceSeconds = 2.0;
+
 int RunLoopback(const Flags& f, const moe::MoeConfig& cfg) {
+  auto options = MakeOptions(f, /*process_per_rank=*/false);
+  if (!options.ok()) return Fail(options.status().ToString(), 2);
   moe::comm::LoopbackOptions opts;
   opts.options.deadline_seconds = cfg.comm().deadline_seconds();
   auto world = moe::comm::LoopbackWorld::Create(f.ranks, opts);
   if (!world.ok()) return Fail(world.status().ToString(), 2);
-  std::mutex mu;
-  std::vector<moe::Status> status(static_cast<size_t>(f.ranks));
-  world->RunPerRank([&](moe::comm::Communicator& comm) {
-    moe::TrainOptions options;
-    options.resume = f.resume;
-    options.quiet = f.quiet;
-    options.log_every = f.log_every;
-    auto trainer = moe::Trainer::Create(cfg, &comm, options);
-    moe::Status s = trainer.ok() ? (*trainer)->Run() : trainer.status();
-    std::lock_guard<std::mutex> lock(mu);
-    status[static_cast<size_t>(comm.rank())] = s;
+  struct Shared {
+    std::mutex mu;
+    std::condition_variable cv;
+    std::vector<moe::Status> status;
+    std::vector<bool> done;
+    int finished = 0, failed = 0;
+    moe::StatusCode first_failure = moe::StatusCode::kOk;
+  };
+  auto shared = std::make_shared<Shared>();  // outlives main's frame if a rank is left behind
+  shared->status.resize(static_cast<size_t>(f.ranks));
+  shared->done.resize(static_cast<size_t>(f.ranks), false);
+  auto world_ptr = std::make_shared<moe::comm::LoopbackWorld>(std::move(*world));
+  std::thread runner([world_ptr, shared, cfg, opts = *options] {
+    world_ptr->RunPerRank([&](moe::comm::Communicator& comm) {
+      auto trainer = moe::Trainer::Create(cfg, &comm, opts);
+      moe::Status s = trainer.ok() ? (*trainer)->Run() : trainer.status();
+      std::lock_guard<std::mutex> lock(shared->mu);
+      shared->status[static_cast<size_t>(comm.rank())] = s;
+      shared->done[static_cast<size_t>(comm.rank())] = true;
+      ++shared->finished;
+      if (!s.ok() && shared->failed++ == 0) shared->first_failure = s.code();
+      shared->cv.notify_all();
+    });
   });
+  std::unique_lock<std::mutex> lock(shared->mu);
+  shared->cv.wait(lock, [&] { return shared->finished == f.ranks || shared->failed > 0; });
+  const double grace = kGraceSeconds + (shared->first_failure == moe::StatusCode::kDeadlineExceeded
+                                            ? 0.0
+                                            : cfg.comm().deadline_seconds());
+  const bool all = shared->cv.wait_for(lock, std::chrono::duration<double>(grace),
+                                       [&] { return shared->finished == f.ranks; });
+  int code = 0;
   for (int r = 0; r < f.ranks; ++r) {
-    if (!status[static_cast<size_t>(r)].ok()) {
-      const auto& s = status[static_cast<size_t>(r)];
-      return Fail("rank " + std::to_string(r) + ": " + s.ToString(),
-                  s.code() == moe::StatusCode::kInvalidArgument ? 2 : 1);
+    const moe::Status& s = shared->status[static_cast<size_t>(r)];
+    if (shared->done[static_cast<size_t>(r)] && !s.ok()) {
+      Fail("rank " + std::to_string(r) + ": " + s.ToString(), 0);
+      if (code == 0) code = ExitCode(s);
     }
   }
-  return 0;
+  if (!all) {
+    std::string stuck;
+    for (int r = 0; r < f.ranks; ++r) {
+      if (!shared->done[static_cast<size_t>(r)]) stuck += (stuck.empty() ? "" : ", ") + std::to_string(r);
+    }
+    Fail("rank(s) [" + stuck + "] still not finished " + std::to_string(static_cast<int>(grace)) +
+             " s after the first failure; exiting without them",
+         0);
+    std::fflush(stdout);
+    std::fflush(stderr);
+    std::_Exit(code != 0 ? code : 1);  // the stuck threads cannot be joined
+  }
+  lock.unlock();
+  runner.join();
+  return code;
 }
 
 #if MOE_COMM_HAVE_MPI
@@ -90,18 +157,20 @@ int RunMpi(const Flags& f, const moe::MoeConfig& cfg) {
     Fail("rank " + std::to_string(rank) + ": " + world.status().ToString(), 1);
     MPI_Abort(MPI_COMM_WORLD, 1);
   }
-  moe::TrainOptions options;
-  options.resume = f.resume;
-  options.quiet = f.quiet;
-  options.log_every = f.log_every;
-  auto trainer = moe::Trainer::Create(cfg, world->get(), options);
+  auto options = MakeOptions(f, /*process_per_rank=*/true);
+  if (!options.ok()) {
+    if (rank == 0) Fail(options.status().ToString(), 2);
+    MPI_Finalize();
+    return 2;
+  }
+  auto trainer = moe::Trainer::Create(cfg, world->get(), *options);
   moe::Status s = trainer.ok() ? (*trainer)->Run() : trainer.status();
   if (!s.ok()) {
     // A failed rank cannot promise its peers another collective: stop the whole job now, so no
     // rank waits for one that has gone (MPI_Abort ends every process of the job).
     Fail("rank " + std::to_string(rank) + ": " + s.ToString(), 1);
     std::fflush(stderr);
-    MPI_Abort(MPI_COMM_WORLD, s.code() == moe::StatusCode::kInvalidArgument ? 2 : 1);
+    MPI_Abort(MPI_COMM_WORLD, ExitCode(s));
   }
   trainer->reset();
   world->reset();
@@ -129,7 +198,12 @@ int main(int argc, char** argv) {
   app.add_option("--data", f.data, "override train.data_path");
   app.add_flag("--quiet", f.quiet, "no progress lines");
   app.add_option("--log-every", f.log_every, "a progress line every N steps")->check(CLI::Range(1, 1 << 30));
-  CLI11_PARSE(app, argc, argv);
+  app.add_option("--deadline", f.deadline, "override comm.deadline_seconds (every collective's deadline)")
+      ->check(CLI::Range(0.001, 1e6));
+  app.add_option("--inject-fault", f.inject_fault,
+                 "testing: KIND@RANK:STEP with KIND stall, exit or nan (see README, failure behaviour)")
+      ->group("Testing");
+  if (const int rc = moe::launch::ParseFlags(app, argc, argv); rc >= 0) return rc;
   moe::blas::SetThreads(1);
   const bool under_mpirun = std::getenv("OMPI_COMM_WORLD_SIZE") != nullptr || std::getenv("PMI_SIZE") != nullptr;
   if (f.backend.empty()) f.backend = under_mpirun ? "mpi" : "loopback";

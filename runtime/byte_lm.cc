@@ -17,10 +17,7 @@ constexpr int kVocab = 256;
 
 ByteLm::ByteLm(const config::MoeConfig& cfg, const ExecutorFactory& make_executor, int first_expert,
                int num_local_experts)
-    : cfg_(cfg),
-      first_expert_(first_expert),
-      num_local_experts_(num_local_experts),
-      m_(cfg.moe().model_dim()) {
+    : cfg_(cfg), m_(cfg.moe().model_dim()) {
   const int t = cfg.model().context();
   embed_ = Tensor(static_cast<int64_t>(t) * kVocab, m_);
   embed_grad_ = Tensor(embed_.rows(), m_);

@@ -75,7 +75,6 @@ class ByteLm {
 
  private:
   config::MoeConfig cfg_;
-  int first_expert_, num_local_experts_;
   int64_t m_;
   Tensor embed_, embed_grad_;  // (T * 256) x M
   struct Block {

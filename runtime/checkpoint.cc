@@ -4,14 +4,17 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <set>
 
 #include <google/protobuf/text_format.h>
 
 #include "runtime/base/file.h"
 #include "runtime/base/npy.h"
+#include "runtime/config.h"
 
 namespace moe {
 namespace fs = std::filesystem;
@@ -22,13 +25,41 @@ std::string CheckpointDirName(int64_t step) {
   return buf;
 }
 
+bool IsCheckpointDirName(const std::string& name) {
+  return name.size() > 5 && name.compare(0, 5, "step_") == 0 &&
+         std::all_of(name.begin() + 5, name.end(), [](char c) { return c >= '0' && c <= '9'; });
+}
+
+Status PrepareCheckpointDir(const std::string& root, const std::string& final_dir, const std::string& tmp_dir) {
+  MOE_RETURN_IF_ERROR(MakeDirs(root));
+  std::error_code ec;
+  fs::remove_all(tmp_dir, ec);  // left over from a crash during an earlier save
+  if (ec) return IoError("cannot remove the unfinished save " + tmp_dir + ": " + ec.message());
+  if (fs::exists(final_dir, ec)) {
+    StatusOr<checkpoint::Manifest> existing = VerifyCheckpoint(final_dir);
+    if (existing.ok()) {
+      return FailedPrecondition("checkpoint " + final_dir + " already exists and is complete; not overwriting it");
+    }
+    std::string aside = final_dir + ".damaged";
+    for (int i = 1; fs::exists(aside, ec); ++i) aside = final_dir + ".damaged." + std::to_string(i);
+    if (::rename(final_dir.c_str(), aside.c_str()) != 0) {
+      return IoError("cannot move the damaged checkpoint " + final_dir + " aside: " + std::strerror(errno));
+    }
+    std::fprintf(stderr, "warning: moved damaged checkpoint %s to %s (%s)\n", final_dir.c_str(), aside.c_str(),
+                 existing.status().message().c_str());
+  }
+  return MakeDirs(tmp_dir);
+}
+
 Status WriteCheckpointTensors(const std::string& dir, const std::map<std::string, const Tensor*>& tensors) {
   MOE_RETURN_IF_ERROR(MakeDirs(dir));
+  // Plain writes and one file-system sync: the directory becomes a checkpoint only when its
+  // manifest is written and it is renamed, after this returns on every rank.
   for (const auto& [name, t] : tensors) {
-    const std::string path = dir + "/" + name + ".npy";
-    MOE_RETURN_IF_ERROR(WriteNpy(path, NpyDtype::kFloat32, {t->rows(), t->cols()}, t->data()));
+    MOE_RETURN_IF_ERROR(WriteFile(dir + "/" + name + ".npy",
+                                  EncodeNpy(NpyDtype::kFloat32, {t->rows(), t->cols()}, t->data())));
   }
-  return Status::Ok();
+  return SyncFilesystem(dir);
 }
 
 namespace {
@@ -76,19 +107,55 @@ Status FinalizeCheckpoint(const std::string& tmp_dir, const std::string& final_d
   return SyncDirectory(fs::path(final_dir).parent_path().string());
 }
 
-StatusOr<checkpoint::Manifest> VerifyCheckpoint(const std::string& dir) {
-  MOE_ASSIGN_OR_RETURN(std::string text, ReadFileToString(dir + "/manifest.textproto"));
+StatusOr<checkpoint::Manifest> ParseCheckpointManifest(const std::string& text, const std::string& where) {
   checkpoint::Manifest m;
-  if (!google::protobuf::TextFormat::ParseFromString(text, &m)) {
-    return DataLoss("checkpoint " + dir + ": manifest.textproto does not parse");
+  if (Status s = ParseTextProto(text, "manifest.textproto", &m); !s.ok()) {
+    return DataLoss("checkpoint " + where + ": " + s.message());
   }
-  if (m.format() != "moe-checkpoint-v1") {
-    return DataLoss("checkpoint " + dir + ": manifest format '" + m.format() + "' is not moe-checkpoint-v1");
+  auto bad = [&](const std::string& what) { return DataLoss("checkpoint " + where + ": manifest " + what); };
+  if (m.format() != "moe-checkpoint-v1") return bad("format '" + m.format() + "' is not moe-checkpoint-v1");
+  if (m.step() < 0) return bad("step=" + std::to_string(m.step()) + " must be >= 0");
+  if (m.optimizer_steps() < 0) return bad("optimizer_steps=" + std::to_string(m.optimizer_steps()) + " must be >= 0");
+  if (m.saved_world_size() < 1) {
+    return bad("saved_world_size=" + std::to_string(m.saved_world_size()) + " must be >= 1");
   }
+  if (!m.has_config()) return bad("has no config");
+  if (Status s = ValidateConfig(m.config()); !s.ok()) return bad("config: " + s.message());
+  std::set<std::string> names;
   for (const auto& tf : m.tensors()) {
-    if (tf.file().find('/') != std::string::npos || tf.file().empty()) {
-      return DataLoss("checkpoint " + dir + ": tensor " + tf.name() + " has an invalid file name '" + tf.file() + "'");
+    const std::string& name = tf.name();
+    const bool safe = !name.empty() && name.size() <= 200 && name.front() != '.' &&
+                      std::all_of(name.begin(), name.end(), [](char c) {
+                        return std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '.' || c == '-';
+                      });
+    if (!safe) return bad("tensor name '" + name + "' must be 1-200 characters of [A-Za-z0-9_.-], not starting with '.'");
+    if (!names.insert(name).second) return bad("lists tensor " + name + " twice");
+    if (tf.file() != name + ".npy") return bad("tensor " + name + ": file '" + tf.file() + "' must be " + name + ".npy");
+    if (tf.shape_size() < 1 || tf.shape_size() > 2) {
+      return bad("tensor " + name + ": shape has " + std::to_string(tf.shape_size()) + " dimensions, must have 1 or 2");
     }
+    uint64_t elements = 1;
+    for (int64_t d : tf.shape()) {
+      if (d < 0 || d > (int64_t{1} << 40)) return bad("tensor " + name + ": dimension " + std::to_string(d) + " out of range");
+      // Checked before multiplying: two dimensions of up to 2^40 would wrap the 64-bit product.
+      if (d > 0 && elements > (uint64_t{1} << 40) / static_cast<uint64_t>(d)) {
+        return bad("tensor " + name + ": shape has more than 2^40 elements");
+      }
+      elements *= static_cast<uint64_t>(d);
+    }
+    if (elements > (uint64_t{1} << 40) || tf.size_bytes() < 4 * elements) {
+      return bad("tensor " + name + ": size_bytes=" + std::to_string(tf.size_bytes()) +
+                 " cannot hold its shape as float32");
+    }
+  }
+  return m;
+}
+
+StatusOr<checkpoint::Manifest> VerifyCheckpoint(const std::string& dir) {
+  StatusOr<std::string> text = ReadFileToString(dir + "/manifest.textproto");
+  if (!text.ok()) return DataLoss("checkpoint " + dir + " is incomplete: " + text.status().message());
+  MOE_ASSIGN_OR_RETURN(checkpoint::Manifest m, ParseCheckpointManifest(*text, dir));
+  for (const auto& tf : m.tensors()) {
     StatusOr<std::string> content = ReadFileToString(dir + "/" + tf.file());
     if (!content.ok()) return DataLoss("checkpoint " + dir + ": " + content.status().message());
     if (content->size() != tf.size_bytes()) {
@@ -97,6 +164,13 @@ StatusOr<checkpoint::Manifest> VerifyCheckpoint(const std::string& dir) {
     }
     if (Fnv1a64(*content) != tf.checksum()) {
       return DataLoss("checkpoint " + dir + ": " + tf.file() + " checksum does not match the manifest");
+    }
+    StatusOr<NpyArray> arr =
+        ParseNpy(tf.file(), reinterpret_cast<const uint8_t*>(content->data()), content->size());
+    if (!arr.ok()) return DataLoss("checkpoint " + dir + ": " + arr.status().message());
+    if (arr->dtype != NpyDtype::kFloat32 ||
+        !std::equal(arr->shape.begin(), arr->shape.end(), tf.shape().begin(), tf.shape().end())) {
+      return DataLoss("checkpoint " + dir + ": " + tf.file() + " is not float32 of the manifest's shape");
     }
   }
   return m;
@@ -108,11 +182,12 @@ StatusOr<std::string> FindLatestCheckpoint(const std::string& root) {
   std::vector<std::string> dirs;
   for (const auto& entry : fs::directory_iterator(root, ec)) {
     const std::string f = entry.path().filename().string();
-    if (entry.is_directory() && f.rfind("step_", 0) == 0 && f.find(".tmp") == std::string::npos) {
-      dirs.push_back(f);
-    }
+    if (entry.is_directory() && IsCheckpointDirName(f)) dirs.push_back(f);
   }
-  std::sort(dirs.rbegin(), dirs.rend());
+  // Newest first: longer digit strings are larger steps, equal lengths compare as text.
+  std::sort(dirs.begin(), dirs.end(), [](const std::string& a, const std::string& b) {
+    return a.size() != b.size() ? a.size() > b.size() : a > b;
+  });
   for (const std::string& d : dirs) {
     const std::string path = root + "/" + d;
     StatusOr<checkpoint::Manifest> m = VerifyCheckpoint(path);

@@ -19,7 +19,15 @@ namespace moe {
 
 std::string CheckpointDirName(int64_t step);  // "step_00000100"
 
-// Writes each (name -> tensor) as <dir>/<name>.npy (creates dir).
+// Readies <root>/<step dir>.tmp for a new save of `final_dir`: creates root, removes a .tmp left by
+// a crash, and if final_dir already exists: refuses (kFailedPrecondition) when it is a complete
+// checkpoint, else moves the damaged one aside to <final_dir>.damaged[.N] (nothing is deleted).
+Status PrepareCheckpointDir(const std::string& root, const std::string& final_dir, const std::string& tmp_dir);
+
+// Whether a directory name is a checkpoint's: "step_" followed by digits only.
+bool IsCheckpointDirName(const std::string& name);
+
+// Writes each (name -> tensor) as <dir>/<name>.npy (creates dir) and syncs them to storage.
 Status WriteCheckpointTensors(const std::string& dir, const std::map<std::string, const Tensor*>& tensors);
 
 // Checksums every .npy file in tmp_dir, writes the manifest (with `manifest`'s other fields),
@@ -27,7 +35,14 @@ Status WriteCheckpointTensors(const std::string& dir, const std::map<std::string
 Status FinalizeCheckpoint(const std::string& tmp_dir, const std::string& final_dir,
                           checkpoint::Manifest manifest);
 
-// Reads the manifest and verifies every file's size and checksum.
+// Parses and checks a manifest's text without touching files: format, step >= 0, optimizer_steps
+// >= 0, saved_world_size >= 1, a valid config, and per tensor a unique name of [A-Za-z0-9_.-]
+// stored as "<name>.npy", at most 2 non-negative dimensions and a size that can hold them.
+// `where` (the checkpoint directory) prefixes every message; errors are kDataLoss.
+StatusOr<checkpoint::Manifest> ParseCheckpointManifest(const std::string& text, const std::string& where);
+
+// Reads the manifest (ParseCheckpointManifest) and verifies every file's size, checksum and .npy
+// header (float32 of the manifest's shape).
 StatusOr<checkpoint::Manifest> VerifyCheckpoint(const std::string& dir);
 
 // The newest complete checkpoint under root (by step), or NotFound. Incomplete or damaged ones are

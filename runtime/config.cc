@@ -237,14 +237,20 @@ Status ValidateForWorld(const MoeConfig& cfg, int world_size) {
   return Status::Ok();
 }
 
-StatusOr<MoeConfig> ParseConfig(const std::string& text, const std::string& name) {
-  MoeConfig cfg;
+Status ParseTextProto(const std::string& text, const std::string& name, google::protobuf::Message* msg) {
   google::protobuf::TextFormat::Parser parser;
   ErrorCollector errors;
   parser.RecordErrorsTo(&errors);
-  if (!parser.ParseFromString(text, &cfg)) {
-    return InvalidArgument("config " + name + ": " + errors.text());
+  if (!parser.ParseFromString(text, msg)) {
+    return InvalidArgument(name + ": not a valid " + msg->GetDescriptor()->full_name() + " text proto: " +
+                           errors.text());
   }
+  return Status::Ok();
+}
+
+StatusOr<MoeConfig> ParseConfig(const std::string& text, const std::string& name) {
+  MoeConfig cfg;
+  MOE_RETURN_IF_ERROR(ParseTextProto(text, "config " + name, &cfg));
   MOE_RETURN_IF_ERROR(CheckRequired(cfg).WithContext("config " + name));
   ResolveConfig(&cfg);
   Status s = ValidateConfig(cfg);

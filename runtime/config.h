@@ -12,6 +12,9 @@ namespace moe {
 
 using config::MoeConfig;
 
+// Parses text-format `text` into `msg` (any message type); errors name `name`, line and column.
+Status ParseTextProto(const std::string& text, const std::string& name, google::protobuf::Message* msg);
+
 // Parses text-format `text` (`name` is used in messages), fills defaults, validates.
 StatusOr<MoeConfig> ParseConfig(const std::string& text, const std::string& name);
 // Reads and parses a .textproto file.

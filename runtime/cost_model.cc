@@ -22,11 +22,19 @@ Status ValidateTopology(const config::TopologyConfig& t, int ranks) {
   };
   if (!t.has_nodes() || t.nodes() < 1) return bad("nodes", t.nodes(), "must be >= 1");
   if (!t.has_gpus_per_node() || t.gpus_per_node() < 1) return bad("gpus_per_node", t.gpus_per_node(), "must be >= 1");
-  if (!(t.intra_bandwidth_gbps() > 0)) return bad("intra_bandwidth_gbps", t.intra_bandwidth_gbps(), "must be > 0");
-  if (!(t.inter_bandwidth_gbps() > 0)) return bad("inter_bandwidth_gbps", t.inter_bandwidth_gbps(), "must be > 0");
-  if (!(t.intra_latency_us() >= 0)) return bad("intra_latency_us", t.intra_latency_us(), "must be >= 0");
-  if (!(t.inter_latency_us() >= 0)) return bad("inter_latency_us", t.inter_latency_us(), "must be >= 0");
-  if (!(t.gpu_tflops() > 0)) return bad("gpu_tflops", t.gpu_tflops(), "must be > 0");
+  if (t.nodes() > (1 << 20)) return bad("nodes", t.nodes(), "must be <= 1048576");
+  if (t.gpus_per_node() > 4096) return bad("gpus_per_node", t.gpus_per_node(), "must be <= 4096");
+  const std::pair<const char*, double> positive[] = {{"intra_bandwidth_gbps", t.intra_bandwidth_gbps()},
+                                                     {"inter_bandwidth_gbps", t.inter_bandwidth_gbps()},
+                                                     {"gpu_tflops", t.gpu_tflops()}};
+  for (const auto& [field, v] : positive) {
+    if (!(v > 0 && std::isfinite(v))) return bad(field, v, "must be a finite number > 0");
+  }
+  const std::pair<const char*, double> non_negative[] = {{"intra_latency_us", t.intra_latency_us()},
+                                                         {"inter_latency_us", t.inter_latency_us()}};
+  for (const auto& [field, v] : non_negative) {
+    if (!(v >= 0 && std::isfinite(v))) return bad(field, v, "must be a finite number >= 0");
+  }
   if (ranks > 0 && static_cast<int64_t>(t.nodes()) * t.gpus_per_node() != ranks) {
     return InvalidArgument(name + ": nodes * gpus_per_node = " + std::to_string(t.nodes()) + " * " +
                            std::to_string(t.gpus_per_node()) + " must equal the number of ranks (" +
@@ -160,19 +168,88 @@ StatusOr<StepPrediction> CostModel::PredictStep(const StepTraffic& step, bool hi
   return out;
 }
 
-StatusOr<AlphaBetaFit> FitAlphaBeta(const std::vector<std::pair<double, double>>& points) {
-  const double n = static_cast<double>(points.size());
-  double sx = 0, sy = 0;
-  for (const auto& [x, y] : points) {
-    sx += x;
-    sy += y;
+StatusOr<double> MaxRankBytes(const TrafficMatrix& bytes) {
+  const size_t n = bytes.size();
+  double worst = 0.0;
+  for (size_t r = 0; r < n; ++r) {
+    if (bytes[r].size() != n) {
+      return InvalidArgument("traffic matrix row " + std::to_string(r) + " has " + std::to_string(bytes[r].size()) +
+                             " entries, expected " + std::to_string(n));
+    }
   }
+  for (size_t r = 0; r < n; ++r) {
+    double sent = 0.0, received = 0.0;
+    for (size_t p = 0; p < n; ++p) {
+      if (!(bytes[r][p] >= 0)) return InvalidArgument("traffic matrix row " + std::to_string(r) + " has a negative entry");
+      sent += bytes[r][p];
+      received += bytes[p][r];
+    }
+    worst = std::max(worst, std::max(sent, received));
+  }
+  return worst;
+}
+
+StatusOr<HostStepPrediction> PredictHostStep(const HostModel& model, const HostStepInputs& step) {
+  if (model.cores < 1) return InvalidArgument("host model: cores=" + std::to_string(model.cores) + " must be >= 1");
+  for (const auto& [name, c] : {std::pair<const char*, CallCost>{"alltoall", model.alltoall}, {"allreduce", model.allreduce}}) {
+    if (!(c.beta_bytes_per_second > 0)) {
+      return InvalidArgument(std::string("host model: ") + name + " beta=" + Num(c.beta_bytes_per_second) + " must be > 0");
+    }
+    if (!(c.alpha_seconds >= 0)) {
+      return InvalidArgument(std::string("host model: ") + name + " alpha=" + Num(c.alpha_seconds) + " must be >= 0");
+    }
+  }
+  const size_t ranks = step.compute_seconds.size();
+  if (ranks == 0) return InvalidArgument("host step: compute_seconds is empty (one entry per rank)");
+  HostStepPrediction out;
+  double worst = 0.0, sum = 0.0;
+  for (double c : step.compute_seconds) {
+    if (!(c >= 0)) return InvalidArgument("host step: compute seconds " + Num(c) + " must be >= 0");
+    worst = std::max(worst, c);
+    sum += c;
+  }
+  const double lanes = static_cast<double>(std::min<size_t>(static_cast<size_t>(model.cores), ranks));
+  out.compute_mean_seconds = sum / static_cast<double>(ranks);
+  out.wait_seconds = worst - out.compute_mean_seconds;
+  out.oversubscription_seconds = std::max(0.0, sum / lanes - worst);
+  for (const TrafficMatrix& m : step.alltoalls) {
+    if (m.size() != ranks) {
+      return InvalidArgument("host step: traffic matrix has " + std::to_string(m.size()) + " rows, expected " +
+                             std::to_string(ranks) + " (one per rank)");
+    }
+    MOE_ASSIGN_OR_RETURN(const double bytes, MaxRankBytes(m));
+    out.alltoall_seconds += model.alltoall.Seconds(bytes);
+    ++out.alltoall_calls;
+  }
+  for (double b : step.allreduce_bytes) {
+    if (!(b >= 0)) return InvalidArgument("host step: all-reduce bytes " + Num(b) + " must be >= 0");
+    out.allreduce_seconds += model.allreduce.Seconds(b);
+    ++out.allreduce_calls;
+  }
+  return out;
+}
+
+StatusOr<AlphaBetaFit> FitAlphaBeta(const std::vector<std::pair<double, double>>& points, FitWeighting weighting) {
   if (points.size() < 2) return InvalidArgument("alpha-beta fit needs at least 2 points");
-  const double mx = sx / n, my = sy / n;
-  double sxx = 0, sxy = 0;
+  std::vector<double> w;
   for (const auto& [x, y] : points) {
-    sxx += (x - mx) * (x - mx);
-    sxy += (x - mx) * (y - my);
+    if (weighting == FitWeighting::kRelative && !(y > 0)) {
+      return InvalidArgument("alpha-beta fit (relative): time " + Num(y) + " s at " + Num(x) + " bytes must be > 0");
+    }
+    w.push_back(weighting == FitWeighting::kRelative ? 1.0 / (y * y) : 1.0);
+  }
+  double sw = 0, sx = 0, sy = 0;
+  for (size_t i = 0; i < points.size(); ++i) {
+    sw += w[i];
+    sx += w[i] * points[i].first;
+    sy += w[i] * points[i].second;
+  }
+  const double mx = sx / sw, my = sy / sw;
+  double sxx = 0, sxy = 0;
+  for (size_t i = 0; i < points.size(); ++i) {
+    const auto& [x, y] = points[i];
+    sxx += w[i] * (x - mx) * (x - mx);
+    sxy += w[i] * (x - mx) * (y - my);
   }
   if (!(sxx > 0)) return InvalidArgument("alpha-beta fit needs at least 2 distinct message sizes");
   const double slope = sxy / sxx;
@@ -188,7 +265,7 @@ StatusOr<AlphaBetaFit> FitAlphaBeta(const std::vector<std::pair<double, double>>
     const double r = y - (fit.alpha_seconds + x * slope);
     ss += r * r;
   }
-  fit.rms_residual_seconds = std::sqrt(ss / n);
+  fit.rms_residual_seconds = std::sqrt(ss / static_cast<double>(points.size()));
   return fit;
 }
 

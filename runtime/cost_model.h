@@ -98,13 +98,80 @@ class CostModel {
   double a_intra_ = 0, b_intra_ = 0, a_inter_ = 0, b_inter_ = 0;  // seconds, bytes/second
 };
 
+// ---- The step on one shared-memory host (validation on the machine at hand) -------------------
+//
+// Predicts the step time of a run whose ranks are processes or threads of one machine with `cores`
+// cores, from the traffic and load the run measured, per-call collective costs fitted from
+// moe_comm_bench sweeps of the same backend and rank count, and per-rank compute calibrated on one
+// rank. A training step is bulk synchronous: every collective (all-to-all or all-reduce) starts
+// only when the last rank arrives, so a step is a chain of [compute phase -> collective]:
+//   compute(r)   = the compute rank r does in the step outside collectives when it has a core to
+//                  itself (HostStepInputs::compute_seconds, from the calibration);
+//   compute      = max( max_r compute(r),                        the slowest rank is waited for,
+//                       sum_r compute(r) / min(cores, ranks) )   ranks sharing a core serialise
+//                  (work-conserving scheduler; the slowest rank is the same in every phase, so the
+//                  sum over phases of the per-phase maximum is the maximum of the per-rank sums);
+//   alltoall     = sum over the step's all-to-all calls (counts exchange included) of
+//                  alpha_a2a + bytes / beta_a2a, bytes = max over ranks of max(sent, received),
+//                  the self block included (moe_comm_bench's "size": a rank's whole send buffer);
+//   allreduce    = sum over the step's all-reduces of alpha_ar + bytes / beta_ar;
+//   step         = compute + alltoall + allreduce.
+// alpha is the per-call overhead (rendezvous, progress, and on an oversubscribed machine the
+// context switches a collective needs before every rank has run); it is fitted at the rank count
+// being predicted, so it includes what oversubscription does to a collective.
+// HostStepPrediction splits the compute into the mean rank's compute, the wait for the slowest
+// rank (max - mean) and the serialisation excess (max(0, sum / cores - max)).
+
+// Cost of one collective call of `bytes`: alpha + bytes / beta.
+struct CallCost {
+  double alpha_seconds = 0.0;
+  double beta_bytes_per_second = 0.0;
+  double Seconds(double bytes) const { return alpha_seconds + bytes / beta_bytes_per_second; }
+};
+
+struct HostModel {
+  int cores = 1;
+  CallCost alltoall;   // per all-to-all(v) call
+  CallCost allreduce;  // per all-reduce call
+};
+
+struct HostStepInputs {
+  std::vector<TrafficMatrix> alltoalls;  // every all-to-all of the step (ranks x ranks, self included)
+  std::vector<double> allreduce_bytes;   // every all-reduce of the step
+  std::vector<double> compute_seconds;   // per rank
+};
+
+struct HostStepPrediction {
+  double compute_mean_seconds = 0.0;   // mean over ranks of compute(r)
+  double wait_seconds = 0.0;           // max_r compute(r) - mean
+  double oversubscription_seconds = 0.0;  // max(0, sum_r compute(r) / min(cores, ranks) - max_r compute(r))
+  double alltoall_seconds = 0.0;
+  double allreduce_seconds = 0.0;
+  int alltoall_calls = 0, allreduce_calls = 0;
+  double compute_seconds() const { return compute_mean_seconds + wait_seconds + oversubscription_seconds; }
+  double total() const { return compute_seconds() + alltoall_seconds + allreduce_seconds; }
+};
+
+// max over ranks of max(bytes sent, bytes received), diagonal included; kInvalidArgument for a
+// matrix that is not square or has negative entries.
+StatusOr<double> MaxRankBytes(const TrafficMatrix& bytes);
+// kInvalidArgument for cores < 1, non-positive betas, negative alphas or compute seconds, matrices
+// whose size differs from compute_seconds.size(), or negative all-reduce bytes.
+StatusOr<HostStepPrediction> PredictHostStep(const HostModel& model, const HostStepInputs& step);
+
 // Least-squares fit of seconds = alpha + bytes / beta over (bytes, seconds) points.
 struct AlphaBetaFit {
   double alpha_seconds = 0.0;
   double beta_bytes_per_second = 0.0;
   double rms_residual_seconds = 0.0;
 };
-// kInvalidArgument with fewer than 2 distinct sizes or a non-positive fitted slope.
-StatusOr<AlphaBetaFit> FitAlphaBeta(const std::vector<std::pair<double, double>>& points);
+// kAbsolute minimises the sum of squared residuals (the largest sizes dominate); kRelative the sum
+// of squared relative residuals ((fit - y) / y)^2, i.e. weights 1 / y^2, so that a sweep over
+// several decades fits the small messages (where alpha lives) as well as the large ones.
+enum class FitWeighting { kAbsolute, kRelative };
+// kInvalidArgument with fewer than 2 distinct sizes, a non-positive time (kRelative) or a
+// non-positive fitted slope.
+StatusOr<AlphaBetaFit> FitAlphaBeta(const std::vector<std::pair<double, double>>& points,
+                                    FitWeighting weighting = FitWeighting::kAbsolute);
 
 }  // namespace moe

@@ -244,16 +244,14 @@ int64_t ComputeCapacity(const config::RouterConfig& cfg, int64_t num_experts, in
                         int64_t num_groups, bool train) {
   const double cf = train ? cfg.capacity_factor_train() : cfg.capacity_factor_eval();
   const int64_t s_g = (num_tokens + num_groups - 1) / num_groups;
-  if (cfg.gate() == config::EXPERT_CHOICE) {
-    if (cf <= 0) return s_g;
-    const auto c = static_cast<int64_t>(std::ceil(static_cast<double>(s_g) * cf / static_cast<double>(num_experts)));
-    return std::min(s_g, std::max<int64_t>(cfg.min_capacity(), c));
-  }
-  if (cf <= 0) return 0;
-  const double k = TopK(cfg);
-  const auto c = static_cast<int64_t>(
-      std::ceil(k * static_cast<double>(s_g) * cf / static_cast<double>(num_experts)));
-  return std::max<int64_t>(cfg.min_capacity(), c);
+  const bool expert_choice = cfg.gate() == config::EXPERT_CHOICE;
+  if (cf <= 0) return expert_choice ? s_g : 0;
+  // An expert receives at most one slot per token of a group, so no capacity above S_g can change
+  // the routing: C is capped at S_g (the double is only converted below that bound).
+  const double k = expert_choice ? 1.0 : TopK(cfg);
+  const double c = std::ceil(k * static_cast<double>(s_g) * cf / static_cast<double>(num_experts));
+  const int64_t capped = c >= static_cast<double>(s_g) ? s_g : static_cast<int64_t>(c);
+  return std::min(s_g, std::max<int64_t>(cfg.min_capacity(), capped));
 }
 
 StatusOr<DispatchPlan> BuildDispatchPlan(const config::RouterConfig& cfg, const Tensor& probs,

@@ -1,8 +1,10 @@
 #include "runtime/ep_executor.h"
 
-#include "runtime/base/clock.h"
 #include <chrono>
 #include <cstring>
+#include <utility>
+
+#include "runtime/base/clock.h"
 
 namespace moe {
 namespace {
@@ -47,10 +49,17 @@ Status ExpertParallelExecutor::Layout(const DispatchPlan& plan) {
         }
       }
     }
-    const double t0 = WallSeconds();
+    ExchangeCall call;
+    call.kind = ExchangeCall::Kind::kCounts;
+    call.backward = in_backward_;
+    call.bytes_to_rank.assign(static_cast<size_t>(w), l * g * static_cast<int64_t>(sizeof(int64_t)));
+    call.bytes_from_rank = call.bytes_to_rank;
+    call.start_seconds = WallSeconds();
     MOE_RETURN_IF_ERROR(ep_->AllToAll(send_counts.data(), recv_counts_.data(), l * g,
                                       comm::DataType::kInt64));
-    stats_.alltoall_seconds += WallSeconds() - t0;
+    call.seconds = WallSeconds() - call.start_seconds;
+    stats_.alltoall_seconds += call.seconds;
+    stats_.calls.push_back(std::move(call));
   }
   recv_rows_.assign(static_cast<size_t>(w), 0);
   for (int64_t s = 0; s < w; ++s) {
@@ -73,12 +82,21 @@ Status ExpertParallelExecutor::Layout(const DispatchPlan& plan) {
   return Status::Ok();
 }
 
-Status ExpertParallelExecutor::Exchange(const float* send, const std::vector<int64_t>& send_rows,
+Status ExpertParallelExecutor::Exchange(ExchangeCall::Kind kind, const float* send,
+                                        const std::vector<int64_t>& send_rows,
                                         const std::vector<int64_t>& send_displ, float* recv,
                                         const std::vector<int64_t>& recv_rows,
                                         const std::vector<int64_t>& recv_displ) {
   const int64_t m = shape_.model_dim;
-  const double t0 = WallSeconds();
+  ExchangeCall call;
+  call.kind = kind;
+  call.backward = in_backward_;
+  const int64_t row_bytes = m * static_cast<int64_t>(sizeof(float));
+  for (size_t r = 0; r < send_rows.size(); ++r) {
+    call.bytes_to_rank.push_back(send_rows[r] * row_bytes);
+    call.bytes_from_rank.push_back(recv_rows[r] * row_bytes);
+  }
+  call.start_seconds = WallSeconds();
   if (padded_) {
     // Every peer gets the same L * G * C rows: a plain all-to-all.
     MOE_RETURN_IF_ERROR(ep_->AllToAll(send, recv, send_rows[0] * m, comm::DataType::kFloat32));
@@ -91,7 +109,9 @@ Status ExpertParallelExecutor::Exchange(const float* send, const std::vector<int
     MOE_RETURN_IF_ERROR(ep_->AllToAllV(send, elements(send_rows), elements(send_displ), recv,
                                        elements(recv_rows), elements(recv_displ), comm::DataType::kFloat32));
   }
-  stats_.alltoall_seconds += WallSeconds() - t0;
+  call.seconds = WallSeconds() - call.start_seconds;
+  stats_.alltoall_seconds += call.seconds;
+  stats_.calls.push_back(std::move(call));
   return Status::Ok();
 }
 
@@ -145,7 +165,8 @@ Status ExpertParallelExecutor::Dispatch(const DispatchPlan& plan, MatrixView<con
     stats_.bytes_to_rank[r] += bytes;
   }
   ResizeTensor(&recv_buf_, total_recv, m);
-  MOE_RETURN_IF_ERROR(Exchange(send, send_rows_, send_row_displ_, recv_buf_.data(), recv_rows_, recv_row_displ_));
+  MOE_RETURN_IF_ERROR(Exchange(ExchangeCall::Kind::kDispatch, send, send_rows_, send_row_displ_, recv_buf_.data(),
+                               recv_rows_, recv_row_displ_));
   ResizeTensor(expert_rows, total_recv, m);
   Regroup(recv_buf_, expert_rows, /*to_expert_major=*/true);
   return Status::Ok();
@@ -159,7 +180,8 @@ Status ExpertParallelExecutor::Combine(const DispatchPlan& plan, const Tensor& e
   Regroup(expert_rows, &back_buf_, /*to_expert_major=*/false);
   ResizeTensor(packed, plan.num_rows(), m);
   float* out = padded_ ? (ResizeTensor(&send_buf_, total_send, m), send_buf_.data()) : packed->data();
-  MOE_RETURN_IF_ERROR(Exchange(back_buf_.data(), recv_rows_, recv_row_displ_, out, send_rows_, send_row_displ_));
+  MOE_RETURN_IF_ERROR(Exchange(ExchangeCall::Kind::kCombine, back_buf_.data(), recv_rows_, recv_row_displ_, out,
+                               send_rows_, send_row_displ_));
   if (padded_) {
     int64_t row = 0;
     for (int64_t e = 0; e < num_experts_; ++e) {
@@ -181,6 +203,7 @@ Status ExpertParallelExecutor::Forward(const DispatchPlan& plan, MatrixView<cons
     return InvalidArgument("plan has " + std::to_string(plan.num_experts) + " experts, executor " +
                            std::to_string(num_experts_));
   }
+  in_backward_ = false;
   MOE_RETURN_IF_ERROR(Layout(plan));
   MOE_RETURN_IF_ERROR(Dispatch(plan, packed_x, &expert_in_));
   const double t0 = WallSeconds();
@@ -193,6 +216,7 @@ Status ExpertParallelExecutor::Backward(const DispatchPlan& plan, MatrixView<con
                                         const std::vector<experts::FfnParams>& experts,
                                         std::vector<experts::FfnParams>* grads, Tensor* packed_dx) {
   Tensor expert_dy, expert_dx;
+  in_backward_ = true;
   MOE_RETURN_IF_ERROR(Dispatch(plan, packed_dy, &expert_dy));
   const double t0 = WallSeconds();
   blocks_.Backward(expert_offsets_, expert_dy.view(), experts, grads, &expert_dx);

@@ -23,11 +23,28 @@
 
 namespace moe {
 
+// One all-to-all of the executor, as this rank saw it.
+struct ExchangeCall {
+  enum class Kind {
+    kCounts,    // dropless layout: the per-(expert, group) row counts (int64), once per Forward
+    kDispatch,  // rows to the experts' ranks (forward: x, backward: dY)
+    kCombine,   // rows back to their source ranks (forward: y, backward: dX)
+  };
+  Kind kind = Kind::kDispatch;
+  bool backward = false;                // issued by Backward()
+  std::vector<int64_t> bytes_to_rank;   // per destination rank of the EP group, the self block included
+  std::vector<int64_t> bytes_from_rank; // per source rank
+  double start_seconds = 0.0;           // WallSeconds() when the call began
+  double seconds = 0.0;                 // inside the communicator call
+};
+
+// What the executor did since the last Reset() (the Trainer resets it at the start of each step).
 struct ExchangeStats {
-  double alltoall_seconds = 0.0;
+  double alltoall_seconds = 0.0;  // all exchanges, the count exchange included
   double expert_seconds = 0.0;
-  int64_t bytes_sent = 0;
-  std::vector<int64_t> bytes_to_rank;  // per destination rank of the EP group
+  int64_t bytes_sent = 0;               // dispatch rows sent (padding and the self block included)
+  std::vector<int64_t> bytes_to_rank;   // the same per destination rank of the EP group
+  std::vector<ExchangeCall> calls;      // every exchange, in issue order
   void Reset() { *this = ExchangeStats(); }
 };
 
@@ -44,6 +61,7 @@ class ExpertParallelExecutor : public ExpertExecutor {
                   std::vector<experts::FfnParams>* grads, Tensor* packed_dx) override;
 
   ExchangeStats& stats() { return stats_; }
+  const ExchangeStats& stats() const { return stats_; }
 
  private:
   // Sends rows of `packed` (layout of `plan`) to the experts' ranks; fills `expert_rows` in the
@@ -56,7 +74,8 @@ class ExpertParallelExecutor : public ExpertExecutor {
   // layout [local expert][source][group] (to_expert_major picks the direction).
   void Regroup(const Tensor& from, Tensor* to, bool to_expert_major) const;
   // One all-to-all(v) of float rows; counts and displacements in rows.
-  Status Exchange(const float* send, const std::vector<int64_t>& send_rows,
+  // `call` is filled with the kind, direction, per-peer bytes and time and appended to stats_.
+  Status Exchange(ExchangeCall::Kind kind, const float* send, const std::vector<int64_t>& send_rows,
                   const std::vector<int64_t>& send_displ, float* recv,
                   const std::vector<int64_t>& recv_rows, const std::vector<int64_t>& recv_displ);
 
@@ -75,6 +94,7 @@ class ExpertParallelExecutor : public ExpertExecutor {
   std::vector<int64_t> expert_offsets_;  // L + 1 offsets in the regrouped buffer
   Tensor send_buf_, recv_buf_, expert_in_, expert_out_, back_buf_;
   ExchangeStats stats_;
+  bool in_backward_ = false;  // the direction recorded in stats_.calls
 };
 
 }  // namespace moe

@@ -106,6 +106,17 @@ Status Trainer::Init() {
     StatusOr<std::string> latest = FindLatestCheckpoint(cfg_.train().checkpoint_dir());
     if (!latest.ok()) return latest.status().WithContext("--resume");
     MOE_RETURN_IF_ERROR(LoadCheckpoint(*latest));
+  } else if (!cfg_.train().checkpoint_dir().empty()) {
+    // A fresh run never writes over an earlier run's checkpoints.
+    std::error_code ec;
+    for (const auto& entry : std::filesystem::directory_iterator(cfg_.train().checkpoint_dir(), ec)) {
+      const std::string name = entry.path().filename().string();
+      if (IsCheckpointDirName(name) && std::filesystem::exists(entry.path() / "manifest.textproto", ec)) {
+        return FailedPrecondition("train.checkpoint_dir=" + cfg_.train().checkpoint_dir() +
+                                  " already holds checkpoints (" + name +
+                                  "); pass --resume to continue from the newest, or choose another directory");
+      }
+    }
   }
   MOE_RETURN_IF_ERROR(world_->Barrier());
   if (rank == 0 && !options_.quiet) PrintStart();
@@ -157,6 +168,21 @@ Status Trainer::ReduceGradients() {
     Unflatten(ef, params, expert);
   }
   return Status::Ok();
+}
+
+std::vector<int64_t> Trainer::StepAllReduceBytes() const {
+  // Mirrors ReduceGradients, GlobalGradNorm and the statistics / bias all-reduces of Step.
+  int64_t replicated = 0, expert = 0;
+  for (const ParamRef& p : model_->Params()) (p.expert_id < 0 ? replicated : expert) += p.grad->size();
+  const int64_t d = static_cast<int64_t>(sizeof(double)), e = cfg_.moe().num_experts();
+  std::vector<int64_t> out = {replicated * d};
+  if (replicas_count_ > 1) out.push_back(expert * d);
+  out.push_back(d);
+  out.push_back((5 + e) * d);
+  if (cfg_.moe().router().bias_update_rate() > 0) {
+    for (size_t i = 0; i < executors_.size(); ++i) out.push_back(e * static_cast<int64_t>(sizeof(int64_t)));
+  }
+  return out;
 }
 
 StatusOr<double> Trainer::GlobalGradNorm() {
@@ -330,8 +356,9 @@ Status Trainer::Run() {
       if (!status.ok()) break;
     }
     const int every = cfg_.train().checkpoint_every();
-    if (every > 0 && !cfg_.train().checkpoint_dir().empty() &&
-        (step_ % every == 0 || step_ == cfg_.train().steps())) {
+    // With a checkpoint_dir the last step is always saved; checkpoint_every > 0 adds periodic saves.
+    if (!cfg_.train().checkpoint_dir().empty() &&
+        ((every > 0 && step_ % every == 0) || step_ == cfg_.train().steps())) {
       status = SaveCheckpoint();
       if (!status.ok()) break;
     }
@@ -346,13 +373,10 @@ Status Trainer::SaveCheckpoint() {
   const std::string final_dir = root + "/" + CheckpointDirName(step_);
   const std::string tmp_dir = final_dir + ".tmp";
   const int rank = world_->rank();
-  if (rank == 0) {
-    MOE_RETURN_IF_ERROR(MakeDirs(root));
-    std::error_code ec;
-    fs::remove_all(tmp_dir, ec);  // left over from a crash during an earlier save
-    MOE_RETURN_IF_ERROR(MakeDirs(tmp_dir));
-  }
-  MOE_RETURN_IF_ERROR(world_->Barrier());
+  // Every step that can fail on one rank ends with an agreement, so no rank waits for a peer that
+  // gave up (the save fails on all ranks with the failing rank's reason where it is known).
+  Status prep = rank == 0 ? PrepareCheckpointDir(root, final_dir, tmp_dir) : Status::Ok();
+  MOE_RETURN_IF_ERROR(AgreeOk(prep, "saving checkpoint " + final_dir + ": rank 0 could not prepare it"));
   std::map<std::string, const Tensor*> tensors;
   std::vector<Tensor> biases;
   const bool writes_experts = rank < ep_size_;  // replica 0 writes each expert once
@@ -376,11 +400,8 @@ Status Trainer::SaveCheckpoint() {
     }
   }
   Status write = WriteCheckpointTensors(tmp_dir, tensors);
-  // Every rank learns whether all writes succeeded before anyone renames.
-  int32_t failed = write.ok() ? 0 : 1;
-  MOE_RETURN_IF_ERROR(world_->AllReduce(&failed, &failed, 1, comm::DataType::kInt32, comm::ReduceOp::kMax));
-  if (!write.ok()) return write.WithContext("saving checkpoint " + final_dir);
-  if (failed) return IoError("saving checkpoint " + final_dir + ": another rank failed to write its tensors");
+  MOE_RETURN_IF_ERROR(AgreeOk(write.WithContext("saving checkpoint " + final_dir),
+                              "saving checkpoint " + final_dir + ": another rank failed to write its tensors"));
   Status fin;
   if (rank == 0) {
     checkpoint::Manifest manifest;
@@ -390,10 +411,14 @@ Status Trainer::SaveCheckpoint() {
     *manifest.mutable_config() = cfg_;
     fin = FinalizeCheckpoint(tmp_dir, final_dir, manifest);
   }
-  int32_t fin_failed = fin.ok() ? 0 : 1;
-  MOE_RETURN_IF_ERROR(world_->AllReduce(&fin_failed, &fin_failed, 1, comm::DataType::kInt32, comm::ReduceOp::kMax));
-  if (!fin.ok()) return fin;
-  if (fin_failed) return IoError("saving checkpoint " + final_dir + ": rank 0 could not finalize it");
+  return AgreeOk(fin, "saving checkpoint " + final_dir + ": rank 0 could not finalize it");
+}
+
+Status Trainer::AgreeOk(const Status& local, const std::string& remote_failure) {
+  int32_t failed = local.ok() ? 0 : 1;
+  MOE_RETURN_IF_ERROR(world_->AllReduce(&failed, &failed, 1, comm::DataType::kInt32, comm::ReduceOp::kMax));
+  if (!local.ok()) return local;
+  if (failed != 0) return IoError(remote_failure);
   return Status::Ok();
 }
 

@@ -53,6 +53,7 @@ class Trainer {
   const std::vector<report::StepMetrics>& history() const { return history_; }
   ByteLm& model() { return *model_; }
   int64_t step() const { return step_; }
+  int world_rank() const { return world_->rank(); }
   // Saves a checkpoint of the current step (collective).
   Status SaveCheckpoint();
   // Global gradient norm of the last step (after the reductions).
@@ -61,6 +62,10 @@ class Trainer {
   int64_t skipped_steps() const { return skipped_steps_; }
   // The expert-parallel executors of the MoE layers; their stats() describe the last step.
   const std::vector<ExpertParallelExecutor*>& executors() const { return executors_; }
+  // Bytes of each all-reduce one (not skipped) training step issues, in order: replicated gradients
+  // (float64, world), expert gradients (float64, replicas; only with replicas), the gradient norm
+  // (EP group), the step statistics (world), the router biases (per layer, with bias updates).
+  std::vector<int64_t> StepAllReduceBytes() const;
 
  private:
   Trainer(const config::MoeConfig& cfg, comm::Communicator* world, const TrainOptions& options);
@@ -70,6 +75,9 @@ class Trainer {
   StatusOr<double> GlobalGradNorm();
   Status Evaluate(double* loss);
   Status LoadCheckpoint(const std::string& dir);
+  // All-reduces "did this rank fail": returns `local` where it failed, IoError(remote_failure)
+  // where only another rank did, Ok where none did.
+  Status AgreeOk(const Status& local, const std::string& remote_failure);
   std::vector<bool> Trainable(const std::vector<ParamRef>& params) const;
   void PrintStart();
   void PrintProgress(const report::StepMetrics& m, double elapsed);

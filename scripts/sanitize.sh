@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the whole project with AddressSanitizer + UndefinedBehaviorSanitizer (CPU only) and runs
-# every test: leak detection on for the in-process tests, off for the MPI ones (Open MPI's own
-# allocations are reported as leaks). Usage: bash scripts/sanitize.sh [build-dir]
+# every test: leak detection on for the in-process tests, off for those that start MPI processes
+# (Open MPI's own allocations are reported as leaks). Usage: bash scripts/sanitize.sh [build-dir]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${1:-build-asan}
@@ -10,5 +10,6 @@ cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMOE_WITH_CUD
   -DCMAKE_CXX_FLAGS="$FLAGS" -DCMAKE_EXE_LINKER_FLAGS="-fsanitize=address,undefined"
 cmake --build "$BUILD" -j "$(nproc)"
 export OPENBLAS_NUM_THREADS=1 UBSAN_OPTIONS=print_stacktrace=1
-ASAN_OPTIONS=detect_leaks=1 ctest --test-dir "$BUILD" --output-on-failure -j "$(nproc)" -E "mpi|MPI|Mpi"
-ASAN_OPTIONS=detect_leaks=0 ctest --test-dir "$BUILD" --output-on-failure -j "$(nproc)" -R "mpi|MPI|Mpi"
+USES_MPI="mpi|MPI|Mpi|simulate"
+ASAN_OPTIONS=detect_leaks=1 ctest --test-dir "$BUILD" --output-on-failure -j "$(nproc)" -E "$USES_MPI"
+ASAN_OPTIONS=detect_leaks=0 ctest --test-dir "$BUILD" --output-on-failure -j "$(nproc)" -R "$USES_MPI"

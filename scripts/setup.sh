@@ -10,6 +10,7 @@ PACKAGES=(
   libgtest-dev libgmock-dev
   libopenblas-dev
   libcli11-dev
+  clang libclang-rt-14-dev
   python3-torch python3-numpy
 )
 

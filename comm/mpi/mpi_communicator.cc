@@ -221,7 +221,21 @@ Status MpiCommunicator::Finish(std::unique_ptr<MpiOperation> owned) {
       for (size_t i = 0; i < n; ++i) {
         if (!op.arrived[i]) missing.push_back(op.peers[i]);
       }
-      const Status status = DeadlineError(op.name, op.seq, missing);
+      if (missing.empty() && !collective_done) {
+        // Everyone arrived but the data did not all move: a peer stalled mid-transfer. Peers that
+        // already announced their next operation on this communicator finished this one; name
+        // the others (the stalled rank is among them).
+        const int next_tag = static_cast<int>((op.seq + 1) % static_cast<uint64_t>(tag_ub_));
+        for (int p : op.peers) {
+          int flag = 0;
+          MPI_Iprobe(p, next_tag, control_.get(), &flag, MPI_STATUS_IGNORE);
+          if (flag == 0) missing.push_back(p);
+        }
+      }
+      const Status status =
+          DeadlineError(op.name, op.seq, missing,
+                        num_arrived == n ? "did not complete it (all arrived; they never moved on to the next operation)"
+                                         : "did not arrive");
       abandoned_.push_back(std::move(owned));
       return Abort(status);
     }

@@ -135,13 +135,12 @@ StatusOr<NpyArray> ReadNpy(const std::string& path) {
   return ParseNpy(path, reinterpret_cast<const uint8_t*>(content.data()), content.size());
 }
 
-StatusOr<Tensor> ReadNpyFloat(const std::string& path) {
-  MOE_ASSIGN_OR_RETURN(NpyArray arr, ReadNpy(path));
+StatusOr<Tensor> NpyToTensor(const NpyArray& arr, const std::string& name) {
   if (arr.dtype != NpyDtype::kFloat32) {
-    return InvalidArgument("npy file " + path + ": dtype must be float32 (<f4)");
+    return InvalidArgument("npy file " + name + ": dtype must be float32 (<f4)");
   }
   if (arr.shape.empty() || arr.shape.size() > 2) {
-    return InvalidArgument("npy file " + path + ": must have 1 or 2 dimensions, has " +
+    return InvalidArgument("npy file " + name + ": must have 1 or 2 dimensions, has " +
                            std::to_string(arr.shape.size()));
   }
   const int64_t rows = arr.shape.size() == 2 ? arr.shape[0] : 1;
@@ -149,6 +148,11 @@ StatusOr<Tensor> ReadNpyFloat(const std::string& path) {
   Tensor t(rows, cols);
   if (!arr.bytes.empty()) std::memcpy(t.data(), arr.bytes.data(), arr.bytes.size());
   return t;
+}
+
+StatusOr<Tensor> ReadNpyFloat(const std::string& path) {
+  MOE_ASSIGN_OR_RETURN(NpyArray arr, ReadNpy(path));
+  return NpyToTensor(arr, path);
 }
 
 StatusOr<Tensor> ReadNpyFloatShaped(const std::string& path, int64_t rows, int64_t cols) {
@@ -172,19 +176,22 @@ StatusOr<Tensor> ReadNpyFloatShaped(const std::string& path, int64_t rows, int64
   return t;
 }
 
-StatusOr<IntTensor> ReadNpyInt32(const std::string& path) {
-  MOE_ASSIGN_OR_RETURN(NpyArray arr, ReadNpy(path));
-  if (arr.dtype != NpyDtype::kInt32) return InvalidArgument("npy file " + path + ": dtype must be int32");
+StatusOr<IntTensor> NpyToIntTensor(const NpyArray& arr, const std::string& name) {
+  if (arr.dtype != NpyDtype::kInt32) return InvalidArgument("npy file " + name + ": dtype must be int32");
   if (arr.shape.empty() || arr.shape.size() > 2) {
-    return InvalidArgument("npy file " + path + ": must have 1 or 2 dimensions");
+    return InvalidArgument("npy file " + name + ": must have 1 or 2 dimensions");
   }
   IntTensor t(arr.shape.size() == 2 ? arr.shape[0] : 1, arr.shape.back());
   if (!arr.bytes.empty()) std::memcpy(t.data(), arr.bytes.data(), arr.bytes.size());
   return t;
 }
 
-Status WriteNpy(const std::string& path, NpyDtype dtype, const std::vector<int64_t>& shape,
-                const void* data) {
+StatusOr<IntTensor> ReadNpyInt32(const std::string& path) {
+  MOE_ASSIGN_OR_RETURN(NpyArray arr, ReadNpy(path));
+  return NpyToIntTensor(arr, path);
+}
+
+std::string EncodeNpy(NpyDtype dtype, const std::vector<int64_t>& shape, const void* data) {
   std::string shape_text = "(";
   int64_t count = 1;
   for (size_t i = 0; i < shape.size(); ++i) {
@@ -205,7 +212,12 @@ Status WriteNpy(const std::string& path, NpyDtype dtype, const std::vector<int64
   out.push_back(static_cast<char>((header.size() >> 8) & 0xff));
   out.append(header);
   out.append(static_cast<const char*>(data), static_cast<size_t>(count) * DtypeSize(dtype));
-  return WriteFileAtomically(path, out);
+  return out;
+}
+
+Status WriteNpy(const std::string& path, NpyDtype dtype, const std::vector<int64_t>& shape,
+                const void* data) {
+  return WriteFileAtomically(path, EncodeNpy(dtype, shape, data));
 }
 
 Status WriteNpy(const std::string& path, const Tensor& t) {

@@ -30,6 +30,13 @@ StatusOr<Tensor> ReadNpyFloat(const std::string& path);
 // Reads a float32 array and checks its shape: {rows, cols}, or {cols} when rows < 0 (a vector).
 StatusOr<Tensor> ReadNpyFloatShaped(const std::string& path, int64_t rows, int64_t cols);
 StatusOr<IntTensor> ReadNpyInt32(const std::string& path);
+// The in-memory halves of ReadNpyFloat and ReadNpyInt32: convert a parsed array (ParseNpy) of the
+// right dtype and rank 1 or 2; `name` appears in errors.
+StatusOr<Tensor> NpyToTensor(const NpyArray& arr, const std::string& name);
+StatusOr<IntTensor> NpyToIntTensor(const NpyArray& arr, const std::string& name);
+
+// The .npy file image (format 1.0, header padded to 64 bytes). `shape` must match the element count.
+std::string EncodeNpy(NpyDtype dtype, const std::vector<int64_t>& shape, const void* data);
 
 // Writes atomically (temporary file, then rename). `shape` must match the element count.
 Status WriteNpy(const std::string& path, NpyDtype dtype, const std::vector<int64_t>& shape,

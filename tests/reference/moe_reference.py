@@ -243,8 +243,8 @@ def compute_capacity(cfg, s, train):
         return min(s_g, max(cfg.min_capacity, c))
     if cf <= 0:
         return 0
-    c = int(math.ceil(float(cfg.top_k) * float(s_g) * cf / float(e)))
-    return max(cfg.min_capacity, c)
+    c = math.ceil(float(cfg.top_k) * float(s_g) * cf / float(e))
+    return min(s_g, max(cfg.min_capacity, c))  # capped at the group size (routing unchanged)
 
 
 def _rank(scores_row):

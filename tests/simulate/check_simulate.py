@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""moe_simulate end to end: outputs exist and the simulated final loss equals moe_train's."""
+"""moe_simulate end to end: outputs exist, the traffic comes per exchange from the executors, and the
+simulated final loss equals moe_train's on 4 loopback ranks and (with --mpiexec) on 4 MPI ranks."""
 import argparse, json, os, subprocess, sys
 
 ap = argparse.ArgumentParser()
@@ -9,6 +10,7 @@ ap.add_argument("--config", required=True)
 ap.add_argument("--topology", required=True)
 ap.add_argument("--data", required=True)
 ap.add_argument("--out", required=True)
+ap.add_argument("--mpiexec", default="", help="also compare with mpiexec -n 4 moe_train --backend mpi")
 a = ap.parse_args()
 os.makedirs(a.out, exist_ok=True)
 common = ["--config", a.config, "--ranks", "4", "--steps", "20", "--data", a.data]
@@ -21,6 +23,16 @@ measured = json.load(open(os.path.join(a.out, "measured.json")))
 predicted = json.load(open(os.path.join(a.out, "predicted.json")))
 assert measured["ranks"] == 4 and measured["steps"] == 20 and len(measured["per_step"]) == 20
 assert len(measured["per_step"][0]["bytes_src_dst"]) == 4
+# tiny_lm (2 layers, capacity exchange): per step 2 layers x (forward + backward) x (dispatch +
+# combine) = 8 exchanges of equal shape; the per-exchange matrices add up to bytes_src_dst.
+for step in measured["per_step"]:
+    ex = step["exchanges"]
+    assert [e["kind"] for e in ex].count("dispatch") == 4 and [e["kind"] for e in ex].count("combine") == 4, ex
+    assert sum(e["backward"] for e in ex) == 4
+    total = [[sum(e["bytes_src_dst"][i][j] for e in ex) for j in range(4)] for i in range(4)]
+    assert total == step["bytes_src_dst"], (total, step["bytes_src_dst"])
+    assert all(len(e["seconds"]) == 4 for e in ex)
+assert len(measured["allreduce_bytes"]) == 3
 assert predicted["flat"]["step_seconds"] > 0 and predicted["hierarchical"]["step_seconds"] > 0
 for name in ("expert_load.svg", "rank_time.svg"):
     assert open(os.path.join(a.out, name)).read().lstrip().startswith("<svg"), name
@@ -30,10 +42,23 @@ train_loss = json.loads(open(metrics).read().strip().splitlines()[-1])["loss"]
 sim_loss = measured["final_loss"]
 if abs(train_loss - sim_loss) > 1e-12 * max(1.0, abs(train_loss)):
     sys.exit(f"final loss differs: moe_simulate {sim_loss!r} vs moe_train {train_loss!r}")
+mpi_note = ""
+if a.mpiexec:
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               OMPI_MCA_rmaps_base_oversubscribe="1", OMPI_MCA_mpi_yield_when_idle="1",
+               OPENBLAS_NUM_THREADS="1")
+    mpi_metrics = os.path.join(a.out, "train_mpi4_metrics.jsonl")
+    subprocess.run([a.mpiexec, "-n", "4", a.train, "--backend", "mpi", *common, "--quiet", "--metrics", mpi_metrics],
+                   check=True, env=env)
+    mpi_loss = json.loads(open(mpi_metrics).read().strip().splitlines()[-1])["loss"]
+    # Gradients are all-reduced in float64 (exact for 4 float32 terms), so MPI and loopback agree bit for bit.
+    if abs(mpi_loss - sim_loss) > 1e-12 * max(1.0, abs(mpi_loss)):
+        sys.exit(f"final loss differs: moe_simulate {sim_loss!r} vs mpiexec -n 4 moe_train {mpi_loss!r}")
+    mpi_note = f" == mpiexec -n 4 moe_train {mpi_loss!r}"
 # A bad topology is a clear error with exit code 2.
 bad = os.path.join(a.out, "bad_topology.textproto")
 open(bad, "w").write('name: "bad" nodes: 1 gpus_per_node: 4 intra_bandwidth_gbps: 0 inter_bandwidth_gbps: 1 gpu_tflops: 1\n')
 r = subprocess.run([a.simulate, *common, "--topology", bad, "--out", a.out], capture_output=True, text=True)
 if r.returncode != 2 or "intra_bandwidth_gbps" not in r.stderr:
     sys.exit(f"bad topology: expected exit 2 naming intra_bandwidth_gbps, got {r.returncode}: {r.stderr}")
-print(f"ok: final loss {sim_loss!r} == moe_train {train_loss!r}")
+print(f"ok: final loss {sim_loss!r} == moe_train {train_loss!r}{mpi_note}")

@@ -106,6 +106,108 @@ TEST(CostModelTest, FitRecoversAlphaBeta) {
   EXPECT_FALSE(FitAlphaBeta({{1e3, 2.0}, {1e4, 1.0}}).ok());
 }
 
+// ---- The step on one shared-memory host ----
+
+// cores 2; all-to-all 10 us + 1 GB/s per call, all-reduce 5 us + 2 GB/s per call.
+HostModel TwoCores() {
+  HostModel h;
+  h.cores = 2;
+  h.alltoall = {10e-6, 1e9};
+  h.allreduce = {5e-6, 2e9};
+  return h;
+}
+
+TEST(CostModelTest, MaxRankBytesTakesTheBusiestSenderOrReceiverSelfIncluded) {
+  // rank 0 sends 1000 to every rank (itself included): 4000 sent; every rank receives 1000.
+  TrafficMatrix fan_out = {{1000, 1000, 1000, 1000}, {0, 0, 0, 0}, {0, 0, 0, 0}, {0, 0, 0, 0}};
+  EXPECT_EQ(*MaxRankBytes(fan_out), 4000.0);
+  // incast: ranks 1..3 send 700 each to rank 2 -> rank 2 receives 2100, sends at most 700.
+  TrafficMatrix incast = {{0, 0, 0, 0}, {0, 0, 700, 0}, {0, 0, 700, 0}, {0, 0, 700, 0}};
+  EXPECT_EQ(*MaxRankBytes(incast), 2100.0);
+  EXPECT_FALSE(MaxRankBytes({{0, 1}, {1}}).ok());
+  EXPECT_FALSE(MaxRankBytes({{0, -1}, {1, 0}}).ok());
+}
+
+TEST(CostModelTest, HostStepOversubscribedSerialisesComputeAndAddsPerCallCosts) {
+  HostStepInputs in;
+  in.compute_seconds = {1e-3, 2e-3, 3e-3, 2e-3};  // max 3 ms, mean 2 ms, sum 8 ms
+  TrafficMatrix fan_out = {{1000, 1000, 1000, 1000}, {0, 0, 0, 0}, {0, 0, 0, 0}, {0, 0, 0, 0}};
+  TrafficMatrix uniform(4, std::vector<double>(4, 500.0));  // 2000 sent and received per rank
+  in.alltoalls = {fan_out, uniform};
+  in.allreduce_bytes = {8, 2000};
+  auto p = PredictHostStep(TwoCores(), in);
+  ASSERT_TRUE(p.ok()) << p.status().ToString();
+  EXPECT_NEAR(p->compute_mean_seconds, 2e-3, 1e-15);
+  EXPECT_NEAR(p->wait_seconds, 1e-3, 1e-15);              // slowest rank 3 ms - mean 2 ms
+  EXPECT_NEAR(p->oversubscription_seconds, 1e-3, 1e-15);  // 8 ms on 2 cores = 4 ms > 3 ms
+  EXPECT_NEAR(p->compute_seconds(), 4e-3, 1e-15);
+  // (10 + 4000 B / 1 GB/s = 4) + (10 + 2) = 26 us.
+  EXPECT_NEAR(p->alltoall_seconds, 26e-6, 1e-15);
+  EXPECT_EQ(p->alltoall_calls, 2);
+  // (5 + 8 B / 2 GB/s = 0.004) + (5 + 1) = 11.004 us.
+  EXPECT_NEAR(p->allreduce_seconds, 11.004e-6, 1e-15);
+  EXPECT_EQ(p->allreduce_calls, 2);
+  EXPECT_NEAR(p->total(), 4.037004e-3, 1e-15);
+}
+
+TEST(CostModelTest, HostStepWithACorePerRankWaitsForTheSlowest) {
+  HostModel h = TwoCores();
+  h.cores = 4;
+  HostStepInputs in;
+  in.compute_seconds = {1e-3, 3e-3};  // 2 ranks on 4 cores: no serialisation
+  in.alltoalls = {{{0, 0}, {0, 0}}};  // an empty call still costs alpha
+  auto p = PredictHostStep(h, in);
+  ASSERT_TRUE(p.ok());
+  EXPECT_NEAR(p->wait_seconds, 1e-3, 1e-15);
+  EXPECT_EQ(p->oversubscription_seconds, 0.0);
+  EXPECT_NEAR(p->total(), 3e-3 + 10e-6, 1e-15);
+  // One rank alone: compute only, alltoall alpha + its self block.
+  in.compute_seconds = {2e-3};
+  in.alltoalls = {{{3000}}};
+  EXPECT_NEAR(PredictHostStep(h, in)->total(), 2e-3 + 13e-6, 1e-15);
+}
+
+TEST(CostModelTest, HostStepRejectsBadInputs) {
+  HostStepInputs in;
+  in.compute_seconds = {1e-3, 1e-3};
+  HostModel h = TwoCores();
+  h.cores = 0;
+  EXPECT_FALSE(PredictHostStep(h, in).ok());
+  h = TwoCores();
+  h.alltoall.beta_bytes_per_second = 0;
+  EXPECT_NE(PredictHostStep(h, in).status().message().find("alltoall beta"), std::string::npos);
+  h = TwoCores();
+  in.alltoalls = {{{0}}};  // 1 x 1 for 2 ranks
+  EXPECT_FALSE(PredictHostStep(h, in).ok());
+  in.alltoalls.clear();
+  in.compute_seconds = {-1.0};
+  EXPECT_FALSE(PredictHostStep(h, in).ok());
+  in.compute_seconds.clear();
+  EXPECT_FALSE(PredictHostStep(h, in).ok());
+}
+
+TEST(CostModelTest, RelativeFitWeightsSmallTimes) {
+  // (0, 1), (1, 2), (2, 2). Absolute: slope 1/2, intercept 5/3 - 1/2 = 7/6.
+  // Relative, weights 1, 1/4, 1/4: W = 1.5, mean x = 0.5, mean y = 4/3, Sxx = 0.875, Sxy = 0.5
+  // -> slope 4/7, intercept 4/3 - 2/7 = 22/21.
+  const std::vector<std::pair<double, double>> pts = {{0, 1}, {1, 2}, {2, 2}};
+  auto a = FitAlphaBeta(pts);
+  ASSERT_TRUE(a.ok());
+  EXPECT_NEAR(a->alpha_seconds, 7.0 / 6.0, 1e-12);
+  EXPECT_NEAR(a->beta_bytes_per_second, 2.0, 1e-12);
+  auto r = FitAlphaBeta(pts, FitWeighting::kRelative);
+  ASSERT_TRUE(r.ok());
+  EXPECT_NEAR(r->alpha_seconds, 22.0 / 21.0, 1e-12);
+  EXPECT_NEAR(r->beta_bytes_per_second, 7.0 / 4.0, 1e-12);
+  // Exact data is recovered either way.
+  std::vector<std::pair<double, double>> exact;
+  for (double b : {1e3, 1e4, 1e5, 1e6}) exact.push_back({b, 5e-6 + b / 2e9});
+  auto e = FitAlphaBeta(exact, FitWeighting::kRelative);
+  EXPECT_NEAR(e->alpha_seconds, 5e-6, 1e-15);
+  EXPECT_NEAR(e->beta_bytes_per_second / 2e9, 1.0, 1e-9);
+  EXPECT_FALSE(FitAlphaBeta({{1e3, 0.0}, {1e4, 1.0}}, FitWeighting::kRelative).ok());
+}
+
 TEST(CostModelTest, BadTopologyNamesTheField) {
   auto wrong = CostModel::Create(TwoByTwo(), 8);
   ASSERT_FALSE(wrong.ok());

@@ -57,7 +57,7 @@ std::vector<int32_t> TokensOfExpert(const DispatchPlan& p, int e) {
 // Capacity and groups.
 
 TEST(CapacityTest, TokenChoiceValues) {
-  // C = max(min_capacity, ceil(k * S_g * cf / E)).
+  // C = min(S_g, max(min_capacity, ceil(k * S_g * cf / E))).
   EXPECT_EQ(ComputeCapacity(RouterCfg("top_k: 2" + Cf(1.25)), 4, 8, 1, true), 5);
   EXPECT_EQ(ComputeCapacity(RouterCfg("top_k: 2" + Cf(1.0)), 4, 8, 1, true), 4);
   EXPECT_EQ(ComputeCapacity(RouterCfg("top_k: 2" + Cf(1.01)), 4, 8, 1, true), 5);
@@ -71,6 +71,11 @@ TEST(CapacityTest, TokenChoiceValues) {
   EXPECT_EQ(ComputeCapacity(RouterCfg("top_k: 2" + Cf(-1.0, 4)), 4, 8, 1, false), 0);
   // TOP1 uses k = 1.
   EXPECT_EQ(ComputeCapacity(RouterCfg("gate: TOP1" + Cf(1.0)), 4, 8, 1, true), 2);
+  // Capped at the group size: a huge factor or min_capacity cannot exceed S_g (8 here; 3 with G=4).
+  EXPECT_EQ(ComputeCapacity(RouterCfg("top_k: 2" + Cf(1e6)), 4, 8, 1, true), 8);
+  EXPECT_EQ(ComputeCapacity(RouterCfg("top_k: 2" + Cf(1e300)), 4, 8, 1, true), 8);
+  EXPECT_EQ(ComputeCapacity(RouterCfg("top_k: 2" + Cf(1.0, 1000000)), 4, 10, 4, true), 3);
+  EXPECT_EQ(ComputeCapacity(RouterCfg("top_k: 2" + Cf(3.0)), 4, 8, 1, true), 8);   // 2*8*3/4 = 12 -> 8
   // S_g = ceil(S / G) for every group: S=10, G=4 -> S_g=3; 2*3*1/4 = 1.5 -> 2.
   EXPECT_EQ(ComputeCapacity(RouterCfg("top_k: 2" + Cf(1.0)), 4, 10, 4, true), 2);
   EXPECT_EQ(ComputeCapacity(RouterCfg("top_k: 2" + Cf(1.0)), 4, 12, 4, true), 2);  // S_g=3 too

@@ -1,0 +1,177 @@
+#!/usr/bin/env python3
+"""kill -9 at random moments of a run that saves a checkpoint after every step, again and again.
+
+Each iteration starts moe_train (resuming when a complete checkpoint exists), kills it with SIGKILL
+after a random delay, then checks with an independent verifier (this file: manifest parsed here,
+sizes and FNV-1a checksums recomputed) that
+  - every complete checkpoint directory (step_N with a manifest) verifies;
+  - the newest complete step never goes backwards (a crash never damages the last good one);
+  - moe_train --resume never had to skip a damaged checkpoint.
+A last run resumes to the end; its final loss must equal an uninterrupted run's (the resumed
+training is the same computation). Reports how many kills landed inside a save (a step_N.tmp
+directory was left behind).
+"""
+import argparse
+import glob
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--train", required=True)
+ap.add_argument("--config", required=True)
+ap.add_argument("--data", required=True)
+ap.add_argument("--workdir", required=True)
+ap.add_argument("--iterations", type=int, default=20)
+ap.add_argument("--steps", type=int, default=150,
+                help="steps of the job (the kills land in the first few dozen; the final resume runs the rest)")
+ap.add_argument("--ranks", type=int, default=2)
+ap.add_argument("--seed", type=int, default=7)
+ap.add_argument("--min-mid-save", type=int, default=1,
+                help="fail unless at least this many kills landed inside a save")
+a = ap.parse_args()
+
+rng = random.Random(a.seed)
+shutil.rmtree(a.workdir, ignore_errors=True)
+os.makedirs(a.workdir)
+ckpt = os.path.join(a.workdir, "ckpt")
+env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+
+# The config under test, saving after every step.
+text = open(a.config).read()
+if "checkpoint_every" in text:
+    sys.exit("the config must not set train.checkpoint_every (this test sets it)")
+text = re.sub(r"\btrain\s*{", "train {\n  checkpoint_every: 1\n", text, count=1)
+config = os.path.join(a.workdir, "config.textproto")
+open(config, "w").write(text)
+
+
+def fnv1a64(data):
+    h = 0xcbf29ce484222325
+    for b in data:
+        h ^= b
+        h = (h * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+verified = {}  # path -> (size, mtime_ns) of a file whose bytes matched its manifest entry
+
+
+def verify(d):
+    """None when checkpoint directory d is complete and intact, else what is wrong. A file whose
+    size and modification time are unchanged since it last matched is not read again."""
+    manifest = os.path.join(d, "manifest.textproto")
+    if not os.path.isfile(manifest):
+        return "no manifest"
+    blocks = re.findall(r"tensors\s*{(.*?)}", open(manifest).read(), flags=re.S)
+    if not blocks:
+        return "manifest lists no tensors"
+    for b in blocks:
+        name = re.search(r'file:\s*"([^"]+)"', b).group(1)
+        size = int(re.search(r"size_bytes:\s*(\d+)", b).group(1))
+        checksum = int(re.search(r"checksum:\s*(\d+)", b).group(1))
+        path = os.path.join(d, name)
+        if not os.path.isfile(path):
+            return f"{name} missing"
+        st = os.stat(path)
+        if verified.get(path) == (st.st_size, st.st_mtime_ns):
+            continue
+        data = open(path, "rb").read()
+        if len(data) != size:
+            return f"{name}: {len(data)} bytes, manifest says {size}"
+        if fnv1a64(data) != checksum:
+            return f"{name}: checksum mismatch"
+        verified[path] = (st.st_size, st.st_mtime_ns)
+    return None
+
+
+def complete_steps():
+    steps = []
+    for d in glob.glob(os.path.join(ckpt, "step_*")):
+        base = os.path.basename(d)
+        if not re.fullmatch(r"step_\d+", base) or not os.path.isfile(os.path.join(d, "manifest.textproto")):
+            continue
+        problem = verify(d)
+        if problem:
+            sys.exit(f"FAIL: complete-looking checkpoint {base} is damaged: {problem}")
+        steps.append(int(base[5:]))
+    return sorted(steps)
+
+
+def command(metrics, resume, directory=ckpt):
+    cmd = [a.train, "--config", config, "--data", a.data, "--backend", "loopback", "--ranks", str(a.ranks),
+           "--steps", str(a.steps), "--metrics", metrics, "--quiet"]
+    return cmd + (["--checkpoint-dir", directory] if directory else []) + (["--resume"] if resume else [])
+
+
+def last_metrics(path):
+    lines = open(path).read().strip().splitlines() if os.path.isfile(path) else []
+    return json.loads(lines[-1]) if lines else None
+
+
+def final_loss(metrics):
+    return last_metrics(metrics)["loss"]
+
+
+# Reference: the same run, uninterrupted and without checkpoints.
+ref_metrics = os.path.join(a.workdir, "reference.jsonl")
+ref_start = time.monotonic()
+ref = subprocess.run(command(ref_metrics, False, None), env=env,
+                     capture_output=True, text=True, timeout=600)
+ref_seconds = time.monotonic() - ref_start
+if ref.returncode != 0:
+    sys.exit(f"FAIL: reference run exited {ref.returncode}: {ref.stderr}")
+ref_loss = final_loss(ref_metrics)
+
+newest, mid_save, kills = -1, 0, 0
+finished = None  # metrics of a run that reached the last step before being killed
+for it in range(a.iterations):
+    steps = complete_steps()
+    if steps and steps[-1] >= a.steps:
+        break
+    metrics = os.path.join(a.workdir, f"run_{it}.jsonl")
+    start = time.monotonic()
+    p = subprocess.Popen(command(metrics, bool(steps)), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    time.sleep(rng.uniform(0.1, 0.5))
+    if p.poll() is None:
+        p.send_signal(signal.SIGKILL)
+        kills += 1
+    out, err = p.communicate(timeout=60)
+    if p.returncode not in (0, -signal.SIGKILL):
+        sys.exit(f"FAIL: iteration {it}: moe_train exited {p.returncode}: {err}")
+    m = last_metrics(metrics)
+    if m is not None and int(m.get("step", 0)) == a.steps - 1:
+        finished = metrics
+    if "skipping checkpoint" in err:
+        sys.exit(f"FAIL: iteration {it}: resume had to skip a damaged checkpoint: {err}")
+    if glob.glob(os.path.join(ckpt, "step_*.tmp")):
+        mid_save += 1
+    steps = complete_steps()
+    now = steps[-1] if steps else -1
+    if now < newest:
+        sys.exit(f"FAIL: iteration {it}: newest complete checkpoint went back from step {newest} to {now}")
+    newest = now
+
+# Resume to the end and compare with the uninterrupted run.
+metrics = finished
+if metrics is None:
+    metrics = os.path.join(a.workdir, "final.jsonl")
+    last = subprocess.run(command(metrics, True), env=env, capture_output=True, text=True, timeout=600)
+    if last.returncode != 0:
+        sys.exit(f"FAIL: the final resume exited {last.returncode}: {last.stderr}")
+loss = final_loss(metrics)
+if abs(loss - ref_loss) > 1e-6 * max(1.0, abs(ref_loss)):
+    sys.exit(f"FAIL: final loss after {kills} kills {loss!r} differs from the uninterrupted run's {ref_loss!r}")
+if mid_save < a.min_mid_save:
+    sys.exit(f"FAIL: only {mid_save} of {kills} kills landed inside a save (need {a.min_mid_save}); "
+             "the test would not test the save")
+print(f"uninterrupted run without checkpoints: {a.steps} steps in {ref_seconds:.2f} s")
+print(f"ok: {kills} kill -9 over {a.iterations} iterations, {mid_save} inside a save; newest complete checkpoint "
+      f"never went back (reached step {newest}); final loss {loss:.10f} == uninterrupted {ref_loss:.10f}")

@@ -54,6 +54,7 @@
 #include "comm/memory.h"
 #include "proto/report.pb.h"
 #include "runtime/base/clock.h"
+#include "runtime/base/malloc_tuning.h"
 #include "runtime/base/status.h"
 #include "runtime/base/tensor.h"
 #include "runtime/dispatch_plan.h"
@@ -1049,6 +1050,7 @@ int RunLoopback(const Settings& s) {
 
 #if MOE_COMM_HAVE_MPI
 int RunMpi(const Settings& s) {
+  moe::KeepStepBuffersOnHeap();  // one rank per process (see malloc_tuning.h)
   MPI_Init(nullptr, nullptr);
   int code = 0;
   {

@@ -19,6 +19,7 @@
 #include "comm/loopback/loopback_world.h"
 #include "experts/cpu/blas.h"
 #include "launch/cli.h"
+#include "runtime/base/malloc_tuning.h"
 #include "runtime/config.h"
 #include "runtime/fault_injection.h"
 #include "runtime/trainer.h"
@@ -209,6 +210,7 @@ int main(int argc, char** argv) {
   if (f.backend.empty()) f.backend = under_mpirun ? "mpi" : "loopback";
   if (f.backend == "mpi") {
 #if MOE_COMM_HAVE_MPI
+    moe::KeepStepBuffersOnHeap();  // one rank per process (see malloc_tuning.h)
     MPI_Init(&argc, &argv);
     int rank = 0;
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);

@@ -28,8 +28,8 @@ ap.add_argument("--train", required=True)
 ap.add_argument("--config", required=True)
 ap.add_argument("--data", required=True)
 ap.add_argument("--workdir", required=True)
-ap.add_argument("--iterations", type=int, default=20)
-ap.add_argument("--steps", type=int, default=150,
+ap.add_argument("--iterations", type=int, default=20, help="kill -9 this many runs")
+ap.add_argument("--steps", type=int, default=1000,
                 help="steps of the job (the kills land in the first few dozen; the final resume runs the rest)")
 ap.add_argument("--ranks", type=int, default=2)
 ap.add_argument("--seed", type=int, default=7)
@@ -131,12 +131,15 @@ ref_loss = final_loss(ref_metrics)
 
 newest, mid_save, kills = -1, 0, 0
 finished = None  # metrics of a run that reached the last step before being killed
-for it in range(a.iterations):
+iterations = 0
+for it in range(3 * a.iterations):  # a run that ends before its kill does not count
+    if kills == a.iterations:
+        break
     steps = complete_steps()
     if steps and steps[-1] >= a.steps:
         break
     metrics = os.path.join(a.workdir, f"run_{it}.jsonl")
-    start = time.monotonic()
+    iterations += 1
     p = subprocess.Popen(command(metrics, bool(steps)), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
     time.sleep(rng.uniform(0.1, 0.5))
@@ -169,9 +172,11 @@ if metrics is None:
 loss = final_loss(metrics)
 if abs(loss - ref_loss) > 1e-6 * max(1.0, abs(ref_loss)):
     sys.exit(f"FAIL: final loss after {kills} kills {loss!r} differs from the uninterrupted run's {ref_loss!r}")
+if kills < a.iterations and finished is None:
+    sys.exit(f"FAIL: only {kills} of {iterations} runs were killed (wanted {a.iterations})")
 if mid_save < a.min_mid_save:
     sys.exit(f"FAIL: only {mid_save} of {kills} kills landed inside a save (need {a.min_mid_save}); "
              "the test would not test the save")
 print(f"uninterrupted run without checkpoints: {a.steps} steps in {ref_seconds:.2f} s")
-print(f"ok: {kills} kill -9 over {a.iterations} iterations, {mid_save} inside a save; newest complete checkpoint "
+print(f"ok: {kills} kill -9 over {iterations} runs, {mid_save} inside a save; newest complete checkpoint "
       f"never went back (reached step {newest}); final loss {loss:.10f} == uninterrupted {ref_loss:.10f}")

@@ -157,32 +157,23 @@ Status Trainer::ReduceGradients() {
   const std::vector<ParamRef> params = model_->Params();
   auto replicated = [](const ParamRef& p) { return p.expert_id < 0; };
   std::vector<double> flat = Flatten(params, replicated);
-  MOE_RETURN_IF_ERROR(world_->AllReduce(flat.data(), flat.data(), static_cast<int64_t>(flat.size()),
-                                        comm::DataType::kFloat64, comm::ReduceOp::kSum));
+  MOE_RETURN_IF_ERROR(StepAllReduce(world_, flat.data(), static_cast<int64_t>(flat.size()),
+                                    comm::DataType::kFloat64, comm::ReduceOp::kSum));
   Unflatten(flat, params, replicated);
   if (replicas_count_ > 1) {
     auto expert = [](const ParamRef& p) { return p.expert_id >= 0; };
     std::vector<double> ef = Flatten(params, expert);
-    MOE_RETURN_IF_ERROR(replicas_->AllReduce(ef.data(), ef.data(), static_cast<int64_t>(ef.size()),
-                                             comm::DataType::kFloat64, comm::ReduceOp::kSum));
+    MOE_RETURN_IF_ERROR(StepAllReduce(replicas_.get(), ef.data(), static_cast<int64_t>(ef.size()),
+                                      comm::DataType::kFloat64, comm::ReduceOp::kSum));
     Unflatten(ef, params, expert);
   }
   return Status::Ok();
 }
 
-std::vector<int64_t> Trainer::StepAllReduceBytes() const {
-  // Mirrors ReduceGradients, GlobalGradNorm and the statistics / bias all-reduces of Step.
-  int64_t replicated = 0, expert = 0;
-  for (const ParamRef& p : model_->Params()) (p.expert_id < 0 ? replicated : expert) += p.grad->size();
-  const int64_t d = static_cast<int64_t>(sizeof(double)), e = cfg_.moe().num_experts();
-  std::vector<int64_t> out = {replicated * d};
-  if (replicas_count_ > 1) out.push_back(expert * d);
-  out.push_back(d);
-  out.push_back((5 + e) * d);
-  if (cfg_.moe().router().bias_update_rate() > 0) {
-    for (size_t i = 0; i < executors_.size(); ++i) out.push_back(e * static_cast<int64_t>(sizeof(int64_t)));
-  }
-  return out;
+Status Trainer::StepAllReduce(comm::Communicator* comm, void* data, int64_t count, comm::DataType dtype,
+                              comm::ReduceOp op) {
+  step_allreduce_bytes_.push_back(count * comm::DataTypeSize(dtype));
+  return comm->AllReduce(data, data, count, dtype, op);
 }
 
 StatusOr<double> Trainer::GlobalGradNorm() {
@@ -192,7 +183,7 @@ StatusOr<double> Trainer::GlobalGradNorm() {
     for (int64_t i = 0; i < p.grad->size(); ++i) s += static_cast<double>((*p.grad)[i]) * (*p.grad)[i];
     sq[p.expert_id >= 0 ? 1 : 0] += s;
   }
-  MOE_RETURN_IF_ERROR(ep_->AllReduce(&sq[1], &sq[1], 1, comm::DataType::kFloat64, comm::ReduceOp::kSum));
+  MOE_RETURN_IF_ERROR(StepAllReduce(ep_.get(), &sq[1], 1, comm::DataType::kFloat64, comm::ReduceOp::kSum));
   return std::sqrt(sq[0] + sq[1]);
 }
 
@@ -217,6 +208,7 @@ Status Trainer::Step(report::StepMetrics* m) {
   const double t0 = WallSeconds();
   const int world = world_->size(), rank = world_->rank();
   for (ExpertParallelExecutor* ex : executors_) ex->stats().Reset();
+  step_allreduce_bytes_.clear();
   const int64_t offset = rank * tokens_per_rank_;
   const LmBatch batch = data_->TrainBatch(cfg_.seed(), static_cast<uint64_t>(step_), offset, tokens_per_rank_,
                                           rank * groups_, groups_);
@@ -239,8 +231,8 @@ Status Trainer::Step(report::StepMetrics* m) {
   std::vector<double> sums = {stats.ce_sum, stats.aux, stats.z, static_cast<double>(stats.dropped_slots),
                               static_cast<double>(stats.total_slots)};
   for (int64_t v : stats.tokens_per_expert) sums.push_back(static_cast<double>(v));
-  MOE_RETURN_IF_ERROR(world_->AllReduce(sums.data(), sums.data(), static_cast<int64_t>(sums.size()),
-                                        comm::DataType::kFloat64, comm::ReduceOp::kSum));
+  MOE_RETURN_IF_ERROR(StepAllReduce(world_, sums.data(), static_cast<int64_t>(sums.size()),
+                                    comm::DataType::kFloat64, comm::ReduceOp::kSum));
   const double loss = sums[0] / static_cast<double>(tokens_per_rank_ * world);
   const double aux = sums[1] / world, z = sums[2] / world;
   const auto& router = cfg_.moe().router();
@@ -271,8 +263,8 @@ Status Trainer::Step(report::StepMetrics* m) {
     if (router.bias_update_rate() > 0) {
       for (MoeLayer* layer : model_->MoeLayers()) {
         std::vector<int64_t> load = layer->plan().load_per_expert;
-        MOE_RETURN_IF_ERROR(world_->AllReduce(load.data(), load.data(), static_cast<int64_t>(load.size()),
-                                              comm::DataType::kInt64, comm::ReduceOp::kSum));
+        MOE_RETURN_IF_ERROR(StepAllReduce(world_, load.data(), static_cast<int64_t>(load.size()),
+                                          comm::DataType::kInt64, comm::ReduceOp::kSum));
         layer->UpdateRouterBias(load);
       }
     }

@@ -62,10 +62,9 @@ class Trainer {
   int64_t skipped_steps() const { return skipped_steps_; }
   // The expert-parallel executors of the MoE layers; their stats() describe the last step.
   const std::vector<ExpertParallelExecutor*>& executors() const { return executors_; }
-  // Bytes of each all-reduce one (not skipped) training step issues, in order: replicated gradients
-  // (float64, world), expert gradients (float64, replicas; only with replicas), the gradient norm
-  // (EP group), the step statistics (world), the router biases (per layer, with bias updates).
-  std::vector<int64_t> StepAllReduceBytes() const;
+  // Bytes of each all-reduce the last step issued, in order (replicated gradients, expert gradients
+  // over replicas, gradient norm, step statistics, router biases), as recorded when issued.
+  const std::vector<int64_t>& StepAllReduceBytes() const { return step_allreduce_bytes_; }
 
  private:
   Trainer(const config::MoeConfig& cfg, comm::Communicator* world, const TrainOptions& options);
@@ -78,6 +77,9 @@ class Trainer {
   // All-reduces "did this rank fail": returns `local` where it failed, IoError(remote_failure)
   // where only another rank did, Ok where none did.
   Status AgreeOk(const Status& local, const std::string& remote_failure);
+  // An in-place all-reduce of the training step over `comm`, recorded in step_allreduce_bytes_.
+  Status StepAllReduce(comm::Communicator* comm, void* data, int64_t count, comm::DataType dtype,
+                       comm::ReduceOp op);
   std::vector<bool> Trainable(const std::vector<ParamRef>& params) const;
   void PrintStart();
   void PrintProgress(const report::StepMetrics& m, double elapsed);
@@ -97,6 +99,7 @@ class Trainer {
   int64_t step_ = 0;
   int64_t skipped_steps_ = 0;
   double last_grad_norm_ = 0.0;
+  std::vector<int64_t> step_allreduce_bytes_;
 };
 
 }  // namespace moe

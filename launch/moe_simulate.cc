@@ -24,14 +24,12 @@
 // Outputs: DIR/measured.json, DIR/expert_load.svg, DIR/rank_time.svg, with --topology
 // DIR/predicted.json (+ a table on stdout).
 #include <CLI/CLI.hpp>
-#include <google/protobuf/text_format.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -40,6 +38,7 @@
 
 #include "experts/cpu/blas.h"
 #include "launch/cli.h"
+#include "runtime/base/file.h"
 #include "runtime/config.h"
 #include "runtime/cost_model.h"
 #include "runtime/simulate.h"
@@ -62,23 +61,9 @@ struct Flags {
   double efficiency = 0.6;
 };
 
-StatusOr<moe::config::TopologyConfig> LoadTopology(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) return moe::NotFound("--topology " + path + ": cannot open");
-  std::stringstream ss;
-  ss << in.rdbuf();
-  moe::config::TopologyConfig t;
-  if (!google::protobuf::TextFormat::ParseFromString(ss.str(), &t)) {
-    return moe::InvalidArgument("--topology " + path + ": not a moe.config.TopologyConfig text proto");
-  }
-  MOE_RETURN_IF_ERROR(moe::ValidateTopology(t, 0).WithContext("--topology " + path));
-  return t;
-}
-
-bool WriteText(const std::string& path, const std::string& text) {
-  std::ofstream f(path);
-  f << text;
-  return static_cast<bool>(f);
+// Writes DIR/name atomically (a failure names the file and the reason).
+Status WriteOut(const std::string& dir, const std::string& name, const std::string& text) {
+  return moe::WriteFileAtomically(dir + "/" + name, text);
 }
 
 // 1-rank runs at the batch per rank of 1, 2 and 4 ranks (and the run's own, when different).
@@ -144,7 +129,7 @@ int Validate(const Flags& f, const moe::MoeConfig& cfg, const char* argv0) {
     js << (i++ ? ",\n  " : "\n  ") << moe::HostPredictionJson(*v, host, *cal);
   }
   js << "]}\n";
-  if (!WriteText(f.out + "/validate.json", js.str())) return Fail("cannot write " + f.out + "/validate.json", 1);
+  if (Status s = WriteOut(f.out, "validate.json", js.str()); !s.ok()) return Fail(s.ToString(), 1);
   std::printf("wrote %s/validate.json\n", f.out.c_str());
   return 0;
 }
@@ -190,7 +175,7 @@ int main(int argc, char** argv) {
   moe::config::TopologyConfig target;
   std::optional<moe::CostModel> model;
   if (!f.topology.empty()) {
-    auto t = LoadTopology(f.topology);
+    auto t = moe::LoadTopology(f.topology);
     if (!t.ok()) return Fail(t.status().ToString(), 2);
     target = *t;
     const int p = f.gpus_per_node > 0 ? f.gpus_per_node : std::min(target.gpus_per_node(), f.ranks);
@@ -224,10 +209,10 @@ int main(int argc, char** argv) {
 
   auto run = moe::RunSimulation(*cfg, f.ranks, !f.verbose);
   if (!run.ok()) return Fail(run.status().ToString(), run.status().code() == moe::StatusCode::kInvalidArgument ? 2 : 1);
-  if (!WriteText(f.out + "/measured.json", moe::MeasuredJson(*run, *cfg)) ||
-      !WriteText(f.out + "/expert_load.svg", moe::ExpertLoadSvg(*run)) ||
-      !WriteText(f.out + "/rank_time.svg", moe::RankTimeSvg(*run))) {
-    return Fail("cannot write to --out " + f.out, 1);
+  for (const auto& [name, text] : {std::pair<const char*, std::string>{"measured.json", moe::MeasuredJson(*run, *cfg)},
+                                    {"expert_load.svg", moe::ExpertLoadSvg(*run)},
+                                    {"rank_time.svg", moe::RankTimeSvg(*run)}}) {
+    if (Status s = WriteOut(f.out, name, text); !s.ok()) return Fail(s.ToString(), 1);
   }
   const auto& last = run->metrics(run->num_steps() - 1, 0);
   std::printf("moe_simulate: %d ranks, %d steps, final loss %.6f, drop %.1f%%, imbalance %.2f\n", f.ranks,
@@ -252,8 +237,8 @@ int main(int argc, char** argv) {
     std::printf("this host (%d cores), predicted vs this run (per step):\n", host.cores);
     PrintHostHeader();
     PrintHost(*v);
-    if (!WriteText(f.out + "/host_predicted.json", moe::HostPredictionJson(*v, host, *cal))) {
-      return Fail("cannot write " + f.out + "/host_predicted.json", 1);
+    if (Status s = WriteOut(f.out, "host_predicted.json", moe::HostPredictionJson(*v, host, *cal)); !s.ok()) {
+      return Fail(s.ToString(), 1);
     }
     std::printf("wrote %s/host_predicted.json\n", f.out.c_str());
   }
@@ -270,8 +255,9 @@ int main(int argc, char** argv) {
     std::printf("%-14s %12.3f %12.3f %12.3f %12.3f %12.3f\n", name, p.dispatch_seconds * 1e6, p.combine_seconds * 1e6,
                 p.experts_seconds * 1e6, p.other_seconds * 1e6, p.total() * 1e6);
   }
-  if (!WriteText(f.out + "/predicted.json", moe::PredictedJson(target, f.ranks, f.efficiency, *flat, *hier))) {
-    return Fail("cannot write " + f.out + "/predicted.json", 1);
+  if (Status s = WriteOut(f.out, "predicted.json", moe::PredictedJson(target, f.ranks, f.efficiency, *flat, *hier));
+      !s.ok()) {
+    return Fail(s.ToString(), 1);
   }
   std::printf("wrote %s/predicted.json\n", f.out.c_str());
   return 0;

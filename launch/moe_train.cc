@@ -96,8 +96,8 @@ int RunLoopback(const Flags& f, const moe::MoeConfig& cfg) {
     std::condition_variable cv;
     std::vector<moe::Status> status;
     std::vector<bool> done;
-    int finished = 0, failed = 0;
-    moe::StatusCode first_failure = moe::StatusCode::kOk;
+    int finished = 0;
+    moe::StatusCode first_failure = moe::StatusCode::kOk;  // kOk until a rank fails
   };
   auto shared = std::make_shared<Shared>();  // outlives main's frame if a rank is left behind
   shared->status.resize(static_cast<size_t>(f.ranks));
@@ -111,12 +111,12 @@ int RunLoopback(const Flags& f, const moe::MoeConfig& cfg) {
       shared->status[static_cast<size_t>(comm.rank())] = s;
       shared->done[static_cast<size_t>(comm.rank())] = true;
       ++shared->finished;
-      if (!s.ok() && shared->failed++ == 0) shared->first_failure = s.code();
+      if (!s.ok() && shared->first_failure == moe::StatusCode::kOk) shared->first_failure = s.code();
       shared->cv.notify_all();
     });
   });
   std::unique_lock<std::mutex> lock(shared->mu);
-  shared->cv.wait(lock, [&] { return shared->finished == f.ranks || shared->failed > 0; });
+  shared->cv.wait(lock, [&] { return shared->finished == f.ranks || shared->first_failure != moe::StatusCode::kOk; });
   const double grace = kGraceSeconds + (shared->first_failure == moe::StatusCode::kDeadlineExceeded
                                             ? 0.0
                                             : cfg.comm().deadline_seconds());

@@ -143,7 +143,7 @@ StatusOr<checkpoint::Manifest> ParseCheckpointManifest(const std::string& text, 
       }
       elements *= static_cast<uint64_t>(d);
     }
-    if (elements > (uint64_t{1} << 40) || tf.size_bytes() < 4 * elements) {
+    if (tf.size_bytes() < 4 * elements) {
       return bad("tensor " + name + ": size_bytes=" + std::to_string(tf.size_bytes()) +
                  " cannot hold its shape as float32");
     }
@@ -176,9 +176,8 @@ StatusOr<checkpoint::Manifest> VerifyCheckpoint(const std::string& dir) {
   return m;
 }
 
-StatusOr<std::string> FindLatestCheckpoint(const std::string& root) {
+std::vector<std::string> CheckpointDirNames(const std::string& root) {
   std::error_code ec;
-  if (!fs::is_directory(root, ec)) return NotFound("checkpoint directory " + root + " does not exist");
   std::vector<std::string> dirs;
   for (const auto& entry : fs::directory_iterator(root, ec)) {
     const std::string f = entry.path().filename().string();
@@ -188,6 +187,13 @@ StatusOr<std::string> FindLatestCheckpoint(const std::string& root) {
   std::sort(dirs.begin(), dirs.end(), [](const std::string& a, const std::string& b) {
     return a.size() != b.size() ? a.size() > b.size() : a > b;
   });
+  return dirs;
+}
+
+StatusOr<std::string> FindLatestCheckpoint(const std::string& root) {
+  std::error_code ec;
+  if (!fs::is_directory(root, ec)) return NotFound("checkpoint directory " + root + " does not exist");
+  const std::vector<std::string> dirs = CheckpointDirNames(root);
   for (const std::string& d : dirs) {
     const std::string path = root + "/" + d;
     StatusOr<checkpoint::Manifest> m = VerifyCheckpoint(path);

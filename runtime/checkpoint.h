@@ -26,6 +26,9 @@ Status PrepareCheckpointDir(const std::string& root, const std::string& final_di
 
 // Whether a directory name is a checkpoint's: "step_" followed by digits only.
 bool IsCheckpointDirName(const std::string& name);
+// The checkpoint directory names under root (complete or not), newest step first; empty when root
+// does not exist.
+std::vector<std::string> CheckpointDirNames(const std::string& root);
 
 // Writes each (name -> tensor) as <dir>/<name>.npy (creates dir) and syncs them to storage.
 Status WriteCheckpointTensors(const std::string& dir, const std::map<std::string, const Tensor*>& tensors);

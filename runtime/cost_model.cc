@@ -4,6 +4,9 @@
 #include <cmath>
 #include <string>
 
+#include "runtime/base/file.h"
+#include "runtime/config.h"
+
 namespace moe {
 namespace {
 
@@ -41,6 +44,14 @@ Status ValidateTopology(const config::TopologyConfig& t, int ranks) {
                            std::to_string(ranks) + ")");
   }
   return Status::Ok();
+}
+
+StatusOr<config::TopologyConfig> LoadTopology(const std::string& path) {
+  MOE_ASSIGN_OR_RETURN(const std::string text, ReadFileToString(path));
+  config::TopologyConfig t;
+  MOE_RETURN_IF_ERROR(ParseTextProto(text, "topology file " + path, &t));
+  MOE_RETURN_IF_ERROR(ValidateTopology(t, 0).WithContext("topology file " + path));
+  return t;
 }
 
 StatusOr<CostModel> CostModel::Create(const config::TopologyConfig& topology, int ranks,

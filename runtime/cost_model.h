@@ -50,6 +50,9 @@ struct CostModelOptions {
 // kInvalidArgument naming the field: nodes, gpus_per_node >= 1, bandwidths > 0, latencies >= 0,
 // gpu_tflops > 0; ranks > 0 must equal nodes * gpus_per_node (ranks <= 0: not checked).
 Status ValidateTopology(const config::TopologyConfig& topology, int ranks);
+// Reads a standalone topology text file (configs/topologies/) and validates it (ranks unchecked);
+// errors name the file, and the line and column of a syntax error.
+StatusOr<config::TopologyConfig> LoadTopology(const std::string& path);
 
 // One step's inputs, per rank of the simulated job (all vectors have `ranks` entries).
 struct StepTraffic {

@@ -58,7 +58,6 @@ Status ExpertParallelExecutor::Layout(const DispatchPlan& plan) {
     MOE_RETURN_IF_ERROR(ep_->AllToAll(send_counts.data(), recv_counts_.data(), l * g,
                                       comm::DataType::kInt64));
     call.seconds = WallSeconds() - call.start_seconds;
-    stats_.alltoall_seconds += call.seconds;
     stats_.calls.push_back(std::move(call));
   }
   recv_rows_.assign(static_cast<size_t>(w), 0);
@@ -110,7 +109,6 @@ Status ExpertParallelExecutor::Exchange(ExchangeCall::Kind kind, const float* se
                                        elements(recv_rows), elements(recv_displ), comm::DataType::kFloat32));
   }
   call.seconds = WallSeconds() - call.start_seconds;
-  stats_.alltoall_seconds += call.seconds;
   stats_.calls.push_back(std::move(call));
   return Status::Ok();
 }
@@ -157,12 +155,6 @@ Status ExpertParallelExecutor::Dispatch(const DispatchPlan& plan, MatrixView<con
       }
     }
     send = send_buf_.data();
-  }
-  if (static_cast<int64_t>(stats_.bytes_to_rank.size()) != w) stats_.bytes_to_rank.assign(static_cast<size_t>(w), 0);
-  for (int64_t r = 0; r < w; ++r) {
-    const int64_t bytes = send_rows_[r] * m * static_cast<int64_t>(sizeof(float));
-    stats_.bytes_sent += bytes;
-    stats_.bytes_to_rank[r] += bytes;
   }
   ResizeTensor(&recv_buf_, total_recv, m);
   MOE_RETURN_IF_ERROR(Exchange(ExchangeCall::Kind::kDispatch, send, send_rows_, send_row_displ_, recv_buf_.data(),

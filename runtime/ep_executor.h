@@ -40,11 +40,14 @@ struct ExchangeCall {
 
 // What the executor did since the last Reset() (the Trainer resets it at the start of each step).
 struct ExchangeStats {
-  double alltoall_seconds = 0.0;  // all exchanges, the count exchange included
   double expert_seconds = 0.0;
-  int64_t bytes_sent = 0;               // dispatch rows sent (padding and the self block included)
-  std::vector<int64_t> bytes_to_rank;   // the same per destination rank of the EP group
-  std::vector<ExchangeCall> calls;      // every exchange, in issue order
+  std::vector<ExchangeCall> calls;  // every exchange, in issue order
+  // Seconds inside all exchanges, the count exchange included.
+  double AllToAllSeconds() const {
+    double t = 0.0;
+    for (const ExchangeCall& c : calls) t += c.seconds;
+    return t;
+  }
   void Reset() { *this = ExchangeStats(); }
 };
 

@@ -108,10 +108,10 @@ Status Trainer::Init() {
     MOE_RETURN_IF_ERROR(LoadCheckpoint(*latest));
   } else if (!cfg_.train().checkpoint_dir().empty()) {
     // A fresh run never writes over an earlier run's checkpoints.
-    std::error_code ec;
-    for (const auto& entry : std::filesystem::directory_iterator(cfg_.train().checkpoint_dir(), ec)) {
-      const std::string name = entry.path().filename().string();
-      if (IsCheckpointDirName(name) && std::filesystem::exists(entry.path() / "manifest.textproto", ec)) {
+    const std::string& root = cfg_.train().checkpoint_dir();
+    for (const std::string& name : CheckpointDirNames(root)) {
+      std::error_code ec;
+      if (std::filesystem::exists(root + "/" + name + "/manifest.textproto", ec)) {
         return FailedPrecondition("train.checkpoint_dir=" + cfg_.train().checkpoint_dir() +
                                   " already holds checkpoints (" + name +
                                   "); pass --resume to continue from the newest, or choose another directory");
@@ -280,7 +280,7 @@ Status Trainer::Step(report::StepMetrics* m) {
   m->set_drop_fraction(sums[4] > 0 ? sums[3] / sums[4] : 0.0);
   double a2a = 0.0, expert = 0.0;
   for (ExpertParallelExecutor* ex : executors_) {
-    a2a += ex->stats().alltoall_seconds;
+    a2a += ex->stats().AllToAllSeconds();
     expert += ex->stats().expert_seconds;
   }
   ++step_;

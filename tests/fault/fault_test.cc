@@ -11,7 +11,6 @@
 #include <atomic>
 #include <chrono>
 #include <filesystem>
-#include <fstream>
 #include <functional>
 #include <limits>
 #include <map>
@@ -24,6 +23,7 @@
 
 #include "comm/loopback/loopback_world.h"
 #include "runtime/base/clock.h"
+#include "runtime/base/file.h"
 #include "runtime/checkpoint.h"
 #include "runtime/config.h"
 #include "runtime/fault_injection.h"
@@ -261,11 +261,13 @@ class DamagedCheckpointTest : public ::testing::Test {
     return {};
   }
   static std::string Read(const fs::path& p) {
-    std::ifstream in(p, std::ios::binary);
-    return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    StatusOr<std::string> content = ReadFileToString(p.string());
+    EXPECT_TRUE(content.ok()) << content.status().ToString();
+    return content.ok() ? *content : std::string();
   }
   static void Write(const fs::path& p, const std::string& content) {
-    std::ofstream(p, std::ios::binary | std::ios::trunc) << content;
+    const Status s = WriteFile(p.string(), content);
+    EXPECT_TRUE(s.ok()) << s.ToString();
   }
 
   ScratchDir dir_{"damaged"};

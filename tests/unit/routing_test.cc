@@ -362,8 +362,9 @@ TEST(RerouteTest, RankingUsesTheBias) {
 // ---------------------------------------------------------------------------------------------
 // Random routing.
 
-TEST(RandomRoutingTest, SecondSlotKeptIffUniformBelowTwiceG2) {
-  const int s = 48;
+// s tokens over 4 experts: expert 0 first (0.5), expert 1 second with a gate rising from 0.17 to
+// 0.45 over the tokens, the rest split between experts 2 and 3.
+Tensor SecondGateRamp(int s) {
   Tensor probs(s, 4);
   for (int t = 0; t < s; ++t) {
     const float r1 = 0.17f + 0.28f * static_cast<float>(t) / static_cast<float>(s);
@@ -371,6 +372,12 @@ TEST(RandomRoutingTest, SecondSlotKeptIffUniformBelowTwiceG2) {
     probs(t, 1) = r1;
     probs(t, 2) = probs(t, 3) = (0.5f - r1) / 2.0f;
   }
+  return probs;
+}
+
+TEST(RandomRoutingTest, SecondSlotKeptIffUniformBelowTwiceG2) {
+  const int s = 48;
+  const Tensor probs = SecondGateRamp(s);
   RouteContext ctx;
   ctx.train = true;
   ctx.seed = 42;
@@ -414,13 +421,7 @@ TEST(RandomRoutingTest, SecondSlotKeptIffUniformBelowTwiceG2) {
 
 TEST(RandomRoutingTest, DroppedSlotsTakeNoCapacityAndAreNotRerouted) {
   const int s = 48;
-  Tensor probs(s, 4);
-  for (int t = 0; t < s; ++t) {
-    const float r1 = 0.17f + 0.28f * static_cast<float>(t) / static_cast<float>(s);
-    probs(t, 0) = 0.5f;
-    probs(t, 1) = r1;
-    probs(t, 2) = probs(t, 3) = (0.5f - r1) / 2.0f;
-  }
+  const Tensor probs = SecondGateRamp(s);
   RouteContext ctx;
   ctx.train = true;
   ctx.seed = 9;

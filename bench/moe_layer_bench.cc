@@ -2,6 +2,9 @@
 // alone (same shapes, same rows per expert) and (b) a PyTorch implementation of the same layer,
 // timed in the same run (bench/torch_layer_bench.py, through /usr/bin/python3 when present).
 // A benchmark, not a test: it reports ratios and asserts nothing.
+// --device cuda runs the experts on the GPU (compute.device=CUDA: router, plan and combine stay on
+// the CPU, rows travel each call) against the PyTorch layer on the same GPU; the GEMM column is
+// then not measured.
 #include <CLI/CLI.hpp>
 #include <malloc.h>
 
@@ -9,6 +12,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -17,6 +21,8 @@
 #include "runtime/base/clock.h"
 #include "runtime/base/rng.h"
 #include "runtime/config.h"
+#include "runtime/expert_blocks.h"
+#include "runtime/expert_executor.h"
 #include "runtime/moe_layer.h"
 
 namespace {
@@ -55,11 +61,12 @@ moe::config::LayerConfig MakeConfig(const Shape& sh) {
 }
 
 // PyTorch timing of the same shape, in ms (fwd+bwd median), or < 0 if unavailable.
-double TorchMs(const std::string& script, const Shape& sh, int iters) {
-  const std::string cmd = "OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 /usr/bin/python3 " + script + " --s " + std::to_string(sh.s) + " --m " +
+double TorchMs(const std::string& python, const std::string& script, const Shape& sh, int iters,
+               const std::string& device, const std::string& precision) {
+  const std::string cmd = "OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 " + python + " " + script + " --s " + std::to_string(sh.s) + " --m " +
                           std::to_string(sh.m) + " --h " + std::to_string(sh.h) + " --e " +
                           std::to_string(sh.e) + " --k " + std::to_string(sh.k) + " --iters " +
-                          std::to_string(iters) + " 2>/dev/null";
+                          std::to_string(iters) + " --device " + device + " --dtype " + precision + " 2>/dev/null";
   FILE* p = popen(cmd.c_str(), "r");
   if (p == nullptr) return -1;
   char buf[256] = {0};
@@ -76,18 +83,30 @@ int main(int argc, char** argv) {
   int iters = 5, threads = 1;
   std::string torch_script = "bench/torch_layer_bench.py";
   bool no_torch = false;
-  std::string only;
+  std::string only, python = "/usr/bin/python3";
+  moe::launch::ComputeFlags flags{"cpu", "fp32"};
   app.add_option("-n,--iters", iters, "timed iterations (median reported)")->check(CLI::Range(1, 1000));
   app.add_option("--threads", threads, "OpenBLAS threads")->check(CLI::Range(1, 256));
   app.add_option("--torch-script", torch_script, "PyTorch baseline script");
   app.add_flag("--no-torch", no_torch, "skip the PyTorch baseline");
   app.add_option("--shape", only, "run only this shape (small, medium, fine-grained)");
+  moe::launch::AddComputeFlags(app, &flags);
+  app.add_option("--python", python, "Python with torch for the baseline");
   if (const int rc = moe::launch::ParseFlags(app, argc, argv); rc >= 0) return rc;
   moe::blas::SetThreads(threads);
   if (std::getenv("MOE_BENCH_NO_MMAP")) { mallopt(M_MMAP_THRESHOLD, 1 << 30); mallopt(M_TRIM_THRESHOLD, 1 << 30); }
+  const std::string& device = flags.device;
+  const std::string& precision = flags.precision;
   const char* coretype = std::getenv("OPENBLAS_CORETYPE");
-  std::printf("# moe_layer_bench: OpenBLAS core %s (OPENBLAS_CORETYPE=%s), threads=%d, fp32, GELU FFN\n",
-              moe::blas::CoreName(), coretype ? coretype : "unset", moe::blas::GetThreads());
+  std::printf("# moe_layer_bench: OpenBLAS core %s (OPENBLAS_CORETYPE=%s), threads=%d, experts on %s (%s), GELU FFN\n",
+              moe::blas::CoreName(), coretype ? coretype : "unset", moe::blas::GetThreads(), device.c_str(),
+              precision.c_str());
+  moe::config::ComputeConfig compute;
+  moe::launch::ApplyComputeFlags(flags, &compute);
+  if (device == "cpu" && precision == "bf16") {
+    std::fprintf(stderr, "moe_layer_bench: --precision bf16 needs --device cuda\n");
+    return 2;
+  }
   std::printf("# %-12s %5s %4s %5s %3s %2s | %9s %9s %9s | %9s %9s\n", "shape", "S", "M", "H", "E", "k",
               "ours ms", "gemm ms", "ours/gemm", "torch ms", "torch/ours");
   const std::vector<Shape> shapes = {{"small", 1024, 256, 1024, 8, 2},
@@ -96,7 +115,12 @@ int main(int argc, char** argv) {
   for (const Shape& sh : shapes) {
     if (!only.empty() && sh.name != only) continue;
     const auto cfg = MakeConfig(sh);
-    moe::MoeLayer layer(cfg);
+    auto experts = moe::MakeExpertCompute(moe::ExpertShape(cfg), sh.e, compute, 0);
+    if (!experts.ok()) {
+      std::fprintf(stderr, "moe_layer_bench: %s\n", experts.status().ToString().c_str());
+      return 1;
+    }
+    moe::MoeLayer layer(cfg, std::make_unique<moe::LocalExpertExecutor>(std::move(experts).value()), 0, sh.e);
     moe::InitLayerParams(cfg, 1, &layer.params());
     moe::Tensor x(sh.s, sh.m), dy(sh.s, sh.m), y, dx;
     for (int64_t i = 0; i < x.size(); ++i) {
@@ -119,7 +143,7 @@ int main(int argc, char** argv) {
         dh_rows(rows, sh.h), dx_rows(rows, sh.m);
     std::vector<moe::Tensor> w1(sh.e, moe::Tensor(sh.m, sh.h)), w2(sh.e, moe::Tensor(sh.h, sh.m)),
         gw1(sh.e, moe::Tensor(sh.m, sh.h)), gw2(sh.e, moe::Tensor(sh.h, sh.m));
-    const double gemm = MedianSeconds(iters, [&] {
+    const double gemm = device == "cuda" ? -1.0 : MedianSeconds(iters, [&] {
       for (int e = 0; e < sh.e; ++e) {
         const int64_t b0 = plan.expert_offset[e], r = plan.expert_offset[e + 1] - b0;
         float* xe = x_rows.row(b0);
@@ -136,14 +160,14 @@ int main(int argc, char** argv) {
         moe::blas::Gemm(false, true, r, sh.m, sh.h, 1, dh, w1[e].data(), 0, dx_e);
       }
     });
-    const double torch_ms = no_torch ? -1 : TorchMs(torch_script, sh, iters);
+    const double torch_ms = no_torch ? -1 : TorchMs(python, torch_script, sh, iters, device, precision);
     char torch_col[32] = "n/a", ratio_col[32] = "n/a";
     if (torch_ms > 0) {
       std::snprintf(torch_col, sizeof(torch_col), "%.1f", torch_ms);
       std::snprintf(ratio_col, sizeof(ratio_col), "%.2fx", torch_ms / (ours * 1e3));
     }
     std::printf("  %-12s %5d %4d %5d %3d %2d | %9.1f %9.1f %9.3f | %9s %9s\n", sh.name.c_str(), sh.s,
-                sh.m, sh.h, sh.e, sh.k, ours * 1e3, gemm * 1e3, ours / gemm, torch_col, ratio_col);
+                sh.m, sh.h, sh.e, sh.k, ours * 1e3, gemm * 1e3, gemm > 0 ? ours / gemm : 0.0, torch_col, ratio_col);
     std::fflush(stdout);
   }
   return 0;

@@ -1,6 +1,6 @@
 """PyTorch baseline for moe_layer_bench: the same top-k MoE layer (GELU-tanh FFN experts, capacity
 1.25, position drop policy, no renormalization), forward + backward with autograd, float32, one
-thread. Experts are separate tensors (as an nn.ModuleList of experts would hold them), so the
+thread (--device cuda: on the GPU, --dtype bf16: bf16 experts). Experts are separate tensors (as an nn.ModuleList of experts would hold them), so the
 backward does not materialize a gradient of all experts per expert. Prints the median milliseconds
 of one fwd+bwd on stdout."""
 import argparse
@@ -24,8 +24,9 @@ def layer(x, wg, w1, b1, w2, b2, k, cap):
         tok, slot = torch.nonzero((idx == ex) & keep, as_tuple=True)
         if tok.numel() == 0:
             continue
-        h = torch.nn.functional.gelu(x[tok] @ w1[ex] + b1[ex], approximate="tanh")
-        out = h @ w2[ex] + b2[ex]
+        xe = x[tok].to(w1[ex].dtype)
+        h = torch.nn.functional.gelu(xe @ w1[ex] + b1[ex], approximate="tanh")
+        out = (h @ w2[ex] + b2[ex]).float()
         y.index_add_(0, tok, out * gate[tok, slot][:, None])
     return y
 
@@ -34,24 +35,37 @@ def main():
     p = argparse.ArgumentParser()
     for n in ("s", "m", "h", "e", "k", "iters"):
         p.add_argument("--" + n, type=int, required=True)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     a = p.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    x = torch.randn(a.s, a.m, requires_grad=True)
-    wg = (torch.randn(a.m, a.e) / math.sqrt(a.m)).requires_grad_()
-    w1 = [(torch.randn(a.m, a.h) / math.sqrt(a.m)).requires_grad_() for _ in range(a.e)]
-    b1 = [torch.zeros(a.h, requires_grad=True) for _ in range(a.e)]
-    w2 = [(torch.randn(a.h, a.m) / math.sqrt(a.h)).requires_grad_() for _ in range(a.e)]
-    b2 = [torch.zeros(a.m, requires_grad=True) for _ in range(a.e)]
-    dy = torch.randn(a.s, a.m)
+    dev = torch.device(a.device)
+    et = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+
+    def leaf(t, dtype=torch.float32):
+        return t.to(device=dev, dtype=dtype).requires_grad_()
+
+    x = leaf(torch.randn(a.s, a.m))
+    wg = leaf(torch.randn(a.m, a.e) / math.sqrt(a.m))
+    w1 = [leaf(torch.randn(a.m, a.h) / math.sqrt(a.m), et) for _ in range(a.e)]
+    b1 = [leaf(torch.zeros(a.h), et) for _ in range(a.e)]
+    w2 = [leaf(torch.randn(a.h, a.m) / math.sqrt(a.h), et) for _ in range(a.e)]
+    b2 = [leaf(torch.zeros(a.m), et) for _ in range(a.e)]
+    dy = torch.randn(a.s, a.m, device=dev)
     cap = max(4, math.ceil(a.k * a.s * 1.25 / a.e))
     times = []
-    for i in range(a.iters + 1):
+    warmup = 1 if a.device == "cpu" else 3
+    for i in range(a.iters + warmup):
+        if a.device == "cuda":
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         y = layer(x, wg, w1, b1, w2, b2, a.k, cap)
         y.backward(dy)
+        if a.device == "cuda":
+            torch.cuda.synchronize()
         t = time.perf_counter() - t0
-        if i > 0:
+        if i >= warmup:
             times.append(t)
         for t_ in [x, wg] + w1 + b1 + w2 + b2:
             t_.grad = None

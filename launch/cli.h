@@ -3,6 +3,9 @@
 #pragma once
 
 #include <CLI/CLI.hpp>
+#include <string>
+
+#include "proto/moe_config.pb.h"
 
 namespace moe::launch {
 
@@ -15,6 +18,24 @@ inline int ParseFlags(CLI::App& app, int argc, char** argv) {
     return app.exit(e) == 0 ? 0 : 2;
   }
   return -1;
+}
+
+// --device / --precision: where the experts run (overrides the config's compute section; the
+// config validation then checks the combination).
+struct ComputeFlags {
+  std::string device, precision;
+};
+
+inline void AddComputeFlags(CLI::App& app, ComputeFlags* f) {
+  app.add_option("--device", f->device, "override compute.device: where the experts run (cpu, cuda)")
+      ->check(CLI::IsMember({"cpu", "cuda"}));
+  app.add_option("--precision", f->precision, "override compute.expert_precision (fp32, bf16; bf16 needs cuda)")
+      ->check(CLI::IsMember({"fp32", "bf16"}));
+}
+
+inline void ApplyComputeFlags(const ComputeFlags& f, config::ComputeConfig* compute) {
+  if (!f.device.empty()) compute->set_device(f.device == "cuda" ? config::CUDA : config::CPU);
+  if (!f.precision.empty()) compute->set_expert_precision(f.precision == "bf16" ? config::BF16 : config::FP32);
 }
 
 }  // namespace moe::launch

@@ -2,7 +2,7 @@
 //
 //   moe_layer --config layer.textproto --input x.npy [--weights DIR | --init-seed N]
 //             [--grad-output dy.npy] [--train] [--step N] [--token-offset N]
-//             [--router-bias b.npy] --out DIR
+//             [--router-bias b.npy] [--device cpu|cuda] [--precision fp32|bf16] --out DIR
 //
 // Outputs in --out: y.npy, routing_expert.npy, routing_gate.npy, metrics.json, config.json; with
 // --grad-output also dx.npy and grad_<weight>.npy; with --init-seed the weights in DIR/weights/;
@@ -11,6 +11,7 @@
 #include <google/protobuf/util/json_util.h>
 
 #include <cstdio>
+#include <memory>
 #include <string>
 
 #include "experts/cpu/blas.h"
@@ -30,6 +31,7 @@ struct Flags {
   int64_t step = 0;
   int64_t token_offset = 0;
   int threads = 1;
+  moe::launch::ComputeFlags compute;
 };
 
 moe::Status WriteRouting(const std::string& out, const moe::DispatchPlan& p) {
@@ -62,6 +64,8 @@ moe::Status WriteRouting(const std::string& out, const moe::DispatchPlan& p) {
 
 moe::Status Run(const Flags& f) {
   MOE_ASSIGN_OR_RETURN(moe::MoeConfig cfg, moe::LoadConfig(f.config));
+  moe::launch::ApplyComputeFlags(f.compute, cfg.mutable_compute());
+  MOE_RETURN_IF_ERROR(moe::ValidateConfig(cfg).WithContext("--device/--precision"));
   const auto& layer_cfg = cfg.moe();
   MOE_ASSIGN_OR_RETURN(moe::Tensor x, moe::ReadNpyFloat(f.input));
   if (x.cols() != layer_cfg.model_dim()) {
@@ -70,7 +74,10 @@ moe::Status Run(const Flags& f) {
                                 std::to_string(layer_cfg.model_dim()));
   }
   MOE_RETURN_IF_ERROR(moe::MakeDirs(f.out));
-  moe::MoeLayer layer(layer_cfg);
+  MOE_ASSIGN_OR_RETURN(auto compute, moe::MakeExpertCompute(moe::ExpertShape(layer_cfg), layer_cfg.num_experts(),
+                                                           cfg.compute(), /*rank=*/0));
+  moe::MoeLayer layer(layer_cfg, std::make_unique<moe::LocalExpertExecutor>(std::move(compute)), 0,
+                      layer_cfg.num_experts());
   if (!f.weights.empty()) {
     MOE_RETURN_IF_ERROR(moe::ReadLayerParams(f.weights, &layer.params()).WithContext("--weights"));
   } else {
@@ -135,6 +142,7 @@ int main(int argc, char** argv) {
       ->check(CLI::NonNegativeNumber);
   app.add_option("--router-bias", f.router_bias, "aux-loss-free bias (E float32 .npy)");
   app.add_option("--threads", f.threads, "OpenBLAS threads")->check(CLI::Range(1, 256));
+  moe::launch::AddComputeFlags(app, &f.compute);
   app.add_option("--out", f.out, "output directory")->required();
   if (const int rc = moe::launch::ParseFlags(app, argc, argv); rc >= 0) return rc;
   if (f.weights.empty() && f.init_seed < 0) {

@@ -59,6 +59,7 @@ struct Flags {
   int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   bool validate = false, verbose = false;
   double efficiency = 0.6;
+  moe::launch::ComputeFlags compute;
 };
 
 // Writes DIR/name atomically (a failure names the file and the reason).
@@ -147,6 +148,7 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1, 1 << 20));
   app.add_option("--efficiency", f.efficiency, "expert GEMM efficiency (fraction of gpu_tflops)");
   app.add_option("--data", f.data, "override train.data_path");
+  moe::launch::AddComputeFlags(app, &f.compute);
   app.add_option("--out", f.out, "output directory")->required();
   app.add_option("--bench-alltoall", f.bench_alltoall, "moe_comm_bench -J all-to-all sweep of this host (with --bench-allreduce)");
   app.add_option("--bench-allreduce", f.bench_allreduce, "moe_comm_bench -J all-reduce sweep of this host");
@@ -162,6 +164,7 @@ int main(int argc, char** argv) {
   if (!cfg.ok()) return Fail(cfg.status().ToString(), 2);
   if (f.steps > 0) cfg->mutable_train()->set_steps(f.steps);
   if (!f.data.empty()) cfg->mutable_train()->set_data_path(f.data);
+  moe::launch::ApplyComputeFlags(f.compute, cfg->mutable_compute());
   if (Status s = moe::ValidateConfig(*cfg); !s.ok()) return Fail(s.WithContext("config " + f.config).ToString(), 2);
   if (!(f.efficiency > 0 && f.efficiency <= 1)) return Fail("--efficiency=" + std::to_string(f.efficiency) + " must be in (0, 1]", 2);
   if (f.bench_alltoall.empty() != f.bench_allreduce.empty()) {

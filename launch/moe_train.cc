@@ -43,6 +43,7 @@ struct Flags {
   int log_every = 1;
   double deadline = -1;
   std::string inject_fault;
+  moe::launch::ComputeFlags compute;
 };
 
 int Fail(const std::string& message, int code) {
@@ -58,6 +59,7 @@ moe::StatusOr<moe::MoeConfig> LoadWithOverrides(const Flags& f) {
   if (!f.checkpoint_dir.empty()) cfg.mutable_train()->set_checkpoint_dir(f.checkpoint_dir);
   if (!f.data.empty()) cfg.mutable_train()->set_data_path(f.data);
   if (f.deadline >= 0) cfg.mutable_comm()->set_deadline_seconds(f.deadline);
+  moe::launch::ApplyComputeFlags(f.compute, cfg.mutable_compute());
   MOE_RETURN_IF_ERROR(moe::ValidateConfig(cfg).WithContext("config " + f.config));
   return cfg;
 }
@@ -201,6 +203,7 @@ int main(int argc, char** argv) {
   app.add_option("--log-every", f.log_every, "a progress line every N steps")->check(CLI::Range(1, 1 << 30));
   app.add_option("--deadline", f.deadline, "override comm.deadline_seconds (every collective's deadline)")
       ->check(CLI::Range(0.001, 1e6));
+  moe::launch::AddComputeFlags(app, &f.compute);
   app.add_option("--inject-fault", f.inject_fault,
                  "testing: KIND@RANK:STEP with KIND stall, exit or nan (see README, failure behaviour)")
       ->group("Testing");

@@ -17,14 +17,15 @@ void CopyRows(const float* src, float* dst, int64_t rows, int64_t m) {
 }  // namespace
 
 ExpertParallelExecutor::ExpertParallelExecutor(comm::Communicator* ep, const experts::FfnShape& shape,
-                                               int num_experts, bool dropless_exchange)
+                                               int num_experts, bool dropless_exchange,
+                                               std::unique_ptr<ExpertCompute> compute)
     : ep_(ep),
       shape_(shape),
       num_experts_(num_experts),
       w_(ep->size()),
       local_(num_experts / ep->size()),
       dropless_(dropless_exchange),
-      blocks_(shape) {}
+      compute_(compute != nullptr ? std::move(compute) : std::make_unique<ExpertBlocks>(shape)) {}
 
 Status ExpertParallelExecutor::Layout(const DispatchPlan& plan) {
   const int64_t g = plan.num_groups, l = local_, w = w_;
@@ -199,7 +200,7 @@ Status ExpertParallelExecutor::Forward(const DispatchPlan& plan, MatrixView<cons
   MOE_RETURN_IF_ERROR(Layout(plan));
   MOE_RETURN_IF_ERROR(Dispatch(plan, packed_x, &expert_in_));
   const double t0 = WallSeconds();
-  blocks_.Forward(expert_offsets_, expert_in_.view(), experts, &expert_out_);
+  MOE_RETURN_IF_ERROR(compute_->Forward(expert_offsets_, expert_in_.view(), experts, &expert_out_));
   stats_.expert_seconds += WallSeconds() - t0;
   return Combine(plan, expert_out_, packed_y);
 }
@@ -211,7 +212,7 @@ Status ExpertParallelExecutor::Backward(const DispatchPlan& plan, MatrixView<con
   in_backward_ = true;
   MOE_RETURN_IF_ERROR(Dispatch(plan, packed_dy, &expert_dy));
   const double t0 = WallSeconds();
-  blocks_.Backward(expert_offsets_, expert_dy.view(), experts, grads, &expert_dx);
+  MOE_RETURN_IF_ERROR(compute_->Backward(expert_offsets_, expert_dy.view(), experts, grads, &expert_dx));
   stats_.expert_seconds += WallSeconds() - t0;
   return Combine(plan, expert_dx, packed_dx);
 }

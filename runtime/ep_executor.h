@@ -16,6 +16,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "comm/communicator.h"
@@ -53,9 +54,10 @@ struct ExchangeStats {
 
 class ExpertParallelExecutor : public ExpertExecutor {
  public:
-  // `ep` must outlive the executor; num_experts must be divisible by ep->size().
+  // `ep` must outlive the executor; num_experts must be divisible by ep->size(). `compute` runs the
+  // local experts (nullptr: on the CPU).
   ExpertParallelExecutor(comm::Communicator* ep, const experts::FfnShape& shape, int num_experts,
-                         bool dropless_exchange);
+                         bool dropless_exchange, std::unique_ptr<ExpertCompute> compute = nullptr);
 
   Status Forward(const DispatchPlan& plan, MatrixView<const float> packed_x,
                  const std::vector<experts::FfnParams>& experts, Tensor* packed_y) override;
@@ -86,7 +88,7 @@ class ExpertParallelExecutor : public ExpertExecutor {
   experts::FfnShape shape_;
   int num_experts_, w_, local_;
   bool dropless_;
-  ExpertBlocks blocks_;
+  std::unique_ptr<ExpertCompute> compute_;
 
   // Layout of the current plan.
   bool padded_ = false;

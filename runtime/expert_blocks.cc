@@ -7,8 +7,8 @@ experts::FfnSaved ExpertBlocks::Saved(int64_t begin, int64_t end) {
           shape_.swiglu ? RowBlock(u_, begin, end) : MatrixView<float>()};
 }
 
-void ExpertBlocks::Forward(const std::vector<int64_t>& offsets, MatrixView<const float> x,
-                           const std::vector<experts::FfnParams>& params, Tensor* y) {
+Status ExpertBlocks::Forward(const std::vector<int64_t>& offsets, MatrixView<const float> x,
+                             const std::vector<experts::FfnParams>& params, Tensor* y) {
   const int64_t rows = x.rows(), h = shape_.hidden_dim;
   x_ = x;
   ResizeTensor(y, rows, shape_.model_dim);
@@ -20,11 +20,12 @@ void ExpertBlocks::Forward(const std::vector<int64_t>& offsets, MatrixView<const
     if (b == end) continue;
     experts::FfnForward(shape_, params[e], RowBlock(x, b, end), RowBlock(*y, b, end), false, Saved(b, end));
   }
+  return Status::Ok();
 }
 
-void ExpertBlocks::Backward(const std::vector<int64_t>& offsets, MatrixView<const float> dy,
-                            const std::vector<experts::FfnParams>& params,
-                            std::vector<experts::FfnParams>* grads, Tensor* dx) {
+Status ExpertBlocks::Backward(const std::vector<int64_t>& offsets, MatrixView<const float> dy,
+                              const std::vector<experts::FfnParams>& params,
+                              std::vector<experts::FfnParams>* grads, Tensor* dx) {
   const int64_t rows = x_.rows(), h = shape_.hidden_dim;
   ResizeTensor(dx, rows, shape_.model_dim);
   ResizeTensor(&scratch1_, rows, h);
@@ -36,6 +37,7 @@ void ExpertBlocks::Backward(const std::vector<int64_t>& offsets, MatrixView<cons
                          RowBlock(*dx, b, end), false, &(*grads)[e], RowBlock(scratch1_, b, end),
                          shape_.swiglu ? RowBlock(scratch2_, b, end) : MatrixView<float>());
   }
+  return Status::Ok();
 }
 
 }  // namespace moe

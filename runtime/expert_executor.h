@@ -5,6 +5,7 @@
 // experts with an all-to-all and combines the results with a second one.
 #pragma once
 
+#include <memory>
 #include <vector>
 
 #include "experts/expert_ffn.h"
@@ -27,24 +28,24 @@ class ExpertExecutor {
                           std::vector<experts::FfnParams>* grads, Tensor* packed_dx) = 0;
 };
 
-// All E experts in this process.
+// All E experts in this process, run by `compute` (default: the CPU).
 class LocalExpertExecutor : public ExpertExecutor {
  public:
-  explicit LocalExpertExecutor(const experts::FfnShape& shape) : blocks_(shape) {}
+  explicit LocalExpertExecutor(const experts::FfnShape& shape)
+      : compute_(std::make_unique<ExpertBlocks>(shape)) {}
+  explicit LocalExpertExecutor(std::unique_ptr<ExpertCompute> compute) : compute_(std::move(compute)) {}
   Status Forward(const DispatchPlan& plan, MatrixView<const float> packed_x,
                  const std::vector<experts::FfnParams>& experts, Tensor* packed_y) override {
-    blocks_.Forward(plan.expert_offset, packed_x, experts, packed_y);
-    return Status::Ok();
+    return compute_->Forward(plan.expert_offset, packed_x, experts, packed_y);
   }
   Status Backward(const DispatchPlan& plan, MatrixView<const float> packed_dy,
                   const std::vector<experts::FfnParams>& experts,
                   std::vector<experts::FfnParams>* grads, Tensor* packed_dx) override {
-    blocks_.Backward(plan.expert_offset, packed_dy, experts, grads, packed_dx);
-    return Status::Ok();
+    return compute_->Backward(plan.expert_offset, packed_dy, experts, grads, packed_dx);
   }
 
  private:
-  ExpertBlocks blocks_;
+  std::unique_ptr<ExpertCompute> compute_;
 };
 
 }  // namespace moe

@@ -85,15 +85,20 @@ Status Trainer::Init() {
   tokens_per_rank_ = cfg_.train().global_batch_tokens() / world;
   const int experts = cfg_.moe().num_experts();
   const int local = experts / ep_size_;
+  Status compute_status;
   model_ = std::make_unique<ByteLm>(
       cfg_,
       [&](int) {
-        auto ex = std::make_unique<ExpertParallelExecutor>(ep_.get(), ExpertShape(cfg_.moe()), experts,
-                                                           cfg_.parallel().dropless_exchange());
+        auto compute = MakeExpertCompute(ExpertShape(cfg_.moe()), local, cfg_.compute(), rank);
+        if (!compute.ok() && compute_status.ok()) compute_status = compute.status();
+        auto ex = std::make_unique<ExpertParallelExecutor>(
+            ep_.get(), ExpertShape(cfg_.moe()), experts, cfg_.parallel().dropless_exchange(),
+            compute.ok() ? std::move(compute).value() : nullptr);
         executors_.push_back(ex.get());
         return ex;
       },
       ep_rank_ * local, local);
+  MOE_RETURN_IF_ERROR(compute_status.WithContext("rank " + std::to_string(rank) + " experts"));
   model_->Init();
   optimizer_ = std::make_unique<AdamW>(cfg_.train());
   MOE_ASSIGN_OR_RETURN(TextData data, TextData::Load(cfg_.train().data_path(), cfg_.train().eval_fraction(),

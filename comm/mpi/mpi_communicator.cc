@@ -59,12 +59,13 @@ std::string MpiErrorString(int code) {
   return std::string(text, static_cast<size_t>(length));
 }
 
+}  // namespace
+
 Status MpiCall(int code, const std::string& what) {
   if (code == MPI_SUCCESS) return Status::Ok();
   return Internal(what + " failed: " + MpiErrorString(code));
 }
 
-// MPI-3 takes int counts.
 StatusOr<int> ToInt(std::string_view op, std::string_view name, int64_t value) {
   if (value > INT_MAX) {
     return InvalidArgument(std::string(op) + ": " + std::string(name) + "=" +
@@ -83,6 +84,8 @@ Status ToInts(std::string_view op, std::string_view name, std::span<const int64_
   }
   return Status::Ok();
 }
+
+namespace {
 
 class MpiRequest final : public Request {
  public:

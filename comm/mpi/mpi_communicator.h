@@ -23,6 +23,8 @@
 #include <mpi.h>
 
 #include <memory>
+#include <span>
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -33,6 +35,14 @@ namespace moe::comm {
 
 // The MPI datatype of `dtype` (MPI_FLOAT, MPI_INT64_T, ...).
 MPI_Datatype MpiDatatype(DataType dtype);
+
+// OK for MPI_SUCCESS; otherwise kInternal "<what> failed: <MPI's error string>".
+Status MpiCall(int code, const std::string& what);
+// MPI-3 takes int counts: `value` as an int, or kInvalidArgument naming `op`, `name` and the limit.
+StatusOr<int> ToInt(std::string_view op, std::string_view name, int64_t value);
+// Every element of `in` as an int (ToInt, named name[i]).
+Status ToInts(std::string_view op, std::string_view name, std::span<const int64_t> in,
+              std::vector<int>& out);
 
 struct MpiOperation;  // an operation in flight (mpi_communicator.cc)
 

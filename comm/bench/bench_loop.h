@@ -1,0 +1,68 @@
+// The one timing loop and table row shared by the communicator benchmarks (moe_comm_bench), in the
+// manner of nccl-tests: warm-up calls, a barrier, timed calls, the slowest rank's mean; one row per
+// size (time, algbw, busbw, #wrong, baseline); a closing average bus bandwidth. Built on the
+// Communicator interface only.
+#pragma once
+
+#include <cstdint>
+#include <cstdio>
+#include <functional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "runtime/base/status.h"
+
+namespace moe::comm::bench {
+
+// A scalar reduced over ranks, staged through the communicator's memory space.
+StatusOr<double> ReduceScalar(Communicator& comm, double value, ReduceOp op);
+
+// Mean microseconds per call of the slowest rank: `warmup` untimed calls, a barrier, then `iters`
+// timed calls (iters >= 1).
+StatusOr<double> TimeLoop(Communicator& comm, int warmup, int iters,
+                          const std::function<Status()>& call);
+
+// The sizes of a sweep: min, min·factor, min·factor², ... while <= max; just {0} when min is 0.
+std::vector<int64_t> SizeSweep(int64_t min_bytes, int64_t max_bytes, int factor);
+
+// busbw / algbw of an all-to-all or all-gather over n ranks: (n-1)/n (nccl-tests).
+double AllToAllBusFactor(int n);
+
+// One row of a benchmark table, as report.proto's BenchResult records it.
+struct BenchRow {
+  std::string op;
+  std::string backend;
+  int ranks = 0;
+  int64_t bytes = 0;
+  int64_t count = 0;  // elements
+  std::string dtype;
+  double time_us = 0;
+  double algbw_gbps = 0;
+  double busbw_gbps = 0;
+  int64_t wrong = -1;  // -1: not checked
+  double baseline_time_us = 0;
+  std::string baseline;
+};
+
+// Takes each row on rank 0 as soon as it is measured (moe_comm_bench -J: one JSON line per row).
+using RowSink = std::function<Status(const BenchRow&)>;
+
+// The end of a sweep: the average bus bandwidth over its rows and whether any row had wrong
+// elements.
+class SweepSummary {
+ public:
+  // `wrong`: the row's wrong elements over all ranks (0 when unchecked).
+  void Add(double busbw_gbps, double wrong);
+  // Prints "# Avg bus bandwidth" to `out` (when not null); then kDataLoss naming `op` and the
+  // number of rows with wrong elements, if any.
+  Status Finish(std::FILE* out, std::string_view op) const;
+
+ private:
+  double busbw_sum_ = 0;
+  int rows_ = 0;
+  int bad_rows_ = 0;
+};
+
+}  // namespace moe::comm::bench

@@ -1,0 +1,775 @@
+// GroupedFfn on CUDA: cuBLAS grouped GEMMs and the elementwise kernels between them.
+//
+// Row-major matrices are handed to column-major cuBLAS as their transposes: a row-major R x C
+// matrix with leading dimension C is the column-major C x R one. So row-major C = A·B is
+// gemm(N, N, m = cols(C), n = rows(C), k, B, A, C) with the operands swapped; the comment above
+// each call gives the row-major product.
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <array>
+#include <cstring>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "experts/cuda/cublas_loader.h"
+#include "experts/cuda/grouped_ffn.h"
+
+namespace moe::experts::cuda {
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+Status CudaResult(cudaError_t err, const char* what) {
+  if (err == cudaSuccess) return Status::Ok();
+  return Internal(std::string("CUDA ") + what + ": " + cudaGetErrorString(err));
+}
+
+// `api` is loaded (a CudaGroupedFfn exists only after Cublas() succeeded).
+Status CublasResult(const CublasApi& api, cublasStatus_t st, const char* what) {
+  if (st == CUBLAS_STATUS_SUCCESS) return Status::Ok();
+  return Internal(std::string("cuBLAS ") + what + ": " + api.status_name(st) + " (" +
+                  api.status_string(st) + ")");
+}
+
+// ---- device memory
+// --------------------------------------------------------------------------------
+
+struct DeviceFree {
+  void operator()(void* p) const {
+    if (p != nullptr) (void)cudaFree(p);
+  }
+};
+struct HostFree {
+  void operator()(void* p) const {
+    if (p != nullptr) (void)cudaFreeHost(p);
+  }
+};
+
+// Device memory that grows to the largest request and keeps it. Contents are lost on growth.
+class DeviceMemory {
+ public:
+  Status Reserve(int64_t bytes) {
+    if (bytes <= bytes_) return Status::Ok();
+    ptr_.reset();
+    bytes_ = 0;
+    void* p = nullptr;
+    MOE_RETURN_IF_ERROR(CudaResult(cudaMalloc(&p, static_cast<size_t>(bytes)),
+                                   ("cudaMalloc of " + std::to_string(bytes) + " bytes").c_str()));
+    ptr_.reset(p);
+    bytes_ = bytes;
+    return Status::Ok();
+  }
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(ptr_.get());
+  }
+
+ private:
+  std::unique_ptr<void, DeviceFree> ptr_;
+  int64_t bytes_ = 0;
+};
+
+// ---- elementwise math
+// -----------------------------------------------------------------------------
+
+__device__ __forceinline__ float ToFloat(float v) { return v; }
+__device__ __forceinline__ float ToFloat(bf16 v) { return __bfloat162float(v); }
+template <typename T>
+__device__ __forceinline__ T FromFloat(float v);
+template <>
+__device__ __forceinline__ float FromFloat<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ bf16 FromFloat<bf16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+constexpr float kGeluC = 0.7978845608028654f;  // sqrt(2 / pi)
+constexpr float kGeluA = 0.044715f;
+
+__device__ __forceinline__ float Sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+__device__ __forceinline__ float Act(Activation act, float h) {
+  switch (act) {
+    case Activation::kRelu:
+      return h > 0.0f ? h : 0.0f;
+    case Activation::kGeluTanh:
+      return 0.5f * h * (1.0f + tanhf(kGeluC * (h + kGeluA * h * h * h)));
+    case Activation::kSilu:
+      return h * Sigmoid(h);
+  }
+  return 0.0f;
+}
+
+__device__ __forceinline__ float ActGrad(Activation act, float h) {
+  switch (act) {
+    case Activation::kRelu:
+      return h > 0.0f ? 1.0f : 0.0f;
+    case Activation::kGeluTanh: {
+      const float t = tanhf(kGeluC * (h + kGeluA * h * h * h));
+      const float dt = kGeluC * (1.0f + 3.0f * kGeluA * h * h);
+      return 0.5f * (1.0f + t) + 0.5f * h * (1.0f - t * t) * dt;
+    }
+    case Activation::kSilu: {
+      const float s = Sigmoid(h);
+      return s * (1.0f + h * (1.0f - s));
+    }
+  }
+  return 0.0f;
+}
+
+// The expert e whose block [offsets[e], offsets[e+1]) holds `row` (empty blocks skipped).
+__device__ __forceinline__ int ExpertOf(const int64_t* offsets, int num_experts, int64_t row) {
+  int lo = 0, hi = num_experts - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (offsets[mid] <= row) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
+// ---- kernels (one block per row unless said otherwise)
+// --------------------------------------------
+
+constexpr int kRowThreads = 256;
+
+// hu = [h | u] (row stride hu_cols): h += b1[e]; a = act(h), or silu(h) * u for SwiGLU. The
+// biased h is written back (the backward reads it).
+template <typename T>
+__global__ void BiasActivateKernel(T* hu, T* a, const float* b1, const int64_t* offsets,
+                                   int num_experts, int hidden, int hu_cols, Activation act,
+                                   bool swiglu) {
+  const int64_t r = blockIdx.x;
+  T* hrow = hu + r * hu_cols;
+  T* arow = a + r * hidden;
+  const float* b =
+      b1 == nullptr ? nullptr : b1 + int64_t{ExpertOf(offsets, num_experts, r)} * hidden;
+  for (int c = threadIdx.x; c < hidden; c += blockDim.x) {
+    float h = ToFloat(hrow[c]);
+    if (b != nullptr) {
+      hrow[c] = FromFloat<T>(h + b[c]);
+      h = ToFloat(hrow[c]);  // the value the backward will see
+    }
+    const float out = swiglu ? h * Sigmoid(h) * ToFloat(hrow[hidden + c]) : Act(act, h);
+    arow[c] = FromFloat<T>(out);
+  }
+}
+
+// y = widen(y_gemm) + b2[e]; y_gemm may be y itself (fp32).
+template <typename T>
+__global__ void BiasOutputKernel(const T* y_gemm, float* y, const float* b2, const int64_t* offsets,
+                                 int num_experts, int model) {
+  const int64_t r = blockIdx.x;
+  const float* b =
+      b2 == nullptr ? nullptr : b2 + int64_t{ExpertOf(offsets, num_experts, r)} * model;
+  for (int c = threadIdx.x; c < model; c += blockDim.x) {
+    const float v = ToFloat(y_gemm[r * model + c]);
+    y[r * model + c] = b == nullptr ? v : v + b[c];
+  }
+}
+
+// dhu = [dh | du] from da: FFN dh = da · act'(h); SwiGLU (a = silu(h) · u) du = da · silu(h),
+// dh = da · u · silu'(h).
+template <typename T>
+__global__ void ActivationBackwardKernel(const T* da, const T* hu, T* dhu, int hidden, int hu_cols,
+                                         Activation act, bool swiglu) {
+  const int64_t r = blockIdx.x;
+  const T* hrow = hu + r * hu_cols;
+  T* drow = dhu + r * hu_cols;
+  for (int c = threadIdx.x; c < hidden; c += blockDim.x) {
+    const float d = ToFloat(da[r * hidden + c]);
+    const float h = ToFloat(hrow[c]);
+    if (swiglu) {
+      const float u = ToFloat(hrow[hidden + c]);
+      const float s = Sigmoid(h);
+      drow[hidden + c] = FromFloat<T>(d * h * s);
+      drow[c] = FromFloat<T>(d * u * s * (1.0f + h * (1.0f - s)));
+    } else {
+      drow[c] = FromFloat<T>(d * ActGrad(act, h));
+    }
+  }
+}
+
+// g[e][c] += Σ over rows of block e of m[r][c] (c < cols, row stride ld). Grid (ceil(cols/32), L),
+// block (32, 8): 8 row lanes per column, reduced in shared memory; no atomics (deterministic).
+constexpr int kSumLanes = 8;
+template <typename T>
+__global__ void ColumnSumKernel(const T* m, int64_t ld, int cols, const int64_t* offsets,
+                                float* g) {
+  __shared__ float part[kSumLanes][33];
+  const int c = blockIdx.x * 32 + threadIdx.x;
+  const int e = blockIdx.y;
+  float s = 0.0f;
+  if (c < cols) {
+    for (int64_t r = offsets[e] + threadIdx.y; r < offsets[e + 1]; r += kSumLanes)
+      s += ToFloat(m[r * ld + c]);
+  }
+  part[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < cols) {
+    float t = 0.0f;
+    for (int i = 0; i < kSumLanes; ++i) t += part[i][threadIdx.x];
+    g[int64_t{e} * cols + c] += t;
+  }
+}
+
+template <typename From, typename To>
+__global__ void ConvertKernel(const From* in, To* out, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    out[i] = FromFloat<To>(ToFloat(in[i]));
+  }
+}
+
+unsigned GridFor(int64_t n) {
+  return static_cast<unsigned>(std::min<int64_t>((n + kRowThreads - 1) / kRowThreads, 4096));
+}
+
+// ---- one GEMM in cuBLAS (column-major) terms
+// ------------------------------------------------------
+
+struct Gemm {
+  cublasOperation_t ta = CUBLAS_OP_N, tb = CUBLAS_OP_N;
+  int m = 0, n = 0, k = 0;
+  const void* a = nullptr;
+  int lda = 0;
+  const void* b = nullptr;
+  int ldb = 0;
+  void* c = nullptr;
+  int ldc = 0;
+};
+
+template <typename T>
+constexpr cudaDataType_t kDataType = std::is_same_v<T, float> ? CUDA_R_32F : CUDA_R_16BF;
+
+// Pointer arrays of grouped GEMMs: cublasGemmGroupedBatchedEx reads A/B/C pointers from device
+// memory. They are staged in pinned host memory and copied with one async copy per grouped call;
+// the staging area is reused only after the previous copy from it completed (event).
+class PointerTable {
+ public:
+  Status Init(int max_groups) {
+    max_ = max_groups;
+    const size_t bytes =
+        sizeof(void*) * 3 * static_cast<size_t>(kSlots) * static_cast<size_t>(max_groups);
+    void* host = nullptr;
+    MOE_RETURN_IF_ERROR(CudaResult(cudaMallocHost(&host, bytes), "cudaMallocHost (GEMM pointers)"));
+    host_.reset(host);
+    MOE_RETURN_IF_ERROR(device_.Reserve(static_cast<int64_t>(bytes)));
+    for (cudaEvent_t& ev : copied_) {
+      MOE_RETURN_IF_ERROR(
+          CudaResult(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), "cudaEventCreate"));
+    }
+    return Status::Ok();
+  }
+  ~PointerTable() {
+    for (cudaEvent_t ev : copied_) {
+      if (ev != nullptr) (void)cudaEventDestroy(ev);
+    }
+  }
+  // Device arrays [A pointers | B pointers | C pointers] of `groups`, in a slot not in flight.
+  StatusOr<const void* const*> Stage(const std::vector<Gemm>& groups, cudaStream_t stream) {
+    const int slot = next_;
+    next_ = (next_ + 1) % kSlots;
+    MOE_RETURN_IF_ERROR(CudaResult(cudaEventSynchronize(copied_[slot]), "cudaEventSynchronize"));
+    const size_t n = groups.size();
+    const void** host =
+        static_cast<const void**>(host_.get()) + slot * 3 * static_cast<size_t>(max_);
+    for (size_t i = 0; i < n; ++i) {
+      host[i] = groups[i].a;
+      host[n + i] = groups[i].b;
+      host[2 * n + i] = groups[i].c;
+    }
+    const void** dev = device_.as<const void*>() + slot * 3 * static_cast<size_t>(max_);
+    MOE_RETURN_IF_ERROR(CudaResult(
+        cudaMemcpyAsync(dev, host, 3 * n * sizeof(void*), cudaMemcpyHostToDevice, stream),
+        "copy of GEMM pointers"));
+    MOE_RETURN_IF_ERROR(CudaResult(cudaEventRecord(copied_[slot], stream), "cudaEventRecord"));
+    return static_cast<const void* const*>(dev);
+  }
+
+ private:
+  static constexpr int kSlots = 4;
+  int max_ = 0;
+  int next_ = 0;
+  std::unique_ptr<void, HostFree> host_;
+  DeviceMemory device_;
+  std::array<cudaEvent_t, kSlots> copied_{};
+};
+
+// ---- the grouped FFN
+// ------------------------------------------------------------------------------
+
+template <typename T>
+class CudaGroupedFfn final : public GroupedFfn {
+ public:
+  CudaGroupedFfn(const CublasApi& api, const FfnShape& shape, int num_experts, int device)
+      : api_(api), shape_(shape), experts_(num_experts), device_(device) {}
+
+  ~CudaGroupedFfn() override {
+    (void)cudaSetDevice(device_);
+    if (handle_ != nullptr) (void)api_.destroy(handle_);
+    if (stream_ != nullptr) (void)cudaStreamDestroy(stream_);
+  }
+
+  Status Init() {
+    MOE_RETURN_IF_ERROR(CudaResult(cudaSetDevice(device_), "cudaSetDevice"));
+    MOE_RETURN_IF_ERROR(
+        CudaResult(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate"));
+    MOE_RETURN_IF_ERROR(CublasResult(api_, api_.create(&handle_), "cublasCreate"));
+    MOE_RETURN_IF_ERROR(CublasResult(api_, api_.set_stream(handle_, stream_), "cublasSetStream"));
+    MOE_RETURN_IF_ERROR(pointers_.Init(experts_));
+    const int64_t l = experts_, m = shape_.model_dim, h = shape_.hidden_dim;
+    MOE_RETURN_IF_ERROR(wup_.Reserve(l * m * UpCols() * sizeof(T)));
+    MOE_RETURN_IF_ERROR(w2_.Reserve(l * h * m * sizeof(T)));
+    MOE_RETURN_IF_ERROR(gwup_.Reserve(l * m * UpCols() * sizeof(float)));
+    MOE_RETURN_IF_ERROR(gw2_.Reserve(l * h * m * sizeof(float)));
+    if (shape_.bias) {
+      MOE_RETURN_IF_ERROR(b1_.Reserve(l * h * sizeof(float)));
+      MOE_RETURN_IF_ERROR(b2_.Reserve(l * m * sizeof(float)));
+      MOE_RETURN_IF_ERROR(gb1_.Reserve(l * h * sizeof(float)));
+      MOE_RETURN_IF_ERROR(gb2_.Reserve(l * m * sizeof(float)));
+    }
+    MOE_RETURN_IF_ERROR(offsets_dev_.Reserve((l + 1) * sizeof(int64_t)));
+    return ZeroGradients();
+  }
+
+  Status SetWeights(const std::vector<FfnParams>& params) override {
+    if (static_cast<int>(params.size()) != experts_) {
+      return InvalidArgument("GroupedFfn::SetWeights: " + std::to_string(params.size()) +
+                             " experts given, the object holds " + std::to_string(experts_));
+    }
+    const FfnParams want = FfnParams::Zeros(shape_);
+    for (size_t e = 0; e < params.size(); ++e) {
+      const FfnParams& p = params[e];
+      if (!p.w1.SameShape(want.w1) || !p.w2.SameShape(want.w2) || !p.b1.SameShape(want.b1) ||
+          !p.b2.SameShape(want.b2) || !p.w3.SameShape(want.w3)) {
+        return InvalidArgument(
+            "GroupedFfn::SetWeights: expert " + std::to_string(e) +
+            " has tensors of the wrong shape for M=" + std::to_string(shape_.model_dim) +
+            " H=" + std::to_string(shape_.hidden_dim));
+      }
+    }
+    MOE_RETURN_IF_ERROR(CudaResult(cudaSetDevice(device_), "cudaSetDevice"));
+    const int64_t m = shape_.model_dim, h = shape_.hidden_dim, up = UpCols();
+    // Wup = W1, or [W1 | W3] row by row.
+    staging_.resize(static_cast<size_t>(experts_ * m * up));
+    for (int e = 0; e < experts_; ++e) {
+      const FfnParams& p = params[static_cast<size_t>(e)];
+      float* dst = staging_.data() + e * m * up;
+      for (int64_t i = 0; i < m; ++i) {
+        std::memcpy(dst + i * up, p.w1.row(i), sizeof(float) * h);
+        if (shape_.swiglu) std::memcpy(dst + i * up + h, p.w3.row(i), sizeof(float) * h);
+      }
+    }
+    MOE_RETURN_IF_ERROR(UploadAs(wup_.as<T>(), staging_));
+    staging_.resize(static_cast<size_t>(experts_ * h * m));
+    for (int e = 0; e < experts_; ++e) {
+      std::memcpy(staging_.data() + e * h * m, params[static_cast<size_t>(e)].w2.data(),
+                  sizeof(float) * h * m);
+    }
+    MOE_RETURN_IF_ERROR(UploadAs(w2_.as<T>(), staging_));
+    if (shape_.bias) {
+      for (auto [dst, cols, pick] : {std::tuple{b1_.as<float>(), h, &FfnParams::b1},
+                                     std::tuple{b2_.as<float>(), m, &FfnParams::b2}}) {
+        staging_.resize(static_cast<size_t>(experts_ * cols));
+        for (int e = 0; e < experts_; ++e) {
+          std::memcpy(staging_.data() + e * cols, (params[static_cast<size_t>(e)].*pick).data(),
+                      sizeof(float) * cols);
+        }
+        MOE_RETURN_IF_ERROR(
+            Upload(dst, staging_.data(), static_cast<int64_t>(staging_.size() * sizeof(float))));
+      }
+    }
+    have_weights_ = true;
+    return Status::Ok();
+  }
+
+  Status Forward(const std::vector<int64_t>& offsets, const float* x, float* y) override {
+    if (!have_weights_) return FailedPrecondition("GroupedFfn::Forward before SetWeights");
+    if (static_cast<int>(offsets.size()) != experts_ + 1 || offsets[0] != 0 ||
+        !std::is_sorted(offsets.begin(), offsets.end())) {
+      return InvalidArgument("GroupedFfn::Forward: offsets must be " +
+                             std::to_string(experts_ + 1) +
+                             " non-decreasing row offsets starting at 0");
+    }
+    MOE_RETURN_IF_ERROR(CudaResult(cudaSetDevice(device_), "cudaSetDevice"));
+    offsets_ = offsets;
+    rows_ = offsets.back();
+    if (rows_ == 0) return Status::Ok();
+    if (rows_ > (int64_t{1} << 31) - 1)
+      return InvalidArgument("GroupedFfn::Forward: more than 2^31 - 1 rows");
+    const int64_t m = shape_.model_dim, h = shape_.hidden_dim, up = UpCols();
+    MOE_RETURN_IF_ERROR(CudaResult(
+        cudaMemcpyAsync(offsets_dev_.as<int64_t>(), offsets_.data(),
+                        offsets_.size() * sizeof(int64_t), cudaMemcpyHostToDevice, stream_),
+        "copy of row offsets"));
+    MOE_RETURN_IF_ERROR(hu_.Reserve(rows_ * up * sizeof(T)));
+    MOE_RETURN_IF_ERROR(a_.Reserve(rows_ * h * sizeof(T)));
+    MOE_ASSIGN_OR_RETURN(x_, GemmInput(x, x16_));
+    // HU = X · Wup (rows x up).
+    MOE_RETURN_IF_ERROR(Grouped(
+        [&](int e, int64_t b, int r) {
+          return Gemm{CUBLAS_OP_N,          CUBLAS_OP_N,
+                      static_cast<int>(up), r,
+                      static_cast<int>(m),  wup_.as<T>() + e * m * up,
+                      static_cast<int>(up), x_ + b * m,
+                      static_cast<int>(m),  hu_.as<T>() + b * up,
+                      static_cast<int>(up)};
+        },
+        0.0f));
+    BiasActivateKernel<T><<<static_cast<unsigned>(rows_), kRowThreads, 0, stream_>>>(
+        hu_.as<T>(), a_.as<T>(), shape_.bias ? b1_.as<float>() : nullptr,
+        offsets_dev_.as<int64_t>(), experts_, static_cast<int>(h), static_cast<int>(up),
+        shape_.activation, shape_.swiglu);
+    // Y = A · W2 (rows x M), then + b2 (widened to fp32).
+    MOE_ASSIGN_OR_RETURN(T * y_gemm, GemmOutput(y, y16_));
+    MOE_RETURN_IF_ERROR(Grouped(
+        [&](int e, int64_t b, int r) {
+          return Gemm{CUBLAS_OP_N,         CUBLAS_OP_N,
+                      static_cast<int>(m), r,
+                      static_cast<int>(h), w2_.as<T>() + e * h * m,
+                      static_cast<int>(m), a_.as<T>() + b * h,
+                      static_cast<int>(h), y_gemm + b * m,
+                      static_cast<int>(m)};
+        },
+        0.0f));
+    BiasOutputKernel<T><<<static_cast<unsigned>(rows_), kRowThreads, 0, stream_>>>(
+        y_gemm, y, shape_.bias ? b2_.as<float>() : nullptr, offsets_dev_.as<int64_t>(), experts_,
+        static_cast<int>(m));
+    return CudaResult(cudaGetLastError(), "GroupedFfn::Forward kernel launch");
+  }
+
+  Status Backward(const float* dy, float* dx) override {
+    MOE_RETURN_IF_ERROR(CudaResult(cudaSetDevice(device_), "cudaSetDevice"));
+    if (rows_ == 0) return Status::Ok();
+    const int64_t m = shape_.model_dim, h = shape_.hidden_dim, up = UpCols();
+    MOE_ASSIGN_OR_RETURN(const T* dy_t, GemmInput(dy, dy16_));
+    MOE_RETURN_IF_ERROR(da_.Reserve(rows_ * h * sizeof(T)));
+    MOE_RETURN_IF_ERROR(dhu_.Reserve(rows_ * up * sizeof(T)));
+    // dW2 (H x M) += Aᵀ · dY; db2 += Σ dY (from the fp32 dy).
+    MOE_RETURN_IF_ERROR(WeightGradient([&](int e, int64_t b, int r) {
+      return Gemm{CUBLAS_OP_N,
+                  CUBLAS_OP_T,
+                  static_cast<int>(m),
+                  static_cast<int>(h),
+                  r,
+                  dy_t + b * m,
+                  static_cast<int>(m),
+                  a_.as<T>() + b * h,
+                  static_cast<int>(h),
+                  gw2_.as<float>() + e * h * m,
+                  static_cast<int>(m)};
+    }));
+    if (shape_.bias) ColumnSums(dy, m, static_cast<int>(m), gb2_.as<float>());
+    // dA = dY · W2ᵀ (rows x H).
+    MOE_RETURN_IF_ERROR(Grouped(
+        [&](int e, int64_t b, int r) {
+          return Gemm{CUBLAS_OP_T,         CUBLAS_OP_N,
+                      static_cast<int>(h), r,
+                      static_cast<int>(m), w2_.as<T>() + e * h * m,
+                      static_cast<int>(m), dy_t + b * m,
+                      static_cast<int>(m), da_.as<T>() + b * h,
+                      static_cast<int>(h)};
+        },
+        0.0f));
+    ActivationBackwardKernel<T><<<static_cast<unsigned>(rows_), kRowThreads, 0, stream_>>>(
+        da_.as<T>(), hu_.as<T>(), dhu_.as<T>(), static_cast<int>(h), static_cast<int>(up),
+        shape_.activation, shape_.swiglu);
+    if (shape_.bias) ColumnSums(dhu_.as<T>(), up, static_cast<int>(h), gb1_.as<float>());
+    // dWup (M x up) += Xᵀ · dHU.
+    MOE_RETURN_IF_ERROR(WeightGradient([&](int e, int64_t b, int r) {
+      return Gemm{CUBLAS_OP_N,
+                  CUBLAS_OP_T,
+                  static_cast<int>(up),
+                  static_cast<int>(m),
+                  r,
+                  dhu_.as<T>() + b * up,
+                  static_cast<int>(up),
+                  x_ + b * m,
+                  static_cast<int>(m),
+                  gwup_.as<float>() + e * m * up,
+                  static_cast<int>(up)};
+    }));
+    // dX = dHU · Wupᵀ (rows x M), in the storage type, then widened.
+    MOE_ASSIGN_OR_RETURN(T * dx_gemm, GemmOutput(dx, dx16_));
+    MOE_RETURN_IF_ERROR(Grouped(
+        [&](int e, int64_t b, int r) {
+          return Gemm{CUBLAS_OP_T,          CUBLAS_OP_N,
+                      static_cast<int>(m),  r,
+                      static_cast<int>(up), wup_.as<T>() + e * m * up,
+                      static_cast<int>(up), dhu_.as<T>() + b * up,
+                      static_cast<int>(up), dx_gemm + b * m,
+                      static_cast<int>(m)};
+        },
+        0.0f));
+    if constexpr (!std::is_same_v<T, float>) {
+      ConvertKernel<T, float>
+          <<<GridFor(rows_ * m), kRowThreads, 0, stream_>>>(dx_gemm, dx, rows_ * m);
+    }
+    return CudaResult(cudaGetLastError(), "GroupedFfn::Backward kernel launch");
+  }
+
+  Status AddGradients(std::vector<FfnParams>* grads) override {
+    if (static_cast<int>(grads->size()) != experts_) {
+      return InvalidArgument("GroupedFfn::AddGradients: " + std::to_string(grads->size()) +
+                             " experts given, the object holds " + std::to_string(experts_));
+    }
+    MOE_RETURN_IF_ERROR(CudaResult(cudaSetDevice(device_), "cudaSetDevice"));
+    const int64_t m = shape_.model_dim, h = shape_.hidden_dim, up = UpCols();
+    staging_.resize(static_cast<size_t>(experts_ * m * up));
+    MOE_RETURN_IF_ERROR(Download(staging_.data(), gwup_.as<float>(),
+                                 static_cast<int64_t>(staging_.size() * sizeof(float))));
+    for (int e = 0; e < experts_; ++e) {
+      FfnParams& g = (*grads)[static_cast<size_t>(e)];
+      const float* src = staging_.data() + e * m * up;
+      for (int64_t i = 0; i < m; ++i) {
+        for (int64_t c = 0; c < h; ++c) g.w1(i, c) += src[i * up + c];
+        if (shape_.swiglu) {
+          for (int64_t c = 0; c < h; ++c) g.w3(i, c) += src[i * up + h + c];
+        }
+      }
+    }
+    auto add_blocks = [&](const DeviceMemory& from, int64_t per_expert,
+                          Tensor FfnParams::*pick) -> Status {
+      staging_.resize(static_cast<size_t>(experts_ * per_expert));
+      MOE_RETURN_IF_ERROR(Download(staging_.data(), from.as<float>(),
+                                   static_cast<int64_t>(staging_.size() * sizeof(float))));
+      for (int e = 0; e < experts_; ++e) {
+        Tensor& t = (*grads)[static_cast<size_t>(e)].*pick;
+        const float* src = staging_.data() + e * per_expert;
+        for (int64_t i = 0; i < per_expert; ++i) t[i] += src[i];
+      }
+      return Status::Ok();
+    };
+    MOE_RETURN_IF_ERROR(add_blocks(gw2_, h * m, &FfnParams::w2));
+    if (shape_.bias) {
+      MOE_RETURN_IF_ERROR(add_blocks(gb1_, h, &FfnParams::b1));
+      MOE_RETURN_IF_ERROR(add_blocks(gb2_, m, &FfnParams::b2));
+    }
+    return ZeroGradients();
+  }
+
+  Status Upload(void* device_dst, const void* host_src, int64_t bytes) override {
+    if (bytes == 0) return Status::Ok();
+    MOE_RETURN_IF_ERROR(CudaResult(cudaSetDevice(device_), "cudaSetDevice"));
+    MOE_RETURN_IF_ERROR(CudaResult(cudaMemcpyAsync(device_dst, host_src, static_cast<size_t>(bytes),
+                                                   cudaMemcpyHostToDevice, stream_),
+                                   "host-to-device copy"));
+    return CudaResult(cudaStreamSynchronize(stream_),
+                      "cudaStreamSynchronize after a host-to-device copy");
+  }
+
+  Status Download(void* host_dst, const void* device_src, int64_t bytes) override {
+    if (bytes == 0) return Status::Ok();
+    MOE_RETURN_IF_ERROR(CudaResult(cudaSetDevice(device_), "cudaSetDevice"));
+    MOE_RETURN_IF_ERROR(CudaResult(cudaMemcpyAsync(host_dst, device_src, static_cast<size_t>(bytes),
+                                                   cudaMemcpyDeviceToHost, stream_),
+                                   "device-to-host copy"));
+    return CudaResult(cudaStreamSynchronize(stream_),
+                      "cudaStreamSynchronize after a device-to-host copy");
+  }
+
+  StatusOr<float*> DeviceScratch(int slot, int64_t bytes) override {
+    if (slot < 0 || slot >= static_cast<int>(scratch_.size())) {
+      return InvalidArgument("GroupedFfn::DeviceScratch: slot " + std::to_string(slot) +
+                             " not in [0, 4)");
+    }
+    MOE_RETURN_IF_ERROR(CudaResult(cudaSetDevice(device_), "cudaSetDevice"));
+    MOE_RETURN_IF_ERROR(scratch_[static_cast<size_t>(slot)].Reserve(bytes));
+    return scratch_[static_cast<size_t>(slot)].as<float>();
+  }
+
+ private:
+  int64_t UpCols() const { return shape_.swiglu ? 2 * shape_.hidden_dim : shape_.hidden_dim; }
+
+  // An fp32 rows x M operand in the storage type: `in` itself (fp32), or converted into `staging`.
+  StatusOr<const T*> GemmInput(const float* in, DeviceMemory& staging) {
+    if constexpr (std::is_same_v<T, float>) {
+      return in;
+    } else {
+      const int64_t n = rows_ * shape_.model_dim;
+      MOE_RETURN_IF_ERROR(staging.Reserve(n * static_cast<int64_t>(sizeof(T))));
+      ConvertKernel<float, T>
+          <<<GridFor(n), kRowThreads, 0, stream_>>>(in, staging.template as<T>(), n);
+      return static_cast<const T*>(staging.template as<T>());
+    }
+  }
+  // Where a GEMM writes an fp32 rows x M result: `out` itself (fp32), or `staging` to be widened.
+  StatusOr<T*> GemmOutput(float* out, DeviceMemory& staging) {
+    if constexpr (std::is_same_v<T, float>) {
+      return out;
+    } else {
+      MOE_RETURN_IF_ERROR(
+          staging.Reserve(rows_ * shape_.model_dim * static_cast<int64_t>(sizeof(T))));
+      return staging.template as<T>();
+    }
+  }
+
+  // One grouped GEMM over the non-empty experts; make(e, first_row, rows) describes expert e's.
+  template <typename Make>
+  Status Grouped(Make make, float beta) {
+    gemms_.clear();
+    for (int e = 0; e < experts_; ++e) {
+      const int64_t b = offsets_[static_cast<size_t>(e)],
+                    r = offsets_[static_cast<size_t>(e) + 1] - b;
+      if (r > 0) gemms_.push_back(make(e, b, static_cast<int>(r)));
+    }
+    if (gemms_.empty()) return Status::Ok();
+    const size_t n = gemms_.size();
+    ta_.resize(n);
+    tb_.resize(n);
+    m_.resize(n);
+    n_.resize(n);
+    k_.resize(n);
+    lda_.resize(n);
+    ldb_.resize(n);
+    ldc_.resize(n);
+    alpha_.assign(n, 1.0f);
+    beta_.assign(n, beta);
+    group_size_.assign(n, 1);
+    for (size_t i = 0; i < n; ++i) {
+      const Gemm& g = gemms_[i];
+      ta_[i] = g.ta;
+      tb_[i] = g.tb;
+      m_[i] = g.m;
+      n_[i] = g.n;
+      k_[i] = g.k;
+      lda_[i] = g.lda;
+      ldb_[i] = g.ldb;
+      ldc_[i] = g.ldc;
+    }
+    MOE_ASSIGN_OR_RETURN(const void* const* ptrs, pointers_.Stage(gemms_, stream_));
+    return CublasResult(
+        api_,
+        api_.gemm_grouped_batched_ex(
+            handle_, ta_.data(), tb_.data(), m_.data(), n_.data(), k_.data(), alpha_.data(), ptrs,
+            kDataType<T>, lda_.data(), ptrs + n, kDataType<T>, ldb_.data(), beta_.data(),
+            const_cast<void* const*>(ptrs + 2 * n), kDataType<T>, ldc_.data(), static_cast<int>(n),
+            group_size_.data(), CUBLAS_COMPUTE_32F),
+        "cublasGemmGroupedBatchedEx");
+  }
+
+  // C (fp32) += op(A) · op(B) per non-empty expert, A and B in the storage type.
+  template <typename Make>
+  Status WeightGradient(Make make) {
+    const float one = 1.0f;
+    for (int e = 0; e < experts_; ++e) {
+      const int64_t b = offsets_[static_cast<size_t>(e)],
+                    r = offsets_[static_cast<size_t>(e) + 1] - b;
+      if (r == 0) continue;
+      const Gemm g = make(e, b, static_cast<int>(r));
+      MOE_RETURN_IF_ERROR(
+          CublasResult(api_,
+                       api_.gemm_ex(handle_, g.ta, g.tb, g.m, g.n, g.k, &one, g.a, kDataType<T>,
+                                    g.lda, g.b, kDataType<T>, g.ldb, &one, g.c, CUDA_R_32F, g.ldc,
+                                    CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                       "cublasGemmEx (weight gradient)"));
+    }
+    return Status::Ok();
+  }
+
+  template <typename E>
+  void ColumnSums(const E* mat, int64_t ld, int cols, float* g) {
+    const dim3 grid(static_cast<unsigned>((cols + 31) / 32), static_cast<unsigned>(experts_));
+    ColumnSumKernel<E>
+        <<<grid, dim3(32, kSumLanes), 0, stream_>>>(mat, ld, cols, offsets_dev_.as<int64_t>(), g);
+  }
+
+  // fp32 host values into device storage of type T.
+  Status UploadAs(T* dst, const std::vector<float>& src) {
+    const int64_t n = static_cast<int64_t>(src.size());
+    if constexpr (std::is_same_v<T, float>) {
+      return Upload(dst, src.data(), n * static_cast<int64_t>(sizeof(float)));
+    } else {
+      MOE_RETURN_IF_ERROR(wstage_.Reserve(n * static_cast<int64_t>(sizeof(float))));
+      MOE_RETURN_IF_ERROR(
+          Upload(wstage_.as<float>(), src.data(), n * static_cast<int64_t>(sizeof(float))));
+      ConvertKernel<float, T><<<GridFor(n), kRowThreads, 0, stream_>>>(wstage_.as<float>(), dst, n);
+      return CudaResult(cudaGetLastError(), "weight conversion kernel launch");
+    }
+  }
+
+  Status ZeroGradients() {
+    const int64_t l = experts_, m = shape_.model_dim, h = shape_.hidden_dim;
+    for (auto [mem, n] :
+         {std::pair{&gwup_, l * m * UpCols()}, std::pair{&gw2_, l * h * m},
+          std::pair{&gb1_, shape_.bias ? l * h : 0}, std::pair{&gb2_, shape_.bias ? l * m : 0}}) {
+      if (n == 0) continue;
+      MOE_RETURN_IF_ERROR(
+          CudaResult(cudaMemsetAsync(mem->template as<float>(), 0,
+                                     static_cast<size_t>(n) * sizeof(float), stream_),
+                     "cudaMemsetAsync (gradients)"));
+    }
+    return Status::Ok();
+  }
+
+  const CublasApi& api_;
+  FfnShape shape_;
+  int experts_;
+  int device_;
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t handle_ = nullptr;
+  PointerTable pointers_;
+  bool have_weights_ = false;
+
+  DeviceMemory wup_, w2_, b1_, b2_, wstage_;  // weights (storage type; biases fp32)
+  DeviceMemory gwup_, gw2_, gb1_, gb2_;       // gradients (fp32)
+  DeviceMemory offsets_dev_;
+  DeviceMemory x16_, hu_, a_, y16_;      // forward activations
+  DeviceMemory dy16_, da_, dhu_, dx16_;  // backward
+  std::array<DeviceMemory, 4> scratch_;
+  const T* x_ = nullptr;
+  std::vector<int64_t> offsets_;
+  int64_t rows_ = 0;
+  std::vector<float> staging_;
+
+  // Grouped-call argument arrays (host), reused.
+  std::vector<Gemm> gemms_;
+  std::vector<cublasOperation_t> ta_, tb_;
+  std::vector<int> m_, n_, k_, lda_, ldb_, ldc_, group_size_;
+  std::vector<float> alpha_, beta_;
+};
+
+template <typename T>
+StatusOr<std::unique_ptr<GroupedFfn>> MakeGroupedFfn(const FfnShape& shape, int num_experts,
+                                                     int device) {
+  MOE_ASSIGN_OR_RETURN(const CublasApi* api, Cublas());
+  auto ffn = std::make_unique<CudaGroupedFfn<T>>(*api, shape, num_experts, device);
+  MOE_RETURN_IF_ERROR(ffn->Init());
+  return std::unique_ptr<GroupedFfn>(std::move(ffn));
+}
+
+}  // namespace
+
+StatusOr<std::unique_ptr<GroupedFfn>> GroupedFfn::Create(const FfnShape& shape, int num_experts,
+                                                         Precision precision, int device) {
+  if (num_experts < 1 || shape.model_dim < 1 || shape.hidden_dim < 1) {
+    return InvalidArgument("GroupedFfn: num_experts, model_dim and hidden_dim must be >= 1 (got " +
+                           std::to_string(num_experts) + ", " + std::to_string(shape.model_dim) +
+                           ", " + std::to_string(shape.hidden_dim) + ")");
+  }
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+    (void)cudaGetLastError();
+    return FailedPrecondition("GroupedFfn: no CUDA device is visible to this process");
+  }
+  if (device < 0 || device >= count) {
+    return InvalidArgument("GroupedFfn: device " + std::to_string(device) + " not in [0, " +
+                           std::to_string(count) + ")");
+  }
+  if (precision == Precision::kBfloat16) return MakeGroupedFfn<bf16>(shape, num_experts, device);
+  return MakeGroupedFfn<float>(shape, num_experts, device);
+}
+
+}  // namespace moe::experts::cuda

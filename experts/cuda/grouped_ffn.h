@@ -1,0 +1,68 @@
+// The FFNs of L local experts on one GPU, over contiguous row blocks: rows [offsets[e],
+// offsets[e+1]) go through expert e — the GPU counterpart of runtime/expert_blocks.h, same math as
+// experts/cpu/ffn.cc (see expert_ffn.h).
+//
+// Stages, one small kernel or one cuBLAS call each:
+//   up:    HU = X · Wup          grouped GEMM (cublasGemmGroupedBatchedEx), Wup = W1, or [W1 | W3]
+//                                (M x 2H, one GEMM for SwiGLU's two projections)
+//   act:   H += b1; A = act(H)   (SwiGLU: A = silu(H) · U)       one fused elementwise kernel
+//   down:  Y = A · W2 + b2       grouped GEMM, then the bias (and the bf16 -> fp32 widening) kernel
+// Backward: dW2 += Aᵀ·dY, db2 += Σ dY, dA = dY·W2ᵀ (grouped), dHU = dA · act'(H) (kernel),
+// db1 += Σ dH, dWup += Xᵀ·dHU, dX = dHU · Wupᵀ (grouped). Weight-gradient GEMMs run per expert
+// (cublasGemmEx, fp32 output and accumulation, beta = 1) because the grouped call has no
+// bf16-in/fp32-out form.
+//
+// Precision: kFloat32 keeps everything in fp32 (cuBLAS default math: no TF32); kBfloat16 stores
+// weights, X, HU, A and dY in bf16, accumulates every GEMM in fp32, keeps fp32 master weights on
+// the host and fp32 gradients on the device. Inputs and outputs of Forward/Backward are fp32.
+//
+// All device work is ordered on the object's own CUDA stream; Upload/Download synchronize with it.
+// Without a CUDA build Create() fails with kUnimplemented.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "experts/expert_ffn.h"
+#include "runtime/base/status.h"
+
+namespace moe::experts::cuda {
+
+enum class Precision { kFloat32, kBfloat16 };
+const char* PrecisionName(Precision p);
+
+// Loads cuBLAS now (Create does it on first use; it is not linked, see cuda/cublas_loader.h).
+// Needs no GPU. kUnimplemented without a CUDA build.
+Status LoadCublas();
+
+class GroupedFfn {
+ public:
+  // `device`: the CUDA device index used by every call (the calling thread's device is set to it).
+  static StatusOr<std::unique_ptr<GroupedFfn>> Create(const FfnShape& shape, int num_experts,
+                                                      Precision precision, int device);
+  virtual ~GroupedFfn() = default;
+
+  // Copies the experts' (fp32, host) weights to the device: params[e] is local expert e.
+  virtual Status SetWeights(const std::vector<FfnParams>& params) = 0;
+
+  // y = FFN_e(x) for each row block. x and y are device pointers, rows x M fp32 (rows =
+  // offsets.back()); offsets has L + 1 non-decreasing entries starting at 0. x must stay
+  // unchanged until Backward.
+  virtual Status Forward(const std::vector<int64_t>& offsets, const float* x, float* y) = 0;
+  // dx (device, rows x M) from dy (device, rows x M) for the last Forward's rows; weight gradients
+  // are accumulated on the device.
+  virtual Status Backward(const float* dy, float* dx) = 0;
+  // Adds the device-accumulated gradients into grads[e] (host, shapes of FfnParams::Zeros) and
+  // zeroes them on the device.
+  virtual Status AddGradients(std::vector<FfnParams>* grads) = 0;
+
+  // Host <-> device copies on this object's stream; return when the copy is complete.
+  virtual Status Upload(void* device_dst, const void* host_src, int64_t bytes) = 0;
+  virtual Status Download(void* host_dst, const void* device_src, int64_t bytes) = 0;
+  // Device memory owned by this object, at least `bytes`, kept across calls; `slot` (0..3) picks
+  // one of four independent buffers (e.g. the caller's x, y, dy, dx).
+  virtual StatusOr<float*> DeviceScratch(int slot, int64_t bytes) = 0;
+};
+
+}  // namespace moe::experts::cuda

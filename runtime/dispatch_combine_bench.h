@@ -1,0 +1,84 @@
+// moe_comm_bench --op dispatch_combine: times the real expert-parallel path (ep_executor.h) on a
+// communicator and compares it with the raw exchange of the same rows.
+//
+// Per rank, a probs matrix (S x E, rows sum to 1) is drawn from a seeded RNG with the requested
+// skew (uniform, zipf:S, hot:F; see MakeSkewedProbs), BuildDispatchPlan makes the plan (gate TOPK,
+// top_k, capacity_factor, min capacity 1), and ExpertParallelExecutor::Forward is timed with tiny
+// experts (H = 1). The start and end of Forward's two float32 row exchanges come from the
+// executor's own records (ExchangeStats::calls: the kDispatch and kCombine ExchangeCall,
+// start_seconds and start_seconds + seconds); the int64 count exchange of dropless mode is not one
+// of them. Per call: dispatch = Forward start -> end of the dispatch exchange (layout, count
+// all-to-all in dropless mode, pack, exchange) + half of the regroup/ungroup time; combine = start
+// of the combine exchange -> Forward end (exchange, unpack) + the other half. The regroup / ungroup
+// time is what lies between the two exchanges minus stats().expert_seconds; the two are the same
+// row copies in reverse, hence the even split (the only estimated part). time = dispatch + combine
+// (slowest rank of each). baseline = the raw exchange with the executor's own per-peer counts (the
+// given raw all-to-all-v, e.g. MPI_Alltoallv on MPI; without one, the plain communicator's AllToAll
+// in capacity mode or AllToAllV in dropless mode, as the executor calls it), timed in both
+// directions and halved; ratio = time / (2 x baseline). size = bytes a rank sends in the dispatch
+// (mean over ranks, padding included); algbw = 2 · size / time. With `check`, the plan is rerun
+// through identity experts (H = M, W1 = W2 = I, ReLU, positive inputs) and #wrong counts elements
+// of kept rows that differ from their token's input.
+#pragma once
+
+#include <cstdint>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "comm/bench/bench_loop.h"
+#include "comm/bench/raw_collectives.h"
+#include "comm/communicator.h"
+#include "runtime/base/status.h"
+#include "runtime/base/tensor.h"
+
+namespace moe {
+
+// How the benchmark's router probs favour experts.
+struct ProbsSkew {
+  enum Kind { kUniform, kZipf, kHot } kind = kUniform;
+  double param = 0;  // Zipf exponent S, or the hot expert's fraction F of first choices
+};
+
+struct DispatchCombineBenchOptions {
+  std::vector<int64_t> tokens = {1024};  // tokens per rank, one table row each
+  int64_t hidden = 1024;                 // model dim M (floats per token row)
+  int experts = 0;                       // E; 0: 2 per rank
+  int top_k = 2;
+  double capacity_factor = 1.25;   // <= 0: dropless routing (always the dropless exchange)
+  bool dropless_exchange = false;  // counts + all-to-all-v instead of the padded all-to-all
+  ProbsSkew skew;
+  std::string skew_name = "uniform";  // as the table header prints it
+  uint64_t seed = 1;
+  int iters = 20;
+  int warmup = 5;
+  bool check = true;
+};
+
+// The experts E on `ranks` ranks (options.experts, or 2 per rank).
+int DispatchCombineExperts(const DispatchCombineBenchOptions& options, int ranks);
+// E divisible by the ranks and top_k <= E; messages name --experts and --topk.
+Status CheckDispatchCombineShape(const DispatchCombineBenchOptions& options, int ranks);
+// Tokens per rank for a sweep of byte sizes: bytes / (k · M · 4), at least 1, repeats dropped.
+std::vector<int64_t> DispatchCombineTokens(const std::vector<int64_t>& sizes, int top_k,
+                                           int64_t hidden);
+
+// One rank's router probs (tokens x e, rows sum to 1) with `skew`, from (seed, rank). The k
+// largest entries of a row are its top-k choices, in order: choice j gets weight (k - j) + 1/2
+// plus U(0, 1/4), every other expert U(0, 1/4), then the row is normalized.
+//   uniform: choices drawn uniformly without replacement;
+//   zipf:S:  choices drawn without replacement with P(e) ∝ 1 / (e + 1)^S;
+//   hot:F:   first choice is expert 0 with probability F, else uniform over experts 1..E-1; later
+//            choices uniform over the experts not yet chosen other than expert 0 (expert 0 only
+//            when nothing else is left), so expert 0 gets exactly the fraction F of first choices.
+Tensor MakeSkewedProbs(const ProbsSkew& skew, uint64_t seed, int rank, int64_t tokens, int e,
+                       int k);
+
+// Runs every row on this rank; collective over `comm` (host memory). `raw` (may be null: the
+// communicator itself) is the baseline exchange. Rank 0 prints the table to `out` and hands each
+// row to `sink` (when set). After the table, kDataLoss when `check` found wrong elements.
+Status RunDispatchCombineBench(comm::Communicator& comm, const DispatchCombineBenchOptions& options,
+                               comm::bench::RawCollectives* raw, std::FILE* out,
+                               const comm::bench::RowSink& sink);
+
+}  // namespace moe

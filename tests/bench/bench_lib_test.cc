@@ -1,0 +1,195 @@
+// The benchmark libraries behind moe_comm_bench, on loopback ranks: rows reach the sink on rank 0,
+// results check out, and an injected raw baseline is what the baseline column times.
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "comm/bench/collective_bench.h"
+#include "comm/loopback/loopback_world.h"
+#include "runtime/bench_json.h"
+#include "runtime/dispatch_combine_bench.h"
+
+namespace moe {
+namespace {
+
+using comm::bench::BenchRow;
+using comm::bench::RawCollectives;
+
+// Counts its calls and records the all-to-all-v send counts; moves no data (the timed run after
+// the baseline overwrites the receive buffer anyway).
+class CountingRaw final : public RawCollectives {
+ public:
+  const char* Name(Op op) const override {
+    return op == Op::kAllToAllV   ? "fake_alltoallv"
+           : op == Op::kAllReduce ? "fake_allreduce"
+                                  : "fake_allgather";
+  }
+  Status AllToAllV(const void*, std::span<const int64_t> send_counts, std::span<const int64_t>,
+                   void*, std::span<const int64_t>, std::span<const int64_t>,
+                   comm::DataType) override {
+    ++calls;
+    last_send_counts.assign(send_counts.begin(), send_counts.end());
+    return Status::Ok();
+  }
+  Status AllReduceSum(const void*, void*, int64_t, comm::DataType) override {
+    ++calls;
+    return Status::Ok();
+  }
+  Status AllGather(const void*, void*, int64_t, comm::DataType) override {
+    ++calls;
+    return Status::Ok();
+  }
+
+  int calls = 0;
+  std::vector<int64_t> last_send_counts;
+};
+
+// Runs `bench` on `ranks` loopback ranks, each with its own CountingRaw (or none); returns the
+// rows rank 0 handed to the sink and what it printed.
+struct BenchRun {
+  std::vector<Status> status;
+  std::vector<CountingRaw> raw;
+  std::vector<BenchRow> rows;
+  std::string table;
+};
+
+template <typename Bench>
+BenchRun RunOnLoopback(int ranks, bool with_raw, const Bench& bench) {
+  BenchRun run;
+  run.status.resize(static_cast<size_t>(ranks));
+  run.raw.resize(static_cast<size_t>(ranks));
+  auto world = comm::LoopbackWorld::Create(ranks, {});
+  EXPECT_TRUE(world.ok());
+  std::FILE* out = std::tmpfile();
+  std::mutex mu;
+  const comm::bench::RowSink sink = [&](const BenchRow& row) {
+    std::lock_guard<std::mutex> lock(mu);
+    run.rows.push_back(row);
+    return Status::Ok();
+  };
+  world->RunPerRank([&](comm::Communicator& c) {
+    const auto r = static_cast<size_t>(c.rank());
+    run.status[r] = bench(c, with_raw ? &run.raw[r] : nullptr, out, sink);
+  });
+  std::rewind(out);
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof(buf), out)) > 0) run.table.append(buf, n);
+  std::fclose(out);
+  return run;
+}
+
+TEST(CollectiveBench, RawBaselineIsTimedAndResultsCheck) {
+  comm::bench::CollectiveBenchOptions o;
+  o.op = "alltoallv";
+  o.min_bytes = 1024;
+  o.max_bytes = 4096;
+  o.factor = 4;
+  o.iters = 2;
+  o.warmup = 1;
+  const BenchRun run = RunOnLoopback(3, true, [&](auto& c, auto* raw, auto* out, const auto& sink) {
+    return comm::bench::RunCollectiveBench(c, o, raw, out, sink);
+  });
+  for (const Status& s : run.status) EXPECT_TRUE(s.ok()) << s.ToString();
+  ASSERT_EQ(run.rows.size(), 2u);
+  EXPECT_EQ(run.rows[0].bytes, 1020);  // 255 float32 = 85 per peer
+  EXPECT_EQ(run.rows[1].count, 1023);
+  for (const BenchRow& r : run.rows) {
+    EXPECT_EQ(r.op, "alltoallv");
+    EXPECT_EQ(r.wrong, 0);
+    EXPECT_EQ(r.baseline, "fake_alltoallv");
+  }
+  for (const CountingRaw& raw : run.raw) EXPECT_EQ(raw.calls, 2 * (o.warmup + o.iters));
+  EXPECT_NE(run.table.find("baseline = fake_alltoallv of the same bytes"), std::string::npos);
+  EXPECT_NE(run.table.find("# Avg bus bandwidth"), std::string::npos);
+}
+
+TEST(CollectiveBench, MemcpyBaselineWithoutRaw) {
+  comm::bench::CollectiveBenchOptions o;
+  o.op = "allgather";
+  o.min_bytes = o.max_bytes = 4096;
+  o.iters = 1;
+  o.warmup = 0;
+  o.dtype = comm::DataType::kInt64;
+  const BenchRun run =
+      RunOnLoopback(2, false, [&](auto& c, auto* raw, auto* out, const auto& sink) {
+        return comm::bench::RunCollectiveBench(c, o, raw, out, sink);
+      });
+  for (const Status& s : run.status) EXPECT_TRUE(s.ok()) << s.ToString();
+  ASSERT_EQ(run.rows.size(), 1u);
+  EXPECT_EQ(run.rows[0].baseline, "memcpy");
+  EXPECT_EQ(run.rows[0].wrong, 0);
+}
+
+TEST(DispatchCombineBench, TokensPerSize) {
+  // bytes / (k · M · 4) with k = 2, M = 32: 8K -> 32, 32K -> 128; 1 at least, repeats dropped.
+  EXPECT_EQ(DispatchCombineTokens({8192, 32768}, 2, 32), (std::vector<int64_t>{32, 128}));
+  EXPECT_EQ(DispatchCombineTokens({8, 16, 256, 512}, 2, 32), (std::vector<int64_t>{1, 2}));
+}
+
+TEST(DispatchCombineBench, ShapeIsChecked) {
+  DispatchCombineBenchOptions o;
+  o.experts = 3;
+  EXPECT_EQ(CheckDispatchCombineShape(o, 2).message(),
+            "--experts=3 must be divisible by the 2 ranks");
+  o.experts = 0;
+  o.top_k = 5;
+  EXPECT_EQ(CheckDispatchCombineShape(o, 2).message(), "--topk=5 must be <= the 4 experts");
+}
+
+TEST(DispatchCombineBench, ReplaysTheExecutorsCountsThroughTheRawBaseline) {
+  DispatchCombineBenchOptions o;
+  o.tokens = {16, 64};
+  o.hidden = 8;
+  o.dropless_exchange = true;
+  o.skew = {ProbsSkew::kZipf, 1.2};
+  o.iters = 2;
+  o.warmup = 1;
+  const BenchRun run = RunOnLoopback(2, true, [&](auto& c, auto* raw, auto* out, const auto& sink) {
+    return RunDispatchCombineBench(c, o, raw, out, sink);
+  });
+  for (const Status& s : run.status) EXPECT_TRUE(s.ok()) << s.ToString();
+  ASSERT_EQ(run.rows.size(), 2u);
+  for (const BenchRow& r : run.rows) {
+    EXPECT_EQ(r.op, "dispatch_combine");
+    EXPECT_EQ(r.wrong, 0);
+    EXPECT_EQ(r.count * 4, r.bytes);
+  }
+  // Per row: (warmup + iters) replays of both directions. The last replay is the combine
+  // direction of the last row, which sends back what the dispatch received.
+  int64_t combine_floats = 0;
+  for (const CountingRaw& raw : run.raw) {
+    EXPECT_EQ(raw.calls, 2 * 2 * (o.warmup + o.iters));
+    for (int64_t c : raw.last_send_counts) combine_floats += c;
+  }
+  // Over all ranks, what the combines send equals what the dispatches sent: row.bytes per rank.
+  EXPECT_EQ(combine_floats * 4, run.rows[1].bytes * 2);
+  EXPECT_NE(run.table.find("baseline = fake_alltoallv of the same per-peer counts"),
+            std::string::npos);
+}
+
+TEST(BenchJson, EveryFieldIsWritten) {
+  BenchRow row;
+  row.op = "alltoall";
+  row.backend = "loopback";
+  row.ranks = 2;
+  row.bytes = 1024;
+  row.count = 256;
+  row.dtype = "float32";
+  row.time_us = 2.5;
+  row.wrong = 0;
+  row.baseline = "memcpy";
+  std::ostringstream out;
+  ASSERT_TRUE(WriteBenchJson(out, row).ok());
+  EXPECT_EQ(out.str(),
+            "{\"op\":\"alltoall\",\"backend\":\"loopback\",\"ranks\":2,\"bytes\":\"1024\","
+            "\"count\":\"256\",\"dtype\":\"float32\",\"timeUs\":2.5,\"algbwGbps\":0,"
+            "\"busbwGbps\":0,\"wrong\":\"0\",\"baselineTimeUs\":0,\"baseline\":\"memcpy\"}\n");
+}
+
+}  // namespace
+}  // namespace moe

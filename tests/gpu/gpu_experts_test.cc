@@ -1,0 +1,283 @@
+// The GPU experts (experts/cuda/grouped_ffn.h, runtime MakeExpertCompute) against the CPU path:
+//  - exact answers with identity weights (fp32 and bf16: the values are exact in bf16);
+//  - every FFN kind x bias x precision against experts/cpu/ffn.cc on the same weights and rows,
+//    forward, dX and every weight gradient, with an empty expert among the blocks: fp32 within
+//    1e-4 of the largest reference magnitude (summation order only), bf16 within 2e-2 of it
+//    (inputs, weights and activations rounded to 8 significant bits);
+//  - the MoE layer and a 2-rank expert-parallel training job with compute.device=CUDA against the
+//    same on the CPU.
+// Every GPU case skips with the reason when no CUDA device is visible; the no-GPU error path runs
+// everywhere.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "comm/loopback/loopback_world.h"
+#include "comm/memory.h"
+#include "experts/cuda/grouped_ffn.h"
+#include "runtime/config.h"
+#include "runtime/expert_blocks.h"
+#include "runtime/expert_executor.h"
+#include "runtime/moe_layer.h"
+#include "runtime/trainer.h"
+#include "tests/unit/test_util.h"
+#include "tests/unit/train_util.h"
+
+namespace moe {
+namespace {
+
+using experts::Activation;
+using experts::FfnParams;
+using experts::FfnShape;
+using experts::cuda::Precision;
+
+#define MOE_REQUIRE_GPU()                                                                      \
+  do {                                                                                         \
+    if (comm::CudaDeviceCount() == 0) {                                                        \
+      GTEST_SKIP() << "no CUDA device visible to this process (or a build without CUDA): the " \
+                      "GPU path is tested on a machine with a GPU";                            \
+    }                                                                                          \
+  } while (0)
+
+config::ComputeConfig Cuda(Precision p) {
+  config::ComputeConfig c;
+  c.set_device(config::CUDA);
+  c.set_expert_precision(p == Precision::kBfloat16 ? config::BF16 : config::FP32);
+  return c;
+}
+
+// max |a - b| / max(1, max |b|).
+double RelativeError(const Tensor& a, const Tensor& b) {
+  EXPECT_EQ(a.size(), b.size());
+  double worst = 0, scale = 1;
+  for (int64_t i = 0; i < std::min(a.size(), b.size()); ++i) {
+    worst = std::max(worst, static_cast<double>(std::abs(a[i] - b[i])));
+    scale = std::max(scale, static_cast<double>(std::abs(b[i])));
+  }
+  return worst / scale;
+}
+
+TEST(GpuExpertsNoDevice, CudaWithoutAGpuIsAClearError) {
+  if (comm::CudaDeviceCount() > 0)
+    GTEST_SKIP() << "a CUDA device is visible; this checks the error without one";
+  FfnShape shape{8, 16, Activation::kRelu, false, true};
+  auto compute = MakeExpertCompute(shape, 2, Cuda(Precision::kFloat32), 0);
+  ASSERT_FALSE(compute.ok());
+  EXPECT_EQ(compute.status().code(), StatusCode::kFailedPrecondition)
+      << compute.status().ToString();
+  EXPECT_NE(compute.status().message().find("compute.device=CUDA"), std::string::npos)
+      << compute.status().ToString();
+}
+
+// cuBLAS is loaded on first use, not linked; the loader needs the library, not a GPU.
+TEST(GpuExpertsNoDevice, CublasLoadsInACudaBuild) {
+#if MOE_EXPERTS_HAVE_CUDA
+  const Status s = experts::cuda::LoadCublas();
+  EXPECT_TRUE(s.ok()) << s.ToString();
+#else
+  EXPECT_EQ(experts::cuda::LoadCublas().code(), StatusCode::kUnimplemented);
+#endif
+}
+
+TEST(GpuExpertsConfig, Bf16NeedsCuda) {
+  StatusOr<MoeConfig> cfg = ParseConfig(
+      "moe { model_dim: 4 num_experts: 2 expert { hidden_dim: 4 } } compute { expert_precision: "
+      "BF16 }",
+      "t");
+  ASSERT_FALSE(cfg.ok());
+  EXPECT_NE(cfg.status().message().find("compute.expert_precision=BF16"), std::string::npos)
+      << cfg.status().ToString();
+  EXPECT_TRUE(ParseConfig("moe { model_dim: 4 num_experts: 2 expert { hidden_dim: 4 } } "
+                          "compute { device: CUDA expert_precision: BF16 gpu: 0 }",
+                          "t")
+                  .ok());
+}
+
+// Identity weights, ReLU, no bias, x >= 0: y = x and dx = dy exactly (all values are multiples
+// of 1/4 below 4, exact in bf16).
+TEST(GpuExperts, IdentityWeightsGiveExactAnswers) {
+  MOE_REQUIRE_GPU();
+  constexpr int kDim = 8, kExperts = 2;
+  const FfnShape shape{kDim, kDim, Activation::kRelu, false, false};
+  std::vector<FfnParams> params(kExperts, FfnParams::Zeros(shape));
+  for (auto& p : params) {
+    for (int i = 0; i < kDim; ++i) p.w1(i, i) = p.w2(i, i) = 1.0f;
+  }
+  const std::vector<int64_t> offsets = {0, 3, 7};
+  Tensor x(7, kDim), dy(7, kDim);
+  for (int64_t i = 0; i < x.size(); ++i) {
+    x[i] = static_cast<float>((i * 5) % 16) / 4.0f;
+    dy[i] = static_cast<float>((i * 3) % 13) / 4.0f - 1.5f;
+  }
+  for (Precision p : {Precision::kFloat32, Precision::kBfloat16}) {
+    SCOPED_TRACE(experts::cuda::PrecisionName(p));
+    auto compute = MakeExpertCompute(shape, kExperts, Cuda(p), 0);
+    ASSERT_TRUE(compute.ok()) << compute.status().ToString();
+    Tensor y, dx;
+    ASSERT_TRUE((*compute)->Forward(offsets, x.view(), params, &y).ok());
+    std::vector<FfnParams> grads(kExperts, FfnParams::Zeros(shape));
+    ASSERT_TRUE((*compute)->Backward(offsets, dy.view(), params, &grads, &dx).ok());
+    for (int64_t i = 0; i < x.size(); ++i) {
+      ASSERT_EQ(y[i], x[i]) << "y element " << i;
+      ASSERT_EQ(dx[i], x[i] > 0 ? dy[i] : 0.0f) << "dx element " << i;
+    }
+  }
+}
+
+struct FfnCase {
+  std::string name;
+  Activation activation;
+  bool swiglu;
+  bool bias;
+  Precision precision;
+};
+void PrintTo(const FfnCase& c, std::ostream* os) { *os << c.name; }
+
+class GpuFfnVersusCpu : public ::testing::TestWithParam<FfnCase> {};
+
+TEST_P(GpuFfnVersusCpu, ForwardBackwardAndGradientsMatch) {
+  MOE_REQUIRE_GPU();
+  const FfnCase& c = GetParam();
+  const FfnShape shape{48, 80, c.activation, c.swiglu, c.bias};
+  constexpr int kExperts = 4;
+  const std::vector<int64_t> offsets = {0, 37, 37, 101, 130};  // expert 1 gets no rows
+  const int64_t rows = offsets.back();
+  std::vector<FfnParams> params(kExperts, FfnParams::Zeros(shape));
+  uint64_t seed = 1;
+  for (auto& p : params) {
+    for (Tensor* t : {&p.w1, &p.b1, &p.w2, &p.b2, &p.w3}) testing::FillRandom(t, seed++, 0.2f);
+  }
+  Tensor x(rows, shape.model_dim), dy(rows, shape.model_dim);
+  testing::FillRandom(&x, 100, 1.0f);
+  testing::FillRandom(&dy, 101, 1.0f);
+
+  ExpertBlocks cpu(shape);
+  Tensor want_y, want_dx;
+  std::vector<FfnParams> want_g(kExperts, FfnParams::Zeros(shape));
+  ASSERT_TRUE(cpu.Forward(offsets, x.view(), params, &want_y).ok());
+  ASSERT_TRUE(cpu.Backward(offsets, dy.view(), params, &want_g, &want_dx).ok());
+
+  auto gpu = MakeExpertCompute(shape, kExperts, Cuda(c.precision), 0);
+  ASSERT_TRUE(gpu.ok()) << gpu.status().ToString();
+  Tensor y, dx;
+  std::vector<FfnParams> g(kExperts, FfnParams::Zeros(shape));
+  // Two steps: gradients accumulate on the device and are handed back once per Backward.
+  for (int step = 0; step < 2; ++step) {
+    Status s = (*gpu)->Forward(offsets, x.view(), params, &y);
+    ASSERT_TRUE(s.ok()) << s.ToString();
+    s = (*gpu)->Backward(offsets, dy.view(), params, &g, &dx);
+    ASSERT_TRUE(s.ok()) << s.ToString();
+  }
+  const double tol = c.precision == Precision::kFloat32 ? 1e-4 : 2e-2;
+  EXPECT_LE(RelativeError(y, want_y), tol) << "y";
+  EXPECT_LE(RelativeError(dx, want_dx), tol) << "dx";
+  for (int e = 0; e < kExperts; ++e) {
+    SCOPED_TRACE("expert " + std::to_string(e));
+    const FfnParams& got = g[static_cast<size_t>(e)];
+    const FfnParams& want = want_g[static_cast<size_t>(e)];
+    for (auto [gt, wt, name] :
+         {std::tuple{&got.w1, &want.w1, "w1"}, std::tuple{&got.b1, &want.b1, "b1"},
+          std::tuple{&got.w2, &want.w2, "w2"}, std::tuple{&got.b2, &want.b2, "b2"},
+          std::tuple{&got.w3, &want.w3, "w3"}}) {
+      Tensor twice = *wt;  // two backward passes accumulated
+      for (int64_t i = 0; i < twice.size(); ++i) twice[i] *= 2.0f;
+      EXPECT_LE(RelativeError(*gt, twice), tol) << name;
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Kinds, GpuFfnVersusCpu,
+    ::testing::Values(
+        FfnCase{"relu_bias_fp32", Activation::kRelu, false, true, Precision::kFloat32},
+        FfnCase{"gelu_bias_fp32", Activation::kGeluTanh, false, true, Precision::kFloat32},
+        FfnCase{"silu_nobias_fp32", Activation::kSilu, false, false, Precision::kFloat32},
+        FfnCase{"swiglu_nobias_fp32", Activation::kSilu, true, false, Precision::kFloat32},
+        FfnCase{"swiglu_bias_fp32", Activation::kSilu, true, true, Precision::kFloat32},
+        FfnCase{"gelu_bias_bf16", Activation::kGeluTanh, false, true, Precision::kBfloat16},
+        FfnCase{"relu_nobias_bf16", Activation::kRelu, false, false, Precision::kBfloat16},
+        FfnCase{"swiglu_nobias_bf16", Activation::kSilu, true, false, Precision::kBfloat16}),
+    [](const ::testing::TestParamInfo<FfnCase>& p) { return p.param.name; });
+
+// The whole layer (router and plan on the CPU either way): same routing, outputs and gradients
+// within the fp32 tolerance.
+TEST(GpuExperts, MoeLayerMatchesCpu) {
+  MOE_REQUIRE_GPU();
+  const config::LayerConfig cfg = testing::LayerFromText(
+      "model_dim: 32 num_experts: 6 expert { hidden_dim: 40 activation: GELU_TANH } "
+      "num_shared_experts: 1 "
+      "router { gate: TOPK top_k: 2 normalization: RENORM_AFTER_CAPACITY capacity_factor_train: "
+      "1.0 "
+      "min_capacity: 1 num_local_groups: 2 aux_loss_weight: 0.01 z_loss_weight: 0.001 }");
+  Tensor x(64, 32), dy(64, 32);
+  testing::FillRandom(&x, 7, 1.0f);
+  testing::FillRandom(&dy, 8, 1.0f);
+  RouteContext ctx;
+  ctx.train = true;
+  ctx.seed = 3;
+
+  MoeLayer cpu(cfg);
+  InitLayerParams(cfg, 5, &cpu.params());
+  auto compute =
+      MakeExpertCompute(ExpertShape(cfg), cfg.num_experts(), Cuda(Precision::kFloat32), 0);
+  ASSERT_TRUE(compute.ok()) << compute.status().ToString();
+  MoeLayer gpu(cfg, std::make_unique<LocalExpertExecutor>(std::move(compute).value()), 0,
+               cfg.num_experts());
+  InitLayerParams(cfg, 5, &gpu.params());
+
+  Tensor y_cpu, y_gpu, dx_cpu, dx_gpu;
+  ASSERT_TRUE(cpu.Forward(x.view(), ctx, &y_cpu).ok());
+  Status s = gpu.Forward(x.view(), ctx, &y_gpu);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  EXPECT_EQ(cpu.plan().slot_expert, gpu.plan().slot_expert);
+  EXPECT_EQ(cpu.plan().slot_gate, gpu.plan().slot_gate);
+  EXPECT_LE(RelativeError(y_gpu, y_cpu), 1e-4);
+  MoeLayerParams g_cpu = testing::ZeroGrads(cpu), g_gpu = testing::ZeroGrads(gpu);
+  ASSERT_TRUE(cpu.Backward(dy.view(), &dx_cpu, &g_cpu).ok());
+  s = gpu.Backward(dy.view(), &dx_gpu, &g_gpu);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  EXPECT_LE(RelativeError(dx_gpu, dx_cpu), 1e-4);
+  EXPECT_LE(RelativeError(g_gpu.router, g_cpu.router), 1e-4);
+  for (size_t e = 0; e < g_cpu.experts.size(); ++e) {
+    EXPECT_LE(RelativeError(g_gpu.experts[e].w1, g_cpu.experts[e].w1), 1e-4) << "expert " << e;
+    EXPECT_LE(RelativeError(g_gpu.experts[e].w2, g_cpu.experts[e].w2), 1e-4) << "expert " << e;
+  }
+}
+
+// A 2-rank expert-parallel job (ranks as threads, both on GPU 0 through the in-process backend):
+// the per-step losses of compute.device=CUDA follow the CPU run's.
+TEST(GpuExperts, ExpertParallelTrainingFollowsCpu) {
+  MOE_REQUIRE_GPU();
+  auto losses = [](const config::ComputeConfig& compute) {
+    MoeConfig cfg = testing::TinyTrainConfig(6, 1);
+    *cfg.mutable_compute() = compute;
+    std::vector<double> out;
+    auto world = comm::LoopbackWorld::Create(2, {});
+    EXPECT_TRUE(world.ok());
+    world->RunPerRank([&](comm::Communicator& comm) {
+      TrainOptions opts;
+      opts.quiet = true;
+      auto trainer = Trainer::Create(cfg, &comm, opts);
+      ASSERT_TRUE(trainer.ok()) << trainer.status().ToString();
+      Status s = (*trainer)->Run();
+      ASSERT_TRUE(s.ok()) << s.ToString();
+      if (comm.rank() == 0) {
+        for (const auto& m : (*trainer)->history()) out.push_back(m.loss());
+      }
+    });
+    return out;
+  };
+  const std::vector<double> cpu = losses(config::ComputeConfig());
+  const std::vector<double> gpu = losses(Cuda(Precision::kFloat32));
+  ASSERT_EQ(cpu.size(), 6u);
+  ASSERT_EQ(gpu.size(), cpu.size());
+  for (size_t i = 0; i < cpu.size(); ++i)
+    EXPECT_NEAR(gpu[i], cpu[i], 1e-4 * std::abs(cpu[i])) << "step " << i;
+}
+
+}  // namespace
+}  // namespace moe

@@ -42,7 +42,8 @@ export OPENBLAS_NUM_THREADS=1
 } > "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 
-cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOE_WITH_MPI=OFF -DMOE_WITH_CUDA=ON \
+# Warnings stay warnings there: its compiler is not the one CI holds the code to.
+cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOE_WITH_MPI=OFF -DMOE_WITH_CUDA=ON -DMOE_WERROR=OFF \
   -DCMAKE_CUDA_ARCHITECTURES=90 -DProtobuf_PROTOC_EXECUTABLE="$PREFIX/usr/bin/protoc" \
   -DOPENBLAS_INCLUDE_DIR="$PREFIX/usr/include/$ARCH/openblas-pthread" -DOPENBLAS_LIBRARY="$BLAS_DIR/libopenblas.so" \
   > "$OUT/configure.log" 2>&1 || { tail -40 "$OUT/configure.log"; exit 1; }

@@ -16,11 +16,6 @@ bool Vec4(int64_t cols, const void* a, const void* b) {
          reinterpret_cast<uintptr_t>(b) % 16 == 0;
 }
 
-__device__ __forceinline__ float4 Fma(float g, float4 y, float4 acc) {
-  return make_float4(fmaf(g, y.x, acc.x), fmaf(g, y.y, acc.y), fmaf(g, y.z, acc.z),
-                     fmaf(g, y.w, acc.w));
-}
-
 template <typename V>
 __global__ void GatherKernel(const V* x, const int32_t* row_token, int64_t cols_v, V* packed) {
   const int64_t r = blockIdx.x;
@@ -29,33 +24,36 @@ __global__ void GatherKernel(const V* x, const int32_t* row_token, int64_t cols_
   for (int64_t c = threadIdx.x; c < cols_v; c += blockDim.x) dst[c] = src[c];
 }
 
-__global__ void CombineKernel4(const float4* packed, const int64_t* token_row_offset,
-                               const int32_t* token_rows, const float* gate, int64_t cols_v,
-                               bool accumulate, float4* out) {
+__device__ __forceinline__ float Fma(float g, float y, float acc) { return fmaf(g, y, acc); }
+__device__ __forceinline__ float4 Fma(float g, float4 y, float4 acc) {
+  return make_float4(fmaf(g, y.x, acc.x), fmaf(g, y.y, acc.y), fmaf(g, y.z, acc.z),
+                     fmaf(g, y.w, acc.w));
+}
+template <typename V>
+__device__ __forceinline__ V Zero();
+template <>
+__device__ __forceinline__ float Zero<float>() {
+  return 0.0f;
+}
+template <>
+__device__ __forceinline__ float4 Zero<float4>() {
+  return make_float4(0.f, 0.f, 0.f, 0.f);
+}
+
+// One block per token: out[t] (+)= Σ gate · packed[r] over the token's rows, in plan order.
+template <typename V>
+__global__ void CombineKernel(const V* packed, const int64_t* token_row_offset,
+                              const int32_t* token_rows, const float* gate, int64_t cols_v,
+                              bool accumulate, V* out) {
   const int64_t t = blockIdx.x;
   const int64_t begin = token_row_offset[t], end = token_row_offset[t + 1];
   for (int64_t c = threadIdx.x; c < cols_v; c += blockDim.x) {
-    float4 acc = accumulate ? out[t * cols_v + c] : make_float4(0.f, 0.f, 0.f, 0.f);
+    V acc = accumulate ? out[t * cols_v + c] : Zero<V>();
     for (int64_t i = begin; i < end; ++i) {
       const int32_t r = token_rows[i];
       acc = Fma(gate == nullptr ? 1.0f : gate[r], packed[r * cols_v + c], acc);
     }
     out[t * cols_v + c] = acc;
-  }
-}
-
-__global__ void CombineKernel1(const float* packed, const int64_t* token_row_offset,
-                               const int32_t* token_rows, const float* gate, int64_t cols,
-                               bool accumulate, float* out) {
-  const int64_t t = blockIdx.x;
-  const int64_t begin = token_row_offset[t], end = token_row_offset[t + 1];
-  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
-    float acc = accumulate ? out[t * cols + c] : 0.0f;
-    for (int64_t i = begin; i < end; ++i) {
-      const int32_t r = token_rows[i];
-      acc = fmaf(gate == nullptr ? 1.0f : gate[r], packed[r * cols + c], acc);
-    }
-    out[t * cols + c] = acc;
   }
 }
 
@@ -126,12 +124,12 @@ Status UnpermuteRows(const DevicePlan& plan, const float* packed_y, int64_t cols
   const auto grid = static_cast<unsigned>(plan.tokens);
   const float* gate = with_gates ? plan.row_gate : nullptr;
   if (Vec4(cols, packed_y, out)) {
-    CombineKernel4<<<grid, kThreads, 0, s>>>(reinterpret_cast<const float4*>(packed_y),
-                                             plan.token_row_offset, plan.token_rows, gate, cols / 4,
-                                             accumulate, reinterpret_cast<float4*>(out));
+    CombineKernel<float4><<<grid, kThreads, 0, s>>>(
+        reinterpret_cast<const float4*>(packed_y), plan.token_row_offset, plan.token_rows, gate,
+        cols / 4, accumulate, reinterpret_cast<float4*>(out));
   } else {
-    CombineKernel1<<<grid, kThreads, 0, s>>>(packed_y, plan.token_row_offset, plan.token_rows, gate,
-                                             cols, accumulate, out);
+    CombineKernel<float><<<grid, kThreads, 0, s>>>(packed_y, plan.token_row_offset, plan.token_rows,
+                                                   gate, cols, accumulate, out);
   }
   return Launched("UnpermuteRows");
 }

@@ -24,6 +24,7 @@
 #include "runtime/expert_executor.h"
 #include "runtime/moe_layer.h"
 #include "runtime/trainer.h"
+#include "tests/gpu/device_util.h"
 #include "tests/unit/test_util.h"
 #include "tests/unit/train_util.h"
 
@@ -34,14 +35,6 @@ using experts::Activation;
 using experts::FfnParams;
 using experts::FfnShape;
 using experts::cuda::Precision;
-
-#define MOE_REQUIRE_GPU()                                                                      \
-  do {                                                                                         \
-    if (comm::CudaDeviceCount() == 0) {                                                        \
-      GTEST_SKIP() << "no CUDA device visible to this process (or a build without CUDA): the " \
-                      "GPU path is tested on a machine with a GPU";                            \
-    }                                                                                          \
-  } while (0)
 
 config::ComputeConfig Cuda(Precision p) {
   config::ComputeConfig c;

@@ -13,6 +13,7 @@
 #include "runtime/cuda/permute.h"
 #include "runtime/dispatch_plan.h"
 #include "runtime/moe_layer.h"
+#include "tests/gpu/device_util.h"
 #include "tests/unit/test_util.h"
 
 namespace moe {
@@ -20,24 +21,8 @@ namespace {
 
 using comm::Buffer;
 using comm::MemorySpace;
-
-template <typename T>
-Buffer ToDevice(const std::vector<T>& v) {
-  auto b = Buffer::Allocate(MemorySpace::kDevice, static_cast<int64_t>(v.size() * sizeof(T)));
-  EXPECT_TRUE(b.ok()) << b.status().ToString();
-  EXPECT_TRUE(comm::CopyFromHost(MemorySpace::kDevice, b->data(), v.data(),
-                                 static_cast<int64_t>(v.size() * sizeof(T)))
-                  .ok());
-  return std::move(b).value();
-}
-
-std::vector<float> FromDevice(const Buffer& b, int64_t n) {
-  std::vector<float> v(static_cast<size_t>(n));
-  EXPECT_TRUE(comm::CopyToHost(MemorySpace::kDevice, v.data(), b.data(),
-                               n * static_cast<int64_t>(sizeof(float)))
-                  .ok());
-  return v;
-}
+using testing::FromDevice;
+using testing::ToDevice;
 
 std::vector<float> Poison(int64_t n) {
   return std::vector<float>(static_cast<size_t>(n), std::numeric_limits<float>::quiet_NaN());
@@ -57,8 +42,7 @@ double RelativeError(const std::vector<float>& got, const std::vector<float>& wa
 class GpuPermute : public ::testing::TestWithParam<int> {};
 
 TEST_P(GpuPermute, MatchesTheCpuLoops) {
-  if (comm::CudaDeviceCount() == 0)
-    GTEST_SKIP() << "no CUDA device visible to this process (or a build without CUDA)";
+  MOE_REQUIRE_GPU();
   const int cols = GetParam();
   constexpr int kTokens = 200, kExperts = 8;
   // A plan from the real router: top-2, capacity factor 0.5 so that some slots drop.
@@ -131,11 +115,11 @@ TEST_P(GpuPermute, MatchesTheCpuLoops) {
   ASSERT_TRUE(
       gpu::UnpermuteRows(dp, d_py.as<float>(), cols, false, false, d_dx.as<float>(), nullptr).ok());
 
-  EXPECT_EQ(FromDevice(d_packed, rows * cols), want_packed);  // copies: exact
-  EXPECT_EQ(FromDevice(d_pdy, rows * cols), want_pdy);        // one product each: exact
-  EXPECT_LE(RelativeError(FromDevice(d_out, kTokens * cols), want_out), 1e-6);
-  EXPECT_LE(RelativeError(FromDevice(d_dgate, rows), want_dgate), 1e-6);
-  EXPECT_LE(RelativeError(FromDevice(d_dx, kTokens * cols), want_dx), 1e-6);
+  EXPECT_EQ(FromDevice<float>(d_packed, rows * cols), want_packed);  // copies: exact
+  EXPECT_EQ(FromDevice<float>(d_pdy, rows * cols), want_pdy);        // one product each: exact
+  EXPECT_LE(RelativeError(FromDevice<float>(d_out, kTokens * cols), want_out), 1e-6);
+  EXPECT_LE(RelativeError(FromDevice<float>(d_dgate, rows), want_dgate), 1e-6);
+  EXPECT_LE(RelativeError(FromDevice<float>(d_dx, kTokens * cols), want_dx), 1e-6);
 }
 
 INSTANTIATE_TEST_SUITE_P(Widths, GpuPermute, ::testing::Values(64, 30));

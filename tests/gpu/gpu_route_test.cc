@@ -15,6 +15,7 @@
 #include "runtime/cuda/route.h"
 #include "runtime/dispatch_plan.h"
 #include "runtime/router.h"
+#include "tests/gpu/device_util.h"
 #include "tests/unit/test_util.h"
 
 namespace moe {
@@ -23,35 +24,9 @@ namespace {
 using comm::Buffer;
 using comm::MemorySpace;
 
-template <typename T>
-Buffer DeviceArray(int64_t n) {
-  auto b = Buffer::Allocate(MemorySpace::kDevice, n * static_cast<int64_t>(sizeof(T)));
-  EXPECT_TRUE(b.ok()) << b.status().ToString();
-  return std::move(b).value();
-}
-
-template <typename T>
-Buffer ToDevice(const std::vector<T>& v) {
-  Buffer b = DeviceArray<T>(static_cast<int64_t>(v.size()));
-  EXPECT_TRUE(comm::CopyFromHost(MemorySpace::kDevice, b.data(), v.data(),
-                                 static_cast<int64_t>(v.size() * sizeof(T)))
-                  .ok());
-  return b;
-}
-
-template <typename T>
-std::vector<T> FromDevice(const Buffer& b, int64_t n) {
-  std::vector<T> v(static_cast<size_t>(n));
-  EXPECT_TRUE(comm::CopyToHost(MemorySpace::kDevice, v.data(), b.data(),
-                               n * static_cast<int64_t>(sizeof(T)))
-                  .ok());
-  return v;
-}
-
-#define MOE_REQUIRE_GPU()                                                               \
-  if (comm::CudaDeviceCount() == 0) {                                                   \
-    GTEST_SKIP() << "no CUDA device visible to this process (or a build without CUDA)"; \
-  }
+using testing::DeviceArray;
+using testing::FromDevice;
+using testing::ToDevice;
 
 TEST(GpuRoute, SoftmaxMatchesCpu) {
   MOE_REQUIRE_GPU();

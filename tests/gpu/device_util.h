@@ -1,0 +1,49 @@
+// Helpers shared by the GPU tests: device arrays from and to host vectors, and the skip without a
+// GPU.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "comm/memory.h"
+
+namespace moe::testing {
+
+// Skips the test, with the reason, when no CUDA device is visible (or the build has no CUDA).
+#define MOE_REQUIRE_GPU()                                                                          \
+  do {                                                                                             \
+    if (::moe::comm::CudaDeviceCount() == 0) {                                                     \
+      GTEST_SKIP() << "no CUDA device visible to this process (or a build without CUDA): the GPU " \
+                      "path is tested on a machine with a GPU";                                    \
+    }                                                                                              \
+  } while (0)
+
+template <typename T>
+comm::Buffer DeviceArray(int64_t n) {
+  auto b = comm::Buffer::Allocate(comm::MemorySpace::kDevice, n * static_cast<int64_t>(sizeof(T)));
+  EXPECT_TRUE(b.ok()) << b.status().ToString();
+  return b.ok() ? std::move(b).value() : comm::Buffer();
+}
+
+template <typename T>
+comm::Buffer ToDevice(const std::vector<T>& v) {
+  comm::Buffer b = DeviceArray<T>(static_cast<int64_t>(v.size()));
+  EXPECT_TRUE(comm::CopyFromHost(comm::MemorySpace::kDevice, b.data(), v.data(),
+                                 static_cast<int64_t>(v.size() * sizeof(T)))
+                  .ok());
+  return b;
+}
+
+template <typename T>
+std::vector<T> FromDevice(const comm::Buffer& b, int64_t n) {
+  std::vector<T> v(static_cast<size_t>(n));
+  EXPECT_TRUE(comm::CopyToHost(comm::MemorySpace::kDevice, v.data(), b.data(),
+                               n * static_cast<int64_t>(sizeof(T)))
+                  .ok());
+  return v;
+}
+
+}  // namespace moe::testing

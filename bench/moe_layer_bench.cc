@@ -103,8 +103,8 @@ int main(int argc, char** argv) {
               precision.c_str());
   moe::config::ComputeConfig compute;
   moe::launch::ApplyComputeFlags(flags, &compute);
-  if (device == "cpu" && precision == "bf16") {
-    std::fprintf(stderr, "moe_layer_bench: --precision bf16 needs --device cuda\n");
+  if (const moe::Status s = moe::ValidateCompute(compute); !s.ok()) {
+    std::fprintf(stderr, "moe_layer_bench: --device/--precision: %s\n", s.message().c_str());
     return 2;
   }
   std::printf("# %-12s %5s %4s %5s %3s %2s | %9s %9s %9s | %9s %9s\n", "shape", "S", "M", "H", "E", "k",

@@ -163,12 +163,7 @@ Status ValidateTrain(const MoeConfig& cfg) {
             "comm.deadline_seconds", cfg.comm().deadline_seconds(), "be a finite number > 0");
   c.Require(cfg.comm().ranks_per_node() >= 0, "comm.ranks_per_node", cfg.comm().ranks_per_node(),
             "be >= 0");
-  const auto& cp = cfg.compute();
-  c.Require(cp.gpu() >= -1, "compute.gpu", cp.gpu(), "be >= -1 (-1: world rank mod device count)");
-  if (cp.expert_precision() == config::BF16) {
-    c.Require(cp.device() == config::CUDA, "compute.expert_precision", "BF16",
-              "be FP32 unless compute.device=CUDA (bf16 experts run on the GPU only)");
-  }
+  if (c.status.ok()) c.status = ValidateCompute(cfg.compute());
   if (cfg.has_topology()) {
     const auto& tp = cfg.topology();
     c.Require(tp.nodes() >= 1, "topology.nodes", tp.nodes(), "be >= 1");
@@ -216,6 +211,16 @@ void ResolveConfig(MoeConfig* cfg) {
   const bool had_topology = cfg->has_topology();
   FillDefaults(cfg);
   if (!had_topology) cfg->clear_topology();
+}
+
+Status ValidateCompute(const config::ComputeConfig& cp) {
+  Checker c;
+  c.Require(cp.gpu() >= -1, "compute.gpu", cp.gpu(), "be >= -1 (-1: world rank mod device count)");
+  if (cp.expert_precision() == config::BF16) {
+    c.Require(cp.device() == config::CUDA, "compute.expert_precision", "BF16",
+              "be FP32 unless compute.device=CUDA (bf16 experts run on the GPU only)");
+  }
+  return c.status;
 }
 
 Status ValidateConfig(const MoeConfig& cfg) {

@@ -22,6 +22,8 @@ StatusOr<MoeConfig> LoadConfig(const std::string& path);
 
 // Checks every rule that does not depend on the world; fills derived defaults (see ResolveConfig).
 Status ValidateConfig(const MoeConfig& cfg);
+// The compute section alone (part of ValidateConfig; also for callers that build one directly).
+Status ValidateCompute(const config::ComputeConfig& compute);
 // Rules that depend on the number of ranks (expert placement).
 Status ValidateForWorld(const MoeConfig& cfg, int world_size);
 

@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <cstring>
+#include <functional>
 #include <utility>
 
 #include "runtime/base/clock.h"
@@ -9,15 +10,15 @@
 namespace moe {
 namespace {
 
-
 void CopyRows(const float* src, float* dst, int64_t rows, int64_t m) {
   if (rows > 0) std::memcpy(dst, src, sizeof(float) * static_cast<size_t>(rows * m));
 }
 
 }  // namespace
 
-ExpertParallelExecutor::ExpertParallelExecutor(comm::Communicator* ep, const experts::FfnShape& shape,
-                                               int num_experts, bool dropless_exchange,
+ExpertParallelExecutor::ExpertParallelExecutor(comm::Communicator* ep,
+                                               const experts::FfnShape& shape, int num_experts,
+                                               bool dropless_exchange,
                                                std::unique_ptr<ExpertCompute> compute)
     : ep_(ep),
       shape_(shape),
@@ -50,16 +51,11 @@ Status ExpertParallelExecutor::Layout(const DispatchPlan& plan) {
         }
       }
     }
-    ExchangeCall call;
-    call.kind = ExchangeCall::Kind::kCounts;
-    call.backward = in_backward_;
-    call.bytes_to_rank.assign(static_cast<size_t>(w), l * g * static_cast<int64_t>(sizeof(int64_t)));
-    call.bytes_from_rank = call.bytes_to_rank;
-    call.start_seconds = WallSeconds();
-    MOE_RETURN_IF_ERROR(ep_->AllToAll(send_counts.data(), recv_counts_.data(), l * g,
-                                      comm::DataType::kInt64));
-    call.seconds = WallSeconds() - call.start_seconds;
-    stats_.calls.push_back(std::move(call));
+    const std::vector<int64_t> count_bytes(static_cast<size_t>(w),
+                                           l * g * static_cast<int64_t>(sizeof(int64_t)));
+    MOE_RETURN_IF_ERROR(Record(ExchangeCall::Kind::kCounts, count_bytes, count_bytes, [&] {
+      return ep_->AllToAll(send_counts.data(), recv_counts_.data(), l * g, comm::DataType::kInt64);
+    }));
   }
   recv_rows_.assign(static_cast<size_t>(w), 0);
   for (int64_t s = 0; s < w; ++s) {
@@ -88,27 +84,32 @@ Status ExpertParallelExecutor::Exchange(ExchangeCall::Kind kind, const float* se
                                         const std::vector<int64_t>& recv_rows,
                                         const std::vector<int64_t>& recv_displ) {
   const int64_t m = shape_.model_dim;
+  const auto scaled = [](const std::vector<int64_t>& rows, int64_t per_row) {
+    std::vector<int64_t> out(rows.size());
+    for (size_t i = 0; i < rows.size(); ++i) out[i] = rows[i] * per_row;
+    return out;
+  };
+  const int64_t row_bytes = m * static_cast<int64_t>(sizeof(float));
+  return Record(kind, scaled(send_rows, row_bytes), scaled(recv_rows, row_bytes), [&] {
+    if (padded_) {
+      // Every peer gets the same L * G * C rows: a plain all-to-all.
+      return ep_->AllToAll(send, recv, send_rows[0] * m, comm::DataType::kFloat32);
+    }
+    return ep_->AllToAllV(send, scaled(send_rows, m), scaled(send_displ, m), recv,
+                          scaled(recv_rows, m), scaled(recv_displ, m), comm::DataType::kFloat32);
+  });
+}
+
+Status ExpertParallelExecutor::Record(ExchangeCall::Kind kind, std::vector<int64_t> bytes_to_rank,
+                                      std::vector<int64_t> bytes_from_rank,
+                                      const std::function<Status()>& exchange) {
   ExchangeCall call;
   call.kind = kind;
   call.backward = in_backward_;
-  const int64_t row_bytes = m * static_cast<int64_t>(sizeof(float));
-  for (size_t r = 0; r < send_rows.size(); ++r) {
-    call.bytes_to_rank.push_back(send_rows[r] * row_bytes);
-    call.bytes_from_rank.push_back(recv_rows[r] * row_bytes);
-  }
+  call.bytes_to_rank = std::move(bytes_to_rank);
+  call.bytes_from_rank = std::move(bytes_from_rank);
   call.start_seconds = WallSeconds();
-  if (padded_) {
-    // Every peer gets the same L * G * C rows: a plain all-to-all.
-    MOE_RETURN_IF_ERROR(ep_->AllToAll(send, recv, send_rows[0] * m, comm::DataType::kFloat32));
-  } else {
-    const auto elements = [m](const std::vector<int64_t>& rows) {
-      std::vector<int64_t> out(rows.size());
-      for (size_t i = 0; i < rows.size(); ++i) out[i] = rows[i] * m;
-      return out;
-    };
-    MOE_RETURN_IF_ERROR(ep_->AllToAllV(send, elements(send_rows), elements(send_displ), recv,
-                                       elements(recv_rows), elements(recv_displ), comm::DataType::kFloat32));
-  }
+  MOE_RETURN_IF_ERROR(exchange());
   call.seconds = WallSeconds() - call.start_seconds;
   stats_.calls.push_back(std::move(call));
   return Status::Ok();
@@ -149,7 +150,8 @@ Status ExpertParallelExecutor::Dispatch(const DispatchPlan& plan, MatrixView<con
         const int64_t n = plan.group_expert_count[gr * num_experts_ + e];
         CopyRows(packed.row(src), send_buf_.row(row), n, m);
         if (capacity_ > n) {
-          std::memset(send_buf_.row(row + n), 0, sizeof(float) * static_cast<size_t>((capacity_ - n) * m));
+          std::memset(send_buf_.row(row + n), 0,
+                      sizeof(float) * static_cast<size_t>((capacity_ - n) * m));
         }
         src += n;
         row += capacity_;
@@ -158,23 +160,25 @@ Status ExpertParallelExecutor::Dispatch(const DispatchPlan& plan, MatrixView<con
     send = send_buf_.data();
   }
   ResizeTensor(&recv_buf_, total_recv, m);
-  MOE_RETURN_IF_ERROR(Exchange(ExchangeCall::Kind::kDispatch, send, send_rows_, send_row_displ_, recv_buf_.data(),
-                               recv_rows_, recv_row_displ_));
+  MOE_RETURN_IF_ERROR(Exchange(ExchangeCall::Kind::kDispatch, send, send_rows_, send_row_displ_,
+                               recv_buf_.data(), recv_rows_, recv_row_displ_));
   ResizeTensor(expert_rows, total_recv, m);
   Regroup(recv_buf_, expert_rows, /*to_expert_major=*/true);
   return Status::Ok();
 }
 
-Status ExpertParallelExecutor::Combine(const DispatchPlan& plan, const Tensor& expert_rows, Tensor* packed) {
+Status ExpertParallelExecutor::Combine(const DispatchPlan& plan, const Tensor& expert_rows,
+                                       Tensor* packed) {
   const int64_t m = shape_.model_dim, g = groups_, w = w_;
   const int64_t total_send = send_row_displ_[w - 1] + send_rows_[w - 1];
   const int64_t total_recv = recv_row_displ_[w - 1] + recv_rows_[w - 1];
   ResizeTensor(&back_buf_, total_recv, m);
   Regroup(expert_rows, &back_buf_, /*to_expert_major=*/false);
   ResizeTensor(packed, plan.num_rows(), m);
-  float* out = padded_ ? (ResizeTensor(&send_buf_, total_send, m), send_buf_.data()) : packed->data();
-  MOE_RETURN_IF_ERROR(Exchange(ExchangeCall::Kind::kCombine, back_buf_.data(), recv_rows_, recv_row_displ_, out,
-                               send_rows_, send_row_displ_));
+  float* out =
+      padded_ ? (ResizeTensor(&send_buf_, total_send, m), send_buf_.data()) : packed->data();
+  MOE_RETURN_IF_ERROR(Exchange(ExchangeCall::Kind::kCombine, back_buf_.data(), recv_rows_,
+                               recv_row_displ_, out, send_rows_, send_row_displ_));
   if (padded_) {
     int64_t row = 0;
     for (int64_t e = 0; e < num_experts_; ++e) {
@@ -191,7 +195,8 @@ Status ExpertParallelExecutor::Combine(const DispatchPlan& plan, const Tensor& e
 }
 
 Status ExpertParallelExecutor::Forward(const DispatchPlan& plan, MatrixView<const float> packed_x,
-                                       const std::vector<experts::FfnParams>& experts, Tensor* packed_y) {
+                                       const std::vector<experts::FfnParams>& experts,
+                                       Tensor* packed_y) {
   if (plan.num_experts != num_experts_) {
     return InvalidArgument("plan has " + std::to_string(plan.num_experts) + " experts, executor " +
                            std::to_string(num_experts_));
@@ -212,7 +217,8 @@ Status ExpertParallelExecutor::Backward(const DispatchPlan& plan, MatrixView<con
   in_backward_ = true;
   MOE_RETURN_IF_ERROR(Dispatch(plan, packed_dy, &expert_dy));
   const double t0 = WallSeconds();
-  MOE_RETURN_IF_ERROR(compute_->Backward(expert_offsets_, expert_dy.view(), experts, grads, &expert_dx));
+  MOE_RETURN_IF_ERROR(
+      compute_->Backward(expert_offsets_, expert_dy.view(), experts, grads, &expert_dx));
   stats_.expert_seconds += WallSeconds() - t0;
   return Combine(plan, expert_dx, packed_dx);
 }

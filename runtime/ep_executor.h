@@ -3,9 +3,10 @@
 //
 // Forward: the layer's packed rows (expert, group, position order = destination rank, local
 // expert, group, position) are dispatched with an all-to-all, regrouped so each local expert owns
-// one contiguous block ordered (source rank, group, position) — exactly the order a 1-rank layer with
-// G = W * groups would use —, run through the local experts, ungrouped and sent back (combine).
-// Backward sends dY the same way and returns dX, reusing the forward's layout (one plan).
+// one contiguous block ordered (source rank, group, position) — exactly the order a 1-rank layer
+// with G = W * groups would use —, run through the local experts, ungrouped and sent back
+// (combine). Backward sends dY the same way and returns dX, reusing the forward's layout (one
+// plan).
 //
 // Two exchange modes:
 //   capacity: every rank sends exactly C rows per (remote expert, group), zero-padded, with one
@@ -16,6 +17,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -32,11 +34,12 @@ struct ExchangeCall {
     kCombine,   // rows back to their source ranks (forward: y, backward: dX)
   };
   Kind kind = Kind::kDispatch;
-  bool backward = false;                // issued by Backward()
-  std::vector<int64_t> bytes_to_rank;   // per destination rank of the EP group, the self block included
-  std::vector<int64_t> bytes_from_rank; // per source rank
-  double start_seconds = 0.0;           // WallSeconds() when the call began
-  double seconds = 0.0;                 // inside the communicator call
+  bool backward = false;  // issued by Backward()
+  std::vector<int64_t>
+      bytes_to_rank;  // per destination rank of the EP group, the self block included
+  std::vector<int64_t> bytes_from_rank;  // per source rank
+  double start_seconds = 0.0;            // WallSeconds() when the call began
+  double seconds = 0.0;                  // inside the communicator call
 };
 
 // What the executor did since the last Reset() (the Trainer resets it at the start of each step).
@@ -84,6 +87,11 @@ class ExpertParallelExecutor : public ExpertExecutor {
                   const std::vector<int64_t>& send_displ, float* recv,
                   const std::vector<int64_t>& recv_rows, const std::vector<int64_t>& recv_displ);
 
+  // Runs `exchange` and appends its record (kind, direction, bytes per peer, start, seconds) to
+  // stats_.calls.
+  Status Record(ExchangeCall::Kind kind, std::vector<int64_t> bytes_to_rank,
+                std::vector<int64_t> bytes_from_rank, const std::function<Status()>& exchange);
+
   comm::Communicator* ep_;
   experts::FfnShape shape_;
   int num_experts_, w_, local_;
@@ -95,7 +103,7 @@ class ExpertParallelExecutor : public ExpertExecutor {
   int64_t groups_ = 0, capacity_ = 0;
   std::vector<int64_t> send_rows_, recv_rows_;  // per peer (rows)
   std::vector<int64_t> send_row_displ_, recv_row_displ_;
-  std::vector<int64_t> recv_counts_;  // [src][l][g] rows received (dropless) or C (padded)
+  std::vector<int64_t> recv_counts_;     // [src][l][g] rows received (dropless) or C (padded)
   std::vector<int64_t> expert_offsets_;  // L + 1 offsets in the regrouped buffer
   Tensor send_buf_, recv_buf_, expert_in_, expert_out_, back_buf_;
   ExchangeStats stats_;

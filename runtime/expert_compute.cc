@@ -6,6 +6,7 @@
 
 #include "comm/memory.h"
 #include "experts/cuda/grouped_ffn.h"
+#include "runtime/config.h"
 #include "runtime/expert_blocks.h"
 
 namespace moe {
@@ -59,11 +60,8 @@ StatusOr<std::unique_ptr<ExpertCompute>> MakeExpertCompute(const experts::FfnSha
                                                            int num_experts,
                                                            const config::ComputeConfig& compute,
                                                            int rank) {
+  MOE_RETURN_IF_ERROR(ValidateCompute(compute));
   if (compute.device() == config::CPU) {
-    if (compute.expert_precision() != config::FP32) {
-      return InvalidArgument(
-          "compute.expert_precision=BF16 must be FP32 unless compute.device=CUDA");
-    }
     return std::unique_ptr<ExpertCompute>(std::make_unique<ExpertBlocks>(shape));
   }
   const int devices = comm::CudaDeviceCount();

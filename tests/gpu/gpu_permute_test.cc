@@ -124,14 +124,23 @@ TEST_P(GpuPermute, MatchesTheCpuLoops) {
 
 INSTANTIATE_TEST_SUITE_P(Widths, GpuPermute, ::testing::Values(64, 30));
 
-TEST(GpuPermuteNoDevice, WithoutCudaTheCallsSayWhy) {
-  if (comm::CudaDeviceCount() > 0) GTEST_SKIP() << "a CUDA device is visible";
+// Without a GPU a call fails with a status that names it (a CUDA build: the launch error; no CUDA:
+// kUnimplemented), never a crash.
+TEST(GpuPermuteNoDevice, WithoutAGpuTheCallsFailWithAReason) {
+  if (comm::CudaDeviceCount() > 0) {
+    GTEST_SKIP() << "a CUDA device is visible; this checks the error without one";
+  }
+  gpu::DevicePlan plan;
+  plan.rows = 1;  // a launch is needed to meet the missing device
+  plan.tokens = 1;
+  const Status s = gpu::PermuteRows(plan, nullptr, 4, nullptr, nullptr);
+  ASSERT_FALSE(s.ok());
 #if MOE_COMM_HAVE_CUDA
-  GTEST_SKIP() << "CUDA build: the kernels exist (launching them without a device is not tested)";
+  EXPECT_EQ(s.code(), StatusCode::kInternal) << s.ToString();
 #else
-  const Status s = gpu::PermuteRows(gpu::DevicePlan{}, nullptr, 4, nullptr, nullptr);
   EXPECT_EQ(s.code(), StatusCode::kUnimplemented) << s.ToString();
 #endif
+  EXPECT_NE(s.message().find("PermuteRows"), std::string::npos) << s.ToString();
 }
 
 }  // namespace

@@ -9,7 +9,11 @@ sizes and FNV-1a checksums recomputed) that
   - moe_train --resume never had to skip a damaged checkpoint.
 A last run resumes to the end; its final loss must equal an uninterrupted run's (the resumed
 training is the same computation). Reports how many kills landed inside a save (a step_N.tmp
-directory was left behind).
+directory created by the killed run was left behind).
+
+Even iterations kill after a random delay (startup, resume, a step or a save, whatever is running);
+odd iterations wait until the run has created a step_N.tmp directory and kill it then, so that the
+save itself is hit on a machine of any speed (a fixed delay alone missed every save on a slow one).
 """
 import argparse
 import glob
@@ -91,6 +95,34 @@ def verify(d):
     return None
 
 
+def tmp_dirs():
+    """Identities of the step_N.tmp directories now present: a directory left by an earlier run keeps
+    its identity, one (re)created since has a new inode or change time."""
+    found = set()
+    try:
+        entries = list(os.scandir(ckpt))
+    except FileNotFoundError:
+        return found
+    for e in entries:
+        if not (e.name.startswith("step_") and e.name.endswith(".tmp")):
+            continue
+        try:
+            st = e.stat()
+        except FileNotFoundError:
+            continue
+        found.add((e.name, st.st_ino, st.st_ctime_ns))
+    return found
+
+
+def wait_for_save(p, before, deadline_s=60.0):
+    """Polls until process p has a save under way (a step_N.tmp directory not in `before`) or exits."""
+    end = time.monotonic() + deadline_s
+    while p.poll() is None and time.monotonic() < end:
+        if tmp_dirs() - before:
+            return
+        time.sleep(0.001)  # the job's ranks need the cores more than this loop
+
+
 def complete_steps():
     steps = []
     for d in glob.glob(os.path.join(ckpt, "step_*")):
@@ -129,6 +161,7 @@ if ref.returncode != 0:
     sys.exit(f"FAIL: reference run exited {ref.returncode}: {ref.stderr}")
 ref_loss = final_loss(ref_metrics)
 
+loop_start = time.monotonic()
 newest, mid_save, kills = -1, 0, 0
 finished = None  # metrics of a run that reached the last step before being killed
 iterations = 0
@@ -140,9 +173,13 @@ for it in range(3 * a.iterations):  # a run that ends before its kill does not c
         break
     metrics = os.path.join(a.workdir, f"run_{it}.jsonl")
     iterations += 1
+    before = tmp_dirs()
     p = subprocess.Popen(command(metrics, bool(steps)), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
-    time.sleep(rng.uniform(0.1, 0.5))
+    if it % 2 == 0:
+        time.sleep(rng.uniform(0.1, 0.5))
+    else:
+        wait_for_save(p, before)
     if p.poll() is None:
         p.send_signal(signal.SIGKILL)
         kills += 1
@@ -154,13 +191,15 @@ for it in range(3 * a.iterations):  # a run that ends before its kill does not c
         finished = metrics
     if "skipping checkpoint" in err:
         sys.exit(f"FAIL: iteration {it}: resume had to skip a damaged checkpoint: {err}")
-    if glob.glob(os.path.join(ckpt, "step_*.tmp")):
+    if tmp_dirs() - before:
         mid_save += 1
     steps = complete_steps()
     now = steps[-1] if steps else -1
     if now < newest:
         sys.exit(f"FAIL: iteration {it}: newest complete checkpoint went back from step {newest} to {now}")
     newest = now
+
+loop_seconds = time.monotonic() - loop_start
 
 # Resume to the end and compare with the uninterrupted run.
 metrics = finished
@@ -178,5 +217,6 @@ if mid_save < a.min_mid_save:
     sys.exit(f"FAIL: only {mid_save} of {kills} kills landed inside a save (need {a.min_mid_save}); "
              "the test would not test the save")
 print(f"uninterrupted run without checkpoints: {a.steps} steps in {ref_seconds:.2f} s")
+print(f"kill loop: {loop_seconds:.2f} s")
 print(f"ok: {kills} kill -9 over {iterations} runs, {mid_save} inside a save; newest complete checkpoint "
       f"never went back (reached step {newest}); final loss {loss:.10f} == uninterrupted {ref_loss:.10f}")

@@ -77,6 +77,8 @@ struct Flags {
   bool dropless_exchange = false;
   std::string skew = "uniform";
   uint64_t seed = 1;
+  std::vector<int> pipeline_degrees;  // non-empty: the pipelined table
+  int64_t expert_hidden = 0;
   bool tokens_given = false;  // --tokens on the command line
   bool sizes_given = false;   // -b or -e on the command line
 };
@@ -169,6 +171,11 @@ StatusOr<Settings> Validate(const Flags& f) {
     dc.dropless_exchange = f.dropless_exchange;
     dc.skew_name = f.skew;
     dc.seed = f.seed;
+    dc.pipeline_degrees = f.pipeline_degrees;
+    dc.expert_hidden = f.expert_hidden;
+    if (f.expert_hidden > 0 && f.pipeline_degrees.empty()) {
+      return moe::InvalidArgument("--expert-hidden applies with --pipeline-degree");
+    }
     dc.tokens = f.sizes_given ? moe::DispatchCombineTokens(
                                     moe::comm::bench::SizeSweep(c.min_bytes, c.max_bytes, f.factor),
                                     f.top_k, f.hidden)
@@ -177,10 +184,11 @@ StatusOr<Settings> Validate(const Flags& f) {
     if (f.backend == "loopback") MOE_RETURN_IF_ERROR(moe::CheckDispatchCombineShape(dc, f.ranks));
   } else if (f.tokens_given || f.hidden != Flags().hidden || f.experts != 0 ||
              f.top_k != Flags().top_k || f.capacity_factor != Flags().capacity_factor ||
-             f.dropless_exchange || f.skew != "uniform") {
+             f.dropless_exchange || f.skew != "uniform" || !f.pipeline_degrees.empty() ||
+             f.expert_hidden != 0) {
     return moe::InvalidArgument(
-        "--tokens, --hidden, --experts, --topk, --capacity-factor, "
-        "--dropless-exchange and --skew apply to --op dispatch_combine");
+        "--tokens, --hidden, --experts, --topk, --capacity-factor, --dropless-exchange, --skew, "
+        "--pipeline-degree and --expert-hidden apply to --op dispatch_combine");
   }
   if (f.op == "allreduce" && c.max_bytes / moe::comm::DataTypeSize(c.dtype) > (1LL << 31) - 1) {
     return moe::InvalidArgument("-e/--maxbytes=" + f.max_bytes +
@@ -326,6 +334,14 @@ int main(int argc, char** argv) {
                "dispatch_combine: counts + alltoallv instead of the padded alltoall");
   app.add_option("--skew", f.skew, "dispatch_combine: uniform, zipf:S or hot:F");
   app.add_option("--seed", f.seed, "dispatch_combine: routing seed");
+  app.add_option("--pipeline-degree", f.pipeline_degrees,
+                 "dispatch_combine: instead, time forward + backward with real experts at these "
+                 "pipeline degrees (e.g. 1,2,4; degree 1 is the baseline)")
+      ->delimiter(',')
+      ->check(CLI::Range(1, 16));
+  app.add_option("--expert-hidden", f.expert_hidden,
+                 "dispatch_combine --pipeline-degree: expert hidden size H (default 4 x --hidden)")
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
   app.add_option("--hierarchical", f.hierarchical,
                  "ranks per node for the two-stage all-to-all (0: flat)")
       ->check(CLI::Range(0, 1 << 20));

@@ -250,15 +250,22 @@ int main(int argc, char** argv) {
   auto flat = moe::PredictCluster(*run, *cfg, *model, false);
   auto hier = moe::PredictCluster(*run, *cfg, *model, true);
   if (!flat.ok() || !hier.ok()) return Fail((flat.ok() ? hier.status() : flat.status()).ToString(), 1);
-  std::printf("predicted on %s as %d node(s) x %d GPU(s) (mean per step, microseconds; dispatch and combine "
-              "are the sums over forward + backward and all layers):\n",
-              target.name().c_str(), target.nodes(), target.gpus_per_node());
-  std::printf("%-14s %12s %12s %12s %12s %12s\n", "all-to-all", "dispatch", "combine", "experts", "other", "step");
+  const int pipeline_degree = cfg->parallel().pipeline_degree();
+  std::printf(
+      "predicted on %s as %d node(s) x %d GPU(s), pipeline degree %d (mean per step, microseconds; "
+      "dispatch, combine and experts are the serial sums over forward + backward and all layers, "
+      "overlap what the pipeline hides of them; step = their sum + other - overlap):\n",
+      target.name().c_str(), target.nodes(), target.gpus_per_node(), pipeline_degree);
+  std::printf("%-14s %12s %12s %12s %12s %12s %12s\n", "all-to-all", "dispatch", "combine",
+              "experts", "other", "overlap", "step");
   for (const auto& [name, p] : {std::pair<const char*, moe::StepPrediction>{"flat", *flat}, {"hierarchical", *hier}}) {
-    std::printf("%-14s %12.3f %12.3f %12.3f %12.3f %12.3f\n", name, p.dispatch_seconds * 1e6, p.combine_seconds * 1e6,
-                p.experts_seconds * 1e6, p.other_seconds * 1e6, p.total() * 1e6);
+    std::printf("%-14s %12.3f %12.3f %12.3f %12.3f %12.3f %12.3f\n", name, p.dispatch_seconds * 1e6,
+                p.combine_seconds * 1e6, p.experts_seconds * 1e6, p.other_seconds * 1e6,
+                p.overlap_seconds * 1e6, p.total() * 1e6);
   }
-  if (Status s = WriteOut(f.out, "predicted.json", moe::PredictedJson(target, f.ranks, f.efficiency, *flat, *hier));
+  if (Status s = WriteOut(
+          f.out, "predicted.json",
+          moe::PredictedJson(target, f.ranks, f.efficiency, pipeline_degree, *flat, *hier));
       !s.ok()) {
     return Fail(s.ToString(), 1);
   }

@@ -5,15 +5,14 @@
 //
 // A thin main: flags, config, communicator, then runtime::Trainer.
 #include <CLI/CLI.hpp>
-
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
 #include <mutex>
-#include <thread>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "comm/loopback/loopback_world.h"
@@ -37,6 +36,7 @@ struct Flags {
   int ranks = 1;
   bool resume = false;
   int local_groups = 0;
+  int pipeline_degree = 0;
   int steps = -1;
   std::string metrics, checkpoint_dir, data;
   bool quiet = false;
@@ -54,6 +54,7 @@ int Fail(const std::string& message, int code) {
 moe::StatusOr<moe::MoeConfig> LoadWithOverrides(const Flags& f) {
   MOE_ASSIGN_OR_RETURN(moe::MoeConfig cfg, moe::LoadConfig(f.config));
   if (f.local_groups > 0) cfg.mutable_moe()->mutable_router()->set_num_local_groups(f.local_groups);
+  if (f.pipeline_degree > 0) cfg.mutable_parallel()->set_pipeline_degree(f.pipeline_degree);
   if (f.steps >= 0) cfg.mutable_train()->set_steps(f.steps);
   if (!f.metrics.empty()) cfg.mutable_train()->set_metrics_path(f.metrics);
   if (!f.checkpoint_dir.empty()) cfg.mutable_train()->set_checkpoint_dir(f.checkpoint_dir);
@@ -113,12 +114,15 @@ int RunLoopback(const Flags& f, const moe::MoeConfig& cfg) {
       shared->status[static_cast<size_t>(comm.rank())] = s;
       shared->done[static_cast<size_t>(comm.rank())] = true;
       ++shared->finished;
-      if (!s.ok() && shared->first_failure == moe::StatusCode::kOk) shared->first_failure = s.code();
+      if (!s.ok() && shared->first_failure == moe::StatusCode::kOk)
+        shared->first_failure = s.code();
       shared->cv.notify_all();
     });
   });
   std::unique_lock<std::mutex> lock(shared->mu);
-  shared->cv.wait(lock, [&] { return shared->finished == f.ranks || shared->first_failure != moe::StatusCode::kOk; });
+  shared->cv.wait(lock, [&] {
+    return shared->finished == f.ranks || shared->first_failure != moe::StatusCode::kOk;
+  });
   const double grace = kGraceSeconds + (shared->first_failure == moe::StatusCode::kDeadlineExceeded
                                             ? 0.0
                                             : cfg.comm().deadline_seconds());
@@ -135,7 +139,8 @@ int RunLoopback(const Flags& f, const moe::MoeConfig& cfg) {
   if (!all) {
     std::string stuck;
     for (int r = 0; r < f.ranks; ++r) {
-      if (!shared->done[static_cast<size_t>(r)]) stuck += (stuck.empty() ? "" : ", ") + std::to_string(r);
+      if (!shared->done[static_cast<size_t>(r)])
+        stuck += (stuck.empty() ? "" : ", ") + std::to_string(r);
     }
     Fail("rank(s) [" + stuck + "] still not finished " + std::to_string(static_cast<int>(grace)) +
              " s after the first failure; exiting without them",
@@ -188,28 +193,38 @@ int main(int argc, char** argv) {
   CLI::App app{"Trains a byte-level MoE language model with expert parallelism."};
   Flags f;
   app.add_option("--config", f.config, "training config (.textproto)")->required();
-  app.add_option("--backend", f.backend, "mpi (under mpirun) or loopback (ranks as threads); default: mpi when "
-                                         "started by mpirun, else loopback")
+  app.add_option("--backend", f.backend,
+                 "mpi (under mpirun) or loopback (ranks as threads); default: mpi when "
+                 "started by mpirun, else loopback")
       ->check(CLI::IsMember({"mpi", "loopback"}));
   app.add_option("--ranks", f.ranks, "ranks for the loopback backend")->check(CLI::Range(1, 1024));
-  app.add_flag("--resume", f.resume, "continue from the newest complete checkpoint in train.checkpoint_dir");
+  app.add_flag("--resume", f.resume,
+               "continue from the newest complete checkpoint in train.checkpoint_dir");
   app.add_option("--local-groups", f.local_groups, "override moe.router.num_local_groups")
       ->check(CLI::Range(1, 1 << 20));
+  app.add_option(
+         "--pipeline-degree", f.pipeline_degree,
+         "override parallel.pipeline_degree (chunks per exchange, overlapped with the experts)")
+      ->check(CLI::Range(1, 16));
   app.add_option("--steps", f.steps, "override train.steps")->check(CLI::NonNegativeNumber);
   app.add_option("--metrics", f.metrics, "override train.metrics_path (JSON lines)");
   app.add_option("--checkpoint-dir", f.checkpoint_dir, "override train.checkpoint_dir");
   app.add_option("--data", f.data, "override train.data_path");
   app.add_flag("--quiet", f.quiet, "no progress lines");
-  app.add_option("--log-every", f.log_every, "a progress line every N steps")->check(CLI::Range(1, 1 << 30));
-  app.add_option("--deadline", f.deadline, "override comm.deadline_seconds (every collective's deadline)")
+  app.add_option("--log-every", f.log_every, "a progress line every N steps")
+      ->check(CLI::Range(1, 1 << 30));
+  app.add_option("--deadline", f.deadline,
+                 "override comm.deadline_seconds (every collective's deadline)")
       ->check(CLI::Range(0.001, 1e6));
   moe::launch::AddComputeFlags(app, &f.compute);
-  app.add_option("--inject-fault", f.inject_fault,
-                 "testing: KIND@RANK:STEP with KIND stall, exit or nan (see README, failure behaviour)")
+  app.add_option(
+         "--inject-fault", f.inject_fault,
+         "testing: KIND@RANK:STEP with KIND stall, exit or nan (see README, failure behaviour)")
       ->group("Testing");
   if (const int rc = moe::launch::ParseFlags(app, argc, argv); rc >= 0) return rc;
   moe::blas::SetThreads(1);
-  const bool under_mpirun = std::getenv("OMPI_COMM_WORLD_SIZE") != nullptr || std::getenv("PMI_SIZE") != nullptr;
+  const bool under_mpirun =
+      std::getenv("OMPI_COMM_WORLD_SIZE") != nullptr || std::getenv("PMI_SIZE") != nullptr;
   if (f.backend.empty()) f.backend = under_mpirun ? "mpi" : "loopback";
   if (f.backend == "mpi") {
 #if MOE_COMM_HAVE_MPI
@@ -225,7 +240,9 @@ int main(int argc, char** argv) {
     }
     return RunMpi(f, *cfg);
 #else
-    return Fail("--backend mpi: this build has no MPI (configure with MPI found or use --backend loopback)", 2);
+    return Fail(
+        "--backend mpi: this build has no MPI (configure with MPI found or use --backend loopback)",
+        2);
 #endif
   }
   auto cfg = LoadWithOverrides(f);

@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "runtime/base/file.h"
+#include "runtime/expert_blocks.h"
 
 namespace moe {
 namespace {
@@ -159,6 +160,10 @@ Status ValidateTrain(const MoeConfig& cfg) {
   c.Require(t.eval_tokens() >= 1, "train.eval_tokens", t.eval_tokens(), "be >= 1");
   c.Require(t.checkpoint_every() >= 0, "train.checkpoint_every", t.checkpoint_every(), "be >= 0");
   c.Require(cfg.parallel().ep_size() >= 0, "parallel.ep_size", cfg.parallel().ep_size(), "be >= 0");
+  c.Require(cfg.parallel().pipeline_degree() >= 1 &&
+                cfg.parallel().pipeline_degree() <= ExpertCompute::kMaxParts,
+            "parallel.pipeline_degree", cfg.parallel().pipeline_degree(),
+            "be in [1, " + std::to_string(ExpertCompute::kMaxParts) + "]");
   c.Require(std::isfinite(cfg.comm().deadline_seconds()) && cfg.comm().deadline_seconds() > 0,
             "comm.deadline_seconds", cfg.comm().deadline_seconds(), "be a finite number > 0");
   c.Require(cfg.comm().ranks_per_node() >= 0, "comm.ranks_per_node", cfg.comm().ranks_per_node(),

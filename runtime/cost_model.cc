@@ -157,18 +157,57 @@ StatusOr<double> CostModel::AllReduceSeconds(double bytes) const {
   return 2.0 * (n - 1.0) * (a + bytes / (n * b));
 }
 
+StatusOr<double> PipelinedGroupSeconds(const std::vector<double>& a, const std::vector<double>& c,
+                                       const std::vector<double>& b) {
+  const size_t d = a.size();
+  if (d == 0 || c.size() != d || b.size() != d) {
+    return InvalidArgument("pipeline: " + std::to_string(a.size()) + " dispatch, " +
+                           std::to_string(c.size()) + " expert and " + std::to_string(b.size()) +
+                           " combine times; expected the same number >= 1 of each");
+  }
+  for (const std::vector<double>* v : {&a, &c, &b}) {
+    for (double t : *v) {
+      if (!(t >= 0 && std::isfinite(t))) {
+        return InvalidArgument("pipeline: time " + Num(t) + " s must be a finite number >= 0");
+      }
+    }
+  }
+  double comm = 0.0;     // when the communication engine is free (its last call's end)
+  double compute = 0.0;  // when the compute engine is free (the last chunk's experts' end)
+  std::vector<double> dispatched(d, 0.0);
+  auto dispatch = [&](size_t j) {
+    comm += a[j];
+    dispatched[j] = comm;
+  };
+  auto combine = [&](size_t j) {  // compute j, then Cj
+    compute = std::max(compute, dispatched[j]) + c[j];
+    comm = std::max(comm, compute) + b[j];
+  };
+  // Issue order: D0 D1 C0 D2 C1 ... D(d-1) C(d-2) C(d-1).
+  dispatch(0);
+  for (size_t j = 1; j < d; ++j) {
+    dispatch(j);
+    combine(j - 1);
+  }
+  combine(d - 1);
+  return comm;
+}
+
 StatusOr<StepPrediction> CostModel::PredictStep(const StepTraffic& step, bool hierarchical) const {
   StepPrediction out;
   auto a2a = [&](const TrafficMatrix& m) {
     return hierarchical ? HierarchicalAllToAllSeconds(m) : FlatAllToAllSeconds(m);
   };
+  std::vector<double> dispatch_t, combine_t;  // per all-to-all, for the pipeline groups
   for (const TrafficMatrix& m : step.dispatch) {
     MOE_ASSIGN_OR_RETURN(const double t, a2a(m));
     out.dispatch_seconds += t;
+    dispatch_t.push_back(t);
   }
   for (const TrafficMatrix& m : step.combine) {
     MOE_ASSIGN_OR_RETURN(const double t, a2a(m));
     out.combine_seconds += t;
+    combine_t.push_back(t);
   }
   MOE_ASSIGN_OR_RETURN(out.experts_seconds, ComputeSeconds(step.expert_flops));
   if (!step.other_flops.empty()) {
@@ -176,6 +215,39 @@ StatusOr<StepPrediction> CostModel::PredictStep(const StepTraffic& step, bool hi
   }
   MOE_ASSIGN_OR_RETURN(const double ar, AllReduceSeconds(step.allreduce_bytes));
   out.other_seconds += ar;
+
+  double overlap = 0.0;
+  for (size_t g = 0; g < step.pipelines.size(); ++g) {
+    const StepTraffic::PipelineGroup& group = step.pipelines[g];
+    const std::string where = "pipeline group " + std::to_string(g);
+    const size_t d = group.dispatch.size();
+    if (d == 0 || group.combine.size() != d || group.expert_flops.size() != d) {
+      return InvalidArgument(where + ": " + std::to_string(d) + " dispatches, " +
+                             std::to_string(group.combine.size()) + " combines and " +
+                             std::to_string(group.expert_flops.size()) +
+                             " expert FLOP vectors; expected the same number >= 1 of each");
+    }
+    std::vector<double> a(d), c(d), b(d);
+    double serial = 0.0;
+    for (size_t j = 0; j < d; ++j) {
+      if (group.dispatch[j] >= dispatch_t.size() || group.combine[j] >= combine_t.size()) {
+        return InvalidArgument(where + " chunk " + std::to_string(j) +
+                               ": dispatch or combine index out of range");
+      }
+      a[j] = dispatch_t[group.dispatch[j]];
+      b[j] = combine_t[group.combine[j]];
+      StatusOr<double> cj = ComputeSeconds(group.expert_flops[j]);
+      if (!cj.ok()) return cj.status().WithContext(where + " chunk " + std::to_string(j));
+      c[j] = *cj;
+      // In the pipeline's own order of additions, so that d = 1 gives exactly T_group.
+      serial += a[j];
+      serial += c[j];
+      serial += b[j];
+    }
+    MOE_ASSIGN_OR_RETURN(const double pipelined, PipelinedGroupSeconds(a, c, b));
+    overlap += std::max(0.0, serial - pipelined);
+  }
+  out.overlap_seconds = std::min(overlap, out.experts_seconds);
   return out;
 }
 

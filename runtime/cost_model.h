@@ -23,6 +23,21 @@
 // Expert GEMMs: t(r) = flops(r) / (gpu_tflops * 1e12 * gemm_efficiency); T = max over r.
 // Gradient all-reduce (ring over all ranks): 2 (n-1) (a + bytes / (n b)) with the slowest link
 //   class in the ring (inter when nodes > 1).
+// Pipelined MoE layers (parallel.pipeline_degree = d, runtime/ep_executor.h): one layer's forward
+// (or backward) issues its row exchanges in the order D0 D1 C0 D2 C1 ... D(d-1) C(d-2) C(d-1)
+// (D = dispatch, C = combine) and runs chunk j's experts between the end of Dj and the issue of
+// Cj. With a_j, b_j the all-to-all times of dispatch and combine chunk j (flat or hierarchical, as
+// above) and c_j the expert time of chunk j (max over ranks of the chunk's FLOPs / rate, as above),
+// a group (one layer, one direction) runs on two engines:
+//   communication: the calls in issue order, one at a time; Dj starts when the previous call has
+//                  ended, Cj when the previous call and compute j have ended;
+//   compute:       compute j starts when Dj and compute j-1 have ended;
+//   T_group = the end of C(d-1)   (d = 1: a0 + c0 + b0, the serial sum).
+// overlap = sum over groups of max(0, sum_j (a_j + c_j + b_j) - T_group), at most the experts term
+//   (so the step never drops below its exchanges + other); step = dispatch + combine + experts +
+//   other - overlap, where dispatch, combine and experts stay the serial sums above. (The experts
+//   term is the max over ranks of the whole step's FLOPs, the pipeline's c_j a max per chunk: they
+//   agree when every chunk's load is spread over the ranks alike, as in the capacity exchange.)
 #pragma once
 
 #include <cstdint>
@@ -61,6 +76,17 @@ struct StepTraffic {
   std::vector<double> expert_flops;     // per rank, forward + backward
   std::vector<double> other_flops;      // per rank: non-expert compute (router, norms, head), fwd+bwd
   double allreduce_bytes = 0.0;         // replicated gradients all-reduced each step
+
+  // The row exchanges and expert compute of one MoE layer in one direction (forward or backward),
+  // in d = dispatch.size() pipeline chunks (d = 1: one dispatch, the experts, one combine).
+  struct PipelineGroup {
+    std::vector<size_t> dispatch;  // chunk j's dispatch: an index into StepTraffic::dispatch
+    std::vector<size_t> combine;   // chunk j's combine: an index into StepTraffic::combine
+    std::vector<std::vector<double>> expert_flops;  // [chunk][rank]
+  };
+  // The groups whose exchanges may overlap their experts; empty: nothing overlaps (the serial sum).
+  // Their FLOPs are also counted in expert_flops.
+  std::vector<PipelineGroup> pipelines;
 };
 
 struct StepPrediction {
@@ -68,8 +94,19 @@ struct StepPrediction {
   double combine_seconds = 0.0;
   double experts_seconds = 0.0;
   double other_seconds = 0.0;     // other compute + gradient all-reduce
-  double total() const { return dispatch_seconds + combine_seconds + experts_seconds + other_seconds; }
+  // What the pipelined groups hide: serial sum of their exchanges and experts minus their pipelined
+  // time (0 with pipeline degree 1), at most experts_seconds.
+  double overlap_seconds = 0.0;
+  double total() const {
+    return dispatch_seconds + combine_seconds + experts_seconds + other_seconds - overlap_seconds;
+  }
 };
+
+// The two-engine pipeline of one group (header comment): the end of C(d-1) for dispatch times a,
+// expert times c and combine times b of chunks 0..d-1, seconds. kInvalidArgument for empty or
+// unequal lengths or a negative or non-finite time.
+StatusOr<double> PipelinedGroupSeconds(const std::vector<double>& a, const std::vector<double>& c,
+                                       const std::vector<double>& b);
 
 class CostModel {
  public:
@@ -85,7 +122,8 @@ class CostModel {
   StatusOr<double> HierarchicalAllToAllSeconds(const TrafficMatrix& bytes) const;
   StatusOr<double> ComputeSeconds(const std::vector<double>& flops_per_rank) const;
   StatusOr<double> AllReduceSeconds(double bytes) const;
-  // hierarchical = true costs every all-to-all with the two-stage algorithm.
+  // hierarchical = true costs every all-to-all with the two-stage algorithm. kInvalidArgument for a
+  // pipeline group with no chunks, unequal chunk counts or an index out of range.
   StatusOr<StepPrediction> PredictStep(const StepTraffic& step, bool hierarchical) const;
 
  private:
@@ -124,6 +162,9 @@ class CostModel {
 // being predicted, so it includes what oversubscription does to a collective.
 // HostStepPrediction splits the compute into the mean rank's compute, the wait for the slowest
 // rank (max - mean) and the serialisation excess (max(0, sum / cores - max)).
+// Nothing overlaps here, pipelined layers (parallel.pipeline_degree > 1) included: the loopback
+// backend moves an asynchronous all-to-all's data inside its Wait, on the waiting rank's thread,
+// so every chunk's exchange is a serial call like any other (each chunk costs its own alpha).
 
 // Cost of one collective call of `bytes`: alpha + bytes / beta.
 struct CallCost {

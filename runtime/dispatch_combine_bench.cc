@@ -69,7 +69,7 @@ StatusOr<int64_t> CheckDispatchCombine(comm::Communicator& comm,
       p.w2(j, j) = 1.0f;
     }
   }
-  ExpertParallelExecutor exec(&comm, shape, e, o.dropless_exchange);
+  ExpertParallelExecutor exec(&comm, shape, e, {.dropless = o.dropless_exchange});
   const Tensor packed_x = PackedInput(plan, comm.rank(), m);
   Tensor packed_y;
   MOE_RETURN_IF_ERROR(exec.Forward(plan, packed_x.view(), experts, &packed_y));
@@ -270,9 +270,136 @@ Tensor MakeSkewedProbs(const ProbsSkew& skew, uint64_t seed, int rank, int64_t t
   return probs;
 }
 
+Status RunPipelineBench(comm::Communicator& comm, const DispatchCombineBenchOptions& o,
+                        std::FILE* out, const comm::bench::RowSink& sink) {
+  const int n = comm.size();
+  MOE_RETURN_IF_ERROR(CheckDispatchCombineShape(o, n));
+  const int e = DispatchCombineExperts(o, n), local = e / n;
+  const bool rank0 = comm.rank() == 0;
+  std::vector<int> degrees = {1};
+  for (int d : o.pipeline_degrees) {
+    if (d < 1 || d > ExpertCompute::kMaxParts) {
+      return InvalidArgument("--pipeline-degree " + std::to_string(d) + " must be in [1, " +
+                             std::to_string(ExpertCompute::kMaxParts) + "]");
+    }
+    if (std::find(degrees.begin(), degrees.end(), d) == degrees.end()) degrees.push_back(d);
+  }
+  experts::FfnShape shape;
+  shape.model_dim = o.hidden;
+  shape.hidden_dim = o.expert_hidden > 0 ? o.expert_hidden : 4 * o.hidden;
+  shape.activation = experts::Activation::kGeluTanh;
+  shape.bias = true;
+  std::vector<experts::FfnParams> params(static_cast<size_t>(local),
+                                         experts::FfnParams::Zeros(shape));
+  std::mt19937_64 rng(o.seed * 1000003 + static_cast<uint64_t>(comm.rank()));
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (experts::FfnParams& p : params) {
+    for (Tensor* t : {&p.w1, &p.b1, &p.w2, &p.b2}) {
+      const float scale = 1.0f / std::sqrt(static_cast<float>(std::max<int64_t>(t->rows(), 1)));
+      for (int64_t i = 0; i < t->size(); ++i) (*t)[i] = scale * normal(rng);
+    }
+  }
+  if (rank0) {
+    std::fprintf(out,
+                 "# moe_comm_bench: op dispatch_combine --pipeline-degree, backend %s, %d ranks, "
+                 "iters %d, warmup %d\n# hidden M %lld, expert hidden H %lld (GELU, bias), "
+                 "experts E %d (%d per rank), top-k %d, capacity factor %g, exchange %s, skew %s\n",
+                 std::string(comm.backend()).c_str(), n, o.iters, o.warmup,
+                 static_cast<long long>(shape.model_dim), static_cast<long long>(shape.hidden_dim),
+                 e, local, o.top_k, o.capacity_factor,
+                 o.dropless_exchange || o.capacity_factor <= 0 ? "dropless" : "padded",
+                 o.skew_name.c_str());
+    std::fprintf(
+        out,
+        "# time = forward + backward of the expert-parallel executor; exchange / experts = "
+        "inside the communicator / the experts (slowest rank); speedup = time(degree 1) / "
+        "time\n");
+    std::fprintf(out, "#%11s %7s %6s %10s %10s %10s %8s %7s\n", "size", "tokens", "degree", "time",
+                 "exchange", "experts", "speedup", "#wrong");
+    std::fprintf(out, "#%11s %7s %6s %10s %10s %10s %8s %7s\n", "(B)", "(/rank)", "", "(us)",
+                 "(us)", "(us)", "", "");
+  }
+  comm::bench::SweepSummary summary;
+  for (const int64_t tokens : o.tokens) {
+    MOE_ASSIGN_OR_RETURN(const DispatchPlan plan, MakePlan(o, comm.rank(), tokens, e));
+    const Tensor packed_x = PackedInput(plan, comm.rank(), o.hidden);
+    const Tensor packed_dy = PackedInput(plan, comm.rank() + 7919, o.hidden);
+    Tensor ref_y, ref_dx;
+    double ref_time_us = 0;
+    for (const int d : degrees) {
+      ExpertParallelExecutor exec(&comm, shape, e,
+                                  {.dropless = o.dropless_exchange, .pipeline_degree = d});
+      std::vector<experts::FfnParams> grads(static_cast<size_t>(local),
+                                            experts::FfnParams::Zeros(shape));
+      Tensor packed_y, packed_dx;
+      const auto step = [&]() -> Status {
+        MOE_RETURN_IF_ERROR(exec.Forward(plan, packed_x.view(), params, &packed_y));
+        return exec.Backward(plan, packed_dy.view(), params, &grads, &packed_dx);
+      };
+      for (int i = 0; i < o.warmup; ++i) MOE_RETURN_IF_ERROR(step());
+      exec.stats().Reset();
+      MOE_ASSIGN_OR_RETURN(const double time_us, comm::bench::TimeLoop(comm, 0, o.iters, step));
+      MOE_ASSIGN_OR_RETURN(
+          const double exchange_us,
+          ReduceScalar(comm, exec.stats().AllToAllSeconds() * 1e6 / o.iters, comm::ReduceOp::kMax));
+      MOE_ASSIGN_OR_RETURN(
+          const double experts_us,
+          ReduceScalar(comm, exec.stats().expert_seconds * 1e6 / o.iters, comm::ReduceOp::kMax));
+      int64_t sent = 0;
+      for (const ExchangeCall& c : exec.stats().calls) {
+        if (c.kind == ExchangeCall::Kind::kDispatch && !c.backward) sent += Sum(c.bytes_to_rank);
+      }
+      if (d == 1) {
+        ref_y = packed_y;
+        ref_dx = packed_dx;
+        ref_time_us = time_us;
+      }
+      int64_t mine = 0;
+      for (const auto& [got, want] :
+           {std::pair{&packed_y, &ref_y}, std::pair{&packed_dx, &ref_dx}}) {
+        float scale = 0.0f;
+        for (int64_t i = 0; i < want->size(); ++i) scale = std::max(scale, std::abs((*want)[i]));
+        if (got->size() != want->size()) {
+          mine += want->size();
+          continue;
+        }
+        for (int64_t i = 0; i < want->size(); ++i) {
+          if (!(std::abs((*got)[i] - (*want)[i]) <= 1e-5f * scale)) ++mine;
+        }
+      }
+      MOE_ASSIGN_OR_RETURN(const double wrong,
+                           ReduceScalar(comm, static_cast<double>(mine), comm::ReduceOp::kSum));
+      MOE_ASSIGN_OR_RETURN(
+          const double sent_sum,
+          ReduceScalar(comm, static_cast<double>(sent) / o.iters, comm::ReduceOp::kSum));
+      comm::bench::BenchRow row;
+      row.op = "ep_pipeline_d" + std::to_string(d);
+      row.backend = std::string(comm.backend());
+      row.ranks = n;
+      row.bytes = static_cast<int64_t>(sent_sum / n + 0.5);
+      row.count = row.bytes / 4;
+      row.dtype = "float32";
+      row.time_us = time_us;
+      row.wrong = static_cast<int64_t>(wrong);
+      row.baseline_time_us = ref_time_us;
+      row.baseline = "ep_pipeline_d1";
+      summary.Add(0, wrong);
+      if (!rank0) continue;
+      std::fprintf(out, " %11lld %7lld %6d %10.1f %10.1f %10.1f %8.2f %7lld\n",
+                   static_cast<long long>(row.bytes), static_cast<long long>(tokens), d, time_us,
+                   exchange_us, experts_us, time_us > 0 ? ref_time_us / time_us : 0,
+                   static_cast<long long>(row.wrong));
+      std::fflush(out);
+      if (sink) MOE_RETURN_IF_ERROR(sink(row));
+    }
+  }
+  return summary.Finish(nullptr, "dispatch_combine --pipeline-degree");
+}
+
 Status RunDispatchCombineBench(comm::Communicator& comm, const DispatchCombineBenchOptions& o,
                                comm::bench::RawCollectives* raw, std::FILE* out,
                                const comm::bench::RowSink& sink) {
+  if (!o.pipeline_degrees.empty()) return RunPipelineBench(comm, o, out, sink);
   const int n = comm.size();
   MOE_RETURN_IF_ERROR(CheckDispatchCombineShape(o, n));
   const int e = DispatchCombineExperts(o, n);
@@ -286,7 +413,7 @@ Status RunDispatchCombineBench(comm::Communicator& comm, const DispatchCombineBe
   comm::bench::SweepSummary summary;
   for (const int64_t tokens : o.tokens) {
     MOE_ASSIGN_OR_RETURN(const DispatchPlan plan, MakePlan(o, comm.rank(), tokens, e));
-    ExpertParallelExecutor exec(&comm, tiny, e, o.dropless_exchange);
+    ExpertParallelExecutor exec(&comm, tiny, e, {.dropless = o.dropless_exchange});
     const Tensor packed_x = PackedInput(plan, comm.rank(), o.hidden);
     Tensor packed_y;
     double dispatch_s = 0, combine_s = 0;

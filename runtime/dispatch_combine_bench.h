@@ -53,6 +53,10 @@ struct DispatchCombineBenchOptions {
   int iters = 20;
   int warmup = 5;
   bool check = true;
+  // Non-empty: instead of the table above, the pipelined table (RunPipelineBench below) for these
+  // pipeline degrees, with experts of hidden size expert_hidden.
+  std::vector<int> pipeline_degrees;
+  int64_t expert_hidden = 0;  // 0: 4 x hidden
 };
 
 // The experts E on `ranks` ranks (options.experts, or 2 per rank).
@@ -73,6 +77,18 @@ std::vector<int64_t> DispatchCombineTokens(const std::vector<int64_t>& sizes, in
 //            when nothing else is left), so expert 0 gets exactly the fraction F of first choices.
 Tensor MakeSkewedProbs(const ProbsSkew& skew, uint64_t seed, int rank, int64_t tokens, int e,
                        int k);
+
+// --pipeline-degree: per token count and pipeline degree d, ExpertParallelExecutor Forward +
+// Backward with real experts (M = hidden, H = expert_hidden, GELU, bias, seeded weights) through
+// the chunked exchanges (runtime/ep_executor.h). time = mean per iteration of the slowest rank;
+// exchange = time the slowest rank spent inside the communicator (ExchangeCall::seconds: the
+// blocking calls, or start + Wait of the asynchronous ones), experts = its expert compute;
+// speedup = time at degree 1 / time at degree d, degree 1 always run first in the same process.
+// #wrong = elements of y and dx (all ranks) further than 1e-5 x max|value| from degree 1's.
+// What overlaps depends on the backend: the loopback backend moves the rows inside Wait (no
+// overlap); MPI progresses mostly inside MPI calls; NCCL runs on its own stream.
+Status RunPipelineBench(comm::Communicator& comm, const DispatchCombineBenchOptions& options,
+                        std::FILE* out, const comm::bench::RowSink& sink);
 
 // Runs every row on this rank; collective over `comm` (host memory). `raw` (may be null: the
 // communicator itself) is the baseline exchange. Rank 0 prints the table to `out` and hands each

@@ -14,6 +14,16 @@
 //   dropless: the per-(expert, group) row counts are exchanged first (an all-to-all of integers),
 //             then an all-to-all-v moves only the real rows.
 // Dropless routing (capacity 0) always uses the dropless exchange.
+//
+// Pipelining (ExchangeOptions::pipeline_degree = d > 1, Tutel's overlap degree): every
+// (destination, local expert, group) block of n rows (C in capacity mode) is split along its
+// positions into d chunks, chunk j holding positions [n·j/d, n·(j+1)/d). Chunk j is exchanged with
+// an asynchronous all-to-all-v of its own; the dispatch of chunk j+1 is issued before the experts
+// run chunk j, and chunk j's combine is issued as soon as its experts are done, so one chunk's
+// exchange is in flight while another chunk's experts run (on NCCL and MPI; the loopback backend
+// moves the data inside Wait). Issue order, the same on every rank: D0 D1 C0 D2 C1 ... C(d-1).
+// Each chunk is one part of the ExpertCompute (its own saved state for the backward). Results
+// equal d = 1 up to the order of the weight-gradient sums (a sum over chunks of per-chunk sums).
 #pragma once
 
 #include <cstdint>
@@ -35,11 +45,19 @@ struct ExchangeCall {
   };
   Kind kind = Kind::kDispatch;
   bool backward = false;  // issued by Backward()
+  int chunk = 0;          // pipeline chunk of this row exchange (0 for kCounts)
+  int chunks = 1;         // the executor's pipeline degree
   std::vector<int64_t>
       bytes_to_rank;  // per destination rank of the EP group, the self block included
   std::vector<int64_t> bytes_from_rank;  // per source rank
   double start_seconds = 0.0;            // WallSeconds() when the call began
-  double seconds = 0.0;                  // inside the communicator call
+  // Inside the communicator: the blocking call, or the start plus the Wait of an asynchronous one.
+  double seconds = 0.0;
+};
+
+struct ExchangeOptions {
+  bool dropless = false;    // parallel.dropless_exchange
+  int pipeline_degree = 1;  // parallel.pipeline_degree: chunks per exchange, 1..16
 };
 
 // What the executor did since the last Reset() (the Trainer resets it at the start of each step).
@@ -60,7 +78,7 @@ class ExpertParallelExecutor : public ExpertExecutor {
   // `ep` must outlive the executor; num_experts must be divisible by ep->size(). `compute` runs the
   // local experts (nullptr: on the CPU).
   ExpertParallelExecutor(comm::Communicator* ep, const experts::FfnShape& shape, int num_experts,
-                         bool dropless_exchange, std::unique_ptr<ExpertCompute> compute = nullptr);
+                         ExchangeOptions options, std::unique_ptr<ExpertCompute> compute = nullptr);
 
   Status Forward(const DispatchPlan& plan, MatrixView<const float> packed_x,
                  const std::vector<experts::FfnParams>& experts, Tensor* packed_y) override;
@@ -72,40 +90,69 @@ class ExpertParallelExecutor : public ExpertExecutor {
   const ExchangeStats& stats() const { return stats_; }
 
  private:
-  // Sends rows of `packed` (layout of `plan`) to the experts' ranks; fills `expert_rows` in the
-  // regrouped order (local expert, source rank, group, position).
-  Status Dispatch(const DispatchPlan& plan, MatrixView<const float> packed, Tensor* expert_rows);
-  // The reverse: rows of `expert_rows` back to their source ranks, into `packed` (plan layout).
-  Status Combine(const DispatchPlan& plan, const Tensor& expert_rows, Tensor* packed);
-  Status Layout(const DispatchPlan& plan);
-  // Copies row blocks between the receive layout [source][local expert][group] and the expert-major
-  // layout [local expert][source][group] (to_expert_major picks the direction).
-  void Regroup(const Tensor& from, Tensor* to, bool to_expert_major) const;
-  // One all-to-all(v) of float rows; counts and displacements in rows.
-  // `call` is filled with the kind, direction, per-peer bytes and time and appended to stats_.
-  Status Exchange(ExchangeCall::Kind kind, const float* send, const std::vector<int64_t>& send_rows,
-                  const std::vector<int64_t>& send_displ, float* recv,
-                  const std::vector<int64_t>& recv_rows, const std::vector<int64_t>& recv_displ);
+  // Runs the experts on part j: rows `in` (expert-major, offsets relative to the part) into `out`.
+  using PartCompute = std::function<Status(int part, const std::vector<int64_t>& offsets,
+                                           MatrixView<const float> in, Tensor* out)>;
+  // An issued row exchange: `request` is null once complete (always for one chunk: blocking).
+  struct Pending {
+    std::unique_ptr<comm::Request> request;
+    size_t record = 0;  // index in stats_.calls
+  };
 
-  // Runs `exchange` and appends its record (kind, direction, bytes per peer, start, seconds) to
-  // stats_.calls.
-  Status Record(ExchangeCall::Kind kind, std::vector<int64_t> bytes_to_rank,
-                std::vector<int64_t> bytes_from_rank, const std::function<Status()>& exchange);
+  Status Layout(const DispatchPlan& plan);
+  // dispatch -> experts -> combine of every chunk: packed_in (plan layout) to packed_out.
+  Status Pipeline(const DispatchPlan& plan, MatrixView<const float> packed_in, Tensor* expert_rows,
+                  std::vector<Tensor>* expert_results, const PartCompute& compute,
+                  Tensor* packed_out);
+  // Copies the rows of `packed` into send_buf_ in the chunk-major send layout (zero padding in
+  // capacity mode), or the reverse (the real rows only).
+  void Pack(MatrixView<const float> packed);
+  void Unpack(const DispatchPlan& plan, Tensor* packed) const;
+  // Calls fn(send row, packed row, real rows, rows) for chunk j of every send block, in send-buffer
+  // order (j, destination, local expert, group): `rows` rows at `send row` of which the first
+  // `real` come from the plan layout at `packed row` (the rest is capacity padding).
+  using SendPieceFn = std::function<void(int64_t, int64_t, int64_t, int64_t)>;
+  void ForEachSendPiece(const SendPieceFn& fn) const;
+  // Chunk j between the receive layout [source][local expert][group] (in recv_buf_ or back_buf_)
+  // and the expert-major part [local expert][source][group] at `part`.
+  void Regroup(int j, const float* from, float* to, bool to_expert_major) const;
+  // Issues the row exchange of chunk j: kDispatch moves send rows -> recv_buf_, kCombine moves
+  // back_buf_ -> `combine_recv` (send layout). Blocking when the pipeline has one chunk.
+  StatusOr<Pending> Exchange(ExchangeCall::Kind kind, int j, const float* send, float* recv);
+  Status Wait(Pending* pending);
+
+  // Appends the record of an exchange about to be issued to stats_.calls; returns its index.
+  size_t Record(ExchangeCall::Kind kind, int chunk, std::vector<int64_t> bytes_to_rank,
+                std::vector<int64_t> bytes_from_rank);
+  // Runs a blocking exchange and accounts its time to record `record`.
+  Status Timed(size_t record, const std::function<Status()>& exchange);
+
+  int64_t Chunk(int64_t n, int j) const { return n * (j + 1) / d_ - n * j / d_; }
+  int64_t ChunkBegin(int64_t n, int j) const { return n * j / d_; }
 
   comm::Communicator* ep_;
   experts::FfnShape shape_;
   int num_experts_, w_, local_;
   bool dropless_;
+  int d_;  // pipeline degree
   std::unique_ptr<ExpertCompute> compute_;
 
-  // Layout of the current plan.
+  // Layout of the current plan. Send side: block b = (destination, local expert, group) has
+  // block_rows_[b] rows in the exchange (C when padded) of which block_real_[b] are real, taken
+  // from packed row block_src_[b]. Receive side: recv_counts_[(source, local expert, group)].
+  // Per chunk j and peer p: rows and displacements (absolute, chunk-major) at [j * W + p]; the
+  // expert-major part j starts at row part_begin_[j] with relative offsets part_offsets_[j].
   bool padded_ = false;
+  bool direct_ = false;  // one chunk, dropless: the plan layout is the send layout (no copies)
   int64_t groups_ = 0, capacity_ = 0;
-  std::vector<int64_t> send_rows_, recv_rows_;  // per peer (rows)
-  std::vector<int64_t> send_row_displ_, recv_row_displ_;
-  std::vector<int64_t> recv_counts_;     // [src][l][g] rows received (dropless) or C (padded)
-  std::vector<int64_t> expert_offsets_;  // L + 1 offsets in the regrouped buffer
-  Tensor send_buf_, recv_buf_, expert_in_, expert_out_, back_buf_;
+  std::vector<int64_t> block_rows_, block_real_, block_src_;
+  std::vector<int64_t> recv_counts_;
+  std::vector<int64_t> send_rows_, recv_rows_, send_displ_, recv_displ_;
+  std::vector<int64_t> part_begin_;
+  std::vector<std::vector<int64_t>> part_offsets_;
+  int64_t total_send_ = 0, total_recv_ = 0;
+  Tensor send_buf_, recv_buf_, back_buf_, expert_in_, expert_dy_;
+  std::vector<Tensor> expert_out_, expert_dx_;
   ExchangeStats stats_;
   bool in_backward_ = false;  // the direction recorded in stats_.calls
 };

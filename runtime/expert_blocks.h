@@ -17,15 +17,35 @@ namespace moe {
 
 class ExpertCompute {
  public:
+  // Parts: the pipelined executor runs its rows in chunks (parallel.pipeline_degree); chunk j is
+  // part j. Each part keeps its own saved state from its Forward to its Backward, so the parts'
+  // forwards may all run before their backwards. part is in [0, kMaxParts).
+  static constexpr int kMaxParts = 16;
+
   virtual ~ExpertCompute() = default;
-  // y (rows x M, host) = expert_i(x) for each block. x must stay alive until Backward.
-  virtual Status Forward(const std::vector<int64_t>& offsets, MatrixView<const float> x,
+  // y (rows x M, host) = expert_i(x) for each block. x must stay alive until Backward(part).
+  virtual Status Forward(int part, const std::vector<int64_t>& offsets, MatrixView<const float> x,
                          const std::vector<experts::FfnParams>& params, Tensor* y) = 0;
-  // dx = d/dx of the blocks given dy (the last Forward's rows); weight gradients accumulated into
-  // grads (same order as params).
-  virtual Status Backward(const std::vector<int64_t>& offsets, MatrixView<const float> dy,
+  // dx = d/dx of the blocks given dy (the rows of the part's last Forward); weight gradients
+  // accumulated into grads (same order as params).
+  virtual Status Backward(int part, const std::vector<int64_t>& offsets, MatrixView<const float> dy,
                           const std::vector<experts::FfnParams>& params,
                           std::vector<experts::FfnParams>* grads, Tensor* dx) = 0;
+
+  // All rows as one part.
+  Status Forward(const std::vector<int64_t>& offsets, MatrixView<const float> x,
+                 const std::vector<experts::FfnParams>& params, Tensor* y) {
+    return Forward(0, offsets, x, params, y);
+  }
+  Status Backward(const std::vector<int64_t>& offsets, MatrixView<const float> dy,
+                  const std::vector<experts::FfnParams>& params,
+                  std::vector<experts::FfnParams>* grads, Tensor* dx) {
+    return Backward(0, offsets, dy, params, grads, dx);
+  }
+
+ protected:
+  // kInvalidArgument unless 0 <= part < kMaxParts.
+  static Status CheckPart(int part);
 };
 
 // The experts of `num_experts` local experts on compute.device: ExpertBlocks for CPU, the grouped
@@ -40,18 +60,25 @@ class ExpertBlocks : public ExpertCompute {
  public:
   explicit ExpertBlocks(const experts::FfnShape& shape) : shape_(shape) {}
 
-  Status Forward(const std::vector<int64_t>& offsets, MatrixView<const float> x,
+  using ExpertCompute::Backward;
+  using ExpertCompute::Forward;
+  Status Forward(int part, const std::vector<int64_t>& offsets, MatrixView<const float> x,
                  const std::vector<experts::FfnParams>& params, Tensor* y) override;
-  Status Backward(const std::vector<int64_t>& offsets, MatrixView<const float> dy,
+  Status Backward(int part, const std::vector<int64_t>& offsets, MatrixView<const float> dy,
                   const std::vector<experts::FfnParams>& params,
                   std::vector<experts::FfnParams>* grads, Tensor* dx) override;
 
  private:
-  experts::FfnSaved Saved(int64_t begin, int64_t end);  // views of rows [begin, end)
+  // What a part's backward needs from its forward.
+  struct Saved {
+    MatrixView<const float> x;
+    Tensor h, a, u;
+    experts::FfnSaved Rows(bool swiglu, int64_t begin, int64_t end);  // views of rows [begin, end)
+  };
 
   experts::FfnShape shape_;
-  MatrixView<const float> x_;
-  Tensor h_, a_, u_, scratch1_, scratch2_;
+  std::vector<Saved> parts_;
+  Tensor scratch1_, scratch2_;
 };
 
 // Resizes t to rows x cols, keeping the allocation when the shape is unchanged (contents undefined

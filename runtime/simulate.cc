@@ -105,11 +105,30 @@ StepTraffic ClusterStepTraffic(const SimulationResult& run, const MoeConfig& cfg
   const double m = cfg.moe().model_dim(), h = cfg.moe().expert().hidden_dim();
   const double mats = cfg.moe().expert().kind() == config::SWIGLU ? 3 : 2;
   const double fwd_per_row = 2 * m * h * mats;
-  t.expert_flops.assign(static_cast<size_t>(run.ranks), 0.0);
+  const size_t ranks = static_cast<size_t>(run.ranks);
+  t.expert_flops.assign(ranks, 0.0);
+  // One pipeline group per (layer, direction): it starts at the dispatch of chunk 0 and collects
+  // the dispatch, the experts' FLOPs and the combine of every chunk (issue order D0 D1 C0 D2 C1
+  // ...). Indices not filled by a recorded call stay out of range, which PredictStep reports.
+  constexpr size_t kMissing = static_cast<size_t>(-1);
+  auto chunk_slot = [&](const ExchangeCall& call) -> StepTraffic::PipelineGroup& {
+    if (call.kind == ExchangeCall::Kind::kDispatch && call.chunk == 0) t.pipelines.emplace_back();
+    if (t.pipelines.empty()) t.pipelines.emplace_back();
+    StepTraffic::PipelineGroup& g = t.pipelines.back();
+    const size_t n = static_cast<size_t>(std::max({call.chunks, call.chunk + 1, 1}));
+    if (g.dispatch.size() < n) {
+      g.dispatch.resize(n, kMissing);
+      g.combine.resize(n, kMissing);
+      g.expert_flops.resize(n, std::vector<double>(ranks, 0.0));
+    }
+    return g;
+  };
   for (size_t c = 0; c < run.calls(s); ++c) {
     const ExchangeCall& call = run.call(s, c);
     if (call.kind == ExchangeCall::Kind::kCounts) continue;
     TrafficMatrix mat = run.Matrix(s, c);
+    StepTraffic::PipelineGroup& group = chunk_slot(call);
+    const size_t j = static_cast<size_t>(std::max(call.chunk, 0));
     if (call.kind == ExchangeCall::Kind::kDispatch) {
       // Forward: one GEMM pass per row; backward: two (dX and dW).
       const double passes = call.backward ? 2.0 : 1.0;
@@ -117,9 +136,12 @@ StepTraffic ClusterStepTraffic(const SimulationResult& run, const MoeConfig& cfg
         double rows = 0;
         for (size_t src = 0; src < mat.size(); ++src) rows += mat[src][d] / (m * 4);
         t.expert_flops[d] += rows * fwd_per_row * passes;
+        group.expert_flops[j][d] = rows * fwd_per_row * passes;
       }
+      group.dispatch[j] = t.dispatch.size();
       t.dispatch.push_back(std::move(mat));
     } else {
+      group.combine[j] = t.combine.size();
       t.combine.push_back(std::move(mat));
     }
   }
@@ -141,6 +163,7 @@ StatusOr<StepPrediction> PredictCluster(const SimulationResult& run, const MoeCo
     mean.combine_seconds += k * p.combine_seconds;
     mean.experts_seconds += k * p.experts_seconds;
     mean.other_seconds += k * p.other_seconds;
+    mean.overlap_seconds += k * p.overlap_seconds;
   }
   return mean;
 }
@@ -230,6 +253,7 @@ StatusOr<HostValidation> PredictHost(const SimulationResult& run, const HostMode
   const double k = 1.0 / (run.num_steps() - warmup);
   for (int s = warmup; s < run.num_steps(); ++s) {
     HostStepInputs in;
+    // Every call serial, pipeline chunks included: on loopback nothing overlaps (cost_model.h).
     for (size_t c = 0; c < run.calls(s); ++c) in.alltoalls.push_back(run.Matrix(s, c));
     for (int64_t b : run.allreduce_bytes) in.allreduce_bytes.push_back(static_cast<double>(b));
     const std::vector<double> rows = run.ExpertRows(s);
@@ -402,9 +426,11 @@ std::string MeasuredJson(const SimulationResult& run, const MoeConfig& cfg) {
       for (int r = 0; r < run.ranks; ++r) {
         secs.push_back(run.steps[static_cast<size_t>(s)][static_cast<size_t>(r)].calls[c].seconds);
       }
-      calls << (c ? ",\n       " : "") << "{\"kind\": \"" << KindName(call.kind) << "\", \"backward\": "
-            << (call.backward ? "true" : "false") << ", \"bytes_src_dst\": " << MatrixJson(m)
-            << ", \"seconds\": " << JsonArray(secs) << "}";
+      calls << (c ? ",\n       " : "") << "{\"kind\": \"" << KindName(call.kind)
+            << "\", \"backward\": " << (call.backward ? "true" : "false")
+            << ", \"chunk\": " << call.chunk << ", \"chunks\": " << call.chunks
+            << ", \"bytes_src_dst\": " << MatrixJson(m) << ", \"seconds\": " << JsonArray(secs)
+            << "}";
       if (call.kind == ExchangeCall::Kind::kCounts) continue;
       ++float_calls;
       for (size_t i = 0; i < n; ++i)
@@ -418,31 +444,41 @@ std::string MeasuredJson(const SimulationResult& run, const MoeConfig& cfg) {
       << ",\n     \"alltoall_calls\": " << float_calls << ", \"bytes_src_dst\": " << MatrixJson(total)
       << ",\n     \"exchanges\": [" << calls.str() << "]}" << (s + 1 < run.num_steps() ? "," : "") << "\n";
   }
-  o << "  ],\n  \"notes\": \"bytes_src_dst: float bytes each rank sent to each rank in all dispatch+combine "
-       "all-to-alls of the step (forward and backward, all layers), self block included; exchanges: every "
-       "all-to-all of the step from the executors (counts = the dropless count exchange), each with its "
-       "traffic matrix and per-rank seconds; compute_seconds = step - all-to-all per rank; tokens_per_expert "
-       "summed over ranks and layers; allreduce_bytes: the all-reduces of one step\"\n}\n";
+  o << "  ],\n  \"notes\": \"bytes_src_dst: float bytes each rank sent to each rank in all "
+       "dispatch+combine all-to-alls of the step (forward and backward, all layers), self block "
+       "included; exchanges: every all-to-all of the step from the executors (counts = the "
+       "dropless count exchange), each with its pipeline chunk (0..chunks-1), traffic matrix and "
+       "per-rank seconds; compute_seconds = step - all-to-all per rank; tokens_per_expert summed "
+       "over ranks and layers; allreduce_bytes: the all-reduces of one step\"\n}\n";
   return o.str();
 }
 
 std::string PredictedJson(const config::TopologyConfig& target, int ranks, double gemm_efficiency,
-                          const StepPrediction& flat, const StepPrediction& hier) {
+                          int pipeline_degree, const StepPrediction& flat,
+                          const StepPrediction& hier) {
   auto pj = [](const StepPrediction& p) {
     std::ostringstream o;
     o.precision(9);
-    o << "{\"dispatch_seconds\": " << p.dispatch_seconds << ", \"combine_seconds\": " << p.combine_seconds
-      << ", \"experts_seconds\": " << p.experts_seconds << ", \"other_seconds\": " << p.other_seconds
-      << ", \"step_seconds\": " << p.total() << "}";
+    o << "{\"dispatch_seconds\": " << p.dispatch_seconds
+      << ", \"combine_seconds\": " << p.combine_seconds
+      << ", \"experts_seconds\": " << p.experts_seconds
+      << ", \"other_seconds\": " << p.other_seconds
+      << ", \"overlap_seconds\": " << p.overlap_seconds << ", \"step_seconds\": " << p.total()
+      << "}";
     return o.str();
   };
   std::ostringstream js;
   js.precision(9);
-  js << "{\n  \"topology\": \"" << target.name() << "\",\n  \"ranks\": " << ranks << ",\n  \"nodes\": "
-     << target.nodes() << ",\n  \"gpus_per_node\": " << target.gpus_per_node() << ",\n  \"gemm_efficiency\": "
-     << gemm_efficiency << ",\n  \"flat\": " << pj(flat) << ",\n  \"hierarchical\": " << pj(hier)
-     << ",\n  \"notes\": \"mean over steps; dispatch/combine summed over forward+backward and layers; other = "
-        "router/norm/head FLOPs + ring all-reduce of the replicated gradients (fp32)\"\n}\n";
+  js << "{\n  \"topology\": \"" << target.name() << "\",\n  \"ranks\": " << ranks
+     << ",\n  \"nodes\": " << target.nodes() << ",\n  \"gpus_per_node\": " << target.gpus_per_node()
+     << ",\n  \"gemm_efficiency\": " << gemm_efficiency
+     << ",\n  \"pipeline_degree\": " << pipeline_degree << ",\n  \"flat\": " << pj(flat)
+     << ",\n  \"hierarchical\": " << pj(hier)
+     << ",\n  \"notes\": \"mean over steps; dispatch/combine summed over forward+backward and "
+        "layers; other = router/norm/head FLOPs + ring all-reduce of the replicated gradients "
+        "(fp32); overlap = what the pipeline chunks (pipeline_degree) hide of their exchanges and "
+        "experts (serial sum - pipelined time, runtime/cost_model.h); step = dispatch + combine + "
+        "experts + other - overlap\"\n}\n";
   return js.str();
 }
 

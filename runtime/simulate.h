@@ -57,9 +57,11 @@ StatusOr<SimulationResult> RunSimulation(const MoeConfig& cfg, int ranks, bool q
 
 // Cost-model inputs of step s: dispatch / combine matrices, expert FLOPs from the rows each rank
 // received (forward x1, backward x2), other FLOPs (router, head; an estimate), replicated-gradient
-// all-reduce bytes (fp32 on a cluster).
+// all-reduce bytes (fp32 on a cluster), and one pipeline group per MoE layer and direction (its
+// chunks' dispatches, combines and expert FLOPs, from ExchangeCall::chunk; one chunk when
+// parallel.pipeline_degree = 1).
 StepTraffic ClusterStepTraffic(const SimulationResult& run, const MoeConfig& cfg, int step);
-// Mean over steps of CostModel::PredictStep.
+// Mean over steps of CostModel::PredictStep (pipelined layers overlap on the cluster).
 StatusOr<StepPrediction> PredictCluster(const SimulationResult& run, const MoeConfig& cfg, const CostModel& model,
                                         bool hierarchical);
 
@@ -100,7 +102,8 @@ std::string MeasuredJson(const SimulationResult& run, const MoeConfig& cfg);
 std::string ExpertLoadSvg(const SimulationResult& run);
 std::string RankTimeSvg(const SimulationResult& run);
 std::string PredictedJson(const config::TopologyConfig& target, int ranks, double gemm_efficiency,
-                          const StepPrediction& flat, const StepPrediction& hierarchical);
+                          int pipeline_degree, const StepPrediction& flat,
+                          const StepPrediction& hierarchical);
 std::string HostPredictionJson(const HostValidation& v, const HostModel& host, const ComputeCalibration& c);
 
 double Median(std::vector<double> v);

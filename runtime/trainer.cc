@@ -92,7 +92,9 @@ Status Trainer::Init() {
         auto compute = MakeExpertCompute(ExpertShape(cfg_.moe()), local, cfg_.compute(), rank);
         if (!compute.ok() && compute_status.ok()) compute_status = compute.status();
         auto ex = std::make_unique<ExpertParallelExecutor>(
-            ep_.get(), ExpertShape(cfg_.moe()), experts, cfg_.parallel().dropless_exchange(),
+            ep_.get(), ExpertShape(cfg_.moe()), experts,
+            ExchangeOptions{.dropless = cfg_.parallel().dropless_exchange(),
+                            .pipeline_degree = cfg_.parallel().pipeline_degree()},
             compute.ok() ? std::move(compute).value() : nullptr);
         executors_.push_back(ex.get());
         return ex;

@@ -172,6 +172,39 @@ TEST(DispatchCombineBench, ReplaysTheExecutorsCountsThroughTheRawBaseline) {
             std::string::npos);
 }
 
+TEST(DispatchCombineBench, PipelineTableComparesEveryDegreeWithDegreeOne) {
+  DispatchCombineBenchOptions o;
+  o.tokens = {24};
+  o.hidden = 8;
+  o.expert_hidden = 12;
+  o.pipeline_degrees = {3, 2, 3};  // degree 1 is added first, repeats dropped
+  o.iters = 1;
+  o.warmup = 1;
+  for (const bool dropless : {false, true}) {
+    o.dropless_exchange = dropless;
+    const BenchRun run = RunOnLoopback(2, false, [&](auto& c, auto*, auto* out, const auto& sink) {
+      return RunDispatchCombineBench(c, o, nullptr, out, sink);
+    });
+    for (const Status& s : run.status) EXPECT_TRUE(s.ok()) << s.ToString();
+    ASSERT_EQ(run.rows.size(), 3u);
+    const char* ops[] = {"ep_pipeline_d1", "ep_pipeline_d3", "ep_pipeline_d2"};
+    for (size_t i = 0; i < 3; ++i) {
+      EXPECT_EQ(run.rows[i].op, ops[i]);
+      EXPECT_EQ(run.rows[i].wrong, 0);
+      EXPECT_EQ(run.rows[i].baseline, "ep_pipeline_d1");
+      EXPECT_GT(run.rows[i].bytes, 0);
+      // Chunking moves the same rows: every degree sends the same bytes.
+      EXPECT_EQ(run.rows[i].bytes, run.rows[0].bytes);
+    }
+    EXPECT_NE(run.table.find("speedup"), std::string::npos);
+  }
+  o.pipeline_degrees = {17};
+  const BenchRun bad = RunOnLoopback(2, false, [&](auto& c, auto*, auto* out, const auto& sink) {
+    return RunDispatchCombineBench(c, o, nullptr, out, sink);
+  });
+  EXPECT_EQ(bad.status[0].message(), "--pipeline-degree 17 must be in [1, 16]");
+}
+
 TEST(BenchJson, EveryFieldIsWritten) {
   BenchRow row;
   row.op = "alltoall";

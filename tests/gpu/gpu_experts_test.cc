@@ -245,9 +245,10 @@ TEST(GpuExperts, MoeLayerMatchesCpu) {
 // the per-step losses of compute.device=CUDA follow the CPU run's.
 TEST(GpuExperts, ExpertParallelTrainingFollowsCpu) {
   MOE_REQUIRE_GPU();
-  auto losses = [](const config::ComputeConfig& compute) {
+  auto losses = [](const config::ComputeConfig& compute, int pipeline_degree = 1) {
     MoeConfig cfg = testing::TinyTrainConfig(6, 1);
     *cfg.mutable_compute() = compute;
+    cfg.mutable_parallel()->set_pipeline_degree(pipeline_degree);
     std::vector<double> out;
     auto world = comm::LoopbackWorld::Create(2, {});
     EXPECT_TRUE(world.ok());
@@ -266,10 +267,15 @@ TEST(GpuExperts, ExpertParallelTrainingFollowsCpu) {
   };
   const std::vector<double> cpu = losses(config::ComputeConfig());
   const std::vector<double> gpu = losses(Cuda(Precision::kFloat32));
+  // Pipelined exchanges: one GroupedFfn per chunk, each with its own saved activations.
+  const std::vector<double> gpu_pipelined = losses(Cuda(Precision::kFloat32), 3);
   ASSERT_EQ(cpu.size(), 6u);
   ASSERT_EQ(gpu.size(), cpu.size());
-  for (size_t i = 0; i < cpu.size(); ++i)
+  ASSERT_EQ(gpu_pipelined.size(), cpu.size());
+  for (size_t i = 0; i < cpu.size(); ++i) {
     EXPECT_NEAR(gpu[i], cpu[i], 1e-4 * std::abs(cpu[i])) << "step " << i;
+    EXPECT_NEAR(gpu_pipelined[i], cpu[i], 1e-4 * std::abs(cpu[i])) << "pipelined, step " << i;
+  }
 }
 
 }  // namespace

@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """moe_simulate end to end: outputs exist, the traffic comes per exchange from the executors, and the
-simulated final loss equals moe_train's on 4 loopback ranks and (with --mpiexec) on 4 MPI ranks."""
+simulated final loss equals moe_train's on 4 loopback ranks and (with --mpiexec) on 4 MPI ranks.
+With --compute-topology (slow GPUs: the experts cost as much as the exchanges) also the pipelined
+exchange (parallel.pipeline_degree 2): chunked exchanges in issue order D0 D1 C0 C1 per layer and
+direction, and a predicted overlap > 0, where pipeline degree 1 predicts none."""
 import argparse, json, os, subprocess, sys
 
 ap = argparse.ArgumentParser()
@@ -11,6 +14,7 @@ ap.add_argument("--topology", required=True)
 ap.add_argument("--data", required=True)
 ap.add_argument("--out", required=True)
 ap.add_argument("--mpiexec", default="", help="also compare with mpiexec -n 4 moe_train --backend mpi")
+ap.add_argument("--compute-topology", default="", help="also check the pipelined prediction on this topology")
 a = ap.parse_args()
 os.makedirs(a.out, exist_ok=True)
 common = ["--config", a.config, "--ranks", "4", "--steps", "20", "--data", a.data]
@@ -34,6 +38,10 @@ for step in measured["per_step"]:
     assert all(len(e["seconds"]) == 4 for e in ex)
 assert len(measured["allreduce_bytes"]) == 3
 assert predicted["flat"]["step_seconds"] > 0 and predicted["hierarchical"]["step_seconds"] > 0
+# Pipeline degree 1: one chunk per exchange, nothing overlaps.
+assert predicted["pipeline_degree"] == 1
+assert all(e["chunk"] == 0 and e["chunks"] == 1 for step in measured["per_step"] for e in step["exchanges"])
+assert predicted["flat"]["overlap_seconds"] == 0 and predicted["hierarchical"]["overlap_seconds"] == 0, predicted
 for name in ("expert_load.svg", "rank_time.svg"):
     assert open(os.path.join(a.out, name)).read().lstrip().startswith("<svg"), name
 metrics = os.path.join(a.out, "train_metrics.jsonl")
@@ -55,6 +63,38 @@ if a.mpiexec:
     if abs(mpi_loss - sim_loss) > 1e-12 * max(1.0, abs(mpi_loss)):
         sys.exit(f"final loss differs: moe_simulate {sim_loss!r} vs mpiexec -n 4 moe_train {mpi_loss!r}")
     mpi_note = f" == mpiexec -n 4 moe_train {mpi_loss!r}"
+if a.compute_topology:
+    # The same job in 2 pipeline chunks, and in 1, predicted on slow GPUs (5 steps each).
+    piped = {}
+    for d in (1, 2):
+        cfg = os.path.join(a.out, f"pipeline_{d}.textproto")
+        open(cfg, "w").write(open(a.config).read() + f"\nparallel {{ pipeline_degree: {d} }}\n")
+        out = os.path.join(a.out, f"pipeline_{d}")
+        subprocess.run([a.simulate, "--config", cfg, "--ranks", "4", "--steps", "5", "--data", a.data,
+                        "--topology", a.compute_topology, "--out", out], check=True, stdout=subprocess.DEVNULL)
+        piped[d] = (json.load(open(os.path.join(out, "measured.json"))),
+                    json.load(open(os.path.join(out, "predicted.json"))))
+    m2, p2 = piped[2]
+    for step in m2["per_step"]:
+        ex = step["exchanges"]
+        # 2 layers x (forward, backward), each D0 D1 C0 C1 with one direction.
+        assert [(e["kind"][0], e["chunk"]) for e in ex] == [("d", 0), ("d", 1), ("c", 0), ("c", 1)] * 4, ex
+        assert all(e["chunks"] == 2 for e in ex)
+        assert [e["backward"] for e in ex] == [False] * 4 + [True] * 4 + [False] * 4 + [True] * 4
+    # Layer 0's forward routing precedes any expert compute: its rows are those of pipeline degree 1,
+    # now in two chunks.
+    first = lambda m, k: [e["bytes_src_dst"] for e in m["per_step"][0]["exchanges"][:k]]
+    one = first(piped[1][0], 1)[0]
+    two = first(m2, 2)
+    assert [[two[0][i][j] + two[1][i][j] for j in range(4)] for i in range(4)] == one, (one, two)
+    for kind in ("flat", "hierarchical"):
+        p, q = p2[kind], piped[1][1][kind]
+        assert q["overlap_seconds"] == 0, q
+        assert 0 < p["overlap_seconds"] <= p["experts_seconds"], p
+        parts = p["dispatch_seconds"] + p["combine_seconds"] + p["experts_seconds"] + p["other_seconds"]
+        assert abs(parts - p["overlap_seconds"] - p["step_seconds"]) <= 1e-6 * p["step_seconds"], p
+    print(f"ok: pipeline degree 2 on {p2['topology']}: overlap {p2['flat']['overlap_seconds'] * 1e6:.1f} us of "
+          f"{p2['flat']['step_seconds'] * 1e6:.1f} us (degree 1: {piped[1][1]['flat']['step_seconds'] * 1e6:.1f} us)")
 # A bad topology is a clear error with exit code 2.
 bad = os.path.join(a.out, "bad_topology.textproto")
 open(bad, "w").write('name: "bad" nodes: 1 gpus_per_node: 4 intra_bandwidth_gbps: 0 inter_bandwidth_gbps: 1 gpu_tflops: 1\n')

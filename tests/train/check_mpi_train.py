@@ -1,5 +1,7 @@
 """End-to-end check of moe_train: a 4-process MPI run and a 1-process run with 4 local groups (the
-same config otherwise) must give the same loss curve, and the loss must fall.
+same config otherwise) must give the same loss curve, and the loss must fall. A second 4-process
+run with pipelined exchanges (--pipeline-degree 3: three chunks per all-to-all, several
+MPI_Ialltoallv in flight) must give the same curve too.
 
 Usage: check_mpi_train.py --tool moe_train --mpiexec mpiexec --config tiny_lm.textproto
                           --data corpus.txt --workdir DIR [--steps N]"""
@@ -35,18 +37,23 @@ def main():
                OPENBLAS_NUM_THREADS="1")
     mpi_metrics = os.path.join(a.workdir, "mpi4.jsonl")
     one_metrics = os.path.join(a.workdir, "one_g4.jsonl")
+    pipe_metrics = os.path.join(a.workdir, "mpi4_pipeline3.jsonl")
     common = ["--config", a.config, "--data", a.data, "--steps", str(a.steps), "--quiet"]
     run([a.mpiexec, "-n", "4", a.tool] + common + ["--metrics", mpi_metrics], env)
+    run([a.mpiexec, "-n", "4", a.tool] + common + ["--pipeline-degree", "3", "--metrics", pipe_metrics],
+        env)
     run([a.tool, "--backend", "loopback", "--ranks", "1", "--local-groups", "4"] + common +
         ["--metrics", one_metrics], env)
-    x, y = losses(mpi_metrics), losses(one_metrics)
+    x, y, z = losses(mpi_metrics), losses(one_metrics), losses(pipe_metrics)
     failures = 0
-    if len(x) != a.steps or len(y) != a.steps:
-        print(f"FAIL: expected {a.steps} steps, got {len(x)} and {len(y)}")
+    if len(x) != a.steps or len(y) != a.steps or len(z) != a.steps:
+        print(f"FAIL: expected {a.steps} steps, got {len(x)}, {len(y)} and {len(z)}")
         failures += 1
     diff = max(abs(u - v) for u, v in zip(x, y))
-    print(f"loss: first {x[0]:.4f}, last {x[-1]:.4f}; max |4 MPI ranks - 1 rank with G=4| = {diff:.2e}")
-    if diff > 1e-5:
+    pipe_diff = max(abs(u - v) for u, v in zip(z, y))
+    print(f"loss: first {x[0]:.4f}, last {x[-1]:.4f}; max |4 MPI ranks - 1 rank with G=4| = {diff:.2e}; "
+          f"pipelined (degree 3): {pipe_diff:.2e}")
+    if diff > 1e-5 or pipe_diff > 1e-5:
         print("FAIL: the loss curves differ by more than 1e-5")
         failures += 1
     if not x[-1] < x[0] - 1.0:

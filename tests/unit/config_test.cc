@@ -129,6 +129,13 @@ TEST(ConfigTest, MissingOrBadDims) {
   ExpectInvalid(Layer("", "num_shared_experts: -1"), {"moe.num_shared_experts=-1", "be >= 0"});
 }
 
+TEST(ConfigTest, PipelineDegreeRange) {
+  ExpectInvalid(Layer("") + " parallel { pipeline_degree: 0 }",
+                {"parallel.pipeline_degree=0", "be in [1, 16]"});
+  ExpectInvalid(Layer("") + " parallel { pipeline_degree: 17 }",
+                {"parallel.pipeline_degree=17", "be in [1, 16]"});
+}
+
 TEST(ConfigTest, RouterNumbers) {
   ExpectInvalid(Layer("min_capacity: -1"), {"moe.router.min_capacity=-1", "be >= 0"});
   ExpectInvalid(Layer("num_local_groups: 0"), {"moe.router.num_local_groups=0", "be >= 1"});

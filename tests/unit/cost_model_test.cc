@@ -92,6 +92,155 @@ TEST(CostModelTest, ComputeAllReduceAndStep) {
   EXPECT_NEAR(p->total(), 1291.5 * kUs, 1e-12);
 }
 
+// ---- Pipelined layers (parallel.pipeline_degree) ----
+
+TEST(CostModelTest, PipelineComputeBound) {
+  // d = 2, a = (1, 1), c = (2, 2), b = (1, 1). Comm: D0 [0, 1], D1 [1, 2]; compute 0 [1, 3];
+  // C0 [3, 4]; compute 1 [3, 5]; C1 [5, 6]. Serial 8, pipelined 6.
+  EXPECT_EQ(*PipelinedGroupSeconds({1, 1}, {2, 2}, {1, 1}), 6.0);
+  // d = 4, the same chunks: D0 [0, 1] D1 [1, 2] c0 [1, 3] C0 [3, 4] D2 [4, 5] c1 [3, 5] C1 [5, 6]
+  // D3 [6, 7] c2 [5, 7] C2 [7, 8] c3 [7, 9] C3 [9, 10] = a0 + sum c + b3. Serial 16.
+  EXPECT_EQ(*PipelinedGroupSeconds({1, 1, 1, 1}, {2, 2, 2, 2}, {1, 1, 1, 1}), 10.0);
+}
+
+TEST(CostModelTest, PipelineCommBound) {
+  // a = (3, 3), c = (1, 1), b = (3, 3): D0 [0, 3] D1 [3, 6] c0 [3, 4] C0 [6, 9] c1 [6, 7]
+  // C1 [9, 12]: the exchanges back to back, the experts hidden. Serial 14.
+  EXPECT_EQ(*PipelinedGroupSeconds({3, 3}, {1, 1}, {3, 3}), 12.0);
+  // Unequal chunks: a = (2, 1), c = (1, 4), b = (2, 1): D0 [0, 2] D1 [2, 3] c0 [2, 3] C0 [3, 5]
+  // c1 [3, 7] C1 [7, 8]. Serial 11.
+  EXPECT_EQ(*PipelinedGroupSeconds({2, 1}, {1, 4}, {2, 1}), 8.0);
+}
+
+TEST(CostModelTest, PipelineOfOneChunkIsTheSerialSum) {
+  EXPECT_EQ(*PipelinedGroupSeconds({1}, {2}, {3}), 6.0);
+  const double a = 0.1, c = 0.7, b = 0.2;  // the same additions, in the same order: bit equal
+  EXPECT_EQ(*PipelinedGroupSeconds({a}, {c}, {b}), a + c + b);
+}
+
+TEST(CostModelTest, PipelineChunkWithoutRows) {
+  // An empty chunk costs nothing and hides nothing: a = (1, 0), c = (2, 0), b = (1, 0) ->
+  // D0 [0, 1] D1 [1, 1] c0 [1, 3] C0 [3, 4] c1 [3, 3] C1 [4, 4] = the serial 4.
+  EXPECT_EQ(*PipelinedGroupSeconds({1, 0}, {2, 0}, {1, 0}), 4.0);
+  // Empty first chunk: D0 [0, 0] D1 [0, 1] c0 [0, 0] C0 [1, 1] c1 [1, 3] C1 [3, 4].
+  EXPECT_EQ(*PipelinedGroupSeconds({0, 1}, {0, 2}, {0, 1}), 4.0);
+}
+
+TEST(CostModelTest, PipelineRejectsBadTimes) {
+  EXPECT_FALSE(PipelinedGroupSeconds({}, {}, {}).ok());
+  EXPECT_FALSE(PipelinedGroupSeconds({1, 1}, {1}, {1, 1}).ok());
+  EXPECT_FALSE(PipelinedGroupSeconds({1}, {-1}, {1}).ok());
+}
+
+// 1 node x 2 GPUs, no latency, 1 GB/s, 1 TFLOP/s; at efficiency 0.5 a GFLOP takes 2 ms.
+config::TopologyConfig OneByTwo() {
+  config::TopologyConfig t;
+  t.set_name("test_1x2");
+  t.set_nodes(1);
+  t.set_gpus_per_node(2);
+  t.set_intra_bandwidth_gbps(1);
+  t.set_intra_latency_us(0);
+  t.set_inter_bandwidth_gbps(1);
+  t.set_inter_latency_us(0);
+  t.set_gpu_tflops(1);
+  return t;
+}
+
+// One layer and direction in two chunks: dispatch 0 -> 1 of `bytes` (bytes / 1e9 s), combine
+// 1 -> 0 of as many, chunk j's experts `flops[j]` per rank.
+StepTraffic TwoChunks(double bytes, std::vector<std::vector<double>> flops) {
+  StepTraffic s;
+  const TrafficMatrix there = {{0, bytes}, {0, 0}}, back = {{0, 0}, {bytes, 0}};
+  s.dispatch = {there, there};
+  s.combine = {back, back};
+  s.expert_flops.assign(2, 0.0);
+  for (const std::vector<double>& f : flops) {
+    for (size_t r = 0; r < 2; ++r) s.expert_flops[r] += f[r];
+  }
+  s.pipelines = {{{0, 1}, {0, 1}, std::move(flops)}};
+  return s;
+}
+
+TEST(CostModelTest, PredictStepOverlapsPipelinedChunks) {
+  CostModelOptions o;
+  o.gemm_efficiency = 0.5;
+  auto m = CostModel::Create(OneByTwo(), 2, o);
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  // a = (1, 1), c = (2, 2), b = (1, 1) s: serial 8, pipelined 6.
+  auto p = m->PredictStep(TwoChunks(1e9, {{0, 1e12}, {0, 1e12}}), /*hierarchical=*/false);
+  ASSERT_TRUE(p.ok()) << p.status().ToString();
+  EXPECT_EQ(p->dispatch_seconds, 2.0);  // the serial sums stay
+  EXPECT_EQ(p->combine_seconds, 2.0);
+  EXPECT_EQ(p->experts_seconds, 4.0);
+  EXPECT_EQ(p->other_seconds, 0.0);
+  EXPECT_EQ(p->overlap_seconds, 2.0);
+  EXPECT_EQ(p->total(), 6.0);
+  // Comm bound, a = b = (3, 3), c = (1, 1): serial 14, pipelined 12 (the experts hidden).
+  p = m->PredictStep(TwoChunks(3e9, {{0, 0.5e12}, {0, 0.5e12}}), false);
+  ASSERT_TRUE(p.ok());
+  EXPECT_EQ(p->overlap_seconds, 2.0);
+  EXPECT_EQ(p->total(), 12.0);
+  // Chunk 1 without rows: a = (1, 0), c = (2, 0), b = (1, 0): nothing to overlap.
+  StepTraffic empty = TwoChunks(1e9, {{0, 1e12}, {0, 0}});
+  empty.dispatch[1] = empty.combine[1] = {{0, 0}, {0, 0}};
+  p = m->PredictStep(empty, false);
+  ASSERT_TRUE(p.ok());
+  EXPECT_EQ(p->overlap_seconds, 0.0);
+  EXPECT_EQ(p->total(), 4.0);
+}
+
+TEST(CostModelTest, PredictStepOverlapIsAtMostTheExperts) {
+  CostModelOptions o;
+  o.gemm_efficiency = 0.5;
+  auto m = CostModel::Create(OneByTwo(), 2, o);
+  // a = b = (3, 3) and c = (2, 2), but chunk 0's experts run on rank 0 and chunk 1's on rank 1:
+  // serial 16 - pipelined 12 = 4, more than the step's experts term (max over ranks of 1e12 FLOPs
+  // = 2 s): the overlap is capped there and the step is its exchanges, 12 s.
+  auto p = m->PredictStep(TwoChunks(3e9, {{1e12, 0}, {0, 1e12}}), false);
+  ASSERT_TRUE(p.ok()) << p.status().ToString();
+  EXPECT_EQ(p->experts_seconds, 2.0);
+  EXPECT_EQ(p->overlap_seconds, 2.0);
+  EXPECT_EQ(p->total(), 12.0);
+}
+
+TEST(CostModelTest, PredictStepWithOneChunkGroupsIsUnchanged) {
+  auto m = CostModel::Create(TwoByTwo(), 4);
+  StepTraffic s;
+  TrafficMatrix other = Sparse();
+  other[3][0] = 1.5e6;
+  s.dispatch = {Sparse(), other};
+  s.combine = {other, Sparse()};
+  s.expert_flops = {0.7e6, 0.1e6, 0, 0.3e6};
+  s.other_flops = {0, 0, 0.3e6, 0};
+  s.allreduce_bytes = 4e6;
+  StepTraffic grouped = s;
+  // Two layers with pipeline degree 1: D0 C0 each.
+  grouped.pipelines = {{{0}, {0}, {{0.6e6, 0, 0, 0.1e6}}}, {{1}, {1}, {{0.1e6, 0.1e6, 0, 0.2e6}}}};
+  for (bool hierarchical : {false, true}) {
+    auto serial = m->PredictStep(s, hierarchical);
+    auto with = m->PredictStep(grouped, hierarchical);
+    ASSERT_TRUE(serial.ok() && with.ok()) << with.status().ToString();
+    EXPECT_EQ(with->overlap_seconds, 0.0);  // bit for bit: the same numbers as without groups
+    EXPECT_EQ(with->dispatch_seconds, serial->dispatch_seconds);
+    EXPECT_EQ(with->combine_seconds, serial->combine_seconds);
+    EXPECT_EQ(with->experts_seconds, serial->experts_seconds);
+    EXPECT_EQ(with->other_seconds, serial->other_seconds);
+    EXPECT_EQ(with->total(), serial->total());
+  }
+}
+
+TEST(CostModelTest, PredictStepRejectsBadPipelineGroups) {
+  auto m = CostModel::Create(OneByTwo(), 2);
+  StepTraffic s = TwoChunks(1e9, {{0, 1e12}, {0, 1e12}});
+  s.pipelines[0].combine = {0};
+  EXPECT_FALSE(m->PredictStep(s, false).ok());
+  s = TwoChunks(1e9, {{0, 1e12}, {0, 1e12}});
+  s.pipelines[0].dispatch[1] = 2;  // 2 dispatches
+  EXPECT_NE(m->PredictStep(s, false).status().message().find("chunk 1"), std::string::npos);
+  s = TwoChunks(1e9, {{0, 1e12}, {0}});  // FLOPs for 1 of 2 ranks
+  EXPECT_FALSE(m->PredictStep(s, false).ok());
+}
+
 TEST(CostModelTest, FitRecoversAlphaBeta) {
   const double alpha = 5e-6, beta = 2e9;
   std::vector<std::pair<double, double>> pts;

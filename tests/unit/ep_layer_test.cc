@@ -5,7 +5,9 @@
 #include <gtest/gtest.h>
 
 #include <mutex>
+#include <numeric>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "comm/loopback/loopback_world.h"
@@ -24,6 +26,7 @@ struct EpCase {
   std::string router;  // router { ... } fields
   int shared = 0;
   bool dropless_exchange = false;
+  int pipeline_degree = 1;
 };
 
 void PrintTo(const EpCase& c, std::ostream* os) { *os << c.name; }
@@ -35,12 +38,12 @@ constexpr int kModel = 6;
 constexpr int kHidden = 5;
 
 config::LayerConfig MakeLayer(const EpCase& c, int groups) {
-  return testing::LayerFromText("model_dim: " + std::to_string(kModel) +
-                                " num_experts: " + std::to_string(c.experts) +
-                                " expert { hidden_dim: " + std::to_string(kHidden) +
-                                " activation: SILU } num_shared_experts: " + std::to_string(c.shared) +
-                                " router { " + c.router + " num_local_groups: " +
-                                std::to_string(groups) + " aux_loss_weight: 0.1 z_loss_weight: 0.01 }");
+  return testing::LayerFromText(
+      "model_dim: " + std::to_string(kModel) + " num_experts: " + std::to_string(c.experts) +
+      " expert { hidden_dim: " + std::to_string(kHidden) +
+      " activation: SILU } num_shared_experts: " + std::to_string(c.shared) + " router { " +
+      c.router + " num_local_groups: " + std::to_string(groups) +
+      " aux_loss_weight: 0.1 z_loss_weight: 0.01 }");
 }
 
 void ExpectNear(const Tensor& a, const Tensor& b, const std::string& what) {
@@ -81,10 +84,12 @@ TEST_P(EpEquivalenceTest, ForwardAndBackwardEqualOneRankWithGroups) {
   std::vector<Status> status(w);
   world->RunPerRank([&](comm::Communicator& comm) {
     const int r = comm.rank();
-    MoeLayer layer(cfg,
-                   std::make_unique<ExpertParallelExecutor>(&comm, ExpertShape(cfg), c.experts,
-                                                            c.dropless_exchange),
-                   r * local, local);
+    MoeLayer layer(
+        cfg,
+        std::make_unique<ExpertParallelExecutor>(
+            &comm, ExpertShape(cfg), c.experts,
+            ExchangeOptions{.dropless = c.dropless_exchange, .pipeline_degree = c.pipeline_degree}),
+        r * local, local);
     InitLayerParams(cfg, 5, &layer.params());
     layer.set_loss_gradient_scale(1.0 / w);
     MatrixView<const float> xr(x.row(r * s), s, kModel), dyr(dy.row(r * s), s, kModel);
@@ -96,7 +101,8 @@ TEST_P(EpEquivalenceTest, ForwardAndBackwardEqualOneRankWithGroups) {
     status[r] = layer.Backward(dyr, &dx[r], &grads[r]);
     plans[r] = layer.plan();
   });
-  for (int r = 0; r < w; ++r) ASSERT_TRUE(status[r].ok()) << "rank " << r << ": " << status[r].ToString();
+  for (int r = 0; r < w; ++r)
+    ASSERT_TRUE(status[r].ok()) << "rank " << r << ": " << status[r].ToString();
 
   const DispatchPlan& rp = ref.plan();
   const int k = static_cast<int>(rp.top_k);
@@ -139,6 +145,99 @@ TEST_P(EpEquivalenceTest, ForwardAndBackwardEqualOneRankWithGroups) {
   }
 }
 
+// The exchanges of a pipelined Forward + Backward, as each rank records them: issue order
+// D0 D1 C0 D2 C1 C2 per direction, chunk numbers, and per-peer bytes that add up to the one-chunk
+// exchange's (the chunks partition every block's positions).
+TEST(EpPipeline, ChunksAreIssuedInPipelineOrderAndPartitionTheRows) {
+  const EpCase c{"w2", 2, 4,
+                 "gate: TOPK top_k: 2 normalization: RENORM_AFTER_CAPACITY "
+                 "capacity_factor_train: 1.0 min_capacity: 1"};
+  const int w = c.world, s = kTokensPerRank;
+  Tensor x(w * s, kModel), dy(w * s, kModel);
+  testing::FillRandom(&x, 11, 1.0f);
+  testing::FillRandom(&dy, 12, 1.0f);
+  const config::LayerConfig cfg = MakeLayer(c, 1);
+  // calls[degree 1 or 3][dropless][rank]
+  using RankCalls = std::vector<std::vector<ExchangeCall>>;
+  std::vector<std::vector<RankCalls>> calls(2, std::vector<RankCalls>(2, RankCalls(w)));
+  for (int degree : {1, 3}) {
+    for (bool dropless : {false, true}) {
+      auto world = comm::LoopbackWorld::Create(w, {});
+      ASSERT_TRUE(world.ok()) << world.status().ToString();
+      std::vector<Status> status(w);
+      world->RunPerRank([&](comm::Communicator& comm) {
+        const int r = comm.rank();
+        auto ex = std::make_unique<ExpertParallelExecutor>(
+            &comm, ExpertShape(cfg), c.experts,
+            ExchangeOptions{.dropless = dropless, .pipeline_degree = degree});
+        ExpertParallelExecutor* exec = ex.get();
+        MoeLayer layer(cfg, std::move(ex), r * 2, 2);
+        InitLayerParams(cfg, 5, &layer.params());
+        RouteContext ctx;
+        ctx.train = true;
+        ctx.token_offset = r * s;
+        Tensor y, dx;
+        MatrixView<const float> xr(x.row(r * s), s, kModel), dyr(dy.row(r * s), s, kModel);
+        status[r] = layer.Forward(xr, ctx, &y);
+        MoeLayerParams grads = MakeLayerParams(cfg, r * 2, 2);
+        if (status[r].ok()) status[r] = layer.Backward(dyr, &dx, &grads);
+        calls[degree == 1 ? 0 : 1][dropless][r] = exec->stats().calls;
+      });
+      for (int r = 0; r < w; ++r) ASSERT_TRUE(status[r].ok()) << status[r].ToString();
+      for (int r = 0; r < w; ++r) {
+        using K = ExchangeCall::Kind;
+        std::vector<std::string> order;
+        for (const ExchangeCall& call : calls[degree == 1 ? 0 : 1][dropless][r]) {
+          EXPECT_EQ(call.chunks, degree);
+          order.push_back(std::string(call.backward ? "b" : "f") +
+                          (call.kind == K::kCounts     ? "N"
+                           : call.kind == K::kDispatch ? "D"
+                                                       : "C") +
+                          std::to_string(call.chunk));
+        }
+        std::vector<std::string> want;
+        if (dropless) want.push_back("fN0");
+        const std::vector<std::string> one = {"D0", "C0"},
+                                       three = {"D0", "D1", "C0", "D2", "C1", "C2"};
+        for (const char* dir : {"f", "b"}) {
+          for (const std::string& step : degree == 1 ? one : three) want.push_back(dir + step);
+        }
+        EXPECT_EQ(order, want) << "rank " << r << (dropless ? " dropless" : " capacity");
+      }
+    }
+  }
+  // Bytes: per (direction, kind, peer), the chunks add up to the one-chunk exchange.
+  for (bool dropless : {false, true}) {
+    for (int r = 0; r < w; ++r) {
+      const auto sum = [&](const std::vector<ExchangeCall>& v, bool backward,
+                           ExchangeCall::Kind kind) {
+        std::vector<int64_t> to(w, 0), from(w, 0);
+        int n = 0;
+        for (const ExchangeCall& call : v) {
+          if (call.backward != backward || call.kind != kind) continue;
+          ++n;
+          for (int p = 0; p < w; ++p) {
+            to[p] += call.bytes_to_rank[p];
+            from[p] += call.bytes_from_rank[p];
+          }
+        }
+        return std::make_tuple(to, from, n);
+      };
+      for (bool backward : {false, true}) {
+        for (auto kind : {ExchangeCall::Kind::kDispatch, ExchangeCall::Kind::kCombine}) {
+          const auto [to1, from1, n1] = sum(calls[0][dropless][r], backward, kind);
+          const auto [to3, from3, n3] = sum(calls[1][dropless][r], backward, kind);
+          EXPECT_EQ(n1, 1);
+          EXPECT_EQ(n3, 3);
+          EXPECT_GT(std::accumulate(to1.begin(), to1.end(), int64_t{0}), 0);
+          EXPECT_EQ(to3, to1) << "rank " << r;
+          EXPECT_EQ(from3, from1) << "rank " << r;
+        }
+      }
+    }
+  }
+}
+
 const char* kTop1 = "gate: TOP1 capacity_factor_train: 1.0 min_capacity: 1";
 const char* kTop2Pos =
     "gate: TOPK top_k: 2 normalization: RENORM_AFTER_CAPACITY capacity_factor_train: 1.0 "
@@ -150,19 +249,30 @@ const char* kDropless = "gate: TOPK top_k: 2 capacity_factor_train: 0";
 
 INSTANTIATE_TEST_SUITE_P(
     Ranks, EpEquivalenceTest,
-    ::testing::Values(EpCase{"w1_top1", 1, 4, kTop1}, EpCase{"w2_top1", 2, 4, kTop1},
-                      EpCase{"w4_top1", 4, 4, kTop1}, EpCase{"w2_top2_position", 2, 4, kTop2Pos},
-                      EpCase{"w4_top2_position_shared", 4, 8, kTop2Pos, 1},
-                      EpCase{"w2_top2_probability", 2, 4, kTop2Prob},
-                      EpCase{"w4_top2_probability_dropless_exchange", 4, 4, kTop2Prob, 0, true},
-                      EpCase{"w3_e6_top2", 3, 6, kTop2Pos, 1}, EpCase{"w7_e7_top1", 7, 7, kTop1},
-                      EpCase{"w2_dropless_routing", 2, 4, kDropless, 1},
-                      EpCase{"w4_dropless_routing_shared", 4, 8, kDropless, 2},
-                      EpCase{"w2_random_routing", 2, 4,
-                             "gate: TOPK top_k: 2 normalization: RENORM_AFTER_CAPACITY "
-                             "random_routing: true capacity_factor_train: 1.0 min_capacity: 1"},
-                      EpCase{"w2_expert_choice", 2, 4,
-                             "gate: EXPERT_CHOICE capacity_factor_train: 2.0 min_capacity: 1"}),
+    ::testing::Values(
+        EpCase{"w1_top1", 1, 4, kTop1}, EpCase{"w2_top1", 2, 4, kTop1},
+        EpCase{"w4_top1", 4, 4, kTop1}, EpCase{"w2_top2_position", 2, 4, kTop2Pos},
+        EpCase{"w4_top2_position_shared", 4, 8, kTop2Pos, 1},
+        EpCase{"w2_top2_probability", 2, 4, kTop2Prob},
+        EpCase{"w4_top2_probability_dropless_exchange", 4, 4, kTop2Prob, 0, true},
+        EpCase{"w3_e6_top2", 3, 6, kTop2Pos, 1}, EpCase{"w7_e7_top1", 7, 7, kTop1},
+        EpCase{"w2_dropless_routing", 2, 4, kDropless, 1},
+        EpCase{"w4_dropless_routing_shared", 4, 8, kDropless, 2},
+        EpCase{"w2_random_routing", 2, 4,
+               "gate: TOPK top_k: 2 normalization: RENORM_AFTER_CAPACITY "
+               "random_routing: true capacity_factor_train: 1.0 min_capacity: 1"},
+        EpCase{"w2_expert_choice", 2, 4,
+               "gate: EXPERT_CHOICE capacity_factor_train: 2.0 min_capacity: 1"},
+        // Pipelined exchanges (chunks along the capacity positions).
+        EpCase{"w1_top1_pipeline2", 1, 4, kTop1, 0, false, 2},
+        EpCase{"w2_top2_position_pipeline2", 2, 4, kTop2Pos, 0, false, 2},
+        EpCase{"w4_top2_position_shared_pipeline3", 4, 8, kTop2Pos, 1, false, 3},
+        EpCase{"w4_top2_probability_dropless_exchange_pipeline3", 4, 4, kTop2Prob, 0, true, 3},
+        EpCase{"w2_dropless_routing_pipeline4", 2, 4, kDropless, 1, false, 4},
+        // More chunks than rows in a block: most chunks are empty.
+        EpCase{"w3_e6_top2_pipeline16", 3, 6, kTop2Pos, 1, false, 16},
+        EpCase{"w2_expert_choice_pipeline2", 2, 4,
+               "gate: EXPERT_CHOICE capacity_factor_train: 2.0 min_capacity: 1", 0, false, 2}),
     [](const ::testing::TestParamInfo<EpCase>& p) { return p.param.name; });
 
 }  // namespace

@@ -3,6 +3,8 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+
 namespace moe {
 namespace {
 
@@ -155,7 +157,7 @@ StepTraffic TwoChunks(double bytes, std::vector<std::vector<double>> flops) {
   s.combine = {back, back};
   s.expert_flops.assign(2, 0.0);
   for (const std::vector<double>& f : flops) {
-    for (size_t r = 0; r < 2; ++r) s.expert_flops[r] += f[r];
+    for (size_t r = 0; r < std::min<size_t>(2, f.size()); ++r) s.expert_flops[r] += f[r];
   }
   s.pipelines = {{{0, 1}, {0, 1}, std::move(flops)}};
   return s;

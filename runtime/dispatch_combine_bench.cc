@@ -144,6 +144,20 @@ int64_t Sum(const std::vector<int64_t>& v) {
   return total;
 }
 
+// A table row of float32 row exchanges: `sent_sum` = bytes the dispatch sent, summed over ranks
+// (size = the mean per rank).
+comm::bench::BenchRow RowExchangeRow(std::string op, const comm::Communicator& comm,
+                                     double sent_sum) {
+  comm::bench::BenchRow row;
+  row.op = std::move(op);
+  row.backend = std::string(comm.backend());
+  row.ranks = comm.size();
+  row.bytes = static_cast<int64_t>(sent_sum / comm.size() + 0.5);
+  row.count = row.bytes / 4;
+  row.dtype = "float32";
+  return row;
+}
+
 void PrintHeader(std::FILE* out, const comm::Communicator& comm,
                  const DispatchCombineBenchOptions& o, int e, const char* baseline) {
   const int n = comm.size();
@@ -372,13 +386,8 @@ Status RunPipelineBench(comm::Communicator& comm, const DispatchCombineBenchOpti
       MOE_ASSIGN_OR_RETURN(
           const double sent_sum,
           ReduceScalar(comm, static_cast<double>(sent) / o.iters, comm::ReduceOp::kSum));
-      comm::bench::BenchRow row;
-      row.op = "ep_pipeline_d" + std::to_string(d);
-      row.backend = std::string(comm.backend());
-      row.ranks = n;
-      row.bytes = static_cast<int64_t>(sent_sum / n + 0.5);
-      row.count = row.bytes / 4;
-      row.dtype = "float32";
+      comm::bench::BenchRow row =
+          RowExchangeRow("ep_pipeline_d" + std::to_string(d), comm, sent_sum);
       row.time_us = time_us;
       row.wrong = static_cast<int64_t>(wrong);
       row.baseline_time_us = ref_time_us;
@@ -471,13 +480,7 @@ Status RunDispatchCombineBench(comm::Communicator& comm, const DispatchCombineBe
     MOE_ASSIGN_OR_RETURN(
         const double sent_sum,
         ReduceScalar(comm, static_cast<double>(send_elems * 4), comm::ReduceOp::kSum));
-    comm::bench::BenchRow row;
-    row.op = "dispatch_combine";
-    row.backend = std::string(comm.backend());
-    row.ranks = n;
-    row.bytes = static_cast<int64_t>(sent_sum / n + 0.5);
-    row.count = row.bytes / 4;
-    row.dtype = "float32";
+    comm::bench::BenchRow row = RowExchangeRow("dispatch_combine", comm, sent_sum);
     row.time_us = dispatch_us + combine_us;
     row.algbw_gbps = row.time_us > 0 ? 2.0 * static_cast<double>(row.bytes) / row.time_us / 1e3 : 0;
     row.busbw_gbps = row.algbw_gbps * comm::bench::AllToAllBusFactor(n);

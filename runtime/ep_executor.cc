@@ -32,9 +32,8 @@ ExpertParallelExecutor::ExpertParallelExecutor(comm::Communicator* ep,
 
 Status ExpertParallelExecutor::Layout(const DispatchPlan& plan) {
   const int64_t g = plan.num_groups, l = local_, w = w_, blocks = w * l * g;
-  groups_ = g;
-  capacity_ = plan.capacity;
-  padded_ = !dropless_ && plan.capacity > 0;
+  const int64_t capacity = plan.capacity;
+  padded_ = !dropless_ && capacity > 0;
   direct_ = !padded_ && d_ == 1;
   // Send blocks, in the plan's order (expert = destination-major, then group).
   block_rows_.assign(static_cast<size_t>(blocks), 0);
@@ -45,14 +44,14 @@ Status ExpertParallelExecutor::Layout(const DispatchPlan& plan) {
     for (int64_t gr = 0; gr < g; ++gr) {
       const int64_t b = e * g + gr, n = plan.group_expert_count[gr * num_experts_ + e];
       block_real_[b] = n;
-      block_rows_[b] = padded_ ? capacity_ : n;
+      block_rows_[b] = padded_ ? capacity : n;
       block_src_[b] = src;
       src += n;
     }
   }
   recv_counts_.assign(static_cast<size_t>(blocks), 0);
   if (padded_) {
-    std::fill(recv_counts_.begin(), recv_counts_.end(), capacity_);
+    std::fill(recv_counts_.begin(), recv_counts_.end(), capacity);
   } else {
     const std::vector<int64_t> count_bytes(static_cast<size_t>(w),
                                            l * g * static_cast<int64_t>(sizeof(int64_t)));
@@ -69,28 +68,26 @@ Status ExpertParallelExecutor::Layout(const DispatchPlan& plan) {
   part_begin_.assign(static_cast<size_t>(d_), 0);
   part_offsets_.assign(static_cast<size_t>(d_),
                        std::vector<int64_t>(static_cast<size_t>(l + 1), 0));
+  source_expert_rows_.assign(static_cast<size_t>(d_ * w * l), 0);
   int64_t send_pos = 0, recv_pos = 0;
   for (int j = 0; j < d_; ++j) {
     part_begin_[j] = recv_pos;
+    std::vector<int64_t>& offsets = part_offsets_[j];
     for (int64_t p = 0; p < w; ++p) {
       const size_t at = static_cast<size_t>(j * w + p);
       send_displ_[at] = send_pos;
       recv_displ_[at] = recv_pos;
-      for (int64_t i = 0; i < l * g; ++i) {
-        send_rows_[at] += Chunk(block_rows_[p * l * g + i], j);
-        recv_rows_[at] += Chunk(recv_counts_[p * l * g + i], j);
+      for (int64_t i = 0; i < l * g; ++i) send_rows_[at] += Chunk(block_rows_[p * l * g + i], j);
+      for (int64_t le = 0; le < l; ++le) {
+        int64_t& n = source_expert_rows_[at * l + le];
+        for (int64_t gr = 0; gr < g; ++gr) n += Chunk(recv_counts_[(p * l + le) * g + gr], j);
+        recv_rows_[at] += n;
+        offsets[le + 1] += n;
       }
       send_pos += send_rows_[at];
       recv_pos += recv_rows_[at];
     }
-    std::vector<int64_t>& offsets = part_offsets_[j];
-    for (int64_t le = 0; le < l; ++le) {
-      int64_t rows = 0;
-      for (int64_t p = 0; p < w; ++p) {
-        for (int64_t gr = 0; gr < g; ++gr) rows += Chunk(recv_counts_[(p * l + le) * g + gr], j);
-      }
-      offsets[le + 1] = offsets[le] + rows;
-    }
+    for (int64_t le = 0; le < l; ++le) offsets[le + 1] += offsets[le];
   }
   total_send_ = send_pos;
   total_recv_ = recv_pos;
@@ -199,14 +196,14 @@ void ExpertParallelExecutor::Unpack(const DispatchPlan& plan, Tensor* packed) co
 
 void ExpertParallelExecutor::Regroup(int j, const float* from, float* to,
                                      bool to_expert_major) const {
-  const int64_t m = shape_.model_dim, l = local_, g = groups_;
+  const int64_t m = shape_.model_dim, l = local_;
   const int64_t base = part_begin_[static_cast<size_t>(j)];
   std::vector<int64_t> expert_pos(part_offsets_[j].begin(), part_offsets_[j].end() - 1);
   for (int64_t s = 0; s < w_; ++s) {
-    int64_t source_pos = recv_displ_[static_cast<size_t>(j * w_ + s)] - base;
+    const size_t at = static_cast<size_t>(j * w_ + s);
+    int64_t source_pos = recv_displ_[at] - base;
     for (int64_t le = 0; le < l; ++le) {
-      int64_t n = 0;
-      for (int64_t gr = 0; gr < g; ++gr) n += Chunk(recv_counts_[(s * l + le) * g + gr], j);
+      const int64_t n = source_expert_rows_[at * l + le];
       if (to_expert_major) {
         CopyRows(from + source_pos * m, to + expert_pos[le] * m, n, m);
       } else {

@@ -113,11 +113,12 @@ class ExpertParallelExecutor : public ExpertExecutor {
   // `real` come from the plan layout at `packed row` (the rest is capacity padding).
   using SendPieceFn = std::function<void(int64_t, int64_t, int64_t, int64_t)>;
   void ForEachSendPiece(const SendPieceFn& fn) const;
-  // Chunk j between the receive layout [source][local expert][group] (in recv_buf_ or back_buf_)
-  // and the expert-major part [local expert][source][group] at `part`.
+  // Copies chunk j between the receive layout [source][local expert][group] and the expert-major
+  // part [local expert][source][group]; `from` and `to` point at the chunk's first row in each
+  // (to_expert_major picks the direction).
   void Regroup(int j, const float* from, float* to, bool to_expert_major) const;
   // Issues the row exchange of chunk j: kDispatch moves send rows -> recv_buf_, kCombine moves
-  // back_buf_ -> `combine_recv` (send layout). Blocking when the pipeline has one chunk.
+  // back_buf_ -> `recv` (the send layout). Blocking when the pipeline has one chunk.
   StatusOr<Pending> Exchange(ExchangeCall::Kind kind, int j, const float* send, float* recv);
   Status Wait(Pending* pending);
 
@@ -144,11 +145,12 @@ class ExpertParallelExecutor : public ExpertExecutor {
   // expert-major part j starts at row part_begin_[j] with relative offsets part_offsets_[j].
   bool padded_ = false;
   bool direct_ = false;  // one chunk, dropless: the plan layout is the send layout (no copies)
-  int64_t groups_ = 0, capacity_ = 0;
   std::vector<int64_t> block_rows_, block_real_, block_src_;
   std::vector<int64_t> recv_counts_;
   std::vector<int64_t> send_rows_, recv_rows_, send_displ_, recv_displ_;
   std::vector<int64_t> part_begin_;
+  // [j][source][local expert]: rows of chunk j from a source for a local expert (its groups').
+  std::vector<int64_t> source_expert_rows_;
   std::vector<std::vector<int64_t>> part_offsets_;
   int64_t total_send_ = 0, total_recv_ = 0;
   Tensor send_buf_, recv_buf_, back_buf_, expert_in_, expert_dy_;

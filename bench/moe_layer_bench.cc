@@ -2,9 +2,10 @@
 // alone (same shapes, same rows per expert) and (b) a PyTorch implementation of the same layer,
 // timed in the same run (bench/torch_layer_bench.py, through /usr/bin/python3 when present).
 // A benchmark, not a test: it reports ratios and asserts nothing.
-// --device cuda runs the experts on the GPU (compute.device=CUDA: router, plan and combine stay on
-// the CPU, rows travel each call) against the PyTorch layer on the same GPU; the GEMM column is
-// then not measured.
+// --device cuda runs the device-resident layer (runtime/device_moe_layer.h: inputs, outputs,
+// weights and gradients on the GPU) against the PyTorch layer on the same GPU, forward and
+// fwd+bwd, and also the staged layer moe_train uses today (compute.device=CUDA: only the experts
+// on the GPU, rows travel each call); the GEMM column is then not measured.
 #include <CLI/CLI.hpp>
 #include <malloc.h>
 
@@ -18,9 +19,11 @@
 
 #include "experts/cpu/blas.h"
 #include "launch/cli.h"
+#include "comm/memory.h"
 #include "runtime/base/clock.h"
 #include "runtime/base/rng.h"
 #include "runtime/config.h"
+#include "runtime/device_moe_layer.h"
 #include "runtime/expert_blocks.h"
 #include "runtime/expert_executor.h"
 #include "runtime/moe_layer.h"
@@ -60,20 +63,122 @@ moe::config::LayerConfig MakeConfig(const Shape& sh) {
   return cfg.moe();
 }
 
-// PyTorch timing of the same shape, in ms (fwd+bwd median), or < 0 if unavailable.
-double TorchMs(const std::string& python, const std::string& script, const Shape& sh, int iters,
-               const std::string& device, const std::string& precision) {
-  const std::string cmd = "OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 " + python + " " + script + " --s " + std::to_string(sh.s) + " --m " +
-                          std::to_string(sh.m) + " --h " + std::to_string(sh.h) + " --e " +
-                          std::to_string(sh.e) + " --k " + std::to_string(sh.k) + " --iters " +
-                          std::to_string(iters) + " --device " + device + " --dtype " + precision + " 2>/dev/null";
+struct TorchTimes {
+  double fwd_ms = -1, fwd_bwd_ms = -1;  // < 0: unavailable
+};
+
+// PyTorch timing of the same shape (medians of forward and of fwd+bwd).
+TorchTimes TorchMs(const std::string& python, const std::string& script, const Shape& sh,
+                   int iters, const std::string& device, const std::string& precision) {
+  const std::string cmd = "OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 " + python + " " + script +
+                          " --s " + std::to_string(sh.s) + " --m " + std::to_string(sh.m) +
+                          " --h " + std::to_string(sh.h) + " --e " + std::to_string(sh.e) +
+                          " --k " + std::to_string(sh.k) + " --iters " + std::to_string(iters) +
+                          " --device " + device + " --dtype " + precision + " 2>/dev/null";
+  TorchTimes t;
   FILE* p = popen(cmd.c_str(), "r");
-  if (p == nullptr) return -1;
+  if (p == nullptr) return t;
   char buf[256] = {0};
-  double ms = -1;
-  if (std::fgets(buf, sizeof(buf), p) != nullptr) ms = std::atof(buf);
-  if (pclose(p) != 0) return -1;
-  return ms;
+  if (std::fgets(buf, sizeof(buf), p) == nullptr ||
+      std::sscanf(buf, "%lf %lf", &t.fwd_ms, &t.fwd_bwd_ms) != 2) {
+    t = TorchTimes();
+  }
+  if (pclose(p) != 0) t = TorchTimes();
+  return t;
+}
+
+std::string Ratio(double baseline_ms, double ours_ms) {
+  if (baseline_ms <= 0 || ours_ms <= 0) return "n/a";
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.2fx", baseline_ms / ours_ms);
+  return buf;
+}
+
+std::string Ms(double ms) {
+  if (ms <= 0) return "n/a";
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.3f", ms);
+  return buf;
+}
+
+void FillInputs(moe::Tensor* x, moe::Tensor* dy) {
+  for (int64_t i = 0; i < x->size(); ++i) {
+    (*x)[i] = moe::CounterNormal(9, 0, static_cast<uint64_t>(i), moe::RngStream::kInit);
+    (*dy)[i] = moe::CounterNormal(10, 0, static_cast<uint64_t>(i), moe::RngStream::kInit);
+  }
+}
+
+// --device cuda: the device-resident layer (forward, fwd+bwd) and the staged layer (fwd+bwd)
+// against PyTorch on the same GPU. Returns the process exit code.
+int RunCuda(const std::vector<Shape>& shapes, const std::string& only, int iters, bool no_torch,
+            const std::string& python, const std::string& torch_script,
+            const moe::config::ComputeConfig& compute, const std::string& precision) {
+  const auto prec = compute.expert_precision() == moe::config::BF16
+                        ? moe::experts::cuda::Precision::kBfloat16
+                        : moe::experts::cuda::Precision::kFloat32;
+  std::printf("# %-12s %5s %4s %5s %3s %2s | %9s %9s %9s %9s | %9s %9s %9s %9s | %9s %9s\n",
+              "shape", "S", "M", "H", "E", "k", "fwd ms", "f+b ms", "host ms", "staged", "torch fwd",
+              "torch f+b", "fwd x", "f+b x", "staged x", "f+b/stgd");
+  for (const Shape& sh : shapes) {
+    if (!only.empty() && sh.name != only) continue;
+    const auto cfg = MakeConfig(sh);
+    auto made = moe::DeviceMoeLayer::Create(cfg, {compute.gpu() >= 0 ? compute.gpu() : 0, prec});
+    if (!made.ok()) {
+      std::fprintf(stderr, "moe_layer_bench: %s\n", made.status().ToString().c_str());
+      return 1;
+    }
+    moe::DeviceMoeLayer& layer = **made;
+    moe::MoeLayerParams params = moe::MakeLayerParams(cfg);
+    moe::InitLayerParams(cfg, 1, &params);
+    MOE_CHECK_OK(layer.SetParams(params));
+    moe::Tensor x(sh.s, sh.m), dy(sh.s, sh.m), y, dx;
+    FillInputs(&x, &dy);
+    const int64_t bytes = x.size() * static_cast<int64_t>(sizeof(float));
+    auto buffer = [&] {
+      auto b = moe::comm::Buffer::Allocate(moe::comm::MemorySpace::kDevice, bytes);
+      MOE_CHECK_OK(b.status());
+      return std::move(b).value();
+    };
+    moe::comm::Buffer x_dev = buffer(), dy_dev = buffer(), y_dev = buffer(), dx_dev = buffer();
+    MOE_CHECK_OK(moe::comm::CopyFromHost(moe::comm::MemorySpace::kDevice, x_dev.data(), x.data(), bytes));
+    MOE_CHECK_OK(moe::comm::CopyFromHost(moe::comm::MemorySpace::kDevice, dy_dev.data(), dy.data(), bytes));
+    moe::RouteContext ctx;
+    ctx.train = true;
+    const double fwd = MedianSeconds(iters, [&] {
+      MOE_CHECK_OK(layer.Forward(x_dev.as<float>(), sh.s, ctx, y_dev.as<float>()));
+      MOE_CHECK_OK(layer.Synchronize());
+    });
+    const double fwd_bwd = MedianSeconds(iters, [&] {
+      MOE_CHECK_OK(layer.Forward(x_dev.as<float>(), sh.s, ctx, y_dev.as<float>()));
+      MOE_CHECK_OK(layer.Backward(dy_dev.as<float>(), dx_dev.as<float>()));
+      MOE_CHECK_OK(layer.Synchronize());
+    });
+    // The staged layer: host tensors, experts on the GPU.
+    auto experts = moe::MakeExpertCompute(moe::ExpertShape(cfg), sh.e, compute, 0);
+    MOE_CHECK_OK(experts.status());
+    moe::MoeLayer staged(cfg, std::make_unique<moe::LocalExpertExecutor>(std::move(experts).value()),
+                         0, sh.e);
+    staged.params() = params;
+    moe::MoeLayerParams grads = moe::MakeLayerParams(cfg);
+    const double staged_s = MedianSeconds(iters, [&] {
+      MOE_CHECK_OK(staged.Forward(x.view(), ctx, &y));
+      MOE_CHECK_OK(staged.Backward(dy.view(), &dx, &grads));
+    });
+    const TorchTimes torch =
+        no_torch ? TorchTimes() : TorchMs(python, torch_script, sh, iters, "cuda", precision);
+    std::printf(
+        "  %-12s %5d %4d %5d %3d %2d | %9.3f %9.3f %9.3f %9.3f | %9s %9s %9s %9s | %9s %9s\n",
+        sh.name.c_str(), sh.s, sh.m, sh.h, sh.e, sh.k, fwd * 1e3, fwd_bwd * 1e3,
+        layer.host_seconds() * 1e3, staged_s * 1e3, Ms(torch.fwd_ms).c_str(), Ms(torch.fwd_bwd_ms).c_str(),
+                Ratio(torch.fwd_ms, fwd * 1e3).c_str(), Ratio(torch.fwd_bwd_ms, fwd_bwd * 1e3).c_str(),
+                Ratio(torch.fwd_bwd_ms, staged_s * 1e3).c_str(),
+                Ratio(staged_s * 1e3, fwd_bwd * 1e3).c_str());
+    std::fflush(stdout);
+  }
+  std::printf(
+      "# x = PyTorch ms / ours ms (> 1: ours faster); f+b/stgd = staged ms / resident ms; host ms "
+      "= the resident layer's host routing work per fwd+bwd (in f+b ms)\n");
+  return 0;
 }
 
 }  // namespace
@@ -89,7 +194,7 @@ int main(int argc, char** argv) {
   app.add_option("--threads", threads, "OpenBLAS threads")->check(CLI::Range(1, 256));
   app.add_option("--torch-script", torch_script, "PyTorch baseline script");
   app.add_flag("--no-torch", no_torch, "skip the PyTorch baseline");
-  app.add_option("--shape", only, "run only this shape (small, medium, fine-grained)");
+  app.add_option("--shape", only, "run only this shape (CPU: small, medium, fine-grained; cuda: small, large, fine-grained)");
   moe::launch::AddComputeFlags(app, &flags);
   app.add_option("--python", python, "Python with torch for the baseline");
   if (const int rc = moe::launch::ParseFlags(app, argc, argv); rc >= 0) return rc;
@@ -107,6 +212,12 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "moe_layer_bench: --device/--precision: %s\n", s.message().c_str());
     return 2;
   }
+  if (device == "cuda") {
+    const std::vector<Shape> gpu_shapes = {{"small", 1024, 256, 1024, 8, 2},
+                                           {"large", 8192, 1024, 4096, 8, 2},
+                                           {"fine-grained", 8192, 1024, 512, 64, 6}};
+    return RunCuda(gpu_shapes, only, iters, no_torch, python, torch_script, compute, precision);
+  }
   std::printf("# %-12s %5s %4s %5s %3s %2s | %9s %9s %9s | %9s %9s\n", "shape", "S", "M", "H", "E", "k",
               "ours ms", "gemm ms", "ours/gemm", "torch ms", "torch/ours");
   const std::vector<Shape> shapes = {{"small", 1024, 256, 1024, 8, 2},
@@ -123,10 +234,7 @@ int main(int argc, char** argv) {
     moe::MoeLayer layer(cfg, std::make_unique<moe::LocalExpertExecutor>(std::move(experts).value()), 0, sh.e);
     moe::InitLayerParams(cfg, 1, &layer.params());
     moe::Tensor x(sh.s, sh.m), dy(sh.s, sh.m), y, dx;
-    for (int64_t i = 0; i < x.size(); ++i) {
-      x[i] = moe::CounterNormal(9, 0, static_cast<uint64_t>(i), moe::RngStream::kInit);
-      dy[i] = moe::CounterNormal(10, 0, static_cast<uint64_t>(i), moe::RngStream::kInit);
-    }
+    FillInputs(&x, &dy);
     moe::MoeLayerParams grads = moe::MakeLayerParams(cfg);
     moe::RouteContext ctx;
     ctx.train = true;
@@ -143,7 +251,7 @@ int main(int argc, char** argv) {
         dh_rows(rows, sh.h), dx_rows(rows, sh.m);
     std::vector<moe::Tensor> w1(sh.e, moe::Tensor(sh.m, sh.h)), w2(sh.e, moe::Tensor(sh.h, sh.m)),
         gw1(sh.e, moe::Tensor(sh.m, sh.h)), gw2(sh.e, moe::Tensor(sh.h, sh.m));
-    const double gemm = device == "cuda" ? -1.0 : MedianSeconds(iters, [&] {
+    const double gemm = MedianSeconds(iters, [&] {
       for (int e = 0; e < sh.e; ++e) {
         const int64_t b0 = plan.expert_offset[e], r = plan.expert_offset[e + 1] - b0;
         float* xe = x_rows.row(b0);
@@ -160,7 +268,8 @@ int main(int argc, char** argv) {
         moe::blas::Gemm(false, true, r, sh.m, sh.h, 1, dh, w1[e].data(), 0, dx_e);
       }
     });
-    const double torch_ms = no_torch ? -1 : TorchMs(python, torch_script, sh, iters, device, precision);
+    const double torch_ms =
+        no_torch ? -1 : TorchMs(python, torch_script, sh, iters, device, precision).fwd_bwd_ms;
     char torch_col[32] = "n/a", ratio_col[32] = "n/a";
     if (torch_ms > 0) {
       std::snprintf(torch_col, sizeof(torch_col), "%.1f", torch_ms);

@@ -1,8 +1,8 @@
 """PyTorch baseline for moe_layer_bench: the same top-k MoE layer (GELU-tanh FFN experts, capacity
 1.25, position drop policy, no renormalization), forward + backward with autograd, float32, one
 thread (--device cuda: on the GPU, --dtype bf16: bf16 experts). Experts are separate tensors (as an nn.ModuleList of experts would hold them), so the
-backward does not materialize a gradient of all experts per expert. Prints the median milliseconds
-of one fwd+bwd on stdout."""
+backward does not materialize a gradient of all experts per expert. Prints two medians on one line
+of stdout: milliseconds of one forward (autograd recording, as in training) and of one fwd+bwd."""
 import argparse
 import math
 import time
@@ -54,24 +54,30 @@ def main():
     b2 = [leaf(torch.zeros(a.m), et) for _ in range(a.e)]
     dy = torch.randn(a.s, a.m, device=dev)
     cap = max(4, math.ceil(a.k * a.s * 1.25 / a.e))
-    times = []
     warmup = 1 if a.device == "cpu" else 3
-    for i in range(a.iters + warmup):
-        if a.device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        y = layer(x, wg, w1, b1, w2, b2, a.k, cap)
-        y.backward(dy)
-        if a.device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter() - t0
-        if i >= warmup:
-            times.append(t)
-        for t_ in [x, wg] + w1 + b1 + w2 + b2:
-            t_.grad = None
-    times.sort()
-    print(f"{times[len(times) // 2] * 1e3:.3f}")
 
+    def median_ms(backward):
+        times = []
+        for i in range(a.iters + warmup):
+            if a.device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            y = layer(x, wg, w1, b1, w2, b2, a.k, cap)
+            if backward:
+                y.backward(dy)
+            if a.device == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter() - t0
+            if i >= warmup:
+                times.append(t)
+            del y
+            for t_ in [x, wg] + w1 + b1 + w2 + b2:
+                t_.grad = None
+        times.sort()
+        return times[len(times) // 2] * 1e3
+
+    fwd = median_ms(False)
+    print(f"{fwd:.3f} {median_ms(True):.3f}")
 
 if __name__ == "__main__":
     main()

@@ -3,6 +3,8 @@
 #include <cmath>
 #include <vector>
 
+#include "runtime/expert_blocks.h"
+
 namespace moe {
 namespace {
 
@@ -101,7 +103,8 @@ void AccumulateRouterLossGradients(const config::RouterConfig& cfg, const Dispat
         const double lse = LogSumExp(row, e);
         const double zscale = zw * inv_g * 2.0 * lse / static_cast<double>(n);
         for (int64_t i = 0; i < e; ++i) {
-          (*dlogits)(t, i) += static_cast<float>(zscale * std::exp(static_cast<double>(row[i]) - lse));
+          (*dlogits)(t, i) +=
+              static_cast<float>(zscale * std::exp(static_cast<double>(row[i]) - lse));
         }
       }
     }
@@ -113,7 +116,8 @@ void AccumulateRouterLossGradients(const config::RouterConfig& cfg, const Dispat
         for (int64_t t = b; t < b + n; ++t) f[p.selected[t * k]] += 1.0;
         for (int64_t t = b; t < b + n; ++t) {
           for (int64_t i = 0; i < e; ++i) {
-            (*dprobs)(t, i) += static_cast<float>(aw * inv_g * static_cast<double>(e) * (f[i] / n) / n);
+            (*dprobs)(t, i) +=
+                static_cast<float>(aw * inv_g * static_cast<double>(e) * (f[i] / n) / n);
           }
         }
         break;
@@ -129,8 +133,9 @@ void AccumulateRouterLossGradients(const config::RouterConfig& cfg, const Dispat
         // d(var / mean^2)/d imp_i = 2 (imp_i - mean) / (E mean^2) - 2 var / (E mean^3).
         std::vector<double> dimp(static_cast<size_t>(e));
         for (int64_t i = 0; i < e; ++i) {
-          dimp[i] = aw * inv_g *
-                    (2.0 * (imp[i] - mean) / (e * mean * mean) - 2.0 * var / (e * mean * mean * mean));
+          dimp[i] =
+              aw * inv_g *
+              (2.0 * (imp[i] - mean) / (e * mean * mean) - 2.0 * var / (e * mean * mean * mean));
         }
         for (int64_t t = b; t < b + n; ++t) {
           // g°_j = r_j (NONE) or r_j / D with D = sum of the k selected r.
@@ -156,6 +161,69 @@ void AccumulateRouterLossGradients(const config::RouterConfig& cfg, const Dispat
       }
       case config::NO_AUX_LOSS:
         break;
+    }
+  }
+}
+
+void RouterScoreGradients(const config::RouterConfig& cfg, const DispatchPlan& p,
+                          const RouterOutput& router, const std::vector<float>& dgate_rows,
+                          double loss_scale, RouterGradients* out) {
+  const int64_t s = p.num_tokens, e = p.num_experts, k = p.top_k;
+  Tensor& dprobs = out->dprobs;
+  Tensor& dlogits = out->dlogits;
+  ResizeTensor(&dprobs, s, e);
+  ResizeTensor(&dlogits, s, e);
+  dprobs.Fill(0.0f);
+  dlogits.Fill(0.0f);
+  if (p.expert_choice) {
+    for (int64_t r = 0; r < p.num_rows(); ++r)
+      dprobs(p.row_token[r], p.row_expert[r]) += dgate_rows[r];
+  } else {
+    for (int64_t t = 0; t < s; ++t) {
+      double dot = 0.0, denom = 0.0;
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t slot = t * k + j;
+        const bool kept = p.slot_row[slot] >= 0;
+        const double dg = kept ? dgate_rows[p.slot_row[slot]] : 0.0;
+        dot += dg * p.slot_gate[slot];
+        if (p.normalization == config::TOPK_SOFTMAX || kept) denom += p.slot_raw[slot];
+      }
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t slot = t * k + j;
+        const bool kept = p.slot_row[slot] >= 0;
+        const double dg = kept ? dgate_rows[p.slot_row[slot]] : 0.0;
+        double dr = 0.0;
+        if (p.normalization == config::NONE) {
+          dr = dg;
+        } else if (p.normalization == config::TOPK_SOFTMAX || kept) {
+          dr = (dg - dot) / denom;
+        }
+        dprobs(t, p.slot_final[slot]) += static_cast<float>(dr);
+      }
+    }
+  }
+  AccumulateRouterLossGradients(cfg, p, router.probs, router.logits, loss_scale, &dprobs, &dlogits);
+  // Softmax backward: dscores = probs * (dprobs - <dprobs, probs>).
+  Tensor& dscores = out->dscores;
+  ResizeTensor(&dscores, s, e);
+  for (int64_t t = 0; t < s; ++t) {
+    double dot = 0.0;
+    for (int64_t i = 0; i < e; ++i) dot += static_cast<double>(dprobs(t, i)) * router.probs(t, i);
+    for (int64_t i = 0; i < e; ++i) {
+      dscores(t, i) = static_cast<float>(router.probs(t, i) * (dprobs(t, i) - dot));
+      dlogits(t, i) += dscores(t, i);
+    }
+  }
+  if (!router.noisy) {
+    out->dnoise = Tensor();
+    return;
+  }
+  // scores = logits + eps * softplus(noise_in): d/d noise_in = dscores * eps * sigmoid(noise_in).
+  ResizeTensor(&out->dnoise, s, e);
+  for (int64_t t = 0; t < s; ++t) {
+    for (int64_t i = 0; i < e; ++i) {
+      const float n = router.noise_in(t, i);
+      out->dnoise(t, i) = dscores(t, i) * router.eps(t, i) / (1.0f + std::exp(-n));
     }
   }
 }

@@ -192,79 +192,31 @@ Status MoeLayer::Backward(MatrixView<const float> dy, Tensor* dx, MoeLayerParams
 }
 
 void MoeLayer::RouterBackward(const std::vector<float>& dgate_rows, Tensor* dx, MoeLayerParams* grads) {
-  const DispatchPlan& p = plan_;
-  const int64_t s = p.num_tokens, e = p.num_experts, k = p.top_k, m = x_.cols();
-  Tensor& dprobs = dprobs_;
-  Tensor& dlogits = dlogits_;
-  ResizeTensor(&dprobs, s, e);
-  ResizeTensor(&dlogits, s, e);
-  dprobs.Fill(0.0f);
-  dlogits.Fill(0.0f);
-  if (p.expert_choice) {
-    for (int64_t r = 0; r < p.num_rows(); ++r) dprobs(p.row_token[r], p.row_expert[r]) += dgate_rows[r];
-  } else {
-    for (int64_t t = 0; t < s; ++t) {
-      double dot = 0.0, denom = 0.0;
-      for (int64_t j = 0; j < k; ++j) {
-        const int64_t slot = t * k + j;
-        const bool kept = p.slot_row[slot] >= 0;
-        const double dg = kept ? dgate_rows[p.slot_row[slot]] : 0.0;
-        dot += dg * p.slot_gate[slot];
-        if (p.normalization == config::TOPK_SOFTMAX || kept) denom += p.slot_raw[slot];
-      }
-      for (int64_t j = 0; j < k; ++j) {
-        const int64_t slot = t * k + j;
-        const bool kept = p.slot_row[slot] >= 0;
-        const double dg = kept ? dgate_rows[p.slot_row[slot]] : 0.0;
-        double dr = 0.0;
-        if (p.normalization == config::NONE) {
-          dr = dg;
-        } else if (p.normalization == config::TOPK_SOFTMAX || kept) {
-          dr = (dg - dot) / denom;
-        }
-        dprobs(t, p.slot_final[slot]) += static_cast<float>(dr);
-      }
-    }
-  }
-  AccumulateRouterLossGradients(cfg_.router(), p, router_.probs, router_.logits, loss_grad_scale_,
-                                &dprobs, &dlogits);
-  // Softmax backward: dscores = probs * (dprobs - <dprobs, probs>).
-  Tensor& dscores = dscores_;
-  ResizeTensor(&dscores, s, e);
-  for (int64_t t = 0; t < s; ++t) {
-    double dot = 0.0;
-    for (int64_t i = 0; i < e; ++i) dot += static_cast<double>(dprobs(t, i)) * router_.probs(t, i);
-    for (int64_t i = 0; i < e; ++i) {
-      dscores(t, i) = static_cast<float>(router_.probs(t, i) * (dprobs(t, i) - dot));
-      dlogits(t, i) += dscores(t, i);
-    }
-  }
+  const int64_t s = plan_.num_tokens, e = plan_.num_experts, m = x_.cols();
+  RouterScoreGradients(cfg_.router(), plan_, router_, dgate_rows, loss_grad_scale_, &router_grads_);
   if (router_.noisy) {
-    Tensor dn(s, e);
-    for (int64_t t = 0; t < s; ++t) {
-      for (int64_t i = 0; i < e; ++i) {
-        const float n = router_.noise_in(t, i);
-        dn(t, i) = dscores(t, i) * router_.eps(t, i) / (1.0f + std::exp(-n));
-      }
-    }
+    const Tensor& dn = router_grads_.dnoise;
     blas::Gemm(true, false, m, e, s, 1.0f, x_.data(), dn.data(), 1.0f, grads->router_noise.data());
     blas::Gemm(false, true, s, m, e, 1.0f, dn.data(), params_.router_noise.data(), 1.0f, dx->data());
   }
+  const Tensor& dlogits = router_grads_.dlogits;
   blas::Gemm(true, false, m, e, s, 1.0f, x_.data(), dlogits.data(), 1.0f, grads->router.data());
   blas::Gemm(false, true, s, m, e, 1.0f, dlogits.data(), params_.router.data(), 1.0f, dx->data());
 }
 
-report::LayerMetrics MoeLayer::Metrics() const {
+report::LayerMetrics LayerMetricsOf(const DispatchPlan& plan, const RouterLosses& losses) {
   report::LayerMetrics mt;
-  mt.set_aux_loss(losses_.aux);
-  mt.set_z_loss(losses_.z);
-  mt.set_dropped_slots(plan_.dropped_slots);
-  for (int64_t v : plan_.kept_per_expert) mt.add_tokens_per_expert(v);
-  for (int64_t v : plan_.dropped_per_expert) mt.add_dropped_per_expert(v);
-  mt.set_capacity(plan_.capacity);
-  mt.set_total_slots(plan_.expert_choice ? plan_.num_rows() : plan_.num_tokens * plan_.top_k);
+  mt.set_aux_loss(losses.aux);
+  mt.set_z_loss(losses.z);
+  mt.set_dropped_slots(plan.dropped_slots);
+  for (int64_t v : plan.kept_per_expert) mt.add_tokens_per_expert(v);
+  for (int64_t v : plan.dropped_per_expert) mt.add_dropped_per_expert(v);
+  mt.set_capacity(plan.capacity);
+  mt.set_total_slots(plan.expert_choice ? plan.num_rows() : plan.num_tokens * plan.top_k);
   return mt;
 }
+
+report::LayerMetrics MoeLayer::Metrics() const { return LayerMetricsOf(plan_, losses_); }
 
 void MoeLayer::UpdateRouterBias() { UpdateRouterBias(plan_.load_per_expert); }
 

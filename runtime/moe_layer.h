@@ -49,6 +49,9 @@ void InitLayerParams(const config::LayerConfig& cfg, uint64_t seed, MoeLayerPara
 // Fills t with U(-bound, bound) drawn from (seed, Fnv1a64(name), element index).
 void InitUniformByName(const std::string& name, uint64_t seed, double bound, Tensor* t);
 
+// The metrics report of one layer call: drops, loads, capacity and the unweighted losses.
+report::LayerMetrics LayerMetricsOf(const DispatchPlan& plan, const RouterLosses& losses);
+
 class MoeLayer {
  public:
   // A layer holding all experts and running them in this process.
@@ -101,7 +104,7 @@ class MoeLayer {
   std::vector<Tensor> shared_h_, shared_a_, shared_u_;
   // Backward scratch.
   Tensor packed_dy_, packed_dx_;
-  Tensor dprobs_, dlogits_, dscores_;
+  RouterGradients router_grads_;
   Tensor shared_scratch1_, shared_scratch2_;
   bool have_forward_ = false;
 };

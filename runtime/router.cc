@@ -29,18 +29,25 @@ void ComputeRouter(const config::RouterConfig& cfg, MatrixView<const float> x, c
                    const Tensor& wnoise, const RouteContext& ctx, RouterOutput* out) {
   const int64_t s = x.rows(), m = x.cols(), e = wg.cols();
   ResizeTensor(&out->logits, s, e);  // fully overwritten below
-  ResizeTensor(&out->probs, s, e);  // fully overwritten below
   blas::Gemm(false, false, s, e, m, 1.0f, x.data(), wg.data(), 0.0f, out->logits.data());
-  out->noisy = cfg.gate() == config::NOISY_TOPK && ctx.train;
+  if (RouterIsNoisy(cfg, ctx)) {
+    ResizeTensor(&out->noise_in, s, e);  // fully overwritten below
+    blas::Gemm(false, false, s, e, m, 1.0f, x.data(), wnoise.data(), 0.0f, out->noise_in.data());
+  }
+  FinishRouter(cfg, ctx, out);
+}
+
+void FinishRouter(const config::RouterConfig& cfg, const RouteContext& ctx, RouterOutput* out) {
+  const int64_t s = out->logits.rows(), e = out->logits.cols();
+  ResizeTensor(&out->probs, s, e);  // fully overwritten below
+  out->noisy = RouterIsNoisy(cfg, ctx);
   if (!out->noisy) {
     out->noise_in = Tensor();
     out->eps = Tensor();
     SoftmaxRows(out->logits.view(), out->probs.view());
     return;
   }
-  ResizeTensor(&out->noise_in, s, e);  // fully overwritten below
   ResizeTensor(&out->eps, s, e);  // fully overwritten below
-  blas::Gemm(false, false, s, e, m, 1.0f, x.data(), wnoise.data(), 0.0f, out->noise_in.data());
   Tensor scores(s, e);
   for (int64_t t = 0; t < s; ++t) {
     const uint64_t token = static_cast<uint64_t>(ctx.token_offset + t);

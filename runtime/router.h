@@ -19,7 +19,7 @@ struct RouteContext {
 };
 
 struct RouterOutput {
-  Tensor logits;  // S x E, x Wg (clean)
+  Tensor logits;    // S x E, x Wg (clean)
   Tensor noise_in;  // S x E, x Wnoise (NOISY_TOPK at training only)
   Tensor eps;       // S x E, the N(0,1) draws (NOISY_TOPK at training only)
   Tensor probs;     // S x E, softmax of the (noisy) scores
@@ -29,6 +29,14 @@ struct RouterOutput {
 // Computes logits, noise and probs for the S rows of x.
 void ComputeRouter(const config::RouterConfig& cfg, MatrixView<const float> x, const Tensor& wg,
                    const Tensor& wnoise, const RouteContext& ctx, RouterOutput* out);
+
+// Whether a call adds Shazeer noise (NOISY_TOPK at training): then noise_in = x Wnoise is needed.
+inline bool RouterIsNoisy(const config::RouterConfig& cfg, const RouteContext& ctx) {
+  return cfg.gate() == config::NOISY_TOPK && ctx.train;
+}
+// ComputeRouter after its GEMMs (done elsewhere, e.g. on a GPU): from out->logits (S x E) and,
+// when RouterIsNoisy, out->noise_in (S x E), fills noisy, eps and probs exactly as ComputeRouter.
+void FinishRouter(const config::RouterConfig& cfg, const RouteContext& ctx, RouterOutput* out);
 
 // Row-wise softmax in float32: subtract the row max, exp, divide by the sum.
 void SoftmaxRows(MatrixView<const float> in, MatrixView<float> out);

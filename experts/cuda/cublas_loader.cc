@@ -55,4 +55,15 @@ StatusOr<const CublasApi*> Cublas() {
   return &loaded->value();
 }
 
+Status CudaCheck(cudaError_t err, const char* what) {
+  if (err == cudaSuccess) return Status::Ok();
+  return Internal(std::string("CUDA ") + what + ": " + cudaGetErrorString(err));
+}
+
+Status CublasCheck(const CublasApi& api, cublasStatus_t st, const char* what) {
+  if (st == CUBLAS_STATUS_SUCCESS) return Status::Ok();
+  return Internal(std::string("cuBLAS ") + what + ": " + api.status_name(st) + " (" +
+                  api.status_string(st) + ")");
+}
+
 }  // namespace moe::experts::cuda

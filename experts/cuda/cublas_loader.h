@@ -29,4 +29,8 @@ struct CublasApi {
 // dlerror()'s reason.
 StatusOr<const CublasApi*> Cublas();
 
+// kInternal naming `what` and the library's reason, or Ok.
+Status CudaCheck(cudaError_t err, const char* what);
+Status CublasCheck(const CublasApi& api, cublasStatus_t st, const char* what);
+
 }  // namespace moe::experts::cuda

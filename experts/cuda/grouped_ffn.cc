@@ -30,7 +30,8 @@ Status NoCuda() {
 }  // namespace
 
 Status LoadCublas() { return NoCuda(); }
-StatusOr<std::unique_ptr<GroupedFfn> > GroupedFfn::Create(const FfnShape&, int, Precision, int) {
+StatusOr<std::unique_ptr<GroupedFfn> > GroupedFfn::Create(const FfnShape&, int, Precision, int,
+                                                          void*) {
   return NoCuda();
 }
 #endif

@@ -25,18 +25,6 @@ namespace {
 
 using bf16 = __nv_bfloat16;
 
-Status CudaResult(cudaError_t err, const char* what) {
-  if (err == cudaSuccess) return Status::Ok();
-  return Internal(std::string("CUDA ") + what + ": " + cudaGetErrorString(err));
-}
-
-// `api` is loaded (a CudaGroupedFfn exists only after Cublas() succeeded).
-Status CublasResult(const CublasApi& api, cublasStatus_t st, const char* what) {
-  if (st == CUBLAS_STATUS_SUCCESS) return Status::Ok();
-  return Internal(std::string("cuBLAS ") + what + ": " + api.status_name(st) + " (" +
-                  api.status_string(st) + ")");
-}
-
 // ---- device memory
 // --------------------------------------------------------------------------------
 
@@ -59,8 +47,8 @@ class DeviceMemory {
     ptr_.reset();
     bytes_ = 0;
     void* p = nullptr;
-    MOE_RETURN_IF_ERROR(CudaResult(cudaMalloc(&p, static_cast<size_t>(bytes)),
-                                   ("cudaMalloc of " + std::to_string(bytes) + " bytes").c_str()));
+    MOE_RETURN_IF_ERROR(CudaCheck(cudaMalloc(&p, static_cast<size_t>(bytes)),
+                                  ("cudaMalloc of " + std::to_string(bytes) + " bytes").c_str()));
     ptr_.reset(p);
     bytes_ = bytes;
     return Status::Ok();
@@ -263,12 +251,12 @@ class PointerTable {
     const size_t bytes =
         sizeof(void*) * 3 * static_cast<size_t>(kSlots) * static_cast<size_t>(max_groups);
     void* host = nullptr;
-    MOE_RETURN_IF_ERROR(CudaResult(cudaMallocHost(&host, bytes), "cudaMallocHost (GEMM pointers)"));
+    MOE_RETURN_IF_ERROR(CudaCheck(cudaMallocHost(&host, bytes), "cudaMallocHost (GEMM pointers)"));
     host_.reset(host);
     MOE_RETURN_IF_ERROR(device_.Reserve(static_cast<int64_t>(bytes)));
     for (cudaEvent_t& ev : copied_) {
       MOE_RETURN_IF_ERROR(
-          CudaResult(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), "cudaEventCreate"));
+          CudaCheck(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), "cudaEventCreate"));
     }
     return Status::Ok();
   }
@@ -281,7 +269,7 @@ class PointerTable {
   StatusOr<const void* const*> Stage(const std::vector<Gemm>& groups, cudaStream_t stream) {
     const int slot = next_;
     next_ = (next_ + 1) % kSlots;
-    MOE_RETURN_IF_ERROR(CudaResult(cudaEventSynchronize(copied_[slot]), "cudaEventSynchronize"));
+    MOE_RETURN_IF_ERROR(CudaCheck(cudaEventSynchronize(copied_[slot]), "cudaEventSynchronize"));
     const size_t n = groups.size();
     const void** host =
         static_cast<const void**>(host_.get()) + slot * 3 * static_cast<size_t>(max_);
@@ -291,10 +279,10 @@ class PointerTable {
       host[2 * n + i] = groups[i].c;
     }
     const void** dev = device_.as<const void*>() + slot * 3 * static_cast<size_t>(max_);
-    MOE_RETURN_IF_ERROR(CudaResult(
-        cudaMemcpyAsync(dev, host, 3 * n * sizeof(void*), cudaMemcpyHostToDevice, stream),
-        "copy of GEMM pointers"));
-    MOE_RETURN_IF_ERROR(CudaResult(cudaEventRecord(copied_[slot], stream), "cudaEventRecord"));
+    MOE_RETURN_IF_ERROR(
+        CudaCheck(cudaMemcpyAsync(dev, host, 3 * n * sizeof(void*), cudaMemcpyHostToDevice, stream),
+                  "copy of GEMM pointers"));
+    MOE_RETURN_IF_ERROR(CudaCheck(cudaEventRecord(copied_[slot], stream), "cudaEventRecord"));
     return static_cast<const void* const*>(dev);
   }
 
@@ -313,21 +301,31 @@ class PointerTable {
 template <typename T>
 class CudaGroupedFfn final : public GroupedFfn {
  public:
-  CudaGroupedFfn(const CublasApi& api, const FfnShape& shape, int num_experts, int device)
-      : api_(api), shape_(shape), experts_(num_experts), device_(device) {}
+  CudaGroupedFfn(const CublasApi& api, const FfnShape& shape, int num_experts, int device,
+                 cudaStream_t stream)
+      : api_(api),
+        shape_(shape),
+        experts_(num_experts),
+        device_(device),
+        stream_(stream),
+        owns_stream_(stream == nullptr) {}
 
   ~CudaGroupedFfn() override {
     (void)cudaSetDevice(device_);
     if (handle_ != nullptr) (void)api_.destroy(handle_);
-    if (stream_ != nullptr) (void)cudaStreamDestroy(stream_);
+    if (owns_stream_ && stream_ != nullptr) (void)cudaStreamDestroy(stream_);
   }
 
+  void* stream() const override { return stream_; }
+
   Status Init() {
-    MOE_RETURN_IF_ERROR(CudaResult(cudaSetDevice(device_), "cudaSetDevice"));
-    MOE_RETURN_IF_ERROR(
-        CudaResult(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate"));
-    MOE_RETURN_IF_ERROR(CublasResult(api_, api_.create(&handle_), "cublasCreate"));
-    MOE_RETURN_IF_ERROR(CublasResult(api_, api_.set_stream(handle_, stream_), "cublasSetStream"));
+    MOE_RETURN_IF_ERROR(CudaCheck(cudaSetDevice(device_), "cudaSetDevice"));
+    if (owns_stream_) {
+      MOE_RETURN_IF_ERROR(CudaCheck(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking),
+                                    "cudaStreamCreate"));
+    }
+    MOE_RETURN_IF_ERROR(CublasCheck(api_, api_.create(&handle_), "cublasCreate"));
+    MOE_RETURN_IF_ERROR(CublasCheck(api_, api_.set_stream(handle_, stream_), "cublasSetStream"));
     MOE_RETURN_IF_ERROR(pointers_.Init(experts_));
     const int64_t l = experts_, m = shape_.model_dim, h = shape_.hidden_dim;
     MOE_RETURN_IF_ERROR(wup_.Reserve(l * m * UpCols() * sizeof(T)));
@@ -360,7 +358,7 @@ class CudaGroupedFfn final : public GroupedFfn {
             " H=" + std::to_string(shape_.hidden_dim));
       }
     }
-    MOE_RETURN_IF_ERROR(CudaResult(cudaSetDevice(device_), "cudaSetDevice"));
+    MOE_RETURN_IF_ERROR(CudaCheck(cudaSetDevice(device_), "cudaSetDevice"));
     const int64_t m = shape_.model_dim, h = shape_.hidden_dim, up = UpCols();
     // Wup = W1, or [W1 | W3] row by row.
     staging_.resize(static_cast<size_t>(experts_ * m * up));
@@ -403,14 +401,14 @@ class CudaGroupedFfn final : public GroupedFfn {
                              std::to_string(experts_ + 1) +
                              " non-decreasing row offsets starting at 0");
     }
-    MOE_RETURN_IF_ERROR(CudaResult(cudaSetDevice(device_), "cudaSetDevice"));
+    MOE_RETURN_IF_ERROR(CudaCheck(cudaSetDevice(device_), "cudaSetDevice"));
     offsets_ = offsets;
     rows_ = offsets.back();
     if (rows_ == 0) return Status::Ok();
     if (rows_ > (int64_t{1} << 31) - 1)
       return InvalidArgument("GroupedFfn::Forward: more than 2^31 - 1 rows");
     const int64_t m = shape_.model_dim, h = shape_.hidden_dim, up = UpCols();
-    MOE_RETURN_IF_ERROR(CudaResult(
+    MOE_RETURN_IF_ERROR(CudaCheck(
         cudaMemcpyAsync(offsets_dev_.as<int64_t>(), offsets_.data(),
                         offsets_.size() * sizeof(int64_t), cudaMemcpyHostToDevice, stream_),
         "copy of row offsets"));
@@ -447,11 +445,11 @@ class CudaGroupedFfn final : public GroupedFfn {
     BiasOutputKernel<T><<<static_cast<unsigned>(rows_), kRowThreads, 0, stream_>>>(
         y_gemm, y, shape_.bias ? b2_.as<float>() : nullptr, offsets_dev_.as<int64_t>(), experts_,
         static_cast<int>(m));
-    return CudaResult(cudaGetLastError(), "GroupedFfn::Forward kernel launch");
+    return CudaCheck(cudaGetLastError(), "GroupedFfn::Forward kernel launch");
   }
 
   Status Backward(const float* dy, float* dx) override {
-    MOE_RETURN_IF_ERROR(CudaResult(cudaSetDevice(device_), "cudaSetDevice"));
+    MOE_RETURN_IF_ERROR(CudaCheck(cudaSetDevice(device_), "cudaSetDevice"));
     if (rows_ == 0) return Status::Ok();
     const int64_t m = shape_.model_dim, h = shape_.hidden_dim, up = UpCols();
     MOE_ASSIGN_OR_RETURN(const T* dy_t, GemmInput(dy, dy16_));
@@ -517,7 +515,7 @@ class CudaGroupedFfn final : public GroupedFfn {
       ConvertKernel<T, float>
           <<<GridFor(rows_ * m), kRowThreads, 0, stream_>>>(dx_gemm, dx, rows_ * m);
     }
-    return CudaResult(cudaGetLastError(), "GroupedFfn::Backward kernel launch");
+    return CudaCheck(cudaGetLastError(), "GroupedFfn::Backward kernel launch");
   }
 
   Status AddGradients(std::vector<FfnParams>* grads) override {
@@ -525,7 +523,7 @@ class CudaGroupedFfn final : public GroupedFfn {
       return InvalidArgument("GroupedFfn::AddGradients: " + std::to_string(grads->size()) +
                              " experts given, the object holds " + std::to_string(experts_));
     }
-    MOE_RETURN_IF_ERROR(CudaResult(cudaSetDevice(device_), "cudaSetDevice"));
+    MOE_RETURN_IF_ERROR(CudaCheck(cudaSetDevice(device_), "cudaSetDevice"));
     const int64_t m = shape_.model_dim, h = shape_.hidden_dim, up = UpCols();
     staging_.resize(static_cast<size_t>(experts_ * m * up));
     MOE_RETURN_IF_ERROR(Download(staging_.data(), gwup_.as<float>(),
@@ -562,22 +560,22 @@ class CudaGroupedFfn final : public GroupedFfn {
 
   Status Upload(void* device_dst, const void* host_src, int64_t bytes) override {
     if (bytes == 0) return Status::Ok();
-    MOE_RETURN_IF_ERROR(CudaResult(cudaSetDevice(device_), "cudaSetDevice"));
-    MOE_RETURN_IF_ERROR(CudaResult(cudaMemcpyAsync(device_dst, host_src, static_cast<size_t>(bytes),
-                                                   cudaMemcpyHostToDevice, stream_),
-                                   "host-to-device copy"));
-    return CudaResult(cudaStreamSynchronize(stream_),
-                      "cudaStreamSynchronize after a host-to-device copy");
+    MOE_RETURN_IF_ERROR(CudaCheck(cudaSetDevice(device_), "cudaSetDevice"));
+    MOE_RETURN_IF_ERROR(CudaCheck(cudaMemcpyAsync(device_dst, host_src, static_cast<size_t>(bytes),
+                                                  cudaMemcpyHostToDevice, stream_),
+                                  "host-to-device copy"));
+    return CudaCheck(cudaStreamSynchronize(stream_),
+                     "cudaStreamSynchronize after a host-to-device copy");
   }
 
   Status Download(void* host_dst, const void* device_src, int64_t bytes) override {
     if (bytes == 0) return Status::Ok();
-    MOE_RETURN_IF_ERROR(CudaResult(cudaSetDevice(device_), "cudaSetDevice"));
-    MOE_RETURN_IF_ERROR(CudaResult(cudaMemcpyAsync(host_dst, device_src, static_cast<size_t>(bytes),
-                                                   cudaMemcpyDeviceToHost, stream_),
-                                   "device-to-host copy"));
-    return CudaResult(cudaStreamSynchronize(stream_),
-                      "cudaStreamSynchronize after a device-to-host copy");
+    MOE_RETURN_IF_ERROR(CudaCheck(cudaSetDevice(device_), "cudaSetDevice"));
+    MOE_RETURN_IF_ERROR(CudaCheck(cudaMemcpyAsync(host_dst, device_src, static_cast<size_t>(bytes),
+                                                  cudaMemcpyDeviceToHost, stream_),
+                                  "device-to-host copy"));
+    return CudaCheck(cudaStreamSynchronize(stream_),
+                     "cudaStreamSynchronize after a device-to-host copy");
   }
 
   StatusOr<float*> DeviceScratch(int slot, int64_t bytes) override {
@@ -585,7 +583,7 @@ class CudaGroupedFfn final : public GroupedFfn {
       return InvalidArgument("GroupedFfn::DeviceScratch: slot " + std::to_string(slot) +
                              " not in [0, 4)");
     }
-    MOE_RETURN_IF_ERROR(CudaResult(cudaSetDevice(device_), "cudaSetDevice"));
+    MOE_RETURN_IF_ERROR(CudaCheck(cudaSetDevice(device_), "cudaSetDevice"));
     MOE_RETURN_IF_ERROR(scratch_[static_cast<size_t>(slot)].Reserve(bytes));
     return scratch_[static_cast<size_t>(slot)].as<float>();
   }
@@ -650,7 +648,7 @@ class CudaGroupedFfn final : public GroupedFfn {
       ldc_[i] = g.ldc;
     }
     MOE_ASSIGN_OR_RETURN(const void* const* ptrs, pointers_.Stage(gemms_, stream_));
-    return CublasResult(
+    return CublasCheck(
         api_,
         api_.gemm_grouped_batched_ex(
             handle_, ta_.data(), tb_.data(), m_.data(), n_.data(), k_.data(), alpha_.data(), ptrs,
@@ -670,11 +668,11 @@ class CudaGroupedFfn final : public GroupedFfn {
       if (r == 0) continue;
       const Gemm g = make(e, b, static_cast<int>(r));
       MOE_RETURN_IF_ERROR(
-          CublasResult(api_,
-                       api_.gemm_ex(handle_, g.ta, g.tb, g.m, g.n, g.k, &one, g.a, kDataType<T>,
-                                    g.lda, g.b, kDataType<T>, g.ldb, &one, g.c, CUDA_R_32F, g.ldc,
-                                    CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-                       "cublasGemmEx (weight gradient)"));
+          CublasCheck(api_,
+                      api_.gemm_ex(handle_, g.ta, g.tb, g.m, g.n, g.k, &one, g.a, kDataType<T>,
+                                   g.lda, g.b, kDataType<T>, g.ldb, &one, g.c, CUDA_R_32F, g.ldc,
+                                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                      "cublasGemmEx (weight gradient)"));
     }
     return Status::Ok();
   }
@@ -696,7 +694,7 @@ class CudaGroupedFfn final : public GroupedFfn {
       MOE_RETURN_IF_ERROR(
           Upload(wstage_.as<float>(), src.data(), n * static_cast<int64_t>(sizeof(float))));
       ConvertKernel<float, T><<<GridFor(n), kRowThreads, 0, stream_>>>(wstage_.as<float>(), dst, n);
-      return CudaResult(cudaGetLastError(), "weight conversion kernel launch");
+      return CudaCheck(cudaGetLastError(), "weight conversion kernel launch");
     }
   }
 
@@ -707,9 +705,9 @@ class CudaGroupedFfn final : public GroupedFfn {
           std::pair{&gb1_, shape_.bias ? l * h : 0}, std::pair{&gb2_, shape_.bias ? l * m : 0}}) {
       if (n == 0) continue;
       MOE_RETURN_IF_ERROR(
-          CudaResult(cudaMemsetAsync(mem->template as<float>(), 0,
-                                     static_cast<size_t>(n) * sizeof(float), stream_),
-                     "cudaMemsetAsync (gradients)"));
+          CudaCheck(cudaMemsetAsync(mem->template as<float>(), 0,
+                                    static_cast<size_t>(n) * sizeof(float), stream_),
+                    "cudaMemsetAsync (gradients)"));
     }
     return Status::Ok();
   }
@@ -719,6 +717,7 @@ class CudaGroupedFfn final : public GroupedFfn {
   int experts_;
   int device_;
   cudaStream_t stream_ = nullptr;
+  bool owns_stream_ = true;
   cublasHandle_t handle_ = nullptr;
   PointerTable pointers_;
   bool have_weights_ = false;
@@ -743,9 +742,9 @@ class CudaGroupedFfn final : public GroupedFfn {
 
 template <typename T>
 StatusOr<std::unique_ptr<GroupedFfn>> MakeGroupedFfn(const FfnShape& shape, int num_experts,
-                                                     int device) {
+                                                     int device, cudaStream_t stream) {
   MOE_ASSIGN_OR_RETURN(const CublasApi* api, Cublas());
-  auto ffn = std::make_unique<CudaGroupedFfn<T>>(*api, shape, num_experts, device);
+  auto ffn = std::make_unique<CudaGroupedFfn<T>>(*api, shape, num_experts, device, stream);
   MOE_RETURN_IF_ERROR(ffn->Init());
   return std::unique_ptr<GroupedFfn>(std::move(ffn));
 }
@@ -753,7 +752,8 @@ StatusOr<std::unique_ptr<GroupedFfn>> MakeGroupedFfn(const FfnShape& shape, int 
 }  // namespace
 
 StatusOr<std::unique_ptr<GroupedFfn>> GroupedFfn::Create(const FfnShape& shape, int num_experts,
-                                                         Precision precision, int device) {
+                                                         Precision precision, int device,
+                                                         void* stream) {
   if (num_experts < 1 || shape.model_dim < 1 || shape.hidden_dim < 1) {
     return InvalidArgument("GroupedFfn: num_experts, model_dim and hidden_dim must be >= 1 (got " +
                            std::to_string(num_experts) + ", " + std::to_string(shape.model_dim) +
@@ -768,8 +768,9 @@ StatusOr<std::unique_ptr<GroupedFfn>> GroupedFfn::Create(const FfnShape& shape, 
     return InvalidArgument("GroupedFfn: device " + std::to_string(device) + " not in [0, " +
                            std::to_string(count) + ")");
   }
-  if (precision == Precision::kBfloat16) return MakeGroupedFfn<bf16>(shape, num_experts, device);
-  return MakeGroupedFfn<float>(shape, num_experts, device);
+  auto s = static_cast<cudaStream_t>(stream);
+  if (precision == Precision::kBfloat16) return MakeGroupedFfn<bf16>(shape, num_experts, device, s);
+  return MakeGroupedFfn<float>(shape, num_experts, device, s);
 }
 
 }  // namespace moe::experts::cuda

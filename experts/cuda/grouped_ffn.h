@@ -16,8 +16,8 @@
 // weights, X, HU, A and dY in bf16, accumulates every GEMM in fp32, keeps fp32 master weights on
 // the host and fp32 gradients on the device. Inputs and outputs of Forward/Backward are fp32.
 //
-// All device work is ordered on the object's own CUDA stream; Upload/Download synchronize with it.
-// Without a CUDA build Create() fails with kUnimplemented.
+// All device work is ordered on one CUDA stream (the object's own, or the caller's);
+// Upload/Download synchronize with it. Without a CUDA build Create() fails with kUnimplemented.
 #pragma once
 
 #include <cstdint>
@@ -39,9 +39,15 @@ Status LoadCublas();
 class GroupedFfn {
  public:
   // `device`: the CUDA device index used by every call (the calling thread's device is set to it).
+  // `stream`: a cudaStream_t on that device to order all work on (not owned; it must outlive the
+  // object), or nullptr for a stream of the object's own.
   static StatusOr<std::unique_ptr<GroupedFfn>> Create(const FfnShape& shape, int num_experts,
-                                                      Precision precision, int device);
+                                                      Precision precision, int device,
+                                                      void* stream = nullptr);
   virtual ~GroupedFfn() = default;
+
+  // The cudaStream_t every call is ordered on.
+  virtual void* stream() const = 0;
 
   // Copies the experts' (fp32, host) weights to the device: params[e] is local expert e.
   virtual Status SetWeights(const std::vector<FfnParams>& params) = 0;

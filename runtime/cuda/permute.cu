@@ -2,6 +2,7 @@
 // moved as float4 when the row width and the base pointers allow it (16-byte loads and stores).
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <string>
 
 #include "runtime/cuda/permute.h"
@@ -82,6 +83,13 @@ __global__ void GateGradKernel(const float* dy, const float* packed_y, const int
   }
 }
 
+__global__ void AddKernel(float* out, const float* in, int64_t n) {
+  const int64_t stride = int64_t{gridDim.x} * blockDim.x;
+  for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < n; i += stride) {
+    out[i] += in[i];
+  }
+}
+
 Status Launched(const char* what) {
   const cudaError_t err = cudaGetLastError();
   if (err == cudaSuccess) return Status::Ok();
@@ -142,6 +150,15 @@ Status PermuteGradRows(const DevicePlan& plan, const float* dy, const float* pac
                    static_cast<cudaStream_t>(stream)>>>(dy, packed_y, plan.row_token, plan.row_gate,
                                                         cols, packed_dy, dgate);
   return Launched("PermuteGradRows");
+}
+
+Status AddInto(float* out, const float* in, int64_t n, void* stream) {
+  if (n < 0) return InvalidArgument("AddInto: n=" + std::to_string(n) + " must be >= 0");
+  if (n == 0) return Status::Ok();
+  const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, 65536);
+  AddKernel<<<static_cast<unsigned>(blocks), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      out, in, n);
+  return Launched("AddInto");
 }
 
 }  // namespace moe::gpu

@@ -38,4 +38,7 @@ Status UnpermuteRows(const DevicePlan& plan, const float* packed_y, int64_t cols
 Status PermuteGradRows(const DevicePlan& plan, const float* dy, const float* packed_y, int64_t cols,
                        float* packed_dy, float* dgate, void* stream);
 
+// out[i] += in[i] for n floats (the shared experts' sum).
+Status AddInto(float* out, const float* in, int64_t n, void* stream);
+
 }  // namespace moe::gpu

@@ -1,8 +1,9 @@
-// runtime/cuda/*.h in builds without CUDA: every call is kUnimplemented.
+// runtime/cuda/*.h and DeviceMoeLayer in builds without CUDA: every call is kUnimplemented.
 #include <string>
 
 #include "runtime/cuda/permute.h"
 #include "runtime/cuda/route.h"
+#include "runtime/device_moe_layer.h"
 
 namespace moe::gpu {
 namespace {
@@ -21,6 +22,7 @@ Status PermuteGradRows(const DevicePlan&, const float*, const float*, int64_t, f
                        void*) {
   return NoCuda("PermuteGradRows");
 }
+Status AddInto(float*, const float*, int64_t, void*) { return NoCuda("AddInto"); }
 Status SoftmaxRows(const float*, int64_t, int64_t, float*, void*) { return NoCuda("SoftmaxRows"); }
 Status RouteTokenChoice(const TokenChoiceShape&, const float*, const float*,
                         const TokenChoiceOutput&, void*) {
@@ -28,3 +30,12 @@ Status RouteTokenChoice(const TokenChoiceShape&, const float*, const float*,
 }
 
 }  // namespace moe::gpu
+
+namespace moe {
+StatusOr<std::unique_ptr<DeviceMoeLayer>> DeviceMoeLayer::Create(const config::LayerConfig&,
+                                                                 const DeviceLayerOptions&) {
+  return Unimplemented(
+      "the device-resident MoE layer needs a CUDA build (configure with the CUDA toolkit present, "
+      "MOE_WITH_CUDA=ON or AUTO)");
+}
+}  // namespace moe

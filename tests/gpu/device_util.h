@@ -4,11 +4,14 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <utility>
 #include <vector>
 
 #include "comm/memory.h"
+#include "runtime/base/tensor.h"
 
 namespace moe::testing {
 
@@ -20,6 +23,17 @@ namespace moe::testing {
                       "path is tested on a machine with a GPU";                                    \
     }                                                                                              \
   } while (0)
+
+// max |a - b| / max(1, max |b|): the GPU-versus-CPU tolerance measure.
+inline double RelativeError(const Tensor& a, const Tensor& b) {
+  EXPECT_EQ(a.size(), b.size());
+  double worst = 0, scale = 1;
+  for (int64_t i = 0; i < std::min(a.size(), b.size()); ++i) {
+    worst = std::max(worst, static_cast<double>(std::abs(a[i] - b[i])));
+    scale = std::max(scale, static_cast<double>(std::abs(b[i])));
+  }
+  return worst / scale;
+}
 
 template <typename T>
 comm::Buffer DeviceArray(int64_t n) {

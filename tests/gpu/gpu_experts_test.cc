@@ -43,17 +43,6 @@ config::ComputeConfig Cuda(Precision p) {
   return c;
 }
 
-// max |a - b| / max(1, max |b|).
-double RelativeError(const Tensor& a, const Tensor& b) {
-  EXPECT_EQ(a.size(), b.size());
-  double worst = 0, scale = 1;
-  for (int64_t i = 0; i < std::min(a.size(), b.size()); ++i) {
-    worst = std::max(worst, static_cast<double>(std::abs(a[i] - b[i])));
-    scale = std::max(scale, static_cast<double>(std::abs(b[i])));
-  }
-  return worst / scale;
-}
-
 TEST(GpuExpertsNoDevice, CudaWithoutAGpuIsAClearError) {
   if (comm::CudaDeviceCount() > 0)
     GTEST_SKIP() << "a CUDA device is visible; this checks the error without one";
@@ -166,8 +155,8 @@ TEST_P(GpuFfnVersusCpu, ForwardBackwardAndGradientsMatch) {
     ASSERT_TRUE(s.ok()) << s.ToString();
   }
   const double tol = c.precision == Precision::kFloat32 ? 1e-4 : 2e-2;
-  EXPECT_LE(RelativeError(y, want_y), tol) << "y";
-  EXPECT_LE(RelativeError(dx, want_dx), tol) << "dx";
+  EXPECT_LE(testing::RelativeError(y, want_y), tol) << "y";
+  EXPECT_LE(testing::RelativeError(dx, want_dx), tol) << "dx";
   for (int e = 0; e < kExperts; ++e) {
     SCOPED_TRACE("expert " + std::to_string(e));
     const FfnParams& got = g[static_cast<size_t>(e)];
@@ -178,7 +167,7 @@ TEST_P(GpuFfnVersusCpu, ForwardBackwardAndGradientsMatch) {
           std::tuple{&got.w3, &want.w3, "w3"}}) {
       Tensor twice = *wt;  // two backward passes accumulated
       for (int64_t i = 0; i < twice.size(); ++i) twice[i] *= 2.0f;
-      EXPECT_LE(RelativeError(*gt, twice), tol) << name;
+      EXPECT_LE(testing::RelativeError(*gt, twice), tol) << name;
     }
   }
 }
@@ -228,16 +217,16 @@ TEST(GpuExperts, MoeLayerMatchesCpu) {
   ASSERT_TRUE(s.ok()) << s.ToString();
   EXPECT_EQ(cpu.plan().slot_expert, gpu.plan().slot_expert);
   EXPECT_EQ(cpu.plan().slot_gate, gpu.plan().slot_gate);
-  EXPECT_LE(RelativeError(y_gpu, y_cpu), 1e-4);
+  EXPECT_LE(testing::RelativeError(y_gpu, y_cpu), 1e-4);
   MoeLayerParams g_cpu = testing::ZeroGrads(cpu), g_gpu = testing::ZeroGrads(gpu);
   ASSERT_TRUE(cpu.Backward(dy.view(), &dx_cpu, &g_cpu).ok());
   s = gpu.Backward(dy.view(), &dx_gpu, &g_gpu);
   ASSERT_TRUE(s.ok()) << s.ToString();
-  EXPECT_LE(RelativeError(dx_gpu, dx_cpu), 1e-4);
-  EXPECT_LE(RelativeError(g_gpu.router, g_cpu.router), 1e-4);
+  EXPECT_LE(testing::RelativeError(dx_gpu, dx_cpu), 1e-4);
+  EXPECT_LE(testing::RelativeError(g_gpu.router, g_cpu.router), 1e-4);
   for (size_t e = 0; e < g_cpu.experts.size(); ++e) {
-    EXPECT_LE(RelativeError(g_gpu.experts[e].w1, g_cpu.experts[e].w1), 1e-4) << "expert " << e;
-    EXPECT_LE(RelativeError(g_gpu.experts[e].w2, g_cpu.experts[e].w2), 1e-4) << "expert " << e;
+    EXPECT_LE(testing::RelativeError(g_gpu.experts[e].w1, g_cpu.experts[e].w1), 1e-4) << "expert " << e;
+    EXPECT_LE(testing::RelativeError(g_gpu.experts[e].w2, g_cpu.experts[e].w2), 1e-4) << "expert " << e;
   }
 }
 

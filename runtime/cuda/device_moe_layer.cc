@@ -1,0 +1,398 @@
+// DeviceMoeLayer on CUDA (see runtime/device_moe_layer.h for the data flow). Host code only: the
+// kernels are runtime/cuda/permute.cu and experts/cuda/grouped_ffn.cu, the GEMMs cuBLAS.
+//
+// Row-major GEMMs go to column-major cuBLAS as their transposes: row-major C (m x n) = op(A)·op(B)
+// is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ, i.e. gemm(opB, opA, n, m, k, B, A, C) — see RowMajorGemm.
+#include "runtime/device_moe_layer.h"
+
+#include <cuda_runtime.h>
+
+#include <cstring>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "comm/memory.h"
+#include "experts/cuda/cublas_loader.h"
+#include "runtime/base/clock.h"
+#include "runtime/config.h"
+#include "runtime/cuda/permute.h"
+#include "runtime/expert_blocks.h"
+
+namespace moe {
+namespace {
+
+using experts::cuda::CublasApi;
+using experts::cuda::CublasCheck;
+using experts::cuda::CudaCheck;
+using experts::cuda::GroupedFfn;
+
+// Device memory that grows to the largest request and keeps it.
+class DeviceArray {
+ public:
+  template <typename T>
+  StatusOr<T*> Get(int64_t count) {
+    MOE_ASSIGN_OR_RETURN(void* p,
+                         ws_.Get(std::max<int64_t>(count, 1) * static_cast<int64_t>(sizeof(T))));
+    return static_cast<T*>(p);
+  }
+
+ private:
+  comm::Workspace ws_{comm::MemorySpace::kDevice};
+};
+
+Status CheckShape(const char* name, const Tensor& t, int64_t rows, int64_t cols) {
+  if (t.rows() == rows && t.cols() == cols) return Status::Ok();
+  return InvalidArgument(std::string("DeviceMoeLayer::SetParams: ") + name + " is " +
+                         std::to_string(t.rows()) + "x" + std::to_string(t.cols()) + ", must be " +
+                         std::to_string(rows) + "x" + std::to_string(cols));
+}
+
+Status CheckFfnShapes(const std::string& name, const experts::FfnParams& p,
+                      const experts::FfnParams& want) {
+  MOE_RETURN_IF_ERROR(CheckShape((name + "_w1").c_str(), p.w1, want.w1.rows(), want.w1.cols()));
+  MOE_RETURN_IF_ERROR(CheckShape((name + "_b1").c_str(), p.b1, want.b1.rows(), want.b1.cols()));
+  MOE_RETURN_IF_ERROR(CheckShape((name + "_w2").c_str(), p.w2, want.w2.rows(), want.w2.cols()));
+  MOE_RETURN_IF_ERROR(CheckShape((name + "_b2").c_str(), p.b2, want.b2.rows(), want.b2.cols()));
+  return CheckShape((name + "_w3").c_str(), p.w3, want.w3.rows(), want.w3.cols());
+}
+
+class CudaMoeLayer final : public DeviceMoeLayer {
+ public:
+  CudaMoeLayer(const config::LayerConfig& cfg, const DeviceLayerOptions& options,
+               const CublasApi& api)
+      : cfg_([&] {
+          config::LayerConfig resolved = cfg;
+          ResolveLayerConfig(&resolved);
+          return resolved;
+        }()),
+        options_(options),
+        api_(api),
+        bias_(static_cast<size_t>(cfg.num_experts()), 0.0f) {}
+
+  ~CudaMoeLayer() override {
+    (void)cudaSetDevice(options_.device);
+    if (stream_ != nullptr) (void)cudaStreamSynchronize(stream_);
+    experts_.reset();
+    shared_.clear();
+    if (handle_ != nullptr) (void)api_.destroy(handle_);
+    if (stream_ != nullptr) (void)cudaStreamDestroy(stream_);
+  }
+
+  Status Init() {
+    MOE_RETURN_IF_ERROR(CudaCheck(cudaSetDevice(options_.device), "cudaSetDevice"));
+    MOE_RETURN_IF_ERROR(
+        CudaCheck(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate"));
+    MOE_RETURN_IF_ERROR(CublasCheck(api_, api_.create(&handle_), "cublasCreate"));
+    MOE_RETURN_IF_ERROR(CublasCheck(api_, api_.set_stream(handle_, stream_), "cublasSetStream"));
+    const int64_t m = cfg_.model_dim(), e = cfg_.num_experts();
+    MOE_ASSIGN_OR_RETURN(
+        experts_, GroupedFfn::Create(ExpertShape(cfg_), static_cast<int>(e), options_.precision,
+                                     options_.device, stream_));
+    for (int i = 0; i < cfg_.num_shared_experts(); ++i) {
+      MOE_ASSIGN_OR_RETURN(auto ffn, GroupedFfn::Create(SharedShape(cfg_), 1, options_.precision,
+                                                        options_.device, stream_));
+      shared_.push_back(std::move(ffn));
+    }
+    MOE_ASSIGN_OR_RETURN(wg_, wg_mem_.Get<float>(m * e));
+    MOE_ASSIGN_OR_RETURN(gwg_, gwg_mem_.Get<float>(m * e));
+    if (HasNoiseWeights()) {
+      MOE_ASSIGN_OR_RETURN(wn_, wn_mem_.Get<float>(m * e));
+      MOE_ASSIGN_OR_RETURN(gwn_, gwn_mem_.Get<float>(m * e));
+    }
+    return ZeroRouterGradients();
+  }
+
+  const config::LayerConfig& config() const override { return cfg_; }
+  void* stream() const override { return stream_; }
+  double host_seconds() const override { return host_seconds_; }
+  const DispatchPlan& plan() const override { return plan_; }
+  const RouterOutput& router_output() const override { return router_; }
+  const RouterLosses& losses() const override { return losses_; }
+  std::vector<float>& router_bias() override { return bias_; }
+  void set_loss_gradient_scale(double s) override { loss_grad_scale_ = s; }
+
+  Status Synchronize() override {
+    MOE_RETURN_IF_ERROR(CudaCheck(cudaSetDevice(options_.device), "cudaSetDevice"));
+    return CudaCheck(cudaStreamSynchronize(stream_), "DeviceMoeLayer stream");
+  }
+
+  Status SetParams(const MoeLayerParams& params) override {
+    const MoeLayerParams want = MakeLayerParams(cfg_);
+    const int64_t m = cfg_.model_dim(), e = cfg_.num_experts();
+    MOE_RETURN_IF_ERROR(CheckShape("router", params.router, m, e));
+    if (HasNoiseWeights())
+      MOE_RETURN_IF_ERROR(CheckShape("router_noise", params.router_noise, m, e));
+    if (params.experts.size() != want.experts.size() || params.first_expert != 0 ||
+        params.shared.size() != want.shared.size()) {
+      return InvalidArgument("DeviceMoeLayer::SetParams: needs all " + std::to_string(e) +
+                             " experts from expert 0 and " + std::to_string(want.shared.size()) +
+                             " shared experts (got " + std::to_string(params.experts.size()) +
+                             " from expert " + std::to_string(params.first_expert) + " and " +
+                             std::to_string(params.shared.size()) + ")");
+    }
+    for (size_t i = 0; i < want.experts.size(); ++i) {
+      MOE_RETURN_IF_ERROR(
+          CheckFfnShapes("expert_" + std::to_string(i), params.experts[i], want.experts[i]));
+    }
+    for (size_t i = 0; i < want.shared.size(); ++i) {
+      MOE_RETURN_IF_ERROR(
+          CheckFfnShapes("shared_" + std::to_string(i), params.shared[i], want.shared[i]));
+    }
+    MOE_RETURN_IF_ERROR(Upload(wg_, params.router.data(), m * e));
+    if (HasNoiseWeights()) MOE_RETURN_IF_ERROR(Upload(wn_, params.router_noise.data(), m * e));
+    MOE_RETURN_IF_ERROR(experts_->SetWeights(params.experts));
+    for (size_t i = 0; i < shared_.size(); ++i) {
+      MOE_RETURN_IF_ERROR(shared_[i]->SetWeights({params.shared[i]}));
+    }
+    have_params_ = true;
+    return Synchronize();
+  }
+
+  Status Forward(const float* x, int64_t tokens, const RouteContext& ctx, float* y) override {
+    if (!have_params_) return FailedPrecondition("DeviceMoeLayer::Forward before SetParams");
+    if (tokens < 1) return InvalidArgument("input has no tokens (S=0)");
+    if (tokens > (int64_t{1} << 31) - 1) {
+      return InvalidArgument("input has " + std::to_string(tokens) + " tokens, must be < 2^31");
+    }
+    MOE_RETURN_IF_ERROR(CudaCheck(cudaSetDevice(options_.device), "cudaSetDevice"));
+    have_forward_ = false;
+    const int64_t s = tokens, m = cfg_.model_dim(), e = cfg_.num_experts();
+    x_ = x;
+    ctx_ = ctx;
+
+    // Router logits on the device, the rest of the router and the plan on the host.
+    const bool noisy = RouterIsNoisy(cfg_.router(), ctx);
+    MOE_ASSIGN_OR_RETURN(float* logits, logits_mem_.Get<float>(2 * s * e));
+    MOE_RETURN_IF_ERROR(RowMajorGemm(false, false, s, e, m, x, wg_, 0.0f, logits));
+    if (noisy)
+      MOE_RETURN_IF_ERROR(RowMajorGemm(false, false, s, e, m, x, wn_, 0.0f, logits + s * e));
+    ResizeTensor(&router_.logits, s, e);
+    MOE_RETURN_IF_ERROR(Download(router_.logits.data(), logits, s * e, /*sync=*/!noisy));
+    if (noisy) {
+      ResizeTensor(&router_.noise_in, s, e);
+      MOE_RETURN_IF_ERROR(Download(router_.noise_in.data(), logits + s * e, s * e, true));
+    }
+    const double t0 = WallSeconds();
+    FinishRouter(cfg_.router(), ctx, &router_);
+    MOE_ASSIGN_OR_RETURN(plan_, BuildDispatchPlan(cfg_.router(), router_.probs, bias_, ctx));
+    losses_ = ComputeRouterLosses(cfg_.router(), plan_, router_.probs, router_.logits);
+    host_seconds_ = WallSeconds() - t0;
+    MOE_RETURN_IF_ERROR(UploadPlan());
+
+    // Pack, experts, shared experts, gated combine.
+    const int64_t rows = plan_.num_rows();
+    MOE_ASSIGN_OR_RETURN(packed_x_, packed_x_mem_.Get<float>(rows * m));
+    MOE_ASSIGN_OR_RETURN(packed_y_, packed_y_mem_.Get<float>(rows * m));
+    MOE_RETURN_IF_ERROR(gpu::PermuteRows(dplan_, x, m, packed_x_, stream_));
+    MOE_RETURN_IF_ERROR(experts_->Forward(plan_.expert_offset, packed_x_, packed_y_));
+    const std::vector<int64_t> all_tokens = {0, s};
+    for (size_t i = 0; i < shared_.size(); ++i) {
+      if (i == 0) {
+        MOE_RETURN_IF_ERROR(shared_[i]->Forward(all_tokens, x, y));
+        continue;
+      }
+      MOE_ASSIGN_OR_RETURN(float* tmp, shared_tmp_mem_.Get<float>(s * m));
+      MOE_RETURN_IF_ERROR(shared_[i]->Forward(all_tokens, x, tmp));
+      MOE_RETURN_IF_ERROR(gpu::AddInto(y, tmp, s * m, stream_));
+    }
+    MOE_RETURN_IF_ERROR(gpu::UnpermuteRows(dplan_, packed_y_, m, /*with_gates=*/true,
+                                           /*accumulate=*/!shared_.empty(), y, stream_));
+    have_forward_ = true;
+    return Status::Ok();
+  }
+
+  Status Backward(const float* dy, float* dx) override {
+    if (!have_forward_)
+      return FailedPrecondition("DeviceMoeLayer::Backward called without a Forward");
+    MOE_RETURN_IF_ERROR(CudaCheck(cudaSetDevice(options_.device), "cudaSetDevice"));
+    const int64_t s = plan_.num_tokens, m = cfg_.model_dim(), e = cfg_.num_experts();
+    const int64_t rows = plan_.num_rows();
+    MOE_ASSIGN_OR_RETURN(float* packed_dy, packed_dy_mem_.Get<float>(rows * m));
+    MOE_ASSIGN_OR_RETURN(float* packed_dx, packed_dx_mem_.Get<float>(rows * m));
+    MOE_ASSIGN_OR_RETURN(float* dgate, dgate_mem_.Get<float>(rows));
+    MOE_RETURN_IF_ERROR(gpu::PermuteGradRows(dplan_, dy, packed_y_, m, packed_dy, dgate, stream_));
+    MOE_RETURN_IF_ERROR(experts_->Backward(packed_dy, packed_dx));
+    for (size_t i = 0; i < shared_.size(); ++i) {
+      if (i == 0) {
+        MOE_RETURN_IF_ERROR(shared_[i]->Backward(dy, dx));
+        continue;
+      }
+      MOE_ASSIGN_OR_RETURN(float* tmp, shared_tmp_mem_.Get<float>(s * m));
+      MOE_RETURN_IF_ERROR(shared_[i]->Backward(dy, tmp));
+      MOE_RETURN_IF_ERROR(gpu::AddInto(dx, tmp, s * m, stream_));
+    }
+    MOE_RETURN_IF_ERROR(gpu::UnpermuteRows(dplan_, packed_dx, m, /*with_gates=*/false,
+                                           /*accumulate=*/!shared_.empty(), dx, stream_));
+
+    // The router: gate gradients to the host, its S x E backward there, dlogits back.
+    dgate_host_.resize(static_cast<size_t>(rows));
+    MOE_RETURN_IF_ERROR(Download(dgate_host_.data(), dgate, rows, true));
+    const double t0 = WallSeconds();
+    RouterScoreGradients(cfg_.router(), plan_, router_, dgate_host_, loss_grad_scale_, &grads_);
+    host_seconds_ += WallSeconds() - t0;
+    MOE_ASSIGN_OR_RETURN(float* dlogits, dlogits_mem_.Get<float>(2 * s * e));
+    MOE_RETURN_IF_ERROR(Upload(dlogits, grads_.dlogits.data(), s * e));
+    if (router_.noisy) {
+      float* dnoise = dlogits + s * e;
+      MOE_RETURN_IF_ERROR(Upload(dnoise, grads_.dnoise.data(), s * e));
+      MOE_RETURN_IF_ERROR(RowMajorGemm(true, false, m, e, s, x_, dnoise, 1.0f, gwn_));
+      MOE_RETURN_IF_ERROR(RowMajorGemm(false, true, s, m, e, dnoise, wn_, 1.0f, dx));
+    }
+    MOE_RETURN_IF_ERROR(RowMajorGemm(true, false, m, e, s, x_, dlogits, 1.0f, gwg_));
+    MOE_RETURN_IF_ERROR(RowMajorGemm(false, true, s, m, e, dlogits, wg_, 1.0f, dx));
+    return Status::Ok();
+  }
+
+  Status AddGradients(MoeLayerParams* grads) override {
+    MOE_RETURN_IF_ERROR(CudaCheck(cudaSetDevice(options_.device), "cudaSetDevice"));
+    const int64_t m = cfg_.model_dim(), e = cfg_.num_experts();
+    MOE_RETURN_IF_ERROR(CheckShape("router gradient", grads->router, m, e));
+    if (grads->experts.size() != static_cast<size_t>(e) || grads->shared.size() != shared_.size()) {
+      return InvalidArgument("DeviceMoeLayer::AddGradients: grads must hold all " +
+                             std::to_string(e) + " experts and " + std::to_string(shared_.size()) +
+                             " shared experts");
+    }
+    MOE_RETURN_IF_ERROR(AddRouterGradient(gwg_, &grads->router));
+    if (HasNoiseWeights()) {
+      MOE_RETURN_IF_ERROR(CheckShape("router_noise gradient", grads->router_noise, m, e));
+      MOE_RETURN_IF_ERROR(AddRouterGradient(gwn_, &grads->router_noise));
+    }
+    MOE_RETURN_IF_ERROR(experts_->AddGradients(&grads->experts));
+    for (size_t i = 0; i < shared_.size(); ++i) {
+      std::vector<experts::FfnParams> one;
+      one.push_back(std::move(grads->shared[i]));
+      const Status st = shared_[i]->AddGradients(&one);
+      grads->shared[i] = std::move(one[0]);
+      MOE_RETURN_IF_ERROR(st);
+    }
+    return ZeroRouterGradients();
+  }
+
+ private:
+  bool HasNoiseWeights() const { return cfg_.router().gate() == config::NOISY_TOPK; }
+
+  // Row-major c (m x n) = op(a)·op(b) + beta·c, fp32 with fp32 accumulation (no TF32).
+  Status RowMajorGemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a,
+                      const float* b, float beta, float* c) {
+    const float alpha = 1.0f;
+    const auto lda = static_cast<int>(ta ? m : k), ldb = static_cast<int>(tb ? k : n);
+    return CublasCheck(
+        api_,
+        api_.gemm_ex(handle_, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N,
+                     static_cast<int>(n), static_cast<int>(m), static_cast<int>(k), &alpha, b,
+                     CUDA_R_32F, ldb, a, CUDA_R_32F, lda, &beta, c, CUDA_R_32F, static_cast<int>(n),
+                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+        "router GEMM");
+  }
+
+  Status Upload(float* dst, const float* src, int64_t count) {
+    return CudaCheck(cudaMemcpyAsync(dst, src, static_cast<size_t>(count) * sizeof(float),
+                                     cudaMemcpyHostToDevice, stream_),
+                     "host-to-device copy");
+  }
+
+  // `sync`: wait until the copy (and all earlier work on the stream) is done.
+  Status Download(float* dst, const float* src, int64_t count, bool sync) {
+    MOE_RETURN_IF_ERROR(
+        CudaCheck(cudaMemcpyAsync(dst, src, static_cast<size_t>(count) * sizeof(float),
+                                  cudaMemcpyDeviceToHost, stream_),
+                  "device-to-host copy"));
+    return sync ? CudaCheck(cudaStreamSynchronize(stream_), "DeviceMoeLayer stream") : Status::Ok();
+  }
+
+  // The plan's index arrays in one staging buffer and one copy: token_row_offset (int64, S + 1),
+  // row_gate (float, rows), row_token (int32, rows), token_rows (int32, rows).
+  Status UploadPlan() {
+    const int64_t s = plan_.num_tokens, rows = plan_.num_rows();
+    const size_t off_bytes = static_cast<size_t>(s + 1) * sizeof(int64_t);
+    const size_t row_bytes = static_cast<size_t>(rows) * 4;
+    staging_.resize(off_bytes + 3 * row_bytes);
+    const double t0 = WallSeconds();
+    std::memcpy(staging_.data(), plan_.token_row_offset.data(), off_bytes);
+    std::memcpy(staging_.data() + off_bytes, plan_.row_gate.data(), row_bytes);
+    std::memcpy(staging_.data() + off_bytes + row_bytes, plan_.row_token.data(), row_bytes);
+    std::memcpy(staging_.data() + off_bytes + 2 * row_bytes, plan_.token_rows.data(), row_bytes);
+    host_seconds_ += WallSeconds() - t0;
+    MOE_ASSIGN_OR_RETURN(char* dev, plan_mem_.Get<char>(static_cast<int64_t>(staging_.size())));
+    MOE_RETURN_IF_ERROR(CudaCheck(
+        cudaMemcpyAsync(dev, staging_.data(), staging_.size(), cudaMemcpyHostToDevice, stream_),
+        "copy of the dispatch plan"));
+    dplan_.rows = rows;
+    dplan_.tokens = s;
+    dplan_.token_row_offset = reinterpret_cast<const int64_t*>(dev);
+    dplan_.row_gate = reinterpret_cast<const float*>(dev + off_bytes);
+    dplan_.row_token = reinterpret_cast<const int32_t*>(dev + off_bytes + row_bytes);
+    dplan_.token_rows = reinterpret_cast<const int32_t*>(dev + off_bytes + 2 * row_bytes);
+    // The staging buffer is pageable: the copy has read it when cudaMemcpyAsync returns, but wait
+    // anyway so a later resize can never race a DMA.
+    return CudaCheck(cudaStreamSynchronize(stream_), "copy of the dispatch plan");
+  }
+
+  Status AddRouterGradient(const float* dev, Tensor* host) {
+    scratch_.resize(static_cast<size_t>(host->size()));
+    MOE_RETURN_IF_ERROR(Download(scratch_.data(), dev, host->size(), true));
+    for (int64_t i = 0; i < host->size(); ++i) (*host)[i] += scratch_[static_cast<size_t>(i)];
+    return Status::Ok();
+  }
+
+  Status ZeroRouterGradients() {
+    const size_t bytes = static_cast<size_t>(cfg_.model_dim() * cfg_.num_experts()) * sizeof(float);
+    MOE_RETURN_IF_ERROR(CudaCheck(cudaMemsetAsync(gwg_, 0, bytes, stream_), "cudaMemset"));
+    if (gwn_ != nullptr) {
+      MOE_RETURN_IF_ERROR(CudaCheck(cudaMemsetAsync(gwn_, 0, bytes, stream_), "cudaMemset"));
+    }
+    return Synchronize();
+  }
+
+  config::LayerConfig cfg_;
+  DeviceLayerOptions options_;
+  const CublasApi& api_;
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t handle_ = nullptr;
+  std::unique_ptr<GroupedFfn> experts_;
+  std::vector<std::unique_ptr<GroupedFfn>> shared_;
+  std::vector<float> bias_;
+  double loss_grad_scale_ = 1.0;
+  bool have_params_ = false, have_forward_ = false;
+
+  // Device memory: router weights and gradients (fixed), activations (grow to the largest call).
+  DeviceArray wg_mem_, gwg_mem_, wn_mem_, gwn_mem_, logits_mem_, plan_mem_, packed_x_mem_,
+      packed_y_mem_, packed_dy_mem_, packed_dx_mem_, dgate_mem_, dlogits_mem_, shared_tmp_mem_;
+  float *wg_ = nullptr, *gwg_ = nullptr, *wn_ = nullptr, *gwn_ = nullptr;
+  float *packed_x_ = nullptr, *packed_y_ = nullptr;
+
+  // Saved by Forward.
+  const float* x_ = nullptr;
+  RouteContext ctx_;
+  RouterOutput router_;
+  DispatchPlan plan_;
+  RouterLosses losses_;
+  gpu::DevicePlan dplan_;
+
+  // Host scratch.
+  double host_seconds_ = 0.0;
+  std::vector<char> staging_;
+  std::vector<float> dgate_host_, scratch_;
+  RouterGradients grads_;
+};
+
+}  // namespace
+
+StatusOr<std::unique_ptr<DeviceMoeLayer>> DeviceMoeLayer::Create(
+    const config::LayerConfig& cfg, const DeviceLayerOptions& options) {
+  const int count = comm::CudaDeviceCount();
+  if (count == 0) {
+    return FailedPrecondition("DeviceMoeLayer: no CUDA device is visible to this process");
+  }
+  if (options.device < 0 || options.device >= count) {
+    return InvalidArgument("DeviceMoeLayer: device " + std::to_string(options.device) +
+                           " not in [0, " + std::to_string(count) + ")");
+  }
+  MOE_ASSIGN_OR_RETURN(const CublasApi* api, experts::cuda::Cublas());
+  auto layer = std::make_unique<CudaMoeLayer>(cfg, options, *api);
+  MOE_RETURN_IF_ERROR(layer->Init());
+  return std::unique_ptr<DeviceMoeLayer>(std::move(layer));
+}
+
+}  // namespace moe

@@ -1,0 +1,94 @@
+// The MoE layer with its data on one GPU: parameters, activations and gradients live in device
+// memory for the whole call; the caller hands device pointers in and gets device pointers back.
+// The production form of the single-GPU layer (issue "GPU path"), against which the layer
+// benchmark compares PyTorch on the same GPU.
+//
+// Data flow of one call (every stage one cuBLAS call or one kernel, all on one CUDA stream):
+//   logits = x·Wg (cuBLAS, fp32; and x·Wnoise for the noisy router at training)
+//   -> logits to the host (S x E floats) -> FinishRouter + BuildDispatchPlan + losses on the host,
+//      the same code as the CPU layer, so every routing policy (drop policies, random routing,
+//      re-routing, expert choice, aux-loss-free bias) has exactly the CPU semantics
+//   -> the plan's index arrays to the device (one copy) -> PermuteRows -> grouped expert FFN
+//      (experts/cuda/grouped_ffn.h; fp32 or bf16) -> shared experts on all tokens -> UnpermuteRows
+//      (gated, in slot order).
+// Backward: PermuteGradRows (dY rows and the gates' gradients) -> grouped FFN backward -> shared
+// experts -> UnpermuteRows (dX) -> the gates' gradients to the host (rows floats) ->
+// RouterScoreGradients (the CPU layer's code) -> dlogits to the device -> dWg += xᵀ·dlogits,
+// dX += dlogits·Wgᵀ (cuBLAS).
+//
+// The host round trip per call is one S x E download in the forward and one rows download plus one
+// S x E upload in the backward. The grouped GEMM needs each expert's row count on the host anyway
+// (cublasGemmGroupedBatchedEx takes host problem sizes), so one synchronization per forward is in
+// the design; the host plan's cost is in docs/GPU_NOTES.md.
+//
+// Without a CUDA build Create() fails with kUnimplemented; without a visible GPU with
+// kFailedPrecondition.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "experts/cuda/grouped_ffn.h"
+#include "proto/moe_config.pb.h"
+#include "proto/report.pb.h"
+#include "runtime/base/status.h"
+#include "runtime/dispatch_plan.h"
+#include "runtime/losses.h"
+#include "runtime/moe_layer.h"
+#include "runtime/router.h"
+
+namespace moe {
+
+struct DeviceLayerOptions {
+  int device = 0;  // CUDA device index
+  // Storage of the routed and shared experts' GEMM operands (fp32 accumulation either way). The
+  // router is always fp32, so routing is that of the CPU layer.
+  experts::cuda::Precision precision = experts::cuda::Precision::kFloat32;
+};
+
+class DeviceMoeLayer {
+ public:
+  // A layer holding all E experts of `cfg` on `options.device`. Parameters are zero until
+  // SetParams.
+  static StatusOr<std::unique_ptr<DeviceMoeLayer>> Create(const config::LayerConfig& cfg,
+                                                          const DeviceLayerOptions& options);
+  virtual ~DeviceMoeLayer() = default;
+
+  // The resolved layer config.
+  virtual const config::LayerConfig& config() const = 0;
+  // Copies every parameter (host, fp32, the shapes of MakeLayerParams(cfg) with all E experts) to
+  // the device; fails naming the first tensor whose shape differs.
+  virtual Status SetParams(const MoeLayerParams& params) = 0;
+
+  // y = MoE(x) for the S rows of x: x and y are device pointers to S x M fp32 values. x must stay
+  // allocated and unchanged until the Backward (the router's weight gradient reads it).
+  virtual Status Forward(const float* x, int64_t tokens, const RouteContext& ctx, float* y) = 0;
+  // dx (device, S x M) from dy (device, S x M) for the last Forward; parameter gradients are
+  // accumulated on the device.
+  virtual Status Backward(const float* dy, float* dx) = 0;
+  // Adds the device-accumulated gradients into grads (host, MakeLayerParams(cfg) shapes) and zeroes
+  // them on the device.
+  virtual Status AddGradients(MoeLayerParams* grads) = 0;
+  // Waits for the work enqueued so far (Forward and Backward return with device work in flight).
+  virtual Status Synchronize() = 0;
+  // The cudaStream_t all work is ordered on: enqueue producers of x / dy and consumers of y / dx on
+  // it, or synchronize.
+  virtual void* stream() const = 0;
+
+  // Seconds the last Forward and the Backward after it spent in host work (FinishRouter, the plan,
+  // the losses, staging the plan, RouterScoreGradients), excluding copies and waits: what routing
+  // on the device could save.
+  virtual double host_seconds() const = 0;
+
+  virtual const DispatchPlan& plan() const = 0;
+  virtual const RouterOutput& router_output() const = 0;
+  virtual const RouterLosses& losses() const = 0;
+  report::LayerMetrics Metrics() const { return LayerMetricsOf(plan(), losses()); }
+  // Aux-loss-free balancing bias (E), as MoeLayer::router_bias.
+  virtual std::vector<float>& router_bias() = 0;
+  // As MoeLayer::set_loss_gradient_scale.
+  virtual void set_loss_gradient_scale(double s) = 0;
+};
+
+}  // namespace moe

@@ -1,0 +1,193 @@
+// The device-resident MoE layer (runtime/device_moe_layer.h) against the CPU layer on the same
+// parameters and inputs:
+//  - routing identical (the plan is built by the same host code from the GPU's fp32 logits; the
+//    inputs are random, so no two selection scores are within the GEMMs' rounding of each other)
+//    and gates equal within 1e-5;
+//  - y, dx and every parameter gradient within 1e-4 of the largest reference magnitude in fp32
+//    (summation order and FMA only) and 3e-2 in bf16 (expert operands rounded to 8 bits; the router
+//    stays fp32, so routing is still identical);
+//  - losses and metrics equal; two calls of different sizes before one AddGradients accumulate the
+//    sum of both calls' gradients; bad parameter shapes and call order are clear errors.
+// Every GPU case skips with the reason when no CUDA device is visible; the no-GPU error runs
+// everywhere.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "comm/memory.h"
+#include "runtime/device_moe_layer.h"
+#include "runtime/moe_layer.h"
+#include "tests/gpu/device_util.h"
+#include "tests/unit/test_util.h"
+
+namespace moe {
+namespace {
+
+using experts::cuda::Precision;
+
+TEST(DeviceLayerNoDevice, CreateWithoutAGpuIsAClearError) {
+  if (comm::CudaDeviceCount() > 0)
+    GTEST_SKIP() << "a CUDA device is visible; this checks the error without one";
+  const config::LayerConfig cfg =
+      testing::LayerFromText("model_dim: 8 num_experts: 2 expert { hidden_dim: 8 }");
+  auto layer = DeviceMoeLayer::Create(cfg, {});
+  ASSERT_FALSE(layer.ok());
+#if MOE_EXPERTS_HAVE_CUDA
+  EXPECT_EQ(layer.status().code(), StatusCode::kFailedPrecondition) << layer.status().ToString();
+  EXPECT_NE(layer.status().message().find("no CUDA device"), std::string::npos)
+      << layer.status().ToString();
+#else
+  EXPECT_EQ(layer.status().code(), StatusCode::kUnimplemented) << layer.status().ToString();
+#endif
+}
+
+struct Case {
+  std::string name;
+  std::string layer;  // LayerConfig text
+  Precision precision;
+  bool train;
+};
+
+class DeviceLayerVersusCpu : public ::testing::TestWithParam<Case> {};
+
+// Runs `tokens` random rows forward and backward through both layers and compares the plans,
+// losses, y and dx; the CPU layer's gradients are accumulated into g_cpu.
+void CompareCall(MoeLayer& cpu, DeviceMoeLayer& gpu, int64_t tokens, uint64_t seed,
+                 const RouteContext& ctx, double tol, MoeLayerParams* g_cpu) {
+  const int64_t m = cpu.config().model_dim();
+  Tensor x(tokens, m), dy(tokens, m);
+  testing::FillRandom(&x, seed, 1.0f);
+  testing::FillRandom(&dy, seed + 1, 1.0f);
+  Tensor y_cpu, dx_cpu;
+  ASSERT_TRUE(cpu.Forward(x.view(), ctx, &y_cpu).ok());
+  ASSERT_TRUE(cpu.Backward(dy.view(), &dx_cpu, g_cpu).ok());
+
+  comm::Buffer x_dev = testing::ToDevice(std::vector<float>(x.data(), x.data() + x.size()));
+  comm::Buffer dy_dev = testing::ToDevice(std::vector<float>(dy.data(), dy.data() + dy.size()));
+  comm::Buffer y_dev = testing::DeviceArray<float>(x.size());
+  comm::Buffer dx_dev = testing::DeviceArray<float>(x.size());
+  Status s = gpu.Forward(x_dev.as<float>(), tokens, ctx, y_dev.as<float>());
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  EXPECT_EQ(gpu.plan().slot_expert, cpu.plan().slot_expert);
+  EXPECT_EQ(gpu.plan().row_token, cpu.plan().row_token);
+  ASSERT_EQ(gpu.plan().row_gate.size(), cpu.plan().row_gate.size());
+  for (size_t r = 0; r < cpu.plan().row_gate.size(); ++r) {
+    // Gates come from the GPU's logits: equal up to the GEMMs' rounding.
+    EXPECT_NEAR(gpu.plan().row_gate[r], cpu.plan().row_gate[r], 1e-5) << "row " << r;
+  }
+  EXPECT_NEAR(gpu.losses().aux, cpu.losses().aux, 1e-5 * std::max(1.0, cpu.losses().aux));
+  EXPECT_NEAR(gpu.losses().z, cpu.losses().z, 1e-5 * std::max(1.0, cpu.losses().z));
+  EXPECT_EQ(gpu.Metrics().dropped_slots(), cpu.Metrics().dropped_slots());
+  s = gpu.Backward(dy_dev.as<float>(), dx_dev.as<float>());
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  ASSERT_TRUE(gpu.Synchronize().ok());
+  Tensor y_gpu(tokens, m), dx_gpu(tokens, m);
+  const std::vector<float> y_host = testing::FromDevice<float>(y_dev, x.size());
+  const std::vector<float> dx_host = testing::FromDevice<float>(dx_dev, x.size());
+  std::copy(y_host.begin(), y_host.end(), y_gpu.data());
+  std::copy(dx_host.begin(), dx_host.end(), dx_gpu.data());
+  EXPECT_LE(testing::RelativeError(y_gpu, y_cpu), tol) << tokens << " tokens";
+  EXPECT_LE(testing::RelativeError(dx_gpu, dx_cpu), tol) << tokens << " tokens";
+}
+
+TEST_P(DeviceLayerVersusCpu, ForwardBackwardAndGradientsMatch) {
+  MOE_REQUIRE_GPU();
+  const Case& c = GetParam();
+  const config::LayerConfig cfg = testing::LayerFromText(c.layer);
+  MoeLayer cpu(cfg);
+  InitLayerParams(cfg, 5, &cpu.params());
+  auto made = DeviceMoeLayer::Create(cfg, {0, c.precision});
+  ASSERT_TRUE(made.ok()) << made.status().ToString();
+  DeviceMoeLayer& gpu = **made;
+  ASSERT_TRUE(gpu.SetParams(cpu.params()).ok());
+  cpu.set_loss_gradient_scale(0.5);
+  gpu.set_loss_gradient_scale(0.5);
+  const double tol = c.precision == Precision::kFloat32 ? 1e-4 : 3e-2;
+
+  RouteContext ctx;
+  ctx.train = c.train;
+  ctx.seed = 3;
+  MoeLayerParams g_cpu = testing::ZeroGrads(cpu);
+  // Two calls (the second larger: every device buffer grows) accumulate before one download.
+  CompareCall(cpu, gpu, 48, 7, ctx, tol, &g_cpu);
+  ctx.step = 1;
+  ctx.token_offset = 48;
+  CompareCall(cpu, gpu, 96, 9, ctx, tol, &g_cpu);
+  MoeLayerParams g_gpu = testing::ZeroGrads(cpu);
+  Status s = gpu.AddGradients(&g_gpu);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  std::vector<std::pair<std::string, const Tensor*>> want, got;
+  g_cpu.ForEach([&](const std::string& name, const Tensor& t) { want.push_back({name, &t}); });
+  g_gpu.ForEach([&](const std::string& name, const Tensor& t) { got.push_back({name, &t}); });
+  ASSERT_EQ(want.size(), got.size());
+  for (size_t i = 0; i < want.size(); ++i) {
+    EXPECT_LE(testing::RelativeError(*got[i].second, *want[i].second), tol) << want[i].first;
+  }
+  // The device gradients were zeroed by the download.
+  MoeLayerParams again = testing::ZeroGrads(cpu);
+  ASSERT_TRUE(gpu.AddGradients(&again).ok());
+  again.ForEach([](const std::string& name, const Tensor& t) {
+    for (int64_t i = 0; i < t.size(); ++i) ASSERT_EQ(t[i], 0.0f) << name << " element " << i;
+  });
+}
+
+std::vector<Case> Cases() {
+  const std::string capacity =
+      "model_dim: 32 num_experts: 6 expert { hidden_dim: 40 activation: GELU_TANH } "
+      "num_shared_experts: 1 router { gate: TOPK top_k: 2 normalization: RENORM_AFTER_CAPACITY "
+      "capacity_factor_train: 1.0 min_capacity: 1 num_local_groups: 2 aux_loss_weight: 0.01 "
+      "z_loss_weight: 0.001 }";
+  const std::string dropless_swiglu =
+      "model_dim: 24 num_experts: 8 expert { hidden_dim: 16 kind: SWIGLU bias: false } "
+      "num_shared_experts: 2 shared_hidden_dim: 20 router { gate: TOPK top_k: 4 normalization: "
+      "TOPK_SOFTMAX capacity_factor_train: 0 aux_loss: IMPORTANCE_CV aux_loss_weight: 0.1 }";
+  const std::string noisy_random =
+      "model_dim: 16 num_experts: 4 expert { hidden_dim: 32 activation: SILU } router { gate: "
+      "NOISY_TOPK top_k: 2 random_routing: true drop_policy: PROBABILITY reroute_overflow: true "
+      "capacity_factor_train: 0.75 min_capacity: 1 z_loss_weight: 0.01 }";
+  const std::string expert_choice =
+      "model_dim: 16 num_experts: 4 expert { hidden_dim: 24 activation: RELU } router { gate: "
+      "EXPERT_CHOICE capacity_factor_train: 1.5 aux_loss: NO_AUX_LOSS z_loss_weight: 0.01 }";
+  return {
+      {"capacity_fp32", capacity, Precision::kFloat32, true},
+      {"capacity_eval_fp32", capacity, Precision::kFloat32, false},
+      {"capacity_bf16", capacity, Precision::kBfloat16, true},
+      {"dropless_swiglu_shared2_fp32", dropless_swiglu, Precision::kFloat32, true},
+      {"dropless_swiglu_shared2_bf16", dropless_swiglu, Precision::kBfloat16, true},
+      {"noisy_random_reroute_fp32", noisy_random, Precision::kFloat32, true},
+      {"expert_choice_fp32", expert_choice, Precision::kFloat32, true},
+  };
+}
+
+INSTANTIATE_TEST_SUITE_P(Layers, DeviceLayerVersusCpu, ::testing::ValuesIn(Cases()),
+                         [](const ::testing::TestParamInfo<Case>& p) { return p.param.name; });
+
+TEST(DeviceLayer, BadParametersAndCallOrderAreClearErrors) {
+  MOE_REQUIRE_GPU();
+  const config::LayerConfig cfg =
+      testing::LayerFromText("model_dim: 8 num_experts: 2 expert { hidden_dim: 8 }");
+  auto made = DeviceMoeLayer::Create(cfg, {});
+  ASSERT_TRUE(made.ok()) << made.status().ToString();
+  DeviceMoeLayer& gpu = **made;
+  comm::Buffer x = testing::DeviceArray<float>(8 * 4);
+  comm::Buffer y = testing::DeviceArray<float>(8 * 4);
+  Status s = gpu.Forward(x.as<float>(), 4, {}, y.as<float>());
+  EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition) << s.ToString();
+  MoeLayerParams params = MakeLayerParams(cfg);
+  params.experts[1].w2 = Tensor(8, 7);
+  s = gpu.SetParams(params);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.ToString();
+  EXPECT_NE(s.message().find("expert_1_w2 is 8x7, must be 8x8"), std::string::npos) << s.ToString();
+  ASSERT_TRUE(gpu.SetParams(MakeLayerParams(cfg)).ok());
+  s = gpu.Backward(x.as<float>(), y.as<float>());
+  EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition) << s.ToString();
+  s = gpu.Forward(x.as<float>(), 0, {}, y.as<float>());
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.ToString();
+}
+
+}  // namespace
+}  // namespace moe

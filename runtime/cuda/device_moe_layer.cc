@@ -310,9 +310,11 @@ class CudaMoeLayer final : public DeviceMoeLayer {
     staging_.resize(off_bytes + 3 * row_bytes);
     const double t0 = WallSeconds();
     std::memcpy(staging_.data(), plan_.token_row_offset.data(), off_bytes);
-    std::memcpy(staging_.data() + off_bytes, plan_.row_gate.data(), row_bytes);
-    std::memcpy(staging_.data() + off_bytes + row_bytes, plan_.row_token.data(), row_bytes);
-    std::memcpy(staging_.data() + off_bytes + 2 * row_bytes, plan_.token_rows.data(), row_bytes);
+    if (rows > 0) {  // (empty vectors may have null data())
+      std::memcpy(staging_.data() + off_bytes, plan_.row_gate.data(), row_bytes);
+      std::memcpy(staging_.data() + off_bytes + row_bytes, plan_.row_token.data(), row_bytes);
+      std::memcpy(staging_.data() + off_bytes + 2 * row_bytes, plan_.token_rows.data(), row_bytes);
+    }
     host_seconds_ += WallSeconds() - t0;
     MOE_ASSIGN_OR_RETURN(char* dev, plan_mem_.Get<char>(static_cast<int64_t>(staging_.size())));
     MOE_RETURN_IF_ERROR(CudaCheck(

@@ -6,21 +6,27 @@
 //
 // Outputs in --out: y.npy, routing_expert.npy, routing_gate.npy, metrics.json, config.json; with
 // --grad-output also dx.npy and grad_<weight>.npy; with --init-seed the weights in DIR/weights/;
-// with --train and a bias update rate, the updated router_bias.npy.
-#include <CLI/CLI.hpp>
+// with --train and a bias update rate, the updated router_bias.npy. --device cuda runs the
+// device-resident layer (runtime/device_moe_layer.h).
+#include "runtime/moe_layer.h"
+
 #include <google/protobuf/util/json_util.h>
 
+#include <CLI/CLI.hpp>
 #include <cstdio>
 #include <memory>
 #include <string>
+#include <vector>
 
+#include "comm/memory.h"
 #include "experts/cpu/blas.h"
 #include "launch/cli.h"
 #include "runtime/base/file.h"
 #include "runtime/base/npy.h"
 #include "runtime/config.h"
+#include "runtime/device_moe_layer.h"
+#include "runtime/expert_executor.h"
 #include "runtime/layer_io.h"
-#include "runtime/moe_layer.h"
 
 namespace {
 
@@ -47,7 +53,8 @@ moe::Status WriteRouting(const std::string& out, const moe::DispatchPlan& p) {
       int64_t row = p.expert_offset[e];
       for (int64_t g = 0; g < p.num_groups; ++g) {
         const int32_t n = p.group_expert_count[g * p.num_experts + e];
-        for (int32_t pos = 0; pos < n; ++pos) gates((g * p.num_experts + e), pos) = p.row_gate[row++];
+        for (int32_t pos = 0; pos < n; ++pos)
+          gates((g * p.num_experts + e), pos) = p.row_gate[row++];
       }
     }
   } else {
@@ -62,6 +69,106 @@ moe::Status WriteRouting(const std::string& out, const moe::DispatchPlan& p) {
   return moe::WriteNpy(out + "/routing_gate.npy", gates);
 }
 
+// The layer under test: the CPU layer (experts on the CPU, or staged to a GPU), or with
+// compute.device=CUDA the device-resident layer (runtime/device_moe_layer.h), which also runs the
+// router GEMMs, permutes and combine on the GPU. Same inputs, same output files.
+class LayerRunner {
+ public:
+  virtual ~LayerRunner() = default;
+  virtual moe::Status SetParams(const moe::MoeLayerParams& params,
+                                const std::vector<float>& bias) = 0;
+  virtual moe::Status Forward(const moe::Tensor& x, const moe::RouteContext& ctx,
+                              moe::Tensor* y) = 0;
+  virtual moe::Status Backward(const moe::Tensor& dy, moe::Tensor* dx,
+                               moe::MoeLayerParams* grads) = 0;
+  virtual const moe::DispatchPlan& plan() const = 0;
+  virtual moe::report::LayerMetrics Metrics() const = 0;
+};
+
+class CpuRunner : public LayerRunner {
+ public:
+  CpuRunner(const moe::config::LayerConfig& cfg, std::unique_ptr<moe::ExpertCompute> compute)
+      : layer_(cfg, std::make_unique<moe::LocalExpertExecutor>(std::move(compute)), 0,
+               cfg.num_experts()) {}
+  moe::Status SetParams(const moe::MoeLayerParams& params,
+                        const std::vector<float>& bias) override {
+    layer_.params() = params;
+    layer_.router_bias() = bias;
+    return moe::Status::Ok();
+  }
+  moe::Status Forward(const moe::Tensor& x, const moe::RouteContext& ctx, moe::Tensor* y) override {
+    return layer_.Forward(x.view(), ctx, y);
+  }
+  moe::Status Backward(const moe::Tensor& dy, moe::Tensor* dx,
+                       moe::MoeLayerParams* grads) override {
+    return layer_.Backward(dy.view(), dx, grads);
+  }
+  const moe::DispatchPlan& plan() const override { return layer_.plan(); }
+  moe::report::LayerMetrics Metrics() const override { return layer_.Metrics(); }
+
+ private:
+  moe::MoeLayer layer_;
+};
+
+class ResidentRunner : public LayerRunner {
+ public:
+  static moe::StatusOr<std::unique_ptr<LayerRunner>> Create(const moe::MoeConfig& cfg) {
+    moe::DeviceLayerOptions options;
+    options.device = cfg.compute().gpu() >= 0 ? cfg.compute().gpu() : 0;
+    options.precision = cfg.compute().expert_precision() == moe::config::BF16
+                            ? moe::experts::cuda::Precision::kBfloat16
+                            : moe::experts::cuda::Precision::kFloat32;
+    auto made = moe::DeviceMoeLayer::Create(cfg.moe(), options);
+    if (!made.ok()) return made.status().WithContext("compute.device=CUDA");
+    return std::unique_ptr<LayerRunner>(new ResidentRunner(std::move(made).value()));
+  }
+  moe::Status SetParams(const moe::MoeLayerParams& params,
+                        const std::vector<float>& bias) override {
+    layer_->router_bias() = bias;
+    return layer_->SetParams(params);
+  }
+  moe::Status Forward(const moe::Tensor& x, const moe::RouteContext& ctx, moe::Tensor* y) override {
+    MOE_ASSIGN_OR_RETURN(x_, ToDevice(x));
+    MOE_ASSIGN_OR_RETURN(y_, DeviceLike(x));
+    MOE_RETURN_IF_ERROR(layer_->Forward(x_.as<float>(), x.rows(), ctx, y_.as<float>()));
+    MOE_RETURN_IF_ERROR(layer_->Synchronize());
+    return ToHost(y_, x.rows(), x.cols(), y);
+  }
+  moe::Status Backward(const moe::Tensor& dy, moe::Tensor* dx,
+                       moe::MoeLayerParams* grads) override {
+    MOE_ASSIGN_OR_RETURN(moe::comm::Buffer dy_dev, ToDevice(dy));
+    MOE_ASSIGN_OR_RETURN(moe::comm::Buffer dx_dev, DeviceLike(dy));
+    MOE_RETURN_IF_ERROR(layer_->Backward(dy_dev.as<float>(), dx_dev.as<float>()));
+    MOE_RETURN_IF_ERROR(layer_->Synchronize());
+    MOE_RETURN_IF_ERROR(ToHost(dx_dev, dy.rows(), dy.cols(), dx));
+    return layer_->AddGradients(grads);
+  }
+  const moe::DispatchPlan& plan() const override { return layer_->plan(); }
+  moe::report::LayerMetrics Metrics() const override { return layer_->Metrics(); }
+
+ private:
+  explicit ResidentRunner(std::unique_ptr<moe::DeviceMoeLayer> layer) : layer_(std::move(layer)) {}
+
+  static moe::StatusOr<moe::comm::Buffer> DeviceLike(const moe::Tensor& t) {
+    return moe::comm::Buffer::Allocate(moe::comm::MemorySpace::kDevice,
+                                       t.size() * static_cast<int64_t>(sizeof(float)));
+  }
+  static moe::StatusOr<moe::comm::Buffer> ToDevice(const moe::Tensor& t) {
+    MOE_ASSIGN_OR_RETURN(moe::comm::Buffer b, DeviceLike(t));
+    MOE_RETURN_IF_ERROR(
+        moe::comm::CopyFromHost(moe::comm::MemorySpace::kDevice, b.data(), t.data(), b.bytes()));
+    return b;
+  }
+  static moe::Status ToHost(const moe::comm::Buffer& b, int64_t rows, int64_t cols,
+                            moe::Tensor* t) {
+    t->Reset(rows, cols);
+    return moe::comm::CopyToHost(moe::comm::MemorySpace::kDevice, t->data(), b.data(), b.bytes());
+  }
+
+  std::unique_ptr<moe::DeviceMoeLayer> layer_;
+  moe::comm::Buffer x_, y_;  // x stays on the device until the backward
+};
+
 moe::Status Run(const Flags& f) {
   MOE_ASSIGN_OR_RETURN(moe::MoeConfig cfg, moe::LoadConfig(f.config));
   moe::launch::ApplyComputeFlags(f.compute, cfg.mutable_compute());
@@ -69,56 +176,65 @@ moe::Status Run(const Flags& f) {
   const auto& layer_cfg = cfg.moe();
   MOE_ASSIGN_OR_RETURN(moe::Tensor x, moe::ReadNpyFloat(f.input));
   if (x.cols() != layer_cfg.model_dim()) {
-    return moe::InvalidArgument("--input " + f.input + " has " + std::to_string(x.cols()) +
-                                " columns, must equal moe.model_dim=" +
-                                std::to_string(layer_cfg.model_dim()));
+    return moe::InvalidArgument(
+        "--input " + f.input + " has " + std::to_string(x.cols()) +
+        " columns, must equal moe.model_dim=" + std::to_string(layer_cfg.model_dim()));
   }
   MOE_RETURN_IF_ERROR(moe::MakeDirs(f.out));
-  MOE_ASSIGN_OR_RETURN(auto compute, moe::MakeExpertCompute(moe::ExpertShape(layer_cfg), layer_cfg.num_experts(),
-                                                           cfg.compute(), /*rank=*/0));
-  moe::MoeLayer layer(layer_cfg, std::make_unique<moe::LocalExpertExecutor>(std::move(compute)), 0,
-                      layer_cfg.num_experts());
-  if (!f.weights.empty()) {
-    MOE_RETURN_IF_ERROR(moe::ReadLayerParams(f.weights, &layer.params()).WithContext("--weights"));
+  std::unique_ptr<LayerRunner> layer;
+  if (cfg.compute().device() == moe::config::CUDA) {
+    MOE_ASSIGN_OR_RETURN(layer, ResidentRunner::Create(cfg));
   } else {
-    moe::InitLayerParams(layer_cfg, static_cast<uint64_t>(f.init_seed), &layer.params());
-    MOE_RETURN_IF_ERROR(moe::WriteLayerParams(f.out + "/weights", layer.params()));
+    MOE_ASSIGN_OR_RETURN(
+        auto compute, moe::MakeExpertCompute(moe::ExpertShape(layer_cfg), layer_cfg.num_experts(),
+                                             cfg.compute(), /*rank=*/0));
+    layer = std::make_unique<CpuRunner>(layer_cfg, std::move(compute));
   }
+  moe::MoeLayerParams params = moe::MakeLayerParams(layer_cfg);
+  if (!f.weights.empty()) {
+    MOE_RETURN_IF_ERROR(moe::ReadLayerParams(f.weights, &params).WithContext("--weights"));
+  } else {
+    moe::InitLayerParams(layer_cfg, static_cast<uint64_t>(f.init_seed), &params);
+    MOE_RETURN_IF_ERROR(moe::WriteLayerParams(f.out + "/weights", params));
+  }
+  std::vector<float> bias(static_cast<size_t>(layer_cfg.num_experts()), 0.0f);
   if (!f.router_bias.empty()) {
     MOE_ASSIGN_OR_RETURN(moe::Tensor b,
                          moe::ReadNpyFloatShaped(f.router_bias, -1, layer_cfg.num_experts()));
-    layer.router_bias().assign(b.data(), b.data() + b.size());
+    bias.assign(b.data(), b.data() + b.size());
   }
+  MOE_RETURN_IF_ERROR(layer->SetParams(params, bias));
   moe::RouteContext ctx;
   ctx.train = f.train;
   ctx.seed = cfg.seed();
   ctx.step = static_cast<uint64_t>(f.step);
   ctx.token_offset = f.token_offset;
   moe::Tensor y;
-  MOE_RETURN_IF_ERROR(layer.Forward(x.view(), ctx, &y));
+  MOE_RETURN_IF_ERROR(layer->Forward(x, ctx, &y));
   MOE_RETURN_IF_ERROR(moe::WriteNpy(f.out + "/y.npy", y));
-  MOE_RETURN_IF_ERROR(WriteRouting(f.out, layer.plan()));
+  MOE_RETURN_IF_ERROR(WriteRouting(f.out, layer->plan()));
 
   std::string json;
   google::protobuf::util::JsonPrintOptions opts;
   opts.preserve_proto_field_names = true;
   opts.always_print_primitive_fields = true;
-  (void)google::protobuf::util::MessageToJsonString(layer.Metrics(), &json, opts);
+  (void)google::protobuf::util::MessageToJsonString(layer->Metrics(), &json, opts);
   MOE_RETURN_IF_ERROR(moe::WriteFileAtomically(f.out + "/metrics.json", json + "\n"));
   MOE_RETURN_IF_ERROR(moe::WriteFileAtomically(f.out + "/config.json", moe::ConfigToJson(cfg)));
 
   if (!f.grad_output.empty()) {
-    MOE_ASSIGN_OR_RETURN(moe::Tensor dy, moe::ReadNpyFloatShaped(f.grad_output, y.rows(), y.cols()));
+    MOE_ASSIGN_OR_RETURN(moe::Tensor dy,
+                         moe::ReadNpyFloatShaped(f.grad_output, y.rows(), y.cols()));
     moe::MoeLayerParams grads = moe::MakeLayerParams(layer_cfg);
     moe::Tensor dx;
-    MOE_RETURN_IF_ERROR(layer.Backward(dy.view(), &dx, &grads));
+    MOE_RETURN_IF_ERROR(layer->Backward(dy, &dx, &grads));
     MOE_RETURN_IF_ERROR(moe::WriteNpy(f.out + "/dx.npy", dx));
     MOE_RETURN_IF_ERROR(moe::WriteLayerParams(f.out, grads, "grad_"));
   }
   if (f.train && layer_cfg.router().bias_update_rate() > 0) {
-    layer.UpdateRouterBias();
+    moe::UpdateRouterBias(layer_cfg.router(), layer->plan().load_per_expert, &bias);
     moe::Tensor b(1, layer_cfg.num_experts());
-    for (int i = 0; i < layer_cfg.num_experts(); ++i) b[i] = layer.router_bias()[i];
+    for (int i = 0; i < layer_cfg.num_experts(); ++i) b[i] = bias[static_cast<size_t>(i)];
     MOE_RETURN_IF_ERROR(moe::WriteNpyVector(f.out + "/router_bias.npy", b));
   }
   return moe::Status::Ok();
@@ -137,7 +253,8 @@ int main(int argc, char** argv) {
   weights->excludes(seed);
   app.add_option("--grad-output", f.grad_output, "dy (S x M float32 .npy): run the backward");
   app.add_flag("--train", f.train, "training mode (train capacity factor, noise)");
-  app.add_option("--step", f.step, "training step (for counter-based randomness)")->check(CLI::NonNegativeNumber);
+  app.add_option("--step", f.step, "training step (for counter-based randomness)")
+      ->check(CLI::NonNegativeNumber);
   app.add_option("--token-offset", f.token_offset, "global index of the first token")
       ->check(CLI::NonNegativeNumber);
   app.add_option("--router-bias", f.router_bias, "aux-loss-free bias (E float32 .npy)");
@@ -153,7 +270,9 @@ int main(int argc, char** argv) {
   const moe::Status s = Run(f);
   if (!s.ok()) {
     std::fprintf(stderr, "moe_layer: %s\n", s.ToString().c_str());
-    return s.code() == moe::StatusCode::kInvalidArgument || s.code() == moe::StatusCode::kNotFound ? 2 : 1;
+    return s.code() == moe::StatusCode::kInvalidArgument || s.code() == moe::StatusCode::kNotFound
+               ? 2
+               : 1;
   }
   return 0;
 }

@@ -11,9 +11,15 @@ Inputs are redrawn (next seed) when any routing decision of the case sits within
 (float32 GEMM summation order differs between torch and OpenBLAS, which could flip it).
 
   check_against_reference.py --tool PATH/moe_layer [--workdir DIR] [--only NAME[,NAME]] [-v]
+                             [--device cuda]
+
+--device cuda runs the tool's device-resident GPU layer (routing still exact: the router is fp32
+and the plan is built by the same host code) with the tolerance 1e-4 (GPU GEMMs sum in another
+order and fuse multiply-adds).
 
 Prints one line per case and finally "N passed, N failed". Exit 0 when all pass, 1 on any
-failure, 77 (ctest SKIP_RETURN_CODE) when torch cannot be imported.
+failure, 77 (ctest SKIP_RETURN_CODE) when torch cannot be imported or, with --device cuda, when
+the tool reports no CUDA device (or a build without CUDA).
 """
 
 import argparse
@@ -38,6 +44,11 @@ import moe_reference as ref  # noqa: E402
 MARGIN = 1e-4      # smallest allowed gap of a float comparison that drives a routing decision
 TOL = 1e-5         # max abs error <= TOL * max(1, max |ref|)
 MAX_REDRAWS = 30
+TOL_CUDA = 1e-4    # --device cuda
+
+
+class NoGpu(Exception):
+    """The tool reported that it cannot run on a GPU here."""
 
 BASE = dict(S=32, M=8, H=12, E=4, gate="TOPK", k=2, norm="NONE", rr=False, cf_train=1.0,
             cf_eval=1.5, min_cap=1, policy="POSITION", G=1, reroute=False, aux="SWITCH",
@@ -200,12 +211,12 @@ def scaled_err(got, want):
     return err / scale, ""
 
 
-def run_tool(tool, c, case_dir, x_path, dy_path, bias_path, init_seed):
+def run_tool(tool, c, case_dir, x_path, dy_path, bias_path, init_seed, device):
     out = os.path.join(case_dir, "out")
     if os.path.isdir(out):
         shutil.rmtree(out)
     cmd = [tool, "--config", os.path.join(case_dir, "layer.textproto"), "--input", x_path,
-           "--init-seed", str(init_seed), "--out", out]
+           "--init-seed", str(init_seed), "--out", out, "--device", device]
     if c["grad"]:
         cmd += ["--grad-output", dy_path]
     if c["train"]:
@@ -220,7 +231,8 @@ def run_tool(tool, c, case_dir, x_path, dy_path, bias_path, init_seed):
     return p, out, cmd
 
 
-def run_case(tool, workdir, c, index, verbose):
+def run_case(tool, workdir, c, index, verbose, device="cpu"):
+    tol = TOL_CUDA if device == "cuda" else TOL
     case_dir = os.path.join(workdir, c["name"])
     os.makedirs(case_dir, exist_ok=True)
     config_seed = 1000 + index
@@ -241,7 +253,9 @@ def run_case(tool, workdir, c, index, verbose):
         np.save(dy_path, dy)
         if bias_path:
             np.save(bias_path, bias)
-        p, out, cmd = run_tool(tool, c, case_dir, x_path, dy_path, bias_path, init_seed)
+        p, out, cmd = run_tool(tool, c, case_dir, x_path, dy_path, bias_path, init_seed, device)
+        if p.returncode != 0 and device == "cuda" and "no CUDA device" in p.stderr:
+            raise NoGpu(p.stderr.strip())
         if p.returncode != 0:
             return False, (f"moe_layer failed (rc {p.returncode}): {' '.join(cmd)}\n"
                            f"{p.stderr.strip()}")
@@ -271,7 +285,7 @@ def run_case(tool, workdir, c, index, verbose):
     def close(label, got, want):
         e, why = scaled_err(got, want)
         errs[label] = e
-        if why or not e <= TOL:
+        if why or not e <= tol:
             problems.append(f"{label}: scaled max abs err {e:.3g} {why}".rstrip())
 
     # Routing.
@@ -311,7 +325,7 @@ def run_case(tool, workdir, c, index, verbose):
                 continue
             got = np.load(path).reshape(want.shape) if np.load(path).size == want.size else np.load(path)
             e, why = scaled_err(got, want)
-            if why or not e <= TOL:
+            if why or not e <= tol:
                 problems.append(f"grad_{name}: scaled max abs err {e:.3g} {why}".rstrip())
             if e >= worst:
                 worst, worst_name = e, name
@@ -341,6 +355,8 @@ def main():
     ap.add_argument("--workdir", default=None, help="where case files go (default: a temp dir)")
     ap.add_argument("--only", default="", help="comma-separated case names")
     ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="the tool's --device (cuda: the device-resident layer)")
     a = ap.parse_args()
     if not os.path.isfile(a.tool) or not os.access(a.tool, os.X_OK):
         print(f"moe_layer tool not found or not executable: {a.tool}")
@@ -365,7 +381,12 @@ def main():
         if only and c["name"] not in only:
             continue
         try:
-            ok, msg = run_case(a.tool, workdir, c, i, a.verbose)
+            ok, msg = run_case(a.tool, workdir, c, i, a.verbose, a.device)
+        except NoGpu as exc:
+            print(f"SKIP: moe_layer --device cuda cannot run here: {exc}")
+            if temp_workdir:
+                shutil.rmtree(workdir, ignore_errors=True)
+            return 77
         except Exception as exc:  # report and go on with the other cases
             import traceback
             ok, msg = False, f"exception: {exc!r}\n{traceback.format_exc()}"

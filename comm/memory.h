@@ -55,7 +55,8 @@ class Workspace {
   Buffer buffer_;
 };
 
-// dst and src both in `space`.
+// dst and src both in `space`. Every copy is complete when the call returns (device to device
+// included), so work on any stream may use dst.
 Status CopyBytes(MemorySpace space, void* dst, const void* src, int64_t bytes);
 // src in `space`, dst in host memory.
 Status CopyToHost(MemorySpace space, void* host_dst, const void* src, int64_t bytes);

@@ -21,6 +21,9 @@
 // (cublasGemmGroupedBatchedEx takes host problem sizes), so one synchronization per forward is in
 // the design; the host plan's cost is in docs/GPU_NOTES.md.
 //
+// Expert parallelism (DeviceLayerOptions::comm) adds a W x L counts all-to-all per forward, then
+// the rows' all-to-alls on device buffers, one chunk (no pipelining yet).
+//
 // Without a CUDA build Create() fails with kUnimplemented; without a visible GPU with
 // kFailedPrecondition.
 #pragma once
@@ -29,6 +32,7 @@
 #include <memory>
 #include <vector>
 
+#include "comm/communicator.h"
 #include "experts/cuda/grouped_ffn.h"
 #include "proto/moe_config.pb.h"
 #include "proto/report.pb.h"
@@ -45,20 +49,26 @@ struct DeviceLayerOptions {
   // Storage of the routed and shared experts' GEMM operands (fp32 accumulation either way). The
   // router is always fp32, so routing is that of the CPU layer.
   experts::cuda::Precision precision = experts::cuda::Precision::kFloat32;
+  // Expert parallelism: with a communicator of W ranks (device memory: NCCL, or loopback ranks
+  // with memory=kDevice sharing GPUs), this rank holds experts [rank·E/W, (rank+1)·E/W) and the
+  // expert step becomes dispatch all-to-all -> regroup -> grouped FFN -> regroup back -> combine
+  // all-to-all, all on device buffers (E % W == 0). nullptr: all E experts here. Not owned.
+  comm::Communicator* comm = nullptr;
 };
 
 class DeviceMoeLayer {
  public:
-  // A layer holding all E experts of `cfg` on `options.device`. Parameters are zero until
-  // SetParams.
+  // A layer holding all E experts of `cfg` (or, with options.comm, its rank's E/W) on
+  // `options.device`. Parameters are zero until SetParams.
   static StatusOr<std::unique_ptr<DeviceMoeLayer>> Create(const config::LayerConfig& cfg,
                                                           const DeviceLayerOptions& options);
   virtual ~DeviceMoeLayer() = default;
 
   // The resolved layer config.
   virtual const config::LayerConfig& config() const = 0;
-  // Copies every parameter (host, fp32, the shapes of MakeLayerParams(cfg) with all E experts) to
-  // the device; fails naming the first tensor whose shape differs.
+  // Copies every parameter (host, fp32, the shapes of MakeLayerParams(cfg) with all E experts, or
+  // MakeLayerParams(cfg, rank·E/W, E/W) with a communicator) to the device; fails naming the first
+  // tensor whose shape differs.
   virtual Status SetParams(const MoeLayerParams& params) = 0;
 
   // y = MoE(x) for the S rows of x: x and y are device pointers to S x M fp32 values. x must stay
@@ -67,8 +77,8 @@ class DeviceMoeLayer {
   // dx (device, S x M) from dy (device, S x M) for the last Forward; parameter gradients are
   // accumulated on the device.
   virtual Status Backward(const float* dy, float* dx) = 0;
-  // Adds the device-accumulated gradients into grads (host, MakeLayerParams(cfg) shapes) and zeroes
-  // them on the device.
+  // Adds the device-accumulated gradients into grads (host, the shapes SetParams takes) and zeroes
+  // them on the device. With a communicator the router gradient is this rank's (no all-reduce).
   virtual Status AddGradients(MoeLayerParams* grads) = 0;
   // Waits for the work enqueued so far (Forward and Backward return with device work in flight).
   virtual Status Synchronize() = 0;

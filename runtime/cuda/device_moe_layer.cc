@@ -17,6 +17,7 @@
 #include "runtime/base/clock.h"
 #include "runtime/config.h"
 #include "runtime/cuda/permute.h"
+#include "runtime/ep_row_maps.h"
 #include "runtime/expert_blocks.h"
 
 namespace moe {
@@ -68,6 +69,9 @@ class CudaMoeLayer final : public DeviceMoeLayer {
         }()),
         options_(options),
         api_(api),
+        ranks_(options.comm == nullptr ? 1 : options.comm->size()),
+        rank_(options.comm == nullptr ? 0 : options.comm->rank()),
+        local_(cfg.num_experts() / ranks_),
         bias_(static_cast<size_t>(cfg.num_experts()), 0.0f) {}
 
   ~CudaMoeLayer() override {
@@ -86,9 +90,8 @@ class CudaMoeLayer final : public DeviceMoeLayer {
     MOE_RETURN_IF_ERROR(CublasCheck(api_, api_.create(&handle_), "cublasCreate"));
     MOE_RETURN_IF_ERROR(CublasCheck(api_, api_.set_stream(handle_, stream_), "cublasSetStream"));
     const int64_t m = cfg_.model_dim(), e = cfg_.num_experts();
-    MOE_ASSIGN_OR_RETURN(
-        experts_, GroupedFfn::Create(ExpertShape(cfg_), static_cast<int>(e), options_.precision,
-                                     options_.device, stream_));
+    MOE_ASSIGN_OR_RETURN(experts_, GroupedFfn::Create(ExpertShape(cfg_), local_, options_.precision,
+                                                      options_.device, stream_));
     for (int i = 0; i < cfg_.num_shared_experts(); ++i) {
       MOE_ASSIGN_OR_RETURN(auto ffn, GroupedFfn::Create(SharedShape(cfg_), 1, options_.precision,
                                                         options_.device, stream_));
@@ -118,22 +121,23 @@ class CudaMoeLayer final : public DeviceMoeLayer {
   }
 
   Status SetParams(const MoeLayerParams& params) override {
-    const MoeLayerParams want = MakeLayerParams(cfg_);
+    const MoeLayerParams want = MakeLayerParams(cfg_, rank_ * local_, local_);
     const int64_t m = cfg_.model_dim(), e = cfg_.num_experts();
     MOE_RETURN_IF_ERROR(CheckShape("router", params.router, m, e));
     if (HasNoiseWeights())
       MOE_RETURN_IF_ERROR(CheckShape("router_noise", params.router_noise, m, e));
-    if (params.experts.size() != want.experts.size() || params.first_expert != 0 ||
+    if (params.experts.size() != want.experts.size() || params.first_expert != want.first_expert ||
         params.shared.size() != want.shared.size()) {
-      return InvalidArgument("DeviceMoeLayer::SetParams: needs all " + std::to_string(e) +
-                             " experts from expert 0 and " + std::to_string(want.shared.size()) +
-                             " shared experts (got " + std::to_string(params.experts.size()) +
-                             " from expert " + std::to_string(params.first_expert) + " and " +
+      return InvalidArgument("DeviceMoeLayer::SetParams: needs the " + std::to_string(local_) +
+                             " experts from expert " + std::to_string(want.first_expert) + " and " +
+                             std::to_string(want.shared.size()) + " shared experts (got " +
+                             std::to_string(params.experts.size()) + " from expert " +
+                             std::to_string(params.first_expert) + " and " +
                              std::to_string(params.shared.size()) + ")");
     }
     for (size_t i = 0; i < want.experts.size(); ++i) {
-      MOE_RETURN_IF_ERROR(
-          CheckFfnShapes("expert_" + std::to_string(i), params.experts[i], want.experts[i]));
+      MOE_RETURN_IF_ERROR(CheckFfnShapes("expert_" + std::to_string(want.first_expert + i),
+                                         params.experts[i], want.experts[i]));
     }
     for (size_t i = 0; i < want.shared.size(); ++i) {
       MOE_RETURN_IF_ERROR(
@@ -185,7 +189,17 @@ class CudaMoeLayer final : public DeviceMoeLayer {
     MOE_ASSIGN_OR_RETURN(packed_x_, packed_x_mem_.Get<float>(rows * m));
     MOE_ASSIGN_OR_RETURN(packed_y_, packed_y_mem_.Get<float>(rows * m));
     MOE_RETURN_IF_ERROR(gpu::PermuteRows(dplan_, x, m, packed_x_, stream_));
-    MOE_RETURN_IF_ERROR(experts_->Forward(plan_.expert_offset, packed_x_, packed_y_));
+    if (options_.comm == nullptr) {
+      MOE_RETURN_IF_ERROR(experts_->Forward(plan_.expert_offset, packed_x_, packed_y_));
+    } else {
+      MOE_RETURN_IF_ERROR(ExchangeLayout());
+      const int64_t recv_rows = maps_.expert_offsets.back();
+      MOE_ASSIGN_OR_RETURN(expert_x_, expert_x_mem_.Get<float>(recv_rows * m));
+      MOE_ASSIGN_OR_RETURN(float* expert_y, expert_y_mem_.Get<float>(recv_rows * m));
+      MOE_RETURN_IF_ERROR(Dispatch(packed_x_, expert_x_));
+      MOE_RETURN_IF_ERROR(experts_->Forward(maps_.expert_offsets, expert_x_, expert_y));
+      MOE_RETURN_IF_ERROR(Combine(expert_y, packed_y_));
+    }
     const std::vector<int64_t> all_tokens = {0, s};
     for (size_t i = 0; i < shared_.size(); ++i) {
       if (i == 0) {
@@ -212,7 +226,16 @@ class CudaMoeLayer final : public DeviceMoeLayer {
     MOE_ASSIGN_OR_RETURN(float* packed_dx, packed_dx_mem_.Get<float>(rows * m));
     MOE_ASSIGN_OR_RETURN(float* dgate, dgate_mem_.Get<float>(rows));
     MOE_RETURN_IF_ERROR(gpu::PermuteGradRows(dplan_, dy, packed_y_, m, packed_dy, dgate, stream_));
-    MOE_RETURN_IF_ERROR(experts_->Backward(packed_dy, packed_dx));
+    if (options_.comm == nullptr) {
+      MOE_RETURN_IF_ERROR(experts_->Backward(packed_dy, packed_dx));
+    } else {
+      const int64_t recv_rows = maps_.expert_offsets.back();
+      MOE_ASSIGN_OR_RETURN(float* expert_dy, expert_dy_mem_.Get<float>(recv_rows * m));
+      MOE_ASSIGN_OR_RETURN(float* expert_dx, expert_dx_mem_.Get<float>(recv_rows * m));
+      MOE_RETURN_IF_ERROR(Dispatch(packed_dy, expert_dy));
+      MOE_RETURN_IF_ERROR(experts_->Backward(expert_dy, expert_dx));
+      MOE_RETURN_IF_ERROR(Combine(expert_dx, packed_dx));
+    }
     for (size_t i = 0; i < shared_.size(); ++i) {
       if (i == 0) {
         MOE_RETURN_IF_ERROR(shared_[i]->Backward(dy, dx));
@@ -248,10 +271,11 @@ class CudaMoeLayer final : public DeviceMoeLayer {
     MOE_RETURN_IF_ERROR(CudaCheck(cudaSetDevice(options_.device), "cudaSetDevice"));
     const int64_t m = cfg_.model_dim(), e = cfg_.num_experts();
     MOE_RETURN_IF_ERROR(CheckShape("router gradient", grads->router, m, e));
-    if (grads->experts.size() != static_cast<size_t>(e) || grads->shared.size() != shared_.size()) {
-      return InvalidArgument("DeviceMoeLayer::AddGradients: grads must hold all " +
-                             std::to_string(e) + " experts and " + std::to_string(shared_.size()) +
-                             " shared experts");
+    if (grads->experts.size() != static_cast<size_t>(local_) ||
+        grads->shared.size() != shared_.size()) {
+      return InvalidArgument("DeviceMoeLayer::AddGradients: grads must hold this rank's " +
+                             std::to_string(local_) + " experts and " +
+                             std::to_string(shared_.size()) + " shared experts");
     }
     MOE_RETURN_IF_ERROR(AddRouterGradient(gwg_, &grads->router));
     if (HasNoiseWeights()) {
@@ -270,6 +294,75 @@ class CudaMoeLayer final : public DeviceMoeLayer {
   }
 
  private:
+  // Expert parallelism, once per forward: the (destination, local expert) row counts of this rank's
+  // plan go to every rank (a W x L all-to-all in the communicator's memory), the received counts
+  // give the regroup maps (uploaded once) and the per-peer counts of both row all-to-alls.
+  Status ExchangeLayout() {
+    const int64_t w = ranks_, l = local_, m = cfg_.model_dim();
+    const std::vector<int64_t>& off = plan_.expert_offset;
+    send_le_.assign(static_cast<size_t>(w * l), 0);
+    for (int64_t i = 0; i < w * l; ++i) send_le_[static_cast<size_t>(i)] = off[i + 1] - off[i];
+    recv_le_.assign(static_cast<size_t>(w * l), 0);
+    const int64_t bytes = w * l * static_cast<int64_t>(sizeof(int64_t));
+    MOE_ASSIGN_OR_RETURN(int64_t * counts, counts_mem_.Get<int64_t>(2 * w * l));
+    MOE_RETURN_IF_ERROR(Synchronize());
+    MOE_RETURN_IF_ERROR(
+        comm::CopyFromHost(comm::MemorySpace::kDevice, counts, send_le_.data(), bytes));
+    MOE_RETURN_IF_ERROR(options_.comm->AllToAll(counts, counts + w * l, l, comm::DataType::kInt64));
+    MOE_RETURN_IF_ERROR(
+        comm::CopyToHost(comm::MemorySpace::kDevice, recv_le_.data(), counts + w * l, bytes));
+    MOE_ASSIGN_OR_RETURN(maps_, MakeEpRowMaps(static_cast<int>(w), static_cast<int>(l), recv_le_));
+    send_counts_.resize(static_cast<size_t>(w));
+    send_displs_.resize(static_cast<size_t>(w));
+    recv_counts_.resize(static_cast<size_t>(w));
+    recv_displs_.resize(static_cast<size_t>(w));
+    int64_t recv_at = 0;
+    for (int64_t p = 0; p < w; ++p) {
+      send_counts_[static_cast<size_t>(p)] = (off[(p + 1) * l] - off[p * l]) * m;
+      send_displs_[static_cast<size_t>(p)] = off[p * l] * m;
+      recv_counts_[static_cast<size_t>(p)] = maps_.source_rows[static_cast<size_t>(p)] * m;
+      recv_displs_[static_cast<size_t>(p)] = recv_at;
+      recv_at += recv_counts_[static_cast<size_t>(p)];
+    }
+    const int64_t rows = maps_.expert_offsets.back();
+    MOE_ASSIGN_OR_RETURN(int32_t * idx, maps_mem_.Get<int32_t>(2 * rows));
+    if (rows > 0) {
+      const size_t row_bytes = static_cast<size_t>(rows) * sizeof(int32_t);
+      MOE_RETURN_IF_ERROR(CudaCheck(cudaMemcpyAsync(idx, maps_.to_expert_major.data(), row_bytes,
+                                                    cudaMemcpyHostToDevice, stream_),
+                                    "copy of the expert-parallel row maps"));
+      MOE_RETURN_IF_ERROR(CudaCheck(cudaMemcpyAsync(idx + rows, maps_.to_source_major.data(),
+                                                    row_bytes, cudaMemcpyHostToDevice, stream_),
+                                    "copy of the expert-parallel row maps"));
+    }
+    to_expert_major_ = gpu::DevicePlan{rows, rows, idx, nullptr, nullptr, nullptr};
+    to_source_major_ = gpu::DevicePlan{rows, rows, idx + rows, nullptr, nullptr, nullptr};
+    return Status::Ok();
+  }
+
+  // Rows of this rank's plan (destination-major) -> every rank; received rows (source-major) ->
+  // local-expert-major `out`.
+  Status Dispatch(const float* packed, float* out) {
+    const int64_t m = cfg_.model_dim();
+    MOE_ASSIGN_OR_RETURN(float* recv, recv_mem_.Get<float>(maps_.expert_offsets.back() * m));
+    MOE_RETURN_IF_ERROR(Synchronize());  // the communicator reads `packed` outside this stream
+    MOE_RETURN_IF_ERROR(options_.comm->AllToAllV(packed, send_counts_, send_displs_, recv,
+                                                 recv_counts_, recv_displs_,
+                                                 comm::DataType::kFloat32));
+    return gpu::PermuteRows(to_expert_major_, recv, m, out, stream_);
+  }
+
+  // The inverse: local-expert-major `rows` -> source-major -> back to the ranks whose tokens they
+  // are, into this rank's plan order (`packed`).
+  Status Combine(const float* rows, float* packed) {
+    const int64_t m = cfg_.model_dim();
+    MOE_ASSIGN_OR_RETURN(float* send, recv_mem_.Get<float>(maps_.expert_offsets.back() * m));
+    MOE_RETURN_IF_ERROR(gpu::PermuteRows(to_source_major_, rows, m, send, stream_));
+    MOE_RETURN_IF_ERROR(Synchronize());
+    return options_.comm->AllToAllV(send, recv_counts_, recv_displs_, packed, send_counts_,
+                                    send_displs_, comm::DataType::kFloat32);
+  }
+
   bool HasNoiseWeights() const { return cfg_.router().gate() == config::NOISY_TOPK; }
 
   // Row-major c (m x n) = op(a)·op(b) + beta·c, fp32 with fp32 accumulation (no TF32).
@@ -352,6 +445,7 @@ class CudaMoeLayer final : public DeviceMoeLayer {
   const CublasApi& api_;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t handle_ = nullptr;
+  int ranks_ = 1, rank_ = 0, local_ = 0;  // expert parallelism: W, this rank, E / W
   std::unique_ptr<GroupedFfn> experts_;
   std::vector<std::unique_ptr<GroupedFfn>> shared_;
   std::vector<float> bias_;
@@ -362,7 +456,14 @@ class CudaMoeLayer final : public DeviceMoeLayer {
   DeviceArray wg_mem_, gwg_mem_, wn_mem_, gwn_mem_, logits_mem_, plan_mem_, packed_x_mem_,
       packed_y_mem_, packed_dy_mem_, packed_dx_mem_, dgate_mem_, dlogits_mem_, shared_tmp_mem_;
   float *wg_ = nullptr, *gwg_ = nullptr, *wn_ = nullptr, *gwn_ = nullptr;
-  float *packed_x_ = nullptr, *packed_y_ = nullptr;
+  float *packed_x_ = nullptr, *packed_y_ = nullptr, *expert_x_ = nullptr;
+  // Expert parallelism: device memory (counts, regroup maps, received rows, the experts' rows) and
+  // the per-forward layout.
+  DeviceArray counts_mem_, maps_mem_, recv_mem_, expert_x_mem_, expert_y_mem_, expert_dy_mem_,
+      expert_dx_mem_;
+  std::vector<int64_t> send_le_, recv_le_, send_counts_, send_displs_, recv_counts_, recv_displs_;
+  EpRowMaps maps_;
+  gpu::DevicePlan to_expert_major_, to_source_major_;
 
   // Saved by Forward.
   const float* x_ = nullptr;
@@ -390,6 +491,19 @@ StatusOr<std::unique_ptr<DeviceMoeLayer>> DeviceMoeLayer::Create(
   if (options.device < 0 || options.device >= count) {
     return InvalidArgument("DeviceMoeLayer: device " + std::to_string(options.device) +
                            " not in [0, " + std::to_string(count) + ")");
+  }
+  if (options.comm != nullptr) {
+    const int w = options.comm->size();
+    if (cfg.num_experts() % w != 0) {
+      return InvalidArgument(
+          "DeviceMoeLayer: moe.num_experts=" + std::to_string(cfg.num_experts()) +
+          " must be a multiple of the " + std::to_string(w) + " ranks of the communicator");
+    }
+    if (options.comm->memory_space() != comm::MemorySpace::kDevice) {
+      return InvalidArgument(
+          "DeviceMoeLayer: the communicator (backend " + std::string(options.comm->backend()) +
+          ") must use device memory (NCCL, or loopback ranks with memory=kDevice)");
+    }
   }
   MOE_ASSIGN_OR_RETURN(const CublasApi* api, experts::cuda::Cublas());
   auto layer = std::make_unique<CudaMoeLayer>(cfg, options, *api);

@@ -7,7 +7,10 @@
 //    (summation order and FMA only) and 3e-2 in bf16 (expert operands rounded to 8 bits; the router
 //    stays fp32, so routing is still identical);
 //  - losses and metrics equal; two calls of different sizes before one AddGradients accumulate the
-//    sum of both calls' gradients; bad parameter shapes and call order are clear errors.
+//    sum of both calls' gradients; bad parameter shapes and call order are clear errors;
+//  - expert parallelism: W loopback ranks in device memory sharing the GPU, each a DeviceMoeLayer
+//    holding E/W experts, against the 1-rank CPU layer with G = W groups (routing identical; y, dx,
+//    expert gradients and the router gradient summed over ranks within 1e-4).
 // Every GPU case skips with the reason when no CUDA device is visible; the no-GPU error runs
 // everywhere.
 #include <gtest/gtest.h>
@@ -18,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "comm/loopback/loopback_world.h"
 #include "comm/memory.h"
 #include "runtime/device_moe_layer.h"
 #include "runtime/moe_layer.h"
@@ -188,6 +192,132 @@ TEST(DeviceLayer, BadParametersAndCallOrderAreClearErrors) {
   s = gpu.Forward(x.as<float>(), 0, {}, y.as<float>());
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.ToString();
 }
+
+struct EpCase {
+  std::string name;
+  int world;
+  std::string layer;  // LayerConfig text; num_local_groups is added (1 per rank, W for one rank)
+};
+
+class DeviceLayerExpertParallel : public ::testing::TestWithParam<EpCase> {};
+
+config::LayerConfig EpLayer(const EpCase& c, int groups) {
+  std::string text = c.layer;
+  const std::string router = "router { ";
+  text.insert(text.find(router) + router.size(),
+              "num_local_groups: " + std::to_string(groups) + " ");
+  return testing::LayerFromText(text);
+}
+
+TEST_P(DeviceLayerExpertParallel, RanksOnDeviceBuffersEqualOneCpuRankWithGroups) {
+  MOE_REQUIRE_GPU();
+  const EpCase& c = GetParam();
+  const int w = c.world;
+  constexpr int kTokensPerRank = 40;
+  const config::LayerConfig ref_cfg = EpLayer(c, w), cfg = EpLayer(c, 1);
+  const int64_t m = cfg.model_dim(), s = kTokensPerRank;
+  const int local = cfg.num_experts() / w;
+  Tensor x(w * s, m), dy(w * s, m);
+  testing::FillRandom(&x, 21, 1.0f);
+  testing::FillRandom(&dy, 22, 1.0f);
+  RouteContext ctx;
+  ctx.train = true;
+  ctx.seed = 5;
+
+  MoeLayer ref(ref_cfg);
+  InitLayerParams(ref_cfg, 9, &ref.params());
+  Tensor ref_y, ref_dx;
+  ASSERT_TRUE(ref.Forward(x.view(), ctx, &ref_y).ok());
+  MoeLayerParams ref_grads = testing::ZeroGrads(ref);
+  ASSERT_TRUE(ref.Backward(dy.view(), &ref_dx, &ref_grads).ok());
+
+  auto world = comm::LoopbackWorld::Create(w, {comm::MemorySpace::kDevice, {}});
+  ASSERT_TRUE(world.ok()) << world.status().ToString();
+  std::vector<Tensor> y(w, Tensor(s, m)), dx(w, Tensor(s, m));
+  std::vector<MoeLayerParams> grads(w);
+  std::vector<DispatchPlan> plans(w);
+  std::vector<Status> status(w);
+  world->RunPerRank([&](comm::Communicator& comm) {
+    const int r = comm.rank();
+    auto run = [&]() -> Status {
+      DeviceLayerOptions options;
+      options.comm = &comm;
+      MOE_ASSIGN_OR_RETURN(auto layer, DeviceMoeLayer::Create(cfg, options));
+      MoeLayerParams all = MakeLayerParams(cfg);
+      InitLayerParams(cfg, 9, &all);
+      MoeLayerParams mine = MakeLayerParams(cfg, r * local, local);
+      mine.router = all.router;
+      mine.router_noise = all.router_noise;
+      mine.shared = all.shared;
+      for (int l = 0; l < local; ++l) mine.experts[l] = all.experts[r * local + l];
+      MOE_RETURN_IF_ERROR(layer->SetParams(mine));
+      layer->set_loss_gradient_scale(1.0 / w);
+      const int64_t bytes = s * m * static_cast<int64_t>(sizeof(float));
+      MOE_ASSIGN_OR_RETURN(auto x_dev, comm::Buffer::Allocate(comm::MemorySpace::kDevice, bytes));
+      MOE_ASSIGN_OR_RETURN(auto y_dev, comm::Buffer::Allocate(comm::MemorySpace::kDevice, bytes));
+      MOE_ASSIGN_OR_RETURN(auto dy_dev, comm::Buffer::Allocate(comm::MemorySpace::kDevice, bytes));
+      MOE_ASSIGN_OR_RETURN(auto dx_dev, comm::Buffer::Allocate(comm::MemorySpace::kDevice, bytes));
+      MOE_RETURN_IF_ERROR(
+          comm::CopyFromHost(comm::MemorySpace::kDevice, x_dev.data(), x.row(r * s), bytes));
+      MOE_RETURN_IF_ERROR(
+          comm::CopyFromHost(comm::MemorySpace::kDevice, dy_dev.data(), dy.row(r * s), bytes));
+      RouteContext rctx = ctx;
+      rctx.token_offset = r * s;
+      MOE_RETURN_IF_ERROR(layer->Forward(x_dev.as<float>(), s, rctx, y_dev.as<float>()));
+      MOE_RETURN_IF_ERROR(layer->Backward(dy_dev.as<float>(), dx_dev.as<float>()));
+      MOE_RETURN_IF_ERROR(layer->Synchronize());
+      MOE_RETURN_IF_ERROR(
+          comm::CopyToHost(comm::MemorySpace::kDevice, y[r].data(), y_dev.data(), bytes));
+      MOE_RETURN_IF_ERROR(
+          comm::CopyToHost(comm::MemorySpace::kDevice, dx[r].data(), dx_dev.data(), bytes));
+      grads[r] = MakeLayerParams(cfg, r * local, local);
+      grads[r].Zero();
+      plans[r] = layer->plan();
+      return layer->AddGradients(&grads[r]);
+    };
+    status[r] = run();
+  });
+  for (int r = 0; r < w; ++r) {
+    ASSERT_TRUE(status[r].ok()) << "rank " << r << ": " << status[r].ToString();
+  }
+  const DispatchPlan& rp = ref.plan();
+  const int64_t k = rp.top_k;
+  Tensor router_sum(m, cfg.num_experts());
+  for (int r = 0; r < w; ++r) {
+    for (int64_t i = 0; i < s * k; ++i) {
+      ASSERT_EQ(plans[r].slot_expert[i], rp.slot_expert[r * s * k + i]) << "rank " << r;
+    }
+    Tensor ref_y_r(s, m), ref_dx_r(s, m);
+    std::copy(ref_y.row(r * s), ref_y.row(r * s) + s * m, ref_y_r.data());
+    std::copy(ref_dx.row(r * s), ref_dx.row(r * s) + s * m, ref_dx_r.data());
+    EXPECT_LE(testing::RelativeError(y[r], ref_y_r), 1e-4) << "y of rank " << r;
+    EXPECT_LE(testing::RelativeError(dx[r], ref_dx_r), 1e-4) << "dx of rank " << r;
+    for (int l = 0; l < local; ++l) {
+      const experts::FfnParams& got = grads[r].experts[l];
+      const experts::FfnParams& want = ref_grads.experts[r * local + l];
+      EXPECT_LE(testing::RelativeError(got.w1, want.w1), 1e-4) << "expert " << r * local + l;
+      EXPECT_LE(testing::RelativeError(got.w2, want.w2), 1e-4) << "expert " << r * local + l;
+    }
+    for (int64_t i = 0; i < router_sum.size(); ++i) router_sum[i] += grads[r].router[i];
+  }
+  EXPECT_LE(testing::RelativeError(router_sum, ref_grads.router), 1e-4);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Worlds, DeviceLayerExpertParallel,
+    ::testing::Values(
+        EpCase{"two_ranks_capacity", 2,
+               "model_dim: 16 num_experts: 4 expert { hidden_dim: 24 } router { top_k: 2 "
+               "capacity_factor_train: 1.0 min_capacity: 1 aux_loss_weight: 0.1 z_loss_weight: "
+               "0.01 }"},
+        EpCase{"four_ranks_dropless_shared", 4,
+               "model_dim: 16 num_experts: 8 num_shared_experts: 1 expert { hidden_dim: 12 kind: "
+               "SWIGLU bias: false } router { top_k: 3 normalization: TOPK_SOFTMAX "
+               "capacity_factor_train: 0 }"},
+        EpCase{"three_ranks_one_expert_each", 3,
+               "model_dim: 8 num_experts: 3 expert { hidden_dim: 8 activation: RELU } router { "
+               "top_k: 1 capacity_factor_train: 0.5 min_capacity: 1 }"}),
+    [](const ::testing::TestParamInfo<EpCase>& p) { return p.param.name; });
 
 }  // namespace
 }  // namespace moe

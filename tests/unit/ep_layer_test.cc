@@ -13,6 +13,7 @@
 #include "comm/loopback/loopback_world.h"
 #include "runtime/config.h"
 #include "runtime/ep_executor.h"
+#include "runtime/ep_row_maps.h"
 #include "runtime/moe_layer.h"
 #include "tests/unit/test_util.h"
 
@@ -274,6 +275,24 @@ INSTANTIATE_TEST_SUITE_P(
         EpCase{"w2_expert_choice_pipeline2", 2, 4,
                "gate: EXPERT_CHOICE capacity_factor_train: 2.0 min_capacity: 1", 0, false, 2}),
     [](const ::testing::TestParamInfo<EpCase>& p) { return p.param.name; });
+
+// The device EP layer's regroup maps, by hand: 3 sources, 2 local experts, counts (s, l) =
+// (0,0):1 (0,1):1 (1,0):2 (1,1):0 (2,0):0 (2,1):2, so received rows are s0l0 {0} s0l1 {1}
+// s1l0 {2, 3} s2l1 {4, 5}; expert-major: expert 0 = rows 0, 2, 3, expert 1 = rows 1, 4, 5.
+TEST(EpRowMaps, RegroupsSourceMajorRowsExpertMajorAndBack) {
+  auto maps = MakeEpRowMaps(3, 2, {1, 1, 2, 0, 0, 2});
+  ASSERT_TRUE(maps.ok()) << maps.status().ToString();
+  EXPECT_EQ(maps->to_expert_major, (std::vector<int32_t>{0, 2, 3, 1, 4, 5}));
+  EXPECT_EQ(maps->to_source_major, (std::vector<int32_t>{0, 3, 1, 2, 4, 5}));
+  EXPECT_EQ(maps->expert_offsets, (std::vector<int64_t>{0, 3, 6}));
+  EXPECT_EQ(maps->source_rows, (std::vector<int64_t>{2, 2, 2}));
+  auto empty = MakeEpRowMaps(2, 1, {0, 0});
+  ASSERT_TRUE(empty.ok());
+  EXPECT_TRUE(empty->to_expert_major.empty());
+  EXPECT_EQ(empty->expert_offsets, (std::vector<int64_t>{0, 0}));
+  EXPECT_EQ(MakeEpRowMaps(2, 2, {1, 2, 3}).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(MakeEpRowMaps(1, 2, {1, -1}).status().code(), StatusCode::kInvalidArgument);
+}
 
 }  // namespace
 }  // namespace moe

@@ -11,9 +11,12 @@ A last run resumes to the end; its final loss must equal an uninterrupted run's 
 training is the same computation). Reports how many kills landed inside a save (a step_N.tmp
 directory created by the killed run was left behind).
 
-Even iterations kill after a random delay (startup, resume, a step or a save, whatever is running);
-odd iterations wait until the run has created a step_N.tmp directory and kill it then, so that the
-save itself is hit on a machine of any speed (a fixed delay alone missed every save on a slow one).
+Iterations cycle through three kinds of kill: after a random delay (startup, resume, a step or a
+save, whatever is running; iterations 0 and 2 of every 4); as soon as the run has created a
+step_N.tmp directory, so that the save itself is hit on a machine of any speed (a fixed delay alone
+missed every save on a slow one; iteration 1); and as soon as the run has completed a save newer
+than any before it (iteration 3), so that the job makes progress on a machine of any speed (under
+ASan on a slow machine, 20 runs killed at random or mid-save once completed no save at all).
 """
 import argparse
 import glob
@@ -123,6 +126,20 @@ def wait_for_save(p, before, deadline_s=60.0):
         time.sleep(0.001)  # the job's ranks need the cores more than this loop
 
 
+def wait_for_new_checkpoint(p, newest_before, deadline_s=60.0):
+    """Polls until process p has completed a save newer than step `newest_before` (a step_N directory:
+    saves are renamed from step_N.tmp when complete) or exits."""
+    end = time.monotonic() + deadline_s
+    while p.poll() is None and time.monotonic() < end:
+        try:
+            names = os.listdir(ckpt)
+        except FileNotFoundError:
+            names = []
+        if any(re.fullmatch(r"step_\d+", n) and int(n[5:]) > newest_before for n in names):
+            return
+        time.sleep(0.001)
+
+
 def complete_steps():
     steps = []
     for d in glob.glob(os.path.join(ckpt, "step_*")):
@@ -176,10 +193,12 @@ for it in range(3 * a.iterations):  # a run that ends before its kill does not c
     before = tmp_dirs()
     p = subprocess.Popen(command(metrics, bool(steps)), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
-    if it % 2 == 0:
-        time.sleep(rng.uniform(0.1, 0.5))
-    else:
+    if it % 4 == 1:
         wait_for_save(p, before)
+    elif it % 4 == 3:
+        wait_for_new_checkpoint(p, steps[-1] if steps else -1)
+    else:
+        time.sleep(rng.uniform(0.1, 0.5))
     if p.poll() is None:
         p.send_signal(signal.SIGKILL)
         kills += 1
@@ -205,7 +224,10 @@ loop_seconds = time.monotonic() - loop_start
 metrics = finished
 if metrics is None:
     metrics = os.path.join(a.workdir, "final.jsonl")
-    last = subprocess.run(command(metrics, True), env=env, capture_output=True, text=True, timeout=600)
+    # (--resume needs a complete checkpoint; iteration 3 of every 4 leaves one unless every run of
+    # those died before its first save.)
+    last = subprocess.run(command(metrics, bool(complete_steps())), env=env, capture_output=True,
+                          text=True, timeout=600)
     if last.returncode != 0:
         sys.exit(f"FAIL: the final resume exited {last.returncode}: {last.stderr}")
 loss = final_loss(metrics)

@@ -19,7 +19,7 @@ order and fuse multiply-adds).
 
 Prints one line per case and finally "N passed, N failed". Exit 0 when all pass, 1 on any
 failure, 77 (ctest SKIP_RETURN_CODE) when torch cannot be imported or, with --device cuda, when
-the tool reports no CUDA device (or a build without CUDA).
+the tool reports no CUDA device or a build without CUDA.
 """
 
 import argparse
@@ -254,7 +254,8 @@ def run_case(tool, workdir, c, index, verbose, device="cpu"):
         if bias_path:
             np.save(bias_path, bias)
         p, out, cmd = run_tool(tool, c, case_dir, x_path, dy_path, bias_path, init_seed, device)
-        if p.returncode != 0 and device == "cuda" and "no CUDA device" in p.stderr:
+        if p.returncode != 0 and device == "cuda" and ("no CUDA device" in p.stderr or
+                                                       "needs a CUDA build" in p.stderr):
             raise NoGpu(p.stderr.strip())
         if p.returncode != 0:
             return False, (f"moe_layer failed (rc {p.returncode}): {' '.join(cmd)}\n"

@@ -134,14 +134,15 @@ int RunCuda(const std::vector<Shape>& shapes, const std::string& only, int iters
     moe::Tensor x(sh.s, sh.m), dy(sh.s, sh.m), y, dx;
     FillInputs(&x, &dy);
     const int64_t bytes = x.size() * static_cast<int64_t>(sizeof(float));
-    auto buffer = [&] {
-      auto b = moe::comm::Buffer::Allocate(moe::comm::MemorySpace::kDevice, bytes);
+    const auto dev = moe::comm::MemorySpace::kDevice;
+    auto checked = [](moe::StatusOr<moe::comm::Buffer> b) {
       MOE_CHECK_OK(b.status());
       return std::move(b).value();
     };
-    moe::comm::Buffer x_dev = buffer(), dy_dev = buffer(), y_dev = buffer(), dx_dev = buffer();
-    MOE_CHECK_OK(moe::comm::CopyFromHost(moe::comm::MemorySpace::kDevice, x_dev.data(), x.data(), bytes));
-    MOE_CHECK_OK(moe::comm::CopyFromHost(moe::comm::MemorySpace::kDevice, dy_dev.data(), dy.data(), bytes));
+    moe::comm::Buffer x_dev = checked(moe::comm::Buffer::FromHost(dev, x.data(), bytes)),
+                      dy_dev = checked(moe::comm::Buffer::FromHost(dev, dy.data(), bytes)),
+                      y_dev = checked(moe::comm::Buffer::Allocate(dev, bytes)),
+                      dx_dev = checked(moe::comm::Buffer::Allocate(dev, bytes));
     moe::RouteContext ctx;
     ctx.train = true;
     const double fwd = MedianSeconds(iters, [&] {

@@ -78,6 +78,12 @@ StatusOr<Buffer> Buffer::Allocate(MemorySpace space, int64_t bytes) {
 #endif
 }
 
+StatusOr<Buffer> Buffer::FromHost(MemorySpace space, const void* host_src, int64_t bytes) {
+  MOE_ASSIGN_OR_RETURN(Buffer b, Allocate(space, bytes));
+  MOE_RETURN_IF_ERROR(CopyFromHost(space, b.data(), host_src, bytes));
+  return b;
+}
+
 StatusOr<void*> Workspace::Get(int64_t bytes) {
   if (bytes > buffer_.bytes()) {
     buffer_ = Buffer();  // release first: peak memory is the new size, not old + new

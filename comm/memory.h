@@ -18,6 +18,8 @@ int CudaDeviceCount();
 class Buffer {
  public:
   static StatusOr<Buffer> Allocate(MemorySpace space, int64_t bytes);
+  // A buffer of `bytes` in `space` holding a copy of host memory `host_src`.
+  static StatusOr<Buffer> FromHost(MemorySpace space, const void* host_src, int64_t bytes);
 
   Buffer() = default;
   void* data() const { return data_.get(); }

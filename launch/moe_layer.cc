@@ -154,10 +154,8 @@ class ResidentRunner : public LayerRunner {
                                        t.size() * static_cast<int64_t>(sizeof(float)));
   }
   static moe::StatusOr<moe::comm::Buffer> ToDevice(const moe::Tensor& t) {
-    MOE_ASSIGN_OR_RETURN(moe::comm::Buffer b, DeviceLike(t));
-    MOE_RETURN_IF_ERROR(
-        moe::comm::CopyFromHost(moe::comm::MemorySpace::kDevice, b.data(), t.data(), b.bytes()));
-    return b;
+    return moe::comm::Buffer::FromHost(moe::comm::MemorySpace::kDevice, t.data(),
+                                       t.size() * static_cast<int64_t>(sizeof(float)));
   }
   static moe::Status ToHost(const moe::comm::Buffer& b, int64_t rows, int64_t cols,
                             moe::Tensor* t) {

@@ -199,6 +199,12 @@ Status CheckRequired(const MoeConfig& cfg) {
 
 }  // namespace
 
+config::LayerConfig ResolvedLayerConfig(const config::LayerConfig& layer) {
+  config::LayerConfig resolved = layer;
+  ResolveLayerConfig(&resolved);
+  return resolved;
+}
+
 void ResolveLayerConfig(config::LayerConfig* layer) {
   auto* router = layer->mutable_router();
   if (router->gate() == config::TOP1 && !router->has_top_k()) router->set_top_k(1);

@@ -33,6 +33,8 @@ Status ValidateForWorld(const MoeConfig& cfg, int world_size);
 void ResolveConfig(MoeConfig* cfg);
 // The layer part of ResolveConfig (used by MoeLayer, which may be built from an unparsed config).
 void ResolveLayerConfig(config::LayerConfig* layer);
+// A resolved copy of `layer`.
+config::LayerConfig ResolvedLayerConfig(const config::LayerConfig& layer);
 
 // Protobuf JSON with snake_case names and every field present.
 std::string ConfigToJson(const MoeConfig& cfg);

@@ -80,11 +80,7 @@ MoeLayer::MoeLayer(const config::LayerConfig& cfg)
 
 MoeLayer::MoeLayer(const config::LayerConfig& cfg, std::unique_ptr<ExpertExecutor> executor,
                    int first_expert, int num_local_experts)
-    : cfg_([&] {
-        config::LayerConfig resolved = cfg;
-        ResolveLayerConfig(&resolved);
-        return resolved;
-      }()),
+    : cfg_(ResolvedLayerConfig(cfg)),
       expert_shape_(ExpertShape(cfg)),
       shared_shape_(SharedShape(cfg)),
       params_(MakeLayerParams(cfg, first_expert, num_local_experts)),

@@ -42,31 +42,44 @@ class DeviceArray {
   comm::Workspace ws_{comm::MemorySpace::kDevice};
 };
 
-Status CheckShape(const char* name, const Tensor& t, int64_t rows, int64_t cols) {
-  if (t.rows() == rows && t.cols() == cols) return Status::Ok();
-  return InvalidArgument(std::string("DeviceMoeLayer::SetParams: ") + name + " is " +
-                         std::to_string(t.rows()) + "x" + std::to_string(t.cols()) + ", must be " +
-                         std::to_string(rows) + "x" + std::to_string(cols));
+// The name and shape of every tensor of a MoeLayerParams, in ForEach order.
+struct NamedShape {
+  std::string name;
+  int64_t rows, cols;
+};
+std::vector<NamedShape> ShapesOf(const MoeLayerParams& p) {
+  std::vector<NamedShape> out;
+  p.ForEach([&](const std::string& name, const Tensor& t) {
+    out.push_back({name, t.rows(), t.cols()});
+  });
+  return out;
 }
 
-Status CheckFfnShapes(const std::string& name, const experts::FfnParams& p,
-                      const experts::FfnParams& want) {
-  MOE_RETURN_IF_ERROR(CheckShape((name + "_w1").c_str(), p.w1, want.w1.rows(), want.w1.cols()));
-  MOE_RETURN_IF_ERROR(CheckShape((name + "_b1").c_str(), p.b1, want.b1.rows(), want.b1.cols()));
-  MOE_RETURN_IF_ERROR(CheckShape((name + "_w2").c_str(), p.w2, want.w2.rows(), want.w2.cols()));
-  MOE_RETURN_IF_ERROR(CheckShape((name + "_b2").c_str(), p.b2, want.b2.rows(), want.b2.cols()));
-  return CheckShape((name + "_w3").c_str(), p.w3, want.w3.rows(), want.w3.cols());
+// Every tensor of `got` has the name and shape of `want`, or an error naming the first that
+// differs.
+Status CheckShapes(const std::string& what, const MoeLayerParams& got,
+                   const std::vector<NamedShape>& want) {
+  const std::vector<NamedShape> have = ShapesOf(got);
+  for (size_t i = 0; i < want.size(); ++i) {
+    if (i >= have.size() || have[i].name != want[i].name) {
+      return InvalidArgument(what + ": " + want[i].name + " is missing");
+    }
+    if (have[i].rows != want[i].rows || have[i].cols != want[i].cols) {
+      return InvalidArgument(what + ": " + want[i].name + " is " + std::to_string(have[i].rows) +
+                             "x" + std::to_string(have[i].cols) + ", must be " +
+                             std::to_string(want[i].rows) + "x" + std::to_string(want[i].cols));
+    }
+  }
+  if (have.size() > want.size())
+    return InvalidArgument(what + ": unexpected " + have[want.size()].name);
+  return Status::Ok();
 }
 
 class CudaMoeLayer final : public DeviceMoeLayer {
  public:
   CudaMoeLayer(const config::LayerConfig& cfg, const DeviceLayerOptions& options,
                const CublasApi& api)
-      : cfg_([&] {
-          config::LayerConfig resolved = cfg;
-          ResolveLayerConfig(&resolved);
-          return resolved;
-        }()),
+      : cfg_(ResolvedLayerConfig(cfg)),
         options_(options),
         api_(api),
         ranks_(options.comm == nullptr ? 1 : options.comm->size()),
@@ -90,6 +103,7 @@ class CudaMoeLayer final : public DeviceMoeLayer {
     MOE_RETURN_IF_ERROR(CublasCheck(api_, api_.create(&handle_), "cublasCreate"));
     MOE_RETURN_IF_ERROR(CublasCheck(api_, api_.set_stream(handle_, stream_), "cublasSetStream"));
     const int64_t m = cfg_.model_dim(), e = cfg_.num_experts();
+    shapes_ = ShapesOf(MakeLayerParams(cfg_, rank_ * local_, local_));
     MOE_ASSIGN_OR_RETURN(experts_, GroupedFfn::Create(ExpertShape(cfg_), local_, options_.precision,
                                                       options_.device, stream_));
     for (int i = 0; i < cfg_.num_shared_experts(); ++i) {
@@ -121,28 +135,8 @@ class CudaMoeLayer final : public DeviceMoeLayer {
   }
 
   Status SetParams(const MoeLayerParams& params) override {
-    const MoeLayerParams want = MakeLayerParams(cfg_, rank_ * local_, local_);
     const int64_t m = cfg_.model_dim(), e = cfg_.num_experts();
-    MOE_RETURN_IF_ERROR(CheckShape("router", params.router, m, e));
-    if (HasNoiseWeights())
-      MOE_RETURN_IF_ERROR(CheckShape("router_noise", params.router_noise, m, e));
-    if (params.experts.size() != want.experts.size() || params.first_expert != want.first_expert ||
-        params.shared.size() != want.shared.size()) {
-      return InvalidArgument("DeviceMoeLayer::SetParams: needs the " + std::to_string(local_) +
-                             " experts from expert " + std::to_string(want.first_expert) + " and " +
-                             std::to_string(want.shared.size()) + " shared experts (got " +
-                             std::to_string(params.experts.size()) + " from expert " +
-                             std::to_string(params.first_expert) + " and " +
-                             std::to_string(params.shared.size()) + ")");
-    }
-    for (size_t i = 0; i < want.experts.size(); ++i) {
-      MOE_RETURN_IF_ERROR(CheckFfnShapes("expert_" + std::to_string(want.first_expert + i),
-                                         params.experts[i], want.experts[i]));
-    }
-    for (size_t i = 0; i < want.shared.size(); ++i) {
-      MOE_RETURN_IF_ERROR(
-          CheckFfnShapes("shared_" + std::to_string(i), params.shared[i], want.shared[i]));
-    }
+    MOE_RETURN_IF_ERROR(CheckExperts("DeviceMoeLayer::SetParams", params));
     MOE_RETURN_IF_ERROR(Upload(wg_, params.router.data(), m * e));
     if (HasNoiseWeights()) MOE_RETURN_IF_ERROR(Upload(wn_, params.router_noise.data(), m * e));
     MOE_RETURN_IF_ERROR(experts_->SetWeights(params.experts));
@@ -163,7 +157,6 @@ class CudaMoeLayer final : public DeviceMoeLayer {
     have_forward_ = false;
     const int64_t s = tokens, m = cfg_.model_dim(), e = cfg_.num_experts();
     x_ = x;
-    ctx_ = ctx;
 
     // Router logits on the device, the rest of the router and the plan on the host.
     const bool noisy = RouterIsNoisy(cfg_.router(), ctx);
@@ -269,19 +262,9 @@ class CudaMoeLayer final : public DeviceMoeLayer {
 
   Status AddGradients(MoeLayerParams* grads) override {
     MOE_RETURN_IF_ERROR(CudaCheck(cudaSetDevice(options_.device), "cudaSetDevice"));
-    const int64_t m = cfg_.model_dim(), e = cfg_.num_experts();
-    MOE_RETURN_IF_ERROR(CheckShape("router gradient", grads->router, m, e));
-    if (grads->experts.size() != static_cast<size_t>(local_) ||
-        grads->shared.size() != shared_.size()) {
-      return InvalidArgument("DeviceMoeLayer::AddGradients: grads must hold this rank's " +
-                             std::to_string(local_) + " experts and " +
-                             std::to_string(shared_.size()) + " shared experts");
-    }
+    MOE_RETURN_IF_ERROR(CheckExperts("DeviceMoeLayer::AddGradients", *grads));
     MOE_RETURN_IF_ERROR(AddRouterGradient(gwg_, &grads->router));
-    if (HasNoiseWeights()) {
-      MOE_RETURN_IF_ERROR(CheckShape("router_noise gradient", grads->router_noise, m, e));
-      MOE_RETURN_IF_ERROR(AddRouterGradient(gwn_, &grads->router_noise));
-    }
+    if (HasNoiseWeights()) MOE_RETURN_IF_ERROR(AddRouterGradient(gwn_, &grads->router_noise));
     MOE_RETURN_IF_ERROR(experts_->AddGradients(&grads->experts));
     for (size_t i = 0; i < shared_.size(); ++i) {
       std::vector<experts::FfnParams> one;
@@ -294,6 +277,19 @@ class CudaMoeLayer final : public DeviceMoeLayer {
   }
 
  private:
+  // `p` holds this rank's experts and every tensor in the shapes of MakeLayerParams for them.
+  Status CheckExperts(const std::string& what, const MoeLayerParams& p) const {
+    if (p.experts.size() != static_cast<size_t>(local_) || p.first_expert != rank_ * local_ ||
+        p.shared.size() != shared_.size()) {
+      return InvalidArgument(
+          what + ": needs the " + std::to_string(local_) + " experts from expert " +
+          std::to_string(rank_ * local_) + " and " + std::to_string(shared_.size()) +
+          " shared experts (got " + std::to_string(p.experts.size()) + " from expert " +
+          std::to_string(p.first_expert) + " and " + std::to_string(p.shared.size()) + ")");
+    }
+    return CheckShapes(what, p, shapes_);
+  }
+
   // Expert parallelism, once per forward: the (destination, local expert) row counts of this rank's
   // plan go to every rank (a W x L all-to-all in the communicator's memory), the received counts
   // give the regroup maps (uploaded once) and the per-peer counts of both row all-to-alls.
@@ -304,8 +300,9 @@ class CudaMoeLayer final : public DeviceMoeLayer {
     for (int64_t i = 0; i < w * l; ++i) send_le_[static_cast<size_t>(i)] = off[i + 1] - off[i];
     recv_le_.assign(static_cast<size_t>(w * l), 0);
     const int64_t bytes = w * l * static_cast<int64_t>(sizeof(int64_t));
+    // The counts travel by blocking copies and the communicator, nothing on this layer's stream
+    // touches them: no wait here (Dispatch waits before the rows go).
     MOE_ASSIGN_OR_RETURN(int64_t * counts, counts_mem_.Get<int64_t>(2 * w * l));
-    MOE_RETURN_IF_ERROR(Synchronize());
     MOE_RETURN_IF_ERROR(
         comm::CopyFromHost(comm::MemorySpace::kDevice, counts, send_le_.data(), bytes));
     MOE_RETURN_IF_ERROR(options_.comm->AllToAll(counts, counts + w * l, l, comm::DataType::kInt64));
@@ -419,9 +416,8 @@ class CudaMoeLayer final : public DeviceMoeLayer {
     dplan_.row_gate = reinterpret_cast<const float*>(dev + off_bytes);
     dplan_.row_token = reinterpret_cast<const int32_t*>(dev + off_bytes + row_bytes);
     dplan_.token_rows = reinterpret_cast<const int32_t*>(dev + off_bytes + 2 * row_bytes);
-    // The staging buffer is pageable: the copy has read it when cudaMemcpyAsync returns, but wait
-    // anyway so a later resize can never race a DMA.
-    return CudaCheck(cudaStreamSynchronize(stream_), "copy of the dispatch plan");
+    // The staging buffer is pageable: cudaMemcpyAsync has read it when it returns, so no wait.
+    return Status::Ok();
   }
 
   Status AddRouterGradient(const float* dev, Tensor* host) {
@@ -446,6 +442,7 @@ class CudaMoeLayer final : public DeviceMoeLayer {
   cudaStream_t stream_ = nullptr;
   cublasHandle_t handle_ = nullptr;
   int ranks_ = 1, rank_ = 0, local_ = 0;  // expert parallelism: W, this rank, E / W
+  std::vector<NamedShape> shapes_;        // of this rank's parameters (and gradients)
   std::unique_ptr<GroupedFfn> experts_;
   std::vector<std::unique_ptr<GroupedFfn>> shared_;
   std::vector<float> bias_;
@@ -467,7 +464,6 @@ class CudaMoeLayer final : public DeviceMoeLayer {
 
   // Saved by Forward.
   const float* x_ = nullptr;
-  RouteContext ctx_;
   RouterOutput router_;
   DispatchPlan plan_;
   RouterLosses losses_;

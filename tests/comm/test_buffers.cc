@@ -76,9 +76,8 @@ Bytes Pattern(DataType dtype, int64_t count, int src, int dst, int64_t first) {
 }
 
 Buffer Upload(MemorySpace space, const Bytes& host) {
-  StatusOr<Buffer> buffer = Buffer::Allocate(space, static_cast<int64_t>(host.size()));
+  StatusOr<Buffer> buffer = Buffer::FromHost(space, host.data(), static_cast<int64_t>(host.size()));
   MOE_CHECK_OK(buffer.status());
-  MOE_CHECK_OK(CopyFromHost(space, buffer->data(), host.data(), static_cast<int64_t>(host.size())));
   return std::move(buffer).value();
 }
 

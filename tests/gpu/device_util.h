@@ -44,11 +44,10 @@ comm::Buffer DeviceArray(int64_t n) {
 
 template <typename T>
 comm::Buffer ToDevice(const std::vector<T>& v) {
-  comm::Buffer b = DeviceArray<T>(static_cast<int64_t>(v.size()));
-  EXPECT_TRUE(comm::CopyFromHost(comm::MemorySpace::kDevice, b.data(), v.data(),
-                                 static_cast<int64_t>(v.size() * sizeof(T)))
-                  .ok());
-  return b;
+  auto b = comm::Buffer::FromHost(comm::MemorySpace::kDevice, v.data(),
+                                  static_cast<int64_t>(v.size() * sizeof(T)));
+  EXPECT_TRUE(b.ok()) << b.status().ToString();
+  return b.ok() ? std::move(b).value() : comm::Buffer();
 }
 
 template <typename T>

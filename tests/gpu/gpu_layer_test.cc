@@ -253,14 +253,11 @@ TEST_P(DeviceLayerExpertParallel, RanksOnDeviceBuffersEqualOneCpuRankWithGroups)
       MOE_RETURN_IF_ERROR(layer->SetParams(mine));
       layer->set_loss_gradient_scale(1.0 / w);
       const int64_t bytes = s * m * static_cast<int64_t>(sizeof(float));
-      MOE_ASSIGN_OR_RETURN(auto x_dev, comm::Buffer::Allocate(comm::MemorySpace::kDevice, bytes));
-      MOE_ASSIGN_OR_RETURN(auto y_dev, comm::Buffer::Allocate(comm::MemorySpace::kDevice, bytes));
-      MOE_ASSIGN_OR_RETURN(auto dy_dev, comm::Buffer::Allocate(comm::MemorySpace::kDevice, bytes));
-      MOE_ASSIGN_OR_RETURN(auto dx_dev, comm::Buffer::Allocate(comm::MemorySpace::kDevice, bytes));
-      MOE_RETURN_IF_ERROR(
-          comm::CopyFromHost(comm::MemorySpace::kDevice, x_dev.data(), x.row(r * s), bytes));
-      MOE_RETURN_IF_ERROR(
-          comm::CopyFromHost(comm::MemorySpace::kDevice, dy_dev.data(), dy.row(r * s), bytes));
+      const auto dev = comm::MemorySpace::kDevice;
+      MOE_ASSIGN_OR_RETURN(auto x_dev, comm::Buffer::FromHost(dev, x.row(r * s), bytes));
+      MOE_ASSIGN_OR_RETURN(auto dy_dev, comm::Buffer::FromHost(dev, dy.row(r * s), bytes));
+      MOE_ASSIGN_OR_RETURN(auto y_dev, comm::Buffer::Allocate(dev, bytes));
+      MOE_ASSIGN_OR_RETURN(auto dx_dev, comm::Buffer::Allocate(dev, bytes));
       RouteContext rctx = ctx;
       rctx.token_offset = r * s;
       MOE_RETURN_IF_ERROR(layer->Forward(x_dev.as<float>(), s, rctx, y_dev.as<float>()));

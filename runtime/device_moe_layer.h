@@ -22,7 +22,9 @@
 // the design; the host plan's cost is in docs/GPU_NOTES.md.
 //
 // Expert parallelism (DeviceLayerOptions::comm) adds a W x L counts all-to-all per forward, then
-// the rows' all-to-alls on device buffers, one chunk (no pipelining yet).
+// the rows' all-to-alls on device buffers in pipeline_degree chunks (runtime/ep_row_maps.h): chunk
+// j + 1's dispatch is in flight while chunk j's experts run, and chunk j's combine while chunk
+// j + 1's run — Tutel's overlap, with each chunk a part of the grouped FFN of its own.
 //
 // Without a CUDA build Create() fails with kUnimplemented; without a visible GPU with
 // kFailedPrecondition.
@@ -54,6 +56,9 @@ struct DeviceLayerOptions {
   // expert step becomes dispatch all-to-all -> regroup -> grouped FFN -> regroup back -> combine
   // all-to-all, all on device buffers (E % W == 0). nullptr: all E experts here. Not owned.
   comm::Communicator* comm = nullptr;
+  // With comm: chunks per exchange, 1..16 (parallel.pipeline_degree); 1 = one all-to-all each way.
+  // Results equal those of 1 chunk up to the order of the expert weight-gradient sums.
+  int pipeline_degree = 1;
 };
 
 class DeviceMoeLayer {

@@ -338,7 +338,9 @@ class CudaGroupedFfn final : public GroupedFfn {
       MOE_RETURN_IF_ERROR(gb1_.Reserve(l * h * sizeof(float)));
       MOE_RETURN_IF_ERROR(gb2_.Reserve(l * m * sizeof(float)));
     }
-    MOE_RETURN_IF_ERROR(offsets_dev_.Reserve((l + 1) * sizeof(int64_t)));
+    for (Part& part : parts_) {
+      MOE_RETURN_IF_ERROR(part.offsets_dev.Reserve((l + 1) * sizeof(int64_t)));
+    }
     return ZeroGradients();
   }
 
@@ -393,8 +395,9 @@ class CudaGroupedFfn final : public GroupedFfn {
     return Status::Ok();
   }
 
-  Status Forward(const std::vector<int64_t>& offsets, const float* x, float* y) override {
+  Status Forward(int part, const std::vector<int64_t>& offsets, const float* x, float* y) override {
     if (!have_weights_) return FailedPrecondition("GroupedFfn::Forward before SetWeights");
+    MOE_RETURN_IF_ERROR(SelectPart("Forward", part));
     if (static_cast<int>(offsets.size()) != experts_ + 1 || offsets[0] != 0 ||
         !std::is_sorted(offsets.begin(), offsets.end())) {
       return InvalidArgument("GroupedFfn::Forward: offsets must be " +
@@ -402,34 +405,35 @@ class CudaGroupedFfn final : public GroupedFfn {
                              " non-decreasing row offsets starting at 0");
     }
     MOE_RETURN_IF_ERROR(CudaCheck(cudaSetDevice(device_), "cudaSetDevice"));
-    offsets_ = offsets;
-    rows_ = offsets.back();
-    if (rows_ == 0) return Status::Ok();
-    if (rows_ > (int64_t{1} << 31) - 1)
+    cur_->offsets = offsets;
+    cur_->rows = offsets.back();
+    cur_->forwarded = true;
+    if (cur_->rows == 0) return Status::Ok();
+    if (cur_->rows > (int64_t{1} << 31) - 1)
       return InvalidArgument("GroupedFfn::Forward: more than 2^31 - 1 rows");
     const int64_t m = shape_.model_dim, h = shape_.hidden_dim, up = UpCols();
     MOE_RETURN_IF_ERROR(CudaCheck(
-        cudaMemcpyAsync(offsets_dev_.as<int64_t>(), offsets_.data(),
-                        offsets_.size() * sizeof(int64_t), cudaMemcpyHostToDevice, stream_),
+        cudaMemcpyAsync(cur_->offsets_dev.template as<int64_t>(), cur_->offsets.data(),
+                        cur_->offsets.size() * sizeof(int64_t), cudaMemcpyHostToDevice, stream_),
         "copy of row offsets"));
-    MOE_RETURN_IF_ERROR(hu_.Reserve(rows_ * up * sizeof(T)));
-    MOE_RETURN_IF_ERROR(a_.Reserve(rows_ * h * sizeof(T)));
-    MOE_ASSIGN_OR_RETURN(x_, GemmInput(x, x16_));
+    MOE_RETURN_IF_ERROR(cur_->hu.Reserve(cur_->rows * up * sizeof(T)));
+    MOE_RETURN_IF_ERROR(cur_->a.Reserve(cur_->rows * h * sizeof(T)));
+    MOE_ASSIGN_OR_RETURN(cur_->x, GemmInput(x, cur_->x16));
     // HU = X · Wup (rows x up).
     MOE_RETURN_IF_ERROR(Grouped(
         [&](int e, int64_t b, int r) {
           return Gemm{CUBLAS_OP_N,          CUBLAS_OP_N,
                       static_cast<int>(up), r,
                       static_cast<int>(m),  wup_.as<T>() + e * m * up,
-                      static_cast<int>(up), x_ + b * m,
-                      static_cast<int>(m),  hu_.as<T>() + b * up,
+                      static_cast<int>(up), cur_->x + b * m,
+                      static_cast<int>(m),  cur_->hu.template as<T>() + b * up,
                       static_cast<int>(up)};
         },
         0.0f));
-    BiasActivateKernel<T><<<static_cast<unsigned>(rows_), kRowThreads, 0, stream_>>>(
-        hu_.as<T>(), a_.as<T>(), shape_.bias ? b1_.as<float>() : nullptr,
-        offsets_dev_.as<int64_t>(), experts_, static_cast<int>(h), static_cast<int>(up),
-        shape_.activation, shape_.swiglu);
+    BiasActivateKernel<T><<<static_cast<unsigned>(cur_->rows), kRowThreads, 0, stream_>>>(
+        cur_->hu.template as<T>(), cur_->a.template as<T>(),
+        shape_.bias ? b1_.as<float>() : nullptr, cur_->offsets_dev.template as<int64_t>(), experts_,
+        static_cast<int>(h), static_cast<int>(up), shape_.activation, shape_.swiglu);
     // Y = A · W2 (rows x M), then + b2 (widened to fp32).
     MOE_ASSIGN_OR_RETURN(T * y_gemm, GemmOutput(y, y16_));
     MOE_RETURN_IF_ERROR(Grouped(
@@ -437,24 +441,29 @@ class CudaGroupedFfn final : public GroupedFfn {
           return Gemm{CUBLAS_OP_N,         CUBLAS_OP_N,
                       static_cast<int>(m), r,
                       static_cast<int>(h), w2_.as<T>() + e * h * m,
-                      static_cast<int>(m), a_.as<T>() + b * h,
+                      static_cast<int>(m), cur_->a.template as<T>() + b * h,
                       static_cast<int>(h), y_gemm + b * m,
                       static_cast<int>(m)};
         },
         0.0f));
-    BiasOutputKernel<T><<<static_cast<unsigned>(rows_), kRowThreads, 0, stream_>>>(
-        y_gemm, y, shape_.bias ? b2_.as<float>() : nullptr, offsets_dev_.as<int64_t>(), experts_,
-        static_cast<int>(m));
+    BiasOutputKernel<T><<<static_cast<unsigned>(cur_->rows), kRowThreads, 0, stream_>>>(
+        y_gemm, y, shape_.bias ? b2_.as<float>() : nullptr,
+        cur_->offsets_dev.template as<int64_t>(), experts_, static_cast<int>(m));
     return CudaCheck(cudaGetLastError(), "GroupedFfn::Forward kernel launch");
   }
 
-  Status Backward(const float* dy, float* dx) override {
+  Status Backward(int part, const float* dy, float* dx) override {
+    MOE_RETURN_IF_ERROR(SelectPart("Backward", part));
+    if (!cur_->forwarded) {
+      return FailedPrecondition("GroupedFfn::Backward of part " + std::to_string(part) +
+                                " without its Forward");
+    }
     MOE_RETURN_IF_ERROR(CudaCheck(cudaSetDevice(device_), "cudaSetDevice"));
-    if (rows_ == 0) return Status::Ok();
+    if (cur_->rows == 0) return Status::Ok();
     const int64_t m = shape_.model_dim, h = shape_.hidden_dim, up = UpCols();
     MOE_ASSIGN_OR_RETURN(const T* dy_t, GemmInput(dy, dy16_));
-    MOE_RETURN_IF_ERROR(da_.Reserve(rows_ * h * sizeof(T)));
-    MOE_RETURN_IF_ERROR(dhu_.Reserve(rows_ * up * sizeof(T)));
+    MOE_RETURN_IF_ERROR(da_.Reserve(cur_->rows * h * sizeof(T)));
+    MOE_RETURN_IF_ERROR(dhu_.Reserve(cur_->rows * up * sizeof(T)));
     // dW2 (H x M) += Aᵀ · dY; db2 += Σ dY (from the fp32 dy).
     MOE_RETURN_IF_ERROR(WeightGradient([&](int e, int64_t b, int r) {
       return Gemm{CUBLAS_OP_N,
@@ -464,7 +473,7 @@ class CudaGroupedFfn final : public GroupedFfn {
                   r,
                   dy_t + b * m,
                   static_cast<int>(m),
-                  a_.as<T>() + b * h,
+                  cur_->a.template as<T>() + b * h,
                   static_cast<int>(h),
                   gw2_.as<float>() + e * h * m,
                   static_cast<int>(m)};
@@ -481,9 +490,9 @@ class CudaGroupedFfn final : public GroupedFfn {
                       static_cast<int>(h)};
         },
         0.0f));
-    ActivationBackwardKernel<T><<<static_cast<unsigned>(rows_), kRowThreads, 0, stream_>>>(
-        da_.as<T>(), hu_.as<T>(), dhu_.as<T>(), static_cast<int>(h), static_cast<int>(up),
-        shape_.activation, shape_.swiglu);
+    ActivationBackwardKernel<T><<<static_cast<unsigned>(cur_->rows), kRowThreads, 0, stream_>>>(
+        da_.as<T>(), cur_->hu.template as<T>(), dhu_.as<T>(), static_cast<int>(h),
+        static_cast<int>(up), shape_.activation, shape_.swiglu);
     if (shape_.bias) ColumnSums(dhu_.as<T>(), up, static_cast<int>(h), gb1_.as<float>());
     // dWup (M x up) += Xᵀ · dHU.
     MOE_RETURN_IF_ERROR(WeightGradient([&](int e, int64_t b, int r) {
@@ -494,7 +503,7 @@ class CudaGroupedFfn final : public GroupedFfn {
                   r,
                   dhu_.as<T>() + b * up,
                   static_cast<int>(up),
-                  x_ + b * m,
+                  cur_->x + b * m,
                   static_cast<int>(m),
                   gwup_.as<float>() + e * m * up,
                   static_cast<int>(up)};
@@ -513,7 +522,7 @@ class CudaGroupedFfn final : public GroupedFfn {
         0.0f));
     if constexpr (!std::is_same_v<T, float>) {
       ConvertKernel<T, float>
-          <<<GridFor(rows_ * m), kRowThreads, 0, stream_>>>(dx_gemm, dx, rows_ * m);
+          <<<GridFor(cur_->rows * m), kRowThreads, 0, stream_>>>(dx_gemm, dx, cur_->rows * m);
     }
     return CudaCheck(cudaGetLastError(), "GroupedFfn::Backward kernel launch");
   }
@@ -589,6 +598,24 @@ class CudaGroupedFfn final : public GroupedFfn {
   }
 
  private:
+  // What one part's Forward keeps for its Backward.
+  struct Part {
+    std::vector<int64_t> offsets;
+    int64_t rows = 0;
+    bool forwarded = false;
+    DeviceMemory offsets_dev, x16, hu, a;
+    const T* x = nullptr;  // the GEMM operand X: the caller's x (fp32) or x16
+  };
+
+  Status SelectPart(const char* what, int part) {
+    if (part < 0 || part >= kMaxParts) {
+      return InvalidArgument(std::string("GroupedFfn::") + what + ": part " + std::to_string(part) +
+                             " not in [0, " + std::to_string(kMaxParts) + ")");
+    }
+    cur_ = &parts_[static_cast<size_t>(part)];
+    return Status::Ok();
+  }
+
   int64_t UpCols() const { return shape_.swiglu ? 2 * shape_.hidden_dim : shape_.hidden_dim; }
 
   // An fp32 rows x M operand in the storage type: `in` itself (fp32), or converted into `staging`.
@@ -596,7 +623,7 @@ class CudaGroupedFfn final : public GroupedFfn {
     if constexpr (std::is_same_v<T, float>) {
       return in;
     } else {
-      const int64_t n = rows_ * shape_.model_dim;
+      const int64_t n = cur_->rows * shape_.model_dim;
       MOE_RETURN_IF_ERROR(staging.Reserve(n * static_cast<int64_t>(sizeof(T))));
       ConvertKernel<float, T>
           <<<GridFor(n), kRowThreads, 0, stream_>>>(in, staging.template as<T>(), n);
@@ -609,7 +636,7 @@ class CudaGroupedFfn final : public GroupedFfn {
       return out;
     } else {
       MOE_RETURN_IF_ERROR(
-          staging.Reserve(rows_ * shape_.model_dim * static_cast<int64_t>(sizeof(T))));
+          staging.Reserve(cur_->rows * shape_.model_dim * static_cast<int64_t>(sizeof(T))));
       return staging.template as<T>();
     }
   }
@@ -619,8 +646,8 @@ class CudaGroupedFfn final : public GroupedFfn {
   Status Grouped(Make make, float beta) {
     gemms_.clear();
     for (int e = 0; e < experts_; ++e) {
-      const int64_t b = offsets_[static_cast<size_t>(e)],
-                    r = offsets_[static_cast<size_t>(e) + 1] - b;
+      const int64_t b = cur_->offsets[static_cast<size_t>(e)],
+                    r = cur_->offsets[static_cast<size_t>(e) + 1] - b;
       if (r > 0) gemms_.push_back(make(e, b, static_cast<int>(r)));
     }
     if (gemms_.empty()) return Status::Ok();
@@ -663,8 +690,8 @@ class CudaGroupedFfn final : public GroupedFfn {
   Status WeightGradient(Make make) {
     const float one = 1.0f;
     for (int e = 0; e < experts_; ++e) {
-      const int64_t b = offsets_[static_cast<size_t>(e)],
-                    r = offsets_[static_cast<size_t>(e) + 1] - b;
+      const int64_t b = cur_->offsets[static_cast<size_t>(e)],
+                    r = cur_->offsets[static_cast<size_t>(e) + 1] - b;
       if (r == 0) continue;
       const Gemm g = make(e, b, static_cast<int>(r));
       MOE_RETURN_IF_ERROR(
@@ -680,8 +707,8 @@ class CudaGroupedFfn final : public GroupedFfn {
   template <typename E>
   void ColumnSums(const E* mat, int64_t ld, int cols, float* g) {
     const dim3 grid(static_cast<unsigned>((cols + 31) / 32), static_cast<unsigned>(experts_));
-    ColumnSumKernel<E>
-        <<<grid, dim3(32, kSumLanes), 0, stream_>>>(mat, ld, cols, offsets_dev_.as<int64_t>(), g);
+    ColumnSumKernel<E><<<grid, dim3(32, kSumLanes), 0, stream_>>>(
+        mat, ld, cols, cur_->offsets_dev.template as<int64_t>(), g);
   }
 
   // fp32 host values into device storage of type T.
@@ -724,13 +751,11 @@ class CudaGroupedFfn final : public GroupedFfn {
 
   DeviceMemory wup_, w2_, b1_, b2_, wstage_;  // weights (storage type; biases fp32)
   DeviceMemory gwup_, gw2_, gb1_, gb2_;       // gradients (fp32)
-  DeviceMemory offsets_dev_;
-  DeviceMemory x16_, hu_, a_, y16_;      // forward activations
+  std::array<Part, kMaxParts> parts_;         // forward activations, per part
+  Part* cur_ = &parts_[0];                    // the part of the running call
+  DeviceMemory y16_;
   DeviceMemory dy16_, da_, dhu_, dx16_;  // backward
   std::array<DeviceMemory, 4> scratch_;
-  const T* x_ = nullptr;
-  std::vector<int64_t> offsets_;
-  int64_t rows_ = 0;
   std::vector<float> staging_;
 
   // Grouped-call argument arrays (host), reused.

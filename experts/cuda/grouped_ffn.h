@@ -52,13 +52,22 @@ class GroupedFfn {
   // Copies the experts' (fp32, host) weights to the device: params[e] is local expert e.
   virtual Status SetWeights(const std::vector<FfnParams>& params) = 0;
 
+  // Independent forwards (pipeline chunks) that may all run before their backwards: `part` in
+  // [0, kMaxParts) names the saved activations a Forward writes and its Backward reads.
+  static constexpr int kMaxParts = 16;
+
   // y = FFN_e(x) for each row block. x and y are device pointers, rows x M fp32 (rows =
   // offsets.back()); offsets has L + 1 non-decreasing entries starting at 0. x must stay
-  // unchanged until Backward.
-  virtual Status Forward(const std::vector<int64_t>& offsets, const float* x, float* y) = 0;
-  // dx (device, rows x M) from dy (device, rows x M) for the last Forward's rows; weight gradients
-  // are accumulated on the device.
-  virtual Status Backward(const float* dy, float* dx) = 0;
+  // unchanged until the part's Backward.
+  virtual Status Forward(int part, const std::vector<int64_t>& offsets, const float* x,
+                         float* y) = 0;
+  Status Forward(const std::vector<int64_t>& offsets, const float* x, float* y) {
+    return Forward(0, offsets, x, y);
+  }
+  // dx (device, rows x M) from dy (device, rows x M) for the rows of the part's last Forward;
+  // weight gradients are accumulated on the device.
+  virtual Status Backward(int part, const float* dy, float* dx) = 0;
+  Status Backward(const float* dy, float* dx) { return Backward(0, dy, dx); }
   // Adds the device-accumulated gradients into grads[e] (host, shapes of FfnParams::Zeros) and
   // zeroes them on the device.
   virtual Status AddGradients(std::vector<FfnParams>* grads) = 0;

@@ -186,12 +186,12 @@ class CudaMoeLayer final : public DeviceMoeLayer {
       MOE_RETURN_IF_ERROR(experts_->Forward(plan_.expert_offset, packed_x_, packed_y_));
     } else {
       MOE_RETURN_IF_ERROR(ExchangeLayout());
-      const int64_t recv_rows = maps_.expert_offsets.back();
-      MOE_ASSIGN_OR_RETURN(expert_x_, expert_x_mem_.Get<float>(recv_rows * m));
-      MOE_ASSIGN_OR_RETURN(float* expert_y, expert_y_mem_.Get<float>(recv_rows * m));
-      MOE_RETURN_IF_ERROR(Dispatch(packed_x_, expert_x_));
-      MOE_RETURN_IF_ERROR(experts_->Forward(maps_.expert_offsets, expert_x_, expert_y));
-      MOE_RETURN_IF_ERROR(Combine(expert_y, packed_y_));
+      MOE_ASSIGN_OR_RETURN(float* expert_x, expert_x_mem_.Get<float>(layout_.recv_rows * m));
+      MOE_ASSIGN_OR_RETURN(float* expert_y, expert_y_mem_.Get<float>(layout_.recv_rows * m));
+      MOE_RETURN_IF_ERROR(
+          ExpertParallel(packed_x_, expert_x, expert_y, packed_y_,
+                         [&](int part, const std::vector<int64_t>& offsets, const float* in,
+                             float* out) { return experts_->Forward(part, offsets, in, out); }));
     }
     const std::vector<int64_t> all_tokens = {0, s};
     for (size_t i = 0; i < shared_.size(); ++i) {
@@ -222,12 +222,13 @@ class CudaMoeLayer final : public DeviceMoeLayer {
     if (options_.comm == nullptr) {
       MOE_RETURN_IF_ERROR(experts_->Backward(packed_dy, packed_dx));
     } else {
-      const int64_t recv_rows = maps_.expert_offsets.back();
-      MOE_ASSIGN_OR_RETURN(float* expert_dy, expert_dy_mem_.Get<float>(recv_rows * m));
-      MOE_ASSIGN_OR_RETURN(float* expert_dx, expert_dx_mem_.Get<float>(recv_rows * m));
-      MOE_RETURN_IF_ERROR(Dispatch(packed_dy, expert_dy));
-      MOE_RETURN_IF_ERROR(experts_->Backward(expert_dy, expert_dx));
-      MOE_RETURN_IF_ERROR(Combine(expert_dx, packed_dx));
+      MOE_ASSIGN_OR_RETURN(float* expert_dy, expert_dy_mem_.Get<float>(layout_.recv_rows * m));
+      MOE_ASSIGN_OR_RETURN(float* expert_dx, expert_dx_mem_.Get<float>(layout_.recv_rows * m));
+      MOE_RETURN_IF_ERROR(
+          ExpertParallel(packed_dy, expert_dy, expert_dx, packed_dx,
+                         [&](int part, const std::vector<int64_t>&, const float* in, float* out) {
+                           return experts_->Backward(part, in, out);
+                         }));
     }
     for (size_t i = 0; i < shared_.size(); ++i) {
       if (i == 0) {
@@ -291,8 +292,8 @@ class CudaMoeLayer final : public DeviceMoeLayer {
   }
 
   // Expert parallelism, once per forward: the (destination, local expert) row counts of this rank's
-  // plan go to every rank (a W x L all-to-all in the communicator's memory), the received counts
-  // give the regroup maps (uploaded once) and the per-peer counts of both row all-to-alls.
+  // plan go to every rank (a W x L all-to-all in the communicator's memory); both count matrices
+  // give the pipelined exchange layout, whose index maps go to the device in one copy.
   Status ExchangeLayout() {
     const int64_t w = ranks_, l = local_, m = cfg_.model_dim();
     const std::vector<int64_t>& off = plan_.expert_offset;
@@ -301,63 +302,116 @@ class CudaMoeLayer final : public DeviceMoeLayer {
     recv_le_.assign(static_cast<size_t>(w * l), 0);
     const int64_t bytes = w * l * static_cast<int64_t>(sizeof(int64_t));
     // The counts travel by blocking copies and the communicator, nothing on this layer's stream
-    // touches them: no wait here (Dispatch waits before the rows go).
+    // touches them: no wait here (ExpertParallel waits before the rows go).
     MOE_ASSIGN_OR_RETURN(int64_t * counts, counts_mem_.Get<int64_t>(2 * w * l));
     MOE_RETURN_IF_ERROR(
         comm::CopyFromHost(comm::MemorySpace::kDevice, counts, send_le_.data(), bytes));
     MOE_RETURN_IF_ERROR(options_.comm->AllToAll(counts, counts + w * l, l, comm::DataType::kInt64));
     MOE_RETURN_IF_ERROR(
         comm::CopyToHost(comm::MemorySpace::kDevice, recv_le_.data(), counts + w * l, bytes));
-    MOE_ASSIGN_OR_RETURN(maps_, MakeEpRowMaps(static_cast<int>(w), static_cast<int>(l), recv_le_));
-    send_counts_.resize(static_cast<size_t>(w));
-    send_displs_.resize(static_cast<size_t>(w));
-    recv_counts_.resize(static_cast<size_t>(w));
-    recv_displs_.resize(static_cast<size_t>(w));
-    int64_t recv_at = 0;
-    for (int64_t p = 0; p < w; ++p) {
-      send_counts_[static_cast<size_t>(p)] = (off[(p + 1) * l] - off[p * l]) * m;
-      send_displs_[static_cast<size_t>(p)] = off[p * l] * m;
-      recv_counts_[static_cast<size_t>(p)] = maps_.source_rows[static_cast<size_t>(p)] * m;
-      recv_displs_[static_cast<size_t>(p)] = recv_at;
-      recv_at += recv_counts_[static_cast<size_t>(p)];
+    const double t0 = WallSeconds();
+    MOE_ASSIGN_OR_RETURN(layout_,
+                         MakeEpExchangeLayout(static_cast<int>(w), static_cast<int>(l),
+                                              options_.pipeline_degree, send_le_, recv_le_));
+    // Per chunk, the rows' counts and displacements in floats.
+    const auto floats = [m](const std::vector<int64_t>& rows) {
+      std::vector<int64_t> out(rows.size());
+      for (size_t i = 0; i < rows.size(); ++i) out[i] = rows[i] * m;
+      return out;
+    };
+    chunk_floats_.clear();
+    for (const EpChunk& c : layout_.chunks) {
+      chunk_floats_.push_back({floats(c.send_counts), floats(c.send_displs), floats(c.recv_counts),
+                               floats(c.recv_displs)});
     }
-    const int64_t rows = maps_.expert_offsets.back();
-    MOE_ASSIGN_OR_RETURN(int32_t * idx, maps_mem_.Get<int32_t>(2 * rows));
-    if (rows > 0) {
-      const size_t row_bytes = static_cast<size_t>(rows) * sizeof(int32_t);
-      MOE_RETURN_IF_ERROR(CudaCheck(cudaMemcpyAsync(idx, maps_.to_expert_major.data(), row_bytes,
+    // [send_gather | plan_gather | to_expert_major | to_source_major], one staging copy.
+    std::vector<int32_t>& maps = maps_staging_;
+    maps.clear();
+    for (const std::vector<int32_t>* v : {&layout_.send_gather, &layout_.plan_gather,
+                                          &layout_.to_expert_major, &layout_.to_source_major}) {
+      maps.insert(maps.end(), v->begin(), v->end());
+    }
+    host_seconds_ += WallSeconds() - t0;
+    MOE_ASSIGN_OR_RETURN(int32_t * idx, maps_mem_.Get<int32_t>(static_cast<int64_t>(maps.size())));
+    if (!maps.empty()) {
+      MOE_RETURN_IF_ERROR(CudaCheck(cudaMemcpyAsync(idx, maps.data(), maps.size() * sizeof(int32_t),
                                                     cudaMemcpyHostToDevice, stream_),
                                     "copy of the expert-parallel row maps"));
-      MOE_RETURN_IF_ERROR(CudaCheck(cudaMemcpyAsync(idx + rows, maps_.to_source_major.data(),
-                                                    row_bytes, cudaMemcpyHostToDevice, stream_),
-                                    "copy of the expert-parallel row maps"));
     }
-    to_expert_major_ = gpu::DevicePlan{rows, rows, idx, nullptr, nullptr, nullptr};
-    to_source_major_ = gpu::DevicePlan{rows, rows, idx + rows, nullptr, nullptr, nullptr};
+    const int64_t gathers = static_cast<int64_t>(layout_.send_gather.size());
+    send_gather_ = idx;
+    plan_gather_ = idx + gathers;
+    to_expert_major_ = idx + 2 * gathers;
+    to_source_major_ = idx + 2 * gathers + layout_.recv_rows;
     return Status::Ok();
   }
 
-  // Rows of this rank's plan (destination-major) -> every rank; received rows (source-major) ->
-  // local-expert-major `out`.
-  Status Dispatch(const float* packed, float* out) {
-    const int64_t m = cfg_.model_dim();
-    MOE_ASSIGN_OR_RETURN(float* recv, recv_mem_.Get<float>(maps_.expert_offsets.back() * m));
-    MOE_RETURN_IF_ERROR(Synchronize());  // the communicator reads `packed` outside this stream
-    MOE_RETURN_IF_ERROR(options_.comm->AllToAllV(packed, send_counts_, send_displs_, recv,
-                                                 recv_counts_, recv_displs_,
-                                                 comm::DataType::kFloat32));
-    return gpu::PermuteRows(to_expert_major_, recv, m, out, stream_);
+  // The expert step of this rank's rows under expert parallelism, `packed_in` (plan order) to
+  // `packed_out`: gather into the send order; per chunk j the dispatch all-to-all, the regroup into
+  // `expert_in` (local-expert-major), experts(j, offsets, in, out) into `expert_out`, the regroup
+  // back and the combine all-to-all; then gather back into the plan order. Chunk j + 1's dispatch
+  // is issued before chunk j's experts run and chunk j's combine as soon as they are done, so on
+  // NCCL (its own stream) one chunk's exchange is in flight while another chunk's experts run.
+  // expert_in / expert_out hold every chunk's rows (recv_rows), chunk j at its recv_begin: the
+  // Forward keeps expert_in for the experts' backward.
+  template <typename Experts>
+  Status ExpertParallel(const float* packed_in, float* expert_in, float* expert_out,
+                        float* packed_out, Experts experts) {
+    const int64_t m = cfg_.model_dim(), chunks = static_cast<int64_t>(layout_.chunks.size());
+    const bool gathered = !layout_.send_gather.empty();
+    // Received rows; each chunk's region is reused, once its experts ran, for its rows going back.
+    MOE_ASSIGN_OR_RETURN(float* recv, recv_mem_.Get<float>(layout_.recv_rows * m));
+    // With chunks, the send-order rows; each chunk's region is reused, once its dispatch is
+    // complete, for its combined rows (send and receive blocks of an exchange are the same).
+    const float* send = packed_in;
+    float* combined = packed_out;
+    if (gathered) {
+      MOE_ASSIGN_OR_RETURN(float* buf, send_mem_.Get<float>(layout_.send_rows * m));
+      MOE_RETURN_IF_ERROR(
+          gpu::PermuteRows(Gather(send_gather_, layout_.send_rows), packed_in, m, buf, stream_));
+      send = buf;
+      combined = buf;
+    }
+    MOE_RETURN_IF_ERROR(Synchronize());  // the communicator reads `send` outside this stream
+    std::vector<std::unique_ptr<comm::Request>> dispatch(static_cast<size_t>(chunks)),
+        combine(static_cast<size_t>(chunks));
+    const auto start_dispatch = [&](int64_t j) -> Status {
+      const ChunkFloats& f = chunk_floats_[static_cast<size_t>(j)];
+      MOE_ASSIGN_OR_RETURN(
+          dispatch[static_cast<size_t>(j)],
+          options_.comm->StartAllToAllV(send, f.send_counts, f.send_displs, recv, f.recv_counts,
+                                        f.recv_displs, comm::DataType::kFloat32));
+      return Status::Ok();
+    };
+    MOE_RETURN_IF_ERROR(start_dispatch(0));
+    for (int64_t j = 0; j < chunks; ++j) {
+      if (j + 1 < chunks) MOE_RETURN_IF_ERROR(start_dispatch(j + 1));
+      MOE_RETURN_IF_ERROR(dispatch[static_cast<size_t>(j)]->Wait());
+      const EpChunk& c = layout_.chunks[static_cast<size_t>(j)];
+      const int64_t at = c.recv_begin;
+      // Gather maps hold absolute rows, so each reads from the whole buffer.
+      MOE_RETURN_IF_ERROR(gpu::PermuteRows(Gather(to_expert_major_ + at, c.recv_rows), recv, m,
+                                           expert_in + at * m, stream_));
+      MOE_RETURN_IF_ERROR(
+          experts(static_cast<int>(j), c.expert_offsets, expert_in + at * m, expert_out + at * m));
+      MOE_RETURN_IF_ERROR(gpu::PermuteRows(Gather(to_source_major_ + at, c.recv_rows), expert_out,
+                                           m, recv + at * m, stream_));
+      MOE_RETURN_IF_ERROR(Synchronize());
+      const ChunkFloats& f = chunk_floats_[static_cast<size_t>(j)];
+      MOE_ASSIGN_OR_RETURN(
+          combine[static_cast<size_t>(j)],
+          options_.comm->StartAllToAllV(recv, f.recv_counts, f.recv_displs, combined, f.send_counts,
+                                        f.send_displs, comm::DataType::kFloat32));
+    }
+    for (std::unique_ptr<comm::Request>& r : combine) MOE_RETURN_IF_ERROR(r->Wait());
+    if (!gathered) return Status::Ok();
+    return gpu::PermuteRows(Gather(plan_gather_, layout_.send_rows), combined, m, packed_out,
+                            stream_);
   }
 
-  // The inverse: local-expert-major `rows` -> source-major -> back to the ranks whose tokens they
-  // are, into this rank's plan order (`packed`).
-  Status Combine(const float* rows, float* packed) {
-    const int64_t m = cfg_.model_dim();
-    MOE_ASSIGN_OR_RETURN(float* send, recv_mem_.Get<float>(maps_.expert_offsets.back() * m));
-    MOE_RETURN_IF_ERROR(gpu::PermuteRows(to_source_major_, rows, m, send, stream_));
-    MOE_RETURN_IF_ERROR(Synchronize());
-    return options_.comm->AllToAllV(send, recv_counts_, recv_displs_, packed, send_counts_,
-                                    send_displs_, comm::DataType::kFloat32);
+  // out[i] = in[idx[i]] for `rows` rows, as a PermuteRows plan.
+  static gpu::DevicePlan Gather(const int32_t* idx, int64_t rows) {
+    return gpu::DevicePlan{.rows = rows, .tokens = rows, .row_token = idx};
   }
 
   bool HasNoiseWeights() const { return cfg_.router().gate() == config::NOISY_TOPK; }
@@ -453,14 +507,21 @@ class CudaMoeLayer final : public DeviceMoeLayer {
   DeviceArray wg_mem_, gwg_mem_, wn_mem_, gwn_mem_, logits_mem_, plan_mem_, packed_x_mem_,
       packed_y_mem_, packed_dy_mem_, packed_dx_mem_, dgate_mem_, dlogits_mem_, shared_tmp_mem_;
   float *wg_ = nullptr, *gwg_ = nullptr, *wn_ = nullptr, *gwn_ = nullptr;
-  float *packed_x_ = nullptr, *packed_y_ = nullptr, *expert_x_ = nullptr;
+  float *packed_x_ = nullptr, *packed_y_ = nullptr;
   // Expert parallelism: device memory (counts, regroup maps, received rows, the experts' rows) and
   // the per-forward layout.
   DeviceArray counts_mem_, maps_mem_, recv_mem_, expert_x_mem_, expert_y_mem_, expert_dy_mem_,
       expert_dx_mem_;
-  std::vector<int64_t> send_le_, recv_le_, send_counts_, send_displs_, recv_counts_, recv_displs_;
-  EpRowMaps maps_;
-  gpu::DevicePlan to_expert_major_, to_source_major_;
+  DeviceArray send_mem_;
+  std::vector<int64_t> send_le_, recv_le_;
+  EpExchangeLayout layout_;
+  struct ChunkFloats {
+    std::vector<int64_t> send_counts, send_displs, recv_counts, recv_displs;
+  };
+  std::vector<ChunkFloats> chunk_floats_;  // per chunk: layout_'s rows times M
+  std::vector<int32_t> maps_staging_;
+  const int32_t *send_gather_ = nullptr, *plan_gather_ = nullptr, *to_expert_major_ = nullptr,
+                *to_source_major_ = nullptr;  // layout_'s maps on the device
 
   // Saved by Forward.
   const float* x_ = nullptr;
@@ -487,6 +548,11 @@ StatusOr<std::unique_ptr<DeviceMoeLayer>> DeviceMoeLayer::Create(
   if (options.device < 0 || options.device >= count) {
     return InvalidArgument("DeviceMoeLayer: device " + std::to_string(options.device) +
                            " not in [0, " + std::to_string(count) + ")");
+  }
+  if (options.pipeline_degree < 1 || options.pipeline_degree > GroupedFfn::kMaxParts) {
+    return InvalidArgument(
+        "DeviceMoeLayer: pipeline_degree=" + std::to_string(options.pipeline_degree) +
+        " must be in [1, " + std::to_string(GroupedFfn::kMaxParts) + "]");
   }
   if (options.comm != nullptr) {
     const int w = options.comm->size();

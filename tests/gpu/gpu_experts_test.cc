@@ -4,6 +4,7 @@
 //    forward, dX and every weight gradient, with an empty expert among the blocks: fp32 within
 //    1e-4 of the largest reference magnitude (summation order only), bf16 within 2e-2 of it
 //    (inputs, weights and activations rounded to 8 significant bits);
+//  - GroupedFfn parts (pipeline chunks): interleaved forwards and backwards keep their own rows;
 //  - the MoE layer and a 2-rank expert-parallel training job with compute.device=CUDA against the
 //    same on the CPU.
 // Every GPU case skips with the reason when no CUDA device is visible; the no-GPU error path runs
@@ -185,6 +186,81 @@ INSTANTIATE_TEST_SUITE_P(
         FfnCase{"swiglu_nobias_bf16", Activation::kSilu, true, false, Precision::kBfloat16}),
     [](const ::testing::TestParamInfo<FfnCase>& p) { return p.param.name; });
 
+// Parts (pipeline chunks): two forwards on different rows before both backwards, in the other
+// order, give each part's own outputs and dX and the sum of both parts' weight gradients — in fp32
+// and bf16 (where part 1 must not overwrite part 0's bf16 copy of X).
+TEST(GpuExperts, GroupedFfnPartsKeepTheirOwnActivations) {
+  MOE_REQUIRE_GPU();
+  for (Precision precision : {Precision::kFloat32, Precision::kBfloat16}) {
+    SCOPED_TRACE(experts::cuda::PrecisionName(precision));
+    const FfnShape shape{24, 40, Activation::kGeluTanh, false, true};
+    constexpr int kExperts = 3;
+    const std::vector<std::vector<int64_t>> offsets = {{0, 11, 11, 30}, {0, 5, 22, 23}};
+    std::vector<FfnParams> params(kExperts, FfnParams::Zeros(shape));
+    uint64_t seed = 40;
+    for (auto& p : params) {
+      for (Tensor* t : {&p.w1, &p.b1, &p.w2, &p.b2}) testing::FillRandom(t, seed++, 0.2f);
+    }
+    auto ffn = experts::cuda::GroupedFfn::Create(shape, kExperts, precision, 0);
+    ASSERT_TRUE(ffn.ok()) << ffn.status().ToString();
+    ASSERT_TRUE((*ffn)->SetWeights(params).ok());
+    ExpertBlocks cpu(shape);
+    std::vector<FfnParams> want_g(kExperts, FfnParams::Zeros(shape));
+    std::vector<Tensor> x(2), dy(2), want_y(2), want_dx(2);
+    std::vector<comm::Buffer> x_dev, dy_dev, y_dev, dx_dev;
+    for (int part = 0; part < 2; ++part) {
+      const int64_t rows = offsets[part].back();
+      x[part] = Tensor(rows, shape.model_dim);
+      dy[part] = Tensor(rows, shape.model_dim);
+      testing::FillRandom(&x[part], 50 + part, 1.0f);
+      testing::FillRandom(&dy[part], 60 + part, 1.0f);
+      ASSERT_TRUE(cpu.Forward(offsets[part], x[part].view(), params, &want_y[part]).ok());
+      ASSERT_TRUE(
+          cpu.Backward(offsets[part], dy[part].view(), params, &want_g, &want_dx[part]).ok());
+      x_dev.push_back(
+          testing::ToDevice(std::vector<float>(x[part].data(), x[part].data() + x[part].size())));
+      dy_dev.push_back(testing::ToDevice(
+          std::vector<float>(dy[part].data(), dy[part].data() + dy[part].size())));
+      y_dev.push_back(testing::DeviceArray<float>(x[part].size()));
+      dx_dev.push_back(testing::DeviceArray<float>(x[part].size()));
+    }
+    for (int part = 0; part < 2; ++part) {
+      Status st =
+          (*ffn)->Forward(part, offsets[part], x_dev[part].as<float>(), y_dev[part].as<float>());
+      ASSERT_TRUE(st.ok()) << st.ToString();
+    }
+    for (int part = 1; part >= 0; --part) {
+      Status st = (*ffn)->Backward(part, dy_dev[part].as<float>(), dx_dev[part].as<float>());
+      ASSERT_TRUE(st.ok()) << st.ToString();
+    }
+    std::vector<FfnParams> g(kExperts, FfnParams::Zeros(shape));
+    ASSERT_TRUE((*ffn)->AddGradients(&g).ok());
+    const double tol = precision == Precision::kFloat32 ? 1e-4 : 2e-2;
+    for (int part = 0; part < 2; ++part) {
+      const int64_t n = x[part].size();
+      Tensor y(x[part].rows(), shape.model_dim), dx(x[part].rows(), shape.model_dim);
+      const std::vector<float> yv = testing::FromDevice<float>(y_dev[part], n);
+      const std::vector<float> dxv = testing::FromDevice<float>(dx_dev[part], n);
+      std::copy(yv.begin(), yv.end(), y.data());
+      std::copy(dxv.begin(), dxv.end(), dx.data());
+      EXPECT_LE(testing::RelativeError(y, want_y[part]), tol) << "y of part " << part;
+      EXPECT_LE(testing::RelativeError(dx, want_dx[part]), tol) << "dx of part " << part;
+    }
+    for (int e = 0; e < kExperts; ++e) {
+      EXPECT_LE(testing::RelativeError(g[e].w1, want_g[e].w1), tol) << "w1 of expert " << e;
+      EXPECT_LE(testing::RelativeError(g[e].w2, want_g[e].w2), tol) << "w2 of expert " << e;
+      EXPECT_LE(testing::RelativeError(g[e].b1, want_g[e].b1), tol) << "b1 of expert " << e;
+    }
+    EXPECT_EQ((*ffn)->Backward(2, dy_dev[0].as<float>(), dx_dev[0].as<float>()).code(),
+              StatusCode::kFailedPrecondition);
+    EXPECT_EQ((*ffn)
+                  ->Forward(experts::cuda::GroupedFfn::kMaxParts, offsets[0], x_dev[0].as<float>(),
+                            y_dev[0].as<float>())
+                  .code(),
+              StatusCode::kInvalidArgument);
+  }
+}
+
 // The whole layer (router and plan on the CPU either way): same routing, outputs and gradients
 // within the fp32 tolerance.
 TEST(GpuExperts, MoeLayerMatchesCpu) {
@@ -225,8 +301,10 @@ TEST(GpuExperts, MoeLayerMatchesCpu) {
   EXPECT_LE(testing::RelativeError(dx_gpu, dx_cpu), 1e-4);
   EXPECT_LE(testing::RelativeError(g_gpu.router, g_cpu.router), 1e-4);
   for (size_t e = 0; e < g_cpu.experts.size(); ++e) {
-    EXPECT_LE(testing::RelativeError(g_gpu.experts[e].w1, g_cpu.experts[e].w1), 1e-4) << "expert " << e;
-    EXPECT_LE(testing::RelativeError(g_gpu.experts[e].w2, g_cpu.experts[e].w2), 1e-4) << "expert " << e;
+    EXPECT_LE(testing::RelativeError(g_gpu.experts[e].w1, g_cpu.experts[e].w1), 1e-4)
+        << "expert " << e;
+    EXPECT_LE(testing::RelativeError(g_gpu.experts[e].w2, g_cpu.experts[e].w2), 1e-4)
+        << "expert " << e;
   }
 }
 

@@ -197,6 +197,7 @@ struct EpCase {
   std::string name;
   int world;
   std::string layer;  // LayerConfig text; num_local_groups is added (1 per rank, W for one rank)
+  int pipeline_degree = 1;
 };
 
 class DeviceLayerExpertParallel : public ::testing::TestWithParam<EpCase> {};
@@ -242,6 +243,7 @@ TEST_P(DeviceLayerExpertParallel, RanksOnDeviceBuffersEqualOneCpuRankWithGroups)
     auto run = [&]() -> Status {
       DeviceLayerOptions options;
       options.comm = &comm;
+      options.pipeline_degree = c.pipeline_degree;
       MOE_ASSIGN_OR_RETURN(auto layer, DeviceMoeLayer::Create(cfg, options));
       MoeLayerParams all = MakeLayerParams(cfg);
       InitLayerParams(cfg, 9, &all);
@@ -313,7 +315,23 @@ INSTANTIATE_TEST_SUITE_P(
                "capacity_factor_train: 0 }"},
         EpCase{"three_ranks_one_expert_each", 3,
                "model_dim: 8 num_experts: 3 expert { hidden_dim: 8 activation: RELU } router { "
-               "top_k: 1 capacity_factor_train: 0.5 min_capacity: 1 }"}),
+               "top_k: 1 capacity_factor_train: 0.5 min_capacity: 1 }"},
+        // Pipelined: each (rank, expert) block split into chunks, one all-to-all-v and one grouped
+        // FFN part per chunk; 4 chunks of blocks of a few rows leave some chunks empty.
+        EpCase{"two_ranks_capacity_two_chunks", 2,
+               "model_dim: 16 num_experts: 4 expert { hidden_dim: 24 } router { top_k: 2 "
+               "capacity_factor_train: 1.0 min_capacity: 1 aux_loss_weight: 0.1 z_loss_weight: "
+               "0.01 }",
+               2},
+        EpCase{"four_ranks_dropless_shared_three_chunks", 4,
+               "model_dim: 16 num_experts: 8 num_shared_experts: 1 expert { hidden_dim: 12 kind: "
+               "SWIGLU bias: false } router { top_k: 3 normalization: TOPK_SOFTMAX "
+               "capacity_factor_train: 0 }",
+               3},
+        EpCase{"three_ranks_one_expert_each_four_chunks", 3,
+               "model_dim: 8 num_experts: 3 expert { hidden_dim: 8 activation: RELU } router { "
+               "top_k: 1 capacity_factor_train: 0.5 min_capacity: 1 }",
+               4}),
     [](const ::testing::TestParamInfo<EpCase>& p) { return p.param.name; });
 
 }  // namespace

@@ -6,8 +6,10 @@
 
 #include <mutex>
 #include <numeric>
+#include <random>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "comm/loopback/loopback_world.h"
@@ -292,6 +294,173 @@ TEST(EpRowMaps, RegroupsSourceMajorRowsExpertMajorAndBack) {
   EXPECT_EQ(empty->expert_offsets, (std::vector<int64_t>{0, 0}));
   EXPECT_EQ(MakeEpRowMaps(2, 2, {1, 2, 3}).status().code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(MakeEpRowMaps(1, 2, {1, -1}).status().code(), StatusCode::kInvalidArgument);
+}
+
+// The pipelined exchange layout by hand: 2 ranks, 2 local experts, 2 chunks. Rank 0's plan sends
+// (rank, local expert) blocks (0,0): plan rows 0-1, (0,1): row 2, (1,0): none, (1,1): rows 3-5.
+// Chunk 0 takes the first n·1/2 rows of each block: rows 0 and 3; chunk 1 the rest: 1, 2 | 4, 5.
+// It receives (source, local expert) = (0,0): 2, (0,1): 1, (1,0): 2, (1,1): 0 rows, so chunk 0
+// receives s0l0 {0} s1l0 {1} and chunk 1 s0l0 {2} s0l1 {3} s1l0 {4}; chunk 1's expert-major order
+// is expert 0 = {2, 4}, expert 1 = {3}.
+TEST(EpExchangeLayout, SplitsEveryBlockIntoChunksByPosition) {
+  auto layout = MakeEpExchangeLayout(2, 2, 2, {2, 1, 0, 3}, {2, 1, 2, 0});
+  ASSERT_TRUE(layout.ok()) << layout.status().ToString();
+  EXPECT_EQ(layout->send_rows, 6);
+  EXPECT_EQ(layout->recv_rows, 5);
+  EXPECT_EQ(layout->send_gather, (std::vector<int32_t>{0, 3, 1, 2, 4, 5}));
+  EXPECT_EQ(layout->plan_gather, (std::vector<int32_t>{0, 2, 3, 1, 4, 5}));
+  EXPECT_EQ(layout->to_expert_major, (std::vector<int32_t>{0, 1, 2, 4, 3}));
+  EXPECT_EQ(layout->to_source_major, (std::vector<int32_t>{0, 1, 2, 4, 3}));
+  ASSERT_EQ(layout->chunks.size(), 2u);
+  const EpChunk& c0 = layout->chunks[0];
+  const EpChunk& c1 = layout->chunks[1];
+  EXPECT_EQ(c0.send_counts, (std::vector<int64_t>{1, 1}));
+  EXPECT_EQ(c0.send_displs, (std::vector<int64_t>{0, 1}));
+  EXPECT_EQ(c1.send_counts, (std::vector<int64_t>{2, 2}));
+  EXPECT_EQ(c1.send_displs, (std::vector<int64_t>{2, 4}));
+  EXPECT_EQ(c0.recv_counts, (std::vector<int64_t>{1, 1}));
+  EXPECT_EQ(c0.recv_displs, (std::vector<int64_t>{0, 1}));
+  EXPECT_EQ(c1.recv_counts, (std::vector<int64_t>{2, 1}));
+  EXPECT_EQ(c1.recv_displs, (std::vector<int64_t>{2, 4}));
+  EXPECT_EQ(c0.recv_begin, 0);
+  EXPECT_EQ(c0.recv_rows, 2);
+  EXPECT_EQ(c1.recv_begin, 2);
+  EXPECT_EQ(c1.recv_rows, 3);
+  EXPECT_EQ(c0.expert_offsets, (std::vector<int64_t>{0, 2, 2}));
+  EXPECT_EQ(c1.expert_offsets, (std::vector<int64_t>{0, 2, 3}));
+
+  // One chunk: the plan order is the send order (no gathers), one exchange of whole blocks.
+  auto one = MakeEpExchangeLayout(2, 2, 1, {2, 1, 0, 3}, {2, 1, 2, 0});
+  ASSERT_TRUE(one.ok());
+  EXPECT_TRUE(one->send_gather.empty());
+  EXPECT_TRUE(one->plan_gather.empty());
+  EXPECT_EQ(one->chunks[0].send_counts, (std::vector<int64_t>{3, 3}));
+  EXPECT_EQ(one->chunks[0].recv_counts, (std::vector<int64_t>{3, 2}));
+  EXPECT_EQ(one->to_expert_major, (std::vector<int32_t>{0, 1, 3, 4, 2}));
+
+  EXPECT_EQ(MakeEpExchangeLayout(2, 2, 0, {0, 0, 0, 0}, {0, 0, 0, 0}).status().code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ(MakeEpExchangeLayout(2, 2, 17, {0, 0, 0, 0}, {0, 0, 0, 0}).status().code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ(MakeEpExchangeLayout(2, 2, 2, {0, 0, 0}, {0, 0, 0, 0}).status().code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ(MakeEpExchangeLayout(2, 2, 2, {0, 0, 0, 0}, {0, -1, 0, 0}).status().code(),
+            StatusCode::kInvalidArgument);
+}
+
+// The whole pipelined exchange emulated on host rows labelled (source rank, plan row), for random
+// counts, ranks, experts and chunk counts: what the device layer does with the layout (gather to
+// the send order, one all-to-all-v per chunk, regroup, identity "experts", regroup back, combine,
+// gather to the plan order) must hand each expert exactly the rows its sources' plans hold for it
+// — within a chunk by source, then position — and return every row to its plan position.
+TEST(EpExchangeLayout, EmulatedPipelinedExchangeRoundTrips) {
+  std::mt19937 rng(7);
+  using Label = std::pair<int, int32_t>;  // (source rank, plan row there)
+  for (int trial = 0; trial < 200; ++trial) {
+    const int w = 1 + static_cast<int>(rng() % 4), l = 1 + static_cast<int>(rng() % 3),
+              d = 1 + static_cast<int>(rng() % 5);
+    // cnt[(s * w + p) * l + e]: rows rank s sends to local expert e of rank p.
+    std::vector<int64_t> cnt(static_cast<size_t>(w * w * l));
+    for (int64_t& c : cnt) c = rng() % 3 == 0 ? 0 : static_cast<int64_t>(rng() % 6);
+    const auto at = [&](int s, int p, int e) {
+      return cnt[static_cast<size_t>((s * w + p) * l + e)];
+    };
+    std::vector<EpExchangeLayout> lay;
+    for (int r = 0; r < w; ++r) {
+      std::vector<int64_t> send, recv;
+      for (int p = 0; p < w; ++p)
+        for (int e = 0; e < l; ++e) send.push_back(at(r, p, e));
+      for (int s = 0; s < w; ++s)
+        for (int e = 0; e < l; ++e) recv.push_back(at(s, r, e));
+      auto one = MakeEpExchangeLayout(w, l, d, send, recv);
+      ASSERT_TRUE(one.ok()) << one.status().ToString();
+      lay.push_back(std::move(*one));
+    }
+    const auto gather = [](const std::vector<Label>& in, const std::vector<int32_t>& idx) {
+      if (idx.empty()) return in;
+      std::vector<Label> out;
+      for (int32_t i : idx) out.push_back(in[static_cast<size_t>(i)]);
+      return out;
+    };
+    // dispatch: from send layouts into receive layouts; combine: the reverse.
+    const auto exchange = [&](const std::vector<std::vector<Label>>& from, bool dispatch) {
+      std::vector<std::vector<Label>> to(static_cast<size_t>(w));
+      for (int r = 0; r < w; ++r) {
+        const EpExchangeLayout& x = lay[static_cast<size_t>(r)];
+        to[static_cast<size_t>(r)].resize(
+            static_cast<size_t>(dispatch ? x.recv_rows : x.send_rows));
+      }
+      for (int j = 0; j < d; ++j) {
+        for (int s = 0; s < w; ++s) {
+          for (int p = 0; p < w; ++p) {
+            const EpChunk& cs = lay[static_cast<size_t>(s)].chunks[static_cast<size_t>(j)];
+            const EpChunk& cp = lay[static_cast<size_t>(p)].chunks[static_cast<size_t>(j)];
+            // s sends to p: the dispatch's send block of s meets the receive block of p.
+            const int64_t n = dispatch ? cs.send_counts[static_cast<size_t>(p)]
+                                       : cs.recv_counts[static_cast<size_t>(p)];
+            EXPECT_EQ(n, dispatch ? cp.recv_counts[static_cast<size_t>(s)]
+                                  : cp.send_counts[static_cast<size_t>(s)]);
+            const int64_t src = dispatch ? cs.send_displs[static_cast<size_t>(p)]
+                                         : cs.recv_displs[static_cast<size_t>(p)];
+            const int64_t dst = dispatch ? cp.recv_displs[static_cast<size_t>(s)]
+                                         : cp.send_displs[static_cast<size_t>(s)];
+            for (int64_t i = 0; i < n; ++i) {
+              to[static_cast<size_t>(p)][static_cast<size_t>(dst + i)] =
+                  from[static_cast<size_t>(s)][static_cast<size_t>(src + i)];
+            }
+          }
+        }
+      }
+      return to;
+    };
+    std::vector<std::vector<Label>> plan(static_cast<size_t>(w)), send(static_cast<size_t>(w));
+    for (int r = 0; r < w; ++r) {
+      for (int32_t i = 0; i < lay[static_cast<size_t>(r)].send_rows; ++i) {
+        plan[static_cast<size_t>(r)].push_back({r, i});
+      }
+      send[static_cast<size_t>(r)] =
+          gather(plan[static_cast<size_t>(r)], lay[static_cast<size_t>(r)].send_gather);
+    }
+    const auto recv = exchange(send, /*dispatch=*/true);
+    std::vector<std::vector<Label>> back(static_cast<size_t>(w));
+    for (int p = 0; p < w; ++p) {
+      const EpExchangeLayout& x = lay[static_cast<size_t>(p)];
+      const std::vector<Label> em = gather(recv[static_cast<size_t>(p)], x.to_expert_major);
+      std::vector<int64_t> seen(static_cast<size_t>(l), 0);
+      for (const EpChunk& c : x.chunks) {
+        for (int e = 0; e < l; ++e) {
+          Label prev{-1, -1};
+          for (int64_t i = c.expert_offsets[static_cast<size_t>(e)];
+               i < c.expert_offsets[static_cast<size_t>(e) + 1]; ++i) {
+            const Label got = em[static_cast<size_t>(c.recv_begin + i)];
+            // The plan row lies in source got.first's block for (rank p, local expert e).
+            int64_t block_begin = 0;
+            for (int b = 0; b < p * l + e; ++b) block_begin += at(got.first, b / l, b % l);
+            EXPECT_GE(got.second, block_begin);
+            EXPECT_LT(got.second, block_begin + at(got.first, p, e));
+            EXPECT_LT(prev, got);
+            prev = got;
+            ++seen[static_cast<size_t>(e)];
+          }
+        }
+      }
+      for (int e = 0; e < l; ++e) {
+        int64_t want = 0;
+        for (int s = 0; s < w; ++s) want += at(s, p, e);
+        EXPECT_EQ(seen[static_cast<size_t>(e)], want) << "rank " << p << " expert " << e;
+      }
+      back[static_cast<size_t>(p)] = gather(em, x.to_source_major);
+      EXPECT_EQ(back[static_cast<size_t>(p)], recv[static_cast<size_t>(p)]);
+    }
+    const auto combined = exchange(back, /*dispatch=*/false);
+    for (int r = 0; r < w; ++r) {
+      EXPECT_EQ(gather(combined[static_cast<size_t>(r)], lay[static_cast<size_t>(r)].plan_gather),
+                plan[static_cast<size_t>(r)])
+          << "trial " << trial << " rank " << r << " of " << w << ", " << l << " experts, " << d
+          << " chunks";
+    }
+    if (HasFailure()) return;
+  }
 }
 
 }  // namespace

@@ -4,8 +4,8 @@
 // A benchmark, not a test: it reports ratios and asserts nothing.
 // --device cuda runs the device-resident layer (runtime/device_moe_layer.h: inputs, outputs,
 // weights and gradients on the GPU) against the PyTorch layer on the same GPU, forward and
-// fwd+bwd, and also the staged layer moe_train uses today (compute.device=CUDA: only the experts
-// on the GPU, rows travel each call); the GEMM column is then not measured.
+// fwd+bwd, and also the staged layer (only the experts on the GPU, rows travel each call) as a
+// baseline; the GEMM column is then not measured.
 #include <CLI/CLI.hpp>
 #include <malloc.h>
 

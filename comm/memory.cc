@@ -14,9 +14,11 @@ namespace {
 #if MOE_COMM_HAVE_CUDA
 Status CudaCopy(void* dst, const void* src, int64_t bytes, cudaMemcpyKind kind) {
   cudaError_t err = cudaMemcpy(dst, src, static_cast<size_t>(bytes), kind);
-  // A device-to-device cudaMemcpy may return before the copy is done: wait for it (on the default
-  // stream, where it runs), so the copy is complete for work on any stream once this returns.
-  if (err == cudaSuccess && kind == cudaMemcpyDeviceToDevice) err = cudaStreamSynchronize(nullptr);
+  // A device-to-device cudaMemcpy, and one from pageable host memory (once the source is staged),
+  // may return before the copy is done: wait for it (on the default stream, where it runs), so the
+  // copy is complete for work on any stream once this returns. Device-to-host copies are complete
+  // on return.
+  if (err == cudaSuccess && kind != cudaMemcpyDeviceToHost) err = cudaStreamSynchronize(nullptr);
   if (err != cudaSuccess) {
     return Internal(std::string("cudaMemcpy of ") + std::to_string(bytes) +
                     " bytes failed: " + cudaGetErrorString(err));

@@ -27,7 +27,7 @@ struct ComputeFlags {
 };
 
 inline void AddComputeFlags(CLI::App& app, ComputeFlags* f) {
-  app.add_option("--device", f->device, "override compute.device: where the experts run (cpu, cuda)")
+  app.add_option("--device", f->device, "override compute.device: where the MoE layers run (cpu, cuda)")
       ->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_option("--precision", f->precision, "override compute.expert_precision (fp32, bf16; bf16 needs cuda)")
       ->check(CLI::IsMember({"fp32", "bf16"}));

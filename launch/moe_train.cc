@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "comm/loopback/loopback_world.h"
+#include "comm/memory.h"
 #include "experts/cpu/blas.h"
 #include "launch/cli.h"
 #include "runtime/base/malloc_tuning.h"
@@ -94,6 +95,16 @@ int RunLoopback(const Flags& f, const moe::MoeConfig& cfg) {
   opts.options.deadline_seconds = cfg.comm().deadline_seconds();
   auto world = moe::comm::LoopbackWorld::Create(f.ranks, opts);
   if (!world.ok()) return Fail(world.status().ToString(), 2);
+  // compute.device=CUDA: the device-resident layers exchange over the same ranks in device memory,
+  // several ranks on one GPU (NCCL would refuse that). Without a GPU the trainer says so.
+  std::shared_ptr<moe::comm::LoopbackWorld> device_world;
+  if (cfg.compute().device() == moe::config::CUDA && moe::comm::CudaDeviceCount() > 0) {
+    moe::comm::LoopbackOptions device_opts = opts;
+    device_opts.memory = moe::comm::MemorySpace::kDevice;
+    auto made = moe::comm::LoopbackWorld::Create(f.ranks, device_opts);
+    if (!made.ok()) return Fail(made.status().ToString(), 2);
+    device_world = std::make_shared<moe::comm::LoopbackWorld>(std::move(*made));
+  }
   struct Shared {
     std::mutex mu;
     std::condition_variable cv;
@@ -106,9 +117,11 @@ int RunLoopback(const Flags& f, const moe::MoeConfig& cfg) {
   shared->status.resize(static_cast<size_t>(f.ranks));
   shared->done.resize(static_cast<size_t>(f.ranks), false);
   auto world_ptr = std::make_shared<moe::comm::LoopbackWorld>(std::move(*world));
-  std::thread runner([world_ptr, shared, cfg, opts = *options] {
+  std::thread runner([world_ptr, device_world, shared, cfg, opts = *options] {
     world_ptr->RunPerRank([&](moe::comm::Communicator& comm) {
-      auto trainer = moe::Trainer::Create(cfg, &comm, opts);
+      moe::TrainOptions rank_opts = opts;
+      if (device_world) rank_opts.device_world = &device_world->rank(comm.rank());
+      auto trainer = moe::Trainer::Create(cfg, &comm, rank_opts);
       moe::Status s = trainer.ok() ? (*trainer)->Run() : trainer.status();
       std::lock_guard<std::mutex> lock(shared->mu);
       shared->status[static_cast<size_t>(comm.rank())] = s;

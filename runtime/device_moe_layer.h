@@ -40,6 +40,7 @@
 #include "proto/report.pb.h"
 #include "runtime/base/status.h"
 #include "runtime/dispatch_plan.h"
+#include "runtime/ep_executor.h"
 #include "runtime/losses.h"
 #include "runtime/moe_layer.h"
 #include "runtime/router.h"
@@ -100,6 +101,11 @@ class DeviceMoeLayer {
   virtual const RouterOutput& router_output() const = 0;
   virtual const RouterLosses& losses() const = 0;
   report::LayerMetrics Metrics() const { return LayerMetricsOf(plan(), losses()); }
+  // The exchanges (counts, and every chunk's dispatch and combine, with bytes per rank and the
+  // seconds from start to completed Wait) and the experts' GPU time (CUDA events around the grouped
+  // FFN calls) since the caller last reset them — what ExpertParallelExecutor::stats() reports on
+  // the host path. Reading it waits for the experts' work enqueued so far.
+  virtual ExchangeStats& exchange_stats() = 0;
   // Aux-loss-free balancing bias (E), as MoeLayer::router_bias.
   virtual std::vector<float>& router_bias() = 0;
   // As MoeLayer::set_loss_gradient_scale.

@@ -7,6 +7,7 @@
 #include "runtime/base/hash.h"
 #include "runtime/base/rng.h"
 #include "runtime/config.h"
+#include "runtime/device_moe_layer.h"
 
 namespace moe {
 namespace {
@@ -87,6 +88,12 @@ MoeLayer::MoeLayer(const config::LayerConfig& cfg, std::unique_ptr<ExpertExecuto
       executor_(std::move(executor)),
       bias_(static_cast<size_t>(cfg.num_experts()), 0.0f) {}
 
+MoeLayer::MoeLayer(MoeLayer&&) noexcept = default;
+MoeLayer& MoeLayer::operator=(MoeLayer&&) noexcept = default;
+MoeLayer::~MoeLayer() = default;
+
+void MoeLayer::UseDevice(std::unique_ptr<DeviceMoeLayer> device) { device_ = std::move(device); }
+
 Status MoeLayer::Forward(MatrixView<const float> x, const RouteContext& ctx, Tensor* y) {
   const int64_t s = x.rows(), m = cfg_.model_dim();
   if (x.cols() != m) {
@@ -98,6 +105,7 @@ Status MoeLayer::Forward(MatrixView<const float> x, const RouteContext& ctx, Ten
   ResizeTensor(&x_, s, m);
   std::memcpy(x_.data(), x.data(), sizeof(float) * static_cast<size_t>(s * m));
   ctx_ = ctx;
+  if (device_ != nullptr) return DeviceForward(x, ctx, y);
   ComputeRouter(cfg_.router(), x_.view(), params_.router, params_.router_noise, ctx, &router_);
   MOE_ASSIGN_OR_RETURN(plan_, BuildDispatchPlan(cfg_.router(), router_.probs, bias_, ctx));
   losses_ = ComputeRouterLosses(cfg_.router(), plan_, router_.probs, router_.logits);
@@ -146,6 +154,7 @@ Status MoeLayer::Backward(MatrixView<const float> dy, Tensor* dx, MoeLayerParams
                            std::to_string(dy.cols()) + ", must be " + std::to_string(s) + "x" +
                            std::to_string(m) + " like the layer output");
   }
+  if (device_ != nullptr) return DeviceBackward(dy, dx, grads);
   const int64_t rows = plan_.num_rows();
   // dY of each packed row = gate * dy[token]; d gate = dy[token] . expert output row.
   ResizeTensor(&packed_dy_, rows, m);
@@ -210,6 +219,45 @@ report::LayerMetrics LayerMetricsOf(const DispatchPlan& plan, const RouterLosses
   mt.set_capacity(plan.capacity);
   mt.set_total_slots(plan.expert_choice ? plan.num_rows() : plan.num_tokens * plan.top_k);
   return mt;
+}
+
+Status MoeLayer::DeviceForward(MatrixView<const float> x, const RouteContext& ctx, Tensor* y) {
+  const int64_t s = x.rows(), m = cfg_.model_dim();
+  const int64_t bytes = s * m * static_cast<int64_t>(sizeof(float));
+  const auto dev = comm::MemorySpace::kDevice;
+  device_->router_bias() = bias_;
+  device_->set_loss_gradient_scale(loss_grad_scale_);
+  MOE_RETURN_IF_ERROR(device_->SetParams(params_));  // returns with the upload complete
+  MOE_ASSIGN_OR_RETURN(void* x_dev, device_x_.Get(bytes));
+  MOE_ASSIGN_OR_RETURN(void* y_dev, device_y_.Get(bytes));
+  MOE_RETURN_IF_ERROR(comm::CopyFromHost(dev, x_dev, x.data(), bytes));
+  MOE_RETURN_IF_ERROR(
+      device_->Forward(static_cast<const float*>(x_dev), s, ctx, static_cast<float*>(y_dev)));
+  MOE_RETURN_IF_ERROR(device_->Synchronize());
+  ResizeTensor(y, s, m);
+  MOE_RETURN_IF_ERROR(comm::CopyToHost(dev, y->data(), y_dev, bytes));
+  router_ = device_->router_output();
+  plan_ = device_->plan();
+  losses_ = device_->losses();
+  have_forward_ = true;
+  return Status::Ok();
+}
+
+// dy and dx travel through the forward's y buffer and a buffer of their own: the device layer
+// keeps reading x (its router weight gradient) until its Backward is done.
+Status MoeLayer::DeviceBackward(MatrixView<const float> dy, Tensor* dx, MoeLayerParams* grads) {
+  const int64_t s = x_.rows(), m = x_.cols();
+  const int64_t bytes = s * m * static_cast<int64_t>(sizeof(float));
+  const auto dev = comm::MemorySpace::kDevice;
+  MOE_ASSIGN_OR_RETURN(void* dy_dev, device_y_.Get(bytes));
+  MOE_ASSIGN_OR_RETURN(void* dx_dev, device_dx_.Get(bytes));
+  MOE_RETURN_IF_ERROR(comm::CopyFromHost(dev, dy_dev, dy.data(), bytes));
+  MOE_RETURN_IF_ERROR(
+      device_->Backward(static_cast<const float*>(dy_dev), static_cast<float*>(dx_dev)));
+  MOE_RETURN_IF_ERROR(device_->Synchronize());
+  ResizeTensor(dx, s, m);
+  MOE_RETURN_IF_ERROR(comm::CopyToHost(dev, dx->data(), dx_dev, bytes));
+  return device_->AddGradients(grads);
 }
 
 report::LayerMetrics MoeLayer::Metrics() const { return LayerMetricsOf(plan_, losses_); }

@@ -1,12 +1,14 @@
 // One MoE layer on one process (CPU): route -> plan -> pack -> experts -> combine, and the backward
-// through the same plan. The expert-parallel layer (later) replaces the local expert step with
-// dispatch / combine all-to-alls; everything else is shared.
+// through the same plan. The expert-parallel executor (runtime/ep_executor.h) replaces the local
+// expert step with dispatch / combine all-to-alls; everything else is shared. UseDevice hands the
+// whole layer to a device-resident one (runtime/device_moe_layer.h) behind the same host interface.
 #pragma once
 
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "comm/memory.h"
 #include "experts/expert_ffn.h"
 #include "proto/moe_config.pb.h"
 #include "proto/report.pb.h"
@@ -57,6 +59,8 @@ void UpdateRouterBias(const config::RouterConfig& router, const std::vector<int6
 // The metrics report of one layer call: drops, loads, capacity and the unweighted losses.
 report::LayerMetrics LayerMetricsOf(const DispatchPlan& plan, const RouterLosses& losses);
 
+class DeviceMoeLayer;  // runtime/device_moe_layer.h
+
 class MoeLayer {
  public:
   // A layer holding all experts and running them in this process.
@@ -64,6 +68,18 @@ class MoeLayer {
   // A layer holding experts [first_expert, first_expert + num_local_experts), run by `executor`.
   MoeLayer(const config::LayerConfig& cfg, std::unique_ptr<ExpertExecutor> executor,
            int first_expert, int num_local_experts);
+  MoeLayer(MoeLayer&&) noexcept;
+  MoeLayer& operator=(MoeLayer&&) noexcept;
+  ~MoeLayer();
+
+  // Runs Forward and Backward on `device` instead (a device-resident layer of the same config and
+  // expert shard; the executor is then unused). The host keeps what the optimizer, checkpoints and
+  // statistics use: the parameters (uploaded at every Forward), the router bias and loss scale
+  // (handed over at every Forward), and copies of the plan, router output and losses (taken after
+  // every Forward). x and dy go up, y and dx come down, and the device's gradients are added into
+  // the caller's at every Backward.
+  void UseDevice(std::unique_ptr<DeviceMoeLayer> device);
+  DeviceMoeLayer* device() const { return device_.get(); }
 
   const config::LayerConfig& config() const { return cfg_; }
   MoeLayerParams& params() { return params_; }
@@ -91,6 +107,8 @@ class MoeLayer {
 
  private:
   void RouterBackward(const std::vector<float>& dgate_rows, Tensor* dx, MoeLayerParams* grads);
+  Status DeviceForward(MatrixView<const float> x, const RouteContext& ctx, Tensor* y);
+  Status DeviceBackward(MatrixView<const float> dy, Tensor* dx, MoeLayerParams* grads);
 
   config::LayerConfig cfg_;
   experts::FfnShape expert_shape_, shared_shape_;
@@ -112,6 +130,10 @@ class MoeLayer {
   RouterGradients router_grads_;
   Tensor shared_scratch1_, shared_scratch2_;
   bool have_forward_ = false;
+
+  std::unique_ptr<DeviceMoeLayer> device_;
+  comm::Workspace device_x_{comm::MemorySpace::kDevice}, device_y_{comm::MemorySpace::kDevice},
+      device_dx_{comm::MemorySpace::kDevice};
 };
 
 template <typename F>

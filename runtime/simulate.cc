@@ -7,10 +7,12 @@
 #include <fstream>
 #include <iomanip>
 #include <mutex>
+#include <optional>
 #include <sstream>
 #include <utility>
 
 #include "comm/loopback/loopback_world.h"
+#include "comm/memory.h"
 #include "runtime/trainer.h"
 
 namespace moe {
@@ -53,6 +55,15 @@ StatusOr<SimulationResult> RunSimulation(const MoeConfig& base, int ranks, bool 
   comm::LoopbackOptions opts;
   opts.options.deadline_seconds = cfg.comm().deadline_seconds();
   MOE_ASSIGN_OR_RETURN(comm::LoopbackWorld world, comm::LoopbackWorld::Create(ranks, opts));
+  // compute.device=CUDA: the same ranks in device memory for the device-resident layers' exchanges
+  // (every rank on the GPUs there are, several on one: NCCL would refuse that).
+  std::optional<comm::LoopbackWorld> device_world;
+  // Without a GPU the trainer reports that itself.
+  if (cfg.compute().device() == config::CUDA && comm::CudaDeviceCount() > 0) {
+    comm::LoopbackOptions device_opts = opts;
+    device_opts.memory = comm::MemorySpace::kDevice;
+    MOE_ASSIGN_OR_RETURN(device_world, comm::LoopbackWorld::Create(ranks, device_opts));
+  }
   SimulationResult out;
   out.ranks = ranks;
   out.steps.resize(static_cast<size_t>(cfg.train().steps()), std::vector<RankStepRecord>(static_cast<size_t>(ranks)));
@@ -64,14 +75,15 @@ StatusOr<SimulationResult> RunSimulation(const MoeConfig& base, int ranks, bool 
     options.quiet = quiet;
     options.log_every = 5;
     options.run_label = "(moe_simulate)";
+    if (device_world) options.device_world = &device_world->rank(static_cast<int>(r));
     // Each rank writes only its own [step][rank] slots (sized above), so no lock is needed.
     options.on_step = [&out, r](const Trainer& t, const report::StepMetrics& m) -> Status {
       const size_t s = static_cast<size_t>(m.step());
       if (s >= out.steps.size()) return Internal("step " + std::to_string(s) + " beyond train.steps");
       RankStepRecord& rec = out.steps[s][r];
       rec.metrics = m;
-      for (const ExpertParallelExecutor* ex : t.executors()) {
-        rec.calls.insert(rec.calls.end(), ex->stats().calls.begin(), ex->stats().calls.end());
+      for (const ExchangeStats* stats : t.LayerExchangeStats()) {
+        rec.calls.insert(rec.calls.end(), stats->calls.begin(), stats->calls.end());
       }
       return Status::Ok();
     };

@@ -3,7 +3,7 @@
 // the cost models of runtime/cost_model.h (a target cluster, or this host for validation).
 //
 // Measurement: TrainOptions::on_step runs on every rank after each step and copies the rank's
-// StepMetrics and the ExchangeStats::calls of every MoE layer's executor (Trainer::executors()):
+// StepMetrics and the ExchangeStats::calls of every MoE layer (Trainer::LayerExchangeStats()):
 // per exchange its kind (counts / dispatch / combine), direction, bytes to and from each peer and
 // seconds. Every rank issues the same exchanges in the same order (they are collectives), so call
 // c of every rank's list forms the traffic matrix of one exchange. Evaluation is switched off

@@ -13,6 +13,10 @@
 #include "runtime/base/clock.h"
 #include "runtime/checkpoint.h"
 #include "runtime/config.h"
+#include "runtime/device_moe_layer.h"
+#if MOE_COMM_HAVE_CUDA
+#include "comm/nccl/nccl_communicator.h"
+#endif
 
 namespace moe {
 namespace {
@@ -86,9 +90,12 @@ Status Trainer::Init() {
   const int experts = cfg_.moe().num_experts();
   const int local = experts / ep_size_;
   Status compute_status;
+  const bool on_device = cfg_.compute().device() == config::CUDA;
   model_ = std::make_unique<ByteLm>(
       cfg_,
-      [&](int) {
+      [&](int) -> std::unique_ptr<ExpertExecutor> {
+        // On the device the layers run whole on DeviceMoeLayer (UseDeviceLayers): no executor.
+        if (on_device) return std::make_unique<LocalExpertExecutor>(ExpertShape(cfg_.moe()));
         auto compute = MakeExpertCompute(ExpertShape(cfg_.moe()), local, cfg_.compute(), rank);
         if (!compute.ok() && compute_status.ok()) compute_status = compute.status();
         auto ex = std::make_unique<ExpertParallelExecutor>(
@@ -102,6 +109,7 @@ Status Trainer::Init() {
       ep_rank_ * local, local);
   MOE_RETURN_IF_ERROR(compute_status.WithContext("rank " + std::to_string(rank) + " experts"));
   model_->Init();
+  if (on_device) MOE_RETURN_IF_ERROR(UseDeviceLayers(replica));
   optimizer_ = std::make_unique<AdamW>(cfg_.train());
   MOE_ASSIGN_OR_RETURN(TextData data, TextData::Load(cfg_.train().data_path(), cfg_.train().eval_fraction(),
                                                      cfg_.model().context(), world * groups_));
@@ -128,6 +136,59 @@ Status Trainer::Init() {
   MOE_RETURN_IF_ERROR(world_->Barrier());
   if (rank == 0 && !options_.quiet) PrintStart();
   return Status::Ok();
+}
+
+Status Trainer::UseDeviceLayers(int replica) {
+  const int devices = comm::CudaDeviceCount();
+  if (devices == 0) {
+    return FailedPrecondition(
+        "compute.device=CUDA: no CUDA device is visible to this process (or this build has no "
+        "CUDA)");
+  }
+  const int gpu = cfg_.compute().gpu() >= 0 ? cfg_.compute().gpu() : world_->rank() % devices;
+  if (gpu >= devices) {
+    return InvalidArgument("compute.gpu=" + std::to_string(gpu) + " must be < the " +
+                           std::to_string(devices) + " visible CUDA device(s)");
+  }
+  comm::Communicator* ep = nullptr;
+  if (ep_size_ > 1) {
+    if (ep_->memory_space() == comm::MemorySpace::kDevice) {
+      ep = ep_.get();
+    } else if (options_.device_world != nullptr) {
+      MOE_ASSIGN_OR_RETURN(device_ep_, options_.device_world->Split(replica, ep_rank_));
+      ep = device_ep_.get();
+    } else {
+#if MOE_COMM_HAVE_CUDA
+      MOE_ASSIGN_OR_RETURN(device_ep_,
+                           comm::NcclCommunicator::Create(*ep_, {gpu, ep_->options()}));
+      ep = device_ep_.get();
+#else
+      return Unimplemented("compute.device=CUDA: this build has no CUDA/NCCL");
+#endif
+    }
+  }
+  DeviceLayerOptions options;
+  options.device = gpu;
+  options.precision = cfg_.compute().expert_precision() == config::BF16
+                          ? experts::cuda::Precision::kBfloat16
+                          : experts::cuda::Precision::kFloat32;
+  options.comm = ep;
+  options.pipeline_degree = cfg_.parallel().pipeline_degree();
+  for (MoeLayer* layer : model_->MoeLayers()) {
+    MOE_ASSIGN_OR_RETURN(std::unique_ptr<DeviceMoeLayer> device,
+                         DeviceMoeLayer::Create(cfg_.moe(), options));
+    layer->UseDevice(std::move(device));
+  }
+  return Status::Ok();
+}
+
+std::vector<ExchangeStats*> Trainer::LayerExchangeStats() const {
+  std::vector<ExchangeStats*> out;
+  for (MoeLayer* layer : model_->MoeLayers()) {
+    if (layer->device() != nullptr) out.push_back(&layer->device()->exchange_stats());
+  }
+  for (ExpertParallelExecutor* ex : executors_) out.push_back(&ex->stats());
+  return out;
 }
 
 void Trainer::PrintStart() {
@@ -214,7 +275,7 @@ Status Trainer::Evaluate(double* loss) {
 Status Trainer::Step(report::StepMetrics* m) {
   const double t0 = WallSeconds();
   const int world = world_->size(), rank = world_->rank();
-  for (ExpertParallelExecutor* ex : executors_) ex->stats().Reset();
+  for (ExchangeStats* stats : LayerExchangeStats()) stats->Reset();
   step_allreduce_bytes_.clear();
   const int64_t offset = rank * tokens_per_rank_;
   const LmBatch batch = data_->TrainBatch(cfg_.seed(), static_cast<uint64_t>(step_), offset, tokens_per_rank_,
@@ -286,9 +347,9 @@ Status Trainer::Step(report::StepMetrics* m) {
   m->set_imbalance(sum_load > 0 ? max_load / (sum_load / e) : 0.0);
   m->set_drop_fraction(sums[4] > 0 ? sums[3] / sums[4] : 0.0);
   double a2a = 0.0, expert = 0.0;
-  for (ExpertParallelExecutor* ex : executors_) {
-    a2a += ex->stats().AllToAllSeconds();
-    expert += ex->stats().expert_seconds;
+  for (const ExchangeStats* layer : LayerExchangeStats()) {
+    a2a += layer->AllToAllSeconds();
+    expert += layer->expert_seconds;
   }
   ++step_;
   const int every = cfg_.train().eval_every();

@@ -40,6 +40,11 @@ struct TrainOptions {
   // Fault injection for tests: called on every rank after the backward pass of each step, before
   // the gradients are reduced (a test poisons a gradient or stops a rank here).
   std::function<Status(Trainer&)> after_backward;
+  // compute.device=CUDA with expert parallelism over a backend in host memory: this rank of a
+  // communicator over the same ranks in device memory (moe_simulate's loopback ranks sharing one
+  // GPU), split like the world into the expert-parallel groups of the device-resident layers.
+  // nullptr: an NCCL communicator is made over each expert-parallel group (one GPU per rank).
+  comm::Communicator* device_world = nullptr;
 };
 
 class Trainer {
@@ -60,8 +65,9 @@ class Trainer {
   double last_grad_norm() const { return last_grad_norm_; }
   // Steps skipped because of a non-finite loss or gradient (train.nan_policy=SKIP_STEP).
   int64_t skipped_steps() const { return skipped_steps_; }
-  // The expert-parallel executors of the MoE layers; their stats() describe the last step.
-  const std::vector<ExpertParallelExecutor*>& executors() const { return executors_; }
+  // The exchange statistics of every MoE layer (its expert-parallel executor's, or with
+  // compute.device=CUDA its device-resident layer's), describing the last step.
+  std::vector<ExchangeStats*> LayerExchangeStats() const;
   // Bytes of each all-reduce the last step issued, in order (replicated gradients, expert gradients
   // over replicas, gradient norm, step statistics, router biases), as recorded when issued.
   const std::vector<int64_t>& StepAllReduceBytes() const { return step_allreduce_bytes_; }
@@ -69,6 +75,10 @@ class Trainer {
  private:
   Trainer(const config::MoeConfig& cfg, comm::Communicator* world, const TrainOptions& options);
   Status Init();
+  // compute.device=CUDA: every MoE layer runs on a device-resident layer
+  // (runtime/device_moe_layer.h) of this rank's GPU, expert-parallel over a device-memory
+  // communicator of the EP group.
+  Status UseDeviceLayers(int replica);
   Status Step(report::StepMetrics* metrics);
   Status ReduceGradients();
   StatusOr<double> GlobalGradNorm();
@@ -88,6 +98,7 @@ class Trainer {
   comm::Communicator* world_;
   TrainOptions options_;
   std::unique_ptr<comm::Communicator> ep_, replicas_;
+  std::unique_ptr<comm::Communicator> device_ep_;  // compute.device=CUDA, W > 1
   int ep_size_ = 1, ep_rank_ = 0, replicas_count_ = 1;
   int groups_ = 1;
   int64_t tokens_per_rank_ = 0;

@@ -56,6 +56,19 @@ tail -25 "$OUT/ctest_gpu.log"
 (cd "$BUILD" && ctest -LE gpu -E 'fuzz|kill|rank_failure' -j 8 --timeout 600 > "$OUT/ctest_rest.log" 2>&1) || status=1
 grep -E 'tests passed|tests failed' "$OUT/ctest_rest.log" || tail -20 "$OUT/ctest_rest.log"
 
+# End to end: the trainer on device-resident layers, 4 loopback ranks sharing the GPU (pipelined
+# exchanges), next to the same run on the CPU (the losses should agree to fp32 noise), and
+# moe_simulate on them.
+for dev in cpu cuda; do
+  "$BUILD/launch/moe_train" --config configs/tiny_lm.textproto --backend loopback --ranks 4 \
+    --device $dev --pipeline-degree 2 --steps 20 --log-every 5 > "$OUT/train_$dev.log" 2>&1 || status=1
+  tail -3 "$OUT/train_$dev.log"
+done
+"$BUILD/launch/moe_simulate" --config configs/tiny_lm.textproto --ranks 4 --device cuda --steps 10 \
+  --topology configs/topologies/dgx_h100_8x8.textproto --out "$OUT/simulate_cuda" \
+  > "$OUT/simulate_cuda.log" 2>&1 || status=1
+tail -12 "$OUT/simulate_cuda.log"
+
 if [ "$BENCH" = 1 ]; then
   "$BUILD/bench/moe_gpu_bench" > "$OUT/gpu_bench.txt" 2>&1 || status=1
   cat "$OUT/gpu_bench.txt"

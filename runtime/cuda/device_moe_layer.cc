@@ -90,6 +90,7 @@ class CudaMoeLayer final : public DeviceMoeLayer {
   ~CudaMoeLayer() override {
     (void)cudaSetDevice(options_.device);
     if (stream_ != nullptr) (void)cudaStreamSynchronize(stream_);
+    for (cudaEvent_t ev : timer_events_) (void)cudaEventDestroy(ev);
     experts_.reset();
     shared_.clear();
     if (handle_ != nullptr) (void)api_.destroy(handle_);
@@ -128,6 +129,11 @@ class CudaMoeLayer final : public DeviceMoeLayer {
   const RouterLosses& losses() const override { return losses_; }
   std::vector<float>& router_bias() override { return bias_; }
   void set_loss_gradient_scale(double s) override { loss_grad_scale_ = s; }
+
+  ExchangeStats& exchange_stats() override {
+    (void)ResolveExpertTimers();
+    return stats_;
+  }
 
   Status Synchronize() override {
     MOE_RETURN_IF_ERROR(CudaCheck(cudaSetDevice(options_.device), "cudaSetDevice"));
@@ -183,13 +189,14 @@ class CudaMoeLayer final : public DeviceMoeLayer {
     MOE_ASSIGN_OR_RETURN(packed_y_, packed_y_mem_.Get<float>(rows * m));
     MOE_RETURN_IF_ERROR(gpu::PermuteRows(dplan_, x, m, packed_x_, stream_));
     if (options_.comm == nullptr) {
-      MOE_RETURN_IF_ERROR(experts_->Forward(plan_.expert_offset, packed_x_, packed_y_));
+      MOE_RETURN_IF_ERROR(TimedExperts(
+          [&] { return experts_->Forward(plan_.expert_offset, packed_x_, packed_y_); }));
     } else {
       MOE_RETURN_IF_ERROR(ExchangeLayout());
       MOE_ASSIGN_OR_RETURN(float* expert_x, expert_x_mem_.Get<float>(layout_.recv_rows * m));
       MOE_ASSIGN_OR_RETURN(float* expert_y, expert_y_mem_.Get<float>(layout_.recv_rows * m));
       MOE_RETURN_IF_ERROR(
-          ExpertParallel(packed_x_, expert_x, expert_y, packed_y_,
+          ExpertParallel(/*backward=*/false, packed_x_, expert_x, expert_y, packed_y_,
                          [&](int part, const std::vector<int64_t>& offsets, const float* in,
                              float* out) { return experts_->Forward(part, offsets, in, out); }));
     }
@@ -220,12 +227,12 @@ class CudaMoeLayer final : public DeviceMoeLayer {
     MOE_ASSIGN_OR_RETURN(float* dgate, dgate_mem_.Get<float>(rows));
     MOE_RETURN_IF_ERROR(gpu::PermuteGradRows(dplan_, dy, packed_y_, m, packed_dy, dgate, stream_));
     if (options_.comm == nullptr) {
-      MOE_RETURN_IF_ERROR(experts_->Backward(packed_dy, packed_dx));
+      MOE_RETURN_IF_ERROR(TimedExperts([&] { return experts_->Backward(packed_dy, packed_dx); }));
     } else {
       MOE_ASSIGN_OR_RETURN(float* expert_dy, expert_dy_mem_.Get<float>(layout_.recv_rows * m));
       MOE_ASSIGN_OR_RETURN(float* expert_dx, expert_dx_mem_.Get<float>(layout_.recv_rows * m));
       MOE_RETURN_IF_ERROR(
-          ExpertParallel(packed_dy, expert_dy, expert_dx, packed_dx,
+          ExpertParallel(/*backward=*/true, packed_dy, expert_dy, expert_dx, packed_dx,
                          [&](int part, const std::vector<int64_t>&, const float* in, float* out) {
                            return experts_->Backward(part, in, out);
                          }));
@@ -306,7 +313,12 @@ class CudaMoeLayer final : public DeviceMoeLayer {
     MOE_ASSIGN_OR_RETURN(int64_t * counts, counts_mem_.Get<int64_t>(2 * w * l));
     MOE_RETURN_IF_ERROR(
         comm::CopyFromHost(comm::MemorySpace::kDevice, counts, send_le_.data(), bytes));
-    MOE_RETURN_IF_ERROR(options_.comm->AllToAll(counts, counts + w * l, l, comm::DataType::kInt64));
+    const std::vector<int64_t> count_bytes(static_cast<size_t>(w), l * 8);
+    const size_t record =
+        RecordCall(ExchangeCall::Kind::kCounts, false, 0, count_bytes, count_bytes);
+    MOE_RETURN_IF_ERROR(Timed(record, [&] {
+      return options_.comm->AllToAll(counts, counts + w * l, l, comm::DataType::kInt64);
+    }));
     MOE_RETURN_IF_ERROR(
         comm::CopyToHost(comm::MemorySpace::kDevice, recv_le_.data(), counts + w * l, bytes));
     const double t0 = WallSeconds();
@@ -355,7 +367,7 @@ class CudaMoeLayer final : public DeviceMoeLayer {
   // expert_in / expert_out hold every chunk's rows (recv_rows), chunk j at its recv_begin: the
   // Forward keeps expert_in for the experts' backward.
   template <typename Experts>
-  Status ExpertParallel(const float* packed_in, float* expert_in, float* expert_out,
+  Status ExpertParallel(bool backward, const float* packed_in, float* expert_in, float* expert_out,
                         float* packed_out, Experts experts) {
     const int64_t m = cfg_.model_dim(), chunks = static_cast<int64_t>(layout_.chunks.size());
     const bool gathered = !layout_.send_gather.empty();
@@ -373,40 +385,115 @@ class CudaMoeLayer final : public DeviceMoeLayer {
       combined = buf;
     }
     MOE_RETURN_IF_ERROR(Synchronize());  // the communicator reads `send` outside this stream
-    std::vector<std::unique_ptr<comm::Request>> dispatch(static_cast<size_t>(chunks)),
-        combine(static_cast<size_t>(chunks));
-    const auto start_dispatch = [&](int64_t j) -> Status {
-      const ChunkFloats& f = chunk_floats_[static_cast<size_t>(j)];
-      MOE_ASSIGN_OR_RETURN(
-          dispatch[static_cast<size_t>(j)],
-          options_.comm->StartAllToAllV(send, f.send_counts, f.send_displs, recv, f.recv_counts,
-                                        f.recv_displs, comm::DataType::kFloat32));
-      return Status::Ok();
+    const auto bytes = [](const std::vector<int64_t>& floats) {
+      std::vector<int64_t> out(floats.size());
+      for (size_t i = 0; i < floats.size(); ++i) out[i] = floats[i] * 4;
+      return out;
     };
-    MOE_RETURN_IF_ERROR(start_dispatch(0));
+    // Chunk j's dispatch (from send into recv) or combine (from recv into combined), recorded.
+    std::vector<std::unique_ptr<comm::Request>> requests(static_cast<size_t>(2 * chunks));
+    std::vector<size_t> records(static_cast<size_t>(2 * chunks));
+    const auto start = [&](int64_t j, bool dispatch) -> Status {
+      const ChunkFloats& f = chunk_floats_[static_cast<size_t>(j)];
+      const size_t slot = static_cast<size_t>(2 * j + (dispatch ? 0 : 1));
+      records[slot] =
+          RecordCall(dispatch ? ExchangeCall::Kind::kDispatch : ExchangeCall::Kind::kCombine,
+                     backward, static_cast<int>(j), bytes(dispatch ? f.send_counts : f.recv_counts),
+                     bytes(dispatch ? f.recv_counts : f.send_counts));
+      return Timed(records[slot], [&]() -> Status {
+        MOE_ASSIGN_OR_RETURN(
+            requests[slot], dispatch ? options_.comm->StartAllToAllV(
+                                           send, f.send_counts, f.send_displs, recv, f.recv_counts,
+                                           f.recv_displs, comm::DataType::kFloat32)
+                                     : options_.comm->StartAllToAllV(
+                                           recv, f.recv_counts, f.recv_displs, combined,
+                                           f.send_counts, f.send_displs, comm::DataType::kFloat32));
+        return Status::Ok();
+      });
+    };
+    const auto wait = [&](int64_t j, bool dispatch) {
+      const size_t slot = static_cast<size_t>(2 * j + (dispatch ? 0 : 1));
+      return Timed(records[slot], [&] { return requests[slot]->Wait(); });
+    };
+    MOE_RETURN_IF_ERROR(start(0, /*dispatch=*/true));
     for (int64_t j = 0; j < chunks; ++j) {
-      if (j + 1 < chunks) MOE_RETURN_IF_ERROR(start_dispatch(j + 1));
-      MOE_RETURN_IF_ERROR(dispatch[static_cast<size_t>(j)]->Wait());
+      if (j + 1 < chunks) MOE_RETURN_IF_ERROR(start(j + 1, /*dispatch=*/true));
+      MOE_RETURN_IF_ERROR(wait(j, /*dispatch=*/true));
       const EpChunk& c = layout_.chunks[static_cast<size_t>(j)];
       const int64_t at = c.recv_begin;
       // Gather maps hold absolute rows, so each reads from the whole buffer.
       MOE_RETURN_IF_ERROR(gpu::PermuteRows(Gather(to_expert_major_ + at, c.recv_rows), recv, m,
                                            expert_in + at * m, stream_));
-      MOE_RETURN_IF_ERROR(
-          experts(static_cast<int>(j), c.expert_offsets, expert_in + at * m, expert_out + at * m));
+      MOE_RETURN_IF_ERROR(TimedExperts([&] {
+        return experts(static_cast<int>(j), c.expert_offsets, expert_in + at * m,
+                       expert_out + at * m);
+      }));
       MOE_RETURN_IF_ERROR(gpu::PermuteRows(Gather(to_source_major_ + at, c.recv_rows), expert_out,
                                            m, recv + at * m, stream_));
       MOE_RETURN_IF_ERROR(Synchronize());
-      const ChunkFloats& f = chunk_floats_[static_cast<size_t>(j)];
-      MOE_ASSIGN_OR_RETURN(
-          combine[static_cast<size_t>(j)],
-          options_.comm->StartAllToAllV(recv, f.recv_counts, f.recv_displs, combined, f.send_counts,
-                                        f.send_displs, comm::DataType::kFloat32));
+      MOE_RETURN_IF_ERROR(start(j, /*dispatch=*/false));
     }
-    for (std::unique_ptr<comm::Request>& r : combine) MOE_RETURN_IF_ERROR(r->Wait());
+    for (int64_t j = 0; j < chunks; ++j) MOE_RETURN_IF_ERROR(wait(j, /*dispatch=*/false));
     if (!gathered) return Status::Ok();
     return gpu::PermuteRows(Gather(plan_gather_, layout_.send_rows), combined, m, packed_out,
                             stream_);
+  }
+
+  // An exchange record in stats_ (Timed adds its seconds); returns its index.
+  size_t RecordCall(ExchangeCall::Kind kind, bool backward, int chunk,
+                    std::vector<int64_t> bytes_to_rank, std::vector<int64_t> bytes_from_rank) {
+    ExchangeCall call;
+    call.kind = kind;
+    call.backward = backward;
+    call.chunk = chunk;
+    call.chunks = kind == ExchangeCall::Kind::kCounts ? 1 : options_.pipeline_degree;
+    call.bytes_to_rank = std::move(bytes_to_rank);
+    call.bytes_from_rank = std::move(bytes_from_rank);
+    call.start_seconds = WallSeconds();
+    stats_.calls.push_back(std::move(call));
+    return stats_.calls.size() - 1;
+  }
+
+  // Runs fn, adding its wall time to the seconds of record `rec`.
+  template <typename F>
+  Status Timed(size_t rec, F fn) {
+    const double t0 = WallSeconds();
+    Status st = fn();
+    stats_.calls[rec].seconds += WallSeconds() - t0;
+    return st;
+  }
+
+  // Enqueues fn's expert work between two timing events (read by ResolveExpertTimers).
+  template <typename F>
+  Status TimedExperts(F fn) {
+    if (timers_used_ == kMaxTimers) MOE_RETURN_IF_ERROR(ResolveExpertTimers());
+    while (timer_events_.size() < 2 * (timers_used_ + 1)) {
+      cudaEvent_t ev = nullptr;
+      MOE_RETURN_IF_ERROR(CudaCheck(cudaEventCreate(&ev), "cudaEventCreate"));
+      timer_events_.push_back(ev);
+    }
+    cudaEvent_t begin = timer_events_[2 * timers_used_], end = timer_events_[2 * timers_used_ + 1];
+    MOE_RETURN_IF_ERROR(CudaCheck(cudaEventRecord(begin, stream_), "cudaEventRecord"));
+    MOE_RETURN_IF_ERROR(fn());
+    MOE_RETURN_IF_ERROR(CudaCheck(cudaEventRecord(end, stream_), "cudaEventRecord"));
+    ++timers_used_;
+    return Status::Ok();
+  }
+
+  // Adds the GPU time of every recorded expert interval to stats_.expert_seconds (waits for them).
+  Status ResolveExpertTimers() {
+    MOE_RETURN_IF_ERROR(CudaCheck(cudaSetDevice(options_.device), "cudaSetDevice"));
+    for (size_t i = 0; i < timers_used_; ++i) {
+      float ms = 0.0f;
+      MOE_RETURN_IF_ERROR(
+          CudaCheck(cudaEventSynchronize(timer_events_[2 * i + 1]), "cudaEventSynchronize"));
+      MOE_RETURN_IF_ERROR(
+          CudaCheck(cudaEventElapsedTime(&ms, timer_events_[2 * i], timer_events_[2 * i + 1]),
+                    "cudaEventElapsedTime"));
+      stats_.expert_seconds += ms / 1e3;
+    }
+    timers_used_ = 0;
+    return Status::Ok();
   }
 
   // out[i] = in[idx[i]] for `rows` rows, as a PermuteRows plan.
@@ -529,6 +616,12 @@ class CudaMoeLayer final : public DeviceMoeLayer {
   DispatchPlan plan_;
   RouterLosses losses_;
   gpu::DevicePlan dplan_;
+
+  // Exchange records and the expert timing events (pairs: begin, end).
+  static constexpr size_t kMaxTimers = 64;
+  ExchangeStats stats_;
+  std::vector<cudaEvent_t> timer_events_;
+  size_t timers_used_ = 0;
 
   // Host scratch.
   double host_seconds_ = 0.0;

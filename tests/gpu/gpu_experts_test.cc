@@ -319,22 +319,41 @@ TEST(GpuExperts, ExpertParallelTrainingFollowsCpu) {
     std::vector<double> out;
     auto world = comm::LoopbackWorld::Create(2, {});
     EXPECT_TRUE(world.ok());
+    // The device-resident layers exchange over the same ranks in device memory (one GPU).
+    auto device_world = comm::LoopbackWorld::Create(2, {comm::MemorySpace::kDevice, {}});
+    EXPECT_TRUE(device_world.ok());
+    const bool on_device = compute.device() == config::CUDA;
     world->RunPerRank([&](comm::Communicator& comm) {
       TrainOptions opts;
       opts.quiet = true;
+      opts.device_world = &device_world->rank(comm.rank());
       auto trainer = Trainer::Create(cfg, &comm, opts);
       ASSERT_TRUE(trainer.ok()) << trainer.status().ToString();
       Status s = (*trainer)->Run();
       ASSERT_TRUE(s.ok()) << s.ToString();
       if (comm.rank() == 0) {
-        for (const auto& m : (*trainer)->history()) out.push_back(m.loss());
+        for (const auto& m : (*trainer)->history()) {
+          out.push_back(m.loss());
+          // The device layers report their exchanges and expert time as the executors do.
+          EXPECT_GT(m.alltoall_seconds(), 0.0);
+          if (on_device) {
+            EXPECT_GT(m.expert_seconds(), 0.0);
+          }
+        }
+        std::vector<ExchangeStats*> stats = (*trainer)->LayerExchangeStats();
+        ASSERT_EQ(stats.size(), 2u);  // two MoE layers
+        int dispatches = 0;
+        for (const ExchangeCall& c : stats[0]->calls) {
+          dispatches += c.kind == ExchangeCall::Kind::kDispatch ? 1 : 0;
+        }
+        EXPECT_EQ(dispatches, 2 * pipeline_degree);  // forward and backward, every chunk
       }
     });
     return out;
   };
   const std::vector<double> cpu = losses(config::ComputeConfig());
   const std::vector<double> gpu = losses(Cuda(Precision::kFloat32));
-  // Pipelined exchanges: one GroupedFfn per chunk, each with its own saved activations.
+  // The device-resident layers with pipelined exchanges: one grouped-FFN part per chunk.
   const std::vector<double> gpu_pipelined = losses(Cuda(Precision::kFloat32), 3);
   ASSERT_EQ(cpu.size(), 6u);
   ASSERT_EQ(gpu.size(), cpu.size());

@@ -113,9 +113,7 @@ void FillInputs(moe::Tensor* x, moe::Tensor* dy) {
 int RunCuda(const std::vector<Shape>& shapes, const std::string& only, int iters, bool no_torch,
             const std::string& python, const std::string& torch_script,
             const moe::config::ComputeConfig& compute, const std::string& precision) {
-  const auto prec = compute.expert_precision() == moe::config::BF16
-                        ? moe::experts::cuda::Precision::kBfloat16
-                        : moe::experts::cuda::Precision::kFloat32;
+  const moe::experts::cuda::Precision prec = moe::ComputePrecision(compute);
   std::printf("# %-12s %5s %4s %5s %3s %2s | %9s %9s %9s %9s | %9s %9s %9s %9s | %9s %9s\n",
               "shape", "S", "M", "H", "E", "k", "fwd ms", "f+b ms", "host ms", "staged", "torch fwd",
               "torch f+b", "fwd x", "f+b x", "staged x", "f+b/stgd");

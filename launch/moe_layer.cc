@@ -16,15 +16,14 @@
 #include <cstdio>
 #include <memory>
 #include <string>
-#include <vector>
 
-#include "comm/memory.h"
 #include "experts/cpu/blas.h"
 #include "launch/cli.h"
 #include "runtime/base/file.h"
 #include "runtime/base/npy.h"
 #include "runtime/config.h"
 #include "runtime/device_moe_layer.h"
+#include "runtime/expert_blocks.h"
 #include "runtime/expert_executor.h"
 #include "runtime/layer_io.h"
 
@@ -70,102 +69,27 @@ moe::Status WriteRouting(const std::string& out, const moe::DispatchPlan& p) {
 }
 
 // The layer under test: the CPU layer (experts on the CPU, or staged to a GPU), or with
-// compute.device=CUDA the device-resident layer (runtime/device_moe_layer.h), which also runs the
-// router GEMMs, permutes and combine on the GPU. Same inputs, same output files.
-class LayerRunner {
- public:
-  virtual ~LayerRunner() = default;
-  virtual moe::Status SetParams(const moe::MoeLayerParams& params,
-                                const std::vector<float>& bias) = 0;
-  virtual moe::Status Forward(const moe::Tensor& x, const moe::RouteContext& ctx,
-                              moe::Tensor* y) = 0;
-  virtual moe::Status Backward(const moe::Tensor& dy, moe::Tensor* dx,
-                               moe::MoeLayerParams* grads) = 0;
-  virtual const moe::DispatchPlan& plan() const = 0;
-  virtual moe::report::LayerMetrics Metrics() const = 0;
-};
-
-class CpuRunner : public LayerRunner {
- public:
-  CpuRunner(const moe::config::LayerConfig& cfg, std::unique_ptr<moe::ExpertCompute> compute)
-      : layer_(cfg, std::make_unique<moe::LocalExpertExecutor>(std::move(compute)), 0,
-               cfg.num_experts()) {}
-  moe::Status SetParams(const moe::MoeLayerParams& params,
-                        const std::vector<float>& bias) override {
-    layer_.params() = params;
-    layer_.router_bias() = bias;
-    return moe::Status::Ok();
+// compute.device=CUDA the layer run whole on the device-resident layer (runtime/device_moe_layer.h:
+// router GEMMs, permutes, experts and combine on the GPU). Same inputs, same output files.
+moe::StatusOr<std::unique_ptr<moe::MoeLayer>> MakeLayer(const moe::MoeConfig& cfg) {
+  const auto& layer_cfg = cfg.moe();
+  if (cfg.compute().device() != moe::config::CUDA) {
+    MOE_ASSIGN_OR_RETURN(
+        auto compute, moe::MakeExpertCompute(moe::ExpertShape(layer_cfg), layer_cfg.num_experts(),
+                                             cfg.compute(), /*rank=*/0));
+    return std::make_unique<moe::MoeLayer>(
+        layer_cfg, std::make_unique<moe::LocalExpertExecutor>(std::move(compute)), 0,
+        layer_cfg.num_experts());
   }
-  moe::Status Forward(const moe::Tensor& x, const moe::RouteContext& ctx, moe::Tensor* y) override {
-    return layer_.Forward(x.view(), ctx, y);
-  }
-  moe::Status Backward(const moe::Tensor& dy, moe::Tensor* dx,
-                       moe::MoeLayerParams* grads) override {
-    return layer_.Backward(dy.view(), dx, grads);
-  }
-  const moe::DispatchPlan& plan() const override { return layer_.plan(); }
-  moe::report::LayerMetrics Metrics() const override { return layer_.Metrics(); }
-
- private:
-  moe::MoeLayer layer_;
-};
-
-class ResidentRunner : public LayerRunner {
- public:
-  static moe::StatusOr<std::unique_ptr<LayerRunner>> Create(const moe::MoeConfig& cfg) {
-    moe::DeviceLayerOptions options;
-    options.device = cfg.compute().gpu() >= 0 ? cfg.compute().gpu() : 0;
-    options.precision = cfg.compute().expert_precision() == moe::config::BF16
-                            ? moe::experts::cuda::Precision::kBfloat16
-                            : moe::experts::cuda::Precision::kFloat32;
-    auto made = moe::DeviceMoeLayer::Create(cfg.moe(), options);
-    if (!made.ok()) return made.status().WithContext("compute.device=CUDA");
-    return std::unique_ptr<LayerRunner>(new ResidentRunner(std::move(made).value()));
-  }
-  moe::Status SetParams(const moe::MoeLayerParams& params,
-                        const std::vector<float>& bias) override {
-    layer_->router_bias() = bias;
-    return layer_->SetParams(params);
-  }
-  moe::Status Forward(const moe::Tensor& x, const moe::RouteContext& ctx, moe::Tensor* y) override {
-    MOE_ASSIGN_OR_RETURN(x_, ToDevice(x));
-    MOE_ASSIGN_OR_RETURN(y_, DeviceLike(x));
-    MOE_RETURN_IF_ERROR(layer_->Forward(x_.as<float>(), x.rows(), ctx, y_.as<float>()));
-    MOE_RETURN_IF_ERROR(layer_->Synchronize());
-    return ToHost(y_, x.rows(), x.cols(), y);
-  }
-  moe::Status Backward(const moe::Tensor& dy, moe::Tensor* dx,
-                       moe::MoeLayerParams* grads) override {
-    MOE_ASSIGN_OR_RETURN(moe::comm::Buffer dy_dev, ToDevice(dy));
-    MOE_ASSIGN_OR_RETURN(moe::comm::Buffer dx_dev, DeviceLike(dy));
-    MOE_RETURN_IF_ERROR(layer_->Backward(dy_dev.as<float>(), dx_dev.as<float>()));
-    MOE_RETURN_IF_ERROR(layer_->Synchronize());
-    MOE_RETURN_IF_ERROR(ToHost(dx_dev, dy.rows(), dy.cols(), dx));
-    return layer_->AddGradients(grads);
-  }
-  const moe::DispatchPlan& plan() const override { return layer_->plan(); }
-  moe::report::LayerMetrics Metrics() const override { return layer_->Metrics(); }
-
- private:
-  explicit ResidentRunner(std::unique_ptr<moe::DeviceMoeLayer> layer) : layer_(std::move(layer)) {}
-
-  static moe::StatusOr<moe::comm::Buffer> DeviceLike(const moe::Tensor& t) {
-    return moe::comm::Buffer::Allocate(moe::comm::MemorySpace::kDevice,
-                                       t.size() * static_cast<int64_t>(sizeof(float)));
-  }
-  static moe::StatusOr<moe::comm::Buffer> ToDevice(const moe::Tensor& t) {
-    return moe::comm::Buffer::FromHost(moe::comm::MemorySpace::kDevice, t.data(),
-                                       t.size() * static_cast<int64_t>(sizeof(float)));
-  }
-  static moe::Status ToHost(const moe::comm::Buffer& b, int64_t rows, int64_t cols,
-                            moe::Tensor* t) {
-    t->Reset(rows, cols);
-    return moe::comm::CopyToHost(moe::comm::MemorySpace::kDevice, t->data(), b.data(), b.bytes());
-  }
-
-  std::unique_ptr<moe::DeviceMoeLayer> layer_;
-  moe::comm::Buffer x_, y_;  // x stays on the device until the backward
-};
+  moe::DeviceLayerOptions options;
+  MOE_ASSIGN_OR_RETURN(options.device, moe::ComputeGpu(cfg.compute(), /*rank=*/0));
+  options.precision = moe::ComputePrecision(cfg.compute());
+  auto device = moe::DeviceMoeLayer::Create(layer_cfg, options);
+  if (!device.ok()) return device.status().WithContext("compute.device=CUDA");
+  auto layer = std::make_unique<moe::MoeLayer>(layer_cfg);
+  layer->UseDevice(std::move(device).value());
+  return layer;
+}
 
 moe::Status Run(const Flags& f) {
   MOE_ASSIGN_OR_RETURN(moe::MoeConfig cfg, moe::LoadConfig(f.config));
@@ -179,36 +103,25 @@ moe::Status Run(const Flags& f) {
         " columns, must equal moe.model_dim=" + std::to_string(layer_cfg.model_dim()));
   }
   MOE_RETURN_IF_ERROR(moe::MakeDirs(f.out));
-  std::unique_ptr<LayerRunner> layer;
-  if (cfg.compute().device() == moe::config::CUDA) {
-    MOE_ASSIGN_OR_RETURN(layer, ResidentRunner::Create(cfg));
-  } else {
-    MOE_ASSIGN_OR_RETURN(
-        auto compute, moe::MakeExpertCompute(moe::ExpertShape(layer_cfg), layer_cfg.num_experts(),
-                                             cfg.compute(), /*rank=*/0));
-    layer = std::make_unique<CpuRunner>(layer_cfg, std::move(compute));
-  }
-  moe::MoeLayerParams params = moe::MakeLayerParams(layer_cfg);
+  MOE_ASSIGN_OR_RETURN(std::unique_ptr<moe::MoeLayer> layer, MakeLayer(cfg));
   if (!f.weights.empty()) {
-    MOE_RETURN_IF_ERROR(moe::ReadLayerParams(f.weights, &params).WithContext("--weights"));
+    MOE_RETURN_IF_ERROR(moe::ReadLayerParams(f.weights, &layer->params()).WithContext("--weights"));
   } else {
-    moe::InitLayerParams(layer_cfg, static_cast<uint64_t>(f.init_seed), &params);
-    MOE_RETURN_IF_ERROR(moe::WriteLayerParams(f.out + "/weights", params));
+    moe::InitLayerParams(layer_cfg, static_cast<uint64_t>(f.init_seed), &layer->params());
+    MOE_RETURN_IF_ERROR(moe::WriteLayerParams(f.out + "/weights", layer->params()));
   }
-  std::vector<float> bias(static_cast<size_t>(layer_cfg.num_experts()), 0.0f);
   if (!f.router_bias.empty()) {
     MOE_ASSIGN_OR_RETURN(moe::Tensor b,
                          moe::ReadNpyFloatShaped(f.router_bias, -1, layer_cfg.num_experts()));
-    bias.assign(b.data(), b.data() + b.size());
+    layer->router_bias().assign(b.data(), b.data() + b.size());
   }
-  MOE_RETURN_IF_ERROR(layer->SetParams(params, bias));
   moe::RouteContext ctx;
   ctx.train = f.train;
   ctx.seed = cfg.seed();
   ctx.step = static_cast<uint64_t>(f.step);
   ctx.token_offset = f.token_offset;
   moe::Tensor y;
-  MOE_RETURN_IF_ERROR(layer->Forward(x, ctx, &y));
+  MOE_RETURN_IF_ERROR(layer->Forward(x.view(), ctx, &y));
   MOE_RETURN_IF_ERROR(moe::WriteNpy(f.out + "/y.npy", y));
   MOE_RETURN_IF_ERROR(WriteRouting(f.out, layer->plan()));
 
@@ -225,14 +138,15 @@ moe::Status Run(const Flags& f) {
                          moe::ReadNpyFloatShaped(f.grad_output, y.rows(), y.cols()));
     moe::MoeLayerParams grads = moe::MakeLayerParams(layer_cfg);
     moe::Tensor dx;
-    MOE_RETURN_IF_ERROR(layer->Backward(dy, &dx, &grads));
+    MOE_RETURN_IF_ERROR(layer->Backward(dy.view(), &dx, &grads));
     MOE_RETURN_IF_ERROR(moe::WriteNpy(f.out + "/dx.npy", dx));
     MOE_RETURN_IF_ERROR(moe::WriteLayerParams(f.out, grads, "grad_"));
   }
   if (f.train && layer_cfg.router().bias_update_rate() > 0) {
-    moe::UpdateRouterBias(layer_cfg.router(), layer->plan().load_per_expert, &bias);
+    layer->UpdateRouterBias();
     moe::Tensor b(1, layer_cfg.num_experts());
-    for (int i = 0; i < layer_cfg.num_experts(); ++i) b[i] = bias[static_cast<size_t>(i)];
+    for (int i = 0; i < layer_cfg.num_experts(); ++i)
+      b[i] = layer->router_bias()[static_cast<size_t>(i)];
     MOE_RETURN_IF_ERROR(moe::WriteNpyVector(f.out + "/router_bias.npy", b));
   }
   return moe::Status::Ok();

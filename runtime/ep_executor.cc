@@ -55,8 +55,9 @@ Status ExpertParallelExecutor::Layout(const DispatchPlan& plan) {
   } else {
     const std::vector<int64_t> count_bytes(static_cast<size_t>(w),
                                            l * g * static_cast<int64_t>(sizeof(int64_t)));
-    const size_t record = Record(ExchangeCall::Kind::kCounts, 0, count_bytes, count_bytes);
-    MOE_RETURN_IF_ERROR(Timed(record, [&] {
+    const size_t record =
+        stats_.Record(ExchangeCall::Kind::kCounts, in_backward_, 0, d_, count_bytes, count_bytes);
+    MOE_RETURN_IF_ERROR(stats_.Timed(record, [&] {
       return ep_->AllToAll(block_rows_.data(), recv_counts_.data(), l * g, comm::DataType::kInt64);
     }));
   }
@@ -94,25 +95,25 @@ Status ExpertParallelExecutor::Layout(const DispatchPlan& plan) {
   return Status::Ok();
 }
 
-size_t ExpertParallelExecutor::Record(ExchangeCall::Kind kind, int chunk,
-                                      std::vector<int64_t> bytes_to_rank,
-                                      std::vector<int64_t> bytes_from_rank) {
+size_t ExchangeStats::Record(ExchangeCall::Kind kind, bool backward, int chunk, int chunks,
+                             std::vector<int64_t> bytes_to_rank,
+                             std::vector<int64_t> bytes_from_rank) {
   ExchangeCall call;
   call.kind = kind;
-  call.backward = in_backward_;
+  call.backward = backward;
   call.chunk = chunk;
-  call.chunks = d_;
+  call.chunks = chunks;
   call.bytes_to_rank = std::move(bytes_to_rank);
   call.bytes_from_rank = std::move(bytes_from_rank);
   call.start_seconds = WallSeconds();
-  stats_.calls.push_back(std::move(call));
-  return stats_.calls.size() - 1;
+  calls.push_back(std::move(call));
+  return calls.size() - 1;
 }
 
-Status ExpertParallelExecutor::Timed(size_t record, const std::function<Status()>& exchange) {
+Status ExchangeStats::Timed(size_t record, const std::function<Status()>& exchange) {
   const double t0 = WallSeconds();
   Status status = exchange();
-  stats_.calls[record].seconds += WallSeconds() - t0;
+  calls[record].seconds += WallSeconds() - t0;
   return status;
 }
 
@@ -133,9 +134,10 @@ StatusOr<ExpertParallelExecutor::Pending> ExpertParallelExecutor::Exchange(Excha
   const std::vector<int64_t> send_counts = chunk(out_rows, m), send_displs = chunk(out_displ, m),
                              recv_counts = chunk(in_rows, m), recv_displs = chunk(in_displ, m);
   Pending pending;
-  pending.record = Record(kind, j, chunk(out_rows, row_bytes), chunk(in_rows, row_bytes));
+  pending.record = stats_.Record(kind, in_backward_, j, d_, chunk(out_rows, row_bytes),
+                                 chunk(in_rows, row_bytes));
   if (d_ == 1) {
-    MOE_RETURN_IF_ERROR(Timed(pending.record, [&] {
+    MOE_RETURN_IF_ERROR(stats_.Timed(pending.record, [&] {
       if (padded_) {
         // Every peer gets the same L * G * C rows: a plain all-to-all.
         return ep_->AllToAll(send, recv, send_counts[0], comm::DataType::kFloat32);
@@ -145,7 +147,7 @@ StatusOr<ExpertParallelExecutor::Pending> ExpertParallelExecutor::Exchange(Excha
     }));
     return pending;
   }
-  MOE_RETURN_IF_ERROR(Timed(pending.record, [&]() -> Status {
+  MOE_RETURN_IF_ERROR(stats_.Timed(pending.record, [&]() -> Status {
     MOE_ASSIGN_OR_RETURN(pending.request,
                          ep_->StartAllToAllV(send, send_counts, send_displs, recv, recv_counts,
                                              recv_displs, comm::DataType::kFloat32));
@@ -157,7 +159,7 @@ StatusOr<ExpertParallelExecutor::Pending> ExpertParallelExecutor::Exchange(Excha
 Status ExpertParallelExecutor::Wait(Pending* pending) {
   if (pending->request == nullptr) return Status::Ok();
   std::unique_ptr<comm::Request> request = std::move(pending->request);
-  return Timed(pending->record, [&] { return request->Wait(); });
+  return stats_.Timed(pending->record, [&] { return request->Wait(); });
 }
 
 void ExpertParallelExecutor::ForEachSendPiece(const SendPieceFn& fn) const {

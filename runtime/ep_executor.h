@@ -71,6 +71,12 @@ struct ExchangeStats {
     return t;
   }
   void Reset() { *this = ExchangeStats(); }
+  // Appends the record of an exchange about to be issued (start_seconds: now); returns its index.
+  size_t Record(ExchangeCall::Kind kind, bool backward, int chunk, int chunks,
+                std::vector<int64_t> bytes_to_rank, std::vector<int64_t> bytes_from_rank);
+  // Runs `exchange` (a blocking call, or the start or Wait of an asynchronous one) and adds its
+  // wall time to the seconds of record `record`.
+  Status Timed(size_t record, const std::function<Status()>& exchange);
 };
 
 class ExpertParallelExecutor : public ExpertExecutor {
@@ -122,11 +128,6 @@ class ExpertParallelExecutor : public ExpertExecutor {
   StatusOr<Pending> Exchange(ExchangeCall::Kind kind, int j, const float* send, float* recv);
   Status Wait(Pending* pending);
 
-  // Appends the record of an exchange about to be issued to stats_.calls; returns its index.
-  size_t Record(ExchangeCall::Kind kind, int chunk, std::vector<int64_t> bytes_to_rank,
-                std::vector<int64_t> bytes_from_rank);
-  // Runs a blocking exchange and accounts its time to record `record`.
-  Status Timed(size_t record, const std::function<Status()>& exchange);
 
   int64_t Chunk(int64_t n, int j) const { return n * (j + 1) / d_ - n * j / d_; }
   int64_t ChunkBegin(int64_t n, int j) const { return n * j / d_; }

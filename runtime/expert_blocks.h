@@ -8,6 +8,7 @@
 #include <memory>
 #include <vector>
 
+#include "experts/cuda/grouped_ffn.h"
 #include "experts/expert_ffn.h"
 #include "proto/moe_config.pb.h"
 #include "runtime/base/status.h"
@@ -55,6 +56,12 @@ StatusOr<std::unique_ptr<ExpertCompute>> MakeExpertCompute(const experts::FfnSha
                                                            int num_experts,
                                                            const config::ComputeConfig& compute,
                                                            int rank);
+
+// The CUDA device of `rank` under compute.gpu (-1: rank mod the visible devices); a clear error
+// when no GPU is visible (or the build has no CUDA) or compute.gpu is not a visible device.
+StatusOr<int> ComputeGpu(const config::ComputeConfig& compute, int rank);
+// compute.expert_precision as the GPU experts' storage precision.
+experts::cuda::Precision ComputePrecision(const config::ComputeConfig& compute);
 
 class ExpertBlocks : public ExpertCompute {
  public:

@@ -82,14 +82,7 @@ class GpuExpertCompute : public ExpertCompute {
 
 }  // namespace
 
-StatusOr<std::unique_ptr<ExpertCompute>> MakeExpertCompute(const experts::FfnShape& shape,
-                                                           int num_experts,
-                                                           const config::ComputeConfig& compute,
-                                                           int rank) {
-  MOE_RETURN_IF_ERROR(ValidateCompute(compute));
-  if (compute.device() == config::CPU) {
-    return std::unique_ptr<ExpertCompute>(std::make_unique<ExpertBlocks>(shape));
-  }
+StatusOr<int> ComputeGpu(const config::ComputeConfig& compute, int rank) {
   const int devices = comm::CudaDeviceCount();
   if (devices == 0) {
     return FailedPrecondition(
@@ -101,9 +94,24 @@ StatusOr<std::unique_ptr<ExpertCompute>> MakeExpertCompute(const experts::FfnSha
     return InvalidArgument("compute.gpu=" + std::to_string(gpu) + " must be < the " +
                            std::to_string(devices) + " visible CUDA device(s)");
   }
-  const auto precision = compute.expert_precision() == config::BF16
-                             ? experts::cuda::Precision::kBfloat16
-                             : experts::cuda::Precision::kFloat32;
+  return gpu;
+}
+
+experts::cuda::Precision ComputePrecision(const config::ComputeConfig& compute) {
+  return compute.expert_precision() == config::BF16 ? experts::cuda::Precision::kBfloat16
+                                                    : experts::cuda::Precision::kFloat32;
+}
+
+StatusOr<std::unique_ptr<ExpertCompute>> MakeExpertCompute(const experts::FfnShape& shape,
+                                                           int num_experts,
+                                                           const config::ComputeConfig& compute,
+                                                           int rank) {
+  MOE_RETURN_IF_ERROR(ValidateCompute(compute));
+  if (compute.device() == config::CPU) {
+    return std::unique_ptr<ExpertCompute>(std::make_unique<ExpertBlocks>(shape));
+  }
+  MOE_ASSIGN_OR_RETURN(const int gpu, ComputeGpu(compute, rank));
+  const experts::cuda::Precision precision = ComputePrecision(compute);
   GpuExpertCompute::Factory factory = [shape, num_experts, precision, gpu] {
     return experts::cuda::GroupedFfn::Create(shape, num_experts, precision, gpu);
   };

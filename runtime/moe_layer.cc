@@ -265,20 +265,15 @@ report::LayerMetrics MoeLayer::Metrics() const { return LayerMetricsOf(plan_, lo
 void MoeLayer::UpdateRouterBias() { UpdateRouterBias(plan_.load_per_expert); }
 
 void MoeLayer::UpdateRouterBias(const std::vector<int64_t>& load) {
-  moe::UpdateRouterBias(cfg_.router(), load, &bias_);
-}
-
-void UpdateRouterBias(const config::RouterConfig& router, const std::vector<int64_t>& load,
-                      std::vector<float>* bias) {
-  const double rate = router.bias_update_rate();
-  if (rate == 0.0 || load.size() != bias->size()) return;
+  const double rate = cfg_.router().bias_update_rate();
+  if (rate == 0.0 || load.size() != bias_.size()) return;
   double mean = 0.0;
   for (int64_t v : load) mean += static_cast<double>(v);
   mean /= static_cast<double>(load.size());
-  for (size_t i = 0; i < bias->size(); ++i) {
+  for (size_t i = 0; i < bias_.size(); ++i) {
     const double d = mean - static_cast<double>(load[i]);
     const double sign = d > 0 ? 1.0 : (d < 0 ? -1.0 : 0.0);
-    (*bias)[i] = static_cast<float>((*bias)[i] + rate * sign);
+    bias_[i] = static_cast<float>(bias_[i] + rate * sign);
   }
 }
 

@@ -51,11 +51,6 @@ void InitLayerParams(const config::LayerConfig& cfg, uint64_t seed, MoeLayerPara
 // Fills t with U(-bound, bound) drawn from (seed, Fnv1a64(name), element index).
 void InitUniformByName(const std::string& name, uint64_t seed, double bound, Tensor* t);
 
-// Aux-loss-free balancing: bias_i += rate * sign(mean load - load_i), rate =
-// router.bias_update_rate (0: no change; a load of another size than bias: no change).
-void UpdateRouterBias(const config::RouterConfig& router, const std::vector<int64_t>& load,
-                      std::vector<float>* bias);
-
 // The metrics report of one layer call: drops, loads, capacity and the unweighted losses.
 report::LayerMetrics LayerMetricsOf(const DispatchPlan& plan, const RouterLosses& losses);
 

@@ -14,6 +14,7 @@
 #include "runtime/checkpoint.h"
 #include "runtime/config.h"
 #include "runtime/device_moe_layer.h"
+#include "runtime/expert_blocks.h"
 #if MOE_COMM_HAVE_CUDA
 #include "comm/nccl/nccl_communicator.h"
 #endif
@@ -139,17 +140,7 @@ Status Trainer::Init() {
 }
 
 Status Trainer::UseDeviceLayers(int replica) {
-  const int devices = comm::CudaDeviceCount();
-  if (devices == 0) {
-    return FailedPrecondition(
-        "compute.device=CUDA: no CUDA device is visible to this process (or this build has no "
-        "CUDA)");
-  }
-  const int gpu = cfg_.compute().gpu() >= 0 ? cfg_.compute().gpu() : world_->rank() % devices;
-  if (gpu >= devices) {
-    return InvalidArgument("compute.gpu=" + std::to_string(gpu) + " must be < the " +
-                           std::to_string(devices) + " visible CUDA device(s)");
-  }
+  MOE_ASSIGN_OR_RETURN(const int gpu, ComputeGpu(cfg_.compute(), world_->rank()));
   comm::Communicator* ep = nullptr;
   if (ep_size_ > 1) {
     if (ep_->memory_space() == comm::MemorySpace::kDevice) {
@@ -169,9 +160,7 @@ Status Trainer::UseDeviceLayers(int replica) {
   }
   DeviceLayerOptions options;
   options.device = gpu;
-  options.precision = cfg_.compute().expert_precision() == config::BF16
-                          ? experts::cuda::Precision::kBfloat16
-                          : experts::cuda::Precision::kFloat32;
+  options.precision = ComputePrecision(cfg_.compute());
   options.comm = ep;
   options.pipeline_degree = cfg_.parallel().pipeline_degree();
   for (MoeLayer* layer : model_->MoeLayers()) {

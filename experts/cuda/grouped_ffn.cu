@@ -338,9 +338,6 @@ class CudaGroupedFfn final : public GroupedFfn {
       MOE_RETURN_IF_ERROR(gb1_.Reserve(l * h * sizeof(float)));
       MOE_RETURN_IF_ERROR(gb2_.Reserve(l * m * sizeof(float)));
     }
-    for (Part& part : parts_) {
-      MOE_RETURN_IF_ERROR(part.offsets_dev.Reserve((l + 1) * sizeof(int64_t)));
-    }
     return ZeroGradients();
   }
 
@@ -412,6 +409,9 @@ class CudaGroupedFfn final : public GroupedFfn {
     if (cur_->rows > (int64_t{1} << 31) - 1)
       return InvalidArgument("GroupedFfn::Forward: more than 2^31 - 1 rows");
     const int64_t m = shape_.model_dim, h = shape_.hidden_dim, up = UpCols();
+    // Each part's offsets array is allocated on the part's first use.
+    MOE_RETURN_IF_ERROR(
+        cur_->offsets_dev.Reserve(static_cast<int64_t>(offsets.size() * sizeof(int64_t))));
     MOE_RETURN_IF_ERROR(CudaCheck(
         cudaMemcpyAsync(cur_->offsets_dev.template as<int64_t>(), cur_->offsets.data(),
                         cur_->offsets.size() * sizeof(int64_t), cudaMemcpyHostToDevice, stream_),

@@ -42,6 +42,13 @@ class DeviceArray {
   comm::Workspace ws_{comm::MemorySpace::kDevice};
 };
 
+// v[i] · k for every entry (rows to floats, floats to bytes).
+std::vector<int64_t> Scaled(const std::vector<int64_t>& v, int64_t k) {
+  std::vector<int64_t> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = v[i] * k;
+  return out;
+}
+
 // The name and shape of every tensor of a MoeLayerParams, in ForEach order.
 struct NamedShape {
   std::string name;
@@ -314,9 +321,9 @@ class CudaMoeLayer final : public DeviceMoeLayer {
     MOE_RETURN_IF_ERROR(
         comm::CopyFromHost(comm::MemorySpace::kDevice, counts, send_le_.data(), bytes));
     const std::vector<int64_t> count_bytes(static_cast<size_t>(w), l * 8);
-    const size_t record =
-        RecordCall(ExchangeCall::Kind::kCounts, false, 0, count_bytes, count_bytes);
-    MOE_RETURN_IF_ERROR(Timed(record, [&] {
+    const size_t record = stats_.Record(ExchangeCall::Kind::kCounts, false, 0,
+                                        options_.pipeline_degree, count_bytes, count_bytes);
+    MOE_RETURN_IF_ERROR(stats_.Timed(record, [&] {
       return options_.comm->AllToAll(counts, counts + w * l, l, comm::DataType::kInt64);
     }));
     MOE_RETURN_IF_ERROR(
@@ -326,15 +333,10 @@ class CudaMoeLayer final : public DeviceMoeLayer {
                          MakeEpExchangeLayout(static_cast<int>(w), static_cast<int>(l),
                                               options_.pipeline_degree, send_le_, recv_le_));
     // Per chunk, the rows' counts and displacements in floats.
-    const auto floats = [m](const std::vector<int64_t>& rows) {
-      std::vector<int64_t> out(rows.size());
-      for (size_t i = 0; i < rows.size(); ++i) out[i] = rows[i] * m;
-      return out;
-    };
     chunk_floats_.clear();
     for (const EpChunk& c : layout_.chunks) {
-      chunk_floats_.push_back({floats(c.send_counts), floats(c.send_displs), floats(c.recv_counts),
-                               floats(c.recv_displs)});
+      chunk_floats_.push_back({Scaled(c.send_counts, m), Scaled(c.send_displs, m),
+                               Scaled(c.recv_counts, m), Scaled(c.recv_displs, m)});
     }
     // [send_gather | plan_gather | to_expert_major | to_source_major], one staging copy.
     std::vector<int32_t>& maps = maps_staging_;
@@ -385,11 +387,6 @@ class CudaMoeLayer final : public DeviceMoeLayer {
       combined = buf;
     }
     MOE_RETURN_IF_ERROR(Synchronize());  // the communicator reads `send` outside this stream
-    const auto bytes = [](const std::vector<int64_t>& floats) {
-      std::vector<int64_t> out(floats.size());
-      for (size_t i = 0; i < floats.size(); ++i) out[i] = floats[i] * 4;
-      return out;
-    };
     // Chunk j's dispatch (from send into recv) or combine (from recv into combined), recorded.
     std::vector<std::unique_ptr<comm::Request>> requests(static_cast<size_t>(2 * chunks));
     std::vector<size_t> records(static_cast<size_t>(2 * chunks));
@@ -397,10 +394,11 @@ class CudaMoeLayer final : public DeviceMoeLayer {
       const ChunkFloats& f = chunk_floats_[static_cast<size_t>(j)];
       const size_t slot = static_cast<size_t>(2 * j + (dispatch ? 0 : 1));
       records[slot] =
-          RecordCall(dispatch ? ExchangeCall::Kind::kDispatch : ExchangeCall::Kind::kCombine,
-                     backward, static_cast<int>(j), bytes(dispatch ? f.send_counts : f.recv_counts),
-                     bytes(dispatch ? f.recv_counts : f.send_counts));
-      return Timed(records[slot], [&]() -> Status {
+          stats_.Record(dispatch ? ExchangeCall::Kind::kDispatch : ExchangeCall::Kind::kCombine,
+                        backward, static_cast<int>(j), options_.pipeline_degree,
+                        Scaled(dispatch ? f.send_counts : f.recv_counts, sizeof(float)),
+                        Scaled(dispatch ? f.recv_counts : f.send_counts, sizeof(float)));
+      return stats_.Timed(records[slot], [&]() -> Status {
         MOE_ASSIGN_OR_RETURN(
             requests[slot], dispatch ? options_.comm->StartAllToAllV(
                                            send, f.send_counts, f.send_displs, recv, f.recv_counts,
@@ -413,7 +411,7 @@ class CudaMoeLayer final : public DeviceMoeLayer {
     };
     const auto wait = [&](int64_t j, bool dispatch) {
       const size_t slot = static_cast<size_t>(2 * j + (dispatch ? 0 : 1));
-      return Timed(records[slot], [&] { return requests[slot]->Wait(); });
+      return stats_.Timed(records[slot], [&] { return requests[slot]->Wait(); });
     };
     MOE_RETURN_IF_ERROR(start(0, /*dispatch=*/true));
     for (int64_t j = 0; j < chunks; ++j) {
@@ -437,30 +435,6 @@ class CudaMoeLayer final : public DeviceMoeLayer {
     if (!gathered) return Status::Ok();
     return gpu::PermuteRows(Gather(plan_gather_, layout_.send_rows), combined, m, packed_out,
                             stream_);
-  }
-
-  // An exchange record in stats_ (Timed adds its seconds); returns its index.
-  size_t RecordCall(ExchangeCall::Kind kind, bool backward, int chunk,
-                    std::vector<int64_t> bytes_to_rank, std::vector<int64_t> bytes_from_rank) {
-    ExchangeCall call;
-    call.kind = kind;
-    call.backward = backward;
-    call.chunk = chunk;
-    call.chunks = kind == ExchangeCall::Kind::kCounts ? 1 : options_.pipeline_degree;
-    call.bytes_to_rank = std::move(bytes_to_rank);
-    call.bytes_from_rank = std::move(bytes_from_rank);
-    call.start_seconds = WallSeconds();
-    stats_.calls.push_back(std::move(call));
-    return stats_.calls.size() - 1;
-  }
-
-  // Runs fn, adding its wall time to the seconds of record `rec`.
-  template <typename F>
-  Status Timed(size_t rec, F fn) {
-    const double t0 = WallSeconds();
-    Status st = fn();
-    stats_.calls[rec].seconds += WallSeconds() - t0;
-    return st;
   }
 
   // Enqueues fn's expert work between two timing events (read by ResolveExpertTimers).

@@ -112,15 +112,20 @@ void FillInputs(moe::Tensor* x, moe::Tensor* dy) {
 // against PyTorch on the same GPU. Returns the process exit code.
 int RunCuda(const std::vector<Shape>& shapes, const std::string& only, int iters, bool no_torch,
             const std::string& python, const std::string& torch_script,
-            const moe::config::ComputeConfig& compute, const std::string& precision) {
-  const moe::experts::cuda::Precision prec = moe::ComputePrecision(compute);
+            const moe::config::ComputeConfig& compute, const std::string& precision,
+            bool host_routing) {
+  moe::DeviceLayerOptions options;
+  options.device = compute.gpu() >= 0 ? compute.gpu() : 0;
+  options.precision = moe::ComputePrecision(compute);
+  options.route_on_device = !host_routing;
+  std::printf("# routing on the %s\n", host_routing ? "host (--host-routing)" : "device");
   std::printf("# %-12s %5s %4s %5s %3s %2s | %9s %9s %9s %9s | %9s %9s %9s %9s | %9s %9s\n",
               "shape", "S", "M", "H", "E", "k", "fwd ms", "f+b ms", "host ms", "staged", "torch fwd",
               "torch f+b", "fwd x", "f+b x", "staged x", "f+b/stgd");
   for (const Shape& sh : shapes) {
     if (!only.empty() && sh.name != only) continue;
     const auto cfg = MakeConfig(sh);
-    auto made = moe::DeviceMoeLayer::Create(cfg, {compute.gpu() >= 0 ? compute.gpu() : 0, prec});
+    auto made = moe::DeviceMoeLayer::Create(cfg, options);
     if (!made.ok()) {
       std::fprintf(stderr, "moe_layer_bench: %s\n", made.status().ToString().c_str());
       return 1;
@@ -176,7 +181,8 @@ int RunCuda(const std::vector<Shape>& shapes, const std::string& only, int iters
   }
   std::printf(
       "# x = PyTorch ms / ours ms (> 1: ours faster); f+b/stgd = staged ms / resident ms; host ms "
-      "= the resident layer's host routing work per fwd+bwd (in f+b ms)\n");
+      "= the resident layer's host work per fwd+bwd (in f+b ms): routing on the host, or launching the "
+      "device router and finishing its counts and losses\n");
   return 0;
 }
 
@@ -186,7 +192,7 @@ int main(int argc, char** argv) {
   CLI::App app{"MoE layer forward+backward benchmark (CPU, one thread by default)."};
   int iters = 5, threads = 1;
   std::string torch_script = "bench/torch_layer_bench.py";
-  bool no_torch = false;
+  bool no_torch = false, host_routing = false;
   std::string only, python = "/usr/bin/python3";
   moe::launch::ComputeFlags flags{"cpu", "fp32"};
   app.add_option("-n,--iters", iters, "timed iterations (median reported)")->check(CLI::Range(1, 1000));
@@ -196,6 +202,8 @@ int main(int argc, char** argv) {
   app.add_option("--shape", only, "run only this shape (CPU: small, medium, fine-grained; cuda: small, large, fine-grained)");
   moe::launch::AddComputeFlags(app, &flags);
   app.add_option("--python", python, "Python with torch for the baseline");
+  app.add_flag("--host-routing", host_routing,
+               "--device cuda: route on the host (the CPU plan) instead of on the device");
   if (const int rc = moe::launch::ParseFlags(app, argc, argv); rc >= 0) return rc;
   moe::blas::SetThreads(threads);
   if (std::getenv("MOE_BENCH_NO_MMAP")) { mallopt(M_MMAP_THRESHOLD, 1 << 30); mallopt(M_TRIM_THRESHOLD, 1 << 30); }
@@ -215,7 +223,8 @@ int main(int argc, char** argv) {
     const std::vector<Shape> gpu_shapes = {{"small", 1024, 256, 1024, 8, 2},
                                            {"large", 8192, 1024, 4096, 8, 2},
                                            {"fine-grained", 8192, 1024, 512, 64, 6}};
-    return RunCuda(gpu_shapes, only, iters, no_torch, python, torch_script, compute, precision);
+    return RunCuda(gpu_shapes, only, iters, no_torch, python, torch_script, compute, precision,
+                   host_routing);
   }
   std::printf("# %-12s %5s %4s %5s %3s %2s | %9s %9s %9s | %9s %9s\n", "shape", "S", "M", "H", "E", "k",
               "ours ms", "gemm ms", "ours/gemm", "torch ms", "torch/ours");

@@ -123,6 +123,7 @@ moe::Status Run(const Flags& f) {
   moe::Tensor y;
   MOE_RETURN_IF_ERROR(layer->Forward(x.view(), ctx, &y));
   MOE_RETURN_IF_ERROR(moe::WriteNpy(f.out + "/y.npy", y));
+  MOE_RETURN_IF_ERROR(layer->FetchPlan());  // routed on the device: the slots come down
   MOE_RETURN_IF_ERROR(WriteRouting(f.out, layer->plan()));
 
   std::string json;

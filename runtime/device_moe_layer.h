@@ -5,21 +5,22 @@
 //
 // Data flow of one call (every stage one cuBLAS call or one kernel, all on one CUDA stream):
 //   logits = x·Wg (cuBLAS, fp32; and x·Wnoise for the noisy router at training)
-//   -> logits to the host (S x E floats) -> FinishRouter + BuildDispatchPlan + losses on the host,
-//      the same code as the CPU layer, so every routing policy (drop policies, random routing,
-//      re-routing, expert choice, aux-loss-free bias) has exactly the CPU semantics
-//   -> the plan's index arrays to the device (one copy) -> PermuteRows -> grouped expert FFN
-//      (experts/cuda/grouped_ffn.h; fp32 or bf16) -> shared experts on all tokens -> UnpermuteRows
-//      (gated, in slot order).
+//   -> routing on the device (runtime/cuda/route.h: softmax, selection, random routing, capacity
+//      with either drop policy, gates, packed-row layout, the losses' sums), with one small
+//      download (the per-(group, expert) counts, metrics and loss sums) — or, for what the device
+//      router does not do (expert choice, reroute_overflow, k > 16) or with
+//      DeviceLayerOptions::route_on_device false, the logits to the host, FinishRouter +
+//      BuildDispatchPlan + losses there (the CPU layer's code) and the plan's index arrays up
+//   -> PermuteRows -> grouped expert FFN (experts/cuda/grouped_ffn.h; fp32 or bf16) -> shared
+//      experts on all tokens -> UnpermuteRows (gated, in slot order).
 // Backward: PermuteGradRows (dY rows and the gates' gradients) -> grouped FFN backward -> shared
-// experts -> UnpermuteRows (dX) -> the gates' gradients to the host (rows floats) ->
-// RouterScoreGradients (the CPU layer's code) -> dlogits to the device -> dWg += xᵀ·dlogits,
-// dX += dlogits·Wgᵀ (cuBLAS).
+// experts -> UnpermuteRows (dX) -> the router's backward (on the device; or the gates' gradients
+// down, RouterScoreGradients on the host, dlogits up) -> dWg += xᵀ·dlogits, dX += dlogits·Wgᵀ
+// (cuBLAS).
 //
-// The host round trip per call is one S x E download in the forward and one rows download plus one
-// S x E upload in the backward. The grouped GEMM needs each expert's row count on the host anyway
-// (cublasGemmGroupedBatchedEx takes host problem sizes), so one synchronization per forward is in
-// the design; the host plan's cost is in docs/GPU_NOTES.md.
+// The grouped GEMM needs each expert's row count on the host (cublasGemmGroupedBatchedEx takes
+// host problem sizes), so one synchronization per forward is in the design; routing on the device
+// makes it the only one and leaves no S x E traffic (docs/GPU_NOTES.md).
 //
 // Expert parallelism (DeviceLayerOptions::comm) adds a W x L counts all-to-all per forward, then
 // the rows' all-to-alls on device buffers in pipeline_degree chunks (runtime/ep_row_maps.h): chunk
@@ -60,6 +61,9 @@ struct DeviceLayerOptions {
   // With comm: chunks per exchange, 1..16 (parallel.pipeline_degree); 1 = one all-to-all each way.
   // Results equal those of 1 chunk up to the order of the expert weight-gradient sums.
   int pipeline_degree = 1;
+  // Route on the device when gpu::DeviceRouter::Supports the router config (else on the host, the
+  // CPU layer's code). false: always on the host.
+  bool route_on_device = true;
 };
 
 class DeviceMoeLayer {
@@ -92,12 +96,21 @@ class DeviceMoeLayer {
   // it, or synchronize.
   virtual void* stream() const = 0;
 
-  // Seconds the last Forward and the Backward after it spent in host work (FinishRouter, the plan,
-  // the losses, staging the plan, RouterScoreGradients), excluding copies and waits: what routing
-  // on the device could save.
+  // Seconds the last Forward and the Backward after it spent in host work, excluding copies and
+  // waits: routing on the host, FinishRouter, the plan, the losses, staging the plan and
+  // RouterScoreGradients; on the device, the plan's counts and the losses from their sums.
   virtual double host_seconds() const = 0;
 
+  // Whether this layer routes on the device (DeviceLayerOptions::route_on_device and a router
+  // config the device router supports).
+  virtual bool routes_on_device() const = 0;
+  // The last Forward's plan. Routing on the device it holds the counts and metrics only (sizes,
+  // capacity, group bounds, expert_offset, group_expert_count, per-expert kept/dropped/load) until
+  // FetchPlan; router_output() is empty until then.
   virtual const DispatchPlan& plan() const = 0;
+  // Routing on the device: downloads the rest of the last Forward's plan (per-slot, per-row and
+  // per-token arrays) and the router's logits/probs (and noise). Waits. No-op on the host path.
+  virtual Status FetchPlan() = 0;
   virtual const RouterOutput& router_output() const = 0;
   virtual const RouterLosses& losses() const = 0;
   report::LayerMetrics Metrics() const { return LayerMetricsOf(plan(), losses()); }

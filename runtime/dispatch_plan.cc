@@ -6,44 +6,27 @@
 
 #include "runtime/base/rng.h"
 #include "runtime/config.h"
+#include "runtime/routing_math.h"
 
 namespace moe {
 namespace {
 
-// Up to this many ranked experts per token, RankExperts inserts instead of partial_sort.
-constexpr int64_t kInsertionTopK = 16;
-
-// Group g of S tokens in G groups: the first S % G groups hold one token more.
-std::vector<int64_t> GroupBounds(int64_t s, int64_t g) {
-  std::vector<int64_t> begin(static_cast<size_t>(g + 1));
-  const int64_t q = s / g, r = s % g;
-  begin[0] = 0;
-  for (int64_t i = 0; i < g; ++i) begin[i + 1] = begin[i] + q + (i < r ? 1 : 0);
-  return begin;
-}
-
 // Experts of one token ordered by selection score (probs + bias) descending, ties lower index:
-// the first `count` of that order into `out`. `score_buf` and `idx` are E-sized scratch buffers
-// owned by the caller.
+// the first `count` of that order into `out`. Up to routing::kMaxRankedExperts by insertion (the
+// device router's code; partial_sort's heap costs ~3x more at E = 64, k = 6), beyond that (reroute
+// rankings of many experts) by partial_sort in the same strict order. `score_buf` and `idx` are
+// E-sized scratch buffers owned by the caller.
 void RankExperts(const float* probs, const std::vector<float>& bias, int64_t e, int64_t count,
                  int32_t* out, float* score_buf, std::vector<int32_t>& idx) {
-  for (int64_t j = 0; j < e; ++j) score_buf[j] = probs[j] + (bias.empty() ? 0.0f : bias[j]);
-  auto better = [&](int32_t a, int32_t b) {
-    return score_buf[a] > score_buf[b] || (score_buf[a] == score_buf[b] && a < b);
-  };
-  if (count <= kInsertionTopK) {
-    // Insertion into a sorted list of `count`: most experts lose to the current last entry with one
-    // comparison (partial_sort's heap costs ~3x more at E = 64, k = 6). Same strict order, so the
-    // same result.
-    int64_t n = 0;
-    for (int32_t j = 0; j < static_cast<int32_t>(e); ++j) {
-      if (n == count && !better(j, out[n - 1])) continue;
-      int64_t pos = n < count ? n++ : count - 1;
-      for (; pos > 0 && better(j, out[pos - 1]); --pos) out[pos] = out[pos - 1];
-      out[pos] = j;
-    }
+  if (count <= routing::kMaxRankedExperts) {
+    routing::RankTopExperts(probs, bias.empty() ? nullptr : bias.data(), static_cast<int32_t>(e),
+                            static_cast<int32_t>(count), out);
     return;
   }
+  for (int64_t j = 0; j < e; ++j) score_buf[j] = probs[j] + (bias.empty() ? 0.0f : bias[j]);
+  auto better = [&](int32_t a, int32_t b) {
+    return routing::Outranks(score_buf[a], a, score_buf[b], b);
+  };
   std::iota(idx.begin(), idx.end(), 0);
   std::partial_sort(idx.begin(), idx.begin() + count, idx.end(), better);
   std::copy(idx.begin(), idx.begin() + count, out);
@@ -120,12 +103,11 @@ StatusOr<DispatchPlan> BuildTokenChoice(const config::RouterConfig& cfg, const T
   std::vector<uint8_t> alive(static_cast<size_t>(s * k), 1);
   if (cfg.random_routing()) {
     for (int64_t t = 0; t < s; ++t) {
-      const float r0 = probs(t, p.selected[t * k]);
-      const float r1 = probs(t, p.selected[t * k + 1]);
-      const float g2 = r1 / (r0 + r1);
       const double u = CounterUniform(ctx.seed, ctx.step, static_cast<uint64_t>(ctx.token_offset + t),
                                       RngStream::kRoutingUniform);
-      if (!(u < 2.0 * static_cast<double>(g2))) alive[t * k + 1] = 0;
+      if (!routing::KeepsSecondSlot(probs(t, p.selected[t * k]), probs(t, p.selected[t * k + 1]), u)) {
+        alive[t * k + 1] = 0;
+      }
     }
   }
 
@@ -169,28 +151,18 @@ StatusOr<DispatchPlan> BuildTokenChoice(const config::RouterConfig& cfg, const T
   }
 
   // Gates.
-  const auto norm = cfg.normalization();
   for (int64_t t = 0; t < s; ++t) {
-    float sum_all = 0.0f, sum_kept = 0.0f;
+    const int64_t first = t * k;
+    routing::TokenGates(cfg.normalization(), static_cast<int32_t>(k), probs.row(t), &p.slot_final[first],
+                        &alive[first], &p.slot_raw[first], &p.slot_gate[first], &p.slot_expert[first]);
     for (int64_t j = 0; j < k; ++j) {
-      const int64_t slot = t * k + j;
-      p.slot_raw[slot] = probs(t, p.slot_final[slot]);
-      sum_all += p.slot_raw[slot];
-      if (alive[slot]) sum_kept += p.slot_raw[slot];
-    }
-    for (int64_t j = 0; j < k; ++j) {
-      const int64_t slot = t * k + j;
+      const int64_t slot = first + j;
       if (!alive[slot]) {
         ++p.dropped_per_expert[p.selected[slot]];
         ++p.dropped_slots;
-        continue;
+      } else {
+        ++p.kept_per_expert[p.slot_final[slot]];
       }
-      const float r = p.slot_raw[slot];
-      p.slot_gate[slot] = norm == config::NONE           ? r
-                          : norm == config::TOPK_SOFTMAX ? r / sum_all
-                                                         : r / sum_kept;
-      p.slot_expert[slot] = p.slot_final[slot];
-      ++p.kept_per_expert[p.slot_final[slot]];
     }
   }
 
@@ -256,6 +228,14 @@ StatusOr<DispatchPlan> BuildExpertChoice(const Tensor& probs, DispatchPlan p) {
 }
 
 }  // namespace
+
+std::vector<int64_t> GroupBounds(int64_t s, int64_t g) {
+  std::vector<int64_t> begin(static_cast<size_t>(g + 1));
+  const int64_t q = s / g, r = s % g;
+  begin[0] = 0;
+  for (int64_t i = 0; i < g; ++i) begin[i + 1] = begin[i] + q + (i < r ? 1 : 0);
+  return begin;
+}
 
 int64_t ComputeCapacity(const config::RouterConfig& cfg, int64_t num_experts, int64_t num_tokens,
                         int64_t num_groups, bool train) {

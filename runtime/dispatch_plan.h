@@ -56,9 +56,14 @@ struct DispatchPlan {
   std::vector<int64_t> load_per_expert;     // selected slots before drops (aux-loss-free bias)
   int64_t dropped_slots = 0;
 
-  int64_t num_rows() const { return static_cast<int64_t>(row_token.size()); }
+  // Packed rows: expert_offset's last entry (set also in a plan whose row arrays stay on a device).
+  int64_t num_rows() const { return expert_offset.empty() ? 0 : expert_offset.back(); }
   int64_t group_size(int64_t g) const { return group_begin[g + 1] - group_begin[g]; }
 };
+
+// Token offsets of G contiguous groups of S tokens (G + 1 values): the first S % G groups hold one
+// token more.
+std::vector<int64_t> GroupBounds(int64_t num_tokens, int64_t num_groups);
 
 // Capacity per (group, expert) for a call of S tokens in G groups: 0 means dropless.
 int64_t ComputeCapacity(const config::RouterConfig& cfg, int64_t num_experts, int64_t num_tokens,

@@ -4,24 +4,10 @@
 #include <vector>
 
 #include "runtime/expert_blocks.h"
+#include "runtime/routing_math.h"
 
 namespace moe {
 namespace {
-
-double LogSumExp(const float* row, int64_t n) {
-  double mx = row[0];
-  for (int64_t i = 1; i < n; ++i) mx = std::max(mx, static_cast<double>(row[i]));
-  double sum = 0.0;
-  for (int64_t i = 0; i < n; ++i) sum += std::exp(static_cast<double>(row[i]) - mx);
-  return mx + std::log(sum);
-}
-
-// Sum over the k selected experts of probs (the pre-capacity normalizer).
-double SelectedSum(const DispatchPlan& p, const Tensor& probs, int64_t t) {
-  double sum = 0.0;
-  for (int64_t j = 0; j < p.top_k; ++j) sum += probs(t, p.selected[t * p.top_k + j]);
-  return sum;
-}
 
 // Importance per expert of group g (sum of pre-capacity gates).
 std::vector<double> Importance(const DispatchPlan& p, const Tensor& probs, int64_t g) {
@@ -34,133 +20,138 @@ std::vector<double> Importance(const DispatchPlan& p, const Tensor& probs, int64
   return imp;
 }
 
+// The sums of group g that `cfg`'s losses need (z only with `with_z`, the aux loss's only with
+// `with_aux`).
+GroupLossSums SumsOfGroup(const config::RouterConfig& cfg, const DispatchPlan& p,
+                          const Tensor& probs, const Tensor& logits, int64_t g, bool with_z,
+                          bool with_aux) {
+  const int64_t e = p.num_experts, k = p.top_k, b = p.group_begin[g], n = p.group_size(g);
+  GroupLossSums sums;
+  sums.tokens = n;
+  if (with_z) {
+    for (int64_t t = b; t < b + n; ++t) {
+      const double lse = routing::LogSumExp(logits.row(t), e);
+      sums.z += lse * lse;
+    }
+  }
+  // Expert choice is balanced by construction; validation forbids an aux loss.
+  if (!with_aux || p.expert_choice) return sums;
+  switch (cfg.aux_loss()) {
+    case config::SWITCH:
+    case config::GSHARD:
+      sums.top1.assign(static_cast<size_t>(e), 0.0);
+      sums.probs.assign(static_cast<size_t>(e), 0.0);
+      for (int64_t t = b; t < b + n; ++t) {
+        sums.top1[p.selected[t * k]] += 1.0;
+        for (int64_t i = 0; i < e; ++i) sums.probs[i] += probs(t, i);
+      }
+      break;
+    case config::IMPORTANCE_CV:
+      sums.importance = Importance(p, probs, g);
+      break;
+    case config::NO_AUX_LOSS:
+      break;
+  }
+  return sums;
+}
+
+// Mean and population variance of v.
+void MeanVariance(const std::vector<double>& v, double* mean, double* var) {
+  const double e = static_cast<double>(v.size());
+  *mean = 0.0;
+  *var = 0.0;
+  for (double x : v) *mean += x;
+  *mean /= e;
+  for (double x : v) *var += (x - *mean) * (x - *mean);
+  *var /= e;
+}
+
 }  // namespace
 
 float PreCapacityGate(const DispatchPlan& p, const Tensor& probs, int64_t t, int64_t j) {
-  const double r = probs(t, p.selected[t * p.top_k + j]);
-  if (p.normalization == config::NONE) return static_cast<float>(r);
-  return static_cast<float>(r / SelectedSum(p, probs, t));
+  return routing::PreCapacityGate(p.normalization, static_cast<int32_t>(p.top_k), probs.row(t),
+                                  &p.selected[t * p.top_k], static_cast<int32_t>(j));
+}
+
+RouterLosses LossesFromSums(const std::vector<GroupLossSums>& groups) {
+  RouterLosses out;
+  for (const GroupLossSums& g : groups) {
+    const double n = static_cast<double>(g.tokens);
+    out.z += g.z / n;
+    if (!g.top1.empty()) {
+      double aux = 0.0;
+      for (size_t i = 0; i < g.top1.size(); ++i) aux += (g.top1[i] / n) * (g.probs[i] / n);
+      out.aux += static_cast<double>(g.top1.size()) * aux;
+    } else if (!g.importance.empty()) {
+      double mean = 0.0, var = 0.0;
+      MeanVariance(g.importance, &mean, &var);
+      out.aux += mean > 0.0 ? var / (mean * mean) : 0.0;
+    }
+  }
+  out.aux /= static_cast<double>(groups.size());
+  out.z /= static_cast<double>(groups.size());
+  return out;
+}
+
+GroupLossGradient LossGradientFromSums(const config::RouterConfig& cfg, const GroupLossSums& g,
+                                       double scale, int64_t num_groups) {
+  GroupLossGradient out;
+  const double inv_g = scale / static_cast<double>(num_groups);
+  const double aw = cfg.aux_loss_weight();
+  out.z_weight = cfg.z_loss_weight() * inv_g;
+  if (aw == 0.0) return out;
+  const int64_t n = g.tokens;
+  if (!g.top1.empty()) {
+    const double e = static_cast<double>(g.top1.size());
+    out.to_every_prob.resize(g.top1.size());
+    for (size_t i = 0; i < g.top1.size(); ++i) {
+      out.to_every_prob[i] = static_cast<float>(aw * inv_g * e * (g.top1[i] / n) / n);
+    }
+  } else if (!g.importance.empty()) {
+    const auto e = static_cast<int64_t>(g.importance.size());
+    double mean = 0.0, var = 0.0;
+    MeanVariance(g.importance, &mean, &var);
+    if (mean <= 0.0) return out;
+    // d(var / mean^2)/d imp_i = 2 (imp_i - mean) / (E mean^2) - 2 var / (E mean^3).
+    out.dimportance.resize(g.importance.size());
+    for (int64_t i = 0; i < e; ++i) {
+      out.dimportance[i] = aw * inv_g *
+                           (2.0 * (g.importance[i] - mean) / (e * mean * mean) -
+                            2.0 * var / (e * mean * mean * mean));
+    }
+  }
+  return out;
 }
 
 RouterLosses ComputeRouterLosses(const config::RouterConfig& cfg, const DispatchPlan& p,
                                  const Tensor& probs, const Tensor& logits) {
-  RouterLosses out;
-  const int64_t e = p.num_experts, k = p.top_k;
+  std::vector<GroupLossSums> sums;
   for (int64_t g = 0; g < p.num_groups; ++g) {
-    const int64_t b = p.group_begin[g], n = p.group_size(g);
-    double z = 0.0;
-    for (int64_t t = b; t < b + n; ++t) {
-      const double lse = LogSumExp(logits.row(t), e);
-      z += lse * lse;
-    }
-    out.z += z / static_cast<double>(n);
-    if (p.expert_choice) continue;  // balanced by construction; validation forbids an aux loss
-    switch (cfg.aux_loss()) {
-      case config::SWITCH:
-      case config::GSHARD: {
-        std::vector<double> f(static_cast<size_t>(e), 0.0), pm(static_cast<size_t>(e), 0.0);
-        for (int64_t t = b; t < b + n; ++t) {
-          f[p.selected[t * k]] += 1.0;
-          for (int64_t i = 0; i < e; ++i) pm[i] += probs(t, i);
-        }
-        double aux = 0.0;
-        for (int64_t i = 0; i < e; ++i) aux += (f[i] / n) * (pm[i] / n);
-        out.aux += static_cast<double>(e) * aux;
-        break;
-      }
-      case config::IMPORTANCE_CV: {
-        const std::vector<double> imp = Importance(p, probs, g);
-        double mean = 0.0, var = 0.0;
-        for (double v : imp) mean += v;
-        mean /= static_cast<double>(e);
-        for (double v : imp) var += (v - mean) * (v - mean);
-        var /= static_cast<double>(e);
-        out.aux += mean > 0.0 ? var / (mean * mean) : 0.0;
-        break;
-      }
-      case config::NO_AUX_LOSS:
-        break;
-    }
+    sums.push_back(SumsOfGroup(cfg, p, probs, logits, g, /*with_z=*/true, /*with_aux=*/true));
   }
-  out.aux /= static_cast<double>(p.num_groups);
-  out.z /= static_cast<double>(p.num_groups);
-  return out;
+  return LossesFromSums(sums);
 }
 
 void AccumulateRouterLossGradients(const config::RouterConfig& cfg, const DispatchPlan& p,
                                    const Tensor& probs, const Tensor& logits, double scale,
                                    Tensor* dprobs, Tensor* dlogits) {
   const int64_t e = p.num_experts, k = p.top_k;
-  const double inv_g = scale / static_cast<double>(p.num_groups);
-  const double zw = cfg.z_loss_weight(), aw = cfg.aux_loss_weight();
-  std::vector<double> soft(static_cast<size_t>(e));
   for (int64_t g = 0; g < p.num_groups; ++g) {
     const int64_t b = p.group_begin[g], n = p.group_size(g);
-    if (zw != 0.0) {
+    const GroupLossSums sums =
+        SumsOfGroup(cfg, p, probs, logits, g, /*with_z=*/false, cfg.aux_loss_weight() != 0.0);
+    const GroupLossGradient grad = LossGradientFromSums(cfg, sums, scale, p.num_groups);
+    for (int64_t t = b; t < b + n; ++t) {
       // d/dlogits (lse^2 mean) = 2 lse softmax(logits) / n.
-      for (int64_t t = b; t < b + n; ++t) {
-        const float* row = logits.row(t);
-        const double lse = LogSumExp(row, e);
-        const double zscale = zw * inv_g * 2.0 * lse / static_cast<double>(n);
-        for (int64_t i = 0; i < e; ++i) {
-          (*dlogits)(t, i) +=
-              static_cast<float>(zscale * std::exp(static_cast<double>(row[i]) - lse));
-        }
+      if (grad.z_weight != 0.0) routing::AddZLossGradient(e, logits.row(t), grad.z_weight, n, dlogits->row(t));
+      if (!grad.to_every_prob.empty()) {
+        float* row = dprobs->row(t);
+        for (int64_t i = 0; i < e; ++i) row[i] += grad.to_every_prob[i];
       }
-    }
-    if (aw == 0.0 || p.expert_choice) continue;
-    switch (cfg.aux_loss()) {
-      case config::SWITCH:
-      case config::GSHARD: {
-        std::vector<double> f(static_cast<size_t>(e), 0.0);
-        for (int64_t t = b; t < b + n; ++t) f[p.selected[t * k]] += 1.0;
-        for (int64_t t = b; t < b + n; ++t) {
-          for (int64_t i = 0; i < e; ++i) {
-            (*dprobs)(t, i) +=
-                static_cast<float>(aw * inv_g * static_cast<double>(e) * (f[i] / n) / n);
-          }
-        }
-        break;
+      if (!grad.dimportance.empty()) {
+        routing::AddImportanceGradient(p.normalization, static_cast<int32_t>(k), probs.row(t),
+                                       &p.selected[t * k], grad.dimportance.data(), dprobs->row(t));
       }
-      case config::IMPORTANCE_CV: {
-        const std::vector<double> imp = Importance(p, probs, g);
-        double mean = 0.0, var = 0.0;
-        for (double v : imp) mean += v;
-        mean /= static_cast<double>(e);
-        if (mean <= 0.0) break;
-        for (double v : imp) var += (v - mean) * (v - mean);
-        var /= static_cast<double>(e);
-        // d(var / mean^2)/d imp_i = 2 (imp_i - mean) / (E mean^2) - 2 var / (E mean^3).
-        std::vector<double> dimp(static_cast<size_t>(e));
-        for (int64_t i = 0; i < e; ++i) {
-          dimp[i] =
-              aw * inv_g *
-              (2.0 * (imp[i] - mean) / (e * mean * mean) - 2.0 * var / (e * mean * mean * mean));
-        }
-        for (int64_t t = b; t < b + n; ++t) {
-          // g°_j = r_j (NONE) or r_j / D with D = sum of the k selected r.
-          if (p.normalization == config::NONE) {
-            for (int64_t j = 0; j < k; ++j) {
-              const int32_t ex = p.selected[t * k + j];
-              (*dprobs)(t, ex) += static_cast<float>(dimp[ex]);
-            }
-            continue;
-          }
-          const double d = SelectedSum(p, probs, t);
-          double dot = 0.0;  // sum_j dg_j g_j
-          for (int64_t j = 0; j < k; ++j) {
-            const int32_t ex = p.selected[t * k + j];
-            dot += dimp[ex] * probs(t, ex) / d;
-          }
-          for (int64_t j = 0; j < k; ++j) {
-            const int32_t ex = p.selected[t * k + j];
-            (*dprobs)(t, ex) += static_cast<float>((dimp[ex] - dot) / d);
-          }
-        }
-        break;
-      }
-      case config::NO_AUX_LOSS:
-        break;
     }
   }
 }
@@ -180,26 +171,10 @@ void RouterScoreGradients(const config::RouterConfig& cfg, const DispatchPlan& p
       dprobs(p.row_token[r], p.row_expert[r]) += dgate_rows[r];
   } else {
     for (int64_t t = 0; t < s; ++t) {
-      double dot = 0.0, denom = 0.0;
-      for (int64_t j = 0; j < k; ++j) {
-        const int64_t slot = t * k + j;
-        const bool kept = p.slot_row[slot] >= 0;
-        const double dg = kept ? dgate_rows[p.slot_row[slot]] : 0.0;
-        dot += dg * p.slot_gate[slot];
-        if (p.normalization == config::TOPK_SOFTMAX || kept) denom += p.slot_raw[slot];
-      }
-      for (int64_t j = 0; j < k; ++j) {
-        const int64_t slot = t * k + j;
-        const bool kept = p.slot_row[slot] >= 0;
-        const double dg = kept ? dgate_rows[p.slot_row[slot]] : 0.0;
-        double dr = 0.0;
-        if (p.normalization == config::NONE) {
-          dr = dg;
-        } else if (p.normalization == config::TOPK_SOFTMAX || kept) {
-          dr = (dg - dot) / denom;
-        }
-        dprobs(t, p.slot_final[slot]) += static_cast<float>(dr);
-      }
+      const int64_t first = t * k;
+      routing::AddGateGradients(p.normalization, static_cast<int32_t>(k), &p.slot_row[first],
+                                &p.slot_gate[first], &p.slot_raw[first], &p.slot_final[first],
+                                dgate_rows.data(), dprobs.row(t));
     }
   }
   AccumulateRouterLossGradients(cfg, p, router.probs, router.logits, loss_scale, &dprobs, &dlogits);
@@ -207,12 +182,7 @@ void RouterScoreGradients(const config::RouterConfig& cfg, const DispatchPlan& p
   Tensor& dscores = out->dscores;
   ResizeTensor(&dscores, s, e);
   for (int64_t t = 0; t < s; ++t) {
-    double dot = 0.0;
-    for (int64_t i = 0; i < e; ++i) dot += static_cast<double>(dprobs(t, i)) * router.probs(t, i);
-    for (int64_t i = 0; i < e; ++i) {
-      dscores(t, i) = static_cast<float>(router.probs(t, i) * (dprobs(t, i) - dot));
-      dlogits(t, i) += dscores(t, i);
-    }
+    routing::SoftmaxBackward(e, router.probs.row(t), dprobs.row(t), dscores.row(t), dlogits.row(t));
   }
   if (!router.noisy) {
     out->dnoise = Tensor();
@@ -221,10 +191,8 @@ void RouterScoreGradients(const config::RouterConfig& cfg, const DispatchPlan& p
   // scores = logits + eps * softplus(noise_in): d/d noise_in = dscores * eps * sigmoid(noise_in).
   ResizeTensor(&out->dnoise, s, e);
   for (int64_t t = 0; t < s; ++t) {
-    for (int64_t i = 0; i < e; ++i) {
-      const float n = router.noise_in(t, i);
-      out->dnoise(t, i) = dscores(t, i) * router.eps(t, i) / (1.0f + std::exp(-n));
-    }
+    routing::NoiseGradient(e, dscores.row(t), router.eps.row(t), router.noise_in.row(t),
+                           out->dnoise.row(t));
   }
 }
 

@@ -15,6 +15,29 @@ struct RouterLosses {
   double z = 0.0;    // unweighted
 };
 
+// What one local group's losses and their gradients need, summed over the group's tokens: the
+// CPU sums them in ComputeRouterLosses, the device router on the GPU.
+struct GroupLossSums {
+  int64_t tokens = 0;               // n
+  double z = 0.0;                   // Σ_t logsumexp(logits[t])²
+  std::vector<double> top1;         // E, SWITCH/GSHARD: tokens whose slot-0 expert is i, else empty
+  std::vector<double> probs;        // E, SWITCH/GSHARD: Σ_t probs[t, i], else empty
+  std::vector<double> importance;   // E, IMPORTANCE_CV: Σ pre-capacity gates of i, else empty
+};
+// The losses (averaged over the groups) from every group's sums.
+RouterLosses LossesFromSums(const std::vector<GroupLossSums>& groups);
+
+// One group's loss gradients, times `scale` / num_groups and the loss weights: the value added to
+// every dprobs[t, i] of the group (SWITCH/GSHARD), d(aux)/d(importance) (IMPORTANCE_CV; through
+// routing::AddImportanceGradient per token) and the z-loss weight for routing::AddZLossGradient.
+struct GroupLossGradient {
+  std::vector<float> to_every_prob;  // E or empty
+  std::vector<double> dimportance;   // E or empty
+  double z_weight = 0.0;
+};
+GroupLossGradient LossGradientFromSums(const config::RouterConfig& cfg, const GroupLossSums& group,
+                                       double scale, int64_t num_groups);
+
 RouterLosses ComputeRouterLosses(const config::RouterConfig& cfg, const DispatchPlan& plan,
                                  const Tensor& probs, const Tensor& logits);
 

@@ -260,6 +260,14 @@ Status MoeLayer::DeviceBackward(MatrixView<const float> dy, Tensor* dx, MoeLayer
   return device_->AddGradients(grads);
 }
 
+Status MoeLayer::FetchPlan() {
+  if (device_ == nullptr || !device_->routes_on_device()) return Status::Ok();
+  MOE_RETURN_IF_ERROR(device_->FetchPlan());
+  plan_ = device_->plan();
+  router_ = device_->router_output();
+  return Status::Ok();
+}
+
 report::LayerMetrics MoeLayer::Metrics() const { return LayerMetricsOf(plan_, losses_); }
 
 void MoeLayer::UpdateRouterBias() { UpdateRouterBias(plan_.load_per_expert); }

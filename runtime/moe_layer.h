@@ -91,8 +91,14 @@ class MoeLayer {
   // groups whose losses are averaged). Default 1.
   void set_loss_gradient_scale(double s) { loss_grad_scale_ = s; }
 
+  // The last Forward's plan and router output. On a device layer that routes on the device
+  // (DeviceMoeLayer::routes_on_device) they hold the plan's counts and metrics only — what the
+  // trainer's statistics and bias updates read — until FetchPlan.
   const DispatchPlan& plan() const { return plan_; }
   const RouterOutput& router_output() const { return router_; }
+  // Completes plan() and router_output() from the device layer (per-slot, per-row and per-token
+  // arrays, logits and probs); no-op without one or when it routes on the host.
+  Status FetchPlan();
   const RouterLosses& losses() const { return losses_; }
   report::LayerMetrics Metrics() const;
   // bias_i += rate * sign(mean load - load_i), from the last forward's selection.

@@ -55,7 +55,7 @@ void FinishRouter(const config::RouterConfig& cfg, const RouteContext& ctx, Rout
       const float eps = CounterNormal(ctx.seed, ctx.step, token, RngStream::kRouterNoise,
                                       static_cast<uint64_t>(j));
       out->eps(t, j) = eps;
-      scores(t, j) = out->logits(t, j) + eps * Softplus(out->noise_in(t, j));
+      scores(t, j) = routing::NoisyScore(out->logits(t, j), eps, out->noise_in(t, j));
     }
   }
   SoftmaxRows(scores.view(), out->probs.view());

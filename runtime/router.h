@@ -7,6 +7,7 @@
 
 #include "proto/moe_config.pb.h"
 #include "runtime/base/tensor.h"
+#include "runtime/routing_math.h"
 
 namespace moe {
 
@@ -41,6 +42,6 @@ void FinishRouter(const config::RouterConfig& cfg, const RouteContext& ctx, Rout
 // Row-wise softmax in float32: subtract the row max, exp, divide by the sum.
 void SoftmaxRows(MatrixView<const float> in, MatrixView<float> out);
 
-inline float Softplus(float v) { return v > 20.0f ? v : std::log1p(std::exp(v)); }
+using routing::Softplus;
 
 }  // namespace moe

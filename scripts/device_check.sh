@@ -79,5 +79,9 @@ if [ "$BENCH" = 1 ]; then
       --torch-script "$ROOT/bench/torch_layer_bench.py" -n 10 > "$OUT/layer_bench_$p.txt" 2>&1 || status=1
     cat "$OUT/layer_bench_$p.txt"
   done
+  # The same with routing on the host (the CPU plan): what the device router saves.
+  "$BUILD/bench/moe_layer_bench" --device cuda --precision bf16 --host-routing --no-torch -n 10 \
+    > "$OUT/layer_bench_bf16_host_routing.txt" 2>&1 || status=1
+  cat "$OUT/layer_bench_bf16_host_routing.txt"
 fi
 exit $status

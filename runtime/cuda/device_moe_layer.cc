@@ -17,6 +17,7 @@
 #include "runtime/base/clock.h"
 #include "runtime/config.h"
 #include "runtime/cuda/permute.h"
+#include "runtime/cuda/route.h"
 #include "runtime/ep_row_maps.h"
 #include "runtime/expert_blocks.h"
 
@@ -119,6 +120,10 @@ class CudaMoeLayer final : public DeviceMoeLayer {
                                                         options_.device, stream_));
       shared_.push_back(std::move(ffn));
     }
+    if (options_.route_on_device && gpu::DeviceRouter::Supports(cfg_.router(), nullptr)) {
+      MOE_ASSIGN_OR_RETURN(router_dev_, gpu::DeviceRouter::Create(cfg_.router(), e, stream_));
+      MOE_ASSIGN_OR_RETURN(bias_dev_, bias_mem_.Get<float>(e));
+    }
     MOE_ASSIGN_OR_RETURN(wg_, wg_mem_.Get<float>(m * e));
     MOE_ASSIGN_OR_RETURN(gwg_, gwg_mem_.Get<float>(m * e));
     if (HasNoiseWeights()) {
@@ -131,7 +136,14 @@ class CudaMoeLayer final : public DeviceMoeLayer {
   const config::LayerConfig& config() const override { return cfg_; }
   void* stream() const override { return stream_; }
   double host_seconds() const override { return host_seconds_; }
+  bool routes_on_device() const override { return router_dev_ != nullptr; }
   const DispatchPlan& plan() const override { return plan_; }
+  Status FetchPlan() override {
+    if (router_dev_ == nullptr) return Status::Ok();
+    if (!have_forward_) return FailedPrecondition("DeviceMoeLayer::FetchPlan without a Forward");
+    MOE_RETURN_IF_ERROR(CudaCheck(cudaSetDevice(options_.device), "cudaSetDevice"));
+    return router_dev_->Fetch(&plan_, &router_);
+  }
   const RouterOutput& router_output() const override { return router_; }
   const RouterLosses& losses() const override { return losses_; }
   std::vector<float>& router_bias() override { return bias_; }
@@ -171,24 +183,17 @@ class CudaMoeLayer final : public DeviceMoeLayer {
     const int64_t s = tokens, m = cfg_.model_dim(), e = cfg_.num_experts();
     x_ = x;
 
-    // Router logits on the device, the rest of the router and the plan on the host.
+    // Router logits on the device; the rest of the router and the plan on the device or the host.
     const bool noisy = RouterIsNoisy(cfg_.router(), ctx);
     MOE_ASSIGN_OR_RETURN(float* logits, logits_mem_.Get<float>(2 * s * e));
     MOE_RETURN_IF_ERROR(RowMajorGemm(false, false, s, e, m, x, wg_, 0.0f, logits));
     if (noisy)
       MOE_RETURN_IF_ERROR(RowMajorGemm(false, false, s, e, m, x, wn_, 0.0f, logits + s * e));
-    ResizeTensor(&router_.logits, s, e);
-    MOE_RETURN_IF_ERROR(Download(router_.logits.data(), logits, s * e, /*sync=*/!noisy));
-    if (noisy) {
-      ResizeTensor(&router_.noise_in, s, e);
-      MOE_RETURN_IF_ERROR(Download(router_.noise_in.data(), logits + s * e, s * e, true));
+    if (router_dev_ != nullptr) {
+      MOE_RETURN_IF_ERROR(RouteOnDevice(logits, noisy ? logits + s * e : nullptr, s, ctx));
+    } else {
+      MOE_RETURN_IF_ERROR(RouteOnHost(logits, noisy, s, ctx));
     }
-    const double t0 = WallSeconds();
-    FinishRouter(cfg_.router(), ctx, &router_);
-    MOE_ASSIGN_OR_RETURN(plan_, BuildDispatchPlan(cfg_.router(), router_.probs, bias_, ctx));
-    losses_ = ComputeRouterLosses(cfg_.router(), plan_, router_.probs, router_.logits);
-    host_seconds_ = WallSeconds() - t0;
-    MOE_RETURN_IF_ERROR(UploadPlan());
 
     // Pack, experts, shared experts, gated combine.
     const int64_t rows = plan_.num_rows();
@@ -256,17 +261,23 @@ class CudaMoeLayer final : public DeviceMoeLayer {
     MOE_RETURN_IF_ERROR(gpu::UnpermuteRows(dplan_, packed_dx, m, /*with_gates=*/false,
                                            /*accumulate=*/!shared_.empty(), dx, stream_));
 
-    // The router: gate gradients to the host, its S x E backward there, dlogits back.
-    dgate_host_.resize(static_cast<size_t>(rows));
-    MOE_RETURN_IF_ERROR(Download(dgate_host_.data(), dgate, rows, true));
-    const double t0 = WallSeconds();
-    RouterScoreGradients(cfg_.router(), plan_, router_, dgate_host_, loss_grad_scale_, &grads_);
-    host_seconds_ += WallSeconds() - t0;
+    // The router's backward, to dlogits (and dnoise) on the device.
     MOE_ASSIGN_OR_RETURN(float* dlogits, dlogits_mem_.Get<float>(2 * s * e));
-    MOE_RETURN_IF_ERROR(Upload(dlogits, grads_.dlogits.data(), s * e));
-    if (router_.noisy) {
-      float* dnoise = dlogits + s * e;
-      MOE_RETURN_IF_ERROR(Upload(dnoise, grads_.dnoise.data(), s * e));
+    float* dnoise = dlogits + s * e;
+    if (router_dev_ != nullptr) {
+      MOE_RETURN_IF_ERROR(router_dev_->Backward(dgate, loss_grad_scale_, dlogits, dnoise));
+      host_seconds_ += router_dev_->host_seconds();
+    } else {
+      // The gates' gradients to the host, its S x E backward there, dlogits back.
+      dgate_host_.resize(static_cast<size_t>(rows));
+      MOE_RETURN_IF_ERROR(Download(dgate_host_.data(), dgate, rows, true));
+      const double t0 = WallSeconds();
+      RouterScoreGradients(cfg_.router(), plan_, router_, dgate_host_, loss_grad_scale_, &grads_);
+      host_seconds_ += WallSeconds() - t0;
+      MOE_RETURN_IF_ERROR(Upload(dlogits, grads_.dlogits.data(), s * e));
+      if (router_.noisy) MOE_RETURN_IF_ERROR(Upload(dnoise, grads_.dnoise.data(), s * e));
+    }
+    if (noisy_) {
       MOE_RETURN_IF_ERROR(RowMajorGemm(true, false, m, e, s, x_, dnoise, 1.0f, gwn_));
       MOE_RETURN_IF_ERROR(RowMajorGemm(false, true, s, m, e, dnoise, wn_, 1.0f, dx));
     }
@@ -292,6 +303,46 @@ class CudaMoeLayer final : public DeviceMoeLayer {
   }
 
  private:
+  // The router after its GEMMs on the device: plan_ gets the counts and metrics, dplan_ the
+  // device plan; router_ stays empty until FetchPlan.
+  Status RouteOnDevice(const float* logits, const float* noise_in, int64_t s,
+                       const RouteContext& ctx) {
+    const int64_t e = cfg_.num_experts();
+    noisy_ = noise_in != nullptr;
+    router_ = RouterOutput();
+    router_.noisy = noisy_;
+    // The selection bias as BuildDispatchPlan takes it: empty = zero, else E values.
+    if (!bias_.empty() && static_cast<int64_t>(bias_.size()) != e) {
+      return InvalidArgument("router bias has " + std::to_string(bias_.size()) +
+                             " entries, must have " + std::to_string(e) + " (moe.num_experts)");
+    }
+    if (!bias_.empty()) MOE_RETURN_IF_ERROR(Upload(bias_dev_, bias_.data(), e));  // pageable
+    MOE_RETURN_IF_ERROR(router_dev_->Forward(logits, noise_in, bias_.empty() ? nullptr : bias_dev_,
+                                             s, ctx, &plan_, &losses_));
+    host_seconds_ = router_dev_->host_seconds();
+    dplan_ = router_dev_->device_plan();
+    return Status::Ok();
+  }
+
+  // The router after its GEMMs on the host (the CPU layer's code): the logits (and noise
+  // pre-activations) down, FinishRouter, the plan and the losses, the plan's index arrays up.
+  Status RouteOnHost(const float* logits, bool noisy, int64_t s, const RouteContext& ctx) {
+    const int64_t e = cfg_.num_experts();
+    noisy_ = noisy;
+    ResizeTensor(&router_.logits, s, e);
+    MOE_RETURN_IF_ERROR(Download(router_.logits.data(), logits, s * e, /*sync=*/!noisy));
+    if (noisy) {
+      ResizeTensor(&router_.noise_in, s, e);
+      MOE_RETURN_IF_ERROR(Download(router_.noise_in.data(), logits + s * e, s * e, true));
+    }
+    const double t0 = WallSeconds();
+    FinishRouter(cfg_.router(), ctx, &router_);
+    MOE_ASSIGN_OR_RETURN(plan_, BuildDispatchPlan(cfg_.router(), router_.probs, bias_, ctx));
+    losses_ = ComputeRouterLosses(cfg_.router(), plan_, router_.probs, router_.logits);
+    host_seconds_ = WallSeconds() - t0;
+    return UploadPlan();
+  }
+
   // `p` holds this rank's experts and every tensor in the shapes of MakeLayerParams for them.
   Status CheckExperts(const std::string& what, const MoeLayerParams& p) const {
     if (p.experts.size() != static_cast<size_t>(local_) || p.first_expert != rank_ * local_ ||
@@ -568,6 +619,10 @@ class CudaMoeLayer final : public DeviceMoeLayer {
   DeviceArray wg_mem_, gwg_mem_, wn_mem_, gwn_mem_, logits_mem_, plan_mem_, packed_x_mem_,
       packed_y_mem_, packed_dy_mem_, packed_dx_mem_, dgate_mem_, dlogits_mem_, shared_tmp_mem_;
   float *wg_ = nullptr, *gwg_ = nullptr, *wn_ = nullptr, *gwn_ = nullptr;
+  // Routing on the device: the router and the selection bias's device copy.
+  std::unique_ptr<gpu::DeviceRouter> router_dev_;
+  DeviceArray bias_mem_;
+  float* bias_dev_ = nullptr;
   float *packed_x_ = nullptr, *packed_y_ = nullptr;
   // Expert parallelism: device memory (counts, regroup maps, received rows, the experts' rows) and
   // the per-forward layout.
@@ -586,6 +641,7 @@ class CudaMoeLayer final : public DeviceMoeLayer {
 
   // Saved by Forward.
   const float* x_ = nullptr;
+  bool noisy_ = false;
   RouterOutput router_;
   DispatchPlan plan_;
   RouterLosses losses_;

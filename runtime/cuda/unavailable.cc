@@ -24,9 +24,13 @@ Status PermuteGradRows(const DevicePlan&, const float*, const float*, int64_t, f
 }
 Status AddInto(float*, const float*, int64_t, void*) { return NoCuda("AddInto"); }
 Status SoftmaxRows(const float*, int64_t, int64_t, float*, void*) { return NoCuda("SoftmaxRows"); }
-Status RouteTokenChoice(const TokenChoiceShape&, const float*, const float*,
-                        const TokenChoiceOutput&, void*) {
-  return NoCuda("RouteTokenChoice");
+bool DeviceRouter::Supports(const config::RouterConfig&, std::string* why_not) {
+  if (why_not != nullptr) *why_not = "device routing needs a CUDA build (MOE_HAVE_CUDA)";
+  return false;
+}
+StatusOr<std::unique_ptr<DeviceRouter>> DeviceRouter::Create(const config::RouterConfig&, int64_t,
+                                                             void*) {
+  return NoCuda("DeviceRouter");
 }
 
 }  // namespace moe::gpu

@@ -1,8 +1,10 @@
 // The device-resident MoE layer (runtime/device_moe_layer.h) against the CPU layer on the same
 // parameters and inputs:
-//  - routing identical (the plan is built by the same host code from the GPU's fp32 logits; the
-//    inputs are random, so no two selection scores are within the GEMMs' rounding of each other)
-//    and gates equal within 1e-5;
+//  - routing identical, routed on the device (gpu::DeviceRouter, for the configs it supports) and
+//    on the host (route_on_device false, and expert choice / re-routing): the plan comes from the
+//    GPU's fp32 logits; the inputs are random, so no two selection scores are within the GEMMs'
+//    rounding of each other; gates equal within 1e-5; before FetchPlan the device-routed plan
+//    already has the rows and per-expert counts;
 //  - y, dx and every parameter gradient within 1e-4 of the largest reference magnitude in fp32
 //    (summation order and FMA only) and 3e-2 in bf16 (expert operands rounded to 8 bits; the router
 //    stays fp32, so routing is still identical);
@@ -23,6 +25,7 @@
 
 #include "comm/loopback/loopback_world.h"
 #include "comm/memory.h"
+#include "runtime/cuda/route.h"
 #include "runtime/device_moe_layer.h"
 #include "runtime/moe_layer.h"
 #include "tests/gpu/device_util.h"
@@ -54,6 +57,7 @@ struct Case {
   std::string layer;  // LayerConfig text
   Precision precision;
   bool train;
+  bool route_on_device = true;  // DeviceLayerOptions::route_on_device
 };
 
 class DeviceLayerVersusCpu : public ::testing::TestWithParam<Case> {};
@@ -75,6 +79,10 @@ void CompareCall(MoeLayer& cpu, DeviceMoeLayer& gpu, int64_t tokens, uint64_t se
   comm::Buffer y_dev = testing::DeviceArray<float>(x.size());
   comm::Buffer dx_dev = testing::DeviceArray<float>(x.size());
   Status s = gpu.Forward(x_dev.as<float>(), tokens, ctx, y_dev.as<float>());
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  EXPECT_EQ(gpu.plan().num_rows(), cpu.plan().num_rows());
+  EXPECT_EQ(gpu.plan().kept_per_expert, cpu.plan().kept_per_expert);
+  s = gpu.FetchPlan();
   ASSERT_TRUE(s.ok()) << s.ToString();
   EXPECT_EQ(gpu.plan().slot_expert, cpu.plan().slot_expert);
   EXPECT_EQ(gpu.plan().row_token, cpu.plan().row_token);
@@ -104,9 +112,15 @@ TEST_P(DeviceLayerVersusCpu, ForwardBackwardAndGradientsMatch) {
   const config::LayerConfig cfg = testing::LayerFromText(c.layer);
   MoeLayer cpu(cfg);
   InitLayerParams(cfg, 5, &cpu.params());
-  auto made = DeviceMoeLayer::Create(cfg, {0, c.precision});
+  DeviceLayerOptions options;
+  options.precision = c.precision;
+  options.route_on_device = c.route_on_device;
+  auto made = DeviceMoeLayer::Create(cfg, options);
   ASSERT_TRUE(made.ok()) << made.status().ToString();
   DeviceMoeLayer& gpu = **made;
+  EXPECT_EQ(gpu.routes_on_device(),
+            c.route_on_device && gpu::DeviceRouter::Supports(ResolvedLayerConfig(cfg).router(),
+                                                             nullptr));
   ASSERT_TRUE(gpu.SetParams(cpu.params()).ok());
   cpu.set_loss_gradient_scale(0.5);
   gpu.set_loss_gradient_scale(0.5);
@@ -153,16 +167,25 @@ std::vector<Case> Cases() {
       "model_dim: 16 num_experts: 4 expert { hidden_dim: 32 activation: SILU } router { gate: "
       "NOISY_TOPK top_k: 2 random_routing: true drop_policy: PROBABILITY reroute_overflow: true "
       "capacity_factor_train: 0.75 min_capacity: 1 z_loss_weight: 0.01 }";
+  const std::string noisy_random_probability =
+      "model_dim: 16 num_experts: 4 expert { hidden_dim: 32 activation: SILU } router { gate: "
+      "NOISY_TOPK top_k: 2 normalization: TOPK_SOFTMAX random_routing: true drop_policy: "
+      "PROBABILITY capacity_factor_train: 0.75 min_capacity: 1 num_local_groups: 2 aux_loss: "
+      "IMPORTANCE_CV aux_loss_weight: 0.1 z_loss_weight: 0.01 }";
   const std::string expert_choice =
       "model_dim: 16 num_experts: 4 expert { hidden_dim: 24 activation: RELU } router { gate: "
       "EXPERT_CHOICE capacity_factor_train: 1.5 aux_loss: NO_AUX_LOSS z_loss_weight: 0.01 }";
   return {
       {"capacity_fp32", capacity, Precision::kFloat32, true},
+      {"capacity_fp32_host_routing", capacity, Precision::kFloat32, true, false},
       {"capacity_eval_fp32", capacity, Precision::kFloat32, false},
       {"capacity_bf16", capacity, Precision::kBfloat16, true},
       {"dropless_swiglu_shared2_fp32", dropless_swiglu, Precision::kFloat32, true},
       {"dropless_swiglu_shared2_bf16", dropless_swiglu, Precision::kBfloat16, true},
       {"noisy_random_reroute_fp32", noisy_random, Precision::kFloat32, true},
+      {"noisy_random_probability_fp32", noisy_random_probability, Precision::kFloat32, true},
+      {"noisy_random_probability_fp32_host_routing", noisy_random_probability,
+       Precision::kFloat32, true, false},
       {"expert_choice_fp32", expert_choice, Precision::kFloat32, true},
   };
 }
@@ -271,6 +294,7 @@ TEST_P(DeviceLayerExpertParallel, RanksOnDeviceBuffersEqualOneCpuRankWithGroups)
           comm::CopyToHost(comm::MemorySpace::kDevice, dx[r].data(), dx_dev.data(), bytes));
       grads[r] = MakeLayerParams(cfg, r * local, local);
       grads[r].Zero();
+      MOE_RETURN_IF_ERROR(layer->FetchPlan());
       plans[r] = layer->plan();
       return layer->AddGradients(&grads[r]);
     };

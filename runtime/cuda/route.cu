@@ -11,6 +11,7 @@
 //   -> the losses' per-group sums (one block per (group, expert), a deterministic block reduction)
 //   -> one download of the counts and sums.
 // Backward: one thread per token through routing_math.h's gate, loss and softmax backward.
+// Each thread's work is a function of runtime/route_steps.h, which the CPU test runs in this order.
 //
 // The S-sized arrays are carved from one device workspace, grown to the largest call.
 #include <cuda_runtime.h>
@@ -30,13 +31,18 @@
 #include "runtime/base/rng.h"
 #include "runtime/config.h"
 #include "runtime/cuda/route.h"
+#include "runtime/route_steps.h"
 #include "runtime/routing_math.h"
 
 namespace moe::gpu {
 namespace {
 
 using experts::cuda::CudaCheck;
-using Count = unsigned long long;  // atomicAdd's 64-bit integer type
+using route_steps::Count;
+using route_steps::ImportanceTerm;
+using route_steps::ProbTerm;
+using route_steps::Top1Term;
+using route_steps::ZTerm;
 
 using routing::GroupBegin;
 using routing::GroupOf;
@@ -56,52 +62,16 @@ __global__ void SoftmaxKernel(const float* logits, int64_t rows, int64_t cols, f
   for (int64_t c = threadIdx.x; c < cols; c += 32) o[c] = expf(a[c] - mx) * inv;
 }
 
-// Noisy top-k at training: eps[t, i] = CounterNormal(seed, step, token, kRouterNoise, i) and
-// scores = logits + eps·softplus(noise_in), as FinishRouter.
+// Noisy top-k at training: eps and the noisy scores, one thread per element.
 __global__ void NoiseKernel(const float* logits, const float* noise_in, int64_t n, int64_t e,
                             RouteContext ctx, float* eps, float* scores) {
   const int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
-  if (i >= n) return;
-  const auto token = static_cast<uint64_t>(ctx.token_offset + i / e);
-  const float v = CounterNormal(ctx.seed, ctx.step, token, RngStream::kRouterNoise,
-                                static_cast<uint64_t>(i % e));
-  eps[i] = v;
-  scores[i] = routing::NoisyScore(logits[i], v, noise_in[i]);
+  if (i < n) route_steps::NoiseElement(logits, noise_in, e, ctx, i, eps, scores);
 }
 
-struct SelectArgs {
-  const float* probs;
-  const float* bias;  // E or null
-  int64_t tokens, experts, k;
-  bool random_routing;
-  RouteContext ctx;
-  int32_t* selected;  // S*k
-  uint8_t* alive;     // S*k: not dropped by random routing
-  float* key;         // S: slot 0's raw gate (the PROBABILITY priority)
-  int32_t* iota;      // S: t
-  Count* load;        // E: selected slots per expert
-};
-
-__global__ void SelectKernel(SelectArgs a) {
+__global__ void SelectKernel(route_steps::SelectArgs a) {
   const int64_t t = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
-  if (t >= a.tokens) return;
-  const float* p = a.probs + t * a.experts;
-  int32_t top[routing::kMaxRankedExperts];
-  const auto k = static_cast<int32_t>(a.k);
-  routing::RankTopExperts(p, a.bias, static_cast<int32_t>(a.experts), k, top);
-  for (int32_t j = 0; j < k; ++j) {
-    a.selected[t * k + j] = top[j];
-    a.alive[t * k + j] = 1;
-    atomicAdd(&a.load[top[j]], Count{1});
-  }
-  if (a.random_routing) {
-    const double u =
-        CounterUniform(a.ctx.seed, a.ctx.step, static_cast<uint64_t>(a.ctx.token_offset + t),
-                       RngStream::kRoutingUniform);
-    if (!routing::KeepsSecondSlot(p[top[0]], p[top[1]], u)) a.alive[t * k + 1] = 0;
-  }
-  a.key[t] = p[top[0]];
-  a.iota[t] = static_cast<int32_t>(t);
+  if (t < a.tokens) route_steps::SelectToken(a, t);
 }
 
 __global__ void GroupOffsetsKernel(int64_t tokens, int64_t groups, int* offsets) {
@@ -111,10 +81,9 @@ __global__ void GroupOffsetsKernel(int64_t tokens, int64_t groups, int* offsets)
 
 constexpr int kBlockThreads = 256;
 
-// One block per (group, expert): walks the group's slots in placement order — slot-major (every
-// slot 0 before any slot 1), tokens in `order` within a slot (null: position order) — with a
-// block-wide exclusive scan of "this live slot picked me", so a slot's position is the number of
-// earlier live slots of the group that picked the same expert; past capacity it is dropped (-1).
+// One block per (group, expert): the group's slots in placement order (route_steps::PlacementSlot),
+// a block-wide exclusive scan of their claims on this expert per chunk of 256, so a claiming
+// slot's position is the number of earlier claims; past capacity it is dropped (-1).
 __global__ void CapacityKernel(const int32_t* selected, const uint8_t* alive, const int32_t* order,
                                int64_t tokens, int64_t experts, int64_t k, int64_t groups,
                                int64_t capacity, int32_t* position, int32_t* group_expert_count) {
@@ -130,100 +99,45 @@ __global__ void CapacityKernel(const int32_t* selected, const uint8_t* alive, co
     int64_t slot = -1;
     int flag = 0;
     if (i < k * n) {
-      const int64_t j = i / n, at = begin + i % n;
-      slot = (order == nullptr ? at : order[at]) * k + j;
-      flag = alive[slot] != 0 && selected[slot] == e ? 1 : 0;
+      slot = route_steps::PlacementSlot(order, begin, n, k, i);
+      flag = route_steps::Claims(selected, alive, slot, e) ? 1 : 0;
     }
     int before = 0, chunk = 0;
     Scan(temp).ExclusiveSum(flag, before, chunk);
-    if (flag) {
-      const int pos = carry + before;
-      position[slot] = (capacity == 0 || pos < capacity) ? pos : -1;
-    }
+    if (flag) position[slot] = route_steps::PositionOrDrop(carry + before, capacity);
     carry += chunk;
     __syncthreads();  // temp storage is reused by the next chunk
   }
-  if (threadIdx.x == 0) {
-    group_expert_count[blockIdx.x] =
-        static_cast<int32_t>(capacity == 0 ? carry : (carry < capacity ? carry : capacity));
-  }
+  if (threadIdx.x == 0) group_expert_count[blockIdx.x] = route_steps::KeptCount(carry, capacity);
 }
 
-// One block: expert_offset (E + 1), each (group, expert)'s first packed row (group_base, G x E:
-// expert, then group, then position), and the counts as int64 for the host.
+// One block: the row bases' three phases (route_steps::RowBaseOfExpert, ExpertOffsets,
+// ShiftRowBase).
 __global__ void RowBaseKernel(const int32_t* counts, int64_t groups, int64_t experts,
                               int64_t* expert_offset, int64_t* group_base, int64_t* counts64) {
   for (int64_t e = threadIdx.x; e < experts; e += blockDim.x) {
-    int64_t running = 0;
-    for (int64_t g = 0; g < groups; ++g) {
-      group_base[g * experts + e] = running;
-      counts64[g * experts + e] = counts[g * experts + e];
-      running += counts[g * experts + e];
-    }
-    expert_offset[e + 1] = running;
+    route_steps::RowBaseOfExpert(counts, groups, experts, e, group_base, counts64, expert_offset);
   }
   __syncthreads();
-  if (threadIdx.x == 0) {
-    expert_offset[0] = 0;
-    for (int64_t e = 0; e < experts; ++e) expert_offset[e + 1] += expert_offset[e];
-  }
+  if (threadIdx.x == 0) route_steps::ExpertOffsets(experts, expert_offset);
   __syncthreads();
   for (int64_t e = threadIdx.x; e < experts; e += blockDim.x) {
-    for (int64_t g = 0; g < groups; ++g) group_base[g * experts + e] += expert_offset[e];
+    route_steps::ShiftRowBase(groups, experts, e, expert_offset, group_base);
   }
 }
 
-struct GateArgs {
-  const float* probs;
-  const int32_t* selected;
-  const int32_t* position;
-  const int64_t* group_base;
-  int64_t tokens, experts, k, groups;
-  config::GateNormalization norm;
-  float *slot_raw, *slot_gate;
-  int32_t *slot_expert, *slot_row;
-  int64_t* token_kept;    // S: kept slots per token
-  Count *kept, *dropped;  // E
-};
-
-__global__ void GateKernel(GateArgs a) {
+__global__ void GateKernel(route_steps::GateArgs a) {
   const int64_t t = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
-  if (t >= a.tokens) return;
-  const auto k = static_cast<int32_t>(a.k);
-  const int64_t first = t * k, g = GroupOf(a.tokens, a.groups, t);
-  uint8_t kept[routing::kMaxRankedExperts];
-  for (int32_t j = 0; j < k; ++j) kept[j] = a.position[first + j] >= 0 ? 1 : 0;
-  routing::TokenGates(a.norm, k, a.probs + t * a.experts, a.selected + first, kept,
-                      a.slot_raw + first, a.slot_gate + first, a.slot_expert + first);
-  int64_t n = 0;
-  for (int32_t j = 0; j < k; ++j) {
-    const int32_t e = a.selected[first + j];
-    if (kept[j] == 0) {
-      a.slot_row[first + j] = -1;
-      atomicAdd(&a.dropped[e], Count{1});
-      continue;
-    }
-    a.slot_row[first + j] =
-        static_cast<int32_t>(a.group_base[g * a.experts + e] + a.position[first + j]);
-    atomicAdd(&a.kept[e], Count{1});
-    ++n;
-  }
-  a.token_kept[t] = n;
+  if (t < a.tokens) route_steps::GateToken(a, t);
 }
 
-// Per token, its kept slots' rows in slot order (token_rows) and each row's token and gate.
 __global__ void LayoutKernel(const int32_t* slot_row, const float* slot_gate,
                              const int64_t* token_row_offset, int64_t tokens, int64_t k,
                              int32_t* row_token, float* row_gate, int32_t* token_rows) {
   const int64_t t = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
-  if (t >= tokens) return;
-  int64_t at = token_row_offset[t];
-  for (int64_t j = 0; j < k; ++j) {
-    const int32_t r = slot_row[t * k + j];
-    if (r < 0) continue;
-    token_rows[at++] = r;
-    row_token[r] = static_cast<int32_t>(t);
-    row_gate[r] = slot_gate[t * k + j];
+  if (t < tokens) {
+    route_steps::LayoutToken(slot_row, slot_gate, token_row_offset, k, t, row_token, row_gate,
+                             token_rows);
   }
 }
 
@@ -244,80 +158,9 @@ __global__ void GroupSumKernel(int64_t tokens, int64_t groups, int64_t cols, Ter
   if (threadIdx.x == 0) out[blockIdx.x] = total;
 }
 
-struct ZTerm {  // logsumexp(logits[t])²
-  const float* logits;
-  int64_t e;
-  __device__ double operator()(int64_t t, int64_t) const {
-    const double lse = routing::LogSumExp(logits + t * e, e);
-    return lse * lse;
-  }
-};
-struct Top1Term {  // [slot 0 of t picked c]
-  const int32_t* selected;
-  int64_t k;
-  __device__ double operator()(int64_t t, int64_t c) const {
-    return selected[t * k] == c ? 1.0 : 0.0;
-  }
-};
-struct ProbTerm {  // probs[t, c]
-  const float* probs;
-  int64_t e;
-  __device__ double operator()(int64_t t, int64_t c) const { return probs[t * e + c]; }
-};
-struct ImportanceTerm {  // Σ_j [selected[t, j] = c] · g°_j
-  const float* probs;
-  const int32_t* selected;
-  int64_t e, k;
-  config::GateNormalization norm;
-  __device__ double operator()(int64_t t, int64_t c) const {
-    double v = 0.0;
-    for (int64_t j = 0; j < k; ++j) {
-      if (selected[t * k + j] != c) continue;
-      v += routing::PreCapacityGate(norm, static_cast<int32_t>(k), probs + t * e, selected + t * k,
-                                    static_cast<int32_t>(j));
-    }
-    return v;
-  }
-};
-
-struct BackwardArgs {
-  const float *probs, *logits, *eps, *noise_in, *slot_gate, *slot_raw, *dgate_rows;
-  const int32_t *selected, *slot_row;
-  const float* to_every_prob;  // G x E or null
-  const double* dimportance;   // G x E or null
-  double z_weight;
-  int64_t tokens, experts, k, groups;
-  config::GateNormalization norm;
-  bool noisy;
-  float *dprobs, *dscores, *dlogits, *dnoise;
-};
-
-// RouterScoreGradients for one token per thread, in the CPU's order: gate gradients into dprobs,
-// the z-loss into dlogits, the aux loss into dprobs, the softmax backward, the noise.
-__global__ void RouterBackwardKernel(BackwardArgs a) {
+__global__ void RouterBackwardKernel(route_steps::BackwardArgs a) {
   const int64_t t = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
-  if (t >= a.tokens) return;
-  const int64_t e = a.experts, row = t * e, first = t * a.k;
-  const auto k = static_cast<int32_t>(a.k);
-  const int64_t g = GroupOf(a.tokens, a.groups, t);
-  const int64_t n = GroupBegin(a.tokens, a.groups, g + 1) - GroupBegin(a.tokens, a.groups, g);
-  float* dp = a.dprobs + row;
-  float* dl = a.dlogits + row;
-  for (int64_t i = 0; i < e; ++i) dp[i] = dl[i] = 0.0f;
-  routing::AddGateGradients(a.norm, k, a.slot_row + first, a.slot_gate + first, a.slot_raw + first,
-                            a.selected + first, a.dgate_rows, dp);
-  if (a.z_weight != 0.0) routing::AddZLossGradient(e, a.logits + row, a.z_weight, n, dl);
-  if (a.to_every_prob != nullptr) {
-    for (int64_t i = 0; i < e; ++i) dp[i] += a.to_every_prob[g * e + i];
-  }
-  if (a.dimportance != nullptr) {
-    routing::AddImportanceGradient(a.norm, k, a.probs + row, a.selected + first,
-                                   a.dimportance + g * e, dp);
-  }
-  routing::SoftmaxBackward(e, a.probs + row, dp, a.dscores + row, dl);
-  if (a.noisy) {
-    routing::NoiseGradient(e, a.dscores + row, a.eps + row, a.noise_in + row, a.dnoise + row);
-  }
+  if (t < a.tokens) route_steps::RouterBackwardToken(a, t);
 }
 
 Status Launched(const char* what) {
@@ -358,8 +201,7 @@ class CudaRouter final : public DeviceRouter {
         g_(cfg.num_local_groups()) {}
 
   Status Init() {
-    // [expert_offset E+1 | counts G·E | load E | kept E | dropped E] int64, then
-    // [z G | top1 G·E | probs G·E | importance G·E] double: one download per forward.
+    // route_steps::Summary: one download per forward.
     summary_host_.resize(static_cast<size_t>(SummaryWords()));
     MOE_ASSIGN_OR_RETURN(summary_,
                          summary_mem_.Get(SummaryWords() * static_cast<int64_t>(sizeof(int64_t))));
@@ -395,11 +237,13 @@ class CudaRouter final : public DeviceRouter {
     const bool by_probability = cfg_.drop_policy() == config::PROBABILITY;
     MOE_RETURN_IF_ERROR(Carve(by_probability));
     const int64_t capacity = ComputeCapacity(cfg_, e, s, g, ctx.train);
-    int64_t* const sum_i = static_cast<int64_t*>(summary_);
-    int64_t *expert_offset = sum_i, *counts64 = sum_i + e + 1, *load = counts64 + g * e,
-            *kept = load + e, *dropped = kept + e;
-    double* const sum_d = reinterpret_cast<double*>(dropped + e);
-    double *z = sum_d, *top1 = z + g, *prob_sums = top1 + g * e, *importance = prob_sums + g * e;
+    const route_steps::Summary l{e, g};
+    int64_t* const words = static_cast<int64_t*>(summary_);
+    int64_t *expert_offset = words + l.expert_offset(), *counts64 = words + l.counts(),
+            *load = words + l.load(), *kept = words + l.kept(), *dropped = words + l.dropped();
+    const auto doubles = [&](int64_t at) { return reinterpret_cast<double*>(words + at); };
+    double *z = doubles(l.z()), *top1 = doubles(l.top1()), *prob_sums = doubles(l.probs()),
+           *importance = doubles(l.importance());
     MOE_RETURN_IF_ERROR(CudaCheck(
         cudaMemsetAsync(summary_, 0, SummaryWords() * sizeof(int64_t), stream_), "cudaMemset"));
     MOE_RETURN_IF_ERROR(CudaCheck(
@@ -422,8 +266,8 @@ class CudaRouter final : public DeviceRouter {
     // Selection, drop priority, capacity.
     constexpr int kThreads = 128;
     SelectKernel<<<Blocks(s, kThreads), kThreads, 0, stream_>>>(
-        SelectArgs{a_.probs, bias, s, e, k, cfg_.random_routing(), ctx, a_.selected, a_.alive,
-                   a_.key, a_.iota, reinterpret_cast<Count*>(load)});
+        route_steps::SelectArgs{a_.probs, bias, s, e, k, cfg_.random_routing(), ctx, a_.selected,
+                                a_.alive, a_.key, a_.iota, reinterpret_cast<Count*>(load)});
     MOE_RETURN_IF_ERROR(Launched("router select"));
     const int32_t* order = nullptr;
     if (by_probability) {
@@ -446,10 +290,10 @@ class CudaRouter final : public DeviceRouter {
     MOE_RETURN_IF_ERROR(Launched("router row bases"));
 
     // Gates, packed rows, per-token rows.
-    GateKernel<<<Blocks(s, kThreads), kThreads, 0, stream_>>>(
-        GateArgs{a_.probs, a_.selected, a_.position, a_.group_base, s, e, k, g,
-                 cfg_.normalization(), a_.slot_raw, a_.slot_gate, a_.slot_expert, a_.slot_row,
-                 a_.token_kept, reinterpret_cast<Count*>(kept), reinterpret_cast<Count*>(dropped)});
+    GateKernel<<<Blocks(s, kThreads), kThreads, 0, stream_>>>(route_steps::GateArgs{
+        a_.probs, a_.selected, a_.position, a_.group_base, s, e, k, g, cfg_.normalization(),
+        a_.slot_raw, a_.slot_gate, a_.slot_expert, a_.slot_row, a_.token_kept,
+        reinterpret_cast<Count*>(kept), reinterpret_cast<Count*>(dropped)});
     MOE_RETURN_IF_ERROR(Launched("router gates"));
     size_t bytes = static_cast<size_t>(scan_bytes_);
     MOE_RETURN_IF_ERROR(
@@ -492,8 +336,9 @@ class CudaRouter final : public DeviceRouter {
     const double t1 = WallSeconds();
     MOE_RETURN_IF_ERROR(CudaCheck(cudaStreamSynchronize(stream_), "device router stream"));
     const double t2 = WallSeconds();
-    FillPlan(capacity, plan);
-    group_sums_ = SumsFromSummary();
+    route_steps::PlanFromSummary(summary_host_.data(), l, s, k, capacity, cfg_.normalization(),
+                                 plan);
+    group_sums_ = route_steps::LossSumsFromSummary(summary_host_.data(), l, s, cfg_.aux_loss());
     *losses = LossesFromSums(group_sums_);
     rows_ = plan->num_rows();
     dplan_ = DevicePlan{.rows = rows_,
@@ -535,29 +380,29 @@ class CudaRouter final : public DeviceRouter {
     }
     auto* coef = reinterpret_cast<char*>(a_.coef);
     constexpr int kThreads = 128;
-    RouterBackwardKernel<<<Blocks(s, kThreads), kThreads, 0, stream_>>>(
-        BackwardArgs{a_.probs,
-                     logits_,
-                     a_.eps,
-                     noise_in_,
-                     a_.slot_gate,
-                     a_.slot_raw,
-                     dgate_rows,
-                     a_.selected,
-                     a_.slot_row,
-                     every ? reinterpret_cast<const float*>(coef + g * e * 8) : nullptr,
-                     imp ? reinterpret_cast<const double*>(coef) : nullptr,
-                     grads[0].z_weight,
-                     s,
-                     e,
-                     k_,
-                     g,
-                     cfg_.normalization(),
-                     noisy_,
-                     a_.dprobs,
-                     a_.dscores,
-                     dlogits,
-                     dnoise});
+    RouterBackwardKernel<<<Blocks(s, kThreads), kThreads, 0, stream_>>>(route_steps::BackwardArgs{
+        a_.probs,
+        logits_,
+        a_.eps,
+        noise_in_,
+        a_.slot_gate,
+        a_.slot_raw,
+        dgate_rows,
+        a_.selected,
+        a_.slot_row,
+        every ? reinterpret_cast<const float*>(coef + g * e * 8) : nullptr,
+        imp ? reinterpret_cast<const double*>(coef) : nullptr,
+        grads[0].z_weight,
+        s,
+        e,
+        k_,
+        g,
+        cfg_.normalization(),
+        noisy_,
+        a_.dprobs,
+        a_.dscores,
+        dlogits,
+        dnoise});
     host_seconds_ = WallSeconds() - t0;
     return Launched("router backward");
   }
@@ -597,7 +442,7 @@ class CudaRouter final : public DeviceRouter {
   }
 
  private:
-  int64_t SummaryWords() const { return (e_ + 1) + g_ * e_ + 3 * e_ + g_ + 3 * g_ * e_; }
+  int64_t SummaryWords() const { return route_steps::Summary{e_, g_}.words(); }
 
   // Lays out every S-sized array in the workspace (grown when S or the sort's needs grow).
   Status Carve(bool by_probability) {
@@ -654,53 +499,6 @@ class CudaRouter final : public DeviceRouter {
     Carver real(static_cast<char*>(base));
     a_ = layout(real);
     return Status::Ok();
-  }
-
-  void FillPlan(int64_t capacity, DispatchPlan* p) const {
-    const int64_t s = s_, e = e_, g = g_;
-    const int64_t* w = summary_host_.data();
-    *p = DispatchPlan();
-    p->num_tokens = s;
-    p->num_experts = e;
-    p->top_k = k_;
-    p->num_groups = g;
-    p->capacity = capacity;
-    p->normalization = cfg_.normalization();
-    p->group_begin = GroupBounds(s, g);
-    p->expert_offset.assign(w, w + e + 1);
-    w += e + 1;
-    p->group_expert_count.resize(static_cast<size_t>(g * e));
-    for (int64_t i = 0; i < g * e; ++i) p->group_expert_count[i] = static_cast<int32_t>(w[i]);
-    w += g * e;
-    p->load_per_expert.assign(w, w + e);
-    p->kept_per_expert.assign(w + e, w + 2 * e);
-    p->dropped_per_expert.assign(w + 2 * e, w + 3 * e);
-    for (int64_t v : p->dropped_per_expert) p->dropped_slots += v;
-  }
-
-  std::vector<GroupLossSums> SumsFromSummary() const {
-    const int64_t e = e_, g = g_;
-    const auto* d = reinterpret_cast<const double*>(summary_host_.data() + (e + 1) + g * e + 3 * e);
-    const double *z = d, *top1 = z + g, *probs = top1 + g * e, *importance = probs + g * e;
-    std::vector<GroupLossSums> out(static_cast<size_t>(g));
-    for (int64_t gr = 0; gr < g; ++gr) {
-      GroupLossSums& o = out[static_cast<size_t>(gr)];
-      o.tokens = GroupBegin(s_, g, gr + 1) - GroupBegin(s_, g, gr);
-      o.z = z[gr];
-      switch (cfg_.aux_loss()) {
-        case config::SWITCH:
-        case config::GSHARD:
-          o.top1.assign(top1 + gr * e, top1 + (gr + 1) * e);
-          o.probs.assign(probs + gr * e, probs + (gr + 1) * e);
-          break;
-        case config::IMPORTANCE_CV:
-          o.importance.assign(importance + gr * e, importance + (gr + 1) * e);
-          break;
-        case config::NO_AUX_LOSS:
-          break;
-      }
-    }
-    return out;
   }
 
   template <typename T>

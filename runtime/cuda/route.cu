@@ -328,12 +328,13 @@ class CudaRouter final : public DeviceRouter {
     }
     MOE_RETURN_IF_ERROR(Launched("aux-loss sums"));
 
-    // One download, then the host's share: the plan's counts and metrics, the loss values.
+    // One download, then the host's share: the plan's counts and metrics, the loss values. (Into
+    // pageable memory the copy returns only when done: the wait is in it.)
+    const double t1 = WallSeconds();
     MOE_RETURN_IF_ERROR(
         CudaCheck(cudaMemcpyAsync(summary_host_.data(), summary_, SummaryWords() * sizeof(int64_t),
                                   cudaMemcpyDeviceToHost, stream_),
                   "download of the routing counts"));
-    const double t1 = WallSeconds();
     MOE_RETURN_IF_ERROR(CudaCheck(cudaStreamSynchronize(stream_), "device router stream"));
     const double t2 = WallSeconds();
     route_steps::PlanFromSummary(summary_host_.data(), l, s, k, capacity, cfg_.normalization(),

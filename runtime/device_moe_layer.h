@@ -6,9 +6,10 @@
 // Data flow of one call (every stage one cuBLAS call or one kernel, all on one CUDA stream):
 //   logits = x·Wg (cuBLAS, fp32; and x·Wnoise for the noisy router at training)
 //   -> routing on the device (runtime/cuda/route.h: softmax, selection, random routing, capacity
-//      with either drop policy, gates, packed-row layout, the losses' sums), with one small
+//      with either drop policy, gates — or expert choice —, packed-row layout, the losses' sums),
+//      with one small
 //      download (the per-(group, expert) counts, metrics and loss sums) — or, for what the device
-//      router does not do (expert choice, reroute_overflow, k > 16) or with
+//      router does not do (reroute_overflow, token choice with k > 16) or with
 //      DeviceLayerOptions::route_on_device false, the logits to the host, FinishRouter +
 //      BuildDispatchPlan + losses there (the CPU layer's code) and the plan's index arrays up
 //   -> PermuteRows -> grouped expert FFN (experts/cuda/grouped_ffn.h; fp32 or bf16) -> shared

@@ -174,6 +174,80 @@ MOE_HD inline void LayoutToken(const int32_t* slot_row, const float* slot_gate,
   }
 }
 
+// Expert choice (gate EXPERT_CHOICE: no noise, no selection bias, no aux loss). Each (group g,
+// expert e) is a segment of the group's n tokens keyed by their prob for e — segment seg = g·E + e
+// begins at GroupBegin(g)·E + e·n, so the G·E segments tile S·E keys — which a stable segmented
+// sort orders by prob, descending (ties: lower token first, as BuildDispatchPlan's partial sort);
+// the first min(C, n) of each are its tokens. seg = G·E gives the end, S·E.
+MOE_HD inline int64_t EcSegmentBegin(int64_t tokens, int64_t groups, int64_t experts, int64_t seg) {
+  const int64_t g = seg / experts, e = seg % experts;
+  const int64_t b = routing::GroupBegin(tokens, groups, g);
+  if (g >= groups) return b * experts;
+  return b * experts + e * (routing::GroupBegin(tokens, groups, g + 1) - b);
+}
+// Element i = t·E + e of the S x E probs: its key and its token at its place in segment (g, e).
+MOE_HD inline void EcKeyElement(const float* probs, int64_t tokens, int64_t groups, int64_t experts,
+                                int64_t i, float* key, int32_t* token) {
+  const int64_t t = i / experts, e = i % experts, g = routing::GroupOf(tokens, groups, t);
+  const int64_t at = EcSegmentBegin(tokens, groups, experts, g * experts + e) +
+                     (t - routing::GroupBegin(tokens, groups, g));
+  key[at] = probs[i];
+  token[at] = static_cast<int32_t>(t);
+}
+// Segment seg's offset (int, CUB's) and its kept count min(C, n) (C >= 1 for expert choice).
+MOE_HD inline void EcSegment(int64_t tokens, int64_t groups, int64_t experts, int64_t capacity,
+                             int64_t seg, int* offsets, int32_t* counts) {
+  offsets[seg] = static_cast<int>(EcSegmentBegin(tokens, groups, experts, seg));
+  if (seg == groups * experts) return;
+  const int64_t g = seg / experts;
+  const int64_t n =
+      routing::GroupBegin(tokens, groups, g + 1) - routing::GroupBegin(tokens, groups, g);
+  counts[seg] = static_cast<int32_t>(n < capacity ? n : capacity);
+}
+
+struct EcPlaceArgs {
+  const float* probs;         // S x E
+  const int32_t* sorted;      // S·E tokens, each segment by prob descending
+  const int* offsets;         // G·E + 1
+  const int32_t* counts;      // G·E kept per segment
+  const int64_t* group_base;  // G·E first packed row (after ShiftRowBase)
+  int64_t experts, capacity;
+  int32_t* rank;       // S x E: position of token t with expert e, -1 if not taken (preset)
+  int32_t* ec_token;   // G·E·C: DispatchPlan::ec_token (preset to -1)
+  int32_t* row_token;  // rows
+  float* row_gate;     // rows
+};
+// Position pos = i % C of segment seg = i / C (i < G·E·C): if kept, its token's rank, ec_token, and
+// its packed row's token and gate (the unnormalized prob, as BuildExpertChoice).
+MOE_HD inline void EcPlace(const EcPlaceArgs& a, int64_t i) {
+  const int64_t seg = i / a.capacity, pos = i % a.capacity;
+  if (pos >= a.counts[seg]) return;
+  const int64_t e = seg % a.experts;
+  const int32_t t = a.sorted[a.offsets[seg] + pos];
+  a.rank[t * a.experts + e] = static_cast<int32_t>(pos);
+  a.ec_token[i] = t;
+  const int64_t row = a.group_base[seg] + pos;
+  a.row_token[row] = t;
+  a.row_gate[row] = a.probs[t * a.experts + e];
+}
+// Token t: how many experts took it.
+MOE_HD inline int64_t EcTokenKept(const int32_t* rank, int64_t experts, int64_t t) {
+  int64_t n = 0;
+  for (int64_t e = 0; e < experts; ++e) n += rank[t * experts + e] >= 0 ? 1 : 0;
+  return n;
+}
+// Token t (after token_row_offset = the exclusive scan of EcTokenKept): its rows in expert order.
+MOE_HD inline void EcLayoutToken(const int32_t* rank, const int64_t* group_base,
+                                 const int64_t* token_row_offset, int64_t tokens, int64_t groups,
+                                 int64_t experts, int64_t t, int32_t* token_rows) {
+  const int64_t g = routing::GroupOf(tokens, groups, t);
+  int64_t at = token_row_offset[t];
+  for (int64_t e = 0; e < experts; ++e) {
+    const int32_t r = rank[t * experts + e];
+    if (r >= 0) token_rows[at++] = static_cast<int32_t>(group_base[g * experts + e] + r);
+  }
+}
+
 // Per-token terms of the losses' per-group sums (summed over a group's tokens, for column c).
 struct ZTerm {  // logsumexp(logits[t])²
   const float* logits;
@@ -212,6 +286,10 @@ struct ImportanceTerm {  // Σ_j [selected[t, j] = c] · g°_j
 struct BackwardArgs {
   const float *probs, *logits, *eps, *noise_in, *slot_gate, *slot_raw, *dgate_rows;
   const int32_t *selected, *slot_row;
+  // Expert choice (else null): EcPlace's ranks (S x E) and the row bases (G x E); the gates'
+  // gradients then come from each token's rows instead of its slots.
+  const int32_t* ec_rank;
+  const int64_t* group_base;
   const float* to_every_prob;  // G x E or null
   const double* dimportance;   // G x E or null
   double z_weight;
@@ -232,8 +310,15 @@ MOE_HD inline void RouterBackwardToken(const BackwardArgs& a, int64_t t) {
   float* dp = a.dprobs + row;
   float* dl = a.dlogits + row;
   for (int64_t i = 0; i < e; ++i) dp[i] = dl[i] = 0.0f;
-  routing::AddGateGradients(a.norm, k, a.slot_row + first, a.slot_gate + first, a.slot_raw + first,
-                            a.selected + first, a.dgate_rows, dp);
+  if (a.ec_rank != nullptr) {
+    for (int64_t i = 0; i < e; ++i) {
+      const int32_t r = a.ec_rank[row + i];
+      if (r >= 0) dp[i] += a.dgate_rows[a.group_base[g * e + i] + r];
+    }
+  } else {
+    routing::AddGateGradients(a.norm, k, a.slot_row + first, a.slot_gate + first,
+                              a.slot_raw + first, a.selected + first, a.dgate_rows, dp);
+  }
   if (a.z_weight != 0.0) routing::AddZLossGradient(e, a.logits + row, a.z_weight, n, dl);
   if (a.to_every_prob != nullptr) {
     for (int64_t i = 0; i < e; ++i) dp[i] += a.to_every_prob[g * e + i];
@@ -267,9 +352,11 @@ struct Summary {
 };
 
 // Host: the plan's counts and metrics from a downloaded summary (every field but the per-slot,
-// per-row and per-token arrays, which stay on the device).
+// per-row and per-token arrays, which stay on the device). Expert choice (k = 0) fills no counters
+// on the device: every selected row is kept, so load and kept per expert are its rows.
 inline void PlanFromSummary(const int64_t* w, const Summary& l, int64_t tokens, int64_t k,
-                            int64_t capacity, config::GateNormalization norm, DispatchPlan* p) {
+                            int64_t capacity, config::GateNormalization norm, bool expert_choice,
+                            DispatchPlan* p) {
   const int64_t e = l.e, g = l.g;
   *p = DispatchPlan();
   p->num_tokens = tokens;
@@ -283,6 +370,15 @@ inline void PlanFromSummary(const int64_t* w, const Summary& l, int64_t tokens, 
   p->group_expert_count.resize(static_cast<size_t>(g * e));
   for (int64_t i = 0; i < g * e; ++i) {
     p->group_expert_count[static_cast<size_t>(i)] = static_cast<int32_t>(w[l.counts() + i]);
+  }
+  p->expert_choice = expert_choice;
+  if (expert_choice) {
+    p->load_per_expert.resize(static_cast<size_t>(e));
+    for (int64_t i = 0; i < e; ++i)
+      p->load_per_expert[i] = p->expert_offset[i + 1] - p->expert_offset[i];
+    p->kept_per_expert = p->load_per_expert;
+    p->dropped_per_expert.assign(static_cast<size_t>(e), 0);
+    return;
   }
   p->load_per_expert.assign(w + l.load(), w + l.load() + e);
   p->kept_per_expert.assign(w + l.kept(), w + l.kept() + e);

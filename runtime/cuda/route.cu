@@ -8,6 +8,10 @@
 //   metrics)
 //   -> per-token row counts scanned into token_row_offset (CUB) -> layout (one thread per token:
 //   row_token, row_gate, token_rows)
+//   Expert choice instead of select .. layout: the probs scattered into one segment per (group,
+//   expert) -> a stable segmented sort by prob, descending (CUB) -> row bases -> placement (one
+//   thread per (group, expert, position < C): ranks, ec_token, row_token, row_gate) -> per-token
+//   counts, scan, layout (rows in expert order)
 //   -> the losses' per-group sums (one block per (group, expert), a deterministic block reduction)
 //   -> one download of the counts and sums.
 // Backward: one thread per token through routing_math.h's gate, loss and softmax backward.
@@ -141,6 +145,46 @@ __global__ void LayoutKernel(const int32_t* slot_row, const float* slot_gate,
   }
 }
 
+// Expert choice: the keys and tokens of every (group, expert) segment, one thread per S x E
+// element.
+__global__ void EcKeyKernel(const float* probs, int64_t tokens, int64_t groups, int64_t experts,
+                            float* key, int32_t* token) {
+  const int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  if (i < tokens * experts)
+    route_steps::EcKeyElement(probs, tokens, groups, experts, i, key, token);
+}
+
+// Expert choice: each segment's offset and kept count (one thread per segment, and the end).
+__global__ void EcSegmentKernel(int64_t tokens, int64_t groups, int64_t experts, int64_t capacity,
+                                int* offsets, int32_t* counts) {
+  const int64_t seg = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  if (seg <= groups * experts) {
+    route_steps::EcSegment(tokens, groups, experts, capacity, seg, offsets, counts);
+  }
+}
+
+// Expert choice: one thread per (segment, position < C).
+__global__ void EcPlaceKernel(route_steps::EcPlaceArgs a, int64_t n) {
+  const int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  if (i < n) route_steps::EcPlace(a, i);
+}
+
+__global__ void EcTokenKeptKernel(const int32_t* rank, int64_t tokens, int64_t experts,
+                                  int64_t* token_kept) {
+  const int64_t t = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  if (t < tokens) token_kept[t] = route_steps::EcTokenKept(rank, experts, t);
+}
+
+__global__ void EcLayoutKernel(const int32_t* rank, const int64_t* group_base,
+                               const int64_t* token_row_offset, int64_t tokens, int64_t groups,
+                               int64_t experts, int32_t* token_rows) {
+  const int64_t t = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  if (t < tokens) {
+    route_steps::EcLayoutToken(rank, group_base, token_row_offset, tokens, groups, experts, t,
+                               token_rows);
+  }
+}
+
 // out[g * cols + c] = Σ over the tokens t of group g of term(t, c), one block per (g, c) with a
 // block reduction (the same order every run).
 template <typename Term>
@@ -197,7 +241,8 @@ class CudaRouter final : public DeviceRouter {
       : cfg_(cfg),
         stream_(static_cast<cudaStream_t>(stream)),
         e_(experts),
-        k_(TopK(cfg)),
+        ec_(cfg.gate() == config::EXPERT_CHOICE),
+        k_(ec_ ? 0 : TopK(cfg)),
         g_(cfg.num_local_groups()) {}
 
   Status Init() {
@@ -220,9 +265,12 @@ class CudaRouter final : public DeviceRouter {
           "the input has S=" + std::to_string(s) +
           " tokens, fewer than moe.router.num_local_groups=" + std::to_string(g));
     }
-    if (s * k > (int64_t{1} << 31) - 1) {
-      return InvalidArgument("the input has S=" + std::to_string(s) + " tokens: S*k=" +
-                             std::to_string(s * k) + " must be < 2^31 on the device router");
+    // Rows, slots and (expert choice) the sort's items are int32 / int on the device.
+    const int64_t items = ec_ ? s * e : s * k;
+    if (items > (int64_t{1} << 31) - 1) {
+      return InvalidArgument("the input has S=" + std::to_string(s) +
+                             " tokens: " + (ec_ ? "S*E=" : "S*k=") + std::to_string(items) +
+                             " must be < 2^31 on the device router");
     }
     have_forward_ = false;
     s_ = s;
@@ -234,9 +282,8 @@ class CudaRouter final : public DeviceRouter {
           "DeviceRouter::Forward: the noisy router (NOISY_TOPK at training) needs "
           "noise_in");
     }
-    const bool by_probability = cfg_.drop_policy() == config::PROBABILITY;
-    MOE_RETURN_IF_ERROR(Carve(by_probability));
     const int64_t capacity = ComputeCapacity(cfg_, e, s, g, ctx.train);
+    MOE_RETURN_IF_ERROR(Carve(capacity));
     const route_steps::Summary l{e, g};
     int64_t* const words = static_cast<int64_t*>(summary_);
     int64_t *expert_offset = words + l.expert_offset(), *counts64 = words + l.counts(),
@@ -251,6 +298,15 @@ class CudaRouter final : public DeviceRouter {
         "cudaMemset"));
     MOE_RETURN_IF_ERROR(
         CudaCheck(cudaMemsetAsync(a_.token_row_offset, 0, sizeof(int64_t), stream_), "cudaMemset"));
+    if (ec_) {
+      MOE_RETURN_IF_ERROR(CudaCheck(
+          cudaMemsetAsync(a_.ec_rank, 0xff, static_cast<size_t>(s * e) * sizeof(int32_t), stream_),
+          "cudaMemset"));
+      MOE_RETURN_IF_ERROR(CudaCheck(
+          cudaMemsetAsync(a_.ec_token, 0xff,
+                          static_cast<size_t>(g * e * capacity) * sizeof(int32_t), stream_),
+          "cudaMemset"));
+    }
 
     // Router: noise, softmax.
     const float* scores = logits;
@@ -263,48 +319,12 @@ class CudaRouter final : public DeviceRouter {
     }
     MOE_RETURN_IF_ERROR(SoftmaxRows(scores, s, e, a_.probs, stream_));
 
-    // Selection, drop priority, capacity.
-    constexpr int kThreads = 128;
-    SelectKernel<<<Blocks(s, kThreads), kThreads, 0, stream_>>>(
-        route_steps::SelectArgs{a_.probs, bias, s, e, k, cfg_.random_routing(), ctx, a_.selected,
-                                a_.alive, a_.key, a_.iota, reinterpret_cast<Count*>(load)});
-    MOE_RETURN_IF_ERROR(Launched("router select"));
-    const int32_t* order = nullptr;
-    if (by_probability) {
-      GroupOffsetsKernel<<<Blocks(g + 1, kThreads), kThreads, 0, stream_>>>(s, g, a_.offsets);
-      MOE_RETURN_IF_ERROR(Launched("router group offsets"));
-      size_t bytes = static_cast<size_t>(sort_bytes_);
-      MOE_RETURN_IF_ERROR(CudaCheck(cub::DeviceSegmentedSort::StableSortPairsDescending(
-                                        a_.sort_temp, bytes, static_cast<const float*>(a_.key),
-                                        a_.key_sorted, static_cast<const int32_t*>(a_.iota),
-                                        a_.order, s, g, static_cast<const int*>(a_.offsets),
-                                        static_cast<const int*>(a_.offsets + 1), stream_),
-                                    "drop-priority sort"));
-      order = a_.order;
+    if (ec_) {
+      MOE_RETURN_IF_ERROR(ExpertChoice(capacity, expert_offset, counts64));
+    } else {
+      MOE_RETURN_IF_ERROR(
+          TokenChoice(ctx, bias, capacity, expert_offset, counts64, load, kept, dropped));
     }
-    CapacityKernel<<<static_cast<unsigned>(g * e), kBlockThreads, 0, stream_>>>(
-        a_.selected, a_.alive, order, s, e, k, g, capacity, a_.position, a_.counts);
-    MOE_RETURN_IF_ERROR(Launched("router capacity"));
-    RowBaseKernel<<<1, kBlockThreads, 0, stream_>>>(a_.counts, g, e, expert_offset, a_.group_base,
-                                                    counts64);
-    MOE_RETURN_IF_ERROR(Launched("router row bases"));
-
-    // Gates, packed rows, per-token rows.
-    GateKernel<<<Blocks(s, kThreads), kThreads, 0, stream_>>>(route_steps::GateArgs{
-        a_.probs, a_.selected, a_.position, a_.group_base, s, e, k, g, cfg_.normalization(),
-        a_.slot_raw, a_.slot_gate, a_.slot_expert, a_.slot_row, a_.token_kept,
-        reinterpret_cast<Count*>(kept), reinterpret_cast<Count*>(dropped)});
-    MOE_RETURN_IF_ERROR(Launched("router gates"));
-    size_t bytes = static_cast<size_t>(scan_bytes_);
-    MOE_RETURN_IF_ERROR(
-        CudaCheck(cub::DeviceScan::InclusiveSum(a_.scan_temp, bytes,
-                                                static_cast<const int64_t*>(a_.token_kept),
-                                                a_.token_row_offset + 1, s, stream_),
-                  "per-token row scan"));
-    LayoutKernel<<<Blocks(s, kThreads), kThreads, 0, stream_>>>(
-        a_.slot_row, a_.slot_gate, a_.token_row_offset, s, k, a_.row_token, a_.row_gate,
-        a_.token_rows);
-    MOE_RETURN_IF_ERROR(Launched("router layout"));
 
     // The losses' per-group sums (z always: it is reported even at weight 0).
     GroupSumKernel<<<static_cast<unsigned>(g), kBlockThreads, 0, stream_>>>(s, g, 1,
@@ -337,7 +357,7 @@ class CudaRouter final : public DeviceRouter {
                   "download of the routing counts"));
     MOE_RETURN_IF_ERROR(CudaCheck(cudaStreamSynchronize(stream_), "device router stream"));
     const double t2 = WallSeconds();
-    route_steps::PlanFromSummary(summary_host_.data(), l, s, k, capacity, cfg_.normalization(),
+    route_steps::PlanFromSummary(summary_host_.data(), l, s, k, capacity, cfg_.normalization(), ec_,
                                  plan);
     group_sums_ = route_steps::LossSumsFromSummary(summary_host_.data(), l, s, cfg_.aux_loss());
     *losses = LossesFromSums(group_sums_);
@@ -351,6 +371,98 @@ class CudaRouter final : public DeviceRouter {
     have_forward_ = true;
     host_seconds_ = (t1 - t0) + (WallSeconds() - t2);
     return Status::Ok();
+  }
+
+  // Token choice after the softmax: selection, drop priority, capacity, row bases, gates, the
+  // per-token rows (the summary's expert_offset, counts and load/kept/dropped counters).
+  Status TokenChoice(const RouteContext& ctx, const float* bias, int64_t capacity,
+                     int64_t* expert_offset, int64_t* counts64, int64_t* load, int64_t* kept,
+                     int64_t* dropped) {
+    const int64_t s = s_, e = e_, k = k_, g = g_;
+    const bool by_probability = cfg_.drop_policy() == config::PROBABILITY;
+    constexpr int kThreads = 128;
+    SelectKernel<<<Blocks(s, kThreads), kThreads, 0, stream_>>>(
+        route_steps::SelectArgs{a_.probs, bias, s, e, k, cfg_.random_routing(), ctx, a_.selected,
+                                a_.alive, a_.key, a_.iota, reinterpret_cast<Count*>(load)});
+    MOE_RETURN_IF_ERROR(Launched("router select"));
+    const int32_t* order = nullptr;
+    if (by_probability) {
+      GroupOffsetsKernel<<<Blocks(g + 1, kThreads), kThreads, 0, stream_>>>(s, g, a_.offsets);
+      MOE_RETURN_IF_ERROR(Launched("router group offsets"));
+      size_t bytes = static_cast<size_t>(sort_bytes_);
+      MOE_RETURN_IF_ERROR(CudaCheck(cub::DeviceSegmentedSort::StableSortPairsDescending(
+                                        a_.sort_temp, bytes, static_cast<const float*>(a_.key),
+                                        a_.key_sorted, static_cast<const int32_t*>(a_.iota),
+                                        a_.order, s, g, static_cast<const int*>(a_.offsets),
+                                        static_cast<const int*>(a_.offsets + 1), stream_),
+                                    "drop-priority sort"));
+      order = a_.order;
+    }
+    CapacityKernel<<<static_cast<unsigned>(g * e), kBlockThreads, 0, stream_>>>(
+        a_.selected, a_.alive, order, s, e, k, g, capacity, a_.position, a_.counts);
+    MOE_RETURN_IF_ERROR(Launched("router capacity"));
+    RowBaseKernel<<<1, kBlockThreads, 0, stream_>>>(a_.counts, g, e, expert_offset, a_.group_base,
+                                                    counts64);
+    MOE_RETURN_IF_ERROR(Launched("router row bases"));
+
+    // Gates, packed rows, per-token rows.
+    GateKernel<<<Blocks(s, kThreads), kThreads, 0, stream_>>>(route_steps::GateArgs{
+        a_.probs, a_.selected, a_.position, a_.group_base, s, e, k, g, cfg_.normalization(),
+        a_.slot_raw, a_.slot_gate, a_.slot_expert, a_.slot_row, a_.token_kept,
+        reinterpret_cast<Count*>(kept), reinterpret_cast<Count*>(dropped)});
+    MOE_RETURN_IF_ERROR(Launched("router gates"));
+    MOE_RETURN_IF_ERROR(ScanTokenRows());
+    LayoutKernel<<<Blocks(s, kThreads), kThreads, 0, stream_>>>(
+        a_.slot_row, a_.slot_gate, a_.token_row_offset, s, k, a_.row_token, a_.row_gate,
+        a_.token_rows);
+    return Launched("router layout");
+  }
+
+  // Expert choice after the softmax: every (group, expert) segment of the probs sorted by prob
+  // (stable, descending; CUB), its first min(C, n) tokens placed, the row bases, the per-token
+  // rows in expert order (the summary's expert_offset and counts).
+  Status ExpertChoice(int64_t capacity, int64_t* expert_offset, int64_t* counts64) {
+    const int64_t s = s_, e = e_, g = g_, segs = g_ * e_;
+    constexpr int kThreads = 128;
+    EcKeyKernel<<<Blocks(s * e, kThreads), kThreads, 0, stream_>>>(a_.probs, s, g, e, a_.ec_key,
+                                                                   a_.ec_token_in);
+    MOE_RETURN_IF_ERROR(Launched("expert-choice keys"));
+    EcSegmentKernel<<<Blocks(segs + 1, kThreads), kThreads, 0, stream_>>>(s, g, e, capacity,
+                                                                          a_.offsets, a_.counts);
+    MOE_RETURN_IF_ERROR(Launched("expert-choice segments"));
+    size_t bytes = static_cast<size_t>(sort_bytes_);
+    MOE_RETURN_IF_ERROR(CudaCheck(
+        cub::DeviceSegmentedSort::StableSortPairsDescending(
+            a_.sort_temp, bytes, static_cast<const float*>(a_.ec_key), a_.ec_key_sorted,
+            static_cast<const int32_t*>(a_.ec_token_in), a_.ec_sorted, static_cast<int>(s * e),
+            static_cast<int>(segs), static_cast<const int*>(a_.offsets),
+            static_cast<const int*>(a_.offsets + 1), stream_),
+        "expert-choice sort"));
+    RowBaseKernel<<<1, kBlockThreads, 0, stream_>>>(a_.counts, g, e, expert_offset, a_.group_base,
+                                                    counts64);
+    MOE_RETURN_IF_ERROR(Launched("router row bases"));
+    const int64_t places = segs * capacity;
+    EcPlaceKernel<<<Blocks(places, kThreads), kThreads, 0, stream_>>>(
+        route_steps::EcPlaceArgs{a_.probs, a_.ec_sorted, a_.offsets, a_.counts, a_.group_base, e,
+                                 capacity, a_.ec_rank, a_.ec_token, a_.row_token, a_.row_gate},
+        places);
+    MOE_RETURN_IF_ERROR(Launched("expert-choice placement"));
+    EcTokenKeptKernel<<<Blocks(s, kThreads), kThreads, 0, stream_>>>(a_.ec_rank, s, e,
+                                                                     a_.token_kept);
+    MOE_RETURN_IF_ERROR(Launched("expert-choice token counts"));
+    MOE_RETURN_IF_ERROR(ScanTokenRows());
+    EcLayoutKernel<<<Blocks(s, kThreads), kThreads, 0, stream_>>>(
+        a_.ec_rank, a_.group_base, a_.token_row_offset, s, g, e, a_.token_rows);
+    return Launched("expert-choice layout");
+  }
+
+  // token_row_offset[1 ..] = the inclusive scan of token_kept (token_row_offset[0] is zeroed).
+  Status ScanTokenRows() {
+    size_t bytes = static_cast<size_t>(scan_bytes_);
+    return CudaCheck(cub::DeviceScan::InclusiveSum(a_.scan_temp, bytes,
+                                                   static_cast<const int64_t*>(a_.token_kept),
+                                                   a_.token_row_offset + 1, s_, stream_),
+                     "per-token row scan");
   }
 
   Status Backward(const float* dgate_rows, double loss_scale, float* dlogits,
@@ -391,6 +503,8 @@ class CudaRouter final : public DeviceRouter {
         dgate_rows,
         a_.selected,
         a_.slot_row,
+        ec_ ? a_.ec_rank : nullptr,
+        a_.group_base,
         every ? reinterpret_cast<const float*>(coef + g * e * 8) : nullptr,
         imp ? reinterpret_cast<const double*>(coef) : nullptr,
         grads[0].z_weight,
@@ -423,6 +537,7 @@ class CudaRouter final : public DeviceRouter {
     MOE_RETURN_IF_ERROR(Down(&p->row_gate, a_.row_gate, rows));
     MOE_RETURN_IF_ERROR(Down(&p->token_rows, a_.token_rows, rows));
     MOE_RETURN_IF_ERROR(Down(&p->token_row_offset, a_.token_row_offset, s + 1));
+    if (ec_) MOE_RETURN_IF_ERROR(Down(&p->ec_token, a_.ec_token, g_ * e * p->capacity));
     p->row_expert.assign(static_cast<size_t>(rows), -1);
     for (int64_t ex = 0; ex < e; ++ex) {
       for (int64_t r = p->expert_offset[ex]; r < p->expert_offset[ex + 1]; ++r) {
@@ -446,10 +561,20 @@ class CudaRouter final : public DeviceRouter {
   int64_t SummaryWords() const { return route_steps::Summary{e_, g_}.words(); }
 
   // Lays out every S-sized array in the workspace (grown when S or the sort's needs grow).
-  Status Carve(bool by_probability) {
+  Status Carve(int64_t capacity) {
     const int64_t s = s_, e = e_, k = k_, g = g_;
+    // Packed rows: at most one per slot, or (expert choice) C per (group, expert).
+    const int64_t max_rows = ec_ ? g * e * capacity : s * k;
     size_t sort_bytes = 0, scan_bytes = 0;
-    if (by_probability) {
+    if (ec_) {
+      MOE_RETURN_IF_ERROR(CudaCheck(
+          cub::DeviceSegmentedSort::StableSortPairsDescending(
+              nullptr, sort_bytes, static_cast<const float*>(nullptr), static_cast<float*>(nullptr),
+              static_cast<const int32_t*>(nullptr), static_cast<int32_t*>(nullptr),
+              static_cast<int>(s * e), static_cast<int>(g * e), static_cast<const int*>(nullptr),
+              static_cast<const int*>(nullptr), stream_),
+          "expert-choice sort size"));
+    } else if (cfg_.drop_policy() == config::PROBABILITY) {
       MOE_RETURN_IF_ERROR(CudaCheck(
           cub::DeviceSegmentedSort::StableSortPairsDescending(
               nullptr, sort_bytes, static_cast<const float*>(nullptr), static_cast<float*>(nullptr),
@@ -477,16 +602,24 @@ class CudaRouter final : public DeviceRouter {
       a.slot_gate = c.Take<float>(s * k);
       a.slot_expert = c.Take<int32_t>(s * k);
       a.slot_row = c.Take<int32_t>(s * k);
-      a.row_token = c.Take<int32_t>(s * k);
-      a.row_gate = c.Take<float>(s * k);
-      a.token_rows = c.Take<int32_t>(s * k);
+      a.row_token = c.Take<int32_t>(max_rows);
+      a.row_gate = c.Take<float>(max_rows);
+      a.token_rows = c.Take<int32_t>(max_rows);
       a.key = c.Take<float>(s);
       a.key_sorted = c.Take<float>(s);
       a.iota = c.Take<int32_t>(s);
       a.order = c.Take<int32_t>(s);
       a.token_kept = c.Take<int64_t>(s);
       a.token_row_offset = c.Take<int64_t>(s + 1);
-      a.offsets = c.Take<int>(g + 1);
+      a.offsets = c.Take<int>((ec_ ? g * e : g) + 1);
+      if (ec_) {
+        a.ec_key = c.Take<float>(s * e);
+        a.ec_key_sorted = c.Take<float>(s * e);
+        a.ec_token_in = c.Take<int32_t>(s * e);
+        a.ec_sorted = c.Take<int32_t>(s * e);
+        a.ec_rank = c.Take<int32_t>(s * e);
+        a.ec_token = c.Take<int32_t>(g * e * capacity);
+      }
       a.counts = c.Take<int32_t>(g * e);
       a.group_base = c.Take<int64_t>(g * e);
       a.coef = c.Take<int32_t>(g * e * 3);
@@ -518,7 +651,8 @@ class CudaRouter final : public DeviceRouter {
   struct Arrays {
     float *scores = nullptr, *probs = nullptr, *eps = nullptr, *dprobs = nullptr,
           *dscores = nullptr, *slot_raw = nullptr, *slot_gate = nullptr, *row_gate = nullptr,
-          *key = nullptr, *key_sorted = nullptr;
+          *key = nullptr, *key_sorted = nullptr, *ec_key = nullptr, *ec_key_sorted = nullptr;
+    int32_t *ec_token_in = nullptr, *ec_sorted = nullptr, *ec_rank = nullptr, *ec_token = nullptr;
     int32_t *selected = nullptr, *position = nullptr, *slot_expert = nullptr, *slot_row = nullptr,
             *row_token = nullptr, *token_rows = nullptr, *iota = nullptr, *order = nullptr,
             *counts = nullptr, *coef = nullptr;
@@ -530,7 +664,9 @@ class CudaRouter final : public DeviceRouter {
 
   const config::RouterConfig cfg_;
   cudaStream_t stream_;
-  const int64_t e_, k_, g_;
+  const int64_t e_;
+  const bool ec_;  // expert choice (k_ = 0: no slots)
+  const int64_t k_, g_;
   comm::Workspace arena_{comm::MemorySpace::kDevice}, summary_mem_{comm::MemorySpace::kDevice};
   void* summary_ = nullptr;
   std::vector<int64_t> summary_host_;
@@ -563,11 +699,9 @@ Status SoftmaxRows(const float* logits, int64_t rows, int64_t cols, float* probs
 
 bool DeviceRouter::Supports(const config::RouterConfig& router, std::string* why_not) {
   std::string why;
-  if (router.gate() == config::EXPERT_CHOICE) {
-    why = "moe.router.gate=EXPERT_CHOICE routes on the host";
-  } else if (router.reroute_overflow()) {
+  if (router.reroute_overflow()) {
     why = "moe.router.reroute_overflow=true routes on the host (a sequential walk per group)";
-  } else if (TopK(router) > routing::kMaxRankedExperts) {
+  } else if (router.gate() != config::EXPERT_CHOICE && TopK(router) > routing::kMaxRankedExperts) {
     why = "moe.router.top_k=" + std::to_string(TopK(router)) + " is above the device router's " +
           std::to_string(routing::kMaxRankedExperts);
   }
@@ -579,7 +713,7 @@ StatusOr<std::unique_ptr<DeviceRouter>> DeviceRouter::Create(const config::Route
                                                              int64_t num_experts, void* stream) {
   std::string why;
   if (!Supports(router, &why)) return InvalidArgument("DeviceRouter: " + why);
-  if (num_experts < TopK(router)) {
+  if (router.gate() != config::EXPERT_CHOICE && num_experts < TopK(router)) {
     return InvalidArgument("DeviceRouter: moe.num_experts=" + std::to_string(num_experts) +
                            " must be >= moe.router.top_k=" + std::to_string(TopK(router)));
   }

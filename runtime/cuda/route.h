@@ -1,16 +1,16 @@
-// Token-choice routing on the GPU: the router after its GEMMs (noise, softmax), the whole
-// DispatchPlan (selection with the aux-loss-free bias, GShard random routing, capacity with the
-// POSITION and PROBABILITY drop policies, gates, packed-row layout, per-expert metrics), the
-// losses' per-group sums, and the router's backward from the gates' gradients to dlogits (and
-// dnoise). The GPU counterpart of FinishRouter + BuildDispatchPlan + ComputeRouterLosses +
+// Routing on the GPU: the router after its GEMMs (noise, softmax), the whole DispatchPlan — token
+// choice (selection with the aux-loss-free bias, GShard random routing, capacity with the POSITION
+// and PROBABILITY drop policies, gates) or expert choice (each expert's top-C tokens of a group),
+// then the packed-row layout and per-expert metrics —, the losses' per-group sums, and the
+// router's backward from the gates' gradients to dlogits (and dnoise). The GPU counterpart of FinishRouter + BuildDispatchPlan + ComputeRouterLosses +
 // RouterScoreGradients (docs/SEMANTICS.md): the per-token arithmetic is runtime/routing_math.h, the
 // code the CPU path runs, so for the same probs the device makes the CPU's routing decisions
 // (selection, random-routing drops, positions, capacity drops) and the same gates; sums over
 // tokens (losses, their gradients) agree to double rounding.
 //
-// Not on the device (DeviceRouter::Supports says why): expert choice, reroute_overflow (a
-// sequential walk over each group) and k > routing::kMaxRankedExperts; the layer routes those on
-// the host.
+// Not on the device (DeviceRouter::Supports says why): reroute_overflow (a sequential walk over
+// each group) and token choice with k > routing::kMaxRankedExperts; the layer routes those on the
+// host.
 //
 // Every pointer is a device pointer unless said otherwise; `stream` is a cudaStream_t. Without a
 // CUDA build Create fails with kUnimplemented.

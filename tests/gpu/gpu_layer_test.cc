@@ -1,7 +1,7 @@
 // The device-resident MoE layer (runtime/device_moe_layer.h) against the CPU layer on the same
 // parameters and inputs:
 //  - routing identical, routed on the device (gpu::DeviceRouter, for the configs it supports) and
-//    on the host (route_on_device false, and expert choice / re-routing): the plan comes from the
+//    on the host (route_on_device false, and re-routing): the plan comes from the
 //    GPU's fp32 logits; the inputs are random, so no two selection scores are within the GEMMs'
 //    rounding of each other; gates equal within 1e-5; before FetchPlan the device-routed plan
 //    already has the rows and per-expert counts;
@@ -187,6 +187,7 @@ std::vector<Case> Cases() {
       {"noisy_random_probability_fp32_host_routing", noisy_random_probability,
        Precision::kFloat32, true, false},
       {"expert_choice_fp32", expert_choice, Precision::kFloat32, true},
+      {"expert_choice_fp32_host_routing", expert_choice, Precision::kFloat32, true, false},
   };
 }
 

@@ -4,7 +4,8 @@
 //    device's own probs, BuildDispatchPlan's whole plan identical — selection, random-routing and
 //    capacity drops, positions through the packed rows, gates, per-token rows, counts and metrics —
 //    for top-1/2/4, the three normalizations, both drop policies, random routing, the noisy router,
-//    1 and 3 groups, capacity and dropless, the aux-loss-free bias and exact ties; the losses
+//    1 and 3 groups, capacity and dropless, the aux-loss-free bias and exact ties, and expert
+//    choice (ec_token too) with tight, loose and no capacity; the losses
 //    within 1e-9 and the router's backward (dlogits, dnoise) within 1e-5 of RouterScoreGradients;
 //  - which configs route on the device, and why the others do not (runs without a GPU).
 // Skips the GPU cases without a CUDA device.
@@ -115,6 +116,8 @@ TEST_P(GpuRouteVersusPlan, SameRoutingAsTheCpuPlan) {
   ASSERT_TRUE(plan.ok()) << plan.status().ToString();
   const DispatchPlan& p = *plan;
   EXPECT_EQ(rows, p.num_rows());
+  EXPECT_EQ(got.top_k, p.top_k);
+  EXPECT_EQ(got.expert_choice, p.expert_choice);
   EXPECT_EQ(got.capacity, p.capacity);
   EXPECT_EQ(got.group_begin, p.group_begin);
   EXPECT_EQ(got.selected, p.selected);
@@ -130,6 +133,7 @@ TEST_P(GpuRouteVersusPlan, SameRoutingAsTheCpuPlan) {
   EXPECT_EQ(got.row_gate, p.row_gate);
   EXPECT_EQ(got.token_row_offset, p.token_row_offset);
   EXPECT_EQ(got.token_rows, p.token_rows);
+  EXPECT_EQ(got.ec_token, p.ec_token);
   EXPECT_EQ(got.kept_per_expert, p.kept_per_expert);
   EXPECT_EQ(got.dropped_per_expert, p.dropped_per_expert);
   EXPECT_EQ(got.load_per_expert, p.load_per_expert);
@@ -198,11 +202,18 @@ INSTANTIATE_TEST_SUITE_P(
         RouteCase{"noisy_top2_importance",
                   "gate: NOISY_TOPK top_k: 2 normalization: TOPK_SOFTMAX "
                   "capacity_factor_train: 1.0 min_capacity: 1 aux_loss: IMPORTANCE_CV "
-                  "aux_loss_weight: 0.1 z_loss_weight: 0.001"}),
+                  "aux_loss_weight: 0.1 z_loss_weight: 0.001"},
+        RouteCase{"expert_choice_groups3_z",
+                  "gate: EXPERT_CHOICE capacity_factor_train: 1.0 num_local_groups: 3 "
+                  "z_loss_weight: 0.001"},
+        RouteCase{"expert_choice_tight_ties",
+                  "gate: EXPERT_CHOICE capacity_factor_train: 0.5 min_capacity: 2", false, true},
+        RouteCase{"expert_choice_every_token",
+                  "gate: EXPERT_CHOICE capacity_factor_train: 0 num_local_groups: 2"}),
     [](const ::testing::TestParamInfo<RouteCase>& p) { return p.param.name; });
 
 // Which router configs the device routes (CUDA builds; needs no GPU), and the reason for the rest.
-TEST(DeviceRouterSupport, ExpertChoiceRerouteAndLargeKStayOnTheHost) {
+TEST(DeviceRouterSupport, RerouteAndLargeKStayOnTheHost) {
   std::string why;
   const auto router = [](const std::string& text) {
     return ResolvedLayerConfig(testing::LayerFromText("model_dim: 4 num_experts: 32 expert { "
@@ -215,9 +226,9 @@ TEST(DeviceRouterSupport, ExpertChoiceRerouteAndLargeKStayOnTheHost) {
   EXPECT_TRUE(why.empty());
   EXPECT_TRUE(gpu::DeviceRouter::Supports(
       router("gate: TOPK top_k: 2 drop_policy: PROBABILITY random_routing: true"), nullptr));
-  EXPECT_FALSE(
-      gpu::DeviceRouter::Supports(router("gate: EXPERT_CHOICE capacity_factor_train: 1.0"), &why));
-  EXPECT_NE(why.find("EXPERT_CHOICE"), std::string::npos) << why;
+  EXPECT_TRUE(
+      gpu::DeviceRouter::Supports(router("gate: EXPERT_CHOICE capacity_factor_train: 1.0"), &why))
+      << why;
   EXPECT_FALSE(
       gpu::DeviceRouter::Supports(router("gate: TOPK top_k: 2 reroute_overflow: true"), &why));
   EXPECT_NE(why.find("reroute_overflow"), std::string::npos) << why;

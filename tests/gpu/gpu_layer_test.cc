@@ -59,6 +59,7 @@ struct Case {
   bool train;
   bool route_on_device = true;  // DeviceLayerOptions::route_on_device
 };
+void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
 
 class DeviceLayerVersusCpu : public ::testing::TestWithParam<Case> {};
 
@@ -223,6 +224,7 @@ struct EpCase {
   std::string layer;  // LayerConfig text; num_local_groups is added (1 per rank, W for one rank)
   int pipeline_degree = 1;
 };
+void PrintTo(const EpCase& c, std::ostream* os) { *os << c.name; }
 
 class DeviceLayerExpertParallel : public ::testing::TestWithParam<EpCase> {};
 

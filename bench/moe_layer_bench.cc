@@ -22,11 +22,11 @@
 #include "comm/memory.h"
 #include "runtime/base/clock.h"
 #include "runtime/base/rng.h"
-#include "runtime/config.h"
-#include "runtime/device_moe_layer.h"
-#include "runtime/expert_blocks.h"
-#include "runtime/expert_executor.h"
-#include "runtime/moe_layer.h"
+#include "runtime/moe/config.h"
+#include "runtime/cuda/device_moe_layer.h"
+#include "runtime/moe/expert_blocks.h"
+#include "runtime/moe/expert_executor.h"
+#include "runtime/moe/moe_layer.h"
 
 namespace {
 

@@ -29,8 +29,8 @@
 #include "comm/memory.h"
 #include "runtime/base/malloc_tuning.h"
 #include "runtime/base/status.h"
-#include "runtime/bench_json.h"
-#include "runtime/dispatch_combine_bench.h"
+#include "bench/bench_json.h"
+#include "bench/dispatch_combine_bench.h"
 
 #if MOE_COMM_HAVE_MPI
 #include <mpi.h>

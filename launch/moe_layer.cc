@@ -8,7 +8,7 @@
 // --grad-output also dx.npy and grad_<weight>.npy; with --init-seed the weights in DIR/weights/;
 // with --train and a bias update rate, the updated router_bias.npy. --device cuda runs the
 // device-resident layer (runtime/device_moe_layer.h).
-#include "runtime/moe_layer.h"
+#include "runtime/moe/moe_layer.h"
 
 #include <google/protobuf/util/json_util.h>
 
@@ -21,11 +21,11 @@
 #include "launch/cli.h"
 #include "runtime/base/file.h"
 #include "runtime/base/npy.h"
-#include "runtime/config.h"
-#include "runtime/device_moe_layer.h"
-#include "runtime/expert_blocks.h"
-#include "runtime/expert_executor.h"
-#include "runtime/layer_io.h"
+#include "runtime/moe/config.h"
+#include "runtime/cuda/device_moe_layer.h"
+#include "runtime/moe/expert_blocks.h"
+#include "runtime/moe/expert_executor.h"
+#include "runtime/moe/layer_io.h"
 
 namespace {
 

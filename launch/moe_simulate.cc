@@ -39,9 +39,9 @@
 #include "experts/cpu/blas.h"
 #include "launch/cli.h"
 #include "runtime/base/file.h"
-#include "runtime/config.h"
-#include "runtime/cost_model.h"
-#include "runtime/simulate.h"
+#include "runtime/moe/config.h"
+#include "runtime/sim/cost_model.h"
+#include "runtime/sim/simulate.h"
 
 namespace {
 

@@ -20,9 +20,9 @@
 #include "experts/cpu/blas.h"
 #include "launch/cli.h"
 #include "runtime/base/malloc_tuning.h"
-#include "runtime/config.h"
-#include "runtime/fault_injection.h"
-#include "runtime/trainer.h"
+#include "runtime/moe/config.h"
+#include "runtime/train/fault_injection.h"
+#include "runtime/train/trainer.h"
 #if MOE_COMM_HAVE_MPI
 #include <mpi.h>
 

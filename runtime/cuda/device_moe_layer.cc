@@ -3,7 +3,7 @@
 //
 // Row-major GEMMs go to column-major cuBLAS as their transposes: row-major C (m x n) = op(A)·op(B)
 // is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ, i.e. gemm(opB, opA, n, m, k, B, A, C) — see RowMajorGemm.
-#include "runtime/device_moe_layer.h"
+#include "runtime/cuda/device_moe_layer.h"
 
 #include <cuda_runtime.h>
 
@@ -15,11 +15,11 @@
 #include "comm/memory.h"
 #include "experts/cuda/cublas_loader.h"
 #include "runtime/base/clock.h"
-#include "runtime/config.h"
+#include "runtime/moe/config.h"
 #include "runtime/cuda/permute.h"
 #include "runtime/cuda/route.h"
-#include "runtime/ep_row_maps.h"
-#include "runtime/expert_blocks.h"
+#include "runtime/moe/ep_row_maps.h"
+#include "runtime/moe/expert_blocks.h"
 
 namespace moe {
 namespace {

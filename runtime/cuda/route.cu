@@ -33,10 +33,10 @@
 #include "experts/cuda/cublas_loader.h"
 #include "runtime/base/clock.h"
 #include "runtime/base/rng.h"
-#include "runtime/config.h"
+#include "runtime/moe/config.h"
 #include "runtime/cuda/route.h"
-#include "runtime/route_steps.h"
-#include "runtime/routing_math.h"
+#include "runtime/moe/route_steps.h"
+#include "runtime/moe/routing_math.h"
 
 namespace moe::gpu {
 namespace {

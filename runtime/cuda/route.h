@@ -23,9 +23,9 @@
 #include "proto/moe_config.pb.h"
 #include "runtime/base/status.h"
 #include "runtime/cuda/permute.h"
-#include "runtime/dispatch_plan.h"
-#include "runtime/losses.h"
-#include "runtime/router.h"
+#include "runtime/moe/dispatch_plan.h"
+#include "runtime/moe/losses.h"
+#include "runtime/moe/router.h"
 
 namespace moe::gpu {
 

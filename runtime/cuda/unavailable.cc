@@ -3,7 +3,7 @@
 
 #include "runtime/cuda/permute.h"
 #include "runtime/cuda/route.h"
-#include "runtime/device_moe_layer.h"
+#include "runtime/cuda/device_moe_layer.h"
 
 namespace moe::gpu {
 namespace {

@@ -10,8 +10,8 @@
 
 #include "comm/bench/collective_bench.h"
 #include "comm/loopback/loopback_world.h"
-#include "runtime/bench_json.h"
-#include "runtime/dispatch_combine_bench.h"
+#include "bench/bench_json.h"
+#include "bench/dispatch_combine_bench.h"
 
 namespace moe {
 namespace {

@@ -24,10 +24,10 @@
 #include "comm/loopback/loopback_world.h"
 #include "runtime/base/clock.h"
 #include "runtime/base/file.h"
-#include "runtime/checkpoint.h"
-#include "runtime/config.h"
-#include "runtime/fault_injection.h"
-#include "runtime/trainer.h"
+#include "runtime/train/checkpoint.h"
+#include "runtime/moe/config.h"
+#include "runtime/train/fault_injection.h"
+#include "runtime/train/trainer.h"
 #include "tests/unit/train_util.h"
 
 namespace moe {

@@ -5,8 +5,8 @@
 #include <cstdint>
 #include <string>
 
-#include "runtime/config.h"
-#include "runtime/cost_model.h"
+#include "runtime/moe/config.h"
+#include "runtime/sim/cost_model.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const std::string text(reinterpret_cast<const char*>(data), size);

@@ -26,8 +26,8 @@
 #include "comm/loopback/loopback_world.h"
 #include "comm/memory.h"
 #include "runtime/cuda/route.h"
-#include "runtime/device_moe_layer.h"
-#include "runtime/moe_layer.h"
+#include "runtime/cuda/device_moe_layer.h"
+#include "runtime/moe/moe_layer.h"
 #include "tests/gpu/device_util.h"
 #include "tests/unit/test_util.h"
 

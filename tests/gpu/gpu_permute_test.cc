@@ -11,8 +11,8 @@
 
 #include "comm/memory.h"
 #include "runtime/cuda/permute.h"
-#include "runtime/dispatch_plan.h"
-#include "runtime/moe_layer.h"
+#include "runtime/moe/dispatch_plan.h"
+#include "runtime/moe/moe_layer.h"
 #include "tests/gpu/device_util.h"
 #include "tests/unit/test_util.h"
 

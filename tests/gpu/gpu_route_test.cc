@@ -16,11 +16,11 @@
 #include <vector>
 
 #include "comm/memory.h"
-#include "runtime/config.h"
+#include "runtime/moe/config.h"
 #include "runtime/cuda/route.h"
-#include "runtime/dispatch_plan.h"
-#include "runtime/losses.h"
-#include "runtime/router.h"
+#include "runtime/moe/dispatch_plan.h"
+#include "runtime/moe/losses.h"
+#include "runtime/moe/router.h"
 #include "tests/gpu/device_util.h"
 #include "tests/unit/test_util.h"
 

@@ -110,7 +110,7 @@ class LayerConfig:
     """The parts of MoeConfig (protobuf JSON, snake_case, enums as names) that one layer needs.
 
     Missing fields get the proto defaults and the same kind-dependent resolution as
-    runtime/config.cc ResolveConfig (TOP1 -> k = 1, NOISY_TOPK -> TOPK_SOFTMAX, EXPERT_CHOICE ->
+    runtime/moe/config.cc ResolveConfig (TOP1 -> k = 1, NOISY_TOPK -> TOPK_SOFTMAX, EXPERT_CHOICE ->
     NO_AUX_LOSS), so a hand-written dict works too.
     """
 
@@ -202,7 +202,7 @@ def load_weights(cfg, directory):
 
 
 # --------------------------------------------------------------------------------------------
-# Float32 decision path (mirrors runtime/router.cc).
+# Float32 decision path (mirrors runtime/moe/router.cc).
 
 def _softmax32(a):
     """Row softmax in float32 like moe::SoftmaxRows: max, exp(a - max), sequential sum, * (1/sum)."""

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Validates the host step-time model (runtime/cost_model.h, "The step on one shared-memory host")
+"""Validates the host step-time model (runtime/sim/cost_model.h, "The step on one shared-memory host")
 against real runs on this machine: for each backend (mpi, loopback) and rank count (1, 2, 4)
 
   1. alpha, beta of the all-to-all and of the float64 all-reduce are fitted from moe_comm_bench

@@ -1,5 +1,5 @@
 // Exact-answer tests of the alpha-beta cost model (runtime/cost_model.h) on hand-computed cases.
-#include "runtime/cost_model.h"
+#include "runtime/sim/cost_model.h"
 
 #include <gtest/gtest.h>
 

@@ -13,10 +13,10 @@
 #include <vector>
 
 #include "comm/loopback/loopback_world.h"
-#include "runtime/config.h"
-#include "runtime/ep_executor.h"
-#include "runtime/ep_row_maps.h"
-#include "runtime/moe_layer.h"
+#include "runtime/moe/config.h"
+#include "runtime/moe/expert_parallel_executor.h"
+#include "runtime/moe/ep_row_maps.h"
+#include "runtime/moe/moe_layer.h"
 #include "tests/unit/test_util.h"
 
 namespace moe {

@@ -8,7 +8,7 @@
 // dropless, with and without the selection bias, with exact ties), and for 300 random
 // expert-choice routers (per-(group, expert) segments stably sorted by prob). This checks the
 // device router's index logic on every build; the GPU test checks the kernels themselves.
-#include "runtime/route_steps.h"
+#include "runtime/moe/route_steps.h"
 
 #include <gtest/gtest.h>
 
@@ -20,10 +20,10 @@
 #include <utility>
 #include <vector>
 
-#include "runtime/config.h"
-#include "runtime/dispatch_plan.h"
-#include "runtime/losses.h"
-#include "runtime/router.h"
+#include "runtime/moe/config.h"
+#include "runtime/moe/dispatch_plan.h"
+#include "runtime/moe/losses.h"
+#include "runtime/moe/router.h"
 #include "tests/unit/test_util.h"
 
 namespace moe {

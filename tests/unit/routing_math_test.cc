@@ -2,14 +2,14 @@
 // hand-worked cases: selection order with ties and bias, the random-routing keep test at its
 // boundary, gate normalization with drops, the gates' backward, group bounds (the device's
 // GroupOf against GroupBounds for every S <= 64, G <= S) and the softmax backward.
-#include "runtime/routing_math.h"
+#include "runtime/moe/routing_math.h"
 
 #include <gtest/gtest.h>
 
 #include <cstdint>
 #include <vector>
 
-#include "runtime/dispatch_plan.h"
+#include "runtime/moe/dispatch_plan.h"
 
 namespace moe {
 namespace {

@@ -10,11 +10,11 @@
 
 #include "experts/expert_ffn.h"
 #include "runtime/base/rng.h"
-#include "runtime/config.h"
-#include "runtime/dispatch_plan.h"
-#include "runtime/losses.h"
-#include "runtime/moe_layer.h"
-#include "runtime/router.h"
+#include "runtime/moe/config.h"
+#include "runtime/moe/dispatch_plan.h"
+#include "runtime/moe/losses.h"
+#include "runtime/moe/moe_layer.h"
+#include "runtime/moe/router.h"
 #include "tests/unit/test_util.h"
 
 namespace moe {

@@ -7,8 +7,8 @@
 #include <string>
 #include <vector>
 
-#include "runtime/config.h"
-#include "runtime/moe_layer.h"
+#include "runtime/moe/config.h"
+#include "runtime/moe/moe_layer.h"
 
 namespace moe::testing {
 

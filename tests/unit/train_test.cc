@@ -11,8 +11,8 @@
 #include <string>
 
 #include "comm/loopback/loopback_world.h"
-#include "runtime/config.h"
-#include "runtime/trainer.h"
+#include "runtime/moe/config.h"
+#include "runtime/train/trainer.h"
 #include "tests/unit/train_util.h"
 
 namespace moe {

@@ -6,7 +6,7 @@
 
 #include <string>
 
-#include "runtime/config.h"
+#include "runtime/moe/config.h"
 
 namespace moe::testing {
 

@@ -1,0 +1,498 @@
+#include "bench/dispatch_combine_bench.h"
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <utility>
+
+#include "runtime/base/clock.h"
+#include "runtime/moe/dispatch_plan.h"
+#include "runtime/moe/expert_parallel_executor.h"
+
+namespace moe {
+namespace {
+
+using comm::DataType;
+using comm::bench::ReduceScalar;
+
+StatusOr<DispatchPlan> MakePlan(const DispatchCombineBenchOptions& o, int rank, int64_t tokens,
+                                int e) {
+  config::RouterConfig cfg;
+  cfg.set_gate(config::TOPK);
+  cfg.set_top_k(o.top_k);
+  cfg.set_capacity_factor_train(o.capacity_factor);
+  cfg.set_capacity_factor_eval(o.capacity_factor);
+  cfg.set_min_capacity(1);
+  RouteContext ctx;
+  ctx.train = true;
+  ctx.seed = o.seed;
+  const Tensor probs = MakeSkewedProbs(o.skew, o.seed, rank, tokens, e, o.top_k);
+  return BuildDispatchPlan(cfg, probs, {}, ctx);
+}
+
+// Positive, exact (small integer) input of token t, column c on `rank`.
+float TokenValue(int rank, int64_t t, int64_t c) {
+  return static_cast<float>(1 + (rank * 131 + t * 17 + c * 7) % 97);
+}
+
+// The packed rows of `plan` (one per kept slot), each its token's input.
+Tensor PackedInput(const DispatchPlan& plan, int rank, int64_t m) {
+  Tensor packed_x(plan.num_rows(), m);
+  for (int64_t r = 0; r < plan.num_rows(); ++r) {
+    for (int64_t c = 0; c < m; ++c) packed_x(r, c) = TokenValue(rank, plan.row_token[r], c);
+  }
+  return packed_x;
+}
+
+// ReLU experts without bias of hidden dim `h`, all zero.
+std::vector<experts::FfnParams> ZeroExperts(int64_t m, int64_t h, int count,
+                                            experts::FfnShape* shape) {
+  shape->model_dim = m;
+  shape->hidden_dim = h;
+  shape->activation = experts::Activation::kRelu;
+  shape->bias = false;
+  return std::vector<experts::FfnParams>(static_cast<size_t>(count),
+                                         experts::FfnParams::Zeros(*shape));
+}
+
+// combine(dispatch(x)) through identity experts (H = M, W1 = W2 = I, no bias, ReLU on positive
+// inputs): returns the elements of the kept rows that differ from their token's row of x.
+StatusOr<int64_t> CheckDispatchCombine(comm::Communicator& comm,
+                                       const DispatchCombineBenchOptions& o,
+                                       const DispatchPlan& plan, int e) {
+  const int64_t m = o.hidden;
+  experts::FfnShape shape;
+  std::vector<experts::FfnParams> experts = ZeroExperts(m, m, e / comm.size(), &shape);
+  for (experts::FfnParams& p : experts) {
+    for (int64_t j = 0; j < m; ++j) {
+      p.w1(j, j) = 1.0f;
+      p.w2(j, j) = 1.0f;
+    }
+  }
+  ExpertParallelExecutor exec(&comm, shape, e, {.dropless = o.dropless_exchange});
+  const Tensor packed_x = PackedInput(plan, comm.rank(), m);
+  Tensor packed_y;
+  MOE_RETURN_IF_ERROR(exec.Forward(plan, packed_x.view(), experts, &packed_y));
+  if (packed_y.rows() != plan.num_rows() || packed_y.cols() != m) {
+    return plan.num_rows() * m;
+  }
+  int64_t wrong = 0;
+  for (int64_t r = 0; r < plan.num_rows(); ++r) {
+    for (int64_t c = 0; c < m; ++c) {
+      if (packed_y(r, c) != packed_x(r, c)) ++wrong;
+    }
+  }
+  return wrong;
+}
+
+// One float32 row exchange of Forward, as the raw baseline replays it (counts in elements).
+struct RowExchange {
+  bool equal = false;  // capacity mode: the executor's AllToAll, every count send_counts[0]
+  std::vector<int64_t> send_counts, send_displs, recv_counts, recv_displs;
+};
+
+std::vector<int64_t> Floats(const std::vector<int64_t>& bytes) {
+  std::vector<int64_t> out(bytes.size());
+  for (size_t i = 0; i < bytes.size(); ++i) out[i] = bytes[i] / static_cast<int64_t>(sizeof(float));
+  return out;
+}
+
+// Displacements of blocks packed back to back.
+std::vector<int64_t> Displacements(const std::vector<int64_t>& counts) {
+  std::vector<int64_t> out(counts.size(), 0);
+  for (size_t i = 1; i < counts.size(); ++i) out[i] = out[i - 1] + counts[i - 1];
+  return out;
+}
+
+RowExchange FromCall(const ExchangeCall& call, bool equal) {
+  RowExchange x;
+  x.equal = equal;
+  x.send_counts = Floats(call.bytes_to_rank);
+  x.recv_counts = Floats(call.bytes_from_rank);
+  x.send_displs = Displacements(x.send_counts);
+  x.recv_displs = Displacements(x.recv_counts);
+  return x;
+}
+
+// The raw exchange with the executor's per-peer counts: `raw`'s all-to-all-v when given, else the
+// plain communicator's AllToAll (capacity mode) or AllToAllV (dropless), as the executor calls it.
+Status ReplayExchange(comm::Communicator& comm, comm::bench::RawCollectives* raw,
+                      const RowExchange& x, const float* send, float* recv) {
+  if (raw != nullptr) {
+    return raw->AllToAllV(send, x.send_counts, x.send_displs, recv, x.recv_counts, x.recv_displs,
+                          DataType::kFloat32);
+  }
+  if (x.equal) {
+    return comm.AllToAll(send, recv, x.send_counts.empty() ? 0 : x.send_counts[0],
+                         DataType::kFloat32);
+  }
+  return comm.AllToAllV(send, x.send_counts, x.send_displs, recv, x.recv_counts, x.recv_displs,
+                        DataType::kFloat32);
+}
+
+// The forward (not backward) exchange call of `kind` in `stats`, or null.
+const ExchangeCall* FindCall(const ExchangeStats& stats, ExchangeCall::Kind kind) {
+  for (const ExchangeCall& c : stats.calls) {
+    if (c.kind == kind && !c.backward) return &c;
+  }
+  return nullptr;
+}
+
+int64_t Sum(const std::vector<int64_t>& v) {
+  int64_t total = 0;
+  for (int64_t x : v) total += x;
+  return total;
+}
+
+// A table row of float32 row exchanges: `sent_sum` = bytes the dispatch sent, summed over ranks
+// (size = the mean per rank).
+comm::bench::BenchRow RowExchangeRow(std::string op, const comm::Communicator& comm,
+                                     double sent_sum) {
+  comm::bench::BenchRow row;
+  row.op = std::move(op);
+  row.backend = std::string(comm.backend());
+  row.ranks = comm.size();
+  row.bytes = static_cast<int64_t>(sent_sum / comm.size() + 0.5);
+  row.count = row.bytes / 4;
+  row.dtype = "float32";
+  return row;
+}
+
+void PrintHeader(std::FILE* out, const comm::Communicator& comm,
+                 const DispatchCombineBenchOptions& o, int e, const char* baseline) {
+  const int n = comm.size();
+  const bool dropless_routing = o.capacity_factor <= 0;
+  std::fprintf(
+      out,
+      "# moe_comm_bench: op dispatch_combine, backend %s, %d ranks, memory %s, dtype float32, "
+      "iters %d, warmup %d, check %d\n",
+      std::string(comm.backend()).c_str(), n, comm::MemorySpaceName(comm.memory_space()), o.iters,
+      o.warmup, o.check ? 1 : 0);
+  std::fprintf(
+      out,
+      "# hidden M %lld, experts E %d (%d per rank), top-k %d, capacity factor %g (%s), exchange "
+      "%s, skew %s, seed %llu\n",
+      static_cast<long long>(o.hidden), e, e / n, o.top_k, o.capacity_factor,
+      dropless_routing ? "dropless" : "capacity",
+      o.dropless_exchange || dropless_routing ? "dropless (counts + alltoallv)"
+                                              : "padded (alltoall)",
+      o.skew_name.c_str(), static_cast<unsigned long long>(o.seed));
+  std::fprintf(
+      out,
+      "# size = bytes sent per rank in the dispatch (mean over ranks); count = its float32 "
+      "elements; time = dispatch + combine;\n# baseline = %s of the same per-peer counts (mean of "
+      "the dispatch and combine directions); ratio = time / (2 x baseline)\n",
+      baseline);
+  std::fprintf(out, "#%11s %12s %8s %7s %10s %10s %10s %8s %8s %7s %12s %7s\n", "size", "count",
+               "type", "tokens", "dispatch", "combine", "time", "algbw", "busbw", "#wrong",
+               "baseline", "ratio");
+  std::fprintf(out, "#%11s %12s %8s %7s %10s %10s %10s %8s %8s %7s %12s %7s\n", "(B)", "(elements)",
+               "", "(/rank)", "(us)", "(us)", "(us)", "(GB/s)", "(GB/s)", "", "(us)", "");
+}
+
+void PrintRow(std::FILE* out, const comm::bench::BenchRow& r, int64_t tokens, double dispatch_us,
+              double combine_us) {
+  std::fprintf(out,
+               " %11lld %12lld %8s %7lld %10.1f %10.1f %10.1f %8.2f %8.2f %7lld %12.1f %7.2f\n",
+               static_cast<long long>(r.bytes), static_cast<long long>(r.count), r.dtype.c_str(),
+               static_cast<long long>(tokens), dispatch_us, combine_us, r.time_us, r.algbw_gbps,
+               r.busbw_gbps, static_cast<long long>(r.wrong), r.baseline_time_us,
+               r.baseline_time_us > 0 ? r.time_us / (2 * r.baseline_time_us) : 0);
+  std::fflush(out);
+}
+
+}  // namespace
+
+int DispatchCombineExperts(const DispatchCombineBenchOptions& o, int ranks) {
+  return o.experts > 0 ? o.experts : 2 * ranks;
+}
+
+Status CheckDispatchCombineShape(const DispatchCombineBenchOptions& o, int ranks) {
+  const int e = DispatchCombineExperts(o, ranks);
+  if (e % ranks != 0) {
+    return InvalidArgument("--experts=" + std::to_string(e) + " must be divisible by the " +
+                           std::to_string(ranks) + " ranks");
+  }
+  if (o.top_k > e) {
+    return InvalidArgument("--topk=" + std::to_string(o.top_k) + " must be <= the " +
+                           std::to_string(e) + " experts");
+  }
+  return Status::Ok();
+}
+
+std::vector<int64_t> DispatchCombineTokens(const std::vector<int64_t>& sizes, int top_k,
+                                           int64_t hidden) {
+  std::vector<int64_t> out;
+  const int64_t per_token = static_cast<int64_t>(top_k) * hidden * 4;
+  for (const int64_t b : sizes) {
+    const int64_t t = std::max<int64_t>(1, b / per_token);
+    if (out.empty() || out.back() != t) out.push_back(t);
+  }
+  return out;
+}
+
+Tensor MakeSkewedProbs(const ProbsSkew& skew, uint64_t seed, int rank, int64_t tokens, int e,
+                       int k) {
+  std::mt19937_64 rng(seed * 0x9E3779B97F4A7C15ULL + static_cast<uint64_t>(rank) * 7919 + 1);
+  std::uniform_real_distribution<double> unit(0.0, 1.0);
+  std::vector<double> zipf(static_cast<size_t>(e), 1.0);
+  if (skew.kind == ProbsSkew::kZipf) {
+    for (int i = 0; i < e; ++i) zipf[static_cast<size_t>(i)] = std::pow(i + 1.0, -skew.param);
+  }
+  // Draws one expert from `weights` (zeroed for experts already chosen).
+  const auto draw = [&](const std::vector<double>& weights) {
+    double total = 0;
+    for (double w : weights) total += w;
+    double u = unit(rng) * total;
+    int last = -1;
+    for (int i = 0; i < e; ++i) {
+      if (weights[static_cast<size_t>(i)] <= 0) continue;
+      last = i;
+      if (u < weights[static_cast<size_t>(i)]) return i;
+      u -= weights[static_cast<size_t>(i)];
+    }
+    return last;
+  };
+  Tensor probs(tokens, e);
+  std::vector<double> row(static_cast<size_t>(e)), weights(static_cast<size_t>(e));
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int i = 0; i < e; ++i) row[static_cast<size_t>(i)] = 0.25 * unit(rng);
+    std::vector<bool> taken(static_cast<size_t>(e), false);
+    for (int j = 0; j < k; ++j) {
+      int pick;
+      if (skew.kind == ProbsSkew::kHot && j == 0) {
+        pick = (e == 1 || unit(rng) < skew.param) ? 0 : 1 + static_cast<int>(unit(rng) * (e - 1));
+        pick = std::min(pick, e - 1);
+      } else {
+        bool any_other = false;
+        for (int i = 0; i < e; ++i) {
+          const bool hot_excluded = skew.kind == ProbsSkew::kHot && i == 0;
+          weights[static_cast<size_t>(i)] =
+              taken[static_cast<size_t>(i)] || hot_excluded ? 0.0 : zipf[static_cast<size_t>(i)];
+          any_other = any_other || weights[static_cast<size_t>(i)] > 0;
+        }
+        if (!any_other) weights[0] = 1.0;  // hot: only expert 0 is left
+        pick = draw(weights);
+      }
+      taken[static_cast<size_t>(pick)] = true;
+      row[static_cast<size_t>(pick)] += (k - j) + 0.5;
+    }
+    double sum = 0;
+    for (double v : row) sum += v;
+    for (int i = 0; i < e; ++i) probs(t, i) = static_cast<float>(row[static_cast<size_t>(i)] / sum);
+  }
+  return probs;
+}
+
+Status RunPipelineBench(comm::Communicator& comm, const DispatchCombineBenchOptions& o,
+                        std::FILE* out, const comm::bench::RowSink& sink) {
+  const int n = comm.size();
+  MOE_RETURN_IF_ERROR(CheckDispatchCombineShape(o, n));
+  const int e = DispatchCombineExperts(o, n), local = e / n;
+  const bool rank0 = comm.rank() == 0;
+  std::vector<int> degrees = {1};
+  for (int d : o.pipeline_degrees) {
+    if (d < 1 || d > ExpertCompute::kMaxParts) {
+      return InvalidArgument("--pipeline-degree " + std::to_string(d) + " must be in [1, " +
+                             std::to_string(ExpertCompute::kMaxParts) + "]");
+    }
+    if (std::find(degrees.begin(), degrees.end(), d) == degrees.end()) degrees.push_back(d);
+  }
+  experts::FfnShape shape;
+  shape.model_dim = o.hidden;
+  shape.hidden_dim = o.expert_hidden > 0 ? o.expert_hidden : 4 * o.hidden;
+  shape.activation = experts::Activation::kGeluTanh;
+  shape.bias = true;
+  std::vector<experts::FfnParams> params(static_cast<size_t>(local),
+                                         experts::FfnParams::Zeros(shape));
+  std::mt19937_64 rng(o.seed * 1000003 + static_cast<uint64_t>(comm.rank()));
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (experts::FfnParams& p : params) {
+    for (Tensor* t : {&p.w1, &p.b1, &p.w2, &p.b2}) {
+      const float scale = 1.0f / std::sqrt(static_cast<float>(std::max<int64_t>(t->rows(), 1)));
+      for (int64_t i = 0; i < t->size(); ++i) (*t)[i] = scale * normal(rng);
+    }
+  }
+  if (rank0) {
+    std::fprintf(out,
+                 "# moe_comm_bench: op dispatch_combine --pipeline-degree, backend %s, %d ranks, "
+                 "iters %d, warmup %d\n# hidden M %lld, expert hidden H %lld (GELU, bias), "
+                 "experts E %d (%d per rank), top-k %d, capacity factor %g, exchange %s, skew %s\n",
+                 std::string(comm.backend()).c_str(), n, o.iters, o.warmup,
+                 static_cast<long long>(shape.model_dim), static_cast<long long>(shape.hidden_dim),
+                 e, local, o.top_k, o.capacity_factor,
+                 o.dropless_exchange || o.capacity_factor <= 0 ? "dropless" : "padded",
+                 o.skew_name.c_str());
+    std::fprintf(
+        out,
+        "# time = forward + backward of the expert-parallel executor; exchange / experts = "
+        "inside the communicator / the experts (slowest rank); speedup = time(degree 1) / "
+        "time\n");
+    std::fprintf(out, "#%11s %7s %6s %10s %10s %10s %8s %7s\n", "size", "tokens", "degree", "time",
+                 "exchange", "experts", "speedup", "#wrong");
+    std::fprintf(out, "#%11s %7s %6s %10s %10s %10s %8s %7s\n", "(B)", "(/rank)", "", "(us)",
+                 "(us)", "(us)", "", "");
+  }
+  comm::bench::SweepSummary summary;
+  for (const int64_t tokens : o.tokens) {
+    MOE_ASSIGN_OR_RETURN(const DispatchPlan plan, MakePlan(o, comm.rank(), tokens, e));
+    const Tensor packed_x = PackedInput(plan, comm.rank(), o.hidden);
+    const Tensor packed_dy = PackedInput(plan, comm.rank() + 7919, o.hidden);
+    Tensor ref_y, ref_dx;
+    double ref_time_us = 0;
+    for (const int d : degrees) {
+      ExpertParallelExecutor exec(&comm, shape, e,
+                                  {.dropless = o.dropless_exchange, .pipeline_degree = d});
+      std::vector<experts::FfnParams> grads(static_cast<size_t>(local),
+                                            experts::FfnParams::Zeros(shape));
+      Tensor packed_y, packed_dx;
+      const auto step = [&]() -> Status {
+        MOE_RETURN_IF_ERROR(exec.Forward(plan, packed_x.view(), params, &packed_y));
+        return exec.Backward(plan, packed_dy.view(), params, &grads, &packed_dx);
+      };
+      for (int i = 0; i < o.warmup; ++i) MOE_RETURN_IF_ERROR(step());
+      exec.stats().Reset();
+      MOE_ASSIGN_OR_RETURN(const double time_us, comm::bench::TimeLoop(comm, 0, o.iters, step));
+      MOE_ASSIGN_OR_RETURN(
+          const double exchange_us,
+          ReduceScalar(comm, exec.stats().AllToAllSeconds() * 1e6 / o.iters, comm::ReduceOp::kMax));
+      MOE_ASSIGN_OR_RETURN(
+          const double experts_us,
+          ReduceScalar(comm, exec.stats().expert_seconds * 1e6 / o.iters, comm::ReduceOp::kMax));
+      int64_t sent = 0;
+      for (const ExchangeCall& c : exec.stats().calls) {
+        if (c.kind == ExchangeCall::Kind::kDispatch && !c.backward) sent += Sum(c.bytes_to_rank);
+      }
+      if (d == 1) {
+        ref_y = packed_y;
+        ref_dx = packed_dx;
+        ref_time_us = time_us;
+      }
+      int64_t mine = 0;
+      for (const auto& [got, want] :
+           {std::pair{&packed_y, &ref_y}, std::pair{&packed_dx, &ref_dx}}) {
+        float scale = 0.0f;
+        for (int64_t i = 0; i < want->size(); ++i) scale = std::max(scale, std::abs((*want)[i]));
+        if (got->size() != want->size()) {
+          mine += want->size();
+          continue;
+        }
+        for (int64_t i = 0; i < want->size(); ++i) {
+          if (!(std::abs((*got)[i] - (*want)[i]) <= 1e-5f * scale)) ++mine;
+        }
+      }
+      MOE_ASSIGN_OR_RETURN(const double wrong,
+                           ReduceScalar(comm, static_cast<double>(mine), comm::ReduceOp::kSum));
+      MOE_ASSIGN_OR_RETURN(
+          const double sent_sum,
+          ReduceScalar(comm, static_cast<double>(sent) / o.iters, comm::ReduceOp::kSum));
+      comm::bench::BenchRow row =
+          RowExchangeRow("ep_pipeline_d" + std::to_string(d), comm, sent_sum);
+      row.time_us = time_us;
+      row.wrong = static_cast<int64_t>(wrong);
+      row.baseline_time_us = ref_time_us;
+      row.baseline = "ep_pipeline_d1";
+      summary.Add(0, wrong);
+      if (!rank0) continue;
+      std::fprintf(out, " %11lld %7lld %6d %10.1f %10.1f %10.1f %8.2f %7lld\n",
+                   static_cast<long long>(row.bytes), static_cast<long long>(tokens), d, time_us,
+                   exchange_us, experts_us, time_us > 0 ? ref_time_us / time_us : 0,
+                   static_cast<long long>(row.wrong));
+      std::fflush(out);
+      if (sink) MOE_RETURN_IF_ERROR(sink(row));
+    }
+  }
+  return summary.Finish(nullptr, "dispatch_combine --pipeline-degree");
+}
+
+Status RunDispatchCombineBench(comm::Communicator& comm, const DispatchCombineBenchOptions& o,
+                               comm::bench::RawCollectives* raw, std::FILE* out,
+                               const comm::bench::RowSink& sink) {
+  if (!o.pipeline_degrees.empty()) return RunPipelineBench(comm, o, out, sink);
+  const int n = comm.size();
+  MOE_RETURN_IF_ERROR(CheckDispatchCombineShape(o, n));
+  const int e = DispatchCombineExperts(o, n);
+  const bool rank0 = comm.rank() == 0;
+  const char* baseline_name =
+      raw != nullptr ? raw->Name(comm::bench::RawCollectives::Op::kAllToAllV) : "raw_alltoallv";
+  if (rank0) PrintHeader(out, comm, o, e, baseline_name);
+  // The timed executor runs tiny experts (H = 1, no bias); their time, from stats(), is removed.
+  experts::FfnShape tiny;
+  const std::vector<experts::FfnParams> tiny_experts = ZeroExperts(o.hidden, 1, e / n, &tiny);
+  comm::bench::SweepSummary summary;
+  for (const int64_t tokens : o.tokens) {
+    MOE_ASSIGN_OR_RETURN(const DispatchPlan plan, MakePlan(o, comm.rank(), tokens, e));
+    ExpertParallelExecutor exec(&comm, tiny, e, {.dropless = o.dropless_exchange});
+    const Tensor packed_x = PackedInput(plan, comm.rank(), o.hidden);
+    Tensor packed_y;
+    double dispatch_s = 0, combine_s = 0;
+    const auto forward = [&](bool timed_iter) -> Status {
+      exec.stats().Reset();
+      const double t0 = WallSeconds();
+      MOE_RETURN_IF_ERROR(exec.Forward(plan, packed_x.view(), tiny_experts, &packed_y));
+      const double t3 = WallSeconds();
+      const ExchangeCall* d = FindCall(exec.stats(), ExchangeCall::Kind::kDispatch);
+      const ExchangeCall* c = FindCall(exec.stats(), ExchangeCall::Kind::kCombine);
+      if (d == nullptr || c == nullptr) {
+        return Internal("dispatch_combine: expected 2 row exchanges per Forward");
+      }
+      const double dispatch_end = d->start_seconds + d->seconds;
+      // Between the two exchanges: regroup (dispatch), experts, ungroup (combine). Regroup and
+      // ungroup are the same row copies in reverse, so each gets half of what the experts leave.
+      const double half =
+          std::max(0.0, c->start_seconds - dispatch_end - exec.stats().expert_seconds) / 2;
+      if (timed_iter) {
+        dispatch_s += dispatch_end - t0 + half;
+        combine_s += t3 - c->start_seconds + half;
+      }
+      return Status::Ok();
+    };
+    for (int i = 0; i < o.warmup; ++i) MOE_RETURN_IF_ERROR(forward(false));
+    MOE_RETURN_IF_ERROR(comm.Barrier());
+    for (int i = 0; i < o.iters; ++i) MOE_RETURN_IF_ERROR(forward(true));
+    const ExchangeCall* dispatch = FindCall(exec.stats(), ExchangeCall::Kind::kDispatch);
+    const ExchangeCall* combine = FindCall(exec.stats(), ExchangeCall::Kind::kCombine);
+    if (o.warmup + o.iters == 0 || dispatch == nullptr || combine == nullptr) {
+      return Internal("dispatch_combine: no exchange recorded");
+    }
+    MOE_ASSIGN_OR_RETURN(const double dispatch_us,
+                         ReduceScalar(comm, dispatch_s * 1e6 / o.iters, comm::ReduceOp::kMax));
+    MOE_ASSIGN_OR_RETURN(const double combine_us,
+                         ReduceScalar(comm, combine_s * 1e6 / o.iters, comm::ReduceOp::kMax));
+    // The raw baseline: the same two exchanges (dispatch direction, then combine direction). The
+    // executor's capacity mode (no count exchange) moves equal blocks with a plain all-to-all.
+    const bool equal = FindCall(exec.stats(), ExchangeCall::Kind::kCounts) == nullptr;
+    const RowExchange fwd = FromCall(*dispatch, equal), back = FromCall(*combine, equal);
+    const int64_t send_elems = Sum(fwd.send_counts), recv_elems = Sum(fwd.recv_counts);
+    std::vector<float> raw_send(static_cast<size_t>(std::max<int64_t>(send_elems, 1)), 1.0f),
+        raw_recv(static_cast<size_t>(std::max<int64_t>(recv_elems, 1)));
+    MOE_ASSIGN_OR_RETURN(
+        const double raw_pair_us, comm::bench::TimeLoop(comm, o.warmup, o.iters, [&]() -> Status {
+          MOE_RETURN_IF_ERROR(ReplayExchange(comm, raw, fwd, raw_send.data(), raw_recv.data()));
+          return ReplayExchange(comm, raw, back, raw_recv.data(), raw_send.data());
+        }));
+    double wrong = 0;
+    if (o.check) {
+      MOE_ASSIGN_OR_RETURN(const int64_t mine, CheckDispatchCombine(comm, o, plan, e));
+      MOE_ASSIGN_OR_RETURN(wrong,
+                           ReduceScalar(comm, static_cast<double>(mine), comm::ReduceOp::kSum));
+    }
+    MOE_ASSIGN_OR_RETURN(
+        const double sent_sum,
+        ReduceScalar(comm, static_cast<double>(send_elems * 4), comm::ReduceOp::kSum));
+    comm::bench::BenchRow row = RowExchangeRow("dispatch_combine", comm, sent_sum);
+    row.time_us = dispatch_us + combine_us;
+    row.algbw_gbps = row.time_us > 0 ? 2.0 * static_cast<double>(row.bytes) / row.time_us / 1e3 : 0;
+    row.busbw_gbps = row.algbw_gbps * comm::bench::AllToAllBusFactor(n);
+    row.wrong = o.check ? static_cast<int64_t>(wrong) : -1;
+    row.baseline_time_us = raw_pair_us / 2;
+    row.baseline = "raw_alltoallv";
+    summary.Add(row.busbw_gbps, wrong);
+    if (!rank0) continue;
+    PrintRow(out, row, tokens, dispatch_us, combine_us);
+    if (sink) MOE_RETURN_IF_ERROR(sink(row));
+  }
+  return summary.Finish(rank0 ? out : nullptr, "dispatch_combine");
+}
+
+}  // namespace moe

@@ -1,0 +1,129 @@
+// The MoE layer with its data on one GPU: parameters, activations and gradients live in device
+// memory for the whole call; the caller hands device pointers in and gets device pointers back.
+// The production form of the single-GPU layer (issue "GPU path"), against which the layer
+// benchmark compares PyTorch on the same GPU.
+//
+// Data flow of one call (every stage one cuBLAS call or one kernel, all on one CUDA stream):
+//   logits = x·Wg (cuBLAS, fp32; and x·Wnoise for the noisy router at training)
+//   -> routing on the device (runtime/cuda/route.h: softmax, selection, random routing, capacity
+//      with either drop policy, gates — or expert choice —, packed-row layout, the losses' sums),
+//      with one small
+//      download (the per-(group, expert) counts, metrics and loss sums) — or, for what the device
+//      router does not do (reroute_overflow, token choice with k > 16) or with
+//      DeviceLayerOptions::route_on_device false, the logits to the host, FinishRouter +
+//      BuildDispatchPlan + losses there (the CPU layer's code) and the plan's index arrays up
+//   -> PermuteRows -> grouped expert FFN (experts/cuda/grouped_ffn.h; fp32 or bf16) -> shared
+//      experts on all tokens -> UnpermuteRows (gated, in slot order).
+// Backward: PermuteGradRows (dY rows and the gates' gradients) -> grouped FFN backward -> shared
+// experts -> UnpermuteRows (dX) -> the router's backward (on the device; or the gates' gradients
+// down, RouterScoreGradients on the host, dlogits up) -> dWg += xᵀ·dlogits, dX += dlogits·Wgᵀ
+// (cuBLAS).
+//
+// The grouped GEMM needs each expert's row count on the host (cublasGemmGroupedBatchedEx takes
+// host problem sizes), so one synchronization per forward is in the design; routing on the device
+// makes it the only one and leaves no S x E traffic (docs/GPU_NOTES.md).
+//
+// Expert parallelism (DeviceLayerOptions::comm) adds a W x L counts all-to-all per forward, then
+// the rows' all-to-alls on device buffers in pipeline_degree chunks (runtime/ep_row_maps.h): chunk
+// j + 1's dispatch is in flight while chunk j's experts run, and chunk j's combine while chunk
+// j + 1's run — Tutel's overlap, with each chunk a part of the grouped FFN of its own.
+//
+// Without a CUDA build Create() fails with kUnimplemented; without a visible GPU with
+// kFailedPrecondition.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "experts/cuda/grouped_ffn.h"
+#include "proto/moe_config.pb.h"
+#include "proto/report.pb.h"
+#include "runtime/base/status.h"
+#include "runtime/moe/dispatch_plan.h"
+#include "runtime/moe/expert_parallel_executor.h"
+#include "runtime/moe/losses.h"
+#include "runtime/moe/moe_layer.h"
+#include "runtime/moe/router.h"
+
+namespace moe {
+
+struct DeviceLayerOptions {
+  int device = 0;  // CUDA device index
+  // Storage of the routed and shared experts' GEMM operands (fp32 accumulation either way). The
+  // router is always fp32, so routing is that of the CPU layer.
+  experts::cuda::Precision precision = experts::cuda::Precision::kFloat32;
+  // Expert parallelism: with a communicator of W ranks (device memory: NCCL, or loopback ranks
+  // with memory=kDevice sharing GPUs), this rank holds experts [rank·E/W, (rank+1)·E/W) and the
+  // expert step becomes dispatch all-to-all -> regroup -> grouped FFN -> regroup back -> combine
+  // all-to-all, all on device buffers (E % W == 0). nullptr: all E experts here. Not owned.
+  comm::Communicator* comm = nullptr;
+  // With comm: chunks per exchange, 1..16 (parallel.pipeline_degree); 1 = one all-to-all each way.
+  // Results equal those of 1 chunk up to the order of the expert weight-gradient sums.
+  int pipeline_degree = 1;
+  // Route on the device when gpu::DeviceRouter::Supports the router config (else on the host, the
+  // CPU layer's code). false: always on the host.
+  bool route_on_device = true;
+};
+
+class DeviceMoeLayer {
+ public:
+  // A layer holding all E experts of `cfg` (or, with options.comm, its rank's E/W) on
+  // `options.device`. Parameters are zero until SetParams.
+  static StatusOr<std::unique_ptr<DeviceMoeLayer>> Create(const config::LayerConfig& cfg,
+                                                          const DeviceLayerOptions& options);
+  virtual ~DeviceMoeLayer() = default;
+
+  // The resolved layer config.
+  virtual const config::LayerConfig& config() const = 0;
+  // Copies every parameter (host, fp32, the shapes of MakeLayerParams(cfg) with all E experts, or
+  // MakeLayerParams(cfg, rank·E/W, E/W) with a communicator) to the device; fails naming the first
+  // tensor whose shape differs.
+  virtual Status SetParams(const MoeLayerParams& params) = 0;
+
+  // y = MoE(x) for the S rows of x: x and y are device pointers to S x M fp32 values. x must stay
+  // allocated and unchanged until the Backward (the router's weight gradient reads it).
+  virtual Status Forward(const float* x, int64_t tokens, const RouteContext& ctx, float* y) = 0;
+  // dx (device, S x M) from dy (device, S x M) for the last Forward; parameter gradients are
+  // accumulated on the device.
+  virtual Status Backward(const float* dy, float* dx) = 0;
+  // Adds the device-accumulated gradients into grads (host, the shapes SetParams takes) and zeroes
+  // them on the device. With a communicator the router gradient is this rank's (no all-reduce).
+  virtual Status AddGradients(MoeLayerParams* grads) = 0;
+  // Waits for the work enqueued so far (Forward and Backward return with device work in flight).
+  virtual Status Synchronize() = 0;
+  // The cudaStream_t all work is ordered on: enqueue producers of x / dy and consumers of y / dx on
+  // it, or synchronize.
+  virtual void* stream() const = 0;
+
+  // Seconds the last Forward and the Backward after it spent in host work, excluding copies and
+  // waits: routing on the host, FinishRouter, the plan, the losses, staging the plan and
+  // RouterScoreGradients; on the device, the plan's counts and the losses from their sums.
+  virtual double host_seconds() const = 0;
+
+  // Whether this layer routes on the device (DeviceLayerOptions::route_on_device and a router
+  // config the device router supports).
+  virtual bool routes_on_device() const = 0;
+  // The last Forward's plan. Routing on the device it holds the counts and metrics only (sizes,
+  // capacity, group bounds, expert_offset, group_expert_count, per-expert kept/dropped/load) until
+  // FetchPlan; router_output() is empty until then.
+  virtual const DispatchPlan& plan() const = 0;
+  // Routing on the device: downloads the rest of the last Forward's plan (per-slot, per-row and
+  // per-token arrays) and the router's logits/probs (and noise). Waits. No-op on the host path.
+  virtual Status FetchPlan() = 0;
+  virtual const RouterOutput& router_output() const = 0;
+  virtual const RouterLosses& losses() const = 0;
+  report::LayerMetrics Metrics() const { return LayerMetricsOf(plan(), losses()); }
+  // The exchanges (counts, and every chunk's dispatch and combine, with bytes per rank and the
+  // seconds from start to completed Wait) and the experts' GPU time (CUDA events around the grouped
+  // FFN calls) since the caller last reset them — what ExpertParallelExecutor::stats() reports on
+  // the host path. Reading it waits for the experts' work enqueued so far.
+  virtual ExchangeStats& exchange_stats() = 0;
+  // Aux-loss-free balancing bias (E), as MoeLayer::router_bias.
+  virtual std::vector<float>& router_bias() = 0;
+  // As MoeLayer::set_loss_gradient_scale.
+  virtual void set_loss_gradient_scale(double s) = 0;
+};
+
+}  // namespace moe

@@ -1,0 +1,278 @@
+#include "runtime/moe/dispatch_plan.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "runtime/base/rng.h"
+#include "runtime/moe/config.h"
+#include "runtime/moe/routing_math.h"
+
+namespace moe {
+namespace {
+
+// Experts of one token ordered by selection score (probs + bias) descending, ties lower index:
+// the first `count` of that order into `out`. Up to routing::kMaxRankedExperts by insertion (the
+// device router's code; partial_sort's heap costs ~3x more at E = 64, k = 6), beyond that (reroute
+// rankings of many experts) by partial_sort in the same strict order. `score_buf` and `idx` are
+// E-sized scratch buffers owned by the caller.
+void RankExperts(const float* probs, const std::vector<float>& bias, int64_t e, int64_t count,
+                 int32_t* out, float* score_buf, std::vector<int32_t>& idx) {
+  if (count <= routing::kMaxRankedExperts) {
+    routing::RankTopExperts(probs, bias.empty() ? nullptr : bias.data(), static_cast<int32_t>(e),
+                            static_cast<int32_t>(count), out);
+    return;
+  }
+  for (int64_t j = 0; j < e; ++j) score_buf[j] = probs[j] + (bias.empty() ? 0.0f : bias[j]);
+  auto better = [&](int32_t a, int32_t b) {
+    return routing::Outranks(score_buf[a], a, score_buf[b], b);
+  };
+  std::iota(idx.begin(), idx.end(), 0);
+  std::partial_sort(idx.begin(), idx.begin() + count, idx.end(), better);
+  std::copy(idx.begin(), idx.begin() + count, out);
+}
+
+// Fills packed-row arrays from per-(group, expert) counts and each assignment's position.
+struct RowAssignment {
+  int32_t token, expert, group, position;
+  float gate;
+};
+
+void LayoutRows(DispatchPlan* p, const std::vector<RowAssignment>& assignments) {
+  const int64_t e = p->num_experts, g = p->num_groups;
+  p->expert_offset.assign(static_cast<size_t>(e + 1), 0);
+  // prefix[g][e] = rows of expert e in groups before g.
+  std::vector<int64_t> prefix(static_cast<size_t>(g * e), 0);
+  for (int64_t ex = 0; ex < e; ++ex) {
+    int64_t acc = 0;
+    for (int64_t gr = 0; gr < g; ++gr) {
+      prefix[gr * e + ex] = acc;
+      acc += p->group_expert_count[gr * e + ex];
+    }
+    p->expert_offset[ex + 1] = p->expert_offset[ex] + acc;
+  }
+  const int64_t rows = p->expert_offset[e];
+  p->row_token.assign(static_cast<size_t>(rows), -1);
+  p->row_expert.assign(static_cast<size_t>(rows), -1);
+  p->row_gate.assign(static_cast<size_t>(rows), 0.0f);
+  std::vector<int32_t> row_of(assignments.size());
+  for (size_t i = 0; i < assignments.size(); ++i) {
+    const RowAssignment& a = assignments[i];
+    const int64_t row = p->expert_offset[a.expert] + prefix[a.group * e + a.expert] + a.position;
+    p->row_token[row] = a.token;
+    p->row_expert[row] = a.expert;
+    p->row_gate[row] = a.gate;
+    row_of[i] = static_cast<int32_t>(row);
+  }
+  // Per-token CSR in assignment order (assignments are emitted token-major by the callers).
+  p->token_row_offset.assign(static_cast<size_t>(p->num_tokens + 1), 0);
+  for (const RowAssignment& a : assignments) ++p->token_row_offset[a.token + 1];
+  for (int64_t t = 0; t < p->num_tokens; ++t) p->token_row_offset[t + 1] += p->token_row_offset[t];
+  p->token_rows.assign(assignments.size(), -1);
+  std::vector<int64_t> fill(p->token_row_offset.begin(), p->token_row_offset.end() - 1);
+  for (size_t i = 0; i < assignments.size(); ++i) p->token_rows[fill[assignments[i].token]++] = row_of[i];
+}
+
+StatusOr<DispatchPlan> BuildTokenChoice(const config::RouterConfig& cfg, const Tensor& probs,
+                                        const std::vector<float>& bias, const RouteContext& ctx,
+                                        DispatchPlan p) {
+  const int64_t s = p.num_tokens, e = p.num_experts, k = p.top_k, g = p.num_groups;
+  const int64_t cap = p.capacity;
+  const bool reroute = cfg.reroute_overflow();
+  const int64_t rank_len = reroute ? e : k;
+  std::vector<int32_t> ranking(static_cast<size_t>(s * rank_len));
+  std::vector<float> score_buf(static_cast<size_t>(e));
+  std::vector<int32_t> idx_buf(static_cast<size_t>(e));
+  p.selected.resize(static_cast<size_t>(s * k));
+  for (int64_t t = 0; t < s; ++t) {
+    RankExperts(probs.row(t), bias, e, rank_len, &ranking[t * rank_len], score_buf.data(), idx_buf);
+    for (int64_t j = 0; j < k; ++j) p.selected[t * k + j] = ranking[t * rank_len + j];
+  }
+  p.slot_final = p.selected;
+  p.slot_expert.assign(static_cast<size_t>(s * k), -1);
+  p.slot_row.assign(static_cast<size_t>(s * k), -1);
+  p.slot_raw.assign(static_cast<size_t>(s * k), 0.0f);
+  p.slot_gate.assign(static_cast<size_t>(s * k), 0.0f);
+  p.load_per_expert.assign(static_cast<size_t>(e), 0);
+  p.kept_per_expert.assign(static_cast<size_t>(e), 0);
+  p.dropped_per_expert.assign(static_cast<size_t>(e), 0);
+  p.group_expert_count.assign(static_cast<size_t>(g * e), 0);
+  for (int32_t ex : p.selected) ++p.load_per_expert[ex];
+
+  // GShard random routing of the 2nd slot: decided before capacity, takes no capacity.
+  std::vector<uint8_t> alive(static_cast<size_t>(s * k), 1);
+  if (cfg.random_routing()) {
+    for (int64_t t = 0; t < s; ++t) {
+      const double u = CounterUniform(ctx.seed, ctx.step, static_cast<uint64_t>(ctx.token_offset + t),
+                                      RngStream::kRoutingUniform);
+      if (!routing::KeepsSecondSlot(probs(t, p.selected[t * k]), probs(t, p.selected[t * k + 1]), u)) {
+        alive[t * k + 1] = 0;
+      }
+    }
+  }
+
+  std::vector<int32_t> position(static_cast<size_t>(s * k), -1);
+  std::vector<int64_t> order;
+  for (int64_t gr = 0; gr < g; ++gr) {
+    const int64_t b = p.group_begin[gr], n = p.group_size(gr);
+    order.resize(static_cast<size_t>(n));
+    std::iota(order.begin(), order.end(), b);
+    if (cfg.drop_policy() == config::PROBABILITY) {
+      std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t c) {
+        return probs(a, p.selected[a * k]) > probs(c, p.selected[c * k]);
+      });
+    }
+    int32_t* count = &p.group_expert_count[gr * e];
+    for (int64_t j = 0; j < k; ++j) {
+      for (int64_t t : order) {
+        const int64_t slot = t * k + j;
+        if (!alive[slot]) continue;
+        int32_t ex = p.slot_final[slot];
+        if (cap > 0 && count[ex] >= cap) {
+          int32_t target = -1;
+          if (reroute) {
+            for (int64_t q = k; q < e && target < 0; ++q) {
+              const int32_t cand = ranking[t * rank_len + q];
+              bool used = false;
+              for (int64_t jj = 0; jj < k; ++jj) used = used || p.slot_final[t * k + jj] == cand;
+              if (!used && count[cand] < cap) target = cand;
+            }
+          }
+          if (target < 0) {
+            alive[slot] = 0;
+            continue;
+          }
+          ex = target;
+          p.slot_final[slot] = ex;
+        }
+        position[slot] = count[ex]++;
+      }
+    }
+  }
+
+  // Gates.
+  for (int64_t t = 0; t < s; ++t) {
+    const int64_t first = t * k;
+    routing::TokenGates(cfg.normalization(), static_cast<int32_t>(k), probs.row(t), &p.slot_final[first],
+                        &alive[first], &p.slot_raw[first], &p.slot_gate[first], &p.slot_expert[first]);
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t slot = first + j;
+      if (!alive[slot]) {
+        ++p.dropped_per_expert[p.selected[slot]];
+        ++p.dropped_slots;
+      } else {
+        ++p.kept_per_expert[p.slot_final[slot]];
+      }
+    }
+  }
+
+  std::vector<RowAssignment> assignments;
+  assignments.reserve(static_cast<size_t>(s * k));
+  for (int64_t gr = 0; gr < g; ++gr) {
+    for (int64_t t = p.group_begin[gr]; t < p.group_begin[gr + 1]; ++t) {
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t slot = t * k + j;
+        if (p.slot_expert[slot] < 0) continue;
+        assignments.push_back({static_cast<int32_t>(t), p.slot_expert[slot], static_cast<int32_t>(gr),
+                               position[slot], p.slot_gate[slot]});
+      }
+    }
+  }
+  LayoutRows(&p, assignments);
+  // token_rows are in slot order; map slots to rows through the same walk.
+  for (int64_t t = 0; t < s; ++t) {
+    int64_t next = p.token_row_offset[t];
+    for (int64_t j = 0; j < k; ++j) {
+      if (p.slot_expert[t * k + j] >= 0) p.slot_row[t * k + j] = p.token_rows[next++];
+    }
+  }
+  return p;
+}
+
+StatusOr<DispatchPlan> BuildExpertChoice(const Tensor& probs, DispatchPlan p) {
+  const int64_t e = p.num_experts, g = p.num_groups, cap = p.capacity;
+  p.kept_per_expert.assign(static_cast<size_t>(e), 0);
+  p.dropped_per_expert.assign(static_cast<size_t>(e), 0);
+  p.load_per_expert.assign(static_cast<size_t>(e), 0);
+  p.group_expert_count.assign(static_cast<size_t>(g * e), 0);
+  p.ec_token.assign(static_cast<size_t>(g * e * cap), -1);
+  std::vector<RowAssignment> assignments;
+  std::vector<int64_t> order;
+  for (int64_t gr = 0; gr < g; ++gr) {
+    const int64_t b = p.group_begin[gr], n = p.group_size(gr);
+    const int64_t take = std::min(cap, n);
+    for (int64_t ex = 0; ex < e; ++ex) {
+      order.resize(static_cast<size_t>(n));
+      std::iota(order.begin(), order.end(), b);
+      std::partial_sort(order.begin(), order.begin() + take, order.end(), [&](int64_t a, int64_t c) {
+        return probs(a, ex) > probs(c, ex) || (probs(a, ex) == probs(c, ex) && a < c);
+      });
+      for (int64_t pos = 0; pos < take; ++pos) {
+        const int64_t t = order[pos];
+        p.ec_token[(gr * e + ex) * cap + pos] = static_cast<int32_t>(t);
+        assignments.push_back({static_cast<int32_t>(t), static_cast<int32_t>(ex),
+                               static_cast<int32_t>(gr), static_cast<int32_t>(pos), probs(t, ex)});
+      }
+      p.group_expert_count[gr * e + ex] = static_cast<int32_t>(take);
+      p.kept_per_expert[ex] += take;
+      p.load_per_expert[ex] += take;
+    }
+  }
+  // Token-major, expert order within a token, for the per-token CSR.
+  std::stable_sort(assignments.begin(), assignments.end(),
+                   [](const RowAssignment& a, const RowAssignment& c) {
+                     return a.token < c.token || (a.token == c.token && a.expert < c.expert);
+                   });
+  LayoutRows(&p, assignments);
+  return p;
+}
+
+}  // namespace
+
+std::vector<int64_t> GroupBounds(int64_t s, int64_t g) {
+  std::vector<int64_t> begin(static_cast<size_t>(g + 1));
+  const int64_t q = s / g, r = s % g;
+  begin[0] = 0;
+  for (int64_t i = 0; i < g; ++i) begin[i + 1] = begin[i] + q + (i < r ? 1 : 0);
+  return begin;
+}
+
+int64_t ComputeCapacity(const config::RouterConfig& cfg, int64_t num_experts, int64_t num_tokens,
+                        int64_t num_groups, bool train) {
+  const double cf = train ? cfg.capacity_factor_train() : cfg.capacity_factor_eval();
+  const int64_t s_g = (num_tokens + num_groups - 1) / num_groups;
+  const bool expert_choice = cfg.gate() == config::EXPERT_CHOICE;
+  if (cf <= 0) return expert_choice ? s_g : 0;
+  // An expert receives at most one slot per token of a group, so no capacity above S_g can change
+  // the routing: C is capped at S_g (the double is only converted below that bound).
+  const double k = expert_choice ? 1.0 : TopK(cfg);
+  const double c = std::ceil(k * static_cast<double>(s_g) * cf / static_cast<double>(num_experts));
+  const int64_t capped = c >= static_cast<double>(s_g) ? s_g : static_cast<int64_t>(c);
+  return std::min(s_g, std::max<int64_t>(cfg.min_capacity(), capped));
+}
+
+StatusOr<DispatchPlan> BuildDispatchPlan(const config::RouterConfig& cfg, const Tensor& probs,
+                                         const std::vector<float>& bias, const RouteContext& ctx) {
+  DispatchPlan p;
+  p.num_tokens = probs.rows();
+  p.num_experts = probs.cols();
+  p.num_groups = cfg.num_local_groups();
+  p.expert_choice = cfg.gate() == config::EXPERT_CHOICE;
+  p.top_k = p.expert_choice ? 0 : TopK(cfg);
+  p.normalization = cfg.normalization();
+  if (p.num_tokens < p.num_groups) {
+    return InvalidArgument("the input has S=" + std::to_string(p.num_tokens) +
+                           " tokens, fewer than moe.router.num_local_groups=" +
+                           std::to_string(p.num_groups));
+  }
+  if (!bias.empty() && static_cast<int64_t>(bias.size()) != p.num_experts) {
+    return InvalidArgument("router bias has " + std::to_string(bias.size()) + " entries, must have " +
+                           std::to_string(p.num_experts) + " (moe.num_experts)");
+  }
+  p.group_begin = GroupBounds(p.num_tokens, p.num_groups);
+  p.capacity = ComputeCapacity(cfg, p.num_experts, p.num_tokens, p.num_groups, ctx.train);
+  if (p.expert_choice) return BuildExpertChoice(probs, std::move(p));
+  return BuildTokenChoice(cfg, probs, bias, ctx, std::move(p));
+}
+
+}  // namespace moe

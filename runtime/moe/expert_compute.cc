@@ -1,0 +1,123 @@
+// ExpertCompute on a GPU: the rows and the experts' weights travel to the device each call, the
+// grouped FFN (experts/cuda/grouped_ffn.h) runs them, outputs and weight gradients come back.
+// The host keeps the fp32 master weights and the optimizer, so the rest of the runtime (router,
+// plan, exchanges, optimizer, checkpoints) is the same for both devices.
+#include <functional>
+#include <string>
+
+#include "comm/memory.h"
+#include "experts/cuda/grouped_ffn.h"
+#include "runtime/moe/config.h"
+#include "runtime/moe/expert_blocks.h"
+
+namespace moe {
+namespace {
+
+// One GroupedFfn per part (each keeps its part's activations for the backward), made on first use.
+class GpuExpertCompute : public ExpertCompute {
+ public:
+  using Factory = std::function<StatusOr<std::unique_ptr<experts::cuda::GroupedFfn>>()>;
+  GpuExpertCompute(const experts::FfnShape& shape, Factory factory)
+      : shape_(shape), factory_(std::move(factory)) {}
+
+  // Creates part 0's GroupedFfn (a GPU or cuBLAS problem is then reported when the job starts).
+  Status Warm() { return Part(0).status(); }
+
+  using ExpertCompute::Backward;
+  using ExpertCompute::Forward;
+  Status Forward(int part, const std::vector<int64_t>& offsets, MatrixView<const float> x,
+                 const std::vector<experts::FfnParams>& params, Tensor* y) override {
+    MOE_ASSIGN_OR_RETURN(experts::cuda::GroupedFfn * ffn, Part(part));
+    const int64_t rows = x.rows(),
+                  bytes = rows * shape_.model_dim * static_cast<int64_t>(sizeof(float));
+    ResizeTensor(y, rows, shape_.model_dim);
+    MOE_RETURN_IF_ERROR(ffn->SetWeights(params));
+    MOE_ASSIGN_OR_RETURN(float* x_dev, ffn->DeviceScratch(kX, bytes));
+    MOE_ASSIGN_OR_RETURN(float* y_dev, ffn->DeviceScratch(kY, bytes));
+    MOE_RETURN_IF_ERROR(ffn->Upload(x_dev, x.data(), bytes));
+    MOE_RETURN_IF_ERROR(ffn->Forward(offsets, x_dev, y_dev));
+    return ffn->Download(y->data(), y_dev, bytes);
+  }
+
+  Status Backward(int part, const std::vector<int64_t>& offsets, MatrixView<const float> dy,
+                  const std::vector<experts::FfnParams>&, std::vector<experts::FfnParams>* grads,
+                  Tensor* dx) override {
+    MOE_RETURN_IF_ERROR(CheckPart(part));
+    if (static_cast<size_t>(part) >= parts_.size() ||
+        parts_[static_cast<size_t>(part)] == nullptr || offsets.empty() ||
+        dy.rows() != offsets.back()) {
+      return FailedPrecondition("GPU experts: Backward of part " + std::to_string(part) + " with " +
+                                std::to_string(dy.rows()) +
+                                " rows does not follow a Forward of the same rows");
+    }
+    experts::cuda::GroupedFfn* ffn = parts_[static_cast<size_t>(part)].get();
+    const int64_t rows = dy.rows(),
+                  bytes = rows * shape_.model_dim * static_cast<int64_t>(sizeof(float));
+    ResizeTensor(dx, rows, shape_.model_dim);
+    MOE_ASSIGN_OR_RETURN(float* dy_dev, ffn->DeviceScratch(kDy, bytes));
+    MOE_ASSIGN_OR_RETURN(float* dx_dev, ffn->DeviceScratch(kDx, bytes));
+    MOE_RETURN_IF_ERROR(ffn->Upload(dy_dev, dy.data(), bytes));
+    MOE_RETURN_IF_ERROR(ffn->Backward(dy_dev, dx_dev));
+    MOE_RETURN_IF_ERROR(ffn->Download(dx->data(), dx_dev, bytes));
+    return ffn->AddGradients(grads);
+  }
+
+ private:
+  enum Slot { kX = 0, kY = 1, kDy = 2, kDx = 3 };
+
+  StatusOr<experts::cuda::GroupedFfn*> Part(int part) {
+    MOE_RETURN_IF_ERROR(CheckPart(part));
+    if (parts_.size() <= static_cast<size_t>(part)) parts_.resize(static_cast<size_t>(part) + 1);
+    std::unique_ptr<experts::cuda::GroupedFfn>& ffn = parts_[static_cast<size_t>(part)];
+    if (ffn == nullptr) {
+      MOE_ASSIGN_OR_RETURN(ffn, factory_());
+    }
+    return ffn.get();
+  }
+
+  experts::FfnShape shape_;
+  Factory factory_;
+  std::vector<std::unique_ptr<experts::cuda::GroupedFfn>> parts_;
+};
+
+}  // namespace
+
+StatusOr<int> ComputeGpu(const config::ComputeConfig& compute, int rank) {
+  const int devices = comm::CudaDeviceCount();
+  if (devices == 0) {
+    return FailedPrecondition(
+        "compute.device=CUDA: no CUDA device is visible to this process (or this build has no "
+        "CUDA)");
+  }
+  const int gpu = compute.gpu() >= 0 ? compute.gpu() : rank % devices;
+  if (gpu >= devices) {
+    return InvalidArgument("compute.gpu=" + std::to_string(gpu) + " must be < the " +
+                           std::to_string(devices) + " visible CUDA device(s)");
+  }
+  return gpu;
+}
+
+experts::cuda::Precision ComputePrecision(const config::ComputeConfig& compute) {
+  return compute.expert_precision() == config::BF16 ? experts::cuda::Precision::kBfloat16
+                                                    : experts::cuda::Precision::kFloat32;
+}
+
+StatusOr<std::unique_ptr<ExpertCompute>> MakeExpertCompute(const experts::FfnShape& shape,
+                                                           int num_experts,
+                                                           const config::ComputeConfig& compute,
+                                                           int rank) {
+  MOE_RETURN_IF_ERROR(ValidateCompute(compute));
+  if (compute.device() == config::CPU) {
+    return std::unique_ptr<ExpertCompute>(std::make_unique<ExpertBlocks>(shape));
+  }
+  MOE_ASSIGN_OR_RETURN(const int gpu, ComputeGpu(compute, rank));
+  const experts::cuda::Precision precision = ComputePrecision(compute);
+  GpuExpertCompute::Factory factory = [shape, num_experts, precision, gpu] {
+    return experts::cuda::GroupedFfn::Create(shape, num_experts, precision, gpu);
+  };
+  auto gpu_compute = std::make_unique<GpuExpertCompute>(shape, std::move(factory));
+  MOE_RETURN_IF_ERROR(gpu_compute->Warm());
+  return std::unique_ptr<ExpertCompute>(std::move(gpu_compute));
+}
+
+}  // namespace moe

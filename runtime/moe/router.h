@@ -1,0 +1,47 @@
+// The router's dense part: logits = x Wg, optional Shazeer noise, softmax, all in float32.
+// Selection, capacity and gates live in the DispatchPlan (dispatch_plan.h).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "proto/moe_config.pb.h"
+#include "runtime/base/tensor.h"
+#include "runtime/moe/routing_math.h"
+
+namespace moe {
+
+// Where a call sits in training: drives noise, capacity factor and counter-based randomness.
+struct RouteContext {
+  bool train = false;
+  uint64_t seed = 0;
+  uint64_t step = 0;
+  int64_t token_offset = 0;  // global index of this call's first token
+};
+
+struct RouterOutput {
+  Tensor logits;    // S x E, x Wg (clean)
+  Tensor noise_in;  // S x E, x Wnoise (NOISY_TOPK at training only)
+  Tensor eps;       // S x E, the N(0,1) draws (NOISY_TOPK at training only)
+  Tensor probs;     // S x E, softmax of the (noisy) scores
+  bool noisy = false;
+};
+
+// Computes logits, noise and probs for the S rows of x.
+void ComputeRouter(const config::RouterConfig& cfg, MatrixView<const float> x, const Tensor& wg,
+                   const Tensor& wnoise, const RouteContext& ctx, RouterOutput* out);
+
+// Whether a call adds Shazeer noise (NOISY_TOPK at training): then noise_in = x Wnoise is needed.
+inline bool RouterIsNoisy(const config::RouterConfig& cfg, const RouteContext& ctx) {
+  return cfg.gate() == config::NOISY_TOPK && ctx.train;
+}
+// ComputeRouter after its GEMMs (done elsewhere, e.g. on a GPU): from out->logits (S x E) and,
+// when RouterIsNoisy, out->noise_in (S x E), fills noisy, eps and probs exactly as ComputeRouter.
+void FinishRouter(const config::RouterConfig& cfg, const RouteContext& ctx, RouterOutput* out);
+
+// Row-wise softmax in float32: subtract the row max, exp, divide by the sum.
+void SoftmaxRows(MatrixView<const float> in, MatrixView<float> out);
+
+using routing::Softplus;
+
+}  // namespace moe

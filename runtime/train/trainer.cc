@@ -1,0 +1,507 @@
+#include "runtime/train/trainer.h"
+
+#include <google/protobuf/util/json_util.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <set>
+
+#include "runtime/base/file.h"
+#include "runtime/base/clock.h"
+#include "runtime/train/checkpoint.h"
+#include "runtime/moe/config.h"
+#include "runtime/cuda/device_moe_layer.h"
+#include "runtime/moe/expert_blocks.h"
+#if MOE_COMM_HAVE_CUDA
+#include "comm/nccl/nccl_communicator.h"
+#endif
+
+namespace moe {
+namespace {
+
+
+std::string FormatDuration(double seconds) {
+  const int64_t s = static_cast<int64_t>(seconds + 0.5);
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%lld:%02lld:%02lld", static_cast<long long>(s / 3600),
+                static_cast<long long>((s / 60) % 60), static_cast<long long>(s % 60));
+  return buf;
+}
+
+std::string HumanCount(double v) {
+  char buf[32];
+  if (v >= 1e9) std::snprintf(buf, sizeof(buf), "%.2fB", v / 1e9);
+  else if (v >= 1e6) std::snprintf(buf, sizeof(buf), "%.2fM", v / 1e6);
+  else if (v >= 1e3) std::snprintf(buf, sizeof(buf), "%.1fk", v / 1e3);
+  else std::snprintf(buf, sizeof(buf), "%.0f", v);
+  return buf;
+}
+
+// Concatenates the gradients of `params` selected by `pick` into one buffer and back. The buffer
+// is float64: a sum of a few float32 values is exact in float64, so the reduced gradient does not
+// depend on the order in which a backend adds the ranks' parts (MPI trees, loopback in rank order)
+// and runs on different backends stay bit-identical.
+template <typename Pick>
+std::vector<double> Flatten(const std::vector<ParamRef>& params, Pick pick) {
+  std::vector<double> out;
+  for (const ParamRef& p : params) {
+    if (pick(p)) out.insert(out.end(), p.grad->data(), p.grad->data() + p.grad->size());
+  }
+  return out;
+}
+template <typename Pick>
+void Unflatten(const std::vector<double>& flat, const std::vector<ParamRef>& params, Pick pick) {
+  size_t off = 0;
+  for (const ParamRef& p : params) {
+    if (!pick(p)) continue;
+    for (int64_t i = 0; i < p.grad->size(); ++i) (*p.grad)[i] = static_cast<float>(flat[off + static_cast<size_t>(i)]);
+    off += static_cast<size_t>(p.grad->size());
+  }
+}
+
+}  // namespace
+
+Trainer::Trainer(const config::MoeConfig& cfg, comm::Communicator* world, const TrainOptions& options)
+    : cfg_(cfg), world_(world), options_(options) {}
+
+StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const config::MoeConfig& cfg, comm::Communicator* world,
+                                                   const TrainOptions& options) {
+  std::unique_ptr<Trainer> t(new Trainer(cfg, world, options));
+  MOE_RETURN_IF_ERROR(t->Init());
+  return t;
+}
+
+Status Trainer::Init() {
+  const int world = world_->size(), rank = world_->rank();
+  MOE_RETURN_IF_ERROR(ValidateForWorld(cfg_, world));
+  if (cfg_.train().data_path().empty()) {
+    return InvalidArgument("train.data_path must be set (a text file to train on)");
+  }
+  ep_size_ = cfg_.parallel().ep_size() > 0 ? cfg_.parallel().ep_size() : world;
+  replicas_count_ = world / ep_size_;
+  ep_rank_ = rank % ep_size_;
+  const int replica = rank / ep_size_;
+  MOE_ASSIGN_OR_RETURN(ep_, world_->Split(replica, ep_rank_));
+  MOE_ASSIGN_OR_RETURN(replicas_, world_->Split(ep_rank_, replica));
+  groups_ = cfg_.moe().router().num_local_groups();
+  tokens_per_rank_ = cfg_.train().global_batch_tokens() / world;
+  const int experts = cfg_.moe().num_experts();
+  const int local = experts / ep_size_;
+  Status compute_status;
+  const bool on_device = cfg_.compute().device() == config::CUDA;
+  model_ = std::make_unique<ByteLm>(
+      cfg_,
+      [&](int) -> std::unique_ptr<ExpertExecutor> {
+        // On the device the layers run whole on DeviceMoeLayer (UseDeviceLayers): no executor.
+        if (on_device) return std::make_unique<LocalExpertExecutor>(ExpertShape(cfg_.moe()));
+        auto compute = MakeExpertCompute(ExpertShape(cfg_.moe()), local, cfg_.compute(), rank);
+        if (!compute.ok() && compute_status.ok()) compute_status = compute.status();
+        auto ex = std::make_unique<ExpertParallelExecutor>(
+            ep_.get(), ExpertShape(cfg_.moe()), experts,
+            ExchangeOptions{.dropless = cfg_.parallel().dropless_exchange(),
+                            .pipeline_degree = cfg_.parallel().pipeline_degree()},
+            compute.ok() ? std::move(compute).value() : nullptr);
+        executors_.push_back(ex.get());
+        return ex;
+      },
+      ep_rank_ * local, local);
+  MOE_RETURN_IF_ERROR(compute_status.WithContext("rank " + std::to_string(rank) + " experts"));
+  model_->Init();
+  if (on_device) MOE_RETURN_IF_ERROR(UseDeviceLayers(replica));
+  optimizer_ = std::make_unique<AdamW>(cfg_.train());
+  MOE_ASSIGN_OR_RETURN(TextData data, TextData::Load(cfg_.train().data_path(), cfg_.train().eval_fraction(),
+                                                     cfg_.model().context(), world * groups_));
+  data_ = std::make_unique<TextData>(std::move(data));
+  if (options_.resume) {
+    if (cfg_.train().checkpoint_dir().empty()) {
+      return InvalidArgument("--resume needs train.checkpoint_dir to be set");
+    }
+    StatusOr<std::string> latest = FindLatestCheckpoint(cfg_.train().checkpoint_dir());
+    if (!latest.ok()) return latest.status().WithContext("--resume");
+    MOE_RETURN_IF_ERROR(LoadCheckpoint(*latest));
+  } else if (!cfg_.train().checkpoint_dir().empty()) {
+    // A fresh run never writes over an earlier run's checkpoints.
+    const std::string& root = cfg_.train().checkpoint_dir();
+    for (const std::string& name : CheckpointDirNames(root)) {
+      std::error_code ec;
+      if (std::filesystem::exists(root + "/" + name + "/manifest.textproto", ec)) {
+        return FailedPrecondition("train.checkpoint_dir=" + cfg_.train().checkpoint_dir() +
+                                  " already holds checkpoints (" + name +
+                                  "); pass --resume to continue from the newest, or choose another directory");
+      }
+    }
+  }
+  MOE_RETURN_IF_ERROR(world_->Barrier());
+  if (rank == 0 && !options_.quiet) PrintStart();
+  return Status::Ok();
+}
+
+Status Trainer::UseDeviceLayers(int replica) {
+  MOE_ASSIGN_OR_RETURN(const int gpu, ComputeGpu(cfg_.compute(), world_->rank()));
+  comm::Communicator* ep = nullptr;
+  if (ep_size_ > 1) {
+    if (ep_->memory_space() == comm::MemorySpace::kDevice) {
+      ep = ep_.get();
+    } else if (options_.device_world != nullptr) {
+      MOE_ASSIGN_OR_RETURN(device_ep_, options_.device_world->Split(replica, ep_rank_));
+      ep = device_ep_.get();
+    } else {
+#if MOE_COMM_HAVE_CUDA
+      MOE_ASSIGN_OR_RETURN(device_ep_,
+                           comm::NcclCommunicator::Create(*ep_, {gpu, ep_->options()}));
+      ep = device_ep_.get();
+#else
+      return Unimplemented("compute.device=CUDA: this build has no CUDA/NCCL");
+#endif
+    }
+  }
+  DeviceLayerOptions options;
+  options.device = gpu;
+  options.precision = ComputePrecision(cfg_.compute());
+  options.comm = ep;
+  options.pipeline_degree = cfg_.parallel().pipeline_degree();
+  for (MoeLayer* layer : model_->MoeLayers()) {
+    MOE_ASSIGN_OR_RETURN(std::unique_ptr<DeviceMoeLayer> device,
+                         DeviceMoeLayer::Create(cfg_.moe(), options));
+    layer->UseDevice(std::move(device));
+  }
+  return Status::Ok();
+}
+
+std::vector<ExchangeStats*> Trainer::LayerExchangeStats() const {
+  std::vector<ExchangeStats*> out;
+  for (MoeLayer* layer : model_->MoeLayers()) {
+    if (layer->device() != nullptr) out.push_back(&layer->device()->exchange_stats());
+  }
+  for (ExpertParallelExecutor* ex : executors_) out.push_back(&ex->stats());
+  return out;
+}
+
+void Trainer::PrintStart() {
+  const double total = static_cast<double>(model_->TotalParameters());
+  const double active = static_cast<double>(model_->ActiveParametersPerToken());
+  std::printf("moe_train%s: %d ranks (%d-way expert parallel x %d replicas, %s backend), %d experts, %d per rank\n",
+              options_.run_label.empty() ? "" : (" " + options_.run_label).c_str(), world_->size(), ep_size_,
+              replicas_count_, std::string(world_->backend()).c_str(), cfg_.moe().num_experts(),
+              cfg_.moe().num_experts() / ep_size_);
+  std::printf("  model: %d layers, M=%d, H=%d, context %d bytes; parameters: %s total, %s active per token (%.1f%%)\n",
+              cfg_.model().num_layers(), cfg_.moe().model_dim(), cfg_.moe().expert().hidden_dim(),
+              cfg_.model().context(), HumanCount(total).c_str(), HumanCount(active).c_str(), 100.0 * active / total);
+  std::printf("  data: %s, %lld training bytes in %d shards, %lld held out; %lld tokens per step (%lld per rank in %d local group(s))\n",
+              cfg_.train().data_path().c_str(), static_cast<long long>(data_->train_bytes()), world_->size() * groups_,
+              static_cast<long long>(data_->eval_bytes()), static_cast<long long>(cfg_.train().global_batch_tokens()),
+              static_cast<long long>(tokens_per_rank_), groups_);
+  if (step_ > 0) std::printf("  resumed at step %lld\n", static_cast<long long>(step_));
+  std::fflush(stdout);
+}
+
+std::vector<bool> Trainer::Trainable(const std::vector<ParamRef>& params) const {
+  std::vector<bool> out;
+  for (const ParamRef& p : params) {
+    switch (cfg_.train().finetune()) {
+      case config::FULL: out.push_back(true); break;
+      case config::FREEZE_NON_EXPERT: out.push_back(p.expert_id >= 0); break;
+      case config::FREEZE_MOE: out.push_back(p.name.find("_moe_") == std::string::npos); break;
+    }
+  }
+  return out;
+}
+
+Status Trainer::ReduceGradients() {
+  const std::vector<ParamRef> params = model_->Params();
+  auto replicated = [](const ParamRef& p) { return p.expert_id < 0; };
+  std::vector<double> flat = Flatten(params, replicated);
+  MOE_RETURN_IF_ERROR(StepAllReduce(world_, flat.data(), static_cast<int64_t>(flat.size()),
+                                    comm::DataType::kFloat64, comm::ReduceOp::kSum));
+  Unflatten(flat, params, replicated);
+  if (replicas_count_ > 1) {
+    auto expert = [](const ParamRef& p) { return p.expert_id >= 0; };
+    std::vector<double> ef = Flatten(params, expert);
+    MOE_RETURN_IF_ERROR(StepAllReduce(replicas_.get(), ef.data(), static_cast<int64_t>(ef.size()),
+                                      comm::DataType::kFloat64, comm::ReduceOp::kSum));
+    Unflatten(ef, params, expert);
+  }
+  return Status::Ok();
+}
+
+Status Trainer::StepAllReduce(comm::Communicator* comm, void* data, int64_t count, comm::DataType dtype,
+                              comm::ReduceOp op) {
+  step_allreduce_bytes_.push_back(count * comm::DataTypeSize(dtype));
+  return comm->AllReduce(data, data, count, dtype, op);
+}
+
+StatusOr<double> Trainer::GlobalGradNorm() {
+  double sq[2] = {0.0, 0.0};  // replicated (same on all ranks), this rank's experts
+  for (const ParamRef& p : model_->Params()) {
+    double s = 0.0;
+    for (int64_t i = 0; i < p.grad->size(); ++i) s += static_cast<double>((*p.grad)[i]) * (*p.grad)[i];
+    sq[p.expert_id >= 0 ? 1 : 0] += s;
+  }
+  MOE_RETURN_IF_ERROR(StepAllReduce(ep_.get(), &sq[1], 1, comm::DataType::kFloat64, comm::ReduceOp::kSum));
+  return std::sqrt(sq[0] + sq[1]);
+}
+
+Status Trainer::Evaluate(double* loss) {
+  const int world = world_->size();
+  const int64_t n = std::max<int64_t>(groups_, cfg_.train().eval_tokens() / world);
+  const LmBatch batch = data_->EvalBatch(cfg_.seed(), world_->rank() * n, n);
+  RouteContext ctx;
+  ctx.train = false;
+  ctx.seed = cfg_.seed();
+  ctx.step = static_cast<uint64_t>(step_);
+  ctx.token_offset = world_->rank() * n;
+  LmStepStats stats;
+  MOE_RETURN_IF_ERROR(model_->Forward(batch, ctx, n * world, 1.0 / world, &stats));
+  double ce = stats.ce_sum;
+  MOE_RETURN_IF_ERROR(world_->AllReduce(&ce, &ce, 1, comm::DataType::kFloat64, comm::ReduceOp::kSum));
+  *loss = ce / static_cast<double>(n * world);
+  return Status::Ok();
+}
+
+Status Trainer::Step(report::StepMetrics* m) {
+  const double t0 = WallSeconds();
+  const int world = world_->size(), rank = world_->rank();
+  for (ExchangeStats* stats : LayerExchangeStats()) stats->Reset();
+  step_allreduce_bytes_.clear();
+  const int64_t offset = rank * tokens_per_rank_;
+  const LmBatch batch = data_->TrainBatch(cfg_.seed(), static_cast<uint64_t>(step_), offset, tokens_per_rank_,
+                                          rank * groups_, groups_);
+  RouteContext ctx;
+  ctx.train = true;
+  ctx.seed = cfg_.seed();
+  ctx.step = static_cast<uint64_t>(step_);
+  ctx.token_offset = offset;
+  model_->ZeroGrad();
+  LmStepStats stats;
+  MOE_RETURN_IF_ERROR(model_->Forward(batch, ctx, tokens_per_rank_ * world, 1.0 / world, &stats));
+  MOE_RETURN_IF_ERROR(model_->Backward());
+  if (options_.after_backward) MOE_RETURN_IF_ERROR(options_.after_backward(*this));
+  MOE_RETURN_IF_ERROR(ReduceGradients());
+  MOE_ASSIGN_OR_RETURN(const double norm, GlobalGradNorm());
+  last_grad_norm_ = norm;
+
+  // Step statistics summed over the world: ce, aux, z, dropped, total slots, load per expert.
+  const int e = cfg_.moe().num_experts();
+  std::vector<double> sums = {stats.ce_sum, stats.aux, stats.z, static_cast<double>(stats.dropped_slots),
+                              static_cast<double>(stats.total_slots)};
+  for (int64_t v : stats.tokens_per_expert) sums.push_back(static_cast<double>(v));
+  MOE_RETURN_IF_ERROR(StepAllReduce(world_, sums.data(), static_cast<int64_t>(sums.size()),
+                                    comm::DataType::kFloat64, comm::ReduceOp::kSum));
+  const double loss = sums[0] / static_cast<double>(tokens_per_rank_ * world);
+  const double aux = sums[1] / world, z = sums[2] / world;
+  const auto& router = cfg_.moe().router();
+  const double objective = loss + router.aux_loss_weight() * aux + router.z_loss_weight() * z;
+
+  m->set_step(step_);
+  m->set_loss(loss);
+  m->set_aux_loss(aux);
+  m->set_z_loss(z);
+  m->set_grad_norm(norm);
+  const double lr = optimizer_->LearningRate(step_);
+  m->set_lr(lr);
+  if (!std::isfinite(objective) || !std::isfinite(norm)) {
+    if (cfg_.train().nan_policy() == config::STOP) {
+      return FailedPrecondition("step " + std::to_string(step_) + ": non-finite " +
+                                (std::isfinite(objective) ? "gradient norm" : "loss") +
+                                " (loss=" + std::to_string(loss) + ", grad_norm=" + std::to_string(norm) +
+                                "); stopping (train.nan_policy=STOP); the last checkpoint is intact");
+    }
+    ++skipped_steps_;
+    m->set_skipped(true);
+  } else {
+    const double clip = cfg_.train().grad_clip();
+    const double scale = clip > 0 && norm > clip ? clip / norm : 1.0;
+    const std::vector<ParamRef> params = model_->Params();
+    optimizer_->Step(params, Trainable(params), lr, scale);
+    // Aux-loss-free balancing from the load over all ranks, per layer.
+    if (router.bias_update_rate() > 0) {
+      for (MoeLayer* layer : model_->MoeLayers()) {
+        std::vector<int64_t> load = layer->plan().load_per_expert;
+        MOE_RETURN_IF_ERROR(StepAllReduce(world_, load.data(), static_cast<int64_t>(load.size()),
+                                          comm::DataType::kInt64, comm::ReduceOp::kSum));
+        layer->UpdateRouterBias(load);
+      }
+    }
+  }
+  double max_load = 0.0, sum_load = 0.0;
+  for (int i = 0; i < e; ++i) {
+    const double v = sums[5 + i];
+    m->add_tokens_per_expert(static_cast<int64_t>(v));
+    max_load = std::max(max_load, v);
+    sum_load += v;
+  }
+  m->set_imbalance(sum_load > 0 ? max_load / (sum_load / e) : 0.0);
+  m->set_drop_fraction(sums[4] > 0 ? sums[3] / sums[4] : 0.0);
+  double a2a = 0.0, expert = 0.0;
+  for (const ExchangeStats* layer : LayerExchangeStats()) {
+    a2a += layer->AllToAllSeconds();
+    expert += layer->expert_seconds;
+  }
+  ++step_;
+  const int every = cfg_.train().eval_every();
+  if (every > 0 && (step_ % every == 0 || step_ == cfg_.train().steps())) {
+    double eval_loss = 0.0;
+    MOE_RETURN_IF_ERROR(Evaluate(&eval_loss));
+    m->set_eval_loss(eval_loss);
+  }
+  const double dt = WallSeconds() - t0;
+  m->set_step_seconds(dt);
+  m->set_alltoall_seconds(a2a);
+  m->set_expert_seconds(expert);
+  m->set_tokens_per_second(static_cast<double>(tokens_per_rank_ * world) / dt);
+  return Status::Ok();
+}
+
+void Trainer::PrintProgress(const report::StepMetrics& m, double elapsed) {
+  const int64_t total = cfg_.train().steps();
+  const double eta = step_ > 0 ? elapsed / static_cast<double>(history_.size()) *
+                                     static_cast<double>(total - step_)
+                               : 0.0;
+  std::printf("step %5lld/%lld | loss %.4f | aux %.3f | %s tok/s | drop %.1f%% | imbalance %.2f | a2a %.0f%% | ETA %s%s",
+              static_cast<long long>(m.step() + 1), static_cast<long long>(total), m.loss(), m.aux_loss(),
+              HumanCount(m.tokens_per_second()).c_str(), 100.0 * m.drop_fraction(), m.imbalance(),
+              m.step_seconds() > 0 ? 100.0 * m.alltoall_seconds() / m.step_seconds() : 0.0,
+              FormatDuration(eta).c_str(), m.skipped() ? " | SKIPPED (non-finite)" : "");
+  if (m.eval_loss() > 0) std::printf(" | eval %.4f", m.eval_loss());
+  std::printf("\n");
+  std::fflush(stdout);
+}
+
+Status Trainer::Run() {
+  const double start = WallSeconds();
+  const int rank = world_->rank();
+  std::FILE* metrics = nullptr;
+  if (rank == 0 && !cfg_.train().metrics_path().empty()) {
+    metrics = std::fopen(cfg_.train().metrics_path().c_str(), step_ > 0 ? "a" : "w");
+    if (metrics == nullptr) {
+      return IoError("cannot open train.metrics_path=" + cfg_.train().metrics_path() + ": " + std::strerror(errno));
+    }
+  }
+  Status status;
+  while (step_ < cfg_.train().steps()) {
+    report::StepMetrics m;
+    status = Step(&m);
+    if (!status.ok()) break;
+    history_.push_back(m);
+    if (rank == 0) {
+      const int every = std::max(1, options_.log_every);
+      if (!options_.quiet && (step_ % every == 0 || step_ == cfg_.train().steps() || step_ == 1)) {
+        PrintProgress(m, WallSeconds() - start);
+      }
+      if (metrics != nullptr) {
+        std::string json;
+        google::protobuf::util::JsonPrintOptions opts;
+        opts.preserve_proto_field_names = true;
+        (void)google::protobuf::util::MessageToJsonString(m, &json, opts);
+        std::fprintf(metrics, "%s\n", json.c_str());
+        std::fflush(metrics);
+      }
+    }
+    if (options_.on_step) {
+      status = options_.on_step(*this, m);
+      if (!status.ok()) break;
+    }
+    const int every = cfg_.train().checkpoint_every();
+    // With a checkpoint_dir the last step is always saved; checkpoint_every > 0 adds periodic saves.
+    if (!cfg_.train().checkpoint_dir().empty() &&
+        ((every > 0 && step_ % every == 0) || step_ == cfg_.train().steps())) {
+      status = SaveCheckpoint();
+      if (!status.ok()) break;
+    }
+  }
+  if (metrics != nullptr) std::fclose(metrics);
+  return status;
+}
+
+Status Trainer::SaveCheckpoint() {
+  namespace fs = std::filesystem;
+  const std::string root = cfg_.train().checkpoint_dir();
+  const std::string final_dir = root + "/" + CheckpointDirName(step_);
+  const std::string tmp_dir = final_dir + ".tmp";
+  const int rank = world_->rank();
+  // Every step that can fail on one rank ends with an agreement, so no rank waits for a peer that
+  // gave up (the save fails on all ranks with the failing rank's reason where it is known).
+  Status prep = rank == 0 ? PrepareCheckpointDir(root, final_dir, tmp_dir) : Status::Ok();
+  MOE_RETURN_IF_ERROR(AgreeOk(prep, "saving checkpoint " + final_dir + ": rank 0 could not prepare it"));
+  std::map<std::string, const Tensor*> tensors;
+  std::vector<Tensor> biases;
+  const bool writes_experts = rank < ep_size_;  // replica 0 writes each expert once
+  for (const ParamRef& p : model_->Params()) {
+    const bool mine = p.expert_id >= 0 ? writes_experts : rank == 0;
+    if (!mine) continue;
+    tensors[p.name] = p.value;
+    auto it = optimizer_->state().find(p.name);
+    if (it != optimizer_->state().end()) {
+      tensors[p.name + ".adam_m"] = &it->second.m;
+      tensors[p.name + ".adam_v"] = &it->second.v;
+    }
+  }
+  if (rank == 0) {
+    const auto layers = model_->MoeLayers();
+    biases.resize(layers.size());
+    for (size_t l = 0; l < layers.size(); ++l) {
+      biases[l] = Tensor(1, static_cast<int64_t>(layers[l]->router_bias().size()));
+      std::copy(layers[l]->router_bias().begin(), layers[l]->router_bias().end(), biases[l].data());
+      tensors["block_" + std::to_string(l) + "_moe_router_bias"] = &biases[l];
+    }
+  }
+  Status write = WriteCheckpointTensors(tmp_dir, tensors);
+  MOE_RETURN_IF_ERROR(AgreeOk(write.WithContext("saving checkpoint " + final_dir),
+                              "saving checkpoint " + final_dir + ": another rank failed to write its tensors"));
+  Status fin;
+  if (rank == 0) {
+    checkpoint::Manifest manifest;
+    manifest.set_step(step_);
+    manifest.set_optimizer_steps(optimizer_->steps());
+    manifest.set_saved_world_size(world_->size());
+    *manifest.mutable_config() = cfg_;
+    fin = FinalizeCheckpoint(tmp_dir, final_dir, manifest);
+  }
+  return AgreeOk(fin, "saving checkpoint " + final_dir + ": rank 0 could not finalize it");
+}
+
+Status Trainer::AgreeOk(const Status& local, const std::string& remote_failure) {
+  int32_t failed = local.ok() ? 0 : 1;
+  MOE_RETURN_IF_ERROR(world_->AllReduce(&failed, &failed, 1, comm::DataType::kInt32, comm::ReduceOp::kMax));
+  if (!local.ok()) return local;
+  if (failed != 0) return IoError(remote_failure);
+  return Status::Ok();
+}
+
+Status Trainer::LoadCheckpoint(const std::string& dir) {
+  MOE_ASSIGN_OR_RETURN(checkpoint::Manifest manifest, VerifyCheckpoint(dir));
+  const auto& saved = manifest.config();
+  const auto& now = cfg_.moe();
+  if (saved.moe().model_dim() != now.model_dim() || saved.moe().num_experts() != now.num_experts() ||
+      saved.moe().expert().hidden_dim() != now.expert().hidden_dim() ||
+      saved.model().num_layers() != cfg_.model().num_layers() || saved.model().context() != cfg_.model().context()) {
+    return InvalidArgument("checkpoint " + dir + " was saved for a different model shape (moe.model_dim, "
+                           "moe.num_experts, moe.expert.hidden_dim, model.num_layers, model.context must match)");
+  }
+  std::set<std::string> names;
+  for (const auto& tf : manifest.tensors()) names.insert(tf.name());
+  for (const ParamRef& p : model_->Params()) {
+    MOE_RETURN_IF_ERROR(LoadCheckpointTensor(dir, manifest, p.name, p.value));
+    if (names.count(p.name + ".adam_m") != 0) {
+      AdamW::Moments& st = optimizer_->state()[p.name];
+      st.m = Tensor(p.value->rows(), p.value->cols());
+      st.v = Tensor(p.value->rows(), p.value->cols());
+      MOE_RETURN_IF_ERROR(LoadCheckpointTensor(dir, manifest, p.name + ".adam_m", &st.m));
+      MOE_RETURN_IF_ERROR(LoadCheckpointTensor(dir, manifest, p.name + ".adam_v", &st.v));
+    }
+  }
+  const auto layers = model_->MoeLayers();
+  for (size_t l = 0; l < layers.size(); ++l) {
+    Tensor b(1, static_cast<int64_t>(layers[l]->router_bias().size()));
+    MOE_RETURN_IF_ERROR(LoadCheckpointTensor(dir, manifest, "block_" + std::to_string(l) + "_moe_router_bias", &b));
+    layers[l]->router_bias().assign(b.data(), b.data() + b.size());
+  }
+  step_ = manifest.step();
+  optimizer_->set_steps(manifest.optimizer_steps());
+  return Status::Ok();
+}
+
+}  // namespace moe

@@ -1,0 +1,116 @@
+// The training job behind moe_train: a byte-level MoE language model trained with expert
+// parallelism over a world communicator (MPI processes or loopback threads).
+//
+// World layout: world = R expert-data-parallel replicas x W expert-parallel ranks; rank =
+// replica * W + ep_rank. The EP communicator groups the W ranks of one replica (dispatch /
+// combine); the replica communicator groups the ranks that hold the same experts. Every rank is
+// a data-parallel rank with its own tokens (global_batch_tokens / world, in G local groups, each
+// reading its own shard of the text).
+// Gradients: replicated tensors are summed over the world (the loss is already divided by the
+// global token count), expert tensors over the replicas of the same experts.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "proto/moe_config.pb.h"
+#include "proto/report.pb.h"
+#include "runtime/base/status.h"
+#include "runtime/train/byte_lm.h"
+#include "runtime/moe/expert_parallel_executor.h"
+#include "runtime/train/optimizer.h"
+#include "runtime/train/text_data.h"
+
+namespace moe {
+
+class Trainer;
+
+struct TrainOptions {
+  bool resume = false;     // continue from the newest complete checkpoint in train.checkpoint_dir
+  bool quiet = false;      // no progress lines
+  int log_every = 1;       // a progress line every N steps (and the last)
+  std::string run_label;   // shown in the start report
+  // Called on every rank after each completed step (the metrics are identical on all ranks); a
+  // non-OK status ends Run() with it. moe_simulate records its measurements here.
+  std::function<Status(const Trainer&, const report::StepMetrics&)> on_step;
+  // Fault injection for tests: called on every rank after the backward pass of each step, before
+  // the gradients are reduced (a test poisons a gradient or stops a rank here).
+  std::function<Status(Trainer&)> after_backward;
+  // compute.device=CUDA with expert parallelism over a backend in host memory: this rank of a
+  // communicator over the same ranks in device memory (moe_simulate's loopback ranks sharing one
+  // GPU), split like the world into the expert-parallel groups of the device-resident layers.
+  // nullptr: an NCCL communicator is made over each expert-parallel group (one GPU per rank).
+  comm::Communicator* device_world = nullptr;
+};
+
+class Trainer {
+ public:
+  // Collective over `world`.
+  static StatusOr<std::unique_ptr<Trainer>> Create(const config::MoeConfig& cfg, comm::Communicator* world,
+                                                   const TrainOptions& options);
+
+  // Runs until train.steps; returns the per-step metrics (identical on every rank).
+  Status Run();
+  const std::vector<report::StepMetrics>& history() const { return history_; }
+  ByteLm& model() { return *model_; }
+  int64_t step() const { return step_; }
+  int world_rank() const { return world_->rank(); }
+  // Saves a checkpoint of the current step (collective).
+  Status SaveCheckpoint();
+  // Global gradient norm of the last step (after the reductions).
+  double last_grad_norm() const { return last_grad_norm_; }
+  // Steps skipped because of a non-finite loss or gradient (train.nan_policy=SKIP_STEP).
+  int64_t skipped_steps() const { return skipped_steps_; }
+  // The exchange statistics of every MoE layer (its expert-parallel executor's, or with
+  // compute.device=CUDA its device-resident layer's), describing the last step.
+  std::vector<ExchangeStats*> LayerExchangeStats() const;
+  // Bytes of each all-reduce the last step issued, in order (replicated gradients, expert gradients
+  // over replicas, gradient norm, step statistics, router biases), as recorded when issued.
+  const std::vector<int64_t>& StepAllReduceBytes() const { return step_allreduce_bytes_; }
+
+ private:
+  Trainer(const config::MoeConfig& cfg, comm::Communicator* world, const TrainOptions& options);
+  Status Init();
+  // compute.device=CUDA: every MoE layer runs on a device-resident layer
+  // (runtime/device_moe_layer.h) of this rank's GPU, expert-parallel over a device-memory
+  // communicator of the EP group.
+  Status UseDeviceLayers(int replica);
+  Status Step(report::StepMetrics* metrics);
+  Status ReduceGradients();
+  StatusOr<double> GlobalGradNorm();
+  Status Evaluate(double* loss);
+  Status LoadCheckpoint(const std::string& dir);
+  // All-reduces "did this rank fail": returns `local` where it failed, IoError(remote_failure)
+  // where only another rank did, Ok where none did.
+  Status AgreeOk(const Status& local, const std::string& remote_failure);
+  // An in-place all-reduce of the training step over `comm`, recorded in step_allreduce_bytes_.
+  Status StepAllReduce(comm::Communicator* comm, void* data, int64_t count, comm::DataType dtype,
+                       comm::ReduceOp op);
+  std::vector<bool> Trainable(const std::vector<ParamRef>& params) const;
+  void PrintStart();
+  void PrintProgress(const report::StepMetrics& m, double elapsed);
+
+  config::MoeConfig cfg_;
+  comm::Communicator* world_;
+  TrainOptions options_;
+  std::unique_ptr<comm::Communicator> ep_, replicas_;
+  std::unique_ptr<comm::Communicator> device_ep_;  // compute.device=CUDA, W > 1
+  int ep_size_ = 1, ep_rank_ = 0, replicas_count_ = 1;
+  int groups_ = 1;
+  int64_t tokens_per_rank_ = 0;
+  std::vector<ExpertParallelExecutor*> executors_;
+  std::unique_ptr<ByteLm> model_;
+  std::unique_ptr<AdamW> optimizer_;
+  std::unique_ptr<TextData> data_;
+  std::vector<report::StepMetrics> history_;
+  int64_t step_ = 0;
+  int64_t skipped_steps_ = 0;
+  double last_grad_norm_ = 0.0;
+  std::vector<int64_t> step_allreduce_bytes_;
+};
+
+}  // namespace moe

@@ -166,7 +166,7 @@ void PrintHeader(std::FILE* out, const comm::Communicator& comm,
       out,
       "# moe_comm_bench: op dispatch_combine, backend %s, %d ranks, memory %s, dtype float32, "
       "iters %d, warmup %d, check %d\n",
-      std::string(comm.backend()).c_str(), n, comm::MemorySpaceName(comm.memory_space()), o.iters,
+      std::string(comm.backend()).c_str(), n, MemorySpaceName(comm.memory_space()), o.iters,
       o.warmup, o.check ? 1 : 0);
   std::fprintf(
       out,

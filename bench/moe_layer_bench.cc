@@ -19,7 +19,7 @@
 
 #include "experts/cpu/blas.h"
 #include "launch/cli.h"
-#include "comm/memory.h"
+#include "runtime/base/memory.h"
 #include "runtime/base/clock.h"
 #include "runtime/base/rng.h"
 #include "runtime/moe/config.h"
@@ -137,15 +137,15 @@ int RunCuda(const std::vector<Shape>& shapes, const std::string& only, int iters
     moe::Tensor x(sh.s, sh.m), dy(sh.s, sh.m), y, dx;
     FillInputs(&x, &dy);
     const int64_t bytes = x.size() * static_cast<int64_t>(sizeof(float));
-    const auto dev = moe::comm::MemorySpace::kDevice;
-    auto checked = [](moe::StatusOr<moe::comm::Buffer> b) {
+    const auto dev = moe::MemorySpace::kDevice;
+    auto checked = [](moe::StatusOr<moe::Buffer> b) {
       MOE_CHECK_OK(b.status());
       return std::move(b).value();
     };
-    moe::comm::Buffer x_dev = checked(moe::comm::Buffer::FromHost(dev, x.data(), bytes)),
-                      dy_dev = checked(moe::comm::Buffer::FromHost(dev, dy.data(), bytes)),
-                      y_dev = checked(moe::comm::Buffer::Allocate(dev, bytes)),
-                      dx_dev = checked(moe::comm::Buffer::Allocate(dev, bytes));
+    moe::Buffer x_dev = checked(moe::Buffer::FromHost(dev, x.data(), bytes)),
+                      dy_dev = checked(moe::Buffer::FromHost(dev, dy.data(), bytes)),
+                      y_dev = checked(moe::Buffer::Allocate(dev, bytes)),
+                      dx_dev = checked(moe::Buffer::Allocate(dev, bytes));
     moe::RouteContext ctx;
     ctx.train = true;
     const double fwd = MedianSeconds(iters, [&] {

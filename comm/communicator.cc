@@ -63,9 +63,6 @@ const char* ReduceOpName(ReduceOp op) {
   return "unknown";
 }
 
-const char* MemorySpaceName(MemorySpace space) {
-  return space == MemorySpace::kHost ? "host" : "device";
-}
 
 Status ValidateOptions(const Options& options) {
   if (!(options.deadline_seconds > 0)) {

@@ -6,7 +6,7 @@
 //   MPI        | host memory              | comm/mpi/mpi_communicator.h (under mpirun)
 //   NCCL       | device memory (CUDA)     | comm/nccl/nccl_communicator.h (id over a bootstrap)
 //   loopback   | host or device, chosen   | comm/loopback/loopback_world.h (ranks as threads)
-// `memory_space()` reports where every buffer passed to this communicator must live; comm/memory.h
+// `memory_space()` reports where every buffer passed to this communicator must live; runtime/base/memory.h
 // allocates and copies in a given space.
 //
 // Semantics shared by all backends:
@@ -35,18 +35,19 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
 #include <string_view>
 
+#include "runtime/base/memory.h"
 #include "runtime/base/status.h"
 
 namespace moe::comm {
 
 enum class DataType { kFloat32, kFloat64, kInt32, kInt64, kUint8 };
 enum class ReduceOp { kSum, kMax, kMin };
-enum class MemorySpace { kHost, kDevice };
 
 // Bytes per element.
 int64_t DataTypeSize(DataType dtype);
@@ -55,7 +56,6 @@ const char* DataTypeName(DataType dtype);
 // Accepts the names above (and "bytes" for uint8); kInvalidArgument otherwise.
 StatusOr<DataType> ParseDataType(std::string_view name);
 const char* ReduceOpName(ReduceOp op);
-const char* MemorySpaceName(MemorySpace space);
 
 struct Options {
   // Upper bound on the wall time of every blocking call, in seconds (> 0).
@@ -170,6 +170,14 @@ class Communicator {
   std::string abort_reason_;
   uint64_t next_seq_ = 1;
 };
+
+// Makes this rank's communicator in device memory over the ranks of `group`, a host-memory
+// communicator that was split from the world with (color, key): NCCL bootstrapped over `group`,
+// or the same split of a device-memory loopback world (ranks sharing GPUs). `gpu` is this rank's
+// CUDA device. Collective over `group`, or over the world where it splits. comm/world.h makes them;
+// code that must not name a backend (the trainer) is handed one.
+using DeviceCommunicatorFactory = std::function<StatusOr<std::unique_ptr<Communicator>>(
+    Communicator& group, int color, int key, int gpu)>;
 
 // "[0, 3, 5]".
 std::string FormatRanks(std::span<const int> ranks);

@@ -23,26 +23,12 @@
 #include <string>
 #include <vector>
 
-#include "comm/bench/collective_bench.h"
-#include "comm/communicator.h"
-#include "comm/loopback/loopback_world.h"
-#include "comm/memory.h"
-#include "runtime/base/malloc_tuning.h"
-#include "runtime/base/status.h"
 #include "bench/bench_json.h"
 #include "bench/dispatch_combine_bench.h"
-
-#if MOE_COMM_HAVE_MPI
-#include <mpi.h>
-
-#include "comm/mpi/mpi_communicator.h"
-#include "comm/mpi/mpi_raw_collectives.h"
-#endif
-#if MOE_COMM_HAVE_CUDA
-#include <cuda_runtime_api.h>
-
-#include "comm/nccl/nccl_communicator.h"
-#endif
+#include "comm/bench/collective_bench.h"
+#include "comm/communicator.h"
+#include "comm/world.h"
+#include "runtime/base/status.h"
 
 namespace {
 
@@ -221,81 +207,31 @@ Status BenchRank(Communicator& comm, const Settings& s, RawCollectives* raw, std
   return moe::comm::bench::RunCollectiveBench(comm, s.collective, raw, stdout, sink);
 }
 
-// Opens -J, runs `rank_fn` on every rank of `world` (rank 0 gets the -J stream) and reports the
-// first failure.
-int RunWorld(moe::comm::LoopbackWorld& world, const Settings& s,
-             const std::function<Status(Communicator&, std::ofstream&)>& rank_fn) {
+// Runs the benchmark on every rank of a world of the chosen backend; the process hosting rank 0
+// prints the table and writes -J.
+int Run(const Settings& s) {
+  moe::comm::WorldOptions w;
+  w.backend = s.flags.backend;
+  w.ranks = s.flags.ranks;
+  w.options.deadline_seconds = s.flags.deadline;
+  w.tool = "moe_comm_bench";
+  auto world = moe::comm::MakeWorld(w);
+  if (!world.ok()) return Report(world.status().WithContext("--backend " + s.flags.backend));
   std::ofstream json;
-  if (const Status opened = OpenJson(s, json); !opened.ok()) return Report(opened);
-  std::vector<Status> results(static_cast<size_t>(world.size()));
-  world.RunPerRank([&](Communicator& comm) {
-    std::ofstream none;
-    results[static_cast<size_t>(comm.rank())] = rank_fn(comm, comm.rank() == 0 ? json : none);
-  });
-  for (const Status& r : results) {
-    if (!r.ok()) return Report(r);
-  }
-  return 0;
-}
-
-int RunLoopback(const Settings& s) {
-  moe::comm::LoopbackOptions options;
-  options.options.deadline_seconds = s.flags.deadline;
-  auto world = moe::comm::LoopbackWorld::Create(s.flags.ranks, options);
-  if (!world.ok()) return Report(world.status().WithContext("--ranks"));
-  return RunWorld(*world, s, [&](Communicator& comm, std::ofstream& json) {
-    return BenchRank(comm, s, nullptr, json);
-  });
-}
-
-#if MOE_COMM_HAVE_MPI
-int RunMpi(const Settings& s) {
-  moe::KeepStepBuffersOnHeap();  // one rank per process (see malloc_tuning.h)
-  MPI_Init(nullptr, nullptr);
-  int code = 0;
-  {
-    moe::comm::Options options;
-    options.deadline_seconds = s.flags.deadline;
-    auto comm = moe::comm::MpiCommunicator::Create(MPI_COMM_WORLD, options);
-    std::ofstream json;
-    if (!comm.ok()) {
-      code = Report(comm.status());
-    } else if (const Status opened = (*comm)->rank() == 0 ? OpenJson(s, json) : Status::Ok();
-               !opened.ok()) {
-      code = Report(opened);
-    } else {
-      moe::comm::MpiRawCollectives raw((*comm)->mpi_comm());
-      code = Report(BenchRank(**comm, s, &raw, json));
+  if ((*world)->hosts_rank0()) {
+    if (const Status opened = OpenJson(s, json); !opened.ok()) {
+      const int code = Report(opened);
+      (*world)->Abort(code);
+      return code;
     }
-    if (code != 0) MPI_Abort(MPI_COMM_WORLD, code);
   }
-  MPI_Finalize();
-  return code;
-}
-#endif
-
-#if MOE_COMM_HAVE_CUDA
-int RunNccl(const Settings& s) {
-  const int gpus = moe::comm::CudaDeviceCount();
-  if (gpus < s.flags.ranks) {
-    return Report(moe::FailedPrecondition(
-        "--backend nccl --ranks " + std::to_string(s.flags.ranks) + " needs " +
-        std::to_string(s.flags.ranks) + " GPUs; found " + std::to_string(gpus)));
-  }
-  moe::comm::LoopbackOptions bootstrap_options;
-  bootstrap_options.options.deadline_seconds = s.flags.deadline;
-  auto world = moe::comm::LoopbackWorld::Create(s.flags.ranks, bootstrap_options);
-  if (!world.ok()) return Report(world.status());
-  return RunWorld(*world, s, [&](Communicator& host, std::ofstream& json) -> Status {
-    moe::comm::NcclOptions options;
-    options.device = host.rank();
-    options.options.deadline_seconds = s.flags.deadline;
-    (void)cudaSetDevice(host.rank());
-    MOE_ASSIGN_OR_RETURN(auto comm, moe::comm::NcclCommunicator::Create(host, options));
-    return BenchRank(*comm, s, nullptr, json);
+  moe::comm::bench::RawCollectives* raw = (*world)->raw_collectives();
+  const Status status = (*world)->Run([&](moe::comm::RankContext& rank) {
+    std::ofstream none;
+    return BenchRank(rank.comm, s, raw, rank.comm.rank() == 0 ? json : none);
   });
+  return status.ok() ? 0 : moe::comm::ExitCodeOf(status);
 }
-#endif
 
 }  // namespace
 
@@ -360,17 +296,5 @@ int main(int argc, char** argv) {
   }
   const StatusOr<Settings> settings = Validate(f);
   if (!settings.ok()) return Report(settings.status());
-  if (f.backend == "loopback") return RunLoopback(*settings);
-  if (f.backend == "mpi") {
-#if MOE_COMM_HAVE_MPI
-    return RunMpi(*settings);
-#else
-    return Report(moe::InvalidArgument("--backend mpi: this build has no MPI"));
-#endif
-  }
-#if MOE_COMM_HAVE_CUDA
-  return RunNccl(*settings);
-#else
-  return Report(moe::InvalidArgument("--backend nccl: this build has no CUDA/NCCL"));
-#endif
+  return Run(*settings);
 }

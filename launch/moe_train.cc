@@ -3,31 +3,18 @@
 //   mpirun -n N moe_train --config configs/tiny_lm.textproto          (MPI, one process per rank)
 //   moe_train --config configs/tiny_lm.textproto --backend loopback --ranks N   (threads)
 //
-// A thin main: flags, config, communicator, then runtime::Trainer.
+// A thin main: flags and config, a world (comm/world.h), then runtime/train/trainer.h on every rank.
 #include <CLI/CLI.hpp>
-#include <chrono>
-#include <condition_variable>
 #include <cstdio>
-#include <cstdlib>
 #include <memory>
-#include <mutex>
 #include <string>
-#include <thread>
-#include <vector>
 
-#include "comm/loopback/loopback_world.h"
-#include "comm/memory.h"
+#include "comm/world.h"
 #include "experts/cpu/blas.h"
 #include "launch/cli.h"
-#include "runtime/base/malloc_tuning.h"
 #include "runtime/moe/config.h"
 #include "runtime/train/fault_injection.h"
 #include "runtime/train/trainer.h"
-#if MOE_COMM_HAVE_MPI
-#include <mpi.h>
-
-#include "comm/mpi/mpi_communicator.h"
-#endif
 
 namespace {
 
@@ -78,128 +65,6 @@ moe::StatusOr<moe::TrainOptions> MakeOptions(const Flags& f, bool process_per_ra
   return options;
 }
 
-int ExitCode(const moe::Status& s) { return s.code() == moe::StatusCode::kInvalidArgument ? 2 : 1; }
-
-// Ranks as threads. The process never waits for a rank that stopped making progress. Once one
-// rank has failed, the others get time to finish: kGraceSeconds when that failure was a missed
-// deadline (the peers' collectives are aborted, so a live rank fails at once at its next one),
-// else the deadline plus kGraceSeconds (they may be waiting in a collective for the failed rank
-// and will report it by name). Ranks still running after that are left behind and the process
-// exits.
-constexpr double kGraceSeconds = 2.0;
-
-int RunLoopback(const Flags& f, const moe::MoeConfig& cfg) {
-  auto options = MakeOptions(f, /*process_per_rank=*/false);
-  if (!options.ok()) return Fail(options.status().ToString(), 2);
-  moe::comm::LoopbackOptions opts;
-  opts.options.deadline_seconds = cfg.comm().deadline_seconds();
-  auto world = moe::comm::LoopbackWorld::Create(f.ranks, opts);
-  if (!world.ok()) return Fail(world.status().ToString(), 2);
-  // compute.device=CUDA: the device-resident layers exchange over the same ranks in device memory,
-  // several ranks on one GPU (NCCL would refuse that). Without a GPU the trainer says so.
-  std::shared_ptr<moe::comm::LoopbackWorld> device_world;
-  if (cfg.compute().device() == moe::config::CUDA && moe::comm::CudaDeviceCount() > 0) {
-    moe::comm::LoopbackOptions device_opts = opts;
-    device_opts.memory = moe::comm::MemorySpace::kDevice;
-    auto made = moe::comm::LoopbackWorld::Create(f.ranks, device_opts);
-    if (!made.ok()) return Fail(made.status().ToString(), 2);
-    device_world = std::make_shared<moe::comm::LoopbackWorld>(std::move(*made));
-  }
-  struct Shared {
-    std::mutex mu;
-    std::condition_variable cv;
-    std::vector<moe::Status> status;
-    std::vector<bool> done;
-    int finished = 0;
-    moe::StatusCode first_failure = moe::StatusCode::kOk;  // kOk until a rank fails
-  };
-  auto shared = std::make_shared<Shared>();  // outlives main's frame if a rank is left behind
-  shared->status.resize(static_cast<size_t>(f.ranks));
-  shared->done.resize(static_cast<size_t>(f.ranks), false);
-  auto world_ptr = std::make_shared<moe::comm::LoopbackWorld>(std::move(*world));
-  std::thread runner([world_ptr, device_world, shared, cfg, opts = *options] {
-    world_ptr->RunPerRank([&](moe::comm::Communicator& comm) {
-      moe::TrainOptions rank_opts = opts;
-      if (device_world) rank_opts.device_world = &device_world->rank(comm.rank());
-      auto trainer = moe::Trainer::Create(cfg, &comm, rank_opts);
-      moe::Status s = trainer.ok() ? (*trainer)->Run() : trainer.status();
-      std::lock_guard<std::mutex> lock(shared->mu);
-      shared->status[static_cast<size_t>(comm.rank())] = s;
-      shared->done[static_cast<size_t>(comm.rank())] = true;
-      ++shared->finished;
-      if (!s.ok() && shared->first_failure == moe::StatusCode::kOk)
-        shared->first_failure = s.code();
-      shared->cv.notify_all();
-    });
-  });
-  std::unique_lock<std::mutex> lock(shared->mu);
-  shared->cv.wait(lock, [&] {
-    return shared->finished == f.ranks || shared->first_failure != moe::StatusCode::kOk;
-  });
-  const double grace = kGraceSeconds + (shared->first_failure == moe::StatusCode::kDeadlineExceeded
-                                            ? 0.0
-                                            : cfg.comm().deadline_seconds());
-  const bool all = shared->cv.wait_for(lock, std::chrono::duration<double>(grace),
-                                       [&] { return shared->finished == f.ranks; });
-  int code = 0;
-  for (int r = 0; r < f.ranks; ++r) {
-    const moe::Status& s = shared->status[static_cast<size_t>(r)];
-    if (shared->done[static_cast<size_t>(r)] && !s.ok()) {
-      Fail("rank " + std::to_string(r) + ": " + s.ToString(), 0);
-      if (code == 0) code = ExitCode(s);
-    }
-  }
-  if (!all) {
-    std::string stuck;
-    for (int r = 0; r < f.ranks; ++r) {
-      if (!shared->done[static_cast<size_t>(r)])
-        stuck += (stuck.empty() ? "" : ", ") + std::to_string(r);
-    }
-    Fail("rank(s) [" + stuck + "] still not finished " + std::to_string(static_cast<int>(grace)) +
-             " s after the first failure; exiting without them",
-         0);
-    std::fflush(stdout);
-    std::fflush(stderr);
-    std::_Exit(code != 0 ? code : 1);  // the stuck threads cannot be joined
-  }
-  lock.unlock();
-  runner.join();
-  return code;
-}
-
-#if MOE_COMM_HAVE_MPI
-int RunMpi(const Flags& f, const moe::MoeConfig& cfg) {
-  int rank = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  moe::comm::Options opts;
-  opts.deadline_seconds = cfg.comm().deadline_seconds();
-  auto world = moe::comm::MpiCommunicator::Create(MPI_COMM_WORLD, opts);
-  if (!world.ok()) {
-    Fail("rank " + std::to_string(rank) + ": " + world.status().ToString(), 1);
-    MPI_Abort(MPI_COMM_WORLD, 1);
-  }
-  auto options = MakeOptions(f, /*process_per_rank=*/true);
-  if (!options.ok()) {
-    if (rank == 0) Fail(options.status().ToString(), 2);
-    MPI_Finalize();
-    return 2;
-  }
-  auto trainer = moe::Trainer::Create(cfg, world->get(), *options);
-  moe::Status s = trainer.ok() ? (*trainer)->Run() : trainer.status();
-  if (!s.ok()) {
-    // A failed rank cannot promise its peers another collective: stop the whole job now, so no
-    // rank waits for one that has gone (MPI_Abort ends every process of the job).
-    Fail("rank " + std::to_string(rank) + ": " + s.ToString(), 1);
-    std::fflush(stderr);
-    MPI_Abort(MPI_COMM_WORLD, ExitCode(s));
-  }
-  trainer->reset();
-  world->reset();
-  MPI_Finalize();
-  return 0;
-}
-#endif
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -236,29 +101,30 @@ int main(int argc, char** argv) {
       ->group("Testing");
   if (const int rc = moe::launch::ParseFlags(app, argc, argv); rc >= 0) return rc;
   moe::blas::SetThreads(1);
-  const bool under_mpirun =
-      std::getenv("OMPI_COMM_WORLD_SIZE") != nullptr || std::getenv("PMI_SIZE") != nullptr;
-  if (f.backend.empty()) f.backend = under_mpirun ? "mpi" : "loopback";
-  if (f.backend == "mpi") {
-#if MOE_COMM_HAVE_MPI
-    moe::KeepStepBuffersOnHeap();  // one rank per process (see malloc_tuning.h)
-    MPI_Init(&argc, &argv);
-    int rank = 0;
-    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-    auto cfg = LoadWithOverrides(f);
-    if (!cfg.ok()) {
-      if (rank == 0) Fail(cfg.status().ToString(), 2);
-      MPI_Finalize();
-      return 2;
-    }
-    return RunMpi(f, *cfg);
-#else
-    return Fail(
-        "--backend mpi: this build has no MPI (configure with MPI found or use --backend loopback)",
-        2);
-#endif
-  }
+  if (f.backend.empty()) f.backend = moe::comm::DefaultBackend();
+  // Under mpirun every process loads the config; only the job's rank 0 reports a bad one.
   auto cfg = LoadWithOverrides(f);
-  if (!cfg.ok()) return Fail(cfg.status().ToString(), 2);
-  return RunLoopback(f, *cfg);
+  if (!cfg.ok()) return moe::comm::LauncherRank() == 0 ? Fail(cfg.status().ToString(), 2) : 2;
+  auto options = MakeOptions(f, /*process_per_rank=*/f.backend == "mpi");
+  if (!options.ok()) {
+    return moe::comm::LauncherRank() == 0 ? Fail(options.status().ToString(), 2) : 2;
+  }
+  moe::comm::WorldOptions w;
+  w.backend = f.backend;
+  w.ranks = f.ranks;
+  w.options.deadline_seconds = cfg->comm().deadline_seconds();
+  // compute.device=CUDA on threads: the device-resident layers exchange over the same ranks in
+  // device memory, several on one GPU (NCCL would refuse that). Without a GPU the trainer says so.
+  w.device_twin = cfg->compute().device() == moe::config::CUDA;
+  w.tool = "moe_train";
+  auto world = moe::comm::MakeWorld(w);
+  if (!world.ok()) return Fail(world.status().ToString(), moe::comm::ExitCodeOf(world.status()));
+  const moe::Status s = (*world)->Run([&](moe::comm::RankContext& rank) -> moe::Status {
+    moe::TrainOptions rank_options = *options;
+    rank_options.device_communicators = rank.device;
+    MOE_ASSIGN_OR_RETURN(std::unique_ptr<moe::Trainer> trainer,
+                         moe::Trainer::Create(*cfg, &rank.comm, rank_options));
+    return trainer->Run();
+  });
+  return s.ok() ? 0 : moe::comm::ExitCodeOf(s);
 }

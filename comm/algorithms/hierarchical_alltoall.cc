@@ -5,7 +5,7 @@
 #include <string>
 #include <vector>
 
-#include "comm/memory.h"
+#include "runtime/base/memory.h"
 #include "comm/validate.h"
 
 namespace moe::comm {

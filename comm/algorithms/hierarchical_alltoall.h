@@ -18,7 +18,7 @@
 #include <span>
 
 #include "comm/communicator.h"
-#include "comm/memory.h"
+#include "runtime/base/memory.h"
 #include "runtime/base/status.h"
 
 namespace moe::comm {

@@ -2,7 +2,7 @@
 
 #include <chrono>
 
-#include "comm/memory.h"
+#include "runtime/base/memory.h"
 
 namespace moe::comm::bench {
 

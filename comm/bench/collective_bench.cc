@@ -6,7 +6,7 @@
 #include <vector>
 
 #include "comm/algorithms/hierarchical_alltoall.h"
-#include "comm/memory.h"
+#include "runtime/base/memory.h"
 
 namespace moe::comm::bench {
 namespace {

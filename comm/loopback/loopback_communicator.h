@@ -6,7 +6,7 @@
 
 #include "comm/communicator.h"
 #include "comm/loopback/loopback_group.h"
-#include "comm/memory.h"
+#include "runtime/base/memory.h"
 
 namespace moe::comm {
 

@@ -4,7 +4,7 @@
 #include <thread>
 
 #include "comm/loopback/loopback_communicator.h"
-#include "comm/memory.h"
+#include "runtime/base/memory.h"
 
 namespace moe::comm {
 

@@ -5,7 +5,7 @@
 #include <thread>
 #include <utility>
 
-#include "comm/memory.h"
+#include "runtime/base/memory.h"
 
 namespace moe::comm {
 namespace {

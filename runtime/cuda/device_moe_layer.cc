@@ -12,7 +12,7 @@
 #include <utility>
 #include <vector>
 
-#include "comm/memory.h"
+#include "runtime/base/memory.h"
 #include "experts/cuda/cublas_loader.h"
 #include "runtime/base/clock.h"
 #include "runtime/moe/config.h"
@@ -40,7 +40,7 @@ class DeviceArray {
   }
 
  private:
-  comm::Workspace ws_{comm::MemorySpace::kDevice};
+  Workspace ws_{MemorySpace::kDevice};
 };
 
 // v[i] · k for every entry (rows to floats, floats to bytes).
@@ -370,7 +370,7 @@ class CudaMoeLayer final : public DeviceMoeLayer {
     // touches them: no wait here (ExpertParallel waits before the rows go).
     MOE_ASSIGN_OR_RETURN(int64_t * counts, counts_mem_.Get<int64_t>(2 * w * l));
     MOE_RETURN_IF_ERROR(
-        comm::CopyFromHost(comm::MemorySpace::kDevice, counts, send_le_.data(), bytes));
+        CopyFromHost(MemorySpace::kDevice, counts, send_le_.data(), bytes));
     const std::vector<int64_t> count_bytes(static_cast<size_t>(w), l * 8);
     const size_t record = stats_.Record(ExchangeCall::Kind::kCounts, false, 0,
                                         options_.pipeline_degree, count_bytes, count_bytes);
@@ -378,7 +378,7 @@ class CudaMoeLayer final : public DeviceMoeLayer {
       return options_.comm->AllToAll(counts, counts + w * l, l, comm::DataType::kInt64);
     }));
     MOE_RETURN_IF_ERROR(
-        comm::CopyToHost(comm::MemorySpace::kDevice, recv_le_.data(), counts + w * l, bytes));
+        CopyToHost(MemorySpace::kDevice, recv_le_.data(), counts + w * l, bytes));
     const double t0 = WallSeconds();
     MOE_ASSIGN_OR_RETURN(layout_,
                          MakeEpExchangeLayout(static_cast<int>(w), static_cast<int>(l),
@@ -664,7 +664,7 @@ class CudaMoeLayer final : public DeviceMoeLayer {
 
 StatusOr<std::unique_ptr<DeviceMoeLayer>> DeviceMoeLayer::Create(
     const config::LayerConfig& cfg, const DeviceLayerOptions& options) {
-  const int count = comm::CudaDeviceCount();
+  const int count = CudaDeviceCount();
   if (count == 0) {
     return FailedPrecondition("DeviceMoeLayer: no CUDA device is visible to this process");
   }
@@ -684,7 +684,7 @@ StatusOr<std::unique_ptr<DeviceMoeLayer>> DeviceMoeLayer::Create(
           "DeviceMoeLayer: moe.num_experts=" + std::to_string(cfg.num_experts()) +
           " must be a multiple of the " + std::to_string(w) + " ranks of the communicator");
     }
-    if (options.comm->memory_space() != comm::MemorySpace::kDevice) {
+    if (options.comm->memory_space() != MemorySpace::kDevice) {
       return InvalidArgument(
           "DeviceMoeLayer: the communicator (backend " + std::string(options.comm->backend()) +
           ") must use device memory (NCCL, or loopback ranks with memory=kDevice)");

@@ -29,7 +29,7 @@
 #include <utility>
 #include <vector>
 
-#include "comm/memory.h"
+#include "runtime/base/memory.h"
 #include "experts/cuda/cublas_loader.h"
 #include "runtime/base/clock.h"
 #include "runtime/base/rng.h"
@@ -639,12 +639,12 @@ class CudaRouter final : public DeviceRouter {
   Status Down(std::vector<T>* dst, const T* src, int64_t count) {
     dst->resize(static_cast<size_t>(count));
     if (count == 0) return Status::Ok();
-    return comm::CopyToHost(comm::MemorySpace::kDevice, dst->data(), src,
+    return CopyToHost(MemorySpace::kDevice, dst->data(), src,
                             count * static_cast<int64_t>(sizeof(T)));
   }
   Status DownTensor(Tensor* dst, const float* src) {
     if (dst->rows() != s_ || dst->cols() != e_) *dst = Tensor(s_, e_);
-    return comm::CopyToHost(comm::MemorySpace::kDevice, dst->data(), src,
+    return CopyToHost(MemorySpace::kDevice, dst->data(), src,
                             s_ * e_ * static_cast<int64_t>(sizeof(float)));
   }
 
@@ -667,7 +667,7 @@ class CudaRouter final : public DeviceRouter {
   const int64_t e_;
   const bool ec_;  // expert choice (k_ = 0: no slots)
   const int64_t k_, g_;
-  comm::Workspace arena_{comm::MemorySpace::kDevice}, summary_mem_{comm::MemorySpace::kDevice};
+  Workspace arena_{MemorySpace::kDevice}, summary_mem_{MemorySpace::kDevice};
   void* summary_ = nullptr;
   std::vector<int64_t> summary_host_;
   std::vector<int32_t> coef_host_;

@@ -5,7 +5,7 @@
 #include <functional>
 #include <string>
 
-#include "comm/memory.h"
+#include "runtime/base/memory.h"
 #include "experts/cuda/grouped_ffn.h"
 #include "runtime/moe/config.h"
 #include "runtime/moe/expert_blocks.h"
@@ -83,7 +83,7 @@ class GpuExpertCompute : public ExpertCompute {
 }  // namespace
 
 StatusOr<int> ComputeGpu(const config::ComputeConfig& compute, int rank) {
-  const int devices = comm::CudaDeviceCount();
+  const int devices = CudaDeviceCount();
   if (devices == 0) {
     return FailedPrecondition(
         "compute.device=CUDA: no CUDA device is visible to this process (or this build has no "

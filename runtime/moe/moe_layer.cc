@@ -224,18 +224,18 @@ report::LayerMetrics LayerMetricsOf(const DispatchPlan& plan, const RouterLosses
 Status MoeLayer::DeviceForward(MatrixView<const float> x, const RouteContext& ctx, Tensor* y) {
   const int64_t s = x.rows(), m = cfg_.model_dim();
   const int64_t bytes = s * m * static_cast<int64_t>(sizeof(float));
-  const auto dev = comm::MemorySpace::kDevice;
+  const auto dev = MemorySpace::kDevice;
   device_->router_bias() = bias_;
   device_->set_loss_gradient_scale(loss_grad_scale_);
   MOE_RETURN_IF_ERROR(device_->SetParams(params_));  // returns with the upload complete
   MOE_ASSIGN_OR_RETURN(void* x_dev, device_x_.Get(bytes));
   MOE_ASSIGN_OR_RETURN(void* y_dev, device_y_.Get(bytes));
-  MOE_RETURN_IF_ERROR(comm::CopyFromHost(dev, x_dev, x.data(), bytes));
+  MOE_RETURN_IF_ERROR(CopyFromHost(dev, x_dev, x.data(), bytes));
   MOE_RETURN_IF_ERROR(
       device_->Forward(static_cast<const float*>(x_dev), s, ctx, static_cast<float*>(y_dev)));
   MOE_RETURN_IF_ERROR(device_->Synchronize());
   ResizeTensor(y, s, m);
-  MOE_RETURN_IF_ERROR(comm::CopyToHost(dev, y->data(), y_dev, bytes));
+  MOE_RETURN_IF_ERROR(CopyToHost(dev, y->data(), y_dev, bytes));
   router_ = device_->router_output();
   plan_ = device_->plan();
   losses_ = device_->losses();
@@ -248,15 +248,15 @@ Status MoeLayer::DeviceForward(MatrixView<const float> x, const RouteContext& ct
 Status MoeLayer::DeviceBackward(MatrixView<const float> dy, Tensor* dx, MoeLayerParams* grads) {
   const int64_t s = x_.rows(), m = x_.cols();
   const int64_t bytes = s * m * static_cast<int64_t>(sizeof(float));
-  const auto dev = comm::MemorySpace::kDevice;
+  const auto dev = MemorySpace::kDevice;
   MOE_ASSIGN_OR_RETURN(void* dy_dev, device_y_.Get(bytes));
   MOE_ASSIGN_OR_RETURN(void* dx_dev, device_dx_.Get(bytes));
-  MOE_RETURN_IF_ERROR(comm::CopyFromHost(dev, dy_dev, dy.data(), bytes));
+  MOE_RETURN_IF_ERROR(CopyFromHost(dev, dy_dev, dy.data(), bytes));
   MOE_RETURN_IF_ERROR(
       device_->Backward(static_cast<const float*>(dy_dev), static_cast<float*>(dx_dev)));
   MOE_RETURN_IF_ERROR(device_->Synchronize());
   ResizeTensor(dx, s, m);
-  MOE_RETURN_IF_ERROR(comm::CopyToHost(dev, dx->data(), dx_dev, bytes));
+  MOE_RETURN_IF_ERROR(CopyToHost(dev, dx->data(), dx_dev, bytes));
   return device_->AddGradients(grads);
 }
 

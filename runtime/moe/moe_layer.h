@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "comm/memory.h"
+#include "runtime/base/memory.h"
 #include "experts/expert_ffn.h"
 #include "proto/moe_config.pb.h"
 #include "proto/report.pb.h"
@@ -133,8 +133,8 @@ class MoeLayer {
   bool have_forward_ = false;
 
   std::unique_ptr<DeviceMoeLayer> device_;
-  comm::Workspace device_x_{comm::MemorySpace::kDevice}, device_y_{comm::MemorySpace::kDevice},
-      device_dx_{comm::MemorySpace::kDevice};
+  Workspace device_x_{MemorySpace::kDevice}, device_y_{MemorySpace::kDevice},
+      device_dx_{MemorySpace::kDevice};
 };
 
 template <typename F>

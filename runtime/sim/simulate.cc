@@ -7,12 +7,9 @@
 #include <fstream>
 #include <iomanip>
 #include <mutex>
-#include <optional>
 #include <sstream>
 #include <utility>
 
-#include "comm/loopback/loopback_world.h"
-#include "comm/memory.h"
 #include "runtime/train/trainer.h"
 
 namespace moe {
@@ -47,35 +44,24 @@ std::vector<double> SimulationResult::ExpertRows(int step) const {
   return rows;
 }
 
-StatusOr<SimulationResult> RunSimulation(const MoeConfig& base, int ranks, bool quiet) {
+StatusOr<SimulationResult> RunSimulation(const MoeConfig& base, int ranks, bool quiet,
+                                         const comm::WorldFactory& make_world) {
   MoeConfig cfg = base;
   cfg.mutable_train()->set_eval_every(0);
   cfg.mutable_train()->clear_metrics_path();
   cfg.mutable_train()->set_checkpoint_every(0);
-  comm::LoopbackOptions opts;
-  opts.options.deadline_seconds = cfg.comm().deadline_seconds();
-  MOE_ASSIGN_OR_RETURN(comm::LoopbackWorld world, comm::LoopbackWorld::Create(ranks, opts));
-  // compute.device=CUDA: the same ranks in device memory for the device-resident layers' exchanges
-  // (every rank on the GPUs there are, several on one: NCCL would refuse that).
-  std::optional<comm::LoopbackWorld> device_world;
-  // Without a GPU the trainer reports that itself.
-  if (cfg.compute().device() == config::CUDA && comm::CudaDeviceCount() > 0) {
-    comm::LoopbackOptions device_opts = opts;
-    device_opts.memory = comm::MemorySpace::kDevice;
-    MOE_ASSIGN_OR_RETURN(device_world, comm::LoopbackWorld::Create(ranks, device_opts));
-  }
+  MOE_ASSIGN_OR_RETURN(std::unique_ptr<comm::World> world, make_world(ranks));
   SimulationResult out;
   out.ranks = ranks;
   out.steps.resize(static_cast<size_t>(cfg.train().steps()), std::vector<RankStepRecord>(static_cast<size_t>(ranks)));
-  std::vector<Status> status(static_cast<size_t>(ranks));
   std::mutex mu;
-  world.RunPerRank([&](comm::Communicator& comm) {
-    const size_t r = static_cast<size_t>(comm.rank());
+  const Status ran = world->Run([&](comm::RankContext& rank) -> Status {
+    const size_t r = static_cast<size_t>(rank.comm.rank());
     TrainOptions options;
     options.quiet = quiet;
     options.log_every = 5;
     options.run_label = "(moe_simulate)";
-    if (device_world) options.device_world = &device_world->rank(static_cast<int>(r));
+    options.device_communicators = rank.device;
     // Each rank writes only its own [step][rank] slots (sized above), so no lock is needed.
     options.on_step = [&out, r](const Trainer& t, const report::StepMetrics& m) -> Status {
       const size_t s = static_cast<size_t>(m.step());
@@ -87,17 +73,15 @@ StatusOr<SimulationResult> RunSimulation(const MoeConfig& base, int ranks, bool 
       }
       return Status::Ok();
     };
-    auto trainer = Trainer::Create(cfg, &comm, options);
-    Status s = trainer.ok() ? (*trainer)->Run() : trainer.status();
-    std::lock_guard<std::mutex> lock(mu);
-    status[r] = s;
-    if (s.ok() && r == 0) {
-      out.allreduce_bytes = (*trainer)->StepAllReduceBytes();
+    MOE_ASSIGN_OR_RETURN(std::unique_ptr<Trainer> trainer, Trainer::Create(cfg, &rank.comm, options));
+    MOE_RETURN_IF_ERROR(trainer->Run());
+    if (r == 0) {
+      std::lock_guard<std::mutex> lock(mu);
+      out.allreduce_bytes = trainer->StepAllReduceBytes();
     }
+    return Status::Ok();
   });
-  for (int r = 0; r < ranks; ++r) {
-    if (!status[static_cast<size_t>(r)].ok()) return status[static_cast<size_t>(r)].WithContext("rank " + std::to_string(r));
-  }
+  MOE_RETURN_IF_ERROR(ran);
   out.tokens_per_rank = cfg.train().global_batch_tokens() / ranks;
   out.model_dim = cfg.moe().model_dim();
   for (int s = 0; s < out.num_steps(); ++s) {
@@ -183,7 +167,7 @@ StatusOr<StepPrediction> PredictCluster(const SimulationResult& run, const MoeCo
 // ---- This host --------------------------------------------------------------------------------------
 
 StatusOr<ComputeCalibration> CalibrateCompute(const MoeConfig& cfg, const std::vector<int64_t>& batch_tokens,
-                                              int steps, int warmup) {
+                                              int steps, int warmup, const comm::WorldFactory& make_world) {
   if (steps <= warmup) return InvalidArgument("calibration: steps must exceed the warm-up steps");
   ComputeCalibration out;
   std::vector<std::pair<double, double>> line;  // (tokens, compute - per_row * rows)
@@ -198,7 +182,7 @@ StatusOr<ComputeCalibration> CalibrateCompute(const MoeConfig& cfg, const std::v
     SimulationResult run;
     double best = -1.0;
     for (int i = 0; i < kRepeats; ++i) {
-      MOE_ASSIGN_OR_RETURN(SimulationResult candidate, RunSimulation(c, 1, true));
+      MOE_ASSIGN_OR_RETURN(SimulationResult candidate, RunSimulation(c, 1, true, make_world));
       std::vector<double> step;
       for (int s = warmup; s < candidate.num_steps(); ++s) step.push_back(candidate.metrics(s, 0).step_seconds());
       const double median = Median(step);

@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "comm/world.h"
 #include "proto/moe_config.pb.h"
 #include "proto/report.pb.h"
 #include "runtime/base/status.h"
@@ -49,9 +50,12 @@ struct SimulationResult {
   }
 };
 
-// Runs `cfg` (train.eval_every, metrics_path and checkpoints are switched off here) on `ranks`
-// loopback threads. kInvalidArgument for a config the trainer rejects.
-StatusOr<SimulationResult> RunSimulation(const MoeConfig& cfg, int ranks, bool quiet);
+// Runs `cfg` (train.eval_every, metrics_path and checkpoints are switched off here) on the `ranks`
+// thread ranks of a world from `make_world` (moe_simulate's: loopback, with a device-memory twin
+// for compute.device=CUDA). kInvalidArgument for a config the trainer rejects; a rank's failure
+// comes back with its rank named.
+StatusOr<SimulationResult> RunSimulation(const MoeConfig& cfg, int ranks, bool quiet,
+                                         const comm::WorldFactory& make_world);
 
 // ---- A target cluster ---------------------------------------------------------------------------
 
@@ -78,10 +82,10 @@ struct ComputeCalibration {
   std::vector<int64_t> tokens;   // the calibration runs' batch sizes
   std::vector<double> seconds;   // their median compute seconds per step
 };
-// 1-rank loopback runs of `cfg` with train.global_batch_tokens = each of `batch_tokens`, `steps`
+// 1-rank runs (worlds from make_world) of `cfg` with train.global_batch_tokens = each of `batch_tokens`, `steps`
 // steps each (the quietest of 3 runs per size); the first `warmup` steps are not used.
 StatusOr<ComputeCalibration> CalibrateCompute(const MoeConfig& cfg, const std::vector<int64_t>& batch_tokens,
-                                              int steps, int warmup);
+                                              int steps, int warmup, const comm::WorldFactory& make_world);
 
 // A call-cost fit from moe_comm_bench JSON lines (report.proto BenchResult; "bytes" and "time_us").
 StatusOr<CallCost> FitBenchFile(const std::string& path);

@@ -15,9 +15,6 @@
 #include "runtime/moe/config.h"
 #include "runtime/cuda/device_moe_layer.h"
 #include "runtime/moe/expert_blocks.h"
-#if MOE_COMM_HAVE_CUDA
-#include "comm/nccl/nccl_communicator.h"
-#endif
 
 namespace moe {
 namespace {
@@ -143,19 +140,16 @@ Status Trainer::UseDeviceLayers(int replica) {
   MOE_ASSIGN_OR_RETURN(const int gpu, ComputeGpu(cfg_.compute(), world_->rank()));
   comm::Communicator* ep = nullptr;
   if (ep_size_ > 1) {
-    if (ep_->memory_space() == comm::MemorySpace::kDevice) {
+    if (ep_->memory_space() == MemorySpace::kDevice) {
       ep = ep_.get();
-    } else if (options_.device_world != nullptr) {
-      MOE_ASSIGN_OR_RETURN(device_ep_, options_.device_world->Split(replica, ep_rank_));
+    } else if (options_.device_communicators) {
+      MOE_ASSIGN_OR_RETURN(device_ep_,
+                           options_.device_communicators(*ep_, replica, ep_rank_, gpu));
       ep = device_ep_.get();
     } else {
-#if MOE_COMM_HAVE_CUDA
-      MOE_ASSIGN_OR_RETURN(device_ep_,
-                           comm::NcclCommunicator::Create(*ep_, {gpu, ep_->options()}));
-      ep = device_ep_.get();
-#else
-      return Unimplemented("compute.device=CUDA: this build has no CUDA/NCCL");
-#endif
+      return FailedPrecondition(
+          "compute.device=CUDA with expert parallelism over " + std::string(ep_->backend()) +
+          " (host memory) needs device-memory communicators (TrainOptions::device_communicators)");
     }
   }
   DeviceLayerOptions options;

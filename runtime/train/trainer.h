@@ -40,11 +40,11 @@ struct TrainOptions {
   // Fault injection for tests: called on every rank after the backward pass of each step, before
   // the gradients are reduced (a test poisons a gradient or stops a rank here).
   std::function<Status(Trainer&)> after_backward;
-  // compute.device=CUDA with expert parallelism over a backend in host memory: this rank of a
-  // communicator over the same ranks in device memory (moe_simulate's loopback ranks sharing one
-  // GPU), split like the world into the expert-parallel groups of the device-resident layers.
-  // nullptr: an NCCL communicator is made over each expert-parallel group (one GPU per rank).
-  comm::Communicator* device_world = nullptr;
+  // compute.device=CUDA with expert parallelism over a backend in host memory: makes this rank's
+  // device-memory communicator over the ranks of its expert-parallel group (NCCL over the group, or
+  // a split of a device-memory loopback world; comm/world.h hands one to every rank). Unset: such a
+  // run is refused.
+  comm::DeviceCommunicatorFactory device_communicators;
 };
 
 class Trainer {

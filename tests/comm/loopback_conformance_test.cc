@@ -6,7 +6,7 @@
 #include <tuple>
 
 #include "comm/loopback/loopback_world.h"
-#include "comm/memory.h"
+#include "runtime/base/memory.h"
 #include "tests/comm/conformance_cases.h"
 
 namespace moe::comm::testing {
@@ -31,7 +31,7 @@ TEST_P(LoopbackConformance, Host) { RunCase(MemorySpace::kHost); }
 TEST_P(LoopbackConformance, Device) {
   if (CudaDeviceCount() == 0) {
     GTEST_SKIP() << "loopback device memory needs a GPU; cudaGetDeviceCount reports none"
-                 << (MOE_COMM_HAVE_CUDA ? "" : " (CPU-only build)");
+                 << (MOE_BASE_HAVE_CUDA ? "" : " (CPU-only build)");
   }
   RunCase(MemorySpace::kDevice);
 }

@@ -6,7 +6,7 @@
 #include <vector>
 
 #include "comm/communicator.h"
-#include "comm/memory.h"
+#include "runtime/base/memory.h"
 
 namespace moe::comm::testing {
 

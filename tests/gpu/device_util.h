@@ -10,7 +10,7 @@
 #include <utility>
 #include <vector>
 
-#include "comm/memory.h"
+#include "runtime/base/memory.h"
 #include "runtime/base/tensor.h"
 
 namespace moe::testing {
@@ -18,7 +18,7 @@ namespace moe::testing {
 // Skips the test, with the reason, when no CUDA device is visible (or the build has no CUDA).
 #define MOE_REQUIRE_GPU()                                                                          \
   do {                                                                                             \
-    if (::moe::comm::CudaDeviceCount() == 0) {                                                     \
+    if (::moe::CudaDeviceCount() == 0) {                                                     \
       GTEST_SKIP() << "no CUDA device visible to this process (or a build without CUDA): the GPU " \
                       "path is tested on a machine with a GPU";                                    \
     }                                                                                              \
@@ -36,24 +36,24 @@ inline double RelativeError(const Tensor& a, const Tensor& b) {
 }
 
 template <typename T>
-comm::Buffer DeviceArray(int64_t n) {
-  auto b = comm::Buffer::Allocate(comm::MemorySpace::kDevice, n * static_cast<int64_t>(sizeof(T)));
+Buffer DeviceArray(int64_t n) {
+  auto b = Buffer::Allocate(MemorySpace::kDevice, n * static_cast<int64_t>(sizeof(T)));
   EXPECT_TRUE(b.ok()) << b.status().ToString();
-  return b.ok() ? std::move(b).value() : comm::Buffer();
+  return b.ok() ? std::move(b).value() : Buffer();
 }
 
 template <typename T>
-comm::Buffer ToDevice(const std::vector<T>& v) {
-  auto b = comm::Buffer::FromHost(comm::MemorySpace::kDevice, v.data(),
+Buffer ToDevice(const std::vector<T>& v) {
+  auto b = Buffer::FromHost(MemorySpace::kDevice, v.data(),
                                   static_cast<int64_t>(v.size() * sizeof(T)));
   EXPECT_TRUE(b.ok()) << b.status().ToString();
-  return b.ok() ? std::move(b).value() : comm::Buffer();
+  return b.ok() ? std::move(b).value() : Buffer();
 }
 
 template <typename T>
-std::vector<T> FromDevice(const comm::Buffer& b, int64_t n) {
+std::vector<T> FromDevice(const Buffer& b, int64_t n) {
   std::vector<T> v(static_cast<size_t>(n));
-  EXPECT_TRUE(comm::CopyToHost(comm::MemorySpace::kDevice, v.data(), b.data(),
+  EXPECT_TRUE(CopyToHost(MemorySpace::kDevice, v.data(), b.data(),
                                n * static_cast<int64_t>(sizeof(T)))
                   .ok());
   return v;

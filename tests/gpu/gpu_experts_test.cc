@@ -17,8 +17,8 @@
 #include <string>
 #include <vector>
 
-#include "comm/loopback/loopback_world.h"
-#include "comm/memory.h"
+#include "comm/world.h"
+#include "runtime/base/memory.h"
 #include "experts/cuda/grouped_ffn.h"
 #include "runtime/moe/config.h"
 #include "runtime/moe/expert_blocks.h"
@@ -45,7 +45,7 @@ config::ComputeConfig Cuda(Precision p) {
 }
 
 TEST(GpuExpertsNoDevice, CudaWithoutAGpuIsAClearError) {
-  if (comm::CudaDeviceCount() > 0)
+  if (CudaDeviceCount() > 0)
     GTEST_SKIP() << "a CUDA device is visible; this checks the error without one";
   FfnShape shape{8, 16, Activation::kRelu, false, true};
   auto compute = MakeExpertCompute(shape, 2, Cuda(Precision::kFloat32), 0);
@@ -207,7 +207,7 @@ TEST(GpuExperts, GroupedFfnPartsKeepTheirOwnActivations) {
     ExpertBlocks cpu(shape);
     std::vector<FfnParams> want_g(kExperts, FfnParams::Zeros(shape));
     std::vector<Tensor> x(2), dy(2), want_y(2), want_dx(2);
-    std::vector<comm::Buffer> x_dev, dy_dev, y_dev, dx_dev;
+    std::vector<Buffer> x_dev, dy_dev, y_dev, dx_dev;
     for (int part = 0; part < 2; ++part) {
       const int64_t rows = offsets[part].back();
       x[part] = Tensor(rows, shape.model_dim);
@@ -317,22 +317,23 @@ TEST(GpuExperts, ExpertParallelTrainingFollowsCpu) {
     *cfg.mutable_compute() = compute;
     cfg.mutable_parallel()->set_pipeline_degree(pipeline_degree);
     std::vector<double> out;
-    auto world = comm::LoopbackWorld::Create(2, {});
-    EXPECT_TRUE(world.ok());
-    // The device-resident layers exchange over the same ranks in device memory (one GPU).
-    auto device_world = comm::LoopbackWorld::Create(2, {comm::MemorySpace::kDevice, {}});
-    EXPECT_TRUE(device_world.ok());
+    // The device-resident layers exchange over the same ranks in device memory (one GPU): the
+    // world's device-memory twin.
+    comm::WorldOptions w;
+    w.ranks = 2;
+    w.device_twin = true;
+    auto world = comm::MakeWorld(w);
+    EXPECT_TRUE(world.ok()) << world.status().ToString();
     const bool on_device = compute.device() == config::CUDA;
-    world->RunPerRank([&](comm::Communicator& comm) {
+    const Status ran = (*world)->Run([&](comm::RankContext& rank) -> Status {
+      comm::Communicator& comm = rank.comm;
       TrainOptions opts;
       opts.quiet = true;
-      opts.device_world = &device_world->rank(comm.rank());
-      auto trainer = Trainer::Create(cfg, &comm, opts);
-      ASSERT_TRUE(trainer.ok()) << trainer.status().ToString();
-      Status s = (*trainer)->Run();
-      ASSERT_TRUE(s.ok()) << s.ToString();
+      opts.device_communicators = rank.device;
+      MOE_ASSIGN_OR_RETURN(std::unique_ptr<Trainer> trainer, Trainer::Create(cfg, &comm, opts));
+      MOE_RETURN_IF_ERROR(trainer->Run());
       if (comm.rank() == 0) {
-        for (const auto& m : (*trainer)->history()) {
+        for (const auto& m : trainer->history()) {
           out.push_back(m.loss());
           // The device layers report their exchanges and expert time as the executors do.
           EXPECT_GT(m.alltoall_seconds(), 0.0);
@@ -340,15 +341,17 @@ TEST(GpuExperts, ExpertParallelTrainingFollowsCpu) {
             EXPECT_GT(m.expert_seconds(), 0.0);
           }
         }
-        std::vector<ExchangeStats*> stats = (*trainer)->LayerExchangeStats();
-        ASSERT_EQ(stats.size(), 2u);  // two MoE layers
+        std::vector<ExchangeStats*> stats = trainer->LayerExchangeStats();
+        EXPECT_EQ(stats.size(), 2u);  // two MoE layers
         int dispatches = 0;
-        for (const ExchangeCall& c : stats[0]->calls) {
+        for (const ExchangeCall& c : stats.at(0)->calls) {
           dispatches += c.kind == ExchangeCall::Kind::kDispatch ? 1 : 0;
         }
         EXPECT_EQ(dispatches, 2 * pipeline_degree);  // forward and backward, every chunk
       }
+      return Status::Ok();
     });
+    EXPECT_TRUE(ran.ok()) << ran.ToString();
     return out;
   };
   const std::vector<double> cpu = losses(config::ComputeConfig());

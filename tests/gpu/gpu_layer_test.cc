@@ -24,7 +24,7 @@
 #include <vector>
 
 #include "comm/loopback/loopback_world.h"
-#include "comm/memory.h"
+#include "runtime/base/memory.h"
 #include "runtime/cuda/route.h"
 #include "runtime/cuda/device_moe_layer.h"
 #include "runtime/moe/moe_layer.h"
@@ -37,7 +37,7 @@ namespace {
 using experts::cuda::Precision;
 
 TEST(DeviceLayerNoDevice, CreateWithoutAGpuIsAClearError) {
-  if (comm::CudaDeviceCount() > 0)
+  if (CudaDeviceCount() > 0)
     GTEST_SKIP() << "a CUDA device is visible; this checks the error without one";
   const config::LayerConfig cfg =
       testing::LayerFromText("model_dim: 8 num_experts: 2 expert { hidden_dim: 8 }");
@@ -75,10 +75,10 @@ void CompareCall(MoeLayer& cpu, DeviceMoeLayer& gpu, int64_t tokens, uint64_t se
   ASSERT_TRUE(cpu.Forward(x.view(), ctx, &y_cpu).ok());
   ASSERT_TRUE(cpu.Backward(dy.view(), &dx_cpu, g_cpu).ok());
 
-  comm::Buffer x_dev = testing::ToDevice(std::vector<float>(x.data(), x.data() + x.size()));
-  comm::Buffer dy_dev = testing::ToDevice(std::vector<float>(dy.data(), dy.data() + dy.size()));
-  comm::Buffer y_dev = testing::DeviceArray<float>(x.size());
-  comm::Buffer dx_dev = testing::DeviceArray<float>(x.size());
+  Buffer x_dev = testing::ToDevice(std::vector<float>(x.data(), x.data() + x.size()));
+  Buffer dy_dev = testing::ToDevice(std::vector<float>(dy.data(), dy.data() + dy.size()));
+  Buffer y_dev = testing::DeviceArray<float>(x.size());
+  Buffer dx_dev = testing::DeviceArray<float>(x.size());
   Status s = gpu.Forward(x_dev.as<float>(), tokens, ctx, y_dev.as<float>());
   ASSERT_TRUE(s.ok()) << s.ToString();
   EXPECT_EQ(gpu.plan().num_rows(), cpu.plan().num_rows());
@@ -202,8 +202,8 @@ TEST(DeviceLayer, BadParametersAndCallOrderAreClearErrors) {
   auto made = DeviceMoeLayer::Create(cfg, {});
   ASSERT_TRUE(made.ok()) << made.status().ToString();
   DeviceMoeLayer& gpu = **made;
-  comm::Buffer x = testing::DeviceArray<float>(8 * 4);
-  comm::Buffer y = testing::DeviceArray<float>(8 * 4);
+  Buffer x = testing::DeviceArray<float>(8 * 4);
+  Buffer y = testing::DeviceArray<float>(8 * 4);
   Status s = gpu.Forward(x.as<float>(), 4, {}, y.as<float>());
   EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition) << s.ToString();
   MoeLayerParams params = MakeLayerParams(cfg);
@@ -258,7 +258,7 @@ TEST_P(DeviceLayerExpertParallel, RanksOnDeviceBuffersEqualOneCpuRankWithGroups)
   MoeLayerParams ref_grads = testing::ZeroGrads(ref);
   ASSERT_TRUE(ref.Backward(dy.view(), &ref_dx, &ref_grads).ok());
 
-  auto world = comm::LoopbackWorld::Create(w, {comm::MemorySpace::kDevice, {}});
+  auto world = comm::LoopbackWorld::Create(w, {MemorySpace::kDevice, {}});
   ASSERT_TRUE(world.ok()) << world.status().ToString();
   std::vector<Tensor> y(w, Tensor(s, m)), dx(w, Tensor(s, m));
   std::vector<MoeLayerParams> grads(w);
@@ -281,20 +281,20 @@ TEST_P(DeviceLayerExpertParallel, RanksOnDeviceBuffersEqualOneCpuRankWithGroups)
       MOE_RETURN_IF_ERROR(layer->SetParams(mine));
       layer->set_loss_gradient_scale(1.0 / w);
       const int64_t bytes = s * m * static_cast<int64_t>(sizeof(float));
-      const auto dev = comm::MemorySpace::kDevice;
-      MOE_ASSIGN_OR_RETURN(auto x_dev, comm::Buffer::FromHost(dev, x.row(r * s), bytes));
-      MOE_ASSIGN_OR_RETURN(auto dy_dev, comm::Buffer::FromHost(dev, dy.row(r * s), bytes));
-      MOE_ASSIGN_OR_RETURN(auto y_dev, comm::Buffer::Allocate(dev, bytes));
-      MOE_ASSIGN_OR_RETURN(auto dx_dev, comm::Buffer::Allocate(dev, bytes));
+      const auto dev = MemorySpace::kDevice;
+      MOE_ASSIGN_OR_RETURN(auto x_dev, Buffer::FromHost(dev, x.row(r * s), bytes));
+      MOE_ASSIGN_OR_RETURN(auto dy_dev, Buffer::FromHost(dev, dy.row(r * s), bytes));
+      MOE_ASSIGN_OR_RETURN(auto y_dev, Buffer::Allocate(dev, bytes));
+      MOE_ASSIGN_OR_RETURN(auto dx_dev, Buffer::Allocate(dev, bytes));
       RouteContext rctx = ctx;
       rctx.token_offset = r * s;
       MOE_RETURN_IF_ERROR(layer->Forward(x_dev.as<float>(), s, rctx, y_dev.as<float>()));
       MOE_RETURN_IF_ERROR(layer->Backward(dy_dev.as<float>(), dx_dev.as<float>()));
       MOE_RETURN_IF_ERROR(layer->Synchronize());
       MOE_RETURN_IF_ERROR(
-          comm::CopyToHost(comm::MemorySpace::kDevice, y[r].data(), y_dev.data(), bytes));
+          CopyToHost(MemorySpace::kDevice, y[r].data(), y_dev.data(), bytes));
       MOE_RETURN_IF_ERROR(
-          comm::CopyToHost(comm::MemorySpace::kDevice, dx[r].data(), dx_dev.data(), bytes));
+          CopyToHost(MemorySpace::kDevice, dx[r].data(), dx_dev.data(), bytes));
       grads[r] = MakeLayerParams(cfg, r * local, local);
       grads[r].Zero();
       MOE_RETURN_IF_ERROR(layer->FetchPlan());

@@ -9,7 +9,7 @@
 #include <limits>
 #include <vector>
 
-#include "comm/memory.h"
+#include "runtime/base/memory.h"
 #include "runtime/cuda/permute.h"
 #include "runtime/moe/dispatch_plan.h"
 #include "runtime/moe/moe_layer.h"
@@ -19,8 +19,6 @@
 namespace moe {
 namespace {
 
-using comm::Buffer;
-using comm::MemorySpace;
 using testing::FromDevice;
 using testing::ToDevice;
 
@@ -127,7 +125,7 @@ INSTANTIATE_TEST_SUITE_P(Widths, GpuPermute, ::testing::Values(64, 30));
 // Without a GPU a call fails with a status that names it (a CUDA build: the launch error; no CUDA:
 // kUnimplemented), never a crash.
 TEST(GpuPermuteNoDevice, WithoutAGpuTheCallsFailWithAReason) {
-  if (comm::CudaDeviceCount() > 0) {
+  if (CudaDeviceCount() > 0) {
     GTEST_SKIP() << "a CUDA device is visible; this checks the error without one";
   }
   gpu::DevicePlan plan;
@@ -135,7 +133,7 @@ TEST(GpuPermuteNoDevice, WithoutAGpuTheCallsFailWithAReason) {
   plan.tokens = 1;
   const Status s = gpu::PermuteRows(plan, nullptr, 4, nullptr, nullptr);
   ASSERT_FALSE(s.ok());
-#if MOE_COMM_HAVE_CUDA
+#if MOE_BASE_HAVE_CUDA
   EXPECT_EQ(s.code(), StatusCode::kInternal) << s.ToString();
 #else
   EXPECT_EQ(s.code(), StatusCode::kUnimplemented) << s.ToString();

@@ -15,7 +15,7 @@
 #include <string>
 #include <vector>
 
-#include "comm/memory.h"
+#include "runtime/base/memory.h"
 #include "runtime/moe/config.h"
 #include "runtime/cuda/route.h"
 #include "runtime/moe/dispatch_plan.h"
@@ -27,8 +27,6 @@
 namespace moe {
 namespace {
 
-using comm::Buffer;
-using comm::MemorySpace;
 
 using testing::DeviceArray;
 using testing::FromDevice;
@@ -221,7 +219,7 @@ TEST(DeviceRouterSupport, RerouteAndLargeKStayOnTheHost) {
                                                       text + " }"))
         .router();
   };
-#if MOE_COMM_HAVE_CUDA
+#if MOE_BASE_HAVE_CUDA
   EXPECT_TRUE(gpu::DeviceRouter::Supports(router("gate: TOPK top_k: 2"), &why)) << why;
   EXPECT_TRUE(why.empty());
   EXPECT_TRUE(gpu::DeviceRouter::Supports(

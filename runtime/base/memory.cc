@@ -1,17 +1,18 @@
-#include "comm/memory.h"
+// Buffer, Workspace and the copies of runtime/base/memory.h (cudaMalloc/cudaMemcpy in a CUDA build).
+#include "runtime/base/memory.h"
 
 #include <cstdlib>
 #include <cstring>
 #include <string>
 
-#if MOE_COMM_HAVE_CUDA
+#if MOE_BASE_HAVE_CUDA
 #include <cuda_runtime_api.h>
 #endif
 
-namespace moe::comm {
+namespace moe {
 namespace {
 
-#if MOE_COMM_HAVE_CUDA
+#if MOE_BASE_HAVE_CUDA
 Status CudaCopy(void* dst, const void* src, int64_t bytes, cudaMemcpyKind kind) {
   cudaError_t err = cudaMemcpy(dst, src, static_cast<size_t>(bytes), kind);
   // A device-to-device cudaMemcpy, and one from pageable host memory (once the source is staged),
@@ -33,8 +34,12 @@ Status NoCuda(const char* what) {
 
 }  // namespace
 
+const char* MemorySpaceName(MemorySpace space) {
+  return space == MemorySpace::kHost ? "host" : "device";
+}
+
 int CudaDeviceCount() {
-#if MOE_COMM_HAVE_CUDA
+#if MOE_BASE_HAVE_CUDA
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess) {
     (void)cudaGetLastError();  // clear the sticky "no device" error
@@ -52,7 +57,7 @@ void Buffer::Free::operator()(void* p) const {
     std::free(p);
     return;
   }
-#if MOE_COMM_HAVE_CUDA
+#if MOE_BASE_HAVE_CUDA
   (void)cudaFree(p);
 #endif
 }
@@ -67,7 +72,7 @@ StatusOr<Buffer> Buffer::Allocate(MemorySpace space, int64_t bytes) {
     if (p == nullptr) return Internal("Buffer: out of host memory for " + std::to_string(bytes));
     return Buffer(space, p, bytes);
   }
-#if MOE_COMM_HAVE_CUDA
+#if MOE_BASE_HAVE_CUDA
   void* p = nullptr;
   const cudaError_t err = cudaMalloc(&p, static_cast<size_t>(bytes));
   if (err != cudaSuccess) {
@@ -100,7 +105,7 @@ Status CopyBytes(MemorySpace space, void* dst, const void* src, int64_t bytes) {
     std::memcpy(dst, src, static_cast<size_t>(bytes));
     return Status::Ok();
   }
-#if MOE_COMM_HAVE_CUDA
+#if MOE_BASE_HAVE_CUDA
   return CudaCopy(dst, src, bytes, cudaMemcpyDeviceToDevice);
 #else
   return NoCuda("CopyBytes");
@@ -113,7 +118,7 @@ Status CopyToHost(MemorySpace space, void* host_dst, const void* src, int64_t by
     std::memcpy(host_dst, src, static_cast<size_t>(bytes));
     return Status::Ok();
   }
-#if MOE_COMM_HAVE_CUDA
+#if MOE_BASE_HAVE_CUDA
   return CudaCopy(host_dst, src, bytes, cudaMemcpyDeviceToHost);
 #else
   return NoCuda("CopyToHost");
@@ -126,11 +131,11 @@ Status CopyFromHost(MemorySpace space, void* dst, const void* host_src, int64_t 
     std::memcpy(dst, host_src, static_cast<size_t>(bytes));
     return Status::Ok();
   }
-#if MOE_COMM_HAVE_CUDA
+#if MOE_BASE_HAVE_CUDA
   return CudaCopy(dst, host_src, bytes, cudaMemcpyHostToDevice);
 #else
   return NoCuda("CopyFromHost");
 #endif
 }
 
-}  // namespace moe::comm
+}  // namespace moe

@@ -24,9 +24,11 @@
 #include "runtime/base/rng.h"
 #include "runtime/moe/config.h"
 #include "runtime/cuda/device_moe_layer.h"
-#include "runtime/moe/expert_blocks.h"
+#include "bench/staged_gpu_experts.h"
+#include "runtime/moe/compute.h"
+#include "runtime/moe/cpu_expert_compute.h"
 #include "runtime/moe/expert_executor.h"
-#include "runtime/moe/moe_layer.h"
+#include "runtime/moe/cpu_moe_layer.h"
 
 namespace {
 
@@ -158,9 +160,9 @@ int RunCuda(const std::vector<Shape>& shapes, const std::string& only, int iters
       MOE_CHECK_OK(layer.Synchronize());
     });
     // The staged layer: host tensors, experts on the GPU.
-    auto experts = moe::MakeExpertCompute(moe::ExpertShape(cfg), sh.e, compute, 0);
+    auto experts = moe::MakeStagedExpertCompute(moe::ExpertShape(cfg), sh.e, compute, 0);
     MOE_CHECK_OK(experts.status());
-    moe::MoeLayer staged(cfg, std::make_unique<moe::LocalExpertExecutor>(std::move(experts).value()),
+    moe::CpuMoeLayer staged(cfg, std::make_unique<moe::LocalExpertExecutor>(std::move(experts).value()),
                          0, sh.e);
     staged.params() = params;
     moe::MoeLayerParams grads = moe::MakeLayerParams(cfg);
@@ -234,12 +236,12 @@ int main(int argc, char** argv) {
   for (const Shape& sh : shapes) {
     if (!only.empty() && sh.name != only) continue;
     const auto cfg = MakeConfig(sh);
-    auto experts = moe::MakeExpertCompute(moe::ExpertShape(cfg), sh.e, compute, 0);
+    auto experts = moe::MakeStagedExpertCompute(moe::ExpertShape(cfg), sh.e, compute, 0);
     if (!experts.ok()) {
       std::fprintf(stderr, "moe_layer_bench: %s\n", experts.status().ToString().c_str());
       return 1;
     }
-    moe::MoeLayer layer(cfg, std::make_unique<moe::LocalExpertExecutor>(std::move(experts).value()), 0, sh.e);
+    moe::CpuMoeLayer layer(cfg, std::make_unique<moe::LocalExpertExecutor>(std::move(experts).value()), 0, sh.e);
     moe::InitLayerParams(cfg, 1, &layer.params());
     moe::Tensor x(sh.s, sh.m), dy(sh.s, sh.m), y, dx;
     FillInputs(&x, &dy);

@@ -587,16 +587,6 @@ class CudaGroupedFfn final : public GroupedFfn {
                      "cudaStreamSynchronize after a device-to-host copy");
   }
 
-  StatusOr<float*> DeviceScratch(int slot, int64_t bytes) override {
-    if (slot < 0 || slot >= static_cast<int>(scratch_.size())) {
-      return InvalidArgument("GroupedFfn::DeviceScratch: slot " + std::to_string(slot) +
-                             " not in [0, 4)");
-    }
-    MOE_RETURN_IF_ERROR(CudaCheck(cudaSetDevice(device_), "cudaSetDevice"));
-    MOE_RETURN_IF_ERROR(scratch_[static_cast<size_t>(slot)].Reserve(bytes));
-    return scratch_[static_cast<size_t>(slot)].as<float>();
-  }
-
  private:
   // What one part's Forward keeps for its Backward.
   struct Part {
@@ -755,7 +745,6 @@ class CudaGroupedFfn final : public GroupedFfn {
   Part* cur_ = &parts_[0];                    // the part of the running call
   DeviceMemory y16_;
   DeviceMemory dy16_, da_, dhu_, dx16_;  // backward
-  std::array<DeviceMemory, 4> scratch_;
   std::vector<float> staging_;
 
   // Grouped-call argument arrays (host), reused.

@@ -1,5 +1,5 @@
 // The FFNs of L local experts on one GPU, over contiguous row blocks: rows [offsets[e],
-// offsets[e+1]) go through expert e — the GPU counterpart of runtime/expert_blocks.h, same math as
+// offsets[e+1]) go through expert e — the GPU counterpart of runtime/moe/cpu_expert_compute.h, same math as
 // experts/cpu/ffn.cc (see expert_ffn.h).
 //
 // Stages, one small kernel or one cuBLAS call each:
@@ -75,9 +75,6 @@ class GroupedFfn {
   // Host <-> device copies on this object's stream; return when the copy is complete.
   virtual Status Upload(void* device_dst, const void* host_src, int64_t bytes) = 0;
   virtual Status Download(void* host_dst, const void* device_src, int64_t bytes) = 0;
-  // Device memory owned by this object, at least `bytes`, kept across calls; `slot` (0..3) picks
-  // one of four independent buffers (e.g. the caller's x, y, dy, dx).
-  virtual StatusOr<float*> DeviceScratch(int slot, int64_t bytes) = 0;
 };
 
 }  // namespace moe::experts::cuda

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstring>
 #include <span>
+#include <type_traits>
 #include <vector>
 
 #include "runtime/base/check.h"
@@ -26,7 +27,12 @@ class MatrixView {
   T* row(int64_t r) const { return data_ + r * cols_; }
   T& operator()(int64_t r, int64_t c) const { return data_[r * cols_ + c]; }
   std::span<T> span() const { return {data_, static_cast<size_t>(size())}; }
-  operator MatrixView<const T>() const { return {data_, rows_, cols_}; }  // NOLINT
+  // To a read-only view (only for a mutable T: a template, so MatrixView<const T> declares none).
+  template <typename U = T>
+    requires(!std::is_const_v<U>)
+  operator MatrixView<const U>() const {  // NOLINT
+    return {data_, rows_, cols_};
+  }
 
  private:
   T* data_ = nullptr;
@@ -77,5 +83,19 @@ class Matrix {
 
 using Tensor = Matrix<float>;
 using IntTensor = Matrix<int32_t>;
+
+// Resizes t to rows x cols, keeping the allocation when the shape is unchanged (contents undefined
+// then; zero after a shape change).
+inline void ResizeTensor(Tensor* t, int64_t rows, int64_t cols) {
+  if (t->rows() != rows || t->cols() != cols) t->Reset(rows, cols);
+}
+
+// Rows [begin, end) of t.
+inline MatrixView<float> RowBlock(Tensor& t, int64_t begin, int64_t end) {
+  return {t.data() + begin * t.cols(), end - begin, t.cols()};
+}
+inline MatrixView<const float> RowBlock(MatrixView<const float> t, int64_t begin, int64_t end) {
+  return {t.data() + begin * t.cols(), end - begin, t.cols()};
+}
 
 }  // namespace moe

@@ -19,7 +19,8 @@
 #include "runtime/cuda/permute.h"
 #include "runtime/cuda/route.h"
 #include "runtime/moe/ep_row_maps.h"
-#include "runtime/moe/expert_blocks.h"
+#include "runtime/moe/expert_parallel_executor.h"
+#include "runtime/base/tensor.h"
 
 namespace moe {
 namespace {
@@ -48,39 +49,6 @@ std::vector<int64_t> Scaled(const std::vector<int64_t>& v, int64_t k) {
   std::vector<int64_t> out(v.size());
   for (size_t i = 0; i < v.size(); ++i) out[i] = v[i] * k;
   return out;
-}
-
-// The name and shape of every tensor of a MoeLayerParams, in ForEach order.
-struct NamedShape {
-  std::string name;
-  int64_t rows, cols;
-};
-std::vector<NamedShape> ShapesOf(const MoeLayerParams& p) {
-  std::vector<NamedShape> out;
-  p.ForEach([&](const std::string& name, const Tensor& t) {
-    out.push_back({name, t.rows(), t.cols()});
-  });
-  return out;
-}
-
-// Every tensor of `got` has the name and shape of `want`, or an error naming the first that
-// differs.
-Status CheckShapes(const std::string& what, const MoeLayerParams& got,
-                   const std::vector<NamedShape>& want) {
-  const std::vector<NamedShape> have = ShapesOf(got);
-  for (size_t i = 0; i < want.size(); ++i) {
-    if (i >= have.size() || have[i].name != want[i].name) {
-      return InvalidArgument(what + ": " + want[i].name + " is missing");
-    }
-    if (have[i].rows != want[i].rows || have[i].cols != want[i].cols) {
-      return InvalidArgument(what + ": " + want[i].name + " is " + std::to_string(have[i].rows) +
-                             "x" + std::to_string(have[i].cols) + ", must be " +
-                             std::to_string(want[i].rows) + "x" + std::to_string(want[i].cols));
-    }
-  }
-  if (have.size() > want.size())
-    return InvalidArgument(what + ": unexpected " + have[want.size()].name);
-  return Status::Ok();
 }
 
 class CudaMoeLayer final : public DeviceMoeLayer {
@@ -112,7 +80,7 @@ class CudaMoeLayer final : public DeviceMoeLayer {
     MOE_RETURN_IF_ERROR(CublasCheck(api_, api_.create(&handle_), "cublasCreate"));
     MOE_RETURN_IF_ERROR(CublasCheck(api_, api_.set_stream(handle_, stream_), "cublasSetStream"));
     const int64_t m = cfg_.model_dim(), e = cfg_.num_experts();
-    shapes_ = ShapesOf(MakeLayerParams(cfg_, rank_ * local_, local_));
+    shapes_ = LayerParamShapes(cfg_, rank_ * local_, local_);
     MOE_ASSIGN_OR_RETURN(experts_, GroupedFfn::Create(ExpertShape(cfg_), local_, options_.precision,
                                                       options_.device, stream_));
     for (int i = 0; i < cfg_.num_shared_experts(); ++i) {
@@ -134,6 +102,8 @@ class CudaMoeLayer final : public DeviceMoeLayer {
   }
 
   const config::LayerConfig& config() const override { return cfg_; }
+  int first_expert() const override { return rank_ * local_; }
+  int num_local_experts() const override { return local_; }
   void* stream() const override { return stream_; }
   double host_seconds() const override { return host_seconds_; }
   bool routes_on_device() const override { return router_dev_ != nullptr; }
@@ -149,9 +119,9 @@ class CudaMoeLayer final : public DeviceMoeLayer {
   std::vector<float>& router_bias() override { return bias_; }
   void set_loss_gradient_scale(double s) override { loss_grad_scale_ = s; }
 
-  ExchangeStats& exchange_stats() override {
+  ExchangeStats* exchange_stats() override {
     (void)ResolveExpertTimers();
-    return stats_;
+    return &stats_;
   }
 
   Status Synchronize() override {
@@ -228,7 +198,30 @@ class CudaMoeLayer final : public DeviceMoeLayer {
     return Status::Ok();
   }
 
-  Status Backward(const float* dy, float* dx) override {
+  Status Backward(const float* dy, float* dx, MoeLayerParams* grads) override {
+    MOE_RETURN_IF_ERROR(BackwardOnDevice(dy, dx));
+    return grads == nullptr ? Status::Ok() : AddGradients(grads);
+  }
+
+  Status AddGradients(MoeLayerParams* grads) override {
+    MOE_RETURN_IF_ERROR(CudaCheck(cudaSetDevice(options_.device), "cudaSetDevice"));
+    MOE_RETURN_IF_ERROR(CheckExperts("DeviceMoeLayer::AddGradients", *grads));
+    MOE_RETURN_IF_ERROR(AddRouterGradient(gwg_, &grads->router));
+    if (HasNoiseWeights()) MOE_RETURN_IF_ERROR(AddRouterGradient(gwn_, &grads->router_noise));
+    MOE_RETURN_IF_ERROR(experts_->AddGradients(&grads->experts));
+    for (size_t i = 0; i < shared_.size(); ++i) {
+      std::vector<experts::FfnParams> one;
+      one.push_back(std::move(grads->shared[i]));
+      const Status st = shared_[i]->AddGradients(&one);
+      grads->shared[i] = std::move(one[0]);
+      MOE_RETURN_IF_ERROR(st);
+    }
+    return ZeroRouterGradients();
+  }
+
+ private:
+  // The backward on the device; the parameter gradients accumulate there.
+  Status BackwardOnDevice(const float* dy, float* dx) {
     if (!have_forward_)
       return FailedPrecondition("DeviceMoeLayer::Backward called without a Forward");
     MOE_RETURN_IF_ERROR(CudaCheck(cudaSetDevice(options_.device), "cudaSetDevice"));
@@ -286,23 +279,6 @@ class CudaMoeLayer final : public DeviceMoeLayer {
     return Status::Ok();
   }
 
-  Status AddGradients(MoeLayerParams* grads) override {
-    MOE_RETURN_IF_ERROR(CudaCheck(cudaSetDevice(options_.device), "cudaSetDevice"));
-    MOE_RETURN_IF_ERROR(CheckExperts("DeviceMoeLayer::AddGradients", *grads));
-    MOE_RETURN_IF_ERROR(AddRouterGradient(gwg_, &grads->router));
-    if (HasNoiseWeights()) MOE_RETURN_IF_ERROR(AddRouterGradient(gwn_, &grads->router_noise));
-    MOE_RETURN_IF_ERROR(experts_->AddGradients(&grads->experts));
-    for (size_t i = 0; i < shared_.size(); ++i) {
-      std::vector<experts::FfnParams> one;
-      one.push_back(std::move(grads->shared[i]));
-      const Status st = shared_[i]->AddGradients(&one);
-      grads->shared[i] = std::move(one[0]);
-      MOE_RETURN_IF_ERROR(st);
-    }
-    return ZeroRouterGradients();
-  }
-
- private:
   // The router after its GEMMs on the device: plan_ gets the counts and metrics, dplan_ the
   // device plan; router_ stays empty until FetchPlan.
   Status RouteOnDevice(const float* logits, const float* noise_in, int64_t s,
@@ -353,7 +329,7 @@ class CudaMoeLayer final : public DeviceMoeLayer {
           " shared experts (got " + std::to_string(p.experts.size()) + " from expert " +
           std::to_string(p.first_expert) + " and " + std::to_string(p.shared.size()) + ")");
     }
-    return CheckShapes(what, p, shapes_);
+    return CheckParamShapes(what, p, shapes_);
   }
 
   // Expert parallelism, once per forward: the (destination, local expert) row counts of this rank's
@@ -608,7 +584,7 @@ class CudaMoeLayer final : public DeviceMoeLayer {
   cudaStream_t stream_ = nullptr;
   cublasHandle_t handle_ = nullptr;
   int ranks_ = 1, rank_ = 0, local_ = 0;  // expert parallelism: W, this rank, E / W
-  std::vector<NamedShape> shapes_;        // of this rank's parameters (and gradients)
+  std::vector<ParamShape> shapes_;        // of this rank's parameters (and gradients)
   std::unique_ptr<GroupedFfn> experts_;
   std::vector<std::unique_ptr<GroupedFfn>> shared_;
   std::vector<float> bias_;

@@ -42,7 +42,6 @@
 #include "proto/report.pb.h"
 #include "runtime/base/status.h"
 #include "runtime/moe/dispatch_plan.h"
-#include "runtime/moe/expert_parallel_executor.h"
 #include "runtime/moe/losses.h"
 #include "runtime/moe/moe_layer.h"
 #include "runtime/moe/router.h"
@@ -67,63 +66,30 @@ struct DeviceLayerOptions {
   bool route_on_device = true;
 };
 
-class DeviceMoeLayer {
+class DeviceMoeLayer : public MoeLayer {
  public:
   // A layer holding all E experts of `cfg` (or, with options.comm, its rank's E/W) on
   // `options.device`. Parameters are zero until SetParams.
   static StatusOr<std::unique_ptr<DeviceMoeLayer>> Create(const config::LayerConfig& cfg,
                                                           const DeviceLayerOptions& options);
-  virtual ~DeviceMoeLayer() = default;
 
-  // The resolved layer config.
-  virtual const config::LayerConfig& config() const = 0;
-  // Copies every parameter (host, fp32, the shapes of MakeLayerParams(cfg) with all E experts, or
-  // MakeLayerParams(cfg, rank·E/W, E/W) with a communicator) to the device; fails naming the first
-  // tensor whose shape differs.
-  virtual Status SetParams(const MoeLayerParams& params) = 0;
+  MemorySpace memory_space() const override { return MemorySpace::kDevice; }
+  // Backward leaving the parameter gradients on the device (AddGradients brings them down).
+  using MoeLayer::Backward;
+  Status Backward(const float* dy, float* dx) { return Backward(dy, dx, nullptr); }
 
-  // y = MoE(x) for the S rows of x: x and y are device pointers to S x M fp32 values. x must stay
-  // allocated and unchanged until the Backward (the router's weight gradient reads it).
-  virtual Status Forward(const float* x, int64_t tokens, const RouteContext& ctx, float* y) = 0;
-  // dx (device, S x M) from dy (device, S x M) for the last Forward; parameter gradients are
-  // accumulated on the device.
-  virtual Status Backward(const float* dy, float* dx) = 0;
-  // Adds the device-accumulated gradients into grads (host, the shapes SetParams takes) and zeroes
-  // them on the device. With a communicator the router gradient is this rank's (no all-reduce).
-  virtual Status AddGradients(MoeLayerParams* grads) = 0;
-  // Waits for the work enqueued so far (Forward and Backward return with device work in flight).
-  virtual Status Synchronize() = 0;
   // The cudaStream_t all work is ordered on: enqueue producers of x / dy and consumers of y / dx on
   // it, or synchronize.
   virtual void* stream() const = 0;
-
   // Seconds the last Forward and the Backward after it spent in host work, excluding copies and
   // waits: routing on the host, FinishRouter, the plan, the losses, staging the plan and
   // RouterScoreGradients; on the device, the plan's counts and the losses from their sums.
   virtual double host_seconds() const = 0;
-
   // Whether this layer routes on the device (DeviceLayerOptions::route_on_device and a router
-  // config the device router supports).
+  // config the device router supports). Then plan() holds the counts and metrics only (sizes,
+  // capacity, group bounds, expert_offset, group_expert_count, per-expert kept/dropped/load) and
+  // router_output() is empty until FetchPlan (which waits).
   virtual bool routes_on_device() const = 0;
-  // The last Forward's plan. Routing on the device it holds the counts and metrics only (sizes,
-  // capacity, group bounds, expert_offset, group_expert_count, per-expert kept/dropped/load) until
-  // FetchPlan; router_output() is empty until then.
-  virtual const DispatchPlan& plan() const = 0;
-  // Routing on the device: downloads the rest of the last Forward's plan (per-slot, per-row and
-  // per-token arrays) and the router's logits/probs (and noise). Waits. No-op on the host path.
-  virtual Status FetchPlan() = 0;
-  virtual const RouterOutput& router_output() const = 0;
-  virtual const RouterLosses& losses() const = 0;
-  report::LayerMetrics Metrics() const { return LayerMetricsOf(plan(), losses()); }
-  // The exchanges (counts, and every chunk's dispatch and combine, with bytes per rank and the
-  // seconds from start to completed Wait) and the experts' GPU time (CUDA events around the grouped
-  // FFN calls) since the caller last reset them — what ExpertParallelExecutor::stats() reports on
-  // the host path. Reading it waits for the experts' work enqueued so far.
-  virtual ExchangeStats& exchange_stats() = 0;
-  // Aux-loss-free balancing bias (E), as MoeLayer::router_bias.
-  virtual std::vector<float>& router_bias() = 0;
-  // As MoeLayer::set_loss_gradient_scale.
-  virtual void set_loss_gradient_scale(double s) = 0;
 };
 
 }  // namespace moe

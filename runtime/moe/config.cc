@@ -9,7 +9,7 @@
 #include <sstream>
 
 #include "runtime/base/file.h"
-#include "runtime/moe/expert_blocks.h"
+#include "runtime/moe/expert_compute.h"
 
 namespace moe {
 namespace {

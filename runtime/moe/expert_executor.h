@@ -1,8 +1,9 @@
-// Where the experts run. The layer hands an executor the packed rows of its DispatchPlan
-// (expert-major over all E experts, then local group, then position) and gets the expert outputs
-// back in the same order. The local executor runs every expert in this process; the
-// expert-parallel executor (runtime/ep_executor.h) dispatches the rows to the ranks that host their
-// experts with an all-to-all and combines the results with a second one.
+// ExpertExecutor: how the CPU layer's packed rows reach their experts. The layer hands an executor
+// the packed rows of its DispatchPlan (expert-major over all E experts, then local group, then
+// position) and gets the expert outputs back in the same order. The local executor (here) runs
+// every expert in this process with an ExpertCompute (runtime/moe/expert_compute.h); the
+// expert-parallel executor (runtime/moe/expert_parallel_executor.h) dispatches the rows to the
+// ranks that host their experts with an all-to-all and combines the results with a second one.
 #pragma once
 
 #include <memory>
@@ -12,9 +13,11 @@
 #include "runtime/base/status.h"
 #include "runtime/base/tensor.h"
 #include "runtime/moe/dispatch_plan.h"
-#include "runtime/moe/expert_blocks.h"
+#include "runtime/moe/cpu_expert_compute.h"
 
 namespace moe {
+
+struct ExchangeStats;  // runtime/moe/expert_parallel_executor.h
 
 class ExpertExecutor {
  public:
@@ -26,13 +29,15 @@ class ExpertExecutor {
   virtual Status Backward(const DispatchPlan& plan, MatrixView<const float> packed_dy,
                           const std::vector<experts::FfnParams>& experts,
                           std::vector<experts::FfnParams>* grads, Tensor* packed_dx) = 0;
+  // The exchanges this executor made since they were last reset; null when it makes none.
+  virtual ExchangeStats* exchange_stats() { return nullptr; }
 };
 
 // All E experts in this process, run by `compute` (default: the CPU).
 class LocalExpertExecutor : public ExpertExecutor {
  public:
   explicit LocalExpertExecutor(const experts::FfnShape& shape)
-      : compute_(std::make_unique<ExpertBlocks>(shape)) {}
+      : compute_(std::make_unique<CpuExpertCompute>(shape)) {}
   explicit LocalExpertExecutor(std::unique_ptr<ExpertCompute> compute) : compute_(std::move(compute)) {}
   Status Forward(const DispatchPlan& plan, MatrixView<const float> packed_x,
                  const std::vector<experts::FfnParams>& experts, Tensor* packed_y) override {

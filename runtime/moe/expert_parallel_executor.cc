@@ -28,7 +28,7 @@ ExpertParallelExecutor::ExpertParallelExecutor(comm::Communicator* ep,
       local_(num_experts / ep->size()),
       dropless_(options.dropless),
       d_(std::clamp(options.pipeline_degree, 1, ExpertCompute::kMaxParts)),
-      compute_(compute != nullptr ? std::move(compute) : std::make_unique<ExpertBlocks>(shape)) {}
+      compute_(compute != nullptr ? std::move(compute) : std::make_unique<CpuExpertCompute>(shape)) {}
 
 Status ExpertParallelExecutor::Layout(const DispatchPlan& plan) {
   const int64_t g = plan.num_groups, l = local_, w = w_, blocks = w * l * g;

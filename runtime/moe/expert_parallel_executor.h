@@ -92,6 +92,7 @@ class ExpertParallelExecutor : public ExpertExecutor {
                   const std::vector<experts::FfnParams>& experts,
                   std::vector<experts::FfnParams>* grads, Tensor* packed_dx) override;
 
+  ExchangeStats* exchange_stats() override { return &stats_; }
   ExchangeStats& stats() { return stats_; }
   const ExchangeStats& stats() const { return stats_; }
 

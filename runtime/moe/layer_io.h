@@ -1,9 +1,12 @@
-// Reading and writing an MoE layer's parameters as one .npy file per tensor, named as in
-// docs/SEMANTICS.md (router.npy, expert_<e>_w1.npy, shared_<s>_b2.npy, ...).
+// An MoE layer on NumPy files: reading and writing its parameters as one .npy file per tensor,
+// named as in docs/SEMANTICS.md (router.npy, expert_<e>_w1.npy, shared_<s>_b2.npy, ...), and one
+// whole call on files — what the moe_layer tool does (its flags are documented there).
 #pragma once
 
+#include <cstdint>
 #include <string>
 
+#include "proto/moe_config.pb.h"
 #include "runtime/base/status.h"
 #include "runtime/moe/moe_layer.h"
 
@@ -17,5 +20,23 @@ Status ReadLayerParams(const std::string& dir, MoeLayerParams* params);
 // Writes dir/<prefix><name>.npy for every parameter; creates dir.
 Status WriteLayerParams(const std::string& dir, const MoeLayerParams& params,
                         const std::string& prefix = "");
+
+struct LayerFilesOptions {
+  std::string input;        // x (S x M float32 .npy)
+  std::string weights;      // directory of weight files, or
+  int64_t init_seed = -1;   // initialize from this seed and write them to out/weights/
+  std::string grad_output;  // dy (S x M .npy): run the backward too
+  std::string router_bias;  // aux-loss-free bias (E float32 .npy)
+  bool train = false;       // training mode (train capacity factor, noise)
+  int64_t step = 0;         // training step (counter-based randomness)
+  int64_t token_offset = 0; // global index of the first token
+  std::string out;          // output directory
+};
+
+// Runs the layer of `cfg` (on compute.device: runtime/moe/make_moe_layer.h) on the files of
+// `options` and writes into options.out: y.npy, routing_expert.npy, routing_gate.npy (S x k, or for
+// expert choice (G·E) x C token indices), metrics.json, config.json; with grad_output dx.npy and
+// grad_<weight>.npy; with train and a bias update rate, router_bias.npy.
+Status RunLayerOnFiles(const config::MoeConfig& cfg, const LayerFilesOptions& options);
 
 }  // namespace moe

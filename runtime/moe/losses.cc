@@ -3,7 +3,7 @@
 #include <cmath>
 #include <vector>
 
-#include "runtime/moe/expert_blocks.h"
+#include "runtime/base/tensor.h"
 #include "runtime/moe/routing_math.h"
 
 namespace moe {

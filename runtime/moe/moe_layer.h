@@ -1,25 +1,32 @@
-// One MoE layer on one process (CPU): route -> plan -> pack -> experts -> combine, and the backward
-// through the same plan. The expert-parallel executor (runtime/ep_executor.h) replaces the local
-// expert step with dispatch / combine all-to-alls; everything else is shared. UseDevice hands the
-// whole layer to a device-resident one (runtime/device_moe_layer.h) behind the same host interface.
+// The MoE layer: its parameters, and the one interface of its two implementations —
+//   CpuMoeLayer    (runtime/moe/cpu_moe_layer.h): host buffers; its experts run in this process or,
+//                  through an ExpertExecutor, expert-parallel over a communicator;
+//   DeviceMoeLayer (runtime/cuda/device_moe_layer.h): device buffers, weights and gradients on one
+//                  GPU, expert-parallel over a device-memory communicator.
+// MakeMoeLayer (runtime/moe/make_moe_layer.h) picks one from the config's compute section, and
+// HostLayerCall (runtime/moe/host_layer_call.h) runs either on host tensors.
+//
+// One call: route -> plan -> dispatch -> experts -> combine (DESIGN §3); the backward runs through
+// the same plan. What it computes, exactly, is docs/SEMANTICS.md.
 #pragma once
 
-#include <memory>
+#include <cstdint>
 #include <string>
 #include <vector>
 
-#include "runtime/base/memory.h"
 #include "experts/expert_ffn.h"
 #include "proto/moe_config.pb.h"
 #include "proto/report.pb.h"
+#include "runtime/base/memory.h"
 #include "runtime/base/status.h"
 #include "runtime/base/tensor.h"
 #include "runtime/moe/dispatch_plan.h"
-#include "runtime/moe/expert_executor.h"
 #include "runtime/moe/losses.h"
 #include "runtime/moe/router.h"
 
 namespace moe {
+
+struct ExchangeStats;  // runtime/moe/expert_parallel_executor.h
 
 struct MoeLayerParams {
   Tensor router;        // M x E
@@ -51,90 +58,81 @@ void InitLayerParams(const config::LayerConfig& cfg, uint64_t seed, MoeLayerPara
 // Fills t with U(-bound, bound) drawn from (seed, Fnv1a64(name), element index).
 void InitUniformByName(const std::string& name, uint64_t seed, double bound, Tensor* t);
 
+// The name and shape of every tensor of a MoeLayerParams, in ForEach order.
+struct ParamShape {
+  std::string name;
+  int64_t rows = 0, cols = 0;
+};
+std::vector<ParamShape> ParamShapes(const MoeLayerParams& p);
+// ParamShapes(MakeLayerParams(cfg, first_expert, num_local_experts)) without allocating them.
+std::vector<ParamShape> LayerParamShapes(const config::LayerConfig& cfg, int first_expert = 0,
+                                         int num_local_experts = -1);
+// Every tensor of `got` has the name and shape of `want`, or an error naming the first that differs
+// ("<what>: expert_3_w1 is 4x8, must be 4x16").
+Status CheckParamShapes(const std::string& what, const MoeLayerParams& got,
+                        const std::vector<ParamShape>& want);
+
 // The metrics report of one layer call: drops, loads, capacity and the unweighted losses.
 report::LayerMetrics LayerMetricsOf(const DispatchPlan& plan, const RouterLosses& losses);
 
-class DeviceMoeLayer;  // runtime/device_moe_layer.h
-
 class MoeLayer {
  public:
-  // A layer holding all experts and running them in this process.
-  explicit MoeLayer(const config::LayerConfig& cfg);
-  // A layer holding experts [first_expert, first_expert + num_local_experts), run by `executor`.
-  MoeLayer(const config::LayerConfig& cfg, std::unique_ptr<ExpertExecutor> executor,
-           int first_expert, int num_local_experts);
-  MoeLayer(MoeLayer&&) noexcept;
-  MoeLayer& operator=(MoeLayer&&) noexcept;
-  ~MoeLayer();
+  virtual ~MoeLayer() = default;
 
-  // Runs Forward and Backward on `device` instead (a device-resident layer of the same config and
-  // expert shard; the executor is then unused). The host keeps what the optimizer, checkpoints and
-  // statistics use: the parameters (uploaded at every Forward), the router bias and loss scale
-  // (handed over at every Forward), and copies of the plan, router output and losses (taken after
-  // every Forward). x and dy go up, y and dx come down, and the device's gradients are added into
-  // the caller's at every Backward.
-  void UseDevice(std::unique_ptr<DeviceMoeLayer> device);
-  DeviceMoeLayer* device() const { return device_.get(); }
+  // The resolved layer config.
+  virtual const config::LayerConfig& config() const = 0;
+  // Where x and y of Forward and dy and dx of Backward live.
+  virtual MemorySpace memory_space() const = 0;
+  // The global id of this layer's first expert and how many it holds (all E, or E/W of them when
+  // expert-parallel).
+  virtual int first_expert() const = 0;
+  virtual int num_local_experts() const = 0;
 
-  const config::LayerConfig& config() const { return cfg_; }
-  MoeLayerParams& params() { return params_; }
-  const MoeLayerParams& params() const { return params_; }
-  // Aux-loss-free balancing bias (E), state not parameter.
-  std::vector<float>& router_bias() { return bias_; }
+  // The parameters the next calls compute with (host fp32, the shapes of
+  // MakeLayerParams(config(), first_expert(), num_local_experts())); fails naming the first tensor
+  // whose shape differs. The CPU layer reads them in place: they must stay alive and unchanged
+  // until the Backward of the last Forward. The device layer copies them to the device (complete
+  // when this returns), so it may be given them once.
+  virtual Status SetParams(const MoeLayerParams& params) = 0;
 
-  // y = MoE(x) for the S rows of x (S x M). Keeps what the backward needs.
-  Status Forward(MatrixView<const float> x, const RouteContext& ctx, Tensor* y);
-  // Gradient of sum(y * dy) + aux_w * aux + z_w * z w.r.t. x (written to dx) and every parameter
-  // (accumulated into grads, which must have the shapes of params()).
-  Status Backward(MatrixView<const float> dy, Tensor* dx, MoeLayerParams* grads);
-  // Multiplies the aux and z-loss gradient weights (e.g. 1/W when W ranks each hold 1/W of the
-  // groups whose losses are averaged). Default 1.
-  void set_loss_gradient_scale(double s) { loss_grad_scale_ = s; }
+  // y = MoE(x) for the `tokens` rows of x: x and y are tokens x M fp32 in memory_space(). x must
+  // stay allocated and unchanged until the Backward (the router's weight gradient reads it). Work
+  // may still be in flight on the device when this returns (Synchronize).
+  virtual Status Forward(const float* x, int64_t tokens, const RouteContext& ctx, float* y) = 0;
+  // dx (tokens x M) from dy (tokens x M), both in memory_space(), for the last Forward: the
+  // gradient of sum(y * dy) + aux_w * aux + z_w * z. The parameter gradients of this call are added
+  // into `grads` (host, the shapes SetParams takes) before it returns; with grads null they
+  // accumulate inside the layer until AddGradients.
+  virtual Status Backward(const float* dy, float* dx, MoeLayerParams* grads) = 0;
+  // Adds the gradients accumulated since the last AddGradients into grads and zeroes them.
+  virtual Status AddGradients(MoeLayerParams* grads) = 0;
+  // Waits for the work enqueued so far (a no-op on the host).
+  virtual Status Synchronize() = 0;
 
-  // The last Forward's plan and router output. On a device layer that routes on the device
-  // (DeviceMoeLayer::routes_on_device) they hold the plan's counts and metrics only — what the
-  // trainer's statistics and bias updates read — until FetchPlan.
-  const DispatchPlan& plan() const { return plan_; }
-  const RouterOutput& router_output() const { return router_; }
-  // Completes plan() and router_output() from the device layer (per-slot, per-row and per-token
-  // arrays, logits and probs); no-op without one or when it routes on the host.
-  Status FetchPlan();
-  const RouterLosses& losses() const { return losses_; }
-  report::LayerMetrics Metrics() const;
-  // bias_i += rate * sign(mean load - load_i), from the last forward's selection.
-  void UpdateRouterBias();
+  // The last Forward's plan, router output and losses. A device layer that routes on the device
+  // holds the plan's counts and metrics only — what the trainer's statistics and bias updates
+  // read — until FetchPlan brings the per-slot arrays (and the router output) down.
+  virtual const DispatchPlan& plan() const = 0;
+  virtual Status FetchPlan() = 0;
+  virtual const RouterOutput& router_output() const = 0;
+  virtual const RouterLosses& losses() const = 0;
+  report::LayerMetrics Metrics() const { return LayerMetricsOf(plan(), losses()); }
+
+  // Aux-loss-free balancing bias (E), state not parameter; used by the next Forward.
+  virtual std::vector<float>& router_bias() = 0;
+  // bias_i += rate * sign(mean load - load_i), from the last Forward's selection.
+  void UpdateRouterBias() { UpdateRouterBias(plan().load_per_expert); }
   // The same with a given load per expert (e.g. summed over all ranks).
   void UpdateRouterBias(const std::vector<int64_t>& load);
+  // Multiplies the aux and z-loss gradient weights (e.g. 1/W when W ranks each hold 1/W of the
+  // groups whose losses are averaged). Default 1.
+  virtual void set_loss_gradient_scale(double s) = 0;
 
- private:
-  void RouterBackward(const std::vector<float>& dgate_rows, Tensor* dx, MoeLayerParams* grads);
-  Status DeviceForward(MatrixView<const float> x, const RouteContext& ctx, Tensor* y);
-  Status DeviceBackward(MatrixView<const float> dy, Tensor* dx, MoeLayerParams* grads);
-
-  config::LayerConfig cfg_;
-  experts::FfnShape expert_shape_, shared_shape_;
-  MoeLayerParams params_;
-  std::unique_ptr<ExpertExecutor> executor_;
-  std::vector<float> bias_;
-  double loss_grad_scale_ = 1.0;
-
-  // Saved by Forward.
-  Tensor x_;  // copy of the input (the backward's GEMMs read it)
-  RouteContext ctx_;
-  RouterOutput router_;
-  DispatchPlan plan_;
-  RouterLosses losses_;
-  Tensor packed_x_, packed_y_;
-  std::vector<Tensor> shared_h_, shared_a_, shared_u_;
-  // Backward scratch.
-  Tensor packed_dy_, packed_dx_;
-  RouterGradients router_grads_;
-  Tensor shared_scratch1_, shared_scratch2_;
-  bool have_forward_ = false;
-
-  std::unique_ptr<DeviceMoeLayer> device_;
-  Workspace device_x_{MemorySpace::kDevice}, device_y_{MemorySpace::kDevice},
-      device_dx_{MemorySpace::kDevice};
+  // The exchanges of an expert-parallel layer since the caller last reset them (each with its
+  // bytes per rank and seconds, and the experts' time): what the trainer's step metrics and
+  // moe_simulate's cost model read. Null for a layer that exchanges nothing. On the device,
+  // reading it waits for the experts' work enqueued so far.
+  virtual ExchangeStats* exchange_stats() = 0;
 };
 
 template <typename F>

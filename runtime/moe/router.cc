@@ -4,7 +4,7 @@
 
 #include "experts/cpu/blas.h"
 #include "runtime/base/rng.h"
-#include "runtime/moe/expert_blocks.h"
+#include "runtime/base/tensor.h"
 
 namespace moe {
 

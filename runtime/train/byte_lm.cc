@@ -6,7 +6,7 @@
 #include "experts/cpu/blas.h"
 #include "runtime/base/rng.h"
 #include "runtime/moe/config.h"
-#include "runtime/moe/expert_blocks.h"
+#include "runtime/base/tensor.h"
 
 namespace moe {
 namespace {
@@ -15,8 +15,26 @@ constexpr int kVocab = 256;
 
 }  // namespace
 
-ByteLm::ByteLm(const config::MoeConfig& cfg, const ExecutorFactory& make_executor, int first_expert,
-               int num_local_experts)
+StatusOr<std::unique_ptr<ByteLm>> ByteLm::Create(const config::MoeConfig& cfg,
+                                                 const LayerFactory& make_layer, int first_expert,
+                                                 int num_local_experts) {
+  std::unique_ptr<ByteLm> lm(new ByteLm(cfg, first_expert, num_local_experts));
+  for (size_t l = 0; l < lm->blocks_.size(); ++l) {
+    Block& b = lm->blocks_[l];
+    MOE_ASSIGN_OR_RETURN(b.moe, make_layer(static_cast<int>(l)));
+    if (b.moe->first_expert() != first_expert || b.moe->num_local_experts() != num_local_experts) {
+      return InvalidArgument("ByteLm: layer " + std::to_string(l) + " holds experts from " +
+                             std::to_string(b.moe->first_expert()) + " (" +
+                             std::to_string(b.moe->num_local_experts()) + "), the model " +
+                             std::to_string(first_expert) + " (" +
+                             std::to_string(num_local_experts) + ")");
+    }
+    b.call = std::make_unique<HostLayerCall>(b.moe.get());
+  }
+  return lm;
+}
+
+ByteLm::ByteLm(const config::MoeConfig& cfg, int first_expert, int num_local_experts)
     : cfg_(cfg), m_(cfg.moe().model_dim()) {
   const int t = cfg.model().context();
   embed_ = Tensor(static_cast<int64_t>(t) * kVocab, m_);
@@ -28,8 +46,7 @@ ByteLm::ByteLm(const config::MoeConfig& cfg, const ExecutorFactory& make_executo
     b.ln_beta = Tensor(1, m_);
     b.ln_gamma_grad = Tensor(1, m_);
     b.ln_beta_grad = Tensor(1, m_);
-    b.moe = std::make_unique<MoeLayer>(cfg.moe(), make_executor(static_cast<int>(l)), first_expert,
-                                       num_local_experts);
+    b.params = MakeLayerParams(cfg.moe(), first_expert, num_local_experts);
     b.grads = MakeLayerParams(cfg.moe(), first_expert, num_local_experts);
   }
   final_gamma_ = Tensor(1, m_, 1.0f);
@@ -53,7 +70,7 @@ void ByteLm::Init() {
   for (size_t l = 0; l < blocks_.size(); ++l) {
     blocks_[l].ln_gamma.Fill(1.0f);
     blocks_[l].ln_beta.Fill(0.0f);
-    InitLayerParams(cfg_.moe(), SplitMix64(seed ^ (0x100 + l)), &blocks_[l].moe->params());
+    InitLayerParams(cfg_.moe(), SplitMix64(seed ^ (0x100 + l)), &blocks_[l].params);
     blocks_[l].moe->router_bias().assign(static_cast<size_t>(cfg_.moe().num_experts()), 0.0f);
   }
 }
@@ -67,7 +84,7 @@ std::vector<ParamRef> ByteLm::Params() {
     out.push_back({prefix + "ln_gamma", &b.ln_gamma, &b.ln_gamma_grad, -1});
     out.push_back({prefix + "ln_beta", &b.ln_beta, &b.ln_beta_grad, -1});
     std::vector<std::pair<std::string, Tensor*>> values, grads;
-    b.moe->params().ForEach([&](const std::string& n, Tensor& v) { values.emplace_back(n, &v); });
+    b.params.ForEach([&](const std::string& n, Tensor& v) { values.emplace_back(n, &v); });
     b.grads.ForEach([&](const std::string& n, Tensor& g) { grads.emplace_back(n, &g); });
     for (size_t i = 0; i < values.size(); ++i) {
       const std::string& n = values[i].first;
@@ -147,7 +164,9 @@ Status ByteLm::Forward(const LmBatch& batch, const RouteContext& ctx, int64_t gl
     RouteContext lctx = ctx;
     lctx.seed = SplitMix64(ctx.seed ^ (0x200 + l));
     b.moe->set_loss_gradient_scale(loss_groups_scale);
-    MOE_RETURN_IF_ERROR(b.moe->Forward(b.ln_out.view(), lctx, &b.moe_out));
+    // The optimizer changed the parameters since the last step (a device layer uploads them).
+    MOE_RETURN_IF_ERROR(b.moe->SetParams(b.params));
+    MOE_RETURN_IF_ERROR(b.call->Forward(b.ln_out.view(), lctx, &b.moe_out));
     ResizeTensor(&h_[l + 1], s, m_);
     for (int64_t i = 0; i < s * m_; ++i) h_[l + 1][i] = h_[l][i] + b.moe_out[i];
     const RouterLosses& losses = b.moe->losses();
@@ -207,7 +226,7 @@ Status ByteLm::Backward() {
   for (size_t l = nl; l-- > 0;) {
     Block& b = blocks_[l];
     // h_{l+1} = h_l + MoE(LN(h_l)): dh_l = dh + LN^T(MoE^T(dh)).
-    MOE_RETURN_IF_ERROR(b.moe->Backward(dh.view(), &dmoe_in, &b.grads));
+    MOE_RETURN_IF_ERROR(b.call->Backward(dh.view(), &dmoe_in, &b.grads));
     b.ln.Backward(dmoe_in.view(), b.ln_gamma, &dln_in, &b.ln_gamma_grad, &b.ln_beta_grad);
     for (int64_t i = 0; i < s * m_; ++i) dh[i] += dln_in[i];
   }

@@ -4,8 +4,11 @@
 //   logits = LayerNorm_f(h) W_out + b_out   (256 classes), cross-entropy on the next byte,
 // plus each layer's aux and z losses (weights from the router config).
 //
-// In expert parallelism every rank builds the model with its own expert shard and an executor that
-// exchanges rows; the loss on a rank is its tokens' cross-entropy divided by the *global* token
+// In expert parallelism every rank builds the model with its own expert shard and MoE layers that
+// exchange rows (runtime/moe/make_moe_layer.h); the model keeps every parameter, expert shards
+// included, on the host (the optimizer and checkpoints read them there) and runs the MoE layers
+// through HostLayerCall, so a device layer gets its parameters and activations copied up and its
+// outputs and gradients copied down each call; the loss on a rank is its tokens' cross-entropy divided by the *global* token
 // count, so gradients summed over ranks are the gradients of the global mean.
 #pragma once
 
@@ -19,6 +22,7 @@
 #include "runtime/base/status.h"
 #include "runtime/base/tensor.h"
 #include "runtime/train/layer_norm.h"
+#include "runtime/moe/host_layer_call.h"
 #include "runtime/moe/moe_layer.h"
 
 namespace moe {
@@ -49,13 +53,16 @@ struct LmStepStats {
   std::vector<int64_t> tokens_per_expert;  // summed over layers
 };
 
-using ExecutorFactory = std::function<std::unique_ptr<ExpertExecutor>(int layer)>;
+// Makes MoE layer `layer` of the model (each holding the same experts).
+using LayerFactory = std::function<StatusOr<std::unique_ptr<MoeLayer>>(int layer)>;
 
 class ByteLm {
  public:
-  // Holds experts [first_expert, first_expert + num_local_experts) of every layer.
-  ByteLm(const config::MoeConfig& cfg, const ExecutorFactory& make_executor, int first_expert,
-         int num_local_experts);
+  // Holds experts [first_expert, first_expert + num_local_experts) of every layer: those of the
+  // layers `make_layer` makes.
+  static StatusOr<std::unique_ptr<ByteLm>> Create(const config::MoeConfig& cfg,
+                                                  const LayerFactory& make_layer, int first_expert,
+                                                  int num_local_experts);
 
   // Deterministic init from cfg.seed (identical on every rank for every tensor it holds).
   void Init();
@@ -70,10 +77,14 @@ class ByteLm {
 
   std::vector<ParamRef> Params();
   std::vector<MoeLayer*> MoeLayers();
+  // The parameters of MoE layer l (host; what the layer computes with).
+  MoeLayerParams& LayerParams(size_t l) { return blocks_[l].params; }
   int64_t TotalParameters() const;   // all experts of the model, counted once
   int64_t ActiveParametersPerToken() const;  // parameters one token passes through
 
  private:
+  ByteLm(const config::MoeConfig& cfg, int first_expert, int num_local_experts);
+
   config::MoeConfig cfg_;
   int64_t m_;
   Tensor embed_, embed_grad_;  // (T * 256) x M
@@ -81,7 +92,8 @@ class ByteLm {
     Tensor ln_gamma, ln_beta, ln_gamma_grad, ln_beta_grad;
     LayerNorm ln;
     std::unique_ptr<MoeLayer> moe;
-    MoeLayerParams grads;
+    std::unique_ptr<HostLayerCall> call;  // runs moe on this model's host tensors
+    MoeLayerParams params, grads;
     Tensor ln_out, moe_out;
   };
   std::vector<Block> blocks_;

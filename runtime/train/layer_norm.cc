@@ -2,7 +2,7 @@
 
 #include <cmath>
 
-#include "runtime/moe/expert_blocks.h"
+#include "runtime/base/tensor.h"
 
 namespace moe {
 

@@ -13,8 +13,9 @@
 #include "runtime/base/clock.h"
 #include "runtime/train/checkpoint.h"
 #include "runtime/moe/config.h"
-#include "runtime/cuda/device_moe_layer.h"
-#include "runtime/moe/expert_blocks.h"
+#include "runtime/moe/compute.h"
+#include "runtime/moe/make_moe_layer.h"
+#include "runtime/base/tensor.h"
 
 namespace moe {
 namespace {
@@ -87,27 +88,23 @@ Status Trainer::Init() {
   tokens_per_rank_ = cfg_.train().global_batch_tokens() / world;
   const int experts = cfg_.moe().num_experts();
   const int local = experts / ep_size_;
-  Status compute_status;
-  const bool on_device = cfg_.compute().device() == config::CUDA;
-  model_ = std::make_unique<ByteLm>(
-      cfg_,
-      [&](int) -> std::unique_ptr<ExpertExecutor> {
-        // On the device the layers run whole on DeviceMoeLayer (UseDeviceLayers): no executor.
-        if (on_device) return std::make_unique<LocalExpertExecutor>(ExpertShape(cfg_.moe()));
-        auto compute = MakeExpertCompute(ExpertShape(cfg_.moe()), local, cfg_.compute(), rank);
-        if (!compute.ok() && compute_status.ok()) compute_status = compute.status();
-        auto ex = std::make_unique<ExpertParallelExecutor>(
-            ep_.get(), ExpertShape(cfg_.moe()), experts,
-            ExchangeOptions{.dropless = cfg_.parallel().dropless_exchange(),
-                            .pipeline_degree = cfg_.parallel().pipeline_degree()},
-            compute.ok() ? std::move(compute).value() : nullptr);
-        executors_.push_back(ex.get());
-        return ex;
-      },
-      ep_rank_ * local, local);
-  MOE_RETURN_IF_ERROR(compute_status.WithContext("rank " + std::to_string(rank) + " experts"));
+  // The MoE layers: on the CPU, expert-parallel over the EP group; with compute.device=CUDA on
+  // this rank's GPU, over a device-memory communicator of the same ranks.
+  MoeLayerOptions layer_options;
+  layer_options.ep = ep_.get();
+  layer_options.exchange = {.dropless = cfg_.parallel().dropless_exchange(),
+                            .pipeline_degree = cfg_.parallel().pipeline_degree()};
+  layer_options.rank = rank;
+  if (cfg_.compute().device() == config::CUDA) {
+    MOE_ASSIGN_OR_RETURN(layer_options.ep, DeviceEpCommunicator(replica));
+  }
+  MOE_ASSIGN_OR_RETURN(model_, ByteLm::Create(
+                                   cfg_,
+                                   [&](int) {
+                                     return MakeMoeLayer(cfg_.moe(), cfg_.compute(), layer_options);
+                                   },
+                                   ep_rank_ * local, local));
   model_->Init();
-  if (on_device) MOE_RETURN_IF_ERROR(UseDeviceLayers(replica));
   optimizer_ = std::make_unique<AdamW>(cfg_.train());
   MOE_ASSIGN_OR_RETURN(TextData data, TextData::Load(cfg_.train().data_path(), cfg_.train().eval_fraction(),
                                                      cfg_.model().context(), world * groups_));
@@ -136,41 +133,24 @@ Status Trainer::Init() {
   return Status::Ok();
 }
 
-Status Trainer::UseDeviceLayers(int replica) {
+StatusOr<comm::Communicator*> Trainer::DeviceEpCommunicator(int replica) {
+  if (ep_size_ == 1) return nullptr;  // every expert on this rank: no exchange
+  if (ep_->memory_space() == MemorySpace::kDevice) return ep_.get();
+  if (!options_.device_communicators) {
+    return FailedPrecondition(
+        "compute.device=CUDA with expert parallelism over " + std::string(ep_->backend()) +
+        " (host memory) needs device-memory communicators (TrainOptions::device_communicators)");
+  }
   MOE_ASSIGN_OR_RETURN(const int gpu, ComputeGpu(cfg_.compute(), world_->rank()));
-  comm::Communicator* ep = nullptr;
-  if (ep_size_ > 1) {
-    if (ep_->memory_space() == MemorySpace::kDevice) {
-      ep = ep_.get();
-    } else if (options_.device_communicators) {
-      MOE_ASSIGN_OR_RETURN(device_ep_,
-                           options_.device_communicators(*ep_, replica, ep_rank_, gpu));
-      ep = device_ep_.get();
-    } else {
-      return FailedPrecondition(
-          "compute.device=CUDA with expert parallelism over " + std::string(ep_->backend()) +
-          " (host memory) needs device-memory communicators (TrainOptions::device_communicators)");
-    }
-  }
-  DeviceLayerOptions options;
-  options.device = gpu;
-  options.precision = ComputePrecision(cfg_.compute());
-  options.comm = ep;
-  options.pipeline_degree = cfg_.parallel().pipeline_degree();
-  for (MoeLayer* layer : model_->MoeLayers()) {
-    MOE_ASSIGN_OR_RETURN(std::unique_ptr<DeviceMoeLayer> device,
-                         DeviceMoeLayer::Create(cfg_.moe(), options));
-    layer->UseDevice(std::move(device));
-  }
-  return Status::Ok();
+  MOE_ASSIGN_OR_RETURN(device_ep_, options_.device_communicators(*ep_, replica, ep_rank_, gpu));
+  return device_ep_.get();
 }
 
 std::vector<ExchangeStats*> Trainer::LayerExchangeStats() const {
   std::vector<ExchangeStats*> out;
   for (MoeLayer* layer : model_->MoeLayers()) {
-    if (layer->device() != nullptr) out.push_back(&layer->device()->exchange_stats());
+    if (ExchangeStats* stats = layer->exchange_stats(); stats != nullptr) out.push_back(stats);
   }
-  for (ExpertParallelExecutor* ex : executors_) out.push_back(&ex->stats());
   return out;
 }
 

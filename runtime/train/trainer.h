@@ -22,6 +22,7 @@
 #include "runtime/base/status.h"
 #include "runtime/train/byte_lm.h"
 #include "runtime/moe/expert_parallel_executor.h"
+#include "runtime/moe/moe_layer.h"
 #include "runtime/train/optimizer.h"
 #include "runtime/train/text_data.h"
 
@@ -65,8 +66,8 @@ class Trainer {
   double last_grad_norm() const { return last_grad_norm_; }
   // Steps skipped because of a non-finite loss or gradient (train.nan_policy=SKIP_STEP).
   int64_t skipped_steps() const { return skipped_steps_; }
-  // The exchange statistics of every MoE layer (its expert-parallel executor's, or with
-  // compute.device=CUDA its device-resident layer's), describing the last step.
+  // The exchange statistics of every MoE layer (MoeLayer::exchange_stats: the expert-parallel
+  // executor's on the CPU, the device layer's with compute.device=CUDA), describing the last step.
   std::vector<ExchangeStats*> LayerExchangeStats() const;
   // Bytes of each all-reduce the last step issued, in order (replicated gradients, expert gradients
   // over replicas, gradient norm, step statistics, router biases), as recorded when issued.
@@ -75,10 +76,9 @@ class Trainer {
  private:
   Trainer(const config::MoeConfig& cfg, comm::Communicator* world, const TrainOptions& options);
   Status Init();
-  // compute.device=CUDA: every MoE layer runs on a device-resident layer
-  // (runtime/device_moe_layer.h) of this rank's GPU, expert-parallel over a device-memory
-  // communicator of the EP group.
-  Status UseDeviceLayers(int replica);
+  // compute.device=CUDA: the device-memory communicator of this rank's EP group the device layers
+  // (runtime/cuda/device_moe_layer.h) exchange over; null when the group is this rank alone.
+  StatusOr<comm::Communicator*> DeviceEpCommunicator(int replica);
   Status Step(report::StepMetrics* metrics);
   Status ReduceGradients();
   StatusOr<double> GlobalGradNorm();
@@ -102,7 +102,6 @@ class Trainer {
   int ep_size_ = 1, ep_rank_ = 0, replicas_count_ = 1;
   int groups_ = 1;
   int64_t tokens_per_rank_ = 0;
-  std::vector<ExpertParallelExecutor*> executors_;
   std::unique_ptr<ByteLm> model_;
   std::unique_ptr<AdamW> optimizer_;
   std::unique_ptr<TextData> data_;

@@ -1,4 +1,4 @@
-// The GPU experts (experts/cuda/grouped_ffn.h, runtime MakeExpertCompute) against the CPU path:
+// The GPU experts (experts/cuda/grouped_ffn.h, runtime MakeStagedExpertCompute) against the CPU path:
 //  - exact answers with identity weights (fp32 and bf16: the values are exact in bf16);
 //  - every FFN kind x bias x precision against experts/cpu/ffn.cc on the same weights and rows,
 //    forward, dX and every weight gradient, with an empty expert among the blocks: fp32 within
@@ -21,9 +21,11 @@
 #include "runtime/base/memory.h"
 #include "experts/cuda/grouped_ffn.h"
 #include "runtime/moe/config.h"
-#include "runtime/moe/expert_blocks.h"
+#include "bench/staged_gpu_experts.h"
+#include "runtime/moe/compute.h"
+#include "runtime/moe/cpu_expert_compute.h"
 #include "runtime/moe/expert_executor.h"
-#include "runtime/moe/moe_layer.h"
+#include "runtime/moe/cpu_moe_layer.h"
 #include "runtime/train/trainer.h"
 #include "tests/gpu/device_util.h"
 #include "tests/unit/test_util.h"
@@ -48,7 +50,7 @@ TEST(GpuExpertsNoDevice, CudaWithoutAGpuIsAClearError) {
   if (CudaDeviceCount() > 0)
     GTEST_SKIP() << "a CUDA device is visible; this checks the error without one";
   FfnShape shape{8, 16, Activation::kRelu, false, true};
-  auto compute = MakeExpertCompute(shape, 2, Cuda(Precision::kFloat32), 0);
+  auto compute = MakeStagedExpertCompute(shape, 2, Cuda(Precision::kFloat32), 0);
   ASSERT_FALSE(compute.ok());
   EXPECT_EQ(compute.status().code(), StatusCode::kFailedPrecondition)
       << compute.status().ToString();
@@ -98,7 +100,7 @@ TEST(GpuExperts, IdentityWeightsGiveExactAnswers) {
   }
   for (Precision p : {Precision::kFloat32, Precision::kBfloat16}) {
     SCOPED_TRACE(experts::cuda::PrecisionName(p));
-    auto compute = MakeExpertCompute(shape, kExperts, Cuda(p), 0);
+    auto compute = MakeStagedExpertCompute(shape, kExperts, Cuda(p), 0);
     ASSERT_TRUE(compute.ok()) << compute.status().ToString();
     Tensor y, dx;
     ASSERT_TRUE((*compute)->Forward(offsets, x.view(), params, &y).ok());
@@ -138,13 +140,13 @@ TEST_P(GpuFfnVersusCpu, ForwardBackwardAndGradientsMatch) {
   testing::FillRandom(&x, 100, 1.0f);
   testing::FillRandom(&dy, 101, 1.0f);
 
-  ExpertBlocks cpu(shape);
+  CpuExpertCompute cpu(shape);
   Tensor want_y, want_dx;
   std::vector<FfnParams> want_g(kExperts, FfnParams::Zeros(shape));
   ASSERT_TRUE(cpu.Forward(offsets, x.view(), params, &want_y).ok());
   ASSERT_TRUE(cpu.Backward(offsets, dy.view(), params, &want_g, &want_dx).ok());
 
-  auto gpu = MakeExpertCompute(shape, kExperts, Cuda(c.precision), 0);
+  auto gpu = MakeStagedExpertCompute(shape, kExperts, Cuda(c.precision), 0);
   ASSERT_TRUE(gpu.ok()) << gpu.status().ToString();
   Tensor y, dx;
   std::vector<FfnParams> g(kExperts, FfnParams::Zeros(shape));
@@ -204,7 +206,7 @@ TEST(GpuExperts, GroupedFfnPartsKeepTheirOwnActivations) {
     auto ffn = experts::cuda::GroupedFfn::Create(shape, kExperts, precision, 0);
     ASSERT_TRUE(ffn.ok()) << ffn.status().ToString();
     ASSERT_TRUE((*ffn)->SetWeights(params).ok());
-    ExpertBlocks cpu(shape);
+    CpuExpertCompute cpu(shape);
     std::vector<FfnParams> want_g(kExperts, FfnParams::Zeros(shape));
     std::vector<Tensor> x(2), dy(2), want_y(2), want_dx(2);
     std::vector<Buffer> x_dev, dy_dev, y_dev, dx_dev;
@@ -278,12 +280,12 @@ TEST(GpuExperts, MoeLayerMatchesCpu) {
   ctx.train = true;
   ctx.seed = 3;
 
-  MoeLayer cpu(cfg);
+  CpuMoeLayer cpu(cfg);
   InitLayerParams(cfg, 5, &cpu.params());
   auto compute =
-      MakeExpertCompute(ExpertShape(cfg), cfg.num_experts(), Cuda(Precision::kFloat32), 0);
+      MakeStagedExpertCompute(ExpertShape(cfg), cfg.num_experts(), Cuda(Precision::kFloat32), 0);
   ASSERT_TRUE(compute.ok()) << compute.status().ToString();
-  MoeLayer gpu(cfg, std::make_unique<LocalExpertExecutor>(std::move(compute).value()), 0,
+  CpuMoeLayer gpu(cfg, std::make_unique<LocalExpertExecutor>(std::move(compute).value()), 0,
                cfg.num_experts());
   InitLayerParams(cfg, 5, &gpu.params());
 

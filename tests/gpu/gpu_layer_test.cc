@@ -27,7 +27,7 @@
 #include "runtime/base/memory.h"
 #include "runtime/cuda/route.h"
 #include "runtime/cuda/device_moe_layer.h"
-#include "runtime/moe/moe_layer.h"
+#include "runtime/moe/cpu_moe_layer.h"
 #include "tests/gpu/device_util.h"
 #include "tests/unit/test_util.h"
 
@@ -65,7 +65,7 @@ class DeviceLayerVersusCpu : public ::testing::TestWithParam<Case> {};
 
 // Runs `tokens` random rows forward and backward through both layers and compares the plans,
 // losses, y and dx; the CPU layer's gradients are accumulated into g_cpu.
-void CompareCall(MoeLayer& cpu, DeviceMoeLayer& gpu, int64_t tokens, uint64_t seed,
+void CompareCall(CpuMoeLayer& cpu, DeviceMoeLayer& gpu, int64_t tokens, uint64_t seed,
                  const RouteContext& ctx, double tol, MoeLayerParams* g_cpu) {
   const int64_t m = cpu.config().model_dim();
   Tensor x(tokens, m), dy(tokens, m);
@@ -111,7 +111,7 @@ TEST_P(DeviceLayerVersusCpu, ForwardBackwardAndGradientsMatch) {
   MOE_REQUIRE_GPU();
   const Case& c = GetParam();
   const config::LayerConfig cfg = testing::LayerFromText(c.layer);
-  MoeLayer cpu(cfg);
+  CpuMoeLayer cpu(cfg);
   InitLayerParams(cfg, 5, &cpu.params());
   DeviceLayerOptions options;
   options.precision = c.precision;
@@ -251,7 +251,7 @@ TEST_P(DeviceLayerExpertParallel, RanksOnDeviceBuffersEqualOneCpuRankWithGroups)
   ctx.train = true;
   ctx.seed = 5;
 
-  MoeLayer ref(ref_cfg);
+  CpuMoeLayer ref(ref_cfg);
   InitLayerParams(ref_cfg, 9, &ref.params());
   Tensor ref_y, ref_dx;
   ASSERT_TRUE(ref.Forward(x.view(), ctx, &ref_y).ok());

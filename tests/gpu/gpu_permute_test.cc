@@ -12,7 +12,7 @@
 #include "runtime/base/memory.h"
 #include "runtime/cuda/permute.h"
 #include "runtime/moe/dispatch_plan.h"
-#include "runtime/moe/moe_layer.h"
+#include "runtime/moe/cpu_moe_layer.h"
 #include "tests/gpu/device_util.h"
 #include "tests/unit/test_util.h"
 
@@ -68,7 +68,7 @@ TEST_P(GpuPermute, MatchesTheCpuLoops) {
   testing::FillRandom(&dy, 6, 1.0f);
   testing::FillRandom(&base, 7, 1.0f);
 
-  // CPU: the loops of MoeLayer::Forward / Backward.
+  // CPU: the loops of CpuMoeLayer::Forward / Backward.
   std::vector<float> want_packed(static_cast<size_t>(rows * cols)),
       want_out = base.vec(), want_pdy(static_cast<size_t>(rows * cols)),
       want_dgate(static_cast<size_t>(rows)), want_dx(static_cast<size_t>(kTokens * cols), 0.0f);

@@ -16,7 +16,7 @@
 #include "runtime/moe/config.h"
 #include "runtime/moe/expert_parallel_executor.h"
 #include "runtime/moe/ep_row_maps.h"
-#include "runtime/moe/moe_layer.h"
+#include "runtime/moe/cpu_moe_layer.h"
 #include "tests/unit/test_util.h"
 
 namespace moe {
@@ -69,7 +69,7 @@ TEST_P(EpEquivalenceTest, ForwardAndBackwardEqualOneRankWithGroups) {
 
   // Reference: one rank, G = W groups.
   const config::LayerConfig ref_cfg = MakeLayer(c, w);
-  MoeLayer ref(ref_cfg);
+  CpuMoeLayer ref(ref_cfg);
   InitLayerParams(ref_cfg, 5, &ref.params());
   Tensor ref_y, ref_dx;
   ASSERT_TRUE(ref.Forward(x.view(), ctx, &ref_y).ok());
@@ -87,7 +87,7 @@ TEST_P(EpEquivalenceTest, ForwardAndBackwardEqualOneRankWithGroups) {
   std::vector<Status> status(w);
   world->RunPerRank([&](comm::Communicator& comm) {
     const int r = comm.rank();
-    MoeLayer layer(
+    CpuMoeLayer layer(
         cfg,
         std::make_unique<ExpertParallelExecutor>(
             &comm, ExpertShape(cfg), c.experts,
@@ -174,7 +174,7 @@ TEST(EpPipeline, ChunksAreIssuedInPipelineOrderAndPartitionTheRows) {
             &comm, ExpertShape(cfg), c.experts,
             ExchangeOptions{.dropless = dropless, .pipeline_degree = degree});
         ExpertParallelExecutor* exec = ex.get();
-        MoeLayer layer(cfg, std::move(ex), r * 2, 2);
+        CpuMoeLayer layer(cfg, std::move(ex), r * 2, 2);
         InitLayerParams(cfg, 5, &layer.params());
         RouteContext ctx;
         ctx.train = true;

@@ -1,4 +1,5 @@
-#include "runtime/moe/expert_blocks.h"
+// CpuExpertCompute (runtime/moe/cpu_expert_compute.h) and the part check of ExpertCompute.
+#include "runtime/moe/cpu_expert_compute.h"
 
 #include <string>
 
@@ -12,12 +13,12 @@ Status ExpertCompute::CheckPart(int part) {
   return Status::Ok();
 }
 
-experts::FfnSaved ExpertBlocks::Saved::Rows(bool swiglu, int64_t begin, int64_t end) {
+experts::FfnSaved CpuExpertCompute::Saved::Rows(bool swiglu, int64_t begin, int64_t end) {
   return {RowBlock(h, begin, end), RowBlock(a, begin, end),
           swiglu ? RowBlock(u, begin, end) : MatrixView<float>()};
 }
 
-Status ExpertBlocks::Forward(int part, const std::vector<int64_t>& offsets,
+Status CpuExpertCompute::Forward(int part, const std::vector<int64_t>& offsets,
                              MatrixView<const float> x,
                              const std::vector<experts::FfnParams>& params, Tensor* y) {
   MOE_RETURN_IF_ERROR(CheckPart(part));
@@ -38,7 +39,7 @@ Status ExpertBlocks::Forward(int part, const std::vector<int64_t>& offsets,
   return Status::Ok();
 }
 
-Status ExpertBlocks::Backward(int part, const std::vector<int64_t>& offsets,
+Status CpuExpertCompute::Backward(int part, const std::vector<int64_t>& offsets,
                               MatrixView<const float> dy,
                               const std::vector<experts::FfnParams>& params,
                               std::vector<experts::FfnParams>* grads, Tensor* dx) {

@@ -1,23 +1,25 @@
-// ExpertCompute on a GPU: the rows and the experts' weights travel to the device each call, the
-// grouped FFN (experts/cuda/grouped_ffn.h) runs them, outputs and weight gradients come back.
-// The host keeps the fp32 master weights and the optimizer, so the rest of the runtime (router,
-// plan, exchanges, optimizer, checkpoints) is the same for both devices.
+// The staged GPU experts (bench/staged_gpu_experts.h): rows and weights up, the grouped FFN, rows
+// and weight gradients down, every call.
+#include "bench/staged_gpu_experts.h"
+
+#include <array>
 #include <functional>
 #include <string>
 
-#include "runtime/base/memory.h"
 #include "experts/cuda/grouped_ffn.h"
+#include "runtime/base/memory.h"
+#include "runtime/moe/compute.h"
 #include "runtime/moe/config.h"
-#include "runtime/moe/expert_blocks.h"
+#include "runtime/moe/cpu_expert_compute.h"
 
 namespace moe {
 namespace {
 
 // One GroupedFfn per part (each keeps its part's activations for the backward), made on first use.
-class GpuExpertCompute : public ExpertCompute {
+class StagedGpuExpertCompute : public ExpertCompute {
  public:
   using Factory = std::function<StatusOr<std::unique_ptr<experts::cuda::GroupedFfn>>()>;
-  GpuExpertCompute(const experts::FfnShape& shape, Factory factory)
+  StagedGpuExpertCompute(const experts::FfnShape& shape, Factory factory)
       : shape_(shape), factory_(std::move(factory)) {}
 
   // Creates part 0's GroupedFfn (a GPU or cuBLAS problem is then reported when the job starts).
@@ -32,8 +34,8 @@ class GpuExpertCompute : public ExpertCompute {
                   bytes = rows * shape_.model_dim * static_cast<int64_t>(sizeof(float));
     ResizeTensor(y, rows, shape_.model_dim);
     MOE_RETURN_IF_ERROR(ffn->SetWeights(params));
-    MOE_ASSIGN_OR_RETURN(float* x_dev, ffn->DeviceScratch(kX, bytes));
-    MOE_ASSIGN_OR_RETURN(float* y_dev, ffn->DeviceScratch(kY, bytes));
+    MOE_ASSIGN_OR_RETURN(float* x_dev, Scratch(part, kX, bytes));
+    MOE_ASSIGN_OR_RETURN(float* y_dev, Scratch(part, kY, bytes));
     MOE_RETURN_IF_ERROR(ffn->Upload(x_dev, x.data(), bytes));
     MOE_RETURN_IF_ERROR(ffn->Forward(offsets, x_dev, y_dev));
     return ffn->Download(y->data(), y_dev, bytes);
@@ -54,8 +56,8 @@ class GpuExpertCompute : public ExpertCompute {
     const int64_t rows = dy.rows(),
                   bytes = rows * shape_.model_dim * static_cast<int64_t>(sizeof(float));
     ResizeTensor(dx, rows, shape_.model_dim);
-    MOE_ASSIGN_OR_RETURN(float* dy_dev, ffn->DeviceScratch(kDy, bytes));
-    MOE_ASSIGN_OR_RETURN(float* dx_dev, ffn->DeviceScratch(kDx, bytes));
+    MOE_ASSIGN_OR_RETURN(float* dy_dev, Scratch(part, kDy, bytes));
+    MOE_ASSIGN_OR_RETURN(float* dx_dev, Scratch(part, kDx, bytes));
     MOE_RETURN_IF_ERROR(ffn->Upload(dy_dev, dy.data(), bytes));
     MOE_RETURN_IF_ERROR(ffn->Backward(dy_dev, dx_dev));
     MOE_RETURN_IF_ERROR(ffn->Download(dx->data(), dx_dev, bytes));
@@ -64,10 +66,23 @@ class GpuExpertCompute : public ExpertCompute {
 
  private:
   enum Slot { kX = 0, kY = 1, kDy = 2, kDx = 3 };
+  // The device copies of a part's x, y, dy and dx, each kept at its largest size.
+  using Scratches = std::array<Workspace, 4>;
+
+  StatusOr<float*> Scratch(int part, Slot slot, int64_t bytes) {
+    MOE_ASSIGN_OR_RETURN(void* p, scratch_[static_cast<size_t>(part)][slot].Get(bytes));
+    return static_cast<float*>(p);
+  }
 
   StatusOr<experts::cuda::GroupedFfn*> Part(int part) {
     MOE_RETURN_IF_ERROR(CheckPart(part));
-    if (parts_.size() <= static_cast<size_t>(part)) parts_.resize(static_cast<size_t>(part) + 1);
+    if (parts_.size() <= static_cast<size_t>(part)) {
+      parts_.resize(static_cast<size_t>(part) + 1);
+      while (scratch_.size() < parts_.size()) {
+        const auto dev = MemorySpace::kDevice;
+        scratch_.push_back(Scratches{Workspace(dev), Workspace(dev), Workspace(dev), Workspace(dev)});
+      }
+    }
     std::unique_ptr<experts::cuda::GroupedFfn>& ffn = parts_[static_cast<size_t>(part)];
     if (ffn == nullptr) {
       MOE_ASSIGN_OR_RETURN(ffn, factory_());
@@ -78,44 +93,25 @@ class GpuExpertCompute : public ExpertCompute {
   experts::FfnShape shape_;
   Factory factory_;
   std::vector<std::unique_ptr<experts::cuda::GroupedFfn>> parts_;
+  std::vector<Scratches> scratch_;
 };
 
 }  // namespace
 
-StatusOr<int> ComputeGpu(const config::ComputeConfig& compute, int rank) {
-  const int devices = CudaDeviceCount();
-  if (devices == 0) {
-    return FailedPrecondition(
-        "compute.device=CUDA: no CUDA device is visible to this process (or this build has no "
-        "CUDA)");
-  }
-  const int gpu = compute.gpu() >= 0 ? compute.gpu() : rank % devices;
-  if (gpu >= devices) {
-    return InvalidArgument("compute.gpu=" + std::to_string(gpu) + " must be < the " +
-                           std::to_string(devices) + " visible CUDA device(s)");
-  }
-  return gpu;
-}
-
-experts::cuda::Precision ComputePrecision(const config::ComputeConfig& compute) {
-  return compute.expert_precision() == config::BF16 ? experts::cuda::Precision::kBfloat16
-                                                    : experts::cuda::Precision::kFloat32;
-}
-
-StatusOr<std::unique_ptr<ExpertCompute>> MakeExpertCompute(const experts::FfnShape& shape,
-                                                           int num_experts,
-                                                           const config::ComputeConfig& compute,
-                                                           int rank) {
+StatusOr<std::unique_ptr<ExpertCompute>> MakeStagedExpertCompute(const experts::FfnShape& shape,
+                                                                 int num_experts,
+                                                                 const config::ComputeConfig& compute,
+                                                                 int rank) {
   MOE_RETURN_IF_ERROR(ValidateCompute(compute));
   if (compute.device() == config::CPU) {
-    return std::unique_ptr<ExpertCompute>(std::make_unique<ExpertBlocks>(shape));
+    return std::unique_ptr<ExpertCompute>(std::make_unique<CpuExpertCompute>(shape));
   }
   MOE_ASSIGN_OR_RETURN(const int gpu, ComputeGpu(compute, rank));
   const experts::cuda::Precision precision = ComputePrecision(compute);
-  GpuExpertCompute::Factory factory = [shape, num_experts, precision, gpu] {
+  StagedGpuExpertCompute::Factory factory = [shape, num_experts, precision, gpu] {
     return experts::cuda::GroupedFfn::Create(shape, num_experts, precision, gpu);
   };
-  auto gpu_compute = std::make_unique<GpuExpertCompute>(shape, std::move(factory));
+  auto gpu_compute = std::make_unique<StagedGpuExpertCompute>(shape, std::move(factory));
   MOE_RETURN_IF_ERROR(gpu_compute->Warm());
   return std::unique_ptr<ExpertCompute>(std::move(gpu_compute));
 }

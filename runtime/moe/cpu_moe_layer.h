@@ -1,0 +1,99 @@
+// CpuMoeLayer: the MoE layer on host buffers (runtime/moe/moe_layer.h): route -> plan -> pack ->
+// experts -> combine, and the backward through the same plan. Where its experts run is an
+// ExpertExecutor (runtime/moe/expert_executor.h): all of them in this process (the default), or
+// expert-parallel over a communicator (runtime/moe/expert_parallel_executor.h), which replaces
+// the local expert step with dispatch / combine all-to-alls; everything else is shared.
+#pragma once
+
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "experts/expert_ffn.h"
+#include "proto/moe_config.pb.h"
+#include "runtime/base/check.h"
+#include "runtime/base/status.h"
+#include "runtime/base/tensor.h"
+#include "runtime/moe/dispatch_plan.h"
+#include "runtime/moe/expert_executor.h"
+#include "runtime/moe/losses.h"
+#include "runtime/moe/moe_layer.h"
+#include "runtime/moe/router.h"
+
+namespace moe {
+
+class CpuMoeLayer final : public MoeLayer {
+ public:
+  // A layer holding all experts and running them in this process.
+  explicit CpuMoeLayer(const config::LayerConfig& cfg);
+  // A layer holding experts [first_expert, first_expert + num_local_experts), run by `executor`.
+  CpuMoeLayer(const config::LayerConfig& cfg, std::unique_ptr<ExpertExecutor> executor,
+              int first_expert, int num_local_experts);
+  CpuMoeLayer(CpuMoeLayer&&) noexcept;
+  CpuMoeLayer& operator=(CpuMoeLayer&&) noexcept;
+  ~CpuMoeLayer() override;
+
+  // The layer's own parameters (zero, allocated on the first call or at a Forward with nothing
+  // bound), for code that does not keep its own: they are the ones the layer computes with unless
+  // SetParams was given others.
+  MoeLayerParams& params();
+  // The parameters the layer computes with (SetParams's, or its own); there must be some.
+  const MoeLayerParams& params() const {
+    MOE_CHECK(params_ != nullptr);
+    return *params_;
+  }
+
+  const config::LayerConfig& config() const override { return cfg_; }
+  MemorySpace memory_space() const override { return MemorySpace::kHost; }
+  int first_expert() const override { return first_expert_; }
+  int num_local_experts() const override { return num_local_experts_; }
+  Status SetParams(const MoeLayerParams& params) override;
+  Status Forward(const float* x, int64_t tokens, const RouteContext& ctx, float* y) override;
+  Status Backward(const float* dy, float* dx, MoeLayerParams* grads) override;
+  Status AddGradients(MoeLayerParams* grads) override;
+  Status Synchronize() override { return Status::Ok(); }
+  const DispatchPlan& plan() const override { return plan_; }
+  Status FetchPlan() override { return Status::Ok(); }
+  const RouterOutput& router_output() const override { return router_; }
+  const RouterLosses& losses() const override { return losses_; }
+  std::vector<float>& router_bias() override { return bias_; }
+  void set_loss_gradient_scale(double s) override { loss_grad_scale_ = s; }
+  ExchangeStats* exchange_stats() override { return executor_->exchange_stats(); }
+
+  // The same calls on host tensors, shapes checked (runtime/moe/host_layer_call.h).
+  using MoeLayer::Backward;
+  using MoeLayer::Forward;
+  Status Forward(MatrixView<const float> x, const RouteContext& ctx, Tensor* y);
+  Status Backward(MatrixView<const float> dy, Tensor* dx, MoeLayerParams* grads);
+
+ private:
+  void RouterBackward(const std::vector<float>& dgate_rows, float* dx, MoeLayerParams* grads);
+
+  config::LayerConfig cfg_;
+  experts::FfnShape expert_shape_, shared_shape_;
+  int first_expert_ = 0, num_local_experts_ = 0;
+  std::unique_ptr<ExpertExecutor> executor_;
+  std::vector<float> bias_;
+  double loss_grad_scale_ = 1.0;
+  // The parameters the calls compute with: SetParams's, or own_ (params()).
+  const MoeLayerParams* params_ = nullptr;
+  std::optional<MoeLayerParams> own_;
+  // Gradients of Backward calls without a destination, until AddGradients.
+  std::optional<MoeLayerParams> accumulated_;
+
+  // Saved by Forward.
+  Tensor x_;  // copy of the input (the backward's GEMMs read it)
+  RouteContext ctx_;
+  RouterOutput router_;
+  DispatchPlan plan_;
+  RouterLosses losses_;
+  Tensor packed_x_, packed_y_;
+  std::vector<Tensor> shared_h_, shared_a_, shared_u_;
+  // Backward scratch.
+  Tensor packed_dy_, packed_dx_;
+  RouterGradients router_grads_;
+  Tensor shared_scratch1_, shared_scratch2_;
+  bool have_forward_ = false;
+};
+
+}  // namespace moe

@@ -1,0 +1,44 @@
+// MakeMoeLayer (runtime/moe/make_moe_layer.h).
+#include "runtime/moe/make_moe_layer.h"
+
+#include <string>
+
+#include "runtime/cuda/device_moe_layer.h"
+#include "runtime/moe/compute.h"
+#include "runtime/moe/config.h"
+#include "runtime/moe/cpu_expert_compute.h"
+#include "runtime/moe/cpu_moe_layer.h"
+
+namespace moe {
+
+StatusOr<std::unique_ptr<MoeLayer>> MakeMoeLayer(const config::LayerConfig& layer,
+                                                 const config::ComputeConfig& compute,
+                                                 const MoeLayerOptions& options) {
+  MOE_RETURN_IF_ERROR(ValidateCompute(compute));
+  const int experts = layer.num_experts();
+  const int w = options.ep == nullptr ? 1 : options.ep->size();
+  if (experts % w != 0) {
+    return InvalidArgument("moe.num_experts=" + std::to_string(experts) +
+                           " must be divisible by the " + std::to_string(w) +
+                           " ranks of the expert-parallel group");
+  }
+  const int local = experts / w, first = options.ep == nullptr ? 0 : options.ep->rank() * local;
+  if (compute.device() == config::CPU) {
+    if (options.ep == nullptr) return std::unique_ptr<MoeLayer>(std::make_unique<CpuMoeLayer>(layer));
+    const experts::FfnShape shape = ExpertShape(layer);
+    auto executor = std::make_unique<ExpertParallelExecutor>(
+        options.ep, shape, experts, options.exchange, std::make_unique<CpuExpertCompute>(shape));
+    return std::unique_ptr<MoeLayer>(
+        std::make_unique<CpuMoeLayer>(layer, std::move(executor), first, local));
+  }
+  DeviceLayerOptions device;
+  MOE_ASSIGN_OR_RETURN(device.device, ComputeGpu(compute, options.rank));
+  device.precision = ComputePrecision(compute);
+  device.comm = options.ep;
+  device.pipeline_degree = options.exchange.pipeline_degree;
+  StatusOr<std::unique_ptr<DeviceMoeLayer>> made = DeviceMoeLayer::Create(layer, device);
+  if (!made.ok()) return made.status().WithContext("compute.device=CUDA");
+  return std::unique_ptr<MoeLayer>(std::move(made).value());
+}
+
+}  // namespace moe

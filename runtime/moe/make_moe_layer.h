@@ -1,0 +1,35 @@
+// MakeMoeLayer: the layer the config's compute section asks for — CpuMoeLayer
+// (runtime/moe/cpu_moe_layer.h) for compute.device=CPU, DeviceMoeLayer
+// (runtime/cuda/device_moe_layer.h) on the rank's GPU for CUDA — local, or expert-parallel over a
+// communicator of the expert-parallel group.
+#pragma once
+
+#include <memory>
+
+#include "comm/communicator.h"
+#include "proto/moe_config.pb.h"
+#include "runtime/base/status.h"
+#include "runtime/moe/expert_parallel_executor.h"
+#include "runtime/moe/moe_layer.h"
+
+namespace moe {
+
+struct MoeLayerOptions {
+  // The expert-parallel group: this rank holds experts [rank·E/W, (rank+1)·E/W) of its W ranks
+  // (E % W == 0). Host memory for the CPU layer, device memory for the device layer. nullptr: all
+  // E experts in this process. Not owned; must outlive the layer.
+  comm::Communicator* ep = nullptr;
+  // parallel.dropless_exchange and parallel.pipeline_degree (the device layer always exchanges
+  // exactly the kept rows).
+  ExchangeOptions exchange;
+  // This rank's index for compute.gpu = -1 (GPU = rank mod the visible devices).
+  int rank = 0;
+};
+
+// kInvalidArgument for a compute section or communicator that does not fit; CUDA without a GPU or
+// without a CUDA build fails with the reason.
+StatusOr<std::unique_ptr<MoeLayer>> MakeMoeLayer(const config::LayerConfig& layer,
+                                                 const config::ComputeConfig& compute,
+                                                 const MoeLayerOptions& options = {});
+
+}  // namespace moe

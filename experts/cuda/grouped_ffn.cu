@@ -19,6 +19,7 @@
 
 #include "experts/cuda/cublas_loader.h"
 #include "experts/cuda/grouped_ffn.h"
+#include "runtime/base/memory.h"
 
 namespace moe::experts::cuda {
 namespace {
@@ -28,39 +29,10 @@ using bf16 = __nv_bfloat16;
 // ---- device memory
 // --------------------------------------------------------------------------------
 
-struct DeviceFree {
-  void operator()(void* p) const {
-    if (p != nullptr) (void)cudaFree(p);
-  }
-};
 struct HostFree {
   void operator()(void* p) const {
     if (p != nullptr) (void)cudaFreeHost(p);
   }
-};
-
-// Device memory that grows to the largest request and keeps it. Contents are lost on growth.
-class DeviceMemory {
- public:
-  Status Reserve(int64_t bytes) {
-    if (bytes <= bytes_) return Status::Ok();
-    ptr_.reset();
-    bytes_ = 0;
-    void* p = nullptr;
-    MOE_RETURN_IF_ERROR(CudaCheck(cudaMalloc(&p, static_cast<size_t>(bytes)),
-                                  ("cudaMalloc of " + std::to_string(bytes) + " bytes").c_str()));
-    ptr_.reset(p);
-    bytes_ = bytes;
-    return Status::Ok();
-  }
-  template <typename T>
-  T* as() const {
-    return static_cast<T*>(ptr_.get());
-  }
-
- private:
-  std::unique_ptr<void, DeviceFree> ptr_;
-  int64_t bytes_ = 0;
 };
 
 // ---- elementwise math
@@ -253,7 +225,7 @@ class PointerTable {
     void* host = nullptr;
     MOE_RETURN_IF_ERROR(CudaCheck(cudaMallocHost(&host, bytes), "cudaMallocHost (GEMM pointers)"));
     host_.reset(host);
-    MOE_RETURN_IF_ERROR(device_.Reserve(static_cast<int64_t>(bytes)));
+    MOE_ASSIGN_OR_RETURN(device_, Buffer::Allocate(MemorySpace::kDevice, static_cast<int64_t>(bytes)));
     for (cudaEvent_t& ev : copied_) {
       MOE_RETURN_IF_ERROR(
           CudaCheck(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), "cudaEventCreate"));
@@ -291,7 +263,7 @@ class PointerTable {
   int max_ = 0;
   int next_ = 0;
   std::unique_ptr<void, HostFree> host_;
-  DeviceMemory device_;
+  Buffer device_;
   std::array<cudaEvent_t, kSlots> copied_{};
 };
 
@@ -327,17 +299,15 @@ class CudaGroupedFfn final : public GroupedFfn {
     MOE_RETURN_IF_ERROR(CublasCheck(api_, api_.create(&handle_), "cublasCreate"));
     MOE_RETURN_IF_ERROR(CublasCheck(api_, api_.set_stream(handle_, stream_), "cublasSetStream"));
     MOE_RETURN_IF_ERROR(pointers_.Init(experts_));
-    const int64_t l = experts_, m = shape_.model_dim, h = shape_.hidden_dim;
-    MOE_RETURN_IF_ERROR(wup_.Reserve(l * m * UpCols() * sizeof(T)));
-    MOE_RETURN_IF_ERROR(w2_.Reserve(l * h * m * sizeof(T)));
-    MOE_RETURN_IF_ERROR(gwup_.Reserve(l * m * UpCols() * sizeof(float)));
-    MOE_RETURN_IF_ERROR(gw2_.Reserve(l * h * m * sizeof(float)));
-    if (shape_.bias) {
-      MOE_RETURN_IF_ERROR(b1_.Reserve(l * h * sizeof(float)));
-      MOE_RETURN_IF_ERROR(b2_.Reserve(l * m * sizeof(float)));
-      MOE_RETURN_IF_ERROR(gb1_.Reserve(l * h * sizeof(float)));
-      MOE_RETURN_IF_ERROR(gb2_.Reserve(l * m * sizeof(float)));
-    }
+    const int64_t l = experts_, m = shape_.model_dim, h = shape_.hidden_dim, up = UpCols();
+    const int64_t bias_h = shape_.bias ? l * h : 0, bias_m = shape_.bias ? l * m : 0;
+    // Weights in the storage type, biases and every gradient in fp32: one allocation.
+    MOE_ASSIGN_OR_RETURN(w_, weights_.Carve([&](Carver& c) {
+      return Weights{c.Take<T>(l * m * up),        c.Take<T>(l * h * m),
+                     c.Take<float>(bias_h),        c.Take<float>(bias_m),
+                     c.Take<float>(l * m * up),    c.Take<float>(l * h * m),
+                     c.Take<float>(bias_h),        c.Take<float>(bias_m)};
+    }));
     return ZeroGradients();
   }
 
@@ -369,16 +339,18 @@ class CudaGroupedFfn final : public GroupedFfn {
         if (shape_.swiglu) std::memcpy(dst + i * up + h, p.w3.row(i), sizeof(float) * h);
       }
     }
-    MOE_RETURN_IF_ERROR(UploadAs(wup_.as<T>(), staging_));
+    MOE_RETURN_IF_ERROR(UploadAs(w_.wup, staging_));
     staging_.resize(static_cast<size_t>(experts_ * h * m));
     for (int e = 0; e < experts_; ++e) {
       std::memcpy(staging_.data() + e * h * m, params[static_cast<size_t>(e)].w2.data(),
                   sizeof(float) * h * m);
     }
-    MOE_RETURN_IF_ERROR(UploadAs(w2_.as<T>(), staging_));
+    MOE_RETURN_IF_ERROR(UploadAs(w_.w2, staging_));
     if (shape_.bias) {
-      for (auto [dst, cols, pick] : {std::tuple{b1_.as<float>(), h, &FfnParams::b1},
-                                     std::tuple{b2_.as<float>(), m, &FfnParams::b2}}) {
+      using Bias = std::tuple<float*, int64_t, Tensor FfnParams::*>;
+      const std::array<Bias, 2> biases = {Bias(w_.b1, h, &FfnParams::b1),
+                                          Bias(w_.b2, m, &FfnParams::b2)};
+      for (auto [dst, cols, pick] : biases) {
         staging_.resize(static_cast<size_t>(experts_ * cols));
         for (int e = 0; e < experts_; ++e) {
           std::memcpy(staging_.data() + e * cols, (params[static_cast<size_t>(e)].*pick).data(),
@@ -409,46 +381,54 @@ class CudaGroupedFfn final : public GroupedFfn {
     if (cur_->rows > (int64_t{1} << 31) - 1)
       return InvalidArgument("GroupedFfn::Forward: more than 2^31 - 1 rows");
     const int64_t m = shape_.model_dim, h = shape_.hidden_dim, up = UpCols();
-    // Each part's offsets array is allocated on the part's first use.
-    MOE_RETURN_IF_ERROR(
-        cur_->offsets_dev.Reserve(static_cast<int64_t>(offsets.size() * sizeof(int64_t))));
+    // What the part's Backward reads, in the part's own allocation: the row offsets, the input in
+    // the storage type (bf16 only), the up projection and the activation.
+    const int64_t rows = cur_->rows, x16 = kConverts ? rows * m : 0;
+    MOE_ASSIGN_OR_RETURN(cur_->arrays, cur_->memory.Carve([&](Carver& c) {
+      return PartArrays{c.Take<int64_t>(static_cast<int64_t>(offsets.size())), c.Take<T>(x16),
+                        c.Take<T>(rows * up), c.Take<T>(rows * h)};
+    }));
     MOE_RETURN_IF_ERROR(CudaCheck(
-        cudaMemcpyAsync(cur_->offsets_dev.template as<int64_t>(), cur_->offsets.data(),
+        cudaMemcpyAsync(cur_->arrays.offsets, cur_->offsets.data(),
                         cur_->offsets.size() * sizeof(int64_t), cudaMemcpyHostToDevice, stream_),
         "copy of row offsets"));
-    MOE_RETURN_IF_ERROR(cur_->hu.Reserve(cur_->rows * up * sizeof(T)));
-    MOE_RETURN_IF_ERROR(cur_->a.Reserve(cur_->rows * h * sizeof(T)));
-    MOE_ASSIGN_OR_RETURN(cur_->x, GemmInput(x, cur_->x16));
+    cur_->x = GemmInput(x, cur_->arrays.x16);
     // HU = X · Wup (rows x up).
     MOE_RETURN_IF_ERROR(Grouped(
         [&](int e, int64_t b, int r) {
           return Gemm{CUBLAS_OP_N,          CUBLAS_OP_N,
                       static_cast<int>(up), r,
-                      static_cast<int>(m),  wup_.as<T>() + e * m * up,
+                      static_cast<int>(m),  w_.wup + e * m * up,
                       static_cast<int>(up), cur_->x + b * m,
-                      static_cast<int>(m),  cur_->hu.template as<T>() + b * up,
+                      static_cast<int>(m),  cur_->arrays.hu + b * up,
                       static_cast<int>(up)};
         },
         0.0f));
     BiasActivateKernel<T><<<static_cast<unsigned>(cur_->rows), kRowThreads, 0, stream_>>>(
-        cur_->hu.template as<T>(), cur_->a.template as<T>(),
-        shape_.bias ? b1_.as<float>() : nullptr, cur_->offsets_dev.template as<int64_t>(), experts_,
+        cur_->arrays.hu, cur_->arrays.a, shape_.bias ? w_.b1 : nullptr, cur_->arrays.offsets,
+        experts_,
         static_cast<int>(h), static_cast<int>(up), shape_.activation, shape_.swiglu);
     // Y = A · W2 (rows x M), then + b2 (widened to fp32).
-    MOE_ASSIGN_OR_RETURN(T * y_gemm, GemmOutput(y, y16_));
+    T* y_gemm = nullptr;
+    if constexpr (kConverts) {
+      MOE_ASSIGN_OR_RETURN(void* staged, y16_.Get(rows * m * static_cast<int64_t>(sizeof(T))));
+      y_gemm = static_cast<T*>(staged);
+    } else {
+      y_gemm = y;
+    }
     MOE_RETURN_IF_ERROR(Grouped(
         [&](int e, int64_t b, int r) {
           return Gemm{CUBLAS_OP_N,         CUBLAS_OP_N,
                       static_cast<int>(m), r,
-                      static_cast<int>(h), w2_.as<T>() + e * h * m,
-                      static_cast<int>(m), cur_->a.template as<T>() + b * h,
+                      static_cast<int>(h), w_.w2 + e * h * m,
+                      static_cast<int>(m), cur_->arrays.a + b * h,
                       static_cast<int>(h), y_gemm + b * m,
                       static_cast<int>(m)};
         },
         0.0f));
     BiasOutputKernel<T><<<static_cast<unsigned>(cur_->rows), kRowThreads, 0, stream_>>>(
-        y_gemm, y, shape_.bias ? b2_.as<float>() : nullptr,
-        cur_->offsets_dev.template as<int64_t>(), experts_, static_cast<int>(m));
+        y_gemm, y, shape_.bias ? w_.b2 : nullptr, cur_->arrays.offsets, experts_,
+        static_cast<int>(m));
     return CudaCheck(cudaGetLastError(), "GroupedFfn::Forward kernel launch");
   }
 
@@ -461,9 +441,13 @@ class CudaGroupedFfn final : public GroupedFfn {
     MOE_RETURN_IF_ERROR(CudaCheck(cudaSetDevice(device_), "cudaSetDevice"));
     if (cur_->rows == 0) return Status::Ok();
     const int64_t m = shape_.model_dim, h = shape_.hidden_dim, up = UpCols();
-    MOE_ASSIGN_OR_RETURN(const T* dy_t, GemmInput(dy, dy16_));
-    MOE_RETURN_IF_ERROR(da_.Reserve(cur_->rows * h * sizeof(T)));
-    MOE_RETURN_IF_ERROR(dhu_.Reserve(cur_->rows * up * sizeof(T)));
+    const int64_t rows = cur_->rows, converted = kConverts ? rows * m : 0;
+    // dy and dx in the storage type (bf16 only), dA and dHU: one allocation.
+    MOE_ASSIGN_OR_RETURN(const BackwardArrays g, backward_.Carve([&](Carver& c) {
+      return BackwardArrays{c.Take<T>(converted), c.Take<T>(rows * h), c.Take<T>(rows * up),
+                            c.Take<T>(converted)};
+    }));
+    const T* dy_t = GemmInput(dy, g.dy16);
     // dW2 (H x M) += Aᵀ · dY; db2 += Σ dY (from the fp32 dy).
     MOE_RETURN_IF_ERROR(WeightGradient([&](int e, int64_t b, int r) {
       return Gemm{CUBLAS_OP_N,
@@ -473,27 +457,27 @@ class CudaGroupedFfn final : public GroupedFfn {
                   r,
                   dy_t + b * m,
                   static_cast<int>(m),
-                  cur_->a.template as<T>() + b * h,
+                  cur_->arrays.a + b * h,
                   static_cast<int>(h),
-                  gw2_.as<float>() + e * h * m,
+                  w_.gw2 + e * h * m,
                   static_cast<int>(m)};
     }));
-    if (shape_.bias) ColumnSums(dy, m, static_cast<int>(m), gb2_.as<float>());
+    if (shape_.bias) ColumnSums(dy, m, static_cast<int>(m), w_.gb2);
     // dA = dY · W2ᵀ (rows x H).
     MOE_RETURN_IF_ERROR(Grouped(
         [&](int e, int64_t b, int r) {
           return Gemm{CUBLAS_OP_T,         CUBLAS_OP_N,
                       static_cast<int>(h), r,
-                      static_cast<int>(m), w2_.as<T>() + e * h * m,
+                      static_cast<int>(m), w_.w2 + e * h * m,
                       static_cast<int>(m), dy_t + b * m,
-                      static_cast<int>(m), da_.as<T>() + b * h,
+                      static_cast<int>(m), g.da + b * h,
                       static_cast<int>(h)};
         },
         0.0f));
     ActivationBackwardKernel<T><<<static_cast<unsigned>(cur_->rows), kRowThreads, 0, stream_>>>(
-        da_.as<T>(), cur_->hu.template as<T>(), dhu_.as<T>(), static_cast<int>(h),
-        static_cast<int>(up), shape_.activation, shape_.swiglu);
-    if (shape_.bias) ColumnSums(dhu_.as<T>(), up, static_cast<int>(h), gb1_.as<float>());
+        g.da, cur_->arrays.hu, g.dhu, static_cast<int>(h), static_cast<int>(up), shape_.activation,
+        shape_.swiglu);
+    if (shape_.bias) ColumnSums(g.dhu, up, static_cast<int>(h), w_.gb1);
     // dWup (M x up) += Xᵀ · dHU.
     MOE_RETURN_IF_ERROR(WeightGradient([&](int e, int64_t b, int r) {
       return Gemm{CUBLAS_OP_N,
@@ -501,21 +485,26 @@ class CudaGroupedFfn final : public GroupedFfn {
                   static_cast<int>(up),
                   static_cast<int>(m),
                   r,
-                  dhu_.as<T>() + b * up,
+                  g.dhu + b * up,
                   static_cast<int>(up),
                   cur_->x + b * m,
                   static_cast<int>(m),
-                  gwup_.as<float>() + e * m * up,
+                  w_.gwup + e * m * up,
                   static_cast<int>(up)};
     }));
     // dX = dHU · Wupᵀ (rows x M), in the storage type, then widened.
-    MOE_ASSIGN_OR_RETURN(T * dx_gemm, GemmOutput(dx, dx16_));
+    T* dx_gemm = nullptr;
+    if constexpr (kConverts) {
+      dx_gemm = g.dx16;
+    } else {
+      dx_gemm = dx;
+    }
     MOE_RETURN_IF_ERROR(Grouped(
         [&](int e, int64_t b, int r) {
           return Gemm{CUBLAS_OP_T,          CUBLAS_OP_N,
                       static_cast<int>(m),  r,
-                      static_cast<int>(up), wup_.as<T>() + e * m * up,
-                      static_cast<int>(up), dhu_.as<T>() + b * up,
+                      static_cast<int>(up), w_.wup + e * m * up,
+                      static_cast<int>(up), g.dhu + b * up,
                       static_cast<int>(up), dx_gemm + b * m,
                       static_cast<int>(m)};
         },
@@ -535,7 +524,7 @@ class CudaGroupedFfn final : public GroupedFfn {
     MOE_RETURN_IF_ERROR(CudaCheck(cudaSetDevice(device_), "cudaSetDevice"));
     const int64_t m = shape_.model_dim, h = shape_.hidden_dim, up = UpCols();
     staging_.resize(static_cast<size_t>(experts_ * m * up));
-    MOE_RETURN_IF_ERROR(Download(staging_.data(), gwup_.as<float>(),
+    MOE_RETURN_IF_ERROR(Download(staging_.data(), w_.gwup,
                                  static_cast<int64_t>(staging_.size() * sizeof(float))));
     for (int e = 0; e < experts_; ++e) {
       FfnParams& g = (*grads)[static_cast<size_t>(e)];
@@ -547,10 +536,10 @@ class CudaGroupedFfn final : public GroupedFfn {
         }
       }
     }
-    auto add_blocks = [&](const DeviceMemory& from, int64_t per_expert,
+    auto add_blocks = [&](const float* from, int64_t per_expert,
                           Tensor FfnParams::*pick) -> Status {
       staging_.resize(static_cast<size_t>(experts_ * per_expert));
-      MOE_RETURN_IF_ERROR(Download(staging_.data(), from.as<float>(),
+      MOE_RETURN_IF_ERROR(Download(staging_.data(), from,
                                    static_cast<int64_t>(staging_.size() * sizeof(float))));
       for (int e = 0; e < experts_; ++e) {
         Tensor& t = (*grads)[static_cast<size_t>(e)].*pick;
@@ -559,10 +548,10 @@ class CudaGroupedFfn final : public GroupedFfn {
       }
       return Status::Ok();
     };
-    MOE_RETURN_IF_ERROR(add_blocks(gw2_, h * m, &FfnParams::w2));
+    MOE_RETURN_IF_ERROR(add_blocks(w_.gw2, h * m, &FfnParams::w2));
     if (shape_.bias) {
-      MOE_RETURN_IF_ERROR(add_blocks(gb1_, h, &FfnParams::b1));
-      MOE_RETURN_IF_ERROR(add_blocks(gb2_, m, &FfnParams::b2));
+      MOE_RETURN_IF_ERROR(add_blocks(w_.gb1, h, &FfnParams::b1));
+      MOE_RETURN_IF_ERROR(add_blocks(w_.gb2, m, &FfnParams::b2));
     }
     return ZeroGradients();
   }
@@ -588,13 +577,29 @@ class CudaGroupedFfn final : public GroupedFfn {
   }
 
  private:
+  // bf16 storage: fp32 operands are converted before and results widened after the GEMMs.
+  static constexpr bool kConverts = !std::is_same_v<T, float>;
+
+  struct Weights {
+    T *wup = nullptr, *w2 = nullptr;           // storage type
+    float *b1 = nullptr, *b2 = nullptr;        // biases (fp32)
+    float *gwup = nullptr, *gw2 = nullptr, *gb1 = nullptr, *gb2 = nullptr;  // gradients (fp32)
+  };
+  struct PartArrays {
+    int64_t* offsets = nullptr;  // the part's row offsets (L + 1)
+    T *x16 = nullptr, *hu = nullptr, *a = nullptr;
+  };
+  struct BackwardArrays {
+    T *dy16 = nullptr, *da = nullptr, *dhu = nullptr, *dx16 = nullptr;
+  };
   // What one part's Forward keeps for its Backward.
   struct Part {
     std::vector<int64_t> offsets;
     int64_t rows = 0;
     bool forwarded = false;
-    DeviceMemory offsets_dev, x16, hu, a;
-    const T* x = nullptr;  // the GEMM operand X: the caller's x (fp32) or x16
+    Workspace memory{MemorySpace::kDevice};  // carved into `arrays` by the part's Forward
+    PartArrays arrays;
+    const T* x = nullptr;  // the GEMM operand X: the caller's x (fp32) or arrays.x16
   };
 
   Status SelectPart(const char* what, int part) {
@@ -609,25 +614,13 @@ class CudaGroupedFfn final : public GroupedFfn {
   int64_t UpCols() const { return shape_.swiglu ? 2 * shape_.hidden_dim : shape_.hidden_dim; }
 
   // An fp32 rows x M operand in the storage type: `in` itself (fp32), or converted into `staging`.
-  StatusOr<const T*> GemmInput(const float* in, DeviceMemory& staging) {
-    if constexpr (std::is_same_v<T, float>) {
+  const T* GemmInput(const float* in, T* staging) {
+    if constexpr (!kConverts) {
       return in;
     } else {
       const int64_t n = cur_->rows * shape_.model_dim;
-      MOE_RETURN_IF_ERROR(staging.Reserve(n * static_cast<int64_t>(sizeof(T))));
-      ConvertKernel<float, T>
-          <<<GridFor(n), kRowThreads, 0, stream_>>>(in, staging.template as<T>(), n);
-      return static_cast<const T*>(staging.template as<T>());
-    }
-  }
-  // Where a GEMM writes an fp32 rows x M result: `out` itself (fp32), or `staging` to be widened.
-  StatusOr<T*> GemmOutput(float* out, DeviceMemory& staging) {
-    if constexpr (std::is_same_v<T, float>) {
-      return out;
-    } else {
-      MOE_RETURN_IF_ERROR(
-          staging.Reserve(cur_->rows * shape_.model_dim * static_cast<int64_t>(sizeof(T))));
-      return staging.template as<T>();
+      ConvertKernel<float, T><<<GridFor(n), kRowThreads, 0, stream_>>>(in, staging, n);
+      return staging;
     }
   }
 
@@ -698,7 +691,7 @@ class CudaGroupedFfn final : public GroupedFfn {
   void ColumnSums(const E* mat, int64_t ld, int cols, float* g) {
     const dim3 grid(static_cast<unsigned>((cols + 31) / 32), static_cast<unsigned>(experts_));
     ColumnSumKernel<E><<<grid, dim3(32, kSumLanes), 0, stream_>>>(
-        mat, ld, cols, cur_->offsets_dev.template as<int64_t>(), g);
+        mat, ld, cols, cur_->arrays.offsets, g);
   }
 
   // fp32 host values into device storage of type T.
@@ -707,24 +700,25 @@ class CudaGroupedFfn final : public GroupedFfn {
     if constexpr (std::is_same_v<T, float>) {
       return Upload(dst, src.data(), n * static_cast<int64_t>(sizeof(float)));
     } else {
-      MOE_RETURN_IF_ERROR(wstage_.Reserve(n * static_cast<int64_t>(sizeof(float))));
-      MOE_RETURN_IF_ERROR(
-          Upload(wstage_.as<float>(), src.data(), n * static_cast<int64_t>(sizeof(float))));
-      ConvertKernel<float, T><<<GridFor(n), kRowThreads, 0, stream_>>>(wstage_.as<float>(), dst, n);
+      MOE_ASSIGN_OR_RETURN(void* staged, wstage_.Get(n * static_cast<int64_t>(sizeof(float))));
+      float* const fp32 = static_cast<float*>(staged);
+      MOE_RETURN_IF_ERROR(Upload(fp32, src.data(), n * static_cast<int64_t>(sizeof(float))));
+      ConvertKernel<float, T><<<GridFor(n), kRowThreads, 0, stream_>>>(fp32, dst, n);
       return CudaCheck(cudaGetLastError(), "weight conversion kernel launch");
     }
   }
 
   Status ZeroGradients() {
     const int64_t l = experts_, m = shape_.model_dim, h = shape_.hidden_dim;
-    for (auto [mem, n] :
-         {std::pair{&gwup_, l * m * UpCols()}, std::pair{&gw2_, l * h * m},
-          std::pair{&gb1_, shape_.bias ? l * h : 0}, std::pair{&gb2_, shape_.bias ? l * m : 0}}) {
+    using Grad = std::pair<float*, int64_t>;
+    const std::array<Grad, 4> grads = {Grad(w_.gwup, l * m * UpCols()), Grad(w_.gw2, l * h * m),
+                                       Grad(w_.gb1, shape_.bias ? l * h : 0),
+                                       Grad(w_.gb2, shape_.bias ? l * m : 0)};
+    for (auto [grad, n] : grads) {
       if (n == 0) continue;
-      MOE_RETURN_IF_ERROR(
-          CudaCheck(cudaMemsetAsync(mem->template as<float>(), 0,
-                                    static_cast<size_t>(n) * sizeof(float), stream_),
-                    "cudaMemsetAsync (gradients)"));
+      MOE_RETURN_IF_ERROR(CudaCheck(
+          cudaMemsetAsync(grad, 0, static_cast<size_t>(n) * sizeof(float), stream_),
+          "cudaMemsetAsync (gradients)"));
     }
     return Status::Ok();
   }
@@ -739,12 +733,14 @@ class CudaGroupedFfn final : public GroupedFfn {
   PointerTable pointers_;
   bool have_weights_ = false;
 
-  DeviceMemory wup_, w2_, b1_, b2_, wstage_;  // weights (storage type; biases fp32)
-  DeviceMemory gwup_, gw2_, gb1_, gb2_;       // gradients (fp32)
-  std::array<Part, kMaxParts> parts_;         // forward activations, per part
-  Part* cur_ = &parts_[0];                    // the part of the running call
-  DeviceMemory y16_;
-  DeviceMemory dy16_, da_, dhu_, dx16_;  // backward
+  // Device memory (runtime/base/memory.h): the weights and gradients carved once at Init, each
+  // part's forward activations per Forward (Part::memory), the backward's per Backward; y16_ and
+  // wstage_ are bf16 staging (the forward's output before widening, fp32 weights before narrowing).
+  Workspace weights_{MemorySpace::kDevice}, backward_{MemorySpace::kDevice},
+      y16_{MemorySpace::kDevice}, wstage_{MemorySpace::kDevice};
+  Weights w_;
+  std::array<Part, kMaxParts> parts_;  // forward activations, per part
+  Part* cur_ = &parts_[0];             // the part of the running call
   std::vector<float> staging_;
 
   // Grouped-call argument arrays (host), reused.

@@ -30,20 +30,6 @@ using experts::cuda::CublasCheck;
 using experts::cuda::CudaCheck;
 using experts::cuda::GroupedFfn;
 
-// Device memory that grows to the largest request and keeps it.
-class DeviceArray {
- public:
-  template <typename T>
-  StatusOr<T*> Get(int64_t count) {
-    MOE_ASSIGN_OR_RETURN(void* p,
-                         ws_.Get(std::max<int64_t>(count, 1) * static_cast<int64_t>(sizeof(T))));
-    return static_cast<T*>(p);
-  }
-
- private:
-  Workspace ws_{MemorySpace::kDevice};
-};
-
 // v[i] · k for every entry (rows to floats, floats to bytes).
 std::vector<int64_t> Scaled(const std::vector<int64_t>& v, int64_t k) {
   std::vector<int64_t> out(v.size());
@@ -90,14 +76,28 @@ class CudaMoeLayer final : public DeviceMoeLayer {
     }
     if (options_.route_on_device && gpu::DeviceRouter::Supports(cfg_.router(), nullptr)) {
       MOE_ASSIGN_OR_RETURN(router_dev_, gpu::DeviceRouter::Create(cfg_.router(), e, stream_));
-      MOE_ASSIGN_OR_RETURN(bias_dev_, bias_mem_.Get<float>(e));
     }
-    MOE_ASSIGN_OR_RETURN(wg_, wg_mem_.Get<float>(m * e));
-    MOE_ASSIGN_OR_RETURN(gwg_, gwg_mem_.Get<float>(m * e));
-    if (HasNoiseWeights()) {
-      MOE_ASSIGN_OR_RETURN(wn_, wn_mem_.Get<float>(m * e));
-      MOE_ASSIGN_OR_RETURN(gwn_, gwn_mem_.Get<float>(m * e));
-    }
+    // What lives as long as the layer: router weights and gradients, the selection bias's device
+    // copy, the expert-parallel row counts.
+    struct Fixed {
+      float *wg, *gwg, *wn, *gwn, *bias;
+      int64_t* counts;
+    };
+    const bool noise = HasNoiseWeights(), bias = router_dev_ != nullptr;
+    MOE_ASSIGN_OR_RETURN(const Fixed f, fixed_.Carve([&](Carver& c) {
+      return Fixed{c.Take<float>(m * e),
+                   c.Take<float>(m * e),
+                   noise ? c.Take<float>(m * e) : nullptr,
+                   noise ? c.Take<float>(m * e) : nullptr,
+                   bias ? c.Take<float>(e) : nullptr,
+                   c.Take<int64_t>(2 * ranks_ * local_)};
+    }));
+    wg_ = f.wg;
+    gwg_ = f.gwg;
+    wn_ = f.wn;
+    gwn_ = f.gwn;
+    bias_dev_ = f.bias;
+    counts_ = f.counts;
     return ZeroRouterGradients();
   }
 
@@ -155,7 +155,11 @@ class CudaMoeLayer final : public DeviceMoeLayer {
 
     // Router logits on the device; the rest of the router and the plan on the device or the host.
     const bool noisy = RouterIsNoisy(cfg_.router(), ctx);
-    MOE_ASSIGN_OR_RETURN(float* logits, logits_mem_.Get<float>(2 * s * e));
+    // Sized per call: the router's S x E arrays now, the packed rows' once the plan is known.
+    MOE_ASSIGN_OR_RETURN(router_arrays_, router_ws_.Carve([&](Carver& c) {
+      return RouterArrays{c.Take<float>(2 * s * e), c.Take<float>(2 * s * e)};
+    }));
+    float* const logits = router_arrays_.logits;
     MOE_RETURN_IF_ERROR(RowMajorGemm(false, false, s, e, m, x, wg_, 0.0f, logits));
     if (noisy)
       MOE_RETURN_IF_ERROR(RowMajorGemm(false, false, s, e, m, x, wn_, 0.0f, logits + s * e));
@@ -167,18 +171,20 @@ class CudaMoeLayer final : public DeviceMoeLayer {
 
     // Pack, experts, shared experts, gated combine.
     const int64_t rows = plan_.num_rows();
-    MOE_ASSIGN_OR_RETURN(packed_x_, packed_x_mem_.Get<float>(rows * m));
-    MOE_ASSIGN_OR_RETURN(packed_y_, packed_y_mem_.Get<float>(rows * m));
-    MOE_RETURN_IF_ERROR(gpu::PermuteRows(dplan_, x, m, packed_x_, stream_));
+    const int64_t shared_tmp = shared_.size() > 1 ? s * m : 0;
+    MOE_ASSIGN_OR_RETURN(rows_, rows_ws_.Carve([&](Carver& c) {
+      return RowArrays{c.Take<float>(rows * m), c.Take<float>(rows * m), c.Take<float>(rows * m),
+                       c.Take<float>(rows * m), c.Take<float>(rows), c.Take<float>(shared_tmp)};
+    }));
+    MOE_RETURN_IF_ERROR(gpu::PermuteRows(dplan_, x, m, rows_.packed_x, stream_));
     if (options_.comm == nullptr) {
       MOE_RETURN_IF_ERROR(TimedExperts(
-          [&] { return experts_->Forward(plan_.expert_offset, packed_x_, packed_y_); }));
+          [&] { return experts_->Forward(plan_.expert_offset, rows_.packed_x, rows_.packed_y); }));
     } else {
       MOE_RETURN_IF_ERROR(ExchangeLayout());
-      MOE_ASSIGN_OR_RETURN(float* expert_x, expert_x_mem_.Get<float>(layout_.recv_rows * m));
-      MOE_ASSIGN_OR_RETURN(float* expert_y, expert_y_mem_.Get<float>(layout_.recv_rows * m));
       MOE_RETURN_IF_ERROR(
-          ExpertParallel(/*backward=*/false, packed_x_, expert_x, expert_y, packed_y_,
+          ExpertParallel(/*backward=*/false, rows_.packed_x, exchange_.expert_x, exchange_.expert_y,
+                         rows_.packed_y,
                          [&](int part, const std::vector<int64_t>& offsets, const float* in,
                              float* out) { return experts_->Forward(part, offsets, in, out); }));
     }
@@ -188,11 +194,11 @@ class CudaMoeLayer final : public DeviceMoeLayer {
         MOE_RETURN_IF_ERROR(shared_[i]->Forward(all_tokens, x, y));
         continue;
       }
-      MOE_ASSIGN_OR_RETURN(float* tmp, shared_tmp_mem_.Get<float>(s * m));
+      float* const tmp = rows_.shared_tmp;
       MOE_RETURN_IF_ERROR(shared_[i]->Forward(all_tokens, x, tmp));
       MOE_RETURN_IF_ERROR(gpu::AddInto(y, tmp, s * m, stream_));
     }
-    MOE_RETURN_IF_ERROR(gpu::UnpermuteRows(dplan_, packed_y_, m, /*with_gates=*/true,
+    MOE_RETURN_IF_ERROR(gpu::UnpermuteRows(dplan_, rows_.packed_y, m, /*with_gates=*/true,
                                            /*accumulate=*/!shared_.empty(), y, stream_));
     have_forward_ = true;
     return Status::Ok();
@@ -227,17 +233,16 @@ class CudaMoeLayer final : public DeviceMoeLayer {
     MOE_RETURN_IF_ERROR(CudaCheck(cudaSetDevice(options_.device), "cudaSetDevice"));
     const int64_t s = plan_.num_tokens, m = cfg_.model_dim(), e = cfg_.num_experts();
     const int64_t rows = plan_.num_rows();
-    MOE_ASSIGN_OR_RETURN(float* packed_dy, packed_dy_mem_.Get<float>(rows * m));
-    MOE_ASSIGN_OR_RETURN(float* packed_dx, packed_dx_mem_.Get<float>(rows * m));
-    MOE_ASSIGN_OR_RETURN(float* dgate, dgate_mem_.Get<float>(rows));
-    MOE_RETURN_IF_ERROR(gpu::PermuteGradRows(dplan_, dy, packed_y_, m, packed_dy, dgate, stream_));
+    float *const packed_dy = rows_.packed_dy, *const packed_dx = rows_.packed_dx,
+                 *const dgate = rows_.dgate;
+    MOE_RETURN_IF_ERROR(
+        gpu::PermuteGradRows(dplan_, dy, rows_.packed_y, m, packed_dy, dgate, stream_));
     if (options_.comm == nullptr) {
       MOE_RETURN_IF_ERROR(TimedExperts([&] { return experts_->Backward(packed_dy, packed_dx); }));
     } else {
-      MOE_ASSIGN_OR_RETURN(float* expert_dy, expert_dy_mem_.Get<float>(layout_.recv_rows * m));
-      MOE_ASSIGN_OR_RETURN(float* expert_dx, expert_dx_mem_.Get<float>(layout_.recv_rows * m));
       MOE_RETURN_IF_ERROR(
-          ExpertParallel(/*backward=*/true, packed_dy, expert_dy, expert_dx, packed_dx,
+          ExpertParallel(/*backward=*/true, packed_dy, exchange_.expert_dy, exchange_.expert_dx,
+                         packed_dx,
                          [&](int part, const std::vector<int64_t>&, const float* in, float* out) {
                            return experts_->Backward(part, in, out);
                          }));
@@ -247,7 +252,7 @@ class CudaMoeLayer final : public DeviceMoeLayer {
         MOE_RETURN_IF_ERROR(shared_[i]->Backward(dy, dx));
         continue;
       }
-      MOE_ASSIGN_OR_RETURN(float* tmp, shared_tmp_mem_.Get<float>(s * m));
+      float* const tmp = rows_.shared_tmp;
       MOE_RETURN_IF_ERROR(shared_[i]->Backward(dy, tmp));
       MOE_RETURN_IF_ERROR(gpu::AddInto(dx, tmp, s * m, stream_));
     }
@@ -255,7 +260,7 @@ class CudaMoeLayer final : public DeviceMoeLayer {
                                            /*accumulate=*/!shared_.empty(), dx, stream_));
 
     // The router's backward, to dlogits (and dnoise) on the device.
-    MOE_ASSIGN_OR_RETURN(float* dlogits, dlogits_mem_.Get<float>(2 * s * e));
+    float* const dlogits = router_arrays_.dlogits;
     float* dnoise = dlogits + s * e;
     if (router_dev_ != nullptr) {
       MOE_RETURN_IF_ERROR(router_dev_->Backward(dgate, loss_grad_scale_, dlogits, dnoise));
@@ -344,7 +349,7 @@ class CudaMoeLayer final : public DeviceMoeLayer {
     const int64_t bytes = w * l * static_cast<int64_t>(sizeof(int64_t));
     // The counts travel by blocking copies and the communicator, nothing on this layer's stream
     // touches them: no wait here (ExpertParallel waits before the rows go).
-    MOE_ASSIGN_OR_RETURN(int64_t * counts, counts_mem_.Get<int64_t>(2 * w * l));
+    int64_t* const counts = counts_;
     MOE_RETURN_IF_ERROR(
         CopyFromHost(MemorySpace::kDevice, counts, send_le_.data(), bytes));
     const std::vector<int64_t> count_bytes(static_cast<size_t>(w), l * 8);
@@ -373,7 +378,19 @@ class CudaMoeLayer final : public DeviceMoeLayer {
       maps.insert(maps.end(), v->begin(), v->end());
     }
     host_seconds_ += WallSeconds() - t0;
-    MOE_ASSIGN_OR_RETURN(int32_t * idx, maps_mem_.Get<int32_t>(static_cast<int64_t>(maps.size())));
+    // Everything the exchange moves, forward and backward, sized now that the layout is known.
+    const int64_t recv = layout_.recv_rows * m,
+                  send = layout_.send_gather.empty() ? 0 : layout_.send_rows * m;
+    MOE_ASSIGN_OR_RETURN(exchange_, exchange_ws_.Carve([&](Carver& c) {
+      return ExchangeArrays{c.Take<int32_t>(static_cast<int64_t>(maps.size())),
+                            c.Take<float>(recv),
+                            c.Take<float>(send),
+                            c.Take<float>(recv),
+                            c.Take<float>(recv),
+                            c.Take<float>(recv),
+                            c.Take<float>(recv)};
+    }));
+    int32_t* const idx = exchange_.maps;
     if (!maps.empty()) {
       MOE_RETURN_IF_ERROR(CudaCheck(cudaMemcpyAsync(idx, maps.data(), maps.size() * sizeof(int32_t),
                                                     cudaMemcpyHostToDevice, stream_),
@@ -401,13 +418,13 @@ class CudaMoeLayer final : public DeviceMoeLayer {
     const int64_t m = cfg_.model_dim(), chunks = static_cast<int64_t>(layout_.chunks.size());
     const bool gathered = !layout_.send_gather.empty();
     // Received rows; each chunk's region is reused, once its experts ran, for its rows going back.
-    MOE_ASSIGN_OR_RETURN(float* recv, recv_mem_.Get<float>(layout_.recv_rows * m));
+    float* const recv = exchange_.recv;
     // With chunks, the send-order rows; each chunk's region is reused, once its dispatch is
     // complete, for its combined rows (send and receive blocks of an exchange are the same).
     const float* send = packed_in;
     float* combined = packed_out;
     if (gathered) {
-      MOE_ASSIGN_OR_RETURN(float* buf, send_mem_.Get<float>(layout_.send_rows * m));
+      float* const buf = exchange_.send;
       MOE_RETURN_IF_ERROR(
           gpu::PermuteRows(Gather(send_gather_, layout_.send_rows), packed_in, m, buf, stream_));
       send = buf;
@@ -548,7 +565,8 @@ class CudaMoeLayer final : public DeviceMoeLayer {
       std::memcpy(staging_.data() + off_bytes + 2 * row_bytes, plan_.token_rows.data(), row_bytes);
     }
     host_seconds_ += WallSeconds() - t0;
-    MOE_ASSIGN_OR_RETURN(char* dev, plan_mem_.Get<char>(static_cast<int64_t>(staging_.size())));
+    MOE_ASSIGN_OR_RETURN(void* staged, plan_ws_.Get(static_cast<int64_t>(staging_.size())));
+    char* const dev = static_cast<char*>(staged);
     MOE_RETURN_IF_ERROR(CudaCheck(
         cudaMemcpyAsync(dev, staging_.data(), staging_.size(), cudaMemcpyHostToDevice, stream_),
         "copy of the dispatch plan"));
@@ -591,20 +609,33 @@ class CudaMoeLayer final : public DeviceMoeLayer {
   double loss_grad_scale_ = 1.0;
   bool have_params_ = false, have_forward_ = false;
 
-  // Device memory: router weights and gradients (fixed), activations (grow to the largest call).
-  DeviceArray wg_mem_, gwg_mem_, wn_mem_, gwn_mem_, logits_mem_, plan_mem_, packed_x_mem_,
-      packed_y_mem_, packed_dy_mem_, packed_dx_mem_, dgate_mem_, dlogits_mem_, shared_tmp_mem_;
+  // Device memory, each workspace carved in one piece (runtime/base/memory.h) when its sizes are
+  // known: fixed_ at Init (router weights and gradients, the bias's device copy, the row counts);
+  // per Forward router_ws_ (logits and their gradient), rows_ws_ once the plan is known (packed
+  // rows both ways, the gates' gradient, shared-expert scratch), exchange_ws_ once the exchange
+  // layout is known (regroup maps, received and sent rows, the experts' rows both ways), plan_ws_
+  // for a plan routed on the host. The Backward uses what its Forward carved.
+  Workspace fixed_{MemorySpace::kDevice}, router_ws_{MemorySpace::kDevice},
+      rows_ws_{MemorySpace::kDevice}, exchange_ws_{MemorySpace::kDevice},
+      plan_ws_{MemorySpace::kDevice};
   float *wg_ = nullptr, *gwg_ = nullptr, *wn_ = nullptr, *gwn_ = nullptr;
+  int64_t* counts_ = nullptr;  // expert parallelism: sent and received row counts (2 x W x L)
+  struct RouterArrays {
+    float *logits = nullptr, *dlogits = nullptr;  // S x E each, then the noise's S x E
+  } router_arrays_;
+  struct RowArrays {
+    float *packed_x = nullptr, *packed_y = nullptr, *packed_dy = nullptr, *packed_dx = nullptr,
+          *dgate = nullptr, *shared_tmp = nullptr;
+  } rows_;
+  struct ExchangeArrays {
+    int32_t* maps = nullptr;
+    float *recv = nullptr, *send = nullptr, *expert_x = nullptr, *expert_y = nullptr,
+          *expert_dy = nullptr, *expert_dx = nullptr;
+  } exchange_;
   // Routing on the device: the router and the selection bias's device copy.
   std::unique_ptr<gpu::DeviceRouter> router_dev_;
-  DeviceArray bias_mem_;
   float* bias_dev_ = nullptr;
-  float *packed_x_ = nullptr, *packed_y_ = nullptr;
-  // Expert parallelism: device memory (counts, regroup maps, received rows, the experts' rows) and
-  // the per-forward layout.
-  DeviceArray counts_mem_, maps_mem_, recv_mem_, expert_x_mem_, expert_y_mem_, expert_dy_mem_,
-      expert_dx_mem_;
-  DeviceArray send_mem_;
+  // Expert parallelism: the per-forward layout.
   std::vector<int64_t> send_le_, recv_le_;
   EpExchangeLayout layout_;
   struct ChunkFloats {

@@ -217,24 +217,6 @@ unsigned Blocks(int64_t n, int64_t per_block) {
   return static_cast<unsigned>((n + per_block - 1) / per_block);
 }
 
-// Carves typed arrays out of one allocation, each 256-byte aligned: a sizing pass (base null)
-// then the real one.
-class Carver {
- public:
-  explicit Carver(char* base) : base_(base) {}
-  template <typename T>
-  T* Take(int64_t count) {
-    T* p = base_ == nullptr ? nullptr : reinterpret_cast<T*>(base_ + used_);
-    used_ += (std::max<int64_t>(count, 1) * static_cast<int64_t>(sizeof(T)) + 255) / 256 * 256;
-    return p;
-  }
-  int64_t used() const { return used_; }
-
- private:
-  char* base_;
-  int64_t used_ = 0;
-};
-
 class CudaRouter final : public DeviceRouter {
  public:
   CudaRouter(const config::RouterConfig& cfg, int64_t experts, void* stream)
@@ -627,11 +609,7 @@ class CudaRouter final : public DeviceRouter {
       a.scan_temp = c.Take<char>(scan_bytes_);
       return a;
     };
-    Carver sizing(nullptr);
-    layout(sizing);
-    MOE_ASSIGN_OR_RETURN(void* base, arena_.Get(sizing.used()));
-    Carver real(static_cast<char*>(base));
-    a_ = layout(real);
+    MOE_ASSIGN_OR_RETURN(a_, arena_.Carve(layout));
     return Status::Ok();
   }
 

@@ -1,3 +1,4 @@
+// WriteBenchJson (bench/bench_json.h): a BenchRow as one BenchResult JSON line.
 #include "bench/bench_json.h"
 
 #include <google/protobuf/util/json_util.h>
@@ -22,6 +23,10 @@ Status WriteBenchJson(std::ostream& out, const comm::bench::BenchRow& row) {
   r.set_wrong(row.wrong);
   r.set_baseline_time_us(row.baseline_time_us);
   r.set_baseline(row.baseline);
+  r.set_time_median_us(row.time_median_us);
+  r.set_time_min_us(row.time_min_us);
+  r.set_time_max_us(row.time_max_us);
+  r.set_iters(row.iters);
   std::string line;
   google::protobuf::util::JsonPrintOptions print;
   print.always_print_primitive_fields = true;  // #wrong = 0 is worth printing

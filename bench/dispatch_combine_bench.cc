@@ -1,3 +1,4 @@
+// moe_comm_bench --op dispatch_combine and --pipeline-degree (bench/dispatch_combine_bench.h).
 #include "bench/dispatch_combine_bench.h"
 
 #include <algorithm>
@@ -352,7 +353,9 @@ Status RunPipelineBench(comm::Communicator& comm, const DispatchCombineBenchOpti
       };
       for (int i = 0; i < o.warmup; ++i) MOE_RETURN_IF_ERROR(step());
       exec.stats().Reset();
-      MOE_ASSIGN_OR_RETURN(const double time_us, comm::bench::TimeLoop(comm, 0, o.iters, step));
+      MOE_ASSIGN_OR_RETURN(const comm::bench::Timing timing,
+                           comm::bench::TimeLoop(comm, 0, o.iters, step));
+      const double time_us = timing.mean_us;
       MOE_ASSIGN_OR_RETURN(
           const double exchange_us,
           ReduceScalar(comm, exec.stats().AllToAllSeconds() * 1e6 / o.iters, comm::ReduceOp::kMax));
@@ -388,7 +391,7 @@ Status RunPipelineBench(comm::Communicator& comm, const DispatchCombineBenchOpti
           ReduceScalar(comm, static_cast<double>(sent) / o.iters, comm::ReduceOp::kSum));
       comm::bench::BenchRow row =
           RowExchangeRow("ep_pipeline_d" + std::to_string(d), comm, sent_sum);
-      row.time_us = time_us;
+      comm::bench::SetTiming(&row, timing);
       row.wrong = static_cast<int64_t>(wrong);
       row.baseline_time_us = ref_time_us;
       row.baseline = "ep_pipeline_d1";
@@ -448,8 +451,9 @@ Status RunDispatchCombineBench(comm::Communicator& comm, const DispatchCombineBe
       return Status::Ok();
     };
     for (int i = 0; i < o.warmup; ++i) MOE_RETURN_IF_ERROR(forward(false));
-    MOE_RETURN_IF_ERROR(comm.Barrier());
-    for (int i = 0; i < o.iters; ++i) MOE_RETURN_IF_ERROR(forward(true));
+    // The whole Forward, call by call (its median, min and max go into the row).
+    MOE_ASSIGN_OR_RETURN(const comm::bench::Timing timing,
+                         comm::bench::TimeLoop(comm, 0, o.iters, [&] { return forward(true); }));
     const ExchangeCall* dispatch = FindCall(exec.stats(), ExchangeCall::Kind::kDispatch);
     const ExchangeCall* combine = FindCall(exec.stats(), ExchangeCall::Kind::kCombine);
     if (o.warmup + o.iters == 0 || dispatch == nullptr || combine == nullptr) {
@@ -467,10 +471,12 @@ Status RunDispatchCombineBench(comm::Communicator& comm, const DispatchCombineBe
     std::vector<float> raw_send(static_cast<size_t>(std::max<int64_t>(send_elems, 1)), 1.0f),
         raw_recv(static_cast<size_t>(std::max<int64_t>(recv_elems, 1)));
     MOE_ASSIGN_OR_RETURN(
-        const double raw_pair_us, comm::bench::TimeLoop(comm, o.warmup, o.iters, [&]() -> Status {
+        const comm::bench::Timing raw_pair,
+        comm::bench::TimeLoop(comm, o.warmup, o.iters, [&]() -> Status {
           MOE_RETURN_IF_ERROR(ReplayExchange(comm, raw, fwd, raw_send.data(), raw_recv.data()));
           return ReplayExchange(comm, raw, back, raw_recv.data(), raw_send.data());
         }));
+    const double raw_pair_us = raw_pair.mean_us;
     double wrong = 0;
     if (o.check) {
       MOE_ASSIGN_OR_RETURN(const int64_t mine, CheckDispatchCombine(comm, o, plan, e));
@@ -481,6 +487,7 @@ Status RunDispatchCombineBench(comm::Communicator& comm, const DispatchCombineBe
         const double sent_sum,
         ReduceScalar(comm, static_cast<double>(send_elems * 4), comm::ReduceOp::kSum));
     comm::bench::BenchRow row = RowExchangeRow("dispatch_combine", comm, sent_sum);
+    comm::bench::SetTiming(&row, timing);  // the whole Forward's spread; time is the two parts'
     row.time_us = dispatch_us + combine_us;
     row.algbw_gbps = row.time_us > 0 ? 2.0 * static_cast<double>(row.bytes) / row.time_us / 1e3 : 0;
     row.busbw_gbps = row.algbw_gbps * comm::bench::AllToAllBusFactor(n);

@@ -9,8 +9,8 @@
 //               (bf16 and fp32) ÷ dense cuBLAS GEMMs of the same FLOPs on the same precision
 //               (the forward's two GEMMs, the backward's four; one GEMM each over all rows);
 //               TFLOP/s of both.
-// Timing: each case is warmed up, then run --iters times with a device synchronization around
-// each run (host clock); the median is reported. Inputs are random (never zeros); outputs are
+// Timing: the shared loop of comm/bench/bench_loop.h — each case warmed up, then run --iters times
+// with a device synchronization around each run (host clock); the median is reported. Inputs are random (never zeros); outputs are
 // poisoned with NaN before the first run.
 //
 //   moe_gpu_bench [--tokens 16384] [--model 2048] [--hidden 8192] [--experts 8] [--topk 2]
@@ -29,6 +29,7 @@
 #include <string>
 #include <vector>
 
+#include "comm/bench/bench_loop.h"
 #include "experts/cuda/grouped_ffn.h"
 #include "launch/cli.h"
 #include "runtime/base/clock.h"
@@ -81,20 +82,17 @@ std::vector<float> Random(int64_t n, uint64_t seed, float scale) {
   return v;
 }
 
-// Median seconds of f() with a device synchronization before and after each run.
+// Median seconds of f() in the shared timing loop (comm/bench/bench_loop.h: 3 warm-up runs, then
+// `iters` runs timed one by one), each run between two device synchronizations.
 double Median(int iters, const std::function<void()>& f) {
-  for (int i = 0; i < 3; ++i) f();
-  Check(cudaDeviceSynchronize(), "warm-up");
-  std::vector<double> t;
-  for (int i = 0; i < iters; ++i) {
+  auto timing = moe::comm::bench::TimeCalls(3, iters, [&] {
     Check(cudaDeviceSynchronize(), "sync");
-    const double t0 = moe::WallSeconds();
     f();
     Check(cudaDeviceSynchronize(), "sync");
-    t.push_back(moe::WallSeconds() - t0);
-  }
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
+    return Status::Ok();
+  });
+  Check(timing.status(), "timing loop");
+  return timing->median_us * 1e-6;
 }
 
 void ExpectWritten(const Device& d, int64_t n, const char* what) {

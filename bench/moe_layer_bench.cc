@@ -2,7 +2,7 @@
 // alone (same shapes, same rows per expert) and (b) a PyTorch implementation of the same layer,
 // timed in the same run (bench/torch_layer_bench.py, through /usr/bin/python3 when present).
 // A benchmark, not a test: it reports ratios and asserts nothing.
-// --device cuda runs the device-resident layer (runtime/device_moe_layer.h: inputs, outputs,
+// --device cuda runs the device-resident layer (runtime/cuda/device_moe_layer.h: inputs, outputs,
 // weights and gradients on the GPU) against the PyTorch layer on the same GPU, forward and
 // fwd+bwd, and also the staged layer (only the experts on the GPU, rows travel each call) as a
 // baseline; the GEMM column is then not measured.
@@ -13,10 +13,13 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "bench/bench_json.h"
+#include "comm/bench/bench_loop.h"
 #include "experts/cpu/blas.h"
 #include "launch/cli.h"
 #include "runtime/base/memory.h"
@@ -38,18 +41,43 @@ struct Shape {
 };
 
 
+// f() in the shared timing loop (comm/bench/bench_loop.h): one warm-up call, then `iters` calls
+// timed one by one.
+template <typename F>
+moe::comm::bench::Timing Time(int iters, F&& f) {
+  auto timing = moe::comm::bench::TimeCalls(1, iters, [&] {
+    f();
+    return moe::Status::Ok();
+  });
+  MOE_CHECK_OK(timing.status());
+  return *timing;
+}
+
+// The median seconds of f() in that loop (what the tables print).
 template <typename F>
 double MedianSeconds(int iters, F&& f) {
-  f();  // warm-up
-  std::vector<double> t;
-  for (int i = 0; i < iters; ++i) {
-    const double t0 = moe::WallSeconds();
-    f();
-    t.push_back(moe::WallSeconds() - t0);
-  }
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
+  return Time(iters, std::forward<F>(f)).median_us * 1e-6;
 }
+
+// -J: one BenchResult JSON line per measurement (bench/bench_json.h), beside its baseline.
+struct JsonRows {
+  std::ofstream out;
+  void Add(const std::string& op, const Shape& sh, const moe::comm::bench::Timing& t,
+           const std::string& baseline, double baseline_us) {
+    if (!out.is_open()) return;
+    moe::comm::bench::BenchRow row;
+    row.op = op + "/" + sh.name;
+    row.backend = "local";
+    row.ranks = 1;
+    row.count = sh.s;
+    row.bytes = static_cast<int64_t>(sh.s) * sh.m * 4;
+    row.dtype = "float32";
+    moe::comm::bench::SetTiming(&row, t);
+    row.baseline = baseline;
+    row.baseline_time_us = baseline_us;
+    MOE_CHECK_OK(moe::WriteBenchJson(out, row));
+  }
+};
 
 moe::config::LayerConfig MakeConfig(const Shape& sh) {
   moe::MoeConfig cfg;
@@ -204,6 +232,8 @@ int main(int argc, char** argv) {
   app.add_option("--shape", only, "run only this shape (CPU: small, medium, fine-grained; cuda: small, large, fine-grained)");
   moe::launch::AddComputeFlags(app, &flags);
   app.add_option("--python", python, "Python with torch for the baseline");
+  std::string json_path;
+  app.add_option("-J,--json", json_path, "CPU: write one JSON line (BenchResult) per measurement");
   app.add_flag("--host-routing", host_routing,
                "--device cuda: route on the host (the CPU plan) instead of on the device");
   if (const int rc = moe::launch::ParseFlags(app, argc, argv); rc >= 0) return rc;
@@ -228,8 +258,17 @@ int main(int argc, char** argv) {
     return RunCuda(gpu_shapes, only, iters, no_torch, python, torch_script, compute, precision,
                    host_routing);
   }
-  std::printf("# %-12s %5s %4s %5s %3s %2s | %9s %9s %9s | %9s %9s\n", "shape", "S", "M", "H", "E", "k",
-              "ours ms", "gemm ms", "ours/gemm", "torch ms", "torch/ours");
+  JsonRows json;
+  if (!json_path.empty()) {
+    json.out.open(json_path, std::ios::out | std::ios::trunc);
+    if (!json.out) {
+      std::fprintf(stderr, "moe_layer_bench: -J %s: cannot open for writing\n", json_path.c_str());
+      return 2;
+    }
+  }
+  std::printf("# %-12s %5s %4s %5s %3s %2s | %9s %9s %9s | %9s %9s   (medians of %d calls)\n",
+              "shape", "S", "M", "H", "E", "k", "ours ms", "gemm ms", "ours/gemm", "torch ms",
+              "torch/ours", iters);
   const std::vector<Shape> shapes = {{"small", 1024, 256, 1024, 8, 2},
                                      {"medium", 2048, 512, 1024, 16, 2},
                                      {"fine-grained", 1024, 256, 256, 64, 6}};
@@ -248,10 +287,11 @@ int main(int argc, char** argv) {
     moe::MoeLayerParams grads = moe::MakeLayerParams(cfg);
     moe::RouteContext ctx;
     ctx.train = true;
-    const double ours = MedianSeconds(iters, [&] {
+    const moe::comm::bench::Timing ours_t = Time(iters, [&] {
       MOE_CHECK_OK(layer.Forward(x.view(), ctx, &y));
       MOE_CHECK_OK(layer.Backward(dy.view(), &dx, &grads));
     });
+    const double ours = ours_t.median_us * 1e-6;
     // The expert GEMMs alone: the layer's 2 forward + 4 backward GEMMs per expert, on the same
     // operands it uses — distinct weights and gradients per expert, each expert's rows a slice of
     // full-size activation buffers — so the memory traffic matches and only the GEMMs are timed.
@@ -261,7 +301,7 @@ int main(int argc, char** argv) {
         dh_rows(rows, sh.h), dx_rows(rows, sh.m);
     std::vector<moe::Tensor> w1(sh.e, moe::Tensor(sh.m, sh.h)), w2(sh.e, moe::Tensor(sh.h, sh.m)),
         gw1(sh.e, moe::Tensor(sh.m, sh.h)), gw2(sh.e, moe::Tensor(sh.h, sh.m));
-    const double gemm = MedianSeconds(iters, [&] {
+    const moe::comm::bench::Timing gemm_t = Time(iters, [&] {
       for (int e = 0; e < sh.e; ++e) {
         const int64_t b0 = plan.expert_offset[e], r = plan.expert_offset[e + 1] - b0;
         float* xe = x_rows.row(b0);
@@ -278,6 +318,7 @@ int main(int argc, char** argv) {
         moe::blas::Gemm(false, true, r, sh.m, sh.h, 1, dh, w1[e].data(), 0, dx_e);
       }
     });
+    const double gemm = gemm_t.median_us * 1e-6;
     const double torch_ms =
         no_torch ? -1 : TorchMs(python, torch_script, sh, iters, device, precision).fwd_bwd_ms;
     char torch_col[32] = "n/a", ratio_col[32] = "n/a";
@@ -285,6 +326,9 @@ int main(int argc, char** argv) {
       std::snprintf(torch_col, sizeof(torch_col), "%.1f", torch_ms);
       std::snprintf(ratio_col, sizeof(ratio_col), "%.2fx", torch_ms / (ours * 1e3));
     }
+    json.Add("moe_layer_fwd_bwd", sh, ours_t, "expert_gemms", gemm_t.mean_us);
+    json.Add("expert_gemms_fwd_bwd", sh, gemm_t, "", 0);
+    if (torch_ms > 0) json.Add("moe_layer_fwd_bwd", sh, ours_t, "pytorch (median)", torch_ms * 1e3);
     std::printf("  %-12s %5d %4d %5d %3d %2d | %9.1f %9.1f %9.3f | %9s %9s\n", sh.name.c_str(), sh.s,
                 sh.m, sh.h, sh.e, sh.k, ours * 1e3, gemm * 1e3, gemm > 0 ? ours / gemm : 0.0, torch_col, ratio_col);
     std::fflush(stdout);

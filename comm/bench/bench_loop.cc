@@ -1,6 +1,9 @@
+// The timing loop, sweep sizes and sweep summary of comm/bench/bench_loop.h.
 #include "comm/bench/bench_loop.h"
 
+#include <algorithm>
 #include <chrono>
+#include <string>
 
 #include "runtime/base/memory.h"
 
@@ -14,16 +17,72 @@ StatusOr<double> ReduceScalar(Communicator& comm, double value, ReduceOp op) {
   return value;
 }
 
-StatusOr<double> TimeLoop(Communicator& comm, int warmup, int iters,
+namespace {
+
+// Per-call microseconds of `iters` calls.
+StatusOr<std::vector<double>> TimedCalls(int iters, const std::function<Status()>& call) {
+  if (iters < 1) return InvalidArgument("iters=" + std::to_string(iters) + " must be >= 1");
+  std::vector<double> us(static_cast<size_t>(iters));
+  for (double& t : us) {
+    const auto start = std::chrono::steady_clock::now();
+    MOE_RETURN_IF_ERROR(call());
+    t = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start).count();
+  }
+  return us;
+}
+
+double Mean(const std::vector<double>& v) {
+  double sum = 0;
+  for (double x : v) sum += x;
+  return sum / static_cast<double>(v.size());
+}
+
+Timing Summarize(std::vector<double> us, double mean_us) {
+  Timing t;
+  t.iters = static_cast<int>(us.size());
+  t.mean_us = mean_us;
+  std::sort(us.begin(), us.end());
+  t.median_us = us.size() % 2 == 1 ? us[us.size() / 2]
+                                   : (us[us.size() / 2 - 1] + us[us.size() / 2]) / 2;
+  t.min_us = us.front();
+  t.max_us = us.back();
+  return t;
+}
+
+}  // namespace
+
+StatusOr<Timing> TimeCalls(int warmup, int iters, const std::function<Status()>& call) {
+  for (int i = 0; i < warmup; ++i) MOE_RETURN_IF_ERROR(call());
+  MOE_ASSIGN_OR_RETURN(std::vector<double> us, TimedCalls(iters, call));
+  const double mean = Mean(us);
+  return Summarize(std::move(us), mean);
+}
+
+StatusOr<Timing> TimeLoop(Communicator& comm, int warmup, int iters,
                           const std::function<Status()>& call) {
   for (int i = 0; i < warmup; ++i) MOE_RETURN_IF_ERROR(call());
   MOE_RETURN_IF_ERROR(comm.Barrier());
-  const auto start = std::chrono::steady_clock::now();
-  for (int i = 0; i < iters; ++i) MOE_RETURN_IF_ERROR(call());
-  const double us =
-      std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start).count() /
-      iters;
-  return ReduceScalar(comm, us, ReduceOp::kMax);
+  MOE_ASSIGN_OR_RETURN(std::vector<double> us, TimedCalls(iters, call));
+  // One max-reduction: [this rank's mean, its calls...] -> [slowest mean, each call's slowest].
+  std::vector<double> all(us.size() + 1);
+  all[0] = Mean(us);
+  std::copy(us.begin(), us.end(), all.begin() + 1);
+  MOE_ASSIGN_OR_RETURN(Buffer buf, Buffer::Allocate(comm.memory_space(),
+                                                    static_cast<int64_t>(all.size() * sizeof(double))));
+  const int64_t bytes = static_cast<int64_t>(all.size() * sizeof(double));
+  MOE_RETURN_IF_ERROR(CopyFromHost(comm.memory_space(), buf.data(), all.data(), bytes));
+  MOE_RETURN_IF_ERROR(comm.AllReduce(buf.data(), buf.data(), static_cast<int64_t>(all.size()),
+                                     DataType::kFloat64, ReduceOp::kMax));
+  MOE_RETURN_IF_ERROR(CopyToHost(comm.memory_space(), all.data(), buf.data(), bytes));
+  return Summarize(std::vector<double>(all.begin() + 1, all.end()), all[0]);
+}
+
+void SetTiming(BenchRow* row, const Timing& t) {
+  row->time_us = t.mean_us;
+  row->time_median_us = t.median_us;
+  row->time_min_us = t.min_us;
+  row->time_max_us = t.max_us;
+  row->iters = t.iters;
 }
 
 std::vector<int64_t> SizeSweep(int64_t min_bytes, int64_t max_bytes, int factor) {

@@ -1,7 +1,10 @@
-// The one timing loop and table row shared by the communicator benchmarks (moe_comm_bench), in the
-// manner of nccl-tests: warm-up calls, a barrier, timed calls, the slowest rank's mean; one row per
-// size (time, algbw, busbw, #wrong, baseline); a closing average bus bandwidth. Built on the
-// Communicator interface only.
+// The one timing loop and table row of every benchmark in this project, in the manner of
+// nccl-tests: warm-up calls, (a barrier,) timed calls each timed alone; the mean (nccl-tests'
+// "time"; over ranks, the slowest rank's) and the median, minimum and maximum call (over ranks,
+// each call's slowest rank); one row per measurement (time, algbw, busbw, #wrong, baseline), written
+// as report.proto's BenchResult JSON lines by bench/bench_json.h; a closing average bus bandwidth.
+// The communicator benchmarks (moe_comm_bench) time with TimeLoop, the single-process ones
+// (moe_layer_bench, moe_gpu_bench) with TimeCalls. Built on the Communicator interface only.
 #pragma once
 
 #include <cstdint>
@@ -19,9 +22,20 @@ namespace moe::comm::bench {
 // A scalar reduced over ranks, staged through the communicator's memory space.
 StatusOr<double> ReduceScalar(Communicator& comm, double value, ReduceOp op);
 
-// Mean microseconds per call of the slowest rank: `warmup` untimed calls, a barrier, then `iters`
-// timed calls (iters >= 1).
-StatusOr<double> TimeLoop(Communicator& comm, int warmup, int iters,
+// What a timed loop measured, in microseconds per call.
+struct Timing {
+  int iters = 0;
+  double mean_us = 0;    // over ranks: the largest of the ranks' means
+  double median_us = 0;  // over the calls; with ranks, of each call's slowest rank
+  double min_us = 0;
+  double max_us = 0;
+};
+
+// In this process: `warmup` untimed calls, then `iters` (>= 1) calls, each timed alone.
+StatusOr<Timing> TimeCalls(int warmup, int iters, const std::function<Status()>& call);
+// On every rank of `comm` (collective): `warmup` untimed calls, a barrier, then `iters` timed calls;
+// the ranks' times are reduced as Timing says.
+StatusOr<Timing> TimeLoop(Communicator& comm, int warmup, int iters,
                           const std::function<Status()>& call);
 
 // The sizes of a sweep: min, min·factor, min·factor², ... while <= max; just {0} when min is 0.
@@ -38,13 +52,20 @@ struct BenchRow {
   int64_t bytes = 0;
   int64_t count = 0;  // elements
   std::string dtype;
-  double time_us = 0;
+  double time_us = 0;         // mean per call
+  double time_median_us = 0;  // median, min and max per call (0: one measurement)
+  double time_min_us = 0;
+  double time_max_us = 0;
+  int iters = 0;
   double algbw_gbps = 0;
   double busbw_gbps = 0;
   int64_t wrong = -1;  // -1: not checked
   double baseline_time_us = 0;
   std::string baseline;
 };
+
+// Sets a row's time columns from a timed loop.
+void SetTiming(BenchRow* row, const Timing& t);
 
 // Takes each row on rank 0 as soon as it is measured (moe_comm_bench -J: one JSON line per row).
 using RowSink = std::function<Status(const BenchRow&)>;

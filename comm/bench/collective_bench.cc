@@ -1,3 +1,4 @@
+// The collective sweeps of moe_comm_bench (comm/bench/collective_bench.h).
 #include "comm/bench/collective_bench.h"
 
 #include <algorithm>
@@ -244,12 +245,13 @@ Status RunCollectiveBench(Communicator& comm, const CollectiveBenchOptions& o, R
     MOE_RETURN_IF_ERROR(CopyFromHost(comm.memory_space(), st.send.data(), send.data(),
                                      static_cast<int64_t>(send.size())));
 
-    MOE_ASSIGN_OR_RETURN(const double base_us, TimeLoop(comm, o.warmup, o.iters, [&] {
+    MOE_ASSIGN_OR_RETURN(const Timing base, TimeLoop(comm, o.warmup, o.iters, [&] {
                            return raw != nullptr ? RawBaseline(st, bc.raw_op, *raw)
                                                  : CopyBaseline(st);
                          }));
-    MOE_ASSIGN_OR_RETURN(const double time_us,
+    MOE_ASSIGN_OR_RETURN(const Timing timing,
                          TimeLoop(comm, o.warmup, o.iters, [&] { return bc.run(st); }));
+    const double time_us = timing.mean_us;
     double wrong = 0;
     if (o.check) {
       HostBytes actual(expected.size());
@@ -267,11 +269,11 @@ Status RunCollectiveBench(Communicator& comm, const CollectiveBenchOptions& o, R
     row.bytes = size_bytes;
     row.count = st.count;
     row.dtype = DataTypeName(o.dtype);
-    row.time_us = time_us;
+    SetTiming(&row, timing);
     row.algbw_gbps = time_us > 0 ? static_cast<double>(size_bytes) / time_us / 1e3 : 0;
     row.busbw_gbps = row.algbw_gbps * bc.bus_factor(n);
     row.wrong = o.check ? static_cast<int64_t>(wrong) : -1;
-    row.baseline_time_us = base_us;
+    row.baseline_time_us = base.mean_us;
     row.baseline = baseline_name;
     summary.Add(row.busbw_gbps, wrong);
     if (!rank0) continue;

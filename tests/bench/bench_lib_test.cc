@@ -2,10 +2,12 @@
 // results check out, and an injected raw baseline is what the baseline column times.
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <cstdio>
 #include <mutex>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "comm/bench/collective_bench.h"
@@ -17,6 +19,9 @@ namespace moe {
 namespace {
 
 using comm::bench::BenchRow;
+using comm::bench::TimeCalls;
+using comm::bench::TimeLoop;
+using comm::bench::Timing;
 using comm::bench::RawCollectives;
 
 // Counts its calls and records the all-to-all-v send counts; moves no data (the timed run after
@@ -216,12 +221,59 @@ TEST(BenchJson, EveryFieldIsWritten) {
   row.time_us = 2.5;
   row.wrong = 0;
   row.baseline = "memcpy";
+  row.time_median_us = 2.25;
+  row.time_min_us = 2;
+  row.time_max_us = 4;
+  row.iters = 8;
   std::ostringstream out;
   ASSERT_TRUE(WriteBenchJson(out, row).ok());
   EXPECT_EQ(out.str(),
             "{\"op\":\"alltoall\",\"backend\":\"loopback\",\"ranks\":2,\"bytes\":\"1024\","
             "\"count\":\"256\",\"dtype\":\"float32\",\"timeUs\":2.5,\"algbwGbps\":0,"
-            "\"busbwGbps\":0,\"wrong\":\"0\",\"baselineTimeUs\":0,\"baseline\":\"memcpy\"}\n");
+            "\"busbwGbps\":0,\"wrong\":\"0\",\"baselineTimeUs\":0,\"baseline\":\"memcpy\","
+            "\"timeMedianUs\":2.25,\"timeMinUs\":2,\"timeMaxUs\":4,\"iters\":8}\n");
+}
+
+// The one timing loop: every call timed alone; median, min and max of the calls, over ranks each
+// call's slowest rank, and the slowest rank's mean.
+TEST(TimingLoop, SummarizesCallsAndRanks) {
+  int calls = 0;
+  auto local = TimeCalls(2, 5, [&] {
+    ++calls;
+    return Status::Ok();
+  });
+  ASSERT_TRUE(local.ok()) << local.status().ToString();
+  EXPECT_EQ(calls, 7);  // 2 warm-up + 5 timed
+  EXPECT_EQ(local->iters, 5);
+  EXPECT_LE(local->min_us, local->median_us);
+  EXPECT_LE(local->median_us, local->max_us);
+  EXPECT_LE(local->min_us, local->mean_us);
+  EXPECT_LE(local->mean_us, local->max_us);
+  EXPECT_EQ(TimeCalls(0, 0, [] { return Status::Ok(); }).status().code(),
+            StatusCode::kInvalidArgument);
+  // Two ranks: rank 1 sleeps 3 ms in its second timed call only, so that call's slowest rank is
+  // rank 1 (max >= 3 ms) while the median call stays fast on both.
+  auto world = comm::LoopbackWorld::Create(2, {});
+  ASSERT_TRUE(world.ok());
+  std::vector<Timing> got(2);
+  world->RunPerRank([&](comm::Communicator& c) {
+    int call = 0;
+    auto t = TimeLoop(c, 1, 5, [&] {
+      if (c.rank() == 1 && call == 2) std::this_thread::sleep_for(std::chrono::milliseconds(3));
+      ++call;
+      return Status::Ok();
+    });
+    ASSERT_TRUE(t.ok()) << t.status().ToString();
+    got[static_cast<size_t>(c.rank())] = *t;
+  });
+  for (const Timing& t : got) {
+    EXPECT_EQ(t.iters, 5);
+    EXPECT_GE(t.max_us, 3000.0);
+    EXPECT_LT(t.median_us, 3000.0);
+    EXPECT_GE(t.mean_us, 3000.0 / 5);
+  }
+  EXPECT_EQ(got[0].max_us, got[1].max_us);  // every rank reports the same reduced numbers
+  EXPECT_EQ(got[0].median_us, got[1].median_us);
 }
 
 }  // namespace

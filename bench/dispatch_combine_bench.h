@@ -80,7 +80,7 @@ Tensor MakeSkewedProbs(const ProbsSkew& skew, uint64_t seed, int rank, int64_t t
 
 // --pipeline-degree: per token count and pipeline degree d, ExpertParallelExecutor Forward +
 // Backward with real experts (M = hidden, H = expert_hidden, GELU, bias, seeded weights) through
-// the chunked exchanges (runtime/ep_executor.h). time = mean per iteration of the slowest rank;
+// the chunked exchanges (runtime/moe/expert_parallel_executor.h). time = mean per iteration of the slowest rank;
 // exchange = time the slowest rank spent inside the communicator (ExchangeCall::seconds: the
 // blocking calls, or start + Wait of the asynchronous ones), experts = its expert compute;
 // speedup = time at degree 1 / time at degree d, degree 1 always run first in the same process.

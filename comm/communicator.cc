@@ -1,3 +1,5 @@
+// The Communicator's argument checks, sequence numbers, deadline messages and Split
+// (comm/communicator.h).
 #include "comm/communicator.h"
 
 #include <cstdio>

@@ -1,3 +1,4 @@
+// Element-wise reductions of host buffers (comm/host_reduce.h).
 #include "comm/host_reduce.h"
 
 #include <algorithm>

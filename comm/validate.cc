@@ -1,3 +1,4 @@
+// Argument checks shared by the backends (comm/validate.h).
 #include "comm/validate.h"
 
 #include <string>

@@ -10,7 +10,7 @@
 // --op dispatch_combine: the expert-parallel exchange (plan, pack, all-to-all(v), regroup, and
 // back) with dispatch and combine timed apart, beside the raw exchange of the same per-peer counts;
 // one row at --tokens, or with -b/-e one per size with tokens = bytes / (k·M·4); defined in
-// runtime/dispatch_combine_bench.h.
+// bench/dispatch_combine_bench.h.
 // -c 1 checks the results (#wrong = wrong elements, all ranks). -J writes one JSON line
 // (report.proto BenchResult) per row. Bad flags exit with code 2; any #wrong > 0 exits with code 1
 // after the table.

@@ -1,3 +1,4 @@
+// The two-stage all-to-all of comm/algorithms/hierarchical_alltoall.h.
 #include "comm/algorithms/hierarchical_alltoall.h"
 
 #include <algorithm>

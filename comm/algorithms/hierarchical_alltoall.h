@@ -8,7 +8,7 @@
 // The result equals the flat AllToAll / AllToAllV byte for byte.
 //
 // Buffers live in the parent communicator's memory space; staging buffers are workspaces there
-// (comm/memory.h), kept between calls. Deadlines and abort come from the sub-communicators (same
+// (runtime/base/memory.h), kept between calls. Deadlines and abort come from the sub-communicators (same
 // options as the parent); a deadline in either stage returns its error and aborts that
 // sub-communicator.
 #pragma once

@@ -1,3 +1,4 @@
+// The loopback backend: one rank of an in-process world (comm/loopback/loopback_communicator.h).
 #include "comm/loopback/loopback_communicator.h"
 
 #include <algorithm>

@@ -1,3 +1,4 @@
+// The loopback world's shared rendezvous (comm/loopback/loopback_group.h).
 #include "comm/loopback/loopback_group.h"
 
 #include <chrono>

@@ -1,3 +1,4 @@
+// LoopbackWorld: N loopback ranks and running them as threads (comm/loopback/loopback_world.h).
 #include "comm/loopback/loopback_world.h"
 
 #include <string>

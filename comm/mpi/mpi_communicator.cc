@@ -1,3 +1,4 @@
+// The MPI backend (comm/mpi/mpi_communicator.h).
 #include "comm/mpi/mpi_communicator.h"
 
 #include <chrono>

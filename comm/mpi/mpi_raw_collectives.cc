@@ -1,3 +1,4 @@
+// The raw MPI collectives the benchmarks compare with (comm/mpi/mpi_raw_collectives.h).
 #include "comm/mpi/mpi_raw_collectives.h"
 
 #include <vector>

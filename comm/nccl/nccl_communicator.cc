@@ -1,3 +1,4 @@
+// The NCCL backend (comm/nccl/nccl_communicator.h).
 #include "comm/nccl/nccl_communicator.h"
 
 #include <chrono>

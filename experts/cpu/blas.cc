@@ -1,3 +1,4 @@
+// Row-major GEMMs on OpenBLAS (experts/cpu/blas.h).
 #include "experts/cpu/blas.h"
 
 #include <cblas.h>

@@ -1,3 +1,4 @@
+// cuBLAS loaded with dlopen on first use (experts/cuda/cublas_loader.h).
 #include "experts/cuda/cublas_loader.h"
 
 #include <dlfcn.h>

@@ -1,3 +1,4 @@
+// File helpers: whole-file reads, atomic writes, directories (runtime/base/file.h).
 #include "runtime/base/file.h"
 
 #include <fcntl.h>

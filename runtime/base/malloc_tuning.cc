@@ -1,3 +1,4 @@
+// KeepStepBuffersOnHeap (runtime/base/malloc_tuning.h).
 #include "runtime/base/malloc_tuning.h"
 
 #include <malloc.h>

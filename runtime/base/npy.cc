@@ -1,3 +1,4 @@
+// NumPy .npy reading and writing (runtime/base/npy.h).
 #include "runtime/base/npy.h"
 
 #include <cstdio>

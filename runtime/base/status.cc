@@ -1,3 +1,4 @@
+// Status and its messages (runtime/base/status.h).
 #include "runtime/base/status.h"
 
 namespace moe {

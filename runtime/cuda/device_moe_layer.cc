@@ -1,4 +1,4 @@
-// DeviceMoeLayer on CUDA (see runtime/device_moe_layer.h for the data flow). Host code only: the
+// DeviceMoeLayer on CUDA (see runtime/cuda/device_moe_layer.h for the data flow). Host code only: the
 // kernels are runtime/cuda/permute.cu and experts/cuda/grouped_ffn.cu, the GEMMs cuBLAS.
 //
 // Row-major GEMMs go to column-major cuBLAS as their transposes: row-major C (m x n) = op(A)·op(B)

@@ -24,7 +24,7 @@
 // makes it the only one and leaves no S x E traffic (docs/GPU_NOTES.md).
 //
 // Expert parallelism (DeviceLayerOptions::comm) adds a W x L counts all-to-all per forward, then
-// the rows' all-to-alls on device buffers in pipeline_degree chunks (runtime/ep_row_maps.h): chunk
+// the rows' all-to-alls on device buffers in pipeline_degree chunks (runtime/moe/ep_row_maps.h): chunk
 // j + 1's dispatch is in flight while chunk j's experts run, and chunk j's combine while chunk
 // j + 1's run — Tutel's overlap, with each chunk a part of the grouped FFN of its own.
 //

@@ -1,5 +1,5 @@
 // The permute stages of the MoE layer on device memory, one kernel each: the GPU counterparts of
-// the pack / combine loops in runtime/moe_layer.cc, driven by the DispatchPlan's index arrays
+// the pack / combine loops in runtime/moe/cpu_moe_layer.cc, driven by the DispatchPlan's index arrays
 // (copied to the device). Rows are `cols` fp32 values; every pointer is a device pointer;
 // `stream` is a cudaStream_t (nullptr: the legacy default stream). Each call only enqueues work;
 // it returns launch errors. Without a CUDA build every call fails with kUnimplemented.

@@ -15,7 +15,7 @@
 //   -> the losses' per-group sums (one block per (group, expert), a deterministic block reduction)
 //   -> one download of the counts and sums.
 // Backward: one thread per token through routing_math.h's gate, loss and softmax backward.
-// Each thread's work is a function of runtime/route_steps.h, which the CPU test runs in this order.
+// Each thread's work is a function of runtime/moe/route_steps.h, which the CPU test runs in this order.
 //
 // The S-sized arrays are carved from one device workspace, grown to the largest call.
 #include <cuda_runtime.h>

@@ -3,7 +3,7 @@
 // and PROBABILITY drop policies, gates) or expert choice (each expert's top-C tokens of a group),
 // then the packed-row layout and per-expert metrics —, the losses' per-group sums, and the
 // router's backward from the gates' gradients to dlogits (and dnoise). The GPU counterpart of FinishRouter + BuildDispatchPlan + ComputeRouterLosses +
-// RouterScoreGradients (docs/SEMANTICS.md): the per-token arithmetic is runtime/routing_math.h, the
+// RouterScoreGradients (docs/SEMANTICS.md): the per-token arithmetic is runtime/moe/routing_math.h, the
 // code the CPU path runs, so for the same probs the device makes the CPU's routing decisions
 // (selection, random-routing drops, positions, capacity drops) and the same gates; sums over
 // tokens (losses, their gradients) agree to double rounding.

@@ -1,3 +1,4 @@
+// Config parsing, resolution and validation (runtime/moe/config.h).
 #include "runtime/moe/config.h"
 
 #include <google/protobuf/descriptor.h>

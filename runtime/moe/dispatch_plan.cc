@@ -1,3 +1,5 @@
+// BuildDispatchPlan: selection, capacity, drops, gates and the packed-row layout
+// (runtime/moe/dispatch_plan.h).
 #include "runtime/moe/dispatch_plan.h"
 
 #include <algorithm>

@@ -1,3 +1,4 @@
+// The device exchange's regroup maps and chunked layout (runtime/moe/ep_row_maps.h).
 #include "runtime/moe/ep_row_maps.h"
 
 #include <string>

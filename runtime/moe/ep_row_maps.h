@@ -1,4 +1,4 @@
-// Row maps of a device-resident expert-parallel layer (runtime/device_moe_layer.h): the rows a rank
+// Row maps of a device-resident expert-parallel layer (runtime/cuda/device_moe_layer.h): the rows a rank
 // receives in the dispatch all-to-all arrive source-major — from each source rank s, the rows of
 // each of this rank's L local experts in expert order — but the grouped expert FFN wants them
 // local-expert-major (all of expert 0's rows, from every source, then expert 1's, ...). The maps

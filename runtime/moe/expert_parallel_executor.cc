@@ -1,3 +1,4 @@
+// ExpertParallelExecutor (runtime/moe/expert_parallel_executor.h).
 #include "runtime/moe/expert_parallel_executor.h"
 
 #include <algorithm>

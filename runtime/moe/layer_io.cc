@@ -78,9 +78,6 @@ Status WriteRouting(const std::string& out, const DispatchPlan& p) {
   return WriteNpy(out + "/routing_gate.npy", gates);
 }
 
-// The layer under test: the CPU layer (experts on the CPU, or staged to a GPU), or with
-// compute.device=CUDA the layer run whole on the device-resident layer (runtime/device_moe_layer.h:
-// router GEMMs, permutes, experts and combine on the GPU). Same inputs, same output files.
 }  // namespace
 
 Status RunLayerOnFiles(const MoeConfig& cfg, const LayerFilesOptions& f) {

@@ -1,3 +1,4 @@
+// The router's losses and their gradients (runtime/moe/losses.h).
 #include "runtime/moe/losses.h"
 
 #include <cmath>

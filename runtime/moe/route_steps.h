@@ -3,7 +3,7 @@
 // same functions on the CPU in the kernels' order (sequential sums and sorts in place of CUB's
 // block scan, segmented sort and reductions) against BuildDispatchPlan, the losses and
 // RouterScoreGradients — so the device router's index logic is checked on every build, GPU or not.
-// The per-token arithmetic itself is runtime/routing_math.h.
+// The per-token arithmetic itself is runtime/moe/routing_math.h.
 #pragma once
 
 #include <cstdint>

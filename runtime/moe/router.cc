@@ -1,3 +1,4 @@
+// The router: logits, noise, softmax and their backward (runtime/moe/router.h).
 #include "runtime/moe/router.h"
 
 #include <cmath>

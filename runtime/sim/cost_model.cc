@@ -1,3 +1,4 @@
+// The cost models of a target cluster and of this host (runtime/sim/cost_model.h).
 #include "runtime/sim/cost_model.h"
 
 #include <algorithm>

@@ -1,3 +1,4 @@
+// moe_simulate's measurements, predictions and outputs (runtime/sim/simulate.h).
 #include "runtime/sim/simulate.h"
 
 #include <google/protobuf/util/json_util.h>
@@ -473,7 +474,7 @@ std::string PredictedJson(const config::TopologyConfig& target, int ranks, doubl
      << ",\n  \"notes\": \"mean over steps; dispatch/combine summed over forward+backward and "
         "layers; other = router/norm/head FLOPs + ring all-reduce of the replicated gradients "
         "(fp32); overlap = what the pipeline chunks (pipeline_degree) hide of their exchanges and "
-        "experts (serial sum - pipelined time, runtime/cost_model.h); step = dispatch + combine + "
+        "experts (serial sum - pipelined time, runtime/sim/cost_model.h); step = dispatch + combine + "
         "experts + other - overlap\"\n}\n";
   return js.str();
 }

@@ -1,6 +1,6 @@
 // The logic behind moe_simulate: run an N-rank expert-parallel training job as N loopback threads
 // with the same Trainer, model and config as moe_train, record what it measured, and feed it to
-// the cost models of runtime/cost_model.h (a target cluster, or this host for validation).
+// the cost models of runtime/sim/cost_model.h (a target cluster, or this host for validation).
 //
 // Measurement: TrainOptions::on_step runs on every rank after each step and copies the rank's
 // StepMetrics and the ExchangeStats::calls of every MoE layer (Trainer::LayerExchangeStats()):

@@ -1,3 +1,4 @@
+// The byte-level MoE language model (runtime/train/byte_lm.h).
 #include "runtime/train/byte_lm.h"
 
 #include <cmath>

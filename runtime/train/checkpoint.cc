@@ -1,3 +1,4 @@
+// Checkpoint manifests, crash-safe saves and verified loads (runtime/train/checkpoint.h).
 #include "runtime/train/checkpoint.h"
 
 #include <fcntl.h>

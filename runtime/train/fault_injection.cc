@@ -1,3 +1,4 @@
+// Fault specs and hooks (runtime/train/fault_injection.h).
 #include "runtime/train/fault_injection.h"
 
 #include <unistd.h>

@@ -1,3 +1,4 @@
+// LayerNorm forward and backward (runtime/train/layer_norm.h).
 #include "runtime/train/layer_norm.h"
 
 #include <cmath>

@@ -1,3 +1,4 @@
+// AdamW with warm-up and cosine decay (runtime/train/optimizer.h).
 #include "runtime/train/optimizer.h"
 
 #include <cmath>

@@ -1,3 +1,4 @@
+// The training text, its shards and held-out part (runtime/train/text_data.h).
 #include "runtime/train/text_data.h"
 
 #include "runtime/base/file.h"

@@ -1,3 +1,4 @@
+// The training job (runtime/train/trainer.h).
 #include "runtime/train/trainer.h"
 
 #include <google/protobuf/util/json_util.h>

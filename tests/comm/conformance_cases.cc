@@ -1,3 +1,4 @@
+// The communicator conformance cases, one suite for every backend (tests/comm/conformance_cases.h).
 #include "tests/comm/conformance_cases.h"
 
 #include <gtest/gtest.h>

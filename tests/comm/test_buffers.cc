@@ -1,3 +1,4 @@
+// Test buffers in a communicator's memory space (tests/comm/test_buffers.h).
 #include "tests/comm/test_buffers.h"
 
 #include <cstring>

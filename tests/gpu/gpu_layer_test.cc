@@ -1,4 +1,4 @@
-// The device-resident MoE layer (runtime/device_moe_layer.h) against the CPU layer on the same
+// The device-resident MoE layer (runtime/cuda/device_moe_layer.h) against the CPU layer on the same
 // parameters and inputs:
 //  - routing identical, routed on the device (gpu::DeviceRouter, for the configs it supports) and
 //    on the host (route_on_device false, and re-routing): the plan comes from the

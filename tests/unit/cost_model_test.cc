@@ -1,4 +1,4 @@
-// Exact-answer tests of the alpha-beta cost model (runtime/cost_model.h) on hand-computed cases.
+// Exact-answer tests of the alpha-beta cost model (runtime/sim/cost_model.h) on hand-computed cases.
 #include "runtime/sim/cost_model.h"
 
 #include <gtest/gtest.h>

@@ -1,4 +1,4 @@
-// The device router's steps (runtime/route_steps.h) run on the CPU in the order of
+// The device router's steps (runtime/moe/route_steps.h) run on the CPU in the order of
 // runtime/cuda/route.cu's kernels — sequential loops for each launch, a sequential exclusive count
 // for CUB's block scan, std::stable_sort per group for CUB's stable segmented sort, sequential
 // sums for its block reductions, the summary words for the download — against the CPU path:

@@ -1,4 +1,4 @@
-// runtime/routing_math.h, the per-token routing code the CPU plan and the GPU kernels share, on
+// runtime/moe/routing_math.h, the per-token routing code the CPU plan and the GPU kernels share, on
 // hand-worked cases: selection order with ties and bias, the random-routing keep test at its
 // boundary, gate normalization with drops, the gates' backward, group bounds (the device's
 // GroupOf against GroupBounds for every S <= 64, G <= S) and the softmax backward.

@@ -24,48 +24,15 @@ CpuMoeLayer::CpuMoeLayer(const config::LayerConfig& cfg, std::unique_ptr<ExpertE
       executor_(std::move(executor)),
       bias_(static_cast<size_t>(cfg.num_experts()), 0.0f) {}
 
-CpuMoeLayer::CpuMoeLayer(CpuMoeLayer&& o) noexcept { *this = std::move(o); }
-
-CpuMoeLayer& CpuMoeLayer::operator=(CpuMoeLayer&& o) noexcept {
-  const bool own = o.params_ != nullptr && o.own_.has_value() && o.params_ == &*o.own_;
-  cfg_ = std::move(o.cfg_);
-  expert_shape_ = o.expert_shape_;
-  shared_shape_ = o.shared_shape_;
-  first_expert_ = o.first_expert_;
-  num_local_experts_ = o.num_local_experts_;
-  executor_ = std::move(o.executor_);
-  bias_ = std::move(o.bias_);
-  loss_grad_scale_ = o.loss_grad_scale_;
-  own_ = std::move(o.own_);
-  params_ = own ? &*own_ : o.params_;  // own parameters move with the layer
-  accumulated_ = std::move(o.accumulated_);
-  x_ = std::move(o.x_);
-  ctx_ = o.ctx_;
-  router_ = std::move(o.router_);
-  plan_ = std::move(o.plan_);
-  losses_ = std::move(o.losses_);
-  packed_x_ = std::move(o.packed_x_);
-  packed_y_ = std::move(o.packed_y_);
-  shared_h_ = std::move(o.shared_h_);
-  shared_a_ = std::move(o.shared_a_);
-  shared_u_ = std::move(o.shared_u_);
-  packed_dy_ = std::move(o.packed_dy_);
-  packed_dx_ = std::move(o.packed_dx_);
-  router_grads_ = std::move(o.router_grads_);
-  shared_scratch1_ = std::move(o.shared_scratch1_);
-  shared_scratch2_ = std::move(o.shared_scratch2_);
-  have_forward_ = o.have_forward_;
-  o.params_ = nullptr;
-  o.have_forward_ = false;
-  return *this;
-}
-
+// params_ may point at *own_, which is on the heap: a move keeps it valid.
+CpuMoeLayer::CpuMoeLayer(CpuMoeLayer&&) noexcept = default;
+CpuMoeLayer& CpuMoeLayer::operator=(CpuMoeLayer&&) noexcept = default;
 CpuMoeLayer::~CpuMoeLayer() = default;
 
 MoeLayerParams& CpuMoeLayer::params() {
-  if (!own_) {
-    own_ = MakeLayerParams(cfg_, first_expert_, num_local_experts_);
-    if (params_ == nullptr) params_ = &*own_;
+  if (own_ == nullptr) {
+    own_ = std::make_unique<MoeLayerParams>(MakeLayerParams(cfg_, first_expert_, num_local_experts_));
+    if (params_ == nullptr) params_ = own_.get();
   }
   return *own_;
 }

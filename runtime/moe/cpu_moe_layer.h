@@ -77,7 +77,7 @@ class CpuMoeLayer final : public MoeLayer {
   double loss_grad_scale_ = 1.0;
   // The parameters the calls compute with: SetParams's, or own_ (params()).
   const MoeLayerParams* params_ = nullptr;
-  std::optional<MoeLayerParams> own_;
+  std::unique_ptr<MoeLayerParams> own_;
   // Gradients of Backward calls without a destination, until AddGradients.
   std::optional<MoeLayerParams> accumulated_;
 

@@ -679,11 +679,9 @@ StatusOr<std::unique_ptr<DeviceMoeLayer>> DeviceMoeLayer::Create(
     return InvalidArgument("DeviceMoeLayer: device " + std::to_string(options.device) +
                            " not in [0, " + std::to_string(count) + ")");
   }
-  if (options.pipeline_degree < 1 || options.pipeline_degree > GroupedFfn::kMaxParts) {
-    return InvalidArgument(
-        "DeviceMoeLayer: pipeline_degree=" + std::to_string(options.pipeline_degree) +
-        " must be in [1, " + std::to_string(GroupedFfn::kMaxParts) + "]");
-  }
+  static_assert(GroupedFfn::kMaxParts == ExpertCompute::kMaxParts);
+  MOE_RETURN_IF_ERROR(ValidateExchangeOptions({.pipeline_degree = options.pipeline_degree})
+                          .WithContext("DeviceMoeLayer"));
   if (options.comm != nullptr) {
     const int w = options.comm->size();
     if (cfg.num_experts() % w != 0) {

@@ -7,6 +7,7 @@
 #include <functional>
 #include <utility>
 
+#include "runtime/base/check.h"
 #include "runtime/base/clock.h"
 
 namespace moe {
@@ -28,8 +29,18 @@ ExpertParallelExecutor::ExpertParallelExecutor(comm::Communicator* ep,
       w_(ep->size()),
       local_(num_experts / ep->size()),
       dropless_(options.dropless),
-      d_(std::clamp(options.pipeline_degree, 1, ExpertCompute::kMaxParts)),
-      compute_(compute != nullptr ? std::move(compute) : std::make_unique<CpuExpertCompute>(shape)) {}
+      d_(options.pipeline_degree),
+      compute_(compute != nullptr ? std::move(compute) : std::make_unique<CpuExpertCompute>(shape)) {
+  MOE_CHECK_OK(ValidateExchangeOptions(options));
+}
+
+Status ValidateExchangeOptions(const ExchangeOptions& options) {
+  if (options.pipeline_degree < 1 || options.pipeline_degree > ExpertCompute::kMaxParts) {
+    return InvalidArgument("pipeline_degree=" + std::to_string(options.pipeline_degree) +
+                           " must be in [1, " + std::to_string(ExpertCompute::kMaxParts) + "]");
+  }
+  return Status::Ok();
+}
 
 Status ExpertParallelExecutor::Layout(const DispatchPlan& plan) {
   const int64_t g = plan.num_groups, l = local_, w = w_, blocks = w * l * g;

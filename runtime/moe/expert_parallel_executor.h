@@ -60,6 +60,11 @@ struct ExchangeOptions {
   int pipeline_degree = 1;  // parallel.pipeline_degree: chunks per exchange, 1..16
 };
 
+// kInvalidArgument unless 1 <= pipeline_degree <= ExpertCompute::kMaxParts ("pipeline_degree=17
+// must be in [1, 16]"). MakeMoeLayer checks it for both layers; the executor's constructor takes
+// only valid options (a programmer error otherwise).
+Status ValidateExchangeOptions(const ExchangeOptions& options);
+
 // What the executor did since the last Reset() (the Trainer resets it at the start of each step).
 struct ExchangeStats {
   double expert_seconds = 0.0;

@@ -15,6 +15,7 @@ StatusOr<std::unique_ptr<MoeLayer>> MakeMoeLayer(const config::LayerConfig& laye
                                                  const config::ComputeConfig& compute,
                                                  const MoeLayerOptions& options) {
   MOE_RETURN_IF_ERROR(ValidateCompute(compute));
+  MOE_RETURN_IF_ERROR(ValidateExchangeOptions(options.exchange));
   const int experts = layer.num_experts();
   const int w = options.ep == nullptr ? 1 : options.ep->size();
   if (experts % w != 0) {

@@ -145,6 +145,17 @@ TEST(MakeMoeLayerTest, PicksTheLayerOfTheComputeSection) {
   EXPECT_NE(uneven.status().message().find("moe.num_experts=4"), std::string::npos)
       << uneven.status().message();
 
+  // Options are checked, never clamped: a pipeline degree outside [1, 16] is refused.
+  for (const int degree : {0, 17}) {
+    const auto bad = MakeMoeLayer(cfg, config::ComputeConfig(),
+                                  {.ep = &world->rank(0), .exchange = {.pipeline_degree = degree}});
+    EXPECT_EQ(bad.status().code(), StatusCode::kInvalidArgument);
+    EXPECT_NE(bad.status().message().find("pipeline_degree=" + std::to_string(degree) +
+                                          " must be in [1, 16]"),
+              std::string::npos)
+        << bad.status().message();
+  }
+
   // CUDA without a GPU (or without a CUDA build) names the reason.
   if (CudaDeviceCount() == 0) {
     config::ComputeConfig cuda;

@@ -8,6 +8,7 @@
 
 #include "runtime/base/clock.h"
 #include "runtime/moe/dispatch_plan.h"
+#include "runtime/moe/expert_exchange.h"
 #include "runtime/moe/expert_parallel_executor.h"
 
 namespace moe {
@@ -36,52 +37,29 @@ float TokenValue(int rank, int64_t t, int64_t c) {
   return static_cast<float>(1 + (rank * 131 + t * 17 + c * 7) % 97);
 }
 
-// The packed rows of `plan` (one per kept slot), each its token's input.
-Tensor PackedInput(const DispatchPlan& plan, int rank, int64_t m) {
-  Tensor packed_x(plan.num_rows(), m);
-  for (int64_t r = 0; r < plan.num_rows(); ++r) {
-    for (int64_t c = 0; c < m; ++c) packed_x(r, c) = TokenValue(rank, plan.row_token[r], c);
+// Every token's input row on `rank` (tokens x m).
+Tensor TokenInput(int rank, int64_t tokens, int64_t m) {
+  Tensor x(tokens, m);
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t c = 0; c < m; ++c) x(t, c) = TokenValue(rank, t, c);
   }
-  return packed_x;
+  return x;
 }
 
-// ReLU experts without bias of hidden dim `h`, all zero.
-std::vector<experts::FfnParams> ZeroExperts(int64_t m, int64_t h, int count,
-                                            experts::FfnShape* shape) {
-  shape->model_dim = m;
-  shape->hidden_dim = h;
-  shape->activation = experts::Activation::kRelu;
-  shape->bias = false;
-  return std::vector<experts::FfnParams>(static_cast<size_t>(count),
-                                         experts::FfnParams::Zeros(*shape));
-}
-
-// combine(dispatch(x)) through identity experts (H = M, W1 = W2 = I, no bias, ReLU on positive
-// inputs): returns the elements of the kept rows that differ from their token's row of x.
-StatusOr<int64_t> CheckDispatchCombine(comm::Communicator& comm,
-                                       const DispatchCombineBenchOptions& o,
-                                       const DispatchPlan& plan, int e) {
-  const int64_t m = o.hidden;
-  experts::FfnShape shape;
-  std::vector<experts::FfnParams> experts = ZeroExperts(m, m, e / comm.size(), &shape);
-  for (experts::FfnParams& p : experts) {
-    for (int64_t j = 0; j < m; ++j) {
-      p.w1(j, j) = 1.0f;
-      p.w2(j, j) = 1.0f;
-    }
-  }
-  ExpertParallelExecutor exec(&comm, shape, e, {.dropless = o.dropless_exchange});
-  const Tensor packed_x = PackedInput(plan, comm.rank(), m);
-  Tensor packed_y;
-  MOE_RETURN_IF_ERROR(exec.Forward(plan, packed_x.view(), experts, &packed_y));
-  if (packed_y.rows() != plan.num_rows() || packed_y.cols() != m) {
-    return plan.num_rows() * m;
-  }
+// The combined result of identity experts: y[t] = Σ over t's kept rows of gate · x[t], summed in
+// the plan's token_rows order (the exchange's order, so equality is exact). Returns the elements
+// of `y` that differ.
+int64_t WrongIdentityCombine(const DispatchPlan& plan, const Tensor& x, const Tensor& y) {
+  const int64_t m = x.cols();
   int64_t wrong = 0;
-  for (int64_t r = 0; r < plan.num_rows(); ++r) {
-    for (int64_t c = 0; c < m; ++c) {
-      if (packed_y(r, c) != packed_x(r, c)) ++wrong;
+  std::vector<float> want(static_cast<size_t>(m));
+  for (int64_t t = 0; t < plan.num_tokens; ++t) {
+    std::fill(want.begin(), want.end(), 0.0f);
+    for (int64_t i = plan.token_row_offset[t]; i < plan.token_row_offset[t + 1]; ++i) {
+      const float g = plan.row_gate[plan.token_rows[i]];
+      for (int64_t c = 0; c < m; ++c) want[c] += g * x(t, c);
     }
+    for (int64_t c = 0; c < m; ++c) wrong += y(t, c) != want[c] ? 1 : 0;
   }
   return wrong;
 }
@@ -172,11 +150,14 @@ void PrintHeader(std::FILE* out, const comm::Communicator& comm,
   std::fprintf(
       out,
       "# hidden M %lld, experts E %d (%d per rank), top-k %d, capacity factor %g (%s), exchange "
-      "%s, skew %s, seed %llu\n",
+      "%s%s, skew %s, seed %llu\n",
       static_cast<long long>(o.hidden), e, e / n, o.top_k, o.capacity_factor,
       dropless_routing ? "dropless" : "capacity",
       o.dropless_exchange || dropless_routing ? "dropless (counts + alltoallv)"
                                               : "padded (alltoall)",
+      o.ranks_per_node > 0
+          ? (", two-stage with " + std::to_string(o.ranks_per_node) + " ranks per node").c_str()
+          : "",
       o.skew_name.c_str(), static_cast<unsigned long long>(o.seed));
   std::fprintf(
       out,
@@ -337,19 +318,24 @@ Status RunPipelineBench(comm::Communicator& comm, const DispatchCombineBenchOpti
   comm::bench::SweepSummary summary;
   for (const int64_t tokens : o.tokens) {
     MOE_ASSIGN_OR_RETURN(const DispatchPlan plan, MakePlan(o, comm.rank(), tokens, e));
-    const Tensor packed_x = PackedInput(plan, comm.rank(), o.hidden);
-    const Tensor packed_dy = PackedInput(plan, comm.rank() + 7919, o.hidden);
+    const Tensor x = TokenInput(comm.rank(), tokens, o.hidden);
+    const Tensor dy = TokenInput(comm.rank() + 7919, tokens, o.hidden);
     Tensor ref_y, ref_dx;
     double ref_time_us = 0;
     for (const int d : degrees) {
       ExpertParallelExecutor exec(&comm, shape, e,
-                                  {.dropless = o.dropless_exchange, .pipeline_degree = d});
+                                  {.dropless = o.dropless_exchange,
+                                   .pipeline_degree = d,
+                                   .ranks_per_node = o.ranks_per_node});
+      MOE_RETURN_IF_ERROR(exec.EnableHierarchical());
       std::vector<experts::FfnParams> grads(static_cast<size_t>(local),
                                             experts::FfnParams::Zeros(shape));
-      Tensor packed_y, packed_dx;
+      Tensor packed_y(tokens, o.hidden), packed_dx(tokens, o.hidden);
       const auto step = [&]() -> Status {
-        MOE_RETURN_IF_ERROR(exec.Forward(plan, packed_x.view(), params, &packed_y));
-        return exec.Backward(plan, packed_dy.view(), params, &grads, &packed_dx);
+        packed_y.Fill(0.0f);
+        packed_dx.Fill(0.0f);
+        MOE_RETURN_IF_ERROR(exec.Forward(plan, x.view(), params, packed_y.view()));
+        return exec.Backward(plan, dy.view(), params, &grads, packed_dx.view());
       };
       for (int i = 0; i < o.warmup; ++i) MOE_RETURN_IF_ERROR(step());
       exec.stats().Reset();
@@ -419,43 +405,40 @@ Status RunDispatchCombineBench(comm::Communicator& comm, const DispatchCombineBe
   const char* baseline_name =
       raw != nullptr ? raw->Name(comm::bench::RawCollectives::Op::kAllToAllV) : "raw_alltoallv";
   if (rank0) PrintHeader(out, comm, o, e, baseline_name);
-  // The timed executor runs tiny experts (H = 1, no bias); their time, from stats(), is removed.
-  experts::FfnShape tiny;
-  const std::vector<experts::FfnParams> tiny_experts = ZeroExperts(o.hidden, 1, e / n, &tiny);
   comm::bench::SweepSummary summary;
   for (const int64_t tokens : o.tokens) {
     MOE_ASSIGN_OR_RETURN(const DispatchPlan plan, MakePlan(o, comm.rank(), tokens, e));
-    ExpertParallelExecutor exec(&comm, tiny, e, {.dropless = o.dropless_exchange});
-    const Tensor packed_x = PackedInput(plan, comm.rank(), o.hidden);
-    Tensor packed_y;
+    ExpertExchange exchange(&comm, e, o.hidden,
+                            {.dropless = o.dropless_exchange, .ranks_per_node = o.ranks_per_node});
+    MOE_RETURN_IF_ERROR(exchange.EnableHierarchical());
+    ExchangeHandle handle;
+    const Tensor x = TokenInput(comm.rank(), tokens, o.hidden);
+    Tensor y(tokens, o.hidden);
     double dispatch_s = 0, combine_s = 0;
-    const auto forward = [&](bool timed_iter) -> Status {
-      exec.stats().Reset();
+    // Dispatch, then Combine of the received rows as they are (identity experts, read in place),
+    // each timed on its own; y is zeroed outside the timed calls.
+    const auto round_trip = [&](bool timed_iter) -> Status {
+      exchange.stats().Reset();
+      y.Fill(0.0f);
       const double t0 = WallSeconds();
-      MOE_RETURN_IF_ERROR(exec.Forward(plan, packed_x.view(), tiny_experts, &packed_y));
-      const double t3 = WallSeconds();
-      const ExchangeCall* d = FindCall(exec.stats(), ExchangeCall::Kind::kDispatch);
-      const ExchangeCall* c = FindCall(exec.stats(), ExchangeCall::Kind::kCombine);
-      if (d == nullptr || c == nullptr) {
-        return Internal("dispatch_combine: expected 2 row exchanges per Forward");
-      }
-      const double dispatch_end = d->start_seconds + d->seconds;
-      // Between the two exchanges: regroup (dispatch), experts, ungroup (combine). Regroup and
-      // ungroup are the same row copies in reverse, so each gets half of what the experts leave.
-      const double half =
-          std::max(0.0, c->start_seconds - dispatch_end - exec.stats().expert_seconds) / 2;
+      MOE_RETURN_IF_ERROR(exchange.Dispatch(plan, x.view(), Pass::kForward, &handle));
+      const double t1 = WallSeconds();
+      MOE_RETURN_IF_ERROR(exchange.Combine(&handle, Pass::kForward,
+                                           handle.received(Pass::kForward), /*gated=*/true,
+                                           y.view()));
+      const double t2 = WallSeconds();
       if (timed_iter) {
-        dispatch_s += dispatch_end - t0 + half;
-        combine_s += t3 - c->start_seconds + half;
+        dispatch_s += t1 - t0;
+        combine_s += t2 - t1;
       }
       return Status::Ok();
     };
-    for (int i = 0; i < o.warmup; ++i) MOE_RETURN_IF_ERROR(forward(false));
-    // The whole Forward, call by call (its median, min and max go into the row).
+    for (int i = 0; i < o.warmup; ++i) MOE_RETURN_IF_ERROR(round_trip(false));
+    // Dispatch + Combine, call by call (its median, min and max go into the row).
     MOE_ASSIGN_OR_RETURN(const comm::bench::Timing timing,
-                         comm::bench::TimeLoop(comm, 0, o.iters, [&] { return forward(true); }));
-    const ExchangeCall* dispatch = FindCall(exec.stats(), ExchangeCall::Kind::kDispatch);
-    const ExchangeCall* combine = FindCall(exec.stats(), ExchangeCall::Kind::kCombine);
+                         comm::bench::TimeLoop(comm, 0, o.iters, [&] { return round_trip(true); }));
+    const ExchangeCall* dispatch = FindCall(exchange.stats(), ExchangeCall::Kind::kDispatch);
+    const ExchangeCall* combine = FindCall(exchange.stats(), ExchangeCall::Kind::kCombine);
     if (o.warmup + o.iters == 0 || dispatch == nullptr || combine == nullptr) {
       return Internal("dispatch_combine: no exchange recorded");
     }
@@ -465,7 +448,7 @@ Status RunDispatchCombineBench(comm::Communicator& comm, const DispatchCombineBe
                          ReduceScalar(comm, combine_s * 1e6 / o.iters, comm::ReduceOp::kMax));
     // The raw baseline: the same two exchanges (dispatch direction, then combine direction). The
     // executor's capacity mode (no count exchange) moves equal blocks with a plain all-to-all.
-    const bool equal = FindCall(exec.stats(), ExchangeCall::Kind::kCounts) == nullptr;
+    const bool equal = FindCall(exchange.stats(), ExchangeCall::Kind::kCounts) == nullptr;
     const RowExchange fwd = FromCall(*dispatch, equal), back = FromCall(*combine, equal);
     const int64_t send_elems = Sum(fwd.send_counts), recv_elems = Sum(fwd.recv_counts);
     std::vector<float> raw_send(static_cast<size_t>(std::max<int64_t>(send_elems, 1)), 1.0f),
@@ -479,7 +462,7 @@ Status RunDispatchCombineBench(comm::Communicator& comm, const DispatchCombineBe
     const double raw_pair_us = raw_pair.mean_us;
     double wrong = 0;
     if (o.check) {
-      MOE_ASSIGN_OR_RETURN(const int64_t mine, CheckDispatchCombine(comm, o, plan, e));
+      const int64_t mine = WrongIdentityCombine(plan, x, y);
       MOE_ASSIGN_OR_RETURN(wrong,
                            ReduceScalar(comm, static_cast<double>(mine), comm::ReduceOp::kSum));
     }
@@ -487,7 +470,7 @@ Status RunDispatchCombineBench(comm::Communicator& comm, const DispatchCombineBe
         const double sent_sum,
         ReduceScalar(comm, static_cast<double>(send_elems * 4), comm::ReduceOp::kSum));
     comm::bench::BenchRow row = RowExchangeRow("dispatch_combine", comm, sent_sum);
-    comm::bench::SetTiming(&row, timing);  // the whole Forward's spread; time is the two parts'
+    comm::bench::SetTiming(&row, timing);  // the round trip's spread; time is the two parts'
     row.time_us = dispatch_us + combine_us;
     row.algbw_gbps = row.time_us > 0 ? 2.0 * static_cast<double>(row.bytes) / row.time_us / 1e3 : 0;
     row.busbw_gbps = row.algbw_gbps * comm::bench::AllToAllBusFactor(n);

@@ -57,6 +57,9 @@ struct DispatchCombineBenchOptions {
   // pipeline degrees, with experts of hidden size expert_hidden.
   std::vector<int> pipeline_degrees;
   int64_t expert_hidden = 0;  // 0: 4 x hidden
+  // --hierarchical: > 0 exchanges with the two-stage all-to-all, this many ranks per node (the
+  // raw baseline stays the flat all-to-all-v).
+  int ranks_per_node = 0;
 };
 
 // The experts E on `ranks` ranks (options.experts, or 2 per rank).

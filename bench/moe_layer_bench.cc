@@ -30,7 +30,7 @@
 #include "bench/staged_gpu_experts.h"
 #include "runtime/moe/compute.h"
 #include "runtime/moe/cpu_expert_compute.h"
-#include "runtime/moe/expert_executor.h"
+#include "runtime/moe/expert_parallel_executor.h"
 #include "runtime/moe/cpu_moe_layer.h"
 
 namespace {
@@ -190,7 +190,7 @@ int RunCuda(const std::vector<Shape>& shapes, const std::string& only, int iters
     // The staged layer: host tensors, experts on the GPU.
     auto experts = moe::MakeStagedExpertCompute(moe::ExpertShape(cfg), sh.e, compute, 0);
     MOE_CHECK_OK(experts.status());
-    moe::CpuMoeLayer staged(cfg, std::make_unique<moe::LocalExpertExecutor>(std::move(experts).value()),
+    moe::CpuMoeLayer staged(cfg, std::make_unique<moe::LocalExpertExecutor>(moe::ExpertShape(cfg), sh.e, std::move(experts).value()),
                          0, sh.e);
     staged.params() = params;
     moe::MoeLayerParams grads = moe::MakeLayerParams(cfg);
@@ -280,7 +280,7 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "moe_layer_bench: %s\n", experts.status().ToString().c_str());
       return 1;
     }
-    moe::CpuMoeLayer layer(cfg, std::make_unique<moe::LocalExpertExecutor>(std::move(experts).value()), 0, sh.e);
+    moe::CpuMoeLayer layer(cfg, std::make_unique<moe::LocalExpertExecutor>(moe::ExpertShape(cfg), sh.e, std::move(experts).value()), 0, sh.e);
     moe::InitLayerParams(cfg, 1, &layer.params());
     moe::Tensor x(sh.s, sh.m), dy(sh.s, sh.m), y, dx;
     FillInputs(&x, &dy);

@@ -128,12 +128,20 @@ Status Communicator::AllToAll(const void* send, void* recv, int64_t count, DataT
 StatusOr<std::unique_ptr<Request>> Communicator::StartAllToAllV(
     const void* send, std::span<const int64_t> send_counts, std::span<const int64_t> send_displs,
     void* recv, std::span<const int64_t> recv_counts, std::span<const int64_t> recv_displs,
-    DataType dtype) {
+    DataType dtype, StreamHandle after) {
   MOE_RETURN_IF_ERROR(ValidateVector("alltoallv", "send", send, send_counts, send_displs, size()));
   MOE_RETURN_IF_ERROR(ValidateVector("alltoallv", "recv", recv, recv_counts, recv_displs, size()));
+  if (after != nullptr && memory_space() != MemorySpace::kDevice) {
+    return InvalidArgument("alltoallv: after: stream ordering needs a device-memory communicator "
+                           "(this " + std::string(backend()) + " one is in host memory)");
+  }
   MOE_ASSIGN_OR_RETURN(const uint64_t seq, Begin("alltoallv"));
-  return DoStartAllToAllV(
-      seq, AllToAllVArgs{send, send_counts, send_displs, recv, recv_counts, recv_displs, dtype});
+  return DoStartAllToAllV(seq, AllToAllVArgs{send, send_counts, send_displs, recv, recv_counts,
+                                             recv_displs, dtype, after});
+}
+
+Status Request::Then(StreamHandle) {
+  return InvalidArgument("Request::Then: stream ordering needs a device-memory communicator");
 }
 
 Status Communicator::AllToAllV(const void* send, std::span<const int64_t> send_counts,

@@ -70,10 +70,21 @@ Status ValidateOptions(const Options& options);
 // be called once. Destroying a Request that was not waited for waits for it (errors are dropped).
 // A Request must not outlive its communicator. Requests of one communicator may be outstanding
 // together; other collectives may be called meanwhile (all ranks in the same order).
+//
+// Stream ordering (device memory, DESIGN §5): StartAllToAllV's `after` stream makes the operation
+// start only after the work queued on that stream before the call, and Then(stream) makes its
+// completion a dependency of a stream, so a kernel that fills the send buffer, the all-to-all and
+// the kernel that reads the receive buffer need no host synchronization between them. NCCL does
+// both with events on the device (the host goes on); the loopback backend, which moves the data
+// on the host, waits for `after` before it posts and completes the operation inside Then. Host
+// memory communicators (MPI, loopback on the host) take neither: kInvalidArgument.
 class Request {
  public:
   virtual ~Request() = default;
   virtual Status Wait() = 0;
+  // Makes the completion of this operation a dependency of `stream`: work queued on it after this
+  // call sees the result. Wait() must still be called once; it reports the operation's status.
+  virtual Status Then(StreamHandle stream);
 };
 
 class Communicator {
@@ -107,11 +118,12 @@ class Communicator {
                    DataType dtype);
 
   // Asynchronous AllToAllV. The spans are copied; the buffers must stay valid and untouched until
-  // Wait() returns.
+  // Wait() returns. `after` (device memory only; null: none): the operation starts after the work
+  // queued on that CUDA stream before this call (see Request::Then).
   StatusOr<std::unique_ptr<Request>> StartAllToAllV(
       const void* send, std::span<const int64_t> send_counts, std::span<const int64_t> send_displs,
       void* recv, std::span<const int64_t> recv_counts, std::span<const int64_t> recv_displs,
-      DataType dtype);
+      DataType dtype, StreamHandle after = nullptr);
 
   // recv[i] = op over ranks of send[i]; send == recv is allowed. Every rank gets the same bits.
   Status AllReduce(const void* send, void* recv, int64_t count, DataType dtype, ReduceOp op);
@@ -137,6 +149,7 @@ class Communicator {
     void* recv;
     std::span<const int64_t> recv_counts, recv_displs;
     DataType dtype;
+    StreamHandle after = nullptr;  // device memory: start after this stream's queued work
   };
   virtual Status DoAllToAll(uint64_t seq, const void* send, void* recv, int64_t count,
                             DataType dtype) = 0;

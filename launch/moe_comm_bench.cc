@@ -131,9 +131,10 @@ StatusOr<Settings> Validate(const Flags& f) {
                                 " must be <= -e/--maxbytes=" + f.max_bytes);
   }
   MOE_ASSIGN_OR_RETURN(c.dtype, moe::comm::ParseDataType(f.dtype));
-  if (f.hierarchical > 0 && f.op != "alltoall" && f.op != "alltoallv") {
-    return moe::InvalidArgument("--hierarchical applies to --op alltoall or alltoallv, not " +
-                                f.op);
+  if (f.hierarchical > 0 && f.op != "alltoall" && f.op != "alltoallv" &&
+      f.op != "dispatch_combine") {
+    return moe::InvalidArgument(
+        "--hierarchical applies to --op alltoall, alltoallv or dispatch_combine, not " + f.op);
   }
   if (f.op == "dispatch_combine") {
     MOE_ASSIGN_OR_RETURN(dc.skew, ParseSkew(f.skew));
@@ -159,6 +160,7 @@ StatusOr<Settings> Validate(const Flags& f) {
     dc.seed = f.seed;
     dc.pipeline_degrees = f.pipeline_degrees;
     dc.expert_hidden = f.expert_hidden;
+    dc.ranks_per_node = f.hierarchical;
     if (f.expert_hidden > 0 && f.pipeline_degrees.empty()) {
       return moe::InvalidArgument("--expert-hidden applies with --pipeline-degree");
     }

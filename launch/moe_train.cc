@@ -25,6 +25,7 @@ struct Flags {
   bool resume = false;
   int local_groups = 0;
   int pipeline_degree = 0;
+  int ranks_per_node = -1;
   int steps = -1;
   std::string metrics, checkpoint_dir, data;
   bool quiet = false;
@@ -43,6 +44,7 @@ moe::StatusOr<moe::MoeConfig> LoadWithOverrides(const Flags& f) {
   MOE_ASSIGN_OR_RETURN(moe::MoeConfig cfg, moe::LoadConfig(f.config));
   if (f.local_groups > 0) cfg.mutable_moe()->mutable_router()->set_num_local_groups(f.local_groups);
   if (f.pipeline_degree > 0) cfg.mutable_parallel()->set_pipeline_degree(f.pipeline_degree);
+  if (f.ranks_per_node >= 0) cfg.mutable_comm()->set_ranks_per_node(f.ranks_per_node);
   if (f.steps >= 0) cfg.mutable_train()->set_steps(f.steps);
   if (!f.metrics.empty()) cfg.mutable_train()->set_metrics_path(f.metrics);
   if (!f.checkpoint_dir.empty()) cfg.mutable_train()->set_checkpoint_dir(f.checkpoint_dir);
@@ -84,6 +86,9 @@ int main(int argc, char** argv) {
          "--pipeline-degree", f.pipeline_degree,
          "override parallel.pipeline_degree (chunks per exchange, overlapped with the experts)")
       ->check(CLI::Range(1, 16));
+  app.add_option("--ranks-per-node", f.ranks_per_node,
+                 "override comm.ranks_per_node (> 0: the two-stage all-to-all; 0: flat)")
+      ->check(CLI::Range(0, 1 << 20));
   app.add_option("--steps", f.steps, "override train.steps")->check(CLI::NonNegativeNumber);
   app.add_option("--metrics", f.metrics, "override train.metrics_path (JSON lines)");
   app.add_option("--checkpoint-dir", f.checkpoint_dir, "override train.checkpoint_dir");

@@ -24,7 +24,19 @@ class LoopbackRequest final : public Request {
   Status Wait() override {
     if (waited_) return FailedPrecondition(op_ + " #" + std::to_string(seq_) + ": waited twice");
     waited_ = true;
+    if (completed_) return std::move(result_);
     return comm_->Complete(seq_, op_);
+  }
+  // The data moves on the host: complete the operation now, so work queued on `stream` afterwards
+  // sees it; Wait() then reports the result.
+  Status Then(StreamHandle stream) override {
+    if (comm_->memory_space() != MemorySpace::kDevice) return Request::Then(stream);
+    if (waited_ || completed_) {
+      return FailedPrecondition(op_ + " #" + std::to_string(seq_) + ": Then after completion");
+    }
+    completed_ = true;
+    result_ = comm_->Complete(seq_, op_);
+    return result_;
   }
 
  private:
@@ -32,6 +44,8 @@ class LoopbackRequest final : public Request {
   const uint64_t seq_;
   const std::string op_;
   bool waited_ = false;
+  bool completed_ = false;  // by Then
+  Status result_;
 };
 
 std::string Mismatch(const std::string& op, uint64_t seq, int rank, const std::string& what) {
@@ -227,6 +241,9 @@ Status LoopbackCommunicator::DoAllToAll(uint64_t seq, const void* send, void* re
 
 StatusOr<std::unique_ptr<Request>> LoopbackCommunicator::DoStartAllToAllV(
     uint64_t seq, const AllToAllVArgs& args) {
+  // Peers copy from this rank's send buffer once every rank has posted: the work that fills it
+  // must be done by then.
+  if (args.after != nullptr) MOE_RETURN_IF_ERROR(SynchronizeStream(args.after));
   LoopbackPost post{.op = "alltoallv", .send = args.send, .recv = args.recv, .dtype = args.dtype};
   post.send_counts.assign(args.send_counts.begin(), args.send_counts.end());
   post.send_displs.assign(args.send_displs.begin(), args.send_displs.end());

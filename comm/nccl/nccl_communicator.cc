@@ -78,6 +78,12 @@ class NcclRequest final : public Request {
     event_ = nullptr;
     return status;
   }
+  // The operation's completion event, waited for on `stream` by the device (the host goes on).
+  Status Then(StreamHandle stream) override {
+    if (event_ == nullptr) return FailedPrecondition("NCCL request: Then after Wait");
+    return CudaCall(cudaStreamWaitEvent(static_cast<cudaStream_t>(stream), event_, 0),
+                    "alltoallv #" + std::to_string(seq_) + " cudaStreamWaitEvent");
+  }
 
  private:
   NcclCommunicator* const comm_;
@@ -242,6 +248,20 @@ StatusOr<std::unique_ptr<Request>> NcclCommunicator::DoStartAllToAllV(uint64_t s
   MOE_RETURN_IF_ERROR(CudaCall(cudaSetDevice(device_), "cudaSetDevice"));
   const int64_t es = DataTypeSize(a.dtype);
   const ncclDataType_t type = ToNccl(a.dtype);
+  if (a.after != nullptr) {
+    // This stream waits, on the device, for the work queued on `after` so far.
+    const std::string what = "alltoallv #" + std::to_string(seq);
+    cudaEvent_t ready = nullptr;
+    MOE_RETURN_IF_ERROR(CudaCall(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming),
+                                 what + " cudaEventCreate"));
+    Status ordered = CudaCall(cudaEventRecord(ready, static_cast<cudaStream_t>(a.after)),
+                              what + " cudaEventRecord");
+    if (ordered.ok()) {
+      ordered = CudaCall(cudaStreamWaitEvent(stream_, ready, 0), what + " cudaStreamWaitEvent");
+    }
+    (void)cudaEventDestroy(ready);  // released once the wait is satisfied
+    MOE_RETURN_IF_ERROR(ordered);
+  }
   ncclResult_t result = ncclGroupStart();
   for (int p = 0; p < size_ && result == ncclSuccess; ++p) {
     if (a.send_counts[p] > 0) {

@@ -138,4 +138,61 @@ Status CopyFromHost(MemorySpace space, void* dst, const void* host_src, int64_t 
 #endif
 }
 
+StatusOr<Stream> Stream::Create() {
+#if MOE_BASE_HAVE_CUDA
+  cudaStream_t stream = nullptr;
+  const cudaError_t err = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
+  if (err != cudaSuccess) {
+    return Internal(std::string("cudaStreamCreateWithFlags failed: ") + cudaGetErrorString(err));
+  }
+  Stream out;
+  out.stream_.reset(stream);
+  return out;
+#else
+  return NoCuda("Stream::Create");
+#endif
+}
+
+void Stream::Destroy::operator()(void* s) const {
+#if MOE_BASE_HAVE_CUDA
+  if (s != nullptr) (void)cudaStreamDestroy(static_cast<cudaStream_t>(s));
+#else
+  (void)s;
+#endif
+}
+
+Status Stream::Synchronize() const { return SynchronizeStream(handle()); }
+
+Status SynchronizeStream(StreamHandle stream) {
+#if MOE_BASE_HAVE_CUDA
+  const cudaError_t err = cudaStreamSynchronize(static_cast<cudaStream_t>(stream));
+  if (err != cudaSuccess) {
+    return Internal(std::string("cudaStreamSynchronize failed: ") + cudaGetErrorString(err));
+  }
+  return Status::Ok();
+#else
+  if (stream == nullptr) return Status::Ok();
+  return NoCuda("SynchronizeStream");
+#endif
+}
+
+Status CopyBytesAsync(void* dst, const void* src, int64_t bytes, StreamHandle stream) {
+  if (bytes <= 0) return Status::Ok();
+#if MOE_BASE_HAVE_CUDA
+  const cudaError_t err = cudaMemcpyAsync(dst, src, static_cast<size_t>(bytes),
+                                          cudaMemcpyDeviceToDevice,
+                                          static_cast<cudaStream_t>(stream));
+  if (err != cudaSuccess) {
+    return Internal(std::string("cudaMemcpyAsync of ") + std::to_string(bytes) +
+                    " bytes failed: " + cudaGetErrorString(err));
+  }
+  return Status::Ok();
+#else
+  (void)dst;
+  (void)src;
+  (void)stream;
+  return NoCuda("CopyBytesAsync");
+#endif
+}
+
 }  // namespace moe

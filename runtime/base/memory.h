@@ -112,4 +112,28 @@ Status CopyToHost(MemorySpace space, void* host_dst, const void* src, int64_t by
 // src in host memory, dst in `space`.
 Status CopyFromHost(MemorySpace space, void* dst, const void* host_src, int64_t bytes);
 
+// A CUDA stream (cudaStream_t) as an opaque handle, so interfaces that take one (the stream-ordered
+// communicator calls, comm/communicator.h) name no CUDA type.
+using StreamHandle = void*;
+
+// An owned non-blocking CUDA stream on the current device.
+class Stream {
+ public:
+  static StatusOr<Stream> Create();
+  StreamHandle handle() const { return stream_.get(); }
+  // Host waits for the work queued so far.
+  Status Synchronize() const;
+
+ private:
+  struct Destroy {
+    void operator()(void* s) const;
+  };
+  std::unique_ptr<void, Destroy> stream_;
+};
+
+// The host waits for the work queued so far on `stream` (a no-op for nullptr in a host-only build).
+Status SynchronizeStream(StreamHandle stream);
+// dst and src both in device memory: a copy queued on `stream` (not complete on return).
+Status CopyBytesAsync(void* dst, const void* src, int64_t bytes, StreamHandle stream);
+
 }  // namespace moe

@@ -18,8 +18,9 @@
 #include "runtime/moe/config.h"
 #include "runtime/cuda/permute.h"
 #include "runtime/cuda/route.h"
-#include "runtime/moe/ep_row_maps.h"
-#include "runtime/moe/expert_parallel_executor.h"
+#include "runtime/moe/exchange_layout.h"
+#include "runtime/moe/expert_compute.h"
+#include "runtime/moe/expert_exchange.h"
 #include "runtime/base/tensor.h"
 
 namespace moe {
@@ -181,7 +182,7 @@ class CudaMoeLayer final : public DeviceMoeLayer {
       MOE_RETURN_IF_ERROR(TimedExperts(
           [&] { return experts_->Forward(plan_.expert_offset, rows_.packed_x, rows_.packed_y); }));
     } else {
-      MOE_RETURN_IF_ERROR(ExchangeLayout());
+      MOE_RETURN_IF_ERROR(BuildExchangeLayout());
       MOE_RETURN_IF_ERROR(
           ExpertParallel(/*backward=*/false, rows_.packed_x, exchange_.expert_x, exchange_.expert_y,
                          rows_.packed_y,
@@ -340,7 +341,7 @@ class CudaMoeLayer final : public DeviceMoeLayer {
   // Expert parallelism, once per forward: the (destination, local expert) row counts of this rank's
   // plan go to every rank (a W x L all-to-all in the communicator's memory); both count matrices
   // give the pipelined exchange layout, whose index maps go to the device in one copy.
-  Status ExchangeLayout() {
+  Status BuildExchangeLayout() {
     const int64_t w = ranks_, l = local_, m = cfg_.model_dim();
     const std::vector<int64_t>& off = plan_.expert_offset;
     send_le_.assign(static_cast<size_t>(w * l), 0);
@@ -361,26 +362,31 @@ class CudaMoeLayer final : public DeviceMoeLayer {
     MOE_RETURN_IF_ERROR(
         CopyToHost(MemorySpace::kDevice, recv_le_.data(), counts + w * l, bytes));
     const double t0 = WallSeconds();
-    MOE_ASSIGN_OR_RETURN(layout_,
-                         MakeEpExchangeLayout(static_cast<int>(w), static_cast<int>(l),
-                                              options_.pipeline_degree, send_le_, recv_le_));
+    // The plan's rows are expert-major with every group inside its expert's block: one group.
+    MOE_ASSIGN_OR_RETURN(layout_, MakeExchangeLayout({.ranks = static_cast<int>(w),
+                                                      .local_experts = static_cast<int>(l),
+                                                      .groups = 1,
+                                                      .chunks = options_.pipeline_degree,
+                                                      .capacity = 0},
+                                                     send_le_, recv_le_));
+    maps_ = MakeExchangeMaps(layout_);
     // Per chunk, the rows' counts and displacements in floats.
     chunk_floats_.clear();
-    for (const EpChunk& c : layout_.chunks) {
+    for (const ExchangeChunk& c : layout_.chunks) {
       chunk_floats_.push_back({Scaled(c.send_counts, m), Scaled(c.send_displs, m),
                                Scaled(c.recv_counts, m), Scaled(c.recv_displs, m)});
     }
     // [send_gather | plan_gather | to_expert_major | to_source_major], one staging copy.
     std::vector<int32_t>& maps = maps_staging_;
     maps.clear();
-    for (const std::vector<int32_t>* v : {&layout_.send_gather, &layout_.plan_gather,
-                                          &layout_.to_expert_major, &layout_.to_source_major}) {
+    for (const std::vector<int32_t>* v : {&maps_.send_gather, &maps_.plan_gather,
+                                          &maps_.to_expert_major, &maps_.to_source_major}) {
       maps.insert(maps.end(), v->begin(), v->end());
     }
     host_seconds_ += WallSeconds() - t0;
     // Everything the exchange moves, forward and backward, sized now that the layout is known.
     const int64_t recv = layout_.recv_rows * m,
-                  send = layout_.send_gather.empty() ? 0 : layout_.send_rows * m;
+                  send = maps_.send_gather.empty() ? 0 : layout_.send_rows * m;
     MOE_ASSIGN_OR_RETURN(exchange_, exchange_ws_.Carve([&](Carver& c) {
       return ExchangeArrays{c.Take<int32_t>(static_cast<int64_t>(maps.size())),
                             c.Take<float>(recv),
@@ -396,7 +402,7 @@ class CudaMoeLayer final : public DeviceMoeLayer {
                                                     cudaMemcpyHostToDevice, stream_),
                                     "copy of the expert-parallel row maps"));
     }
-    const int64_t gathers = static_cast<int64_t>(layout_.send_gather.size());
+    const int64_t gathers = static_cast<int64_t>(maps_.send_gather.size());
     send_gather_ = idx;
     plan_gather_ = idx + gathers;
     to_expert_major_ = idx + 2 * gathers;
@@ -416,7 +422,7 @@ class CudaMoeLayer final : public DeviceMoeLayer {
   Status ExpertParallel(bool backward, const float* packed_in, float* expert_in, float* expert_out,
                         float* packed_out, Experts experts) {
     const int64_t m = cfg_.model_dim(), chunks = static_cast<int64_t>(layout_.chunks.size());
-    const bool gathered = !layout_.send_gather.empty();
+    const bool gathered = !maps_.send_gather.empty();
     // Received rows; each chunk's region is reused, once its experts ran, for its rows going back.
     float* const recv = exchange_.recv;
     // With chunks, the send-order rows; each chunk's region is reused, once its dispatch is
@@ -430,7 +436,10 @@ class CudaMoeLayer final : public DeviceMoeLayer {
       send = buf;
       combined = buf;
     }
-    MOE_RETURN_IF_ERROR(Synchronize());  // the communicator reads `send` outside this stream
+    // No host synchronization from here to the end of the exchange: every all-to-all starts after
+    // the work queued on this layer's stream (StartAllToAllV's `after`: the gather, or the chunk's
+    // experts and regroup), and the stream waits for its completion (Request::Then) before the
+    // kernels that read what it delivered. On NCCL both are device-side event waits.
     // Chunk j's dispatch (from send into recv) or combine (from recv into combined), recorded.
     std::vector<std::unique_ptr<comm::Request>> requests(static_cast<size_t>(2 * chunks));
     std::vector<size_t> records(static_cast<size_t>(2 * chunks));
@@ -446,36 +455,42 @@ class CudaMoeLayer final : public DeviceMoeLayer {
         MOE_ASSIGN_OR_RETURN(
             requests[slot], dispatch ? options_.comm->StartAllToAllV(
                                            send, f.send_counts, f.send_displs, recv, f.recv_counts,
-                                           f.recv_displs, comm::DataType::kFloat32)
+                                           f.recv_displs, comm::DataType::kFloat32, stream_)
                                      : options_.comm->StartAllToAllV(
                                            recv, f.recv_counts, f.recv_displs, combined,
-                                           f.send_counts, f.send_displs, comm::DataType::kFloat32));
+                                           f.send_counts, f.send_displs, comm::DataType::kFloat32,
+                                           stream_));
         return Status::Ok();
       });
     };
-    const auto wait = [&](int64_t j, bool dispatch) {
+    // The stream (not the host) waits for chunk j's exchange.
+    const auto then = [&](int64_t j, bool dispatch) {
       const size_t slot = static_cast<size_t>(2 * j + (dispatch ? 0 : 1));
-      return stats_.Timed(records[slot], [&] { return requests[slot]->Wait(); });
+      return stats_.Timed(records[slot], [&] { return requests[slot]->Then(stream_); });
     };
-    MOE_RETURN_IF_ERROR(start(0, /*dispatch=*/true));
-    for (int64_t j = 0; j < chunks; ++j) {
-      if (j + 1 < chunks) MOE_RETURN_IF_ERROR(start(j + 1, /*dispatch=*/true));
-      MOE_RETURN_IF_ERROR(wait(j, /*dispatch=*/true));
-      const EpChunk& c = layout_.chunks[static_cast<size_t>(j)];
+    const auto experts_of = [&](int j) -> Status {
+      const ExchangeChunk& c = layout_.chunks[static_cast<size_t>(j)];
       const int64_t at = c.recv_begin;
       // Gather maps hold absolute rows, so each reads from the whole buffer.
       MOE_RETURN_IF_ERROR(gpu::PermuteRows(Gather(to_expert_major_ + at, c.recv_rows), recv, m,
                                            expert_in + at * m, stream_));
       MOE_RETURN_IF_ERROR(TimedExperts([&] {
-        return experts(static_cast<int>(j), c.expert_offsets, expert_in + at * m,
-                       expert_out + at * m);
+        return experts(j, c.expert_offsets, expert_in + at * m, expert_out + at * m);
       }));
-      MOE_RETURN_IF_ERROR(gpu::PermuteRows(Gather(to_source_major_ + at, c.recv_rows), expert_out,
-                                           m, recv + at * m, stream_));
-      MOE_RETURN_IF_ERROR(Synchronize());
-      MOE_RETURN_IF_ERROR(start(j, /*dispatch=*/false));
+      return gpu::PermuteRows(Gather(to_source_major_ + at, c.recv_rows), expert_out, m,
+                              recv + at * m, stream_);
+    };
+    MOE_RETURN_IF_ERROR(RunChunked(
+        static_cast<int>(chunks),
+        {.start_dispatch = [&](int j) { return start(j, /*dispatch=*/true); },
+         .wait_dispatch = [&](int j) { return then(j, /*dispatch=*/true); },
+         .experts = experts_of,
+         .start_combine = [&](int j) { return start(j, /*dispatch=*/false); },
+         .wait_combine = [&](int j) { return then(j, /*dispatch=*/false); }}));
+    // Everything is queued; the host now collects each exchange's status (deadline, errors).
+    for (size_t slot = 0; slot < requests.size(); ++slot) {
+      MOE_RETURN_IF_ERROR(stats_.Timed(records[slot], [&] { return requests[slot]->Wait(); }));
     }
-    for (int64_t j = 0; j < chunks; ++j) MOE_RETURN_IF_ERROR(wait(j, /*dispatch=*/false));
     if (!gathered) return Status::Ok();
     return gpu::PermuteRows(Gather(plan_gather_, layout_.send_rows), combined, m, packed_out,
                             stream_);
@@ -637,7 +652,8 @@ class CudaMoeLayer final : public DeviceMoeLayer {
   float* bias_dev_ = nullptr;
   // Expert parallelism: the per-forward layout.
   std::vector<int64_t> send_le_, recv_le_;
-  EpExchangeLayout layout_;
+  ExchangeLayout layout_;  // the exchange's layout (runtime/moe/exchange_layout.h), one group
+  ExchangeMaps maps_;      // ... as gather indices
   struct ChunkFloats {
     std::vector<int64_t> send_counts, send_displs, recv_counts, recv_displs;
   };

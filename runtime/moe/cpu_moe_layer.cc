@@ -6,12 +6,13 @@
 
 #include "experts/cpu/blas.h"
 #include "runtime/moe/config.h"
+#include "runtime/moe/expert_parallel_executor.h"
 #include "runtime/moe/host_layer_call.h"
 
 namespace moe {
 
 CpuMoeLayer::CpuMoeLayer(const config::LayerConfig& cfg)
-    : CpuMoeLayer(cfg, std::make_unique<LocalExpertExecutor>(ExpertShape(cfg)), 0,
+    : CpuMoeLayer(cfg, std::make_unique<LocalExpertExecutor>(ExpertShape(cfg), cfg.num_experts()), 0,
                   cfg.num_experts()) {}
 
 CpuMoeLayer::CpuMoeLayer(const config::LayerConfig& cfg, std::unique_ptr<ExpertExecutor> executor,
@@ -71,15 +72,7 @@ Status CpuMoeLayer::Forward(const float* x_in, int64_t s, const RouteContext& ct
   MOE_ASSIGN_OR_RETURN(plan_, BuildDispatchPlan(cfg_.router(), router_.probs, bias_, ctx));
   losses_ = ComputeRouterLosses(cfg_.router(), plan_, router_.probs, router_.logits);
 
-  // Pack: gather token rows in expert-major order.
-  const int64_t rows = plan_.num_rows();
-  ResizeTensor(&packed_x_, rows, m);
-  for (int64_t r = 0; r < rows; ++r) {
-    std::memcpy(packed_x_.row(r), x_.row(plan_.row_token[r]), sizeof(float) * static_cast<size_t>(m));
-  }
-  MOE_RETURN_IF_ERROR(executor_->Forward(plan_, packed_x_.view(), params.experts, &packed_y_));
-
-  // Shared experts write y first (y = shared(x)), then the routed contributions are added per token
+  // Shared experts write y first (y = shared(x)); then the executor adds the routed rows per token
   // in slot order, so the sum order does not depend on how rows are laid out.
   const MatrixView<float> y(y_out, s, m);
   if (params.shared.empty()) std::memset(y_out, 0, sizeof(float) * static_cast<size_t>(s * m));
@@ -94,15 +87,7 @@ Status CpuMoeLayer::Forward(const float* x_in, int64_t s, const RouteContext& ct
     experts::FfnForward(shared_shape_, params.shared[i], x_.view(), y, i > 0,
                         {shared_h_[i].view(), shared_a_[i].view(), shared_u_[i].view()});
   }
-  for (int64_t t = 0; t < s; ++t) {
-    float* out = y_out + t * m;
-    for (int64_t i = plan_.token_row_offset[t]; i < plan_.token_row_offset[t + 1]; ++i) {
-      const int32_t r = plan_.token_rows[i];
-      const float g = plan_.row_gate[r];
-      const float* src = packed_y_.row(r);
-      for (int64_t c = 0; c < m; ++c) out[c] += g * src[c];
-    }
-  }
+  MOE_RETURN_IF_ERROR(executor_->Forward(plan_, x_.view(), params.experts, y));
   have_forward_ = true;
   return Status::Ok();
 }
@@ -117,24 +102,16 @@ Status CpuMoeLayer::Backward(const float* dy_in, float* dx_out, MoeLayerParams* 
   const int64_t s = x_.rows(), m = x_.cols();
   const MatrixView<const float> dy(dy_in, s, m);
   const int64_t rows = plan_.num_rows();
-  // dY of each packed row = gate * dy[token]; d gate = dy[token] . expert output row.
-  ResizeTensor(&packed_dy_, rows, m);
+  // d gate of each kept row = dy[token] . its expert output (the executor sends gate * dy).
   std::vector<float> dgate(static_cast<size_t>(rows));
   for (int64_t r = 0; r < rows; ++r) {
     const float* d = dy.row(plan_.row_token[r]);
-    const float* out = packed_y_.row(r);
-    float* pd = packed_dy_.row(r);
-    const float g = plan_.row_gate[r];
+    const float* out = executor_->OutputRow(r);
     double dot = 0.0;
-    for (int64_t c = 0; c < m; ++c) {
-      pd[c] = g * d[c];
-      dot += static_cast<double>(d[c]) * out[c];
-    }
+    for (int64_t c = 0; c < m; ++c) dot += static_cast<double>(d[c]) * out[c];
     dgate[r] = static_cast<float>(dot);
   }
-  MOE_RETURN_IF_ERROR(
-      executor_->Backward(plan_, packed_dy_.view(), params.experts, &grads->experts, &packed_dx_));
-
+  // dx = shared experts' dx, then the routed rows' per token in slot order.
   const MatrixView<float> dx(dx_out, s, m);
   std::memset(dx_out, 0, sizeof(float) * static_cast<size_t>(s * m));
   for (size_t i = 0; i < params.shared.size(); ++i) {
@@ -145,13 +122,7 @@ Status CpuMoeLayer::Backward(const float* dy_in, float* dx_out, MoeLayerParams* 
                          {shared_h_[i].view(), shared_a_[i].view(), shared_u_[i].view()}, dy, dx,
                          true, &grads->shared[i], shared_scratch1_.view(), shared_scratch2_.view());
   }
-  for (int64_t t = 0; t < s; ++t) {
-    float* out = dx_out + t * m;
-    for (int64_t i = plan_.token_row_offset[t]; i < plan_.token_row_offset[t + 1]; ++i) {
-      const float* src = packed_dx_.row(plan_.token_rows[i]);
-      for (int64_t c = 0; c < m; ++c) out[c] += src[c];
-    }
-  }
+  MOE_RETURN_IF_ERROR(executor_->Backward(plan_, dy, params.experts, &grads->experts, dx));
   RouterBackward(dgate, dx_out, grads);
   return Status::Ok();
 }

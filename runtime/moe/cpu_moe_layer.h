@@ -87,10 +87,8 @@ class CpuMoeLayer final : public MoeLayer {
   RouterOutput router_;
   DispatchPlan plan_;
   RouterLosses losses_;
-  Tensor packed_x_, packed_y_;
   std::vector<Tensor> shared_h_, shared_a_, shared_u_;
   // Backward scratch.
-  Tensor packed_dy_, packed_dx_;
   RouterGradients router_grads_;
   Tensor shared_scratch1_, shared_scratch2_;
   bool have_forward_ = false;

@@ -1,9 +1,10 @@
-// ExpertExecutor: how the CPU layer's packed rows reach their experts. The layer hands an executor
-// the packed rows of its DispatchPlan (expert-major over all E experts, then local group, then
-// position) and gets the expert outputs back in the same order. The local executor (here) runs
-// every expert in this process with an ExpertCompute (runtime/moe/expert_compute.h); the
-// expert-parallel executor (runtime/moe/expert_parallel_executor.h) dispatches the rows to the
-// ranks that host their experts with an all-to-all and combines the results with a second one.
+// ExpertExecutor: how the CPU layer's routed rows reach their experts and come back. The layer
+// hands an executor its token rows and its DispatchPlan; the executor gathers the kept rows,
+// runs them through their experts and adds each token's gated outputs into y. Both executors are
+// the exchange engine (runtime/moe/expert_exchange.h) plus an ExpertCompute
+// (runtime/moe/expert_compute.h): the local one has no communicator and runs every expert in
+// this process; the expert-parallel one (runtime/moe/expert_parallel_executor.h) dispatches the
+// rows to the ranks that host their experts and combines the results.
 #pragma once
 
 #include <memory>
@@ -13,44 +14,27 @@
 #include "runtime/base/status.h"
 #include "runtime/base/tensor.h"
 #include "runtime/moe/dispatch_plan.h"
-#include "runtime/moe/cpu_expert_compute.h"
 
 namespace moe {
 
-struct ExchangeStats;  // runtime/moe/expert_parallel_executor.h
+struct ExchangeStats;  // runtime/moe/expert_exchange.h
 
 class ExpertExecutor {
  public:
   virtual ~ExpertExecutor() = default;
-  // packed_y[r] = expert_{row_expert[r]}(packed_x[r]). `experts` are this process's experts.
-  virtual Status Forward(const DispatchPlan& plan, MatrixView<const float> packed_x,
-                         const std::vector<experts::FfnParams>& experts, Tensor* packed_y) = 0;
-  // packed_dx from packed_dy; gradients of this process's experts accumulated into grads.
-  virtual Status Backward(const DispatchPlan& plan, MatrixView<const float> packed_dy,
+  // y[t] += Σ over t's kept rows r (the plan's token_rows order) of gate_r · expert_r(x[t]).
+  // `experts` are this process's experts; x (S x M) must stay alive until Backward.
+  virtual Status Forward(const DispatchPlan& plan, MatrixView<const float> x,
+                         const std::vector<experts::FfnParams>& experts, MatrixView<float> y) = 0;
+  // expert_r(x[t]) of plan row r of the last Forward, before its gate (M floats).
+  virtual const float* OutputRow(int64_t plan_row) const = 0;
+  // dx[t] += Σ over t's kept rows r of (d expert_r / dx)ᵀ (gate_r · dy[t]); gradients of this
+  // process's experts accumulated into grads.
+  virtual Status Backward(const DispatchPlan& plan, MatrixView<const float> dy,
                           const std::vector<experts::FfnParams>& experts,
-                          std::vector<experts::FfnParams>* grads, Tensor* packed_dx) = 0;
+                          std::vector<experts::FfnParams>* grads, MatrixView<float> dx) = 0;
   // The exchanges this executor made since they were last reset; null when it makes none.
   virtual ExchangeStats* exchange_stats() { return nullptr; }
-};
-
-// All E experts in this process, run by `compute` (default: the CPU).
-class LocalExpertExecutor : public ExpertExecutor {
- public:
-  explicit LocalExpertExecutor(const experts::FfnShape& shape)
-      : compute_(std::make_unique<CpuExpertCompute>(shape)) {}
-  explicit LocalExpertExecutor(std::unique_ptr<ExpertCompute> compute) : compute_(std::move(compute)) {}
-  Status Forward(const DispatchPlan& plan, MatrixView<const float> packed_x,
-                 const std::vector<experts::FfnParams>& experts, Tensor* packed_y) override {
-    return compute_->Forward(plan.expert_offset, packed_x, experts, packed_y);
-  }
-  Status Backward(const DispatchPlan& plan, MatrixView<const float> packed_dy,
-                  const std::vector<experts::FfnParams>& experts,
-                  std::vector<experts::FfnParams>* grads, Tensor* packed_dx) override {
-    return compute_->Backward(plan.expert_offset, packed_dy, experts, grads, packed_dx);
-  }
-
- private:
-  std::unique_ptr<ExpertCompute> compute_;
 };
 
 }  // namespace moe

@@ -29,8 +29,18 @@ StatusOr<std::unique_ptr<MoeLayer>> MakeMoeLayer(const config::LayerConfig& laye
     const experts::FfnShape shape = ExpertShape(layer);
     auto executor = std::make_unique<ExpertParallelExecutor>(
         options.ep, shape, experts, options.exchange, std::make_unique<CpuExpertCompute>(shape));
+    if (Status s = executor->EnableHierarchical(); !s.ok()) {
+      return s.WithContext("comm.ranks_per_node=" +
+                           std::to_string(options.exchange.ranks_per_node));
+    }
     return std::unique_ptr<MoeLayer>(
         std::make_unique<CpuMoeLayer>(layer, std::move(executor), first, local));
+  }
+  if (options.exchange.ranks_per_node > 0 && options.ep != nullptr) {
+    return InvalidArgument("comm.ranks_per_node=" +
+                           std::to_string(options.exchange.ranks_per_node) +
+                           ": the hierarchical exchange runs on the CPU layer only (compute.device="
+                           "CPU); the device layer exchanges flat");
   }
   DeviceLayerOptions device;
   MOE_ASSIGN_OR_RETURN(device.device, ComputeGpu(compute, options.rank));

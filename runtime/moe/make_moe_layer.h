@@ -19,8 +19,8 @@ struct MoeLayerOptions {
   // (E % W == 0). Host memory for the CPU layer, device memory for the device layer. nullptr: all
   // E experts in this process. Not owned; must outlive the layer.
   comm::Communicator* ep = nullptr;
-  // parallel.dropless_exchange and parallel.pipeline_degree (the device layer always exchanges
-  // exactly the kept rows).
+  // parallel.dropless_exchange, parallel.pipeline_degree and the EP group's ranks per node (the
+  // device layer always exchanges exactly the kept rows, and flat).
   ExchangeOptions exchange;
   // This rank's index for compute.gpu = -1 (GPU = rank mod the visible devices).
   int rank = 0;

@@ -93,8 +93,11 @@ Status Trainer::Init() {
   // this rank's GPU, over a device-memory communicator of the same ranks.
   MoeLayerOptions layer_options;
   layer_options.ep = ep_.get();
+  MOE_ASSIGN_OR_RETURN(const int ep_ranks_per_node,
+                       EpRanksPerNode(cfg_.comm().ranks_per_node(), world, ep_size_));
   layer_options.exchange = {.dropless = cfg_.parallel().dropless_exchange(),
-                            .pipeline_degree = cfg_.parallel().pipeline_degree()};
+                            .pipeline_degree = cfg_.parallel().pipeline_degree(),
+                            .ranks_per_node = ep_ranks_per_node};
   layer_options.rank = rank;
   if (cfg_.compute().device() == config::CUDA) {
     MOE_ASSIGN_OR_RETURN(layer_options.ep, DeviceEpCommunicator(replica));

@@ -159,6 +159,52 @@ void AsyncAllToAllV(Communicator& comm) {
   EXPECT_EQ(CompareBytes(b.expected, Download(b.recv)), "") << Where(comm, "second request");
 }
 
+// Stream ordering (DESIGN §5). Device memory: the send rows are written by a copy queued on a
+// stream, the all-to-all is told to start after it, the stream waits for its completion and then
+// copies the received rows out — the host synchronizes only at the end. Host memory: both hooks
+// are rejected with kInvalidArgument and the plain calls keep their semantics.
+void StreamOrderedAllToAllV(Communicator& comm) {
+  const DataType dtype = DataType::kFloat32;
+  VData d = PrepareV(comm, dtype, VariedCount, 1);
+  const VLayout& v = d.layout;
+  const int64_t es = DataTypeSize(dtype);
+  if (comm.memory_space() == MemorySpace::kHost) {
+    int fake_stream = 0;
+    auto refused = comm.StartAllToAllV(d.send.data(), v.send_counts, v.send_displs, d.recv.data(),
+                                       v.recv_counts, v.recv_displs, dtype, &fake_stream);
+    EXPECT_EQ(refused.status().code(), StatusCode::kInvalidArgument) << Where(comm, "after");
+    auto request = comm.StartAllToAllV(d.send.data(), v.send_counts, v.send_displs, d.recv.data(),
+                                       v.recv_counts, v.recv_displs, dtype);
+    ASSERT_TRUE(request.ok()) << Where(comm, request.status().ToString());
+    EXPECT_EQ((*request)->Then(nullptr).code(), StatusCode::kInvalidArgument)
+        << Where(comm, "Then on host memory");
+    const Status done = (*request)->Wait();
+    ASSERT_TRUE(done.ok()) << Where(comm, done.ToString());
+    EXPECT_EQ(CompareBytes(d.expected, Download(d.recv)), "") << Where(comm, "host alltoallv");
+    return;
+  }
+  auto stream = Stream::Create();
+  ASSERT_TRUE(stream.ok()) << Where(comm, stream.status().ToString());
+  // The send rows reach the send buffer only through the stream.
+  auto send = Buffer::Allocate(MemorySpace::kDevice, std::max<int64_t>(v.send_elems * es, 1));
+  auto out = Buffer::Allocate(MemorySpace::kDevice, std::max<int64_t>(v.recv_elems * es, 1));
+  ASSERT_TRUE(send.ok() && out.ok());
+  ASSERT_TRUE(
+      CopyBytesAsync(send->data(), d.send.data(), v.send_elems * es, stream->handle()).ok());
+  auto request = comm.StartAllToAllV(send->data(), v.send_counts, v.send_displs, d.recv.data(),
+                                     v.recv_counts, v.recv_displs, dtype, stream->handle());
+  ASSERT_TRUE(request.ok()) << Where(comm, request.status().ToString());
+  const Status then = (*request)->Then(stream->handle());
+  ASSERT_TRUE(then.ok()) << Where(comm, then.ToString());
+  ASSERT_TRUE(CopyBytesAsync(out->data(), d.recv.data(), v.recv_elems * es, stream->handle()).ok());
+  ASSERT_TRUE(stream->Synchronize().ok());
+  const Status done = (*request)->Wait();
+  ASSERT_TRUE(done.ok()) << Where(comm, done.ToString());
+  Bytes got(static_cast<size_t>(v.recv_elems * es));
+  ASSERT_TRUE(CopyToHost(MemorySpace::kDevice, got.data(), out->data(), v.recv_elems * es).ok());
+  EXPECT_EQ(CompareBytes(d.expected, got), "") << Where(comm, "stream-ordered alltoallv");
+}
+
 // ---- all-reduce --------------------------------------------------------------------------------
 
 double ReduceInput(int rank, int64_t i) { return static_cast<double>((rank * 13 + i * 5) % 31); }
@@ -454,6 +500,7 @@ const std::vector<ConformanceCase>& ConformanceCases() {
       {"AllToAllEveryDtype", AllToAllEveryDtype},
       {"AllToAllVSkewed", AllToAllVSkewed},
       {"AsyncAllToAllV", AsyncAllToAllV},
+      {"StreamOrderedAllToAllV", StreamOrderedAllToAllV},
       {"AllReduceEveryDtypeAndOp", AllReduceEveryDtypeAndOp},
       {"AllGatherEveryDtype", AllGatherEveryDtype},
       {"BroadcastEveryRoot", BroadcastEveryRoot},

@@ -24,7 +24,7 @@
 #include "bench/staged_gpu_experts.h"
 #include "runtime/moe/compute.h"
 #include "runtime/moe/cpu_expert_compute.h"
-#include "runtime/moe/expert_executor.h"
+#include "runtime/moe/expert_parallel_executor.h"
 #include "runtime/moe/cpu_moe_layer.h"
 #include "runtime/train/trainer.h"
 #include "tests/gpu/device_util.h"
@@ -285,7 +285,7 @@ TEST(GpuExperts, MoeLayerMatchesCpu) {
   auto compute =
       MakeStagedExpertCompute(ExpertShape(cfg), cfg.num_experts(), Cuda(Precision::kFloat32), 0);
   ASSERT_TRUE(compute.ok()) << compute.status().ToString();
-  CpuMoeLayer gpu(cfg, std::make_unique<LocalExpertExecutor>(std::move(compute).value()), 0,
+  CpuMoeLayer gpu(cfg, std::make_unique<LocalExpertExecutor>(ExpertShape(cfg), cfg.num_experts(), std::move(compute).value()), 0,
                cfg.num_experts());
   InitLayerParams(cfg, 5, &gpu.params());
 

@@ -1,7 +1,8 @@
 """End-to-end check of moe_train: a 4-process MPI run and a 1-process run with 4 local groups (the
 same config otherwise) must give the same loss curve, and the loss must fall. A second 4-process
 run with pipelined exchanges (--pipeline-degree 3: three chunks per all-to-all, several
-MPI_Ialltoallv in flight) must give the same curve too.
+MPI_Ialltoallv in flight) must give the same curve too, and a third with the two-stage all-to-all
+(--ranks-per-node 2: 2 nodes of 2 ranks) the same curve as the flat run, bit for bit.
 
 Usage: check_mpi_train.py --tool moe_train --mpiexec mpiexec --config tiny_lm.textproto
                           --data corpus.txt --workdir DIR [--steps N]"""
@@ -38,10 +39,13 @@ def main():
     mpi_metrics = os.path.join(a.workdir, "mpi4.jsonl")
     one_metrics = os.path.join(a.workdir, "one_g4.jsonl")
     pipe_metrics = os.path.join(a.workdir, "mpi4_pipeline3.jsonl")
+    hier_metrics = os.path.join(a.workdir, "mpi4_ranks_per_node2.jsonl")
     common = ["--config", a.config, "--data", a.data, "--steps", str(a.steps), "--quiet"]
     run([a.mpiexec, "-n", "4", a.tool] + common + ["--metrics", mpi_metrics], env)
     run([a.mpiexec, "-n", "4", a.tool] + common + ["--pipeline-degree", "3", "--metrics", pipe_metrics],
         env)
+    run([a.mpiexec, "-n", "4", a.tool] + common + ["--ranks-per-node", "2", "--metrics",
+                                                   hier_metrics], env)
     run([a.tool, "--backend", "loopback", "--ranks", "1", "--local-groups", "4"] + common +
         ["--metrics", one_metrics], env)
     x, y, z = losses(mpi_metrics), losses(one_metrics), losses(pipe_metrics)
@@ -59,7 +63,13 @@ def main():
     if not x[-1] < x[0] - 1.0:
         print("FAIL: the loss did not fall by at least 1 nat")
         failures += 1
-    print(f"{2 - min(failures, 2)} passed, {min(failures, 2)} failed")
+    h = losses(hier_metrics)
+    print(f"two-stage all-to-all (--ranks-per-node 2): {'identical' if h == x else 'DIFFERENT'} "
+          f"to the flat run's {len(x)} losses")
+    if h != x:
+        print("FAIL: the two-stage exchange changed the loss curve")
+        failures += 1
+    print(f"{3 - min(failures, 3)} passed, {min(failures, 3)} failed")
     sys.exit(1 if failures else 0)
 
 

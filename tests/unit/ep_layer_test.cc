@@ -15,7 +15,7 @@
 #include "comm/loopback/loopback_world.h"
 #include "runtime/moe/config.h"
 #include "runtime/moe/expert_parallel_executor.h"
-#include "runtime/moe/ep_row_maps.h"
+#include "runtime/moe/exchange_layout.h"
 #include "runtime/moe/cpu_moe_layer.h"
 #include "tests/unit/test_util.h"
 
@@ -30,6 +30,7 @@ struct EpCase {
   int shared = 0;
   bool dropless_exchange = false;
   int pipeline_degree = 1;
+  int ranks_per_node = 0;  // > 0: the two-stage (hierarchical) all-to-all
 };
 
 void PrintTo(const EpCase& c, std::ostream* os) { *os << c.name; }
@@ -87,12 +88,14 @@ TEST_P(EpEquivalenceTest, ForwardAndBackwardEqualOneRankWithGroups) {
   std::vector<Status> status(w);
   world->RunPerRank([&](comm::Communicator& comm) {
     const int r = comm.rank();
-    CpuMoeLayer layer(
-        cfg,
-        std::make_unique<ExpertParallelExecutor>(
-            &comm, ExpertShape(cfg), c.experts,
-            ExchangeOptions{.dropless = c.dropless_exchange, .pipeline_degree = c.pipeline_degree}),
-        r * local, local);
+    auto executor = std::make_unique<ExpertParallelExecutor>(
+        &comm, ExpertShape(cfg), c.experts,
+        ExchangeOptions{.dropless = c.dropless_exchange,
+                        .pipeline_degree = c.pipeline_degree,
+                        .ranks_per_node = c.ranks_per_node});
+    status[r] = executor->EnableHierarchical();
+    if (!status[r].ok()) return;
+    CpuMoeLayer layer(cfg, std::move(executor), r * local, local);
     InitLayerParams(cfg, 5, &layer.params());
     layer.set_loss_gradient_scale(1.0 / w);
     MatrixView<const float> xr(x.row(r * s), s, kModel), dyr(dy.row(r * s), s, kModel);
@@ -275,26 +278,15 @@ INSTANTIATE_TEST_SUITE_P(
         // More chunks than rows in a block: most chunks are empty.
         EpCase{"w3_e6_top2_pipeline16", 3, 6, kTop2Pos, 1, false, 16},
         EpCase{"w2_expert_choice_pipeline2", 2, 4,
-               "gate: EXPERT_CHOICE capacity_factor_train: 2.0 min_capacity: 1", 0, false, 2}),
+               "gate: EXPERT_CHOICE capacity_factor_train: 2.0 min_capacity: 1", 0, false, 2},
+        // The two-stage all-to-all, 2 ranks per node on 4 ranks (and 3 per node on 6): capacity
+        // (equal blocks), dropless exchange and routing (all-to-all-v), pipelined.
+        EpCase{"w4_top2_position_shared_hierarchical2", 4, 8, kTop2Pos, 1, false, 1, 2},
+        EpCase{"w4_top2_probability_dropless_exchange_hierarchical2", 4, 4, kTop2Prob, 0, true, 1,
+               2},
+        EpCase{"w4_dropless_routing_hierarchical2_pipeline3", 4, 8, kDropless, 1, false, 3, 2},
+        EpCase{"w6_e6_top2_hierarchical3", 6, 6, kTop2Pos, 0, false, 1, 3}),
     [](const ::testing::TestParamInfo<EpCase>& p) { return p.param.name; });
-
-// The device EP layer's regroup maps, by hand: 3 sources, 2 local experts, counts (s, l) =
-// (0,0):1 (0,1):1 (1,0):2 (1,1):0 (2,0):0 (2,1):2, so received rows are s0l0 {0} s0l1 {1}
-// s1l0 {2, 3} s2l1 {4, 5}; expert-major: expert 0 = rows 0, 2, 3, expert 1 = rows 1, 4, 5.
-TEST(EpRowMaps, RegroupsSourceMajorRowsExpertMajorAndBack) {
-  auto maps = MakeEpRowMaps(3, 2, {1, 1, 2, 0, 0, 2});
-  ASSERT_TRUE(maps.ok()) << maps.status().ToString();
-  EXPECT_EQ(maps->to_expert_major, (std::vector<int32_t>{0, 2, 3, 1, 4, 5}));
-  EXPECT_EQ(maps->to_source_major, (std::vector<int32_t>{0, 3, 1, 2, 4, 5}));
-  EXPECT_EQ(maps->expert_offsets, (std::vector<int64_t>{0, 3, 6}));
-  EXPECT_EQ(maps->source_rows, (std::vector<int64_t>{2, 2, 2}));
-  auto empty = MakeEpRowMaps(2, 1, {0, 0});
-  ASSERT_TRUE(empty.ok());
-  EXPECT_TRUE(empty->to_expert_major.empty());
-  EXPECT_EQ(empty->expert_offsets, (std::vector<int64_t>{0, 0}));
-  EXPECT_EQ(MakeEpRowMaps(2, 2, {1, 2, 3}).status().code(), StatusCode::kInvalidArgument);
-  EXPECT_EQ(MakeEpRowMaps(1, 2, {1, -1}).status().code(), StatusCode::kInvalidArgument);
-}
 
 // The pipelined exchange layout by hand: 2 ranks, 2 local experts, 2 chunks. Rank 0's plan sends
 // (rank, local expert) blocks (0,0): plan rows 0-1, (0,1): row 2, (1,0): none, (1,1): rows 3-5.
@@ -302,18 +294,24 @@ TEST(EpRowMaps, RegroupsSourceMajorRowsExpertMajorAndBack) {
 // It receives (source, local expert) = (0,0): 2, (0,1): 1, (1,0): 2, (1,1): 0 rows, so chunk 0
 // receives s0l0 {0} s1l0 {1} and chunk 1 s0l0 {2} s0l1 {3} s1l0 {4}; chunk 1's expert-major order
 // is expert 0 = {2, 4}, expert 1 = {3}.
-TEST(EpExchangeLayout, SplitsEveryBlockIntoChunksByPosition) {
-  auto layout = MakeEpExchangeLayout(2, 2, 2, {2, 1, 0, 3}, {2, 1, 2, 0});
+TEST(ExchangeLayout, SplitsEveryBlockIntoChunksByPosition) {
+  auto layout = MakeExchangeLayout({.ranks = 2, .local_experts = 2, .groups = 1, .chunks = 2},
+                                   {2, 1, 0, 3}, {2, 1, 2, 0});
   ASSERT_TRUE(layout.ok()) << layout.status().ToString();
+  EXPECT_EQ(layout->plan_rows, 6);
   EXPECT_EQ(layout->send_rows, 6);
   EXPECT_EQ(layout->recv_rows, 5);
-  EXPECT_EQ(layout->send_gather, (std::vector<int32_t>{0, 3, 1, 2, 4, 5}));
-  EXPECT_EQ(layout->plan_gather, (std::vector<int32_t>{0, 2, 3, 1, 4, 5}));
-  EXPECT_EQ(layout->to_expert_major, (std::vector<int32_t>{0, 1, 2, 4, 3}));
-  EXPECT_EQ(layout->to_source_major, (std::vector<int32_t>{0, 1, 2, 4, 3}));
+  EXPECT_FALSE(layout->send_is_plan);
+  EXPECT_FALSE(layout->recv_is_expert_major);
+  const ExchangeMaps maps = MakeExchangeMaps(*layout);
+  EXPECT_EQ(maps.send_gather, (std::vector<int32_t>{0, 3, 1, 2, 4, 5}));
+  EXPECT_EQ(maps.plan_gather, (std::vector<int32_t>{0, 2, 3, 1, 4, 5}));
+  EXPECT_EQ(layout->plan_to_send, (std::vector<int64_t>{0, 2, 3, 1, 4, 5}));
+  EXPECT_EQ(maps.to_expert_major, (std::vector<int32_t>{0, 1, 2, 4, 3}));
+  EXPECT_EQ(maps.to_source_major, (std::vector<int32_t>{0, 1, 2, 4, 3}));
   ASSERT_EQ(layout->chunks.size(), 2u);
-  const EpChunk& c0 = layout->chunks[0];
-  const EpChunk& c1 = layout->chunks[1];
+  const ExchangeChunk& c0 = layout->chunks[0];
+  const ExchangeChunk& c1 = layout->chunks[1];
   EXPECT_EQ(c0.send_counts, (std::vector<int64_t>{1, 1}));
   EXPECT_EQ(c0.send_displs, (std::vector<int64_t>{0, 1}));
   EXPECT_EQ(c1.send_counts, (std::vector<int64_t>{2, 2}));
@@ -328,24 +326,69 @@ TEST(EpExchangeLayout, SplitsEveryBlockIntoChunksByPosition) {
   EXPECT_EQ(c1.recv_rows, 3);
   EXPECT_EQ(c0.expert_offsets, (std::vector<int64_t>{0, 2, 2}));
   EXPECT_EQ(c1.expert_offsets, (std::vector<int64_t>{0, 2, 3}));
+  // Chunk 1's segments in expert-major order: (expert 0, source 0), (expert 0, source 1),
+  // (expert 1, source 0), each pointing at its receive row.
+  ASSERT_EQ(c1.segments.size(), 3u);
+  EXPECT_EQ(std::make_tuple(c1.segments[0].local_expert, c1.segments[0].source, c1.segments[0].row,
+                            c1.segments[0].rows),
+            std::make_tuple(0, 0, int64_t{2}, int64_t{1}));
+  EXPECT_EQ(std::make_tuple(c1.segments[1].local_expert, c1.segments[1].source, c1.segments[1].row),
+            std::make_tuple(0, 1, int64_t{4}));
+  EXPECT_EQ(std::make_tuple(c1.segments[2].local_expert, c1.segments[2].source, c1.segments[2].row),
+            std::make_tuple(1, 0, int64_t{3}));
 
   // One chunk: the plan order is the send order (no gathers), one exchange of whole blocks.
-  auto one = MakeEpExchangeLayout(2, 2, 1, {2, 1, 0, 3}, {2, 1, 2, 0});
+  auto one = MakeExchangeLayout({.ranks = 2, .local_experts = 2}, {2, 1, 0, 3}, {2, 1, 2, 0});
   ASSERT_TRUE(one.ok());
-  EXPECT_TRUE(one->send_gather.empty());
-  EXPECT_TRUE(one->plan_gather.empty());
+  EXPECT_TRUE(one->send_is_plan);
+  EXPECT_TRUE(MakeExchangeMaps(*one).send_gather.empty());
+  EXPECT_TRUE(MakeExchangeMaps(*one).plan_gather.empty());
   EXPECT_EQ(one->chunks[0].send_counts, (std::vector<int64_t>{3, 3}));
   EXPECT_EQ(one->chunks[0].recv_counts, (std::vector<int64_t>{3, 2}));
-  EXPECT_EQ(one->to_expert_major, (std::vector<int32_t>{0, 1, 3, 4, 2}));
+  EXPECT_EQ(MakeExchangeMaps(*one).to_expert_major, (std::vector<int32_t>{0, 1, 3, 4, 2}));
 
-  EXPECT_EQ(MakeEpExchangeLayout(2, 2, 0, {0, 0, 0, 0}, {0, 0, 0, 0}).status().code(),
+  const auto code = [](const ExchangeShape& shape, std::vector<int64_t> send,
+                       std::vector<int64_t> recv) {
+    return MakeExchangeLayout(shape, send, recv).status().code();
+  };
+  const std::vector<int64_t> zeros(4, 0);
+  EXPECT_EQ(code({.ranks = 2, .local_experts = 2, .chunks = 0}, zeros, zeros),
             StatusCode::kInvalidArgument);
-  EXPECT_EQ(MakeEpExchangeLayout(2, 2, 17, {0, 0, 0, 0}, {0, 0, 0, 0}).status().code(),
+  EXPECT_EQ(code({.ranks = 2, .local_experts = 2, .chunks = 17}, zeros, zeros),
             StatusCode::kInvalidArgument);
-  EXPECT_EQ(MakeEpExchangeLayout(2, 2, 2, {0, 0, 0}, {0, 0, 0, 0}).status().code(),
+  EXPECT_EQ(code({.ranks = 2, .local_experts = 2}, {0, 0, 0}, zeros), StatusCode::kInvalidArgument);
+  EXPECT_EQ(code({.ranks = 2, .local_experts = 2}, zeros, {0, -1, 0, 0}),
             StatusCode::kInvalidArgument);
-  EXPECT_EQ(MakeEpExchangeLayout(2, 2, 2, {0, 0, 0, 0}, {0, -1, 0, 0}).status().code(),
+  EXPECT_EQ(code({.ranks = 0}, {}, {}), StatusCode::kInvalidArgument);
+  // Capacity 1: a block of 2 real rows does not fit, and every block must arrive as 1 row.
+  EXPECT_EQ(code({.ranks = 2, .local_experts = 2, .capacity = 1}, {2, 0, 0, 0}, {1, 1, 1, 1}),
             StatusCode::kInvalidArgument);
+  EXPECT_EQ(code({.ranks = 2, .local_experts = 2, .capacity = 1}, zeros, {1, 1, 0, 1}),
+            StatusCode::kInvalidArgument);
+}
+
+// Capacity padding by hand: 2 ranks, 1 local expert, 2 groups, C = 2. Blocks (rank, group) hold
+// 1, 2, 0, 1 real rows (plan rows 0 | 1-2 | - | 3); each travels as 2 rows, real first.
+TEST(ExchangeLayout, PadsEveryBlockToTheCapacity) {
+  auto layout = MakeExchangeLayout({.ranks = 2, .local_experts = 1, .groups = 2, .capacity = 2},
+                                   {1, 2, 0, 1}, {2, 2, 2, 2});
+  ASSERT_TRUE(layout.ok()) << layout.status().ToString();
+  EXPECT_EQ(layout->plan_rows, 4);
+  EXPECT_EQ(layout->send_rows, 8);
+  EXPECT_FALSE(layout->send_is_plan);
+  EXPECT_TRUE(layout->recv_is_expert_major);  // one local expert
+  EXPECT_EQ(layout->plan_to_send, (std::vector<int64_t>{0, 2, 3, 6}));
+  EXPECT_EQ(MakeExchangeMaps(*layout).send_gather,
+            (std::vector<int32_t>{0, -1, 1, 2, -1, -1, 3, -1}));
+  const ExchangeChunk& c = layout->chunks[0];
+  EXPECT_EQ(c.send_counts, (std::vector<int64_t>{4, 4}));
+  EXPECT_EQ(c.recv_counts, (std::vector<int64_t>{4, 4}));
+  ASSERT_EQ(c.pieces.size(), 4u);
+  EXPECT_EQ(std::make_tuple(c.pieces[2].send_row, c.pieces[2].real, c.pieces[2].rows),
+            std::make_tuple(int64_t{4}, int64_t{0}, int64_t{2}));
+  ASSERT_EQ(c.segments.size(), 4u);  // (expert 0: source 0 groups 0, 1; source 1 groups 0, 1)
+  EXPECT_EQ(std::make_tuple(c.segments[3].source, c.segments[3].group, c.segments[3].row),
+            std::make_tuple(1, 1, int64_t{6}));
 }
 
 // The whole pipelined exchange emulated on host rows labelled (source rank, plan row), for random
@@ -353,7 +396,7 @@ TEST(EpExchangeLayout, SplitsEveryBlockIntoChunksByPosition) {
 // the send order, one all-to-all-v per chunk, regroup, identity "experts", regroup back, combine,
 // gather to the plan order) must hand each expert exactly the rows its sources' plans hold for it
 // — within a chunk by source, then position — and return every row to its plan position.
-TEST(EpExchangeLayout, EmulatedPipelinedExchangeRoundTrips) {
+TEST(ExchangeLayout, EmulatedPipelinedExchangeRoundTrips) {
   std::mt19937 rng(7);
   using Label = std::pair<int, int32_t>;  // (source rank, plan row there)
   for (int trial = 0; trial < 200; ++trial) {
@@ -365,15 +408,17 @@ TEST(EpExchangeLayout, EmulatedPipelinedExchangeRoundTrips) {
     const auto at = [&](int s, int p, int e) {
       return cnt[static_cast<size_t>((s * w + p) * l + e)];
     };
-    std::vector<EpExchangeLayout> lay;
+    std::vector<ExchangeLayout> lay;
+    std::vector<ExchangeMaps> maps;
     for (int r = 0; r < w; ++r) {
       std::vector<int64_t> send, recv;
       for (int p = 0; p < w; ++p)
         for (int e = 0; e < l; ++e) send.push_back(at(r, p, e));
       for (int s = 0; s < w; ++s)
         for (int e = 0; e < l; ++e) recv.push_back(at(s, r, e));
-      auto one = MakeEpExchangeLayout(w, l, d, send, recv);
+      auto one = MakeExchangeLayout({.ranks = w, .local_experts = l, .chunks = d}, send, recv);
       ASSERT_TRUE(one.ok()) << one.status().ToString();
+      maps.push_back(MakeExchangeMaps(*one));
       lay.push_back(std::move(*one));
     }
     const auto gather = [](const std::vector<Label>& in, const std::vector<int32_t>& idx) {
@@ -386,15 +431,15 @@ TEST(EpExchangeLayout, EmulatedPipelinedExchangeRoundTrips) {
     const auto exchange = [&](const std::vector<std::vector<Label>>& from, bool dispatch) {
       std::vector<std::vector<Label>> to(static_cast<size_t>(w));
       for (int r = 0; r < w; ++r) {
-        const EpExchangeLayout& x = lay[static_cast<size_t>(r)];
+        const ExchangeLayout& x = lay[static_cast<size_t>(r)];
         to[static_cast<size_t>(r)].resize(
             static_cast<size_t>(dispatch ? x.recv_rows : x.send_rows));
       }
       for (int j = 0; j < d; ++j) {
         for (int s = 0; s < w; ++s) {
           for (int p = 0; p < w; ++p) {
-            const EpChunk& cs = lay[static_cast<size_t>(s)].chunks[static_cast<size_t>(j)];
-            const EpChunk& cp = lay[static_cast<size_t>(p)].chunks[static_cast<size_t>(j)];
+            const ExchangeChunk& cs = lay[static_cast<size_t>(s)].chunks[static_cast<size_t>(j)];
+            const ExchangeChunk& cp = lay[static_cast<size_t>(p)].chunks[static_cast<size_t>(j)];
             // s sends to p: the dispatch's send block of s meets the receive block of p.
             const int64_t n = dispatch ? cs.send_counts[static_cast<size_t>(p)]
                                        : cs.recv_counts[static_cast<size_t>(p)];
@@ -419,15 +464,16 @@ TEST(EpExchangeLayout, EmulatedPipelinedExchangeRoundTrips) {
         plan[static_cast<size_t>(r)].push_back({r, i});
       }
       send[static_cast<size_t>(r)] =
-          gather(plan[static_cast<size_t>(r)], lay[static_cast<size_t>(r)].send_gather);
+          gather(plan[static_cast<size_t>(r)], maps[static_cast<size_t>(r)].send_gather);
     }
     const auto recv = exchange(send, /*dispatch=*/true);
     std::vector<std::vector<Label>> back(static_cast<size_t>(w));
     for (int p = 0; p < w; ++p) {
-      const EpExchangeLayout& x = lay[static_cast<size_t>(p)];
-      const std::vector<Label> em = gather(recv[static_cast<size_t>(p)], x.to_expert_major);
+      const ExchangeLayout& x = lay[static_cast<size_t>(p)];
+      const ExchangeMaps& xm = maps[static_cast<size_t>(p)];
+      const std::vector<Label> em = gather(recv[static_cast<size_t>(p)], xm.to_expert_major);
       std::vector<int64_t> seen(static_cast<size_t>(l), 0);
-      for (const EpChunk& c : x.chunks) {
+      for (const ExchangeChunk& c : x.chunks) {
         for (int e = 0; e < l; ++e) {
           Label prev{-1, -1};
           for (int64_t i = c.expert_offsets[static_cast<size_t>(e)];
@@ -449,12 +495,12 @@ TEST(EpExchangeLayout, EmulatedPipelinedExchangeRoundTrips) {
         for (int s = 0; s < w; ++s) want += at(s, p, e);
         EXPECT_EQ(seen[static_cast<size_t>(e)], want) << "rank " << p << " expert " << e;
       }
-      back[static_cast<size_t>(p)] = gather(em, x.to_source_major);
+      back[static_cast<size_t>(p)] = gather(em, xm.to_source_major);
       EXPECT_EQ(back[static_cast<size_t>(p)], recv[static_cast<size_t>(p)]);
     }
     const auto combined = exchange(back, /*dispatch=*/false);
     for (int r = 0; r < w; ++r) {
-      EXPECT_EQ(gather(combined[static_cast<size_t>(r)], lay[static_cast<size_t>(r)].plan_gather),
+      EXPECT_EQ(gather(combined[static_cast<size_t>(r)], maps[static_cast<size_t>(r)].plan_gather),
                 plan[static_cast<size_t>(r)])
           << "trial " << trial << " rank " << r << " of " << w << ", " << l << " experts, " << d
           << " chunks";

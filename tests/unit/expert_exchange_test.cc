@@ -1,0 +1,239 @@
+// The exchange engine called on its own (runtime/moe/expert_exchange.h): Dispatch hands every
+// rank exactly the rows the plans of all ranks route to its experts, segment by segment, and
+// Combine brings back whatever the caller's experts made of them — here the identity and a copy
+// scaled by the expert's id — summed per token with the gates. Ranks are threads over the
+// loopback communicator; every comparison is exact (small-integer rows, the engine's sum order).
+#include <gtest/gtest.h>
+
+#include <random>
+#include <string>
+#include <vector>
+
+#include "comm/loopback/loopback_world.h"
+#include "runtime/moe/dispatch_plan.h"
+#include "runtime/moe/expert_exchange.h"
+
+namespace moe {
+namespace {
+
+constexpr int64_t kModel = 5;
+
+struct ExchangeCase {
+  std::string name;
+  int ranks, local_experts, groups, chunks;
+  bool dropless_exchange;
+  double capacity_factor;  // 0: dropless routing
+  int ranks_per_node = 0;
+};
+
+void PrintTo(const ExchangeCase& c, std::ostream* os) { *os << c.name; }
+
+// Rank r's plan of 13 tokens: top-2 of seeded random probs over E experts in `groups` groups.
+DispatchPlan MakePlan(const ExchangeCase& c, int rank) {
+  const int e = c.ranks * c.local_experts;
+  const int64_t tokens = 13;
+  config::RouterConfig cfg;
+  cfg.set_gate(config::TOPK);
+  cfg.set_top_k(2);
+  cfg.set_capacity_factor_train(c.capacity_factor);
+  cfg.set_min_capacity(1);
+  cfg.set_num_local_groups(c.groups);
+  Tensor probs(tokens, e);
+  std::mt19937 rng(static_cast<uint32_t>(100 + rank));
+  std::uniform_real_distribution<float> u(0.01f, 1.0f);
+  for (int64_t t = 0; t < tokens; ++t) {
+    float sum = 0;
+    for (int i = 0; i < e; ++i) sum += (probs(t, i) = u(rng));
+    for (int i = 0; i < e; ++i) probs(t, i) /= sum;
+  }
+  RouteContext ctx;
+  ctx.train = true;
+  ctx.seed = 5;
+  auto plan = BuildDispatchPlan(cfg, probs, {}, ctx);
+  MOE_CHECK_OK(plan.status());
+  return std::move(plan).value();
+}
+
+// Token t's row on rank r: small integers, distinct per (rank, token).
+float Value(int rank, int64_t t, int64_t c) { return static_cast<float>(rank * 100 + t * 5 + c); }
+
+class ExpertExchangeTest : public ::testing::TestWithParam<ExchangeCase> {};
+
+TEST_P(ExpertExchangeTest, DispatchDeliversEveryRowAndCombineSumsTheCallersResults) {
+  const ExchangeCase& c = GetParam();
+  const int w = c.ranks, l = c.local_experts, e = w * l;
+  std::vector<DispatchPlan> plans;
+  std::vector<Tensor> xs;
+  for (int r = 0; r < w; ++r) {
+    plans.push_back(MakePlan(c, r));
+    Tensor x(plans.back().num_tokens, kModel);
+    for (int64_t t = 0; t < x.rows(); ++t) {
+      for (int64_t k = 0; k < kModel; ++k) x(t, k) = Value(r, t, k);
+    }
+    xs.push_back(std::move(x));
+  }
+  auto world = comm::LoopbackWorld::Create(w, {});
+  ASSERT_TRUE(world.ok()) << world.status().ToString();
+  std::vector<std::string> failures(static_cast<size_t>(w));
+  world->RunPerRank([&](comm::Communicator& comm) {
+    const int p = comm.rank();
+    std::string& fail = failures[static_cast<size_t>(p)];
+    const auto check = [&](bool ok, const std::string& what) {
+      if (!ok && fail.empty()) fail = "rank " + std::to_string(p) + ": " + what;
+      return ok;
+    };
+    ExpertExchange exchange(&comm, e, kModel,
+                            {.dropless = c.dropless_exchange,
+                             .pipeline_degree = c.chunks,
+                             .ranks_per_node = c.ranks_per_node});
+    if (!check(exchange.EnableHierarchical().ok(), "EnableHierarchical")) return;
+    const DispatchPlan& plan = plans[static_cast<size_t>(p)];
+    const Tensor& x = xs[static_cast<size_t>(p)];
+    const bool padded = !c.dropless_exchange && plan.capacity > 0;
+    for (const bool scaled : {false, true}) {
+      ExchangeHandle h;
+      Status st = exchange.Dispatch(plan, x.view(), Pass::kForward, &h);
+      if (!check(st.ok(), "Dispatch: " + st.ToString())) return;
+      const MatrixView<const float> got = h.received(Pass::kForward);
+      // Every segment: source s's rows for this rank's local expert le from its group g, in
+      // position order, chunk j's share of positions (zero rows past the real ones when padded).
+      Tensor out(got.rows(), kModel);
+      int64_t covered = 0;
+      for (int j = 0; j < h.chunks(); ++j) {
+        int prev_key = -1;
+        for (const Segment& seg : h.segments(j)) {
+          const int key = (seg.local_expert * w + seg.source) * c.groups + seg.group;
+          check(key > prev_key, "segments out of (local expert, source, group) order");
+          prev_key = key;
+          const DispatchPlan& sp = plans[static_cast<size_t>(seg.source)];
+          const int64_t expert = p * l + seg.local_expert;
+          int64_t first = sp.expert_offset[expert];
+          for (int g = 0; g < seg.group; ++g) first += sp.group_expert_count[g * e + expert];
+          const int64_t real = sp.group_expert_count[seg.group * e + expert];
+          const int64_t n = padded ? sp.capacity : real;
+          const int64_t lo = n * j / c.chunks;
+          check(seg.rows == n * (j + 1) / c.chunks - lo, "segment size");
+          for (int64_t i = 0; i < seg.rows; ++i) {
+            const int64_t pos = lo + i;
+            for (int64_t k = 0; k < kModel; ++k) {
+              const float want =
+                  pos < real ? Value(seg.source, sp.row_token[first + pos], k) : 0.0f;
+              check(got(seg.row + i, k) == want,
+                    "received row " + std::to_string(seg.row + i) + " of segment (expert " +
+                        std::to_string(seg.local_expert) + ", source " +
+                        std::to_string(seg.source) + ", group " + std::to_string(seg.group) + ")");
+              // The caller's experts: identity, or the row times (global expert id + 1).
+              out(seg.row + i, k) = scaled ? static_cast<float>(expert + 1) * got(seg.row + i, k)
+                                           : got(seg.row + i, k);
+            }
+          }
+          covered += seg.rows;
+        }
+      }
+      check(covered == got.rows(), "segments do not cover the received rows");
+      Tensor y(plan.num_tokens, kModel);
+      st = exchange.Combine(&h, Pass::kForward, out.view(), /*gated=*/true, y.view());
+      if (!check(st.ok(), "Combine: " + st.ToString())) return;
+      for (int64_t t = 0; t < plan.num_tokens; ++t) {
+        for (int64_t k = 0; k < kModel; ++k) {
+          float want = 0.0f;
+          for (int64_t i = plan.token_row_offset[t]; i < plan.token_row_offset[t + 1]; ++i) {
+            const int32_t r = plan.token_rows[i];
+            const float v = scaled ? static_cast<float>(plan.row_expert[r] + 1) * x(t, k) : x(t, k);
+            want += plan.row_gate[r] * v;
+            check(h.returned_row(Pass::kForward, r)[k] == v, "returned row");
+          }
+          check(y(t, k) == want, "y[" + std::to_string(t) + "][" + std::to_string(k) + "]");
+        }
+      }
+      // The backward on the same handle: gate·dy goes out, the rows come back ungated.
+      st = exchange.Dispatch(plan, x.view(), Pass::kBackward, &h);
+      if (!check(st.ok(), "backward Dispatch: " + st.ToString())) return;
+      Tensor dx(plan.num_tokens, kModel);
+      st = exchange.Combine(&h, Pass::kBackward, h.received(Pass::kBackward), /*gated=*/false,
+                            dx.view());
+      if (!check(st.ok(), "backward Combine: " + st.ToString())) return;
+      for (int64_t t = 0; t < plan.num_tokens; ++t) {
+        for (int64_t k = 0; k < kModel; ++k) {
+          float want = 0.0f;
+          for (int64_t i = plan.token_row_offset[t]; i < plan.token_row_offset[t + 1]; ++i) {
+            // The engine sends the rounded product gate·dy, then adds (no fused multiply-add).
+            const volatile float sent = plan.row_gate[plan.token_rows[i]] * x(t, k);
+            want += sent;
+          }
+          check(dx(t, k) == want, "dx[" + std::to_string(t) + "] = " + std::to_string(dx(t, k)) + ", want " + std::to_string(want));
+        }
+      }
+      // The forward's results are still there after the backward.
+      for (int64_t r = 0; r < plan.num_rows(); ++r) {
+        const float v = scaled ? static_cast<float>(plan.row_expert[r] + 1) * x(plan.row_token[r], 0)
+                               : x(plan.row_token[r], 0);
+        check(h.returned_row(Pass::kForward, r)[0] == v, "forward row after the backward");
+      }
+    }
+  });
+  for (const std::string& f : failures) EXPECT_TRUE(f.empty()) << f;
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, ExpertExchangeTest,
+    ::testing::Values(ExchangeCase{"w1_capacity", 1, 4, 1, 1, false, 1.0},
+                      ExchangeCase{"w2_capacity", 2, 2, 1, 1, false, 1.0},
+                      ExchangeCase{"w2_capacity_groups2", 2, 2, 2, 1, false, 1.0},
+                      ExchangeCase{"w3_dropless_exchange", 3, 2, 1, 1, true, 1.0},
+                      ExchangeCase{"w4_dropless_routing", 4, 1, 1, 1, false, 0.0},
+                      ExchangeCase{"w2_capacity_chunks3", 2, 2, 2, 3, false, 1.25},
+                      ExchangeCase{"w3_dropless_chunks4", 3, 2, 1, 4, true, 1.0},
+                      ExchangeCase{"w4_capacity_hierarchical2", 4, 2, 1, 1, false, 1.0},
+                      ExchangeCase{"w4_dropless_hierarchical2_chunks2", 4, 2, 2, 2, true, 1.0}),
+    [](const ::testing::TestParamInfo<ExchangeCase>& p) { return p.param.name; });
+
+// A one-rank engine (no communicator) exchanges nothing: the received rows are the gathered
+// rows, and Combine reads the caller's rows in place.
+TEST(ExpertExchange, OneRankMovesNothing) {
+  const ExchangeCase c{"local", 1, 3, 1, 1, true, 1.0};
+  const DispatchPlan plan = MakePlan(c, 0);
+  Tensor x(plan.num_tokens, kModel);
+  for (int64_t t = 0; t < x.rows(); ++t) {
+    for (int64_t k = 0; k < kModel; ++k) x(t, k) = Value(0, t, k);
+  }
+  ExpertExchange exchange(nullptr, 3, kModel, {.dropless = true});
+  ExchangeHandle h;
+  ASSERT_TRUE(exchange.Dispatch(plan, x.view(), Pass::kForward, &h).ok());
+  EXPECT_TRUE(h.layout().send_is_plan);
+  const MatrixView<const float> got = h.received(Pass::kForward);
+  ASSERT_EQ(got.rows(), plan.num_rows());
+  for (int64_t r = 0; r < plan.num_rows(); ++r) EXPECT_EQ(got(r, 1), x(plan.row_token[r], 1));
+  Tensor y(plan.num_tokens, kModel);
+  ASSERT_TRUE(exchange.Combine(&h, Pass::kForward, got, true, y.view()).ok());
+  EXPECT_EQ(h.returned_row(Pass::kForward, 0), got.row(0));  // read in place
+  EXPECT_TRUE(exchange.stats().calls.empty());
+  // Wrong shapes are errors naming what was expected.
+  Tensor small(2, kModel);
+  const Status st = exchange.Dispatch(plan, small.view(), Pass::kForward, &h);
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("the plan needs"), std::string::npos) << st.ToString();
+  ExchangeHandle fresh;
+  EXPECT_EQ(exchange.Dispatch(plan, x.view(), Pass::kBackward, &fresh).code(),
+            StatusCode::kFailedPrecondition);
+}
+
+TEST(ExpertExchange, ValidatesOptionsAndRanksPerNode) {
+  EXPECT_EQ(ValidateExchangeOptions({.pipeline_degree = 0}).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(ValidateExchangeOptions({.pipeline_degree = 17}).code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ(ValidateExchangeOptions({.ranks_per_node = -1}).code(), StatusCode::kInvalidArgument);
+  EXPECT_TRUE(ValidateExchangeOptions({.pipeline_degree = 16, .ranks_per_node = 2}).ok());
+  // EP groups of 4 consecutive ranks in a world of 8.
+  EXPECT_EQ(*EpRanksPerNode(0, 8, 4), 0);
+  EXPECT_EQ(*EpRanksPerNode(2, 8, 4), 2);
+  EXPECT_EQ(*EpRanksPerNode(4, 8, 4), 0);  // a group inside one node: flat
+  EXPECT_EQ(*EpRanksPerNode(8, 8, 4), 0);
+  EXPECT_EQ(EpRanksPerNode(3, 8, 4).status().code(), StatusCode::kInvalidArgument);
+  const Status st = EpRanksPerNode(3, 6, 2).status();  // 3 per node cuts groups of 2 unevenly
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("comm.ranks_per_node=3"), std::string::npos) << st.ToString();
+}
+
+}  // namespace
+}  // namespace moe

@@ -50,6 +50,10 @@ StatusOr<ExchangeLayout> MakeExchangeLayout(const ExchangeShape& shape,
     return InvalidArgument("MakeExchangeLayout: chunks=" + std::to_string(d) +
                            " must be in [1, 16]");
   }
+  if (shape.self < -1 || shape.self >= w) {
+    return InvalidArgument("MakeExchangeLayout: self=" + std::to_string(shape.self) +
+                           " must be -1 or a rank in [0, " + std::to_string(w) + ")");
+  }
   if (cap < 0) {
     return InvalidArgument("MakeExchangeLayout: capacity=" + std::to_string(cap) +
                            " must be >= 0");
@@ -82,6 +86,7 @@ StatusOr<ExchangeLayout> MakeExchangeLayout(const ExchangeShape& shape,
   std::vector<int64_t> plan_begin(static_cast<size_t>(blocks), 0);
   for (int64_t b = 1; b < blocks; ++b) plan_begin[b] = plan_begin[b - 1] + send_counts[b - 1];
   out.plan_to_send.assign(static_cast<size_t>(out.plan_rows), 0);
+  if (shape.self >= 0) out.plan_to_recv.assign(static_cast<size_t>(out.plan_rows), -1);
   int64_t send_at = 0, recv_at = 0;
   for (int64_t j = 0; j < d; ++j) {
     ExchangeChunk c;
@@ -91,19 +96,6 @@ StatusOr<ExchangeLayout> MakeExchangeLayout(const ExchangeShape& shape,
     c.send_displs.assign(static_cast<size_t>(w), 0);
     c.recv_counts.assign(static_cast<size_t>(w), 0);
     c.recv_displs.assign(static_cast<size_t>(w), 0);
-    for (int64_t p = 0; p < w; ++p) {
-      c.send_displs[p] = send_at;
-      for (int64_t i = 0; i < l * g; ++i) {
-        const int64_t b = p * l * g + i, real = send_counts[b], n = cap > 0 ? cap : real;
-        const int64_t lo = begin(n, j), rows = begin(n, j + 1) - lo;
-        if (rows == 0) continue;
-        SendPiece piece{send_at, plan_begin[b] + lo, std::clamp<int64_t>(real - lo, 0, rows), rows};
-        for (int64_t r = 0; r < piece.real; ++r) out.plan_to_send[piece.plan_row + r] = send_at + r;
-        c.pieces.push_back(piece);
-        c.send_counts[p] += rows;
-        send_at += rows;
-      }
-    }
     // Receive side: [source][local expert][group] rows of this chunk.
     std::vector<int64_t> seg_row(static_cast<size_t>(blocks)), seg_rows(static_cast<size_t>(blocks));
     for (int64_t s = 0; s < w; ++s) {
@@ -114,6 +106,26 @@ StatusOr<ExchangeLayout> MakeExchangeLayout(const ExchangeShape& shape,
         seg_rows[b] = begin(n, j + 1) - begin(n, j);
         c.recv_counts[s] += seg_rows[b];
         recv_at += seg_rows[b];
+      }
+    }
+    for (int64_t p = 0; p < w; ++p) {
+      c.send_displs[p] = send_at;
+      for (int64_t i = 0; i < l * g; ++i) {
+        const int64_t b = p * l * g + i, real = send_counts[b], n = cap > 0 ? cap : real;
+        const int64_t lo = begin(n, j), rows = begin(n, j + 1) - lo;
+        if (rows == 0) continue;
+        SendPiece piece{send_at, plan_begin[b] + lo, std::clamp<int64_t>(real - lo, 0, rows), rows};
+        for (int64_t r = 0; r < piece.real; ++r) out.plan_to_send[piece.plan_row + r] = send_at + r;
+        if (p == shape.self) {
+          // Block (self, l, g) arrives as receive block (source self, l, g): same index.
+          piece.recv_row = seg_row[b];
+          for (int64_t r = 0; r < piece.real; ++r) {
+            out.plan_to_recv[piece.plan_row + r] = piece.recv_row + r;
+          }
+        }
+        c.pieces.push_back(piece);
+        c.send_counts[p] += rows;
+        send_at += rows;
       }
     }
     c.recv_rows = recv_at - c.recv_begin;

@@ -35,12 +35,19 @@ struct ExchangeShape {
   int groups = 1;         // G (local groups of the plan)
   int chunks = 1;         // d, 1..16
   int64_t capacity = 0;   // C > 0: every block padded to C rows; 0: real rows only
+  // This rank, >= 0: its rows for its own experts bypass the all-to-all — the gather writes them
+  // straight to their receive rows and the combine reads them where the experts left them
+  // (SendPiece::recv_row, plan_to_recv); the self block still has its place in the send layout
+  // and counts in the chunks' per-peer counts (what the exchange means), the engine sends 0 there.
+  // -1: every block travels.
+  int self = -1;
 };
 
 // Chunk j of one send block: `rows` exchanged rows at send row `send_row`, of which the first
 // `real` are plan rows plan_row .. plan_row + real - 1 (the rest: capacity padding).
 struct SendPiece {
   int64_t send_row = 0, plan_row = 0, real = 0, rows = 0;
+  int64_t recv_row = -1;  // >= 0: a self piece, written to this receive row instead
 };
 
 // A (local expert, source rank, group) run of received rows of one chunk, at receive row `row`.
@@ -65,6 +72,9 @@ struct ExchangeLayout {
   std::vector<ExchangeChunk> chunks;
   // Send row of every plan row (the combine finds a row's result there).
   std::vector<int64_t> plan_to_send;
+  // With shape.self >= 0: receive row of every plan row for this rank's own experts, -1 for the
+  // rows that travel (empty otherwise).
+  std::vector<int64_t> plan_to_recv;
   // True when the send layout is the plan layout (one chunk, no padding).
   bool send_is_plan = false;
   // True when the receive layout is the expert-major layout (one local expert, or one source).

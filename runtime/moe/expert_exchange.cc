@@ -94,7 +94,12 @@ MatrixView<const float> ExchangeHandle::received(Pass pass) const {
 
 const float* ExchangeHandle::returned_row(Pass pass, int64_t plan_row) const {
   const Rows& r = rows(pass);
-  return r.back_rows + layout_.plan_to_send[static_cast<size_t>(plan_row)] * r.send.cols();
+  const int64_t m = r.send.cols();
+  if (!layout_.plan_to_recv.empty()) {
+    const int64_t at = layout_.plan_to_recv[static_cast<size_t>(plan_row)];
+    if (at >= 0) return r.combine_rows + at * m;  // a self row: where the caller's experts left it
+  }
+  return r.back_rows + layout_.plan_to_send[static_cast<size_t>(plan_row)] * m;
 }
 
 ExpertExchange::ExpertExchange(comm::Communicator* ep, int num_experts, int64_t row_dim,
@@ -139,6 +144,8 @@ Status ExpertExchange::Layout(const DispatchPlan& plan, ExchangeHandle* handle) 
                       .capacity = 0};
   const bool padded = ep_ != nullptr && !options_.dropless && plan.capacity > 0;
   if (padded) shape.capacity = plan.capacity;
+  // This rank's rows for its own experts never enter the communicator.
+  if (ep_ != nullptr && w_ > 1) shape.self = ep_->rank();
   // Plan blocks are (expert, group) = (destination, local expert, group).
   std::vector<int64_t> send(static_cast<size_t>(blocks)), recv(static_cast<size_t>(blocks));
   for (int64_t e = 0; e < num_experts_; ++e) {
@@ -178,14 +185,22 @@ Status ExpertExchange::BeginDispatch(const DispatchPlan& plan, MatrixView<const 
   const ExchangeLayout& layout = handle->layout_;
   ExchangeHandle::Rows& rows = handle->rows(pass);
   ResizeTensor(&rows.send, layout.send_rows, m_);
+  if (ep_ == nullptr) {
+    rows.recv_rows = rows.send.data();
+  } else {
+    ResizeTensor(&rows.recv, layout.recv_rows, m_);
+    rows.recv_rows = rows.recv.data();
+  }
   const size_t row_bytes = sizeof(float) * static_cast<size_t>(m_);
   const bool gated = pass == Pass::kBackward;
   for (const ExchangeChunk& c : layout.chunks) {
     for (const SendPiece& p : c.pieces) {
+      // A self piece goes straight to its receive rows.
+      float* const to = p.recv_row >= 0 ? rows.recv.row(p.recv_row) : rows.send.row(p.send_row);
       for (int64_t i = 0; i < p.real; ++i) {
         const int64_t r = p.plan_row + i;
         const float* src = x.row(plan.row_token[r]);
-        float* dst = rows.send.row(p.send_row + i);
+        float* dst = to + i * m_;
         if (gated) {
           const float g = plan.row_gate[r];
           for (int64_t k = 0; k < m_; ++k) dst[k] = g * src[k];
@@ -194,16 +209,9 @@ Status ExpertExchange::BeginDispatch(const DispatchPlan& plan, MatrixView<const 
         }
       }
       if (p.rows > p.real) {
-        std::memset(rows.send.row(p.send_row + p.real), 0,
-                    row_bytes * static_cast<size_t>(p.rows - p.real));
+        std::memset(to + p.real * m_, 0, row_bytes * static_cast<size_t>(p.rows - p.real));
       }
     }
-  }
-  if (ep_ == nullptr) {
-    rows.recv_rows = rows.send.data();
-  } else {
-    ResizeTensor(&rows.recv, layout.recv_rows, m_);
-    rows.recv_rows = rows.recv.data();
   }
   return Status::Ok();
 }
@@ -226,9 +234,13 @@ Status ExpertExchange::Start(ExchangeHandle* handle, Pass pass, int chunk, bool 
   slot.record = stats_.Record(dispatch ? ExchangeCall::Kind::kDispatch : ExchangeCall::Kind::kCombine,
                               pass == Pass::kBackward, chunk, options_.pipeline_degree,
                               scaled(out_rows, row_bytes), scaled(in_rows, row_bytes));
-  const std::vector<int64_t> sc = scaled(out_rows, m_), sd = scaled(out_displs, m_),
-                             rc = scaled(in_rows, m_), rd = scaled(in_displs, m_);
-  const bool equal = handle->layout_.shape.capacity > 0;  // every peer: the same L·G·C rows
+  std::vector<int64_t> sc = scaled(out_rows, m_), sd = scaled(out_displs, m_),
+                       rc = scaled(in_rows, m_), rd = scaled(in_displs, m_);
+  // The self block was moved by the gather (dispatch) and is read in place (combine).
+  const int self = handle->layout_.shape.self;
+  if (self >= 0) sc[self] = rc[self] = 0;
+  // Every peer the same L·G·C rows (capacity mode, nothing bypassed): a plain all-to-all.
+  const bool equal = handle->layout_.shape.capacity > 0 && self < 0;
   return stats_.Timed(slot.record, [&]() -> Status {
     if (hierarchical_ != nullptr) {
       if (equal && handle->layout_.chunks.size() == 1) {
@@ -273,6 +285,7 @@ Status ExpertExchange::StartCombine(ExchangeHandle* handle, Pass pass, int chunk
                            std::to_string(layout.recv_rows) + " x " + std::to_string(m_));
   }
   ExchangeHandle::Rows& r = handle->rows(pass);
+  r.combine_rows = rows.data();
   if (ep_ == nullptr) {
     r.back_rows = rows.data();
     return Status::Ok();

@@ -12,7 +12,9 @@
 //
 // Rows. Dispatch gathers the token rows x[row_token[r]] of the plan's rows r straight into the send
 // layout (runtime/moe/exchange_layout.h; scaled by the row gates when asked — the backward's
-// gate·dY), with zero padding in capacity mode; the received rows are left in the receive layout
+// gate·dY), with zero padding in capacity mode — the rows for this rank's own experts straight
+// into their receive rows instead, so they never pass through the communicator (nor back: Combine
+// reads them where the caller's experts wrote them); the received rows are left in the receive layout
 // ([chunk][source][local expert][group]) and presented as segments, one per (local expert, source,
 // group), listed in the order a 1-rank layer with G = W·groups would use. Combine sends rows in
 // that same receive layout back; they land in the send layout, from where each token's rows are
@@ -148,6 +150,7 @@ class ExchangeHandle {
     Tensor send, recv, back;     // send / receive layouts, the combine's arrivals (send layout)
     const float* recv_rows = nullptr;  // recv, or send for a one-rank engine
     const float* back_rows = nullptr;  // back, or the caller's rows for a one-rank engine
+    const float* combine_rows = nullptr;  // the caller's rows of the last combine (self rows)
   };
   Rows& rows(Pass pass) { return pass == Pass::kForward ? forward_ : backward_; }
   const Rows& rows(Pass pass) const { return pass == Pass::kForward ? forward_ : backward_; }
@@ -191,7 +194,8 @@ class ExpertExchange {
   Status StartDispatch(ExchangeHandle* handle, Pass pass, int chunk);
   Status WaitDispatch(ExchangeHandle* handle, Pass pass, int chunk);
   // `rows`: the whole receive-layout buffer, chunk j's rows at its recv_begin; it must stay
-  // untouched until WaitCombine(j) (and, for a one-rank engine, until returned_row is last read).
+  // untouched until WaitCombine(j) and until returned_row is last read (the rows of this rank's
+  // own experts are read there: they never travel).
   Status StartCombine(ExchangeHandle* handle, Pass pass, int chunk, MatrixView<const float> rows);
   Status WaitCombine(ExchangeHandle* handle, Pass pass, int chunk);
   // y[t] += Σ over t's plan rows (token_rows order) of (gate ·) returned row.

@@ -6,6 +6,7 @@
 #include <random>
 #include <utility>
 
+#include "runtime/base/bf16.h"
 #include "runtime/base/clock.h"
 #include "runtime/moe/dispatch_plan.h"
 #include "runtime/moe/expert_exchange.h"
@@ -46,10 +47,11 @@ Tensor TokenInput(int rank, int64_t tokens, int64_t m) {
   return x;
 }
 
-// The combined result of identity experts: y[t] = Σ over t's kept rows of gate · x[t], summed in
-// the plan's token_rows order (the exchange's order, so equality is exact). Returns the elements
-// of `y` that differ.
-int64_t WrongIdentityCombine(const DispatchPlan& plan, const Tensor& x, const Tensor& y) {
+// The combined result of identity experts: y[t] = Σ over t's kept rows of gate · x[t] (x[t]
+// rounded to bf16 with `bf16`), summed in the plan's token_rows order (the exchange's order, so
+// equality is exact). Returns the elements of `y` that differ.
+int64_t WrongIdentityCombine(const DispatchPlan& plan, const Tensor& x, const Tensor& y,
+                             bool bf16) {
   const int64_t m = x.cols();
   int64_t wrong = 0;
   std::vector<float> want(static_cast<size_t>(m));
@@ -57,7 +59,7 @@ int64_t WrongIdentityCombine(const DispatchPlan& plan, const Tensor& x, const Te
     std::fill(want.begin(), want.end(), 0.0f);
     for (int64_t i = plan.token_row_offset[t]; i < plan.token_row_offset[t + 1]; ++i) {
       const float g = plan.row_gate[plan.token_rows[i]];
-      for (int64_t c = 0; c < m; ++c) want[c] += g * x(t, c);
+      for (int64_t c = 0; c < m; ++c) want[c] += g * (bf16 ? RoundToBf16(x(t, c)) : x(t, c));
     }
     for (int64_t c = 0; c < m; ++c) wrong += y(t, c) != want[c] ? 1 : 0;
   }
@@ -407,9 +409,13 @@ Status RunDispatchCombineBench(comm::Communicator& comm, const DispatchCombineBe
   if (rank0) PrintHeader(out, comm, o, e, baseline_name);
   comm::bench::SweepSummary summary;
   for (const int64_t tokens : o.tokens) {
-    MOE_ASSIGN_OR_RETURN(const DispatchPlan plan, MakePlan(o, comm.rank(), tokens, e));
+   MOE_ASSIGN_OR_RETURN(const DispatchPlan plan, MakePlan(o, comm.rank(), tokens, e));
+   // Both wire dtypes, one row each: fp32 rows, then bf16 rows (half the bytes).
+   for (const bool bf16 : {false, true}) {
     ExpertExchange exchange(&comm, e, o.hidden,
-                            {.dropless = o.dropless_exchange, .ranks_per_node = o.ranks_per_node});
+                            {.dropless = o.dropless_exchange,
+                             .ranks_per_node = o.ranks_per_node,
+                             .bf16_wire = bf16});
     MOE_RETURN_IF_ERROR(exchange.EnableHierarchical());
     ExchangeHandle handle;
     const Tensor x = TokenInput(comm.rank(), tokens, o.hidden);
@@ -462,7 +468,7 @@ Status RunDispatchCombineBench(comm::Communicator& comm, const DispatchCombineBe
     const double raw_pair_us = raw_pair.mean_us;
     double wrong = 0;
     if (o.check) {
-      const int64_t mine = WrongIdentityCombine(plan, x, y);
+      const int64_t mine = WrongIdentityCombine(plan, x, y, bf16);
       MOE_ASSIGN_OR_RETURN(wrong,
                            ReduceScalar(comm, static_cast<double>(mine), comm::ReduceOp::kSum));
     }
@@ -470,6 +476,10 @@ Status RunDispatchCombineBench(comm::Communicator& comm, const DispatchCombineBe
         const double sent_sum,
         ReduceScalar(comm, static_cast<double>(send_elems * 4), comm::ReduceOp::kSum));
     comm::bench::BenchRow row = RowExchangeRow("dispatch_combine", comm, sent_sum);
+    if (bf16) {
+      row.dtype = "bfloat16";
+      row.count = row.bytes / 2;
+    }
     comm::bench::SetTiming(&row, timing);  // the round trip's spread; time is the two parts'
     row.time_us = dispatch_us + combine_us;
     row.algbw_gbps = row.time_us > 0 ? 2.0 * static_cast<double>(row.bytes) / row.time_us / 1e3 : 0;
@@ -481,6 +491,7 @@ Status RunDispatchCombineBench(comm::Communicator& comm, const DispatchCombineBe
     if (!rank0) continue;
     PrintRow(out, row, tokens, dispatch_us, combine_us);
     if (sink) MOE_RETURN_IF_ERROR(sink(row));
+   }
   }
   return summary.Finish(rank0 ? out : nullptr, "dispatch_combine");
 }

@@ -1,24 +1,23 @@
-// moe_comm_bench --op dispatch_combine: times the real expert-parallel path (ep_executor.h) on a
-// communicator and compares it with the raw exchange of the same rows.
+// moe_comm_bench --op dispatch_combine: times the exchange engine (runtime/moe/expert_exchange.h)
+// on a communicator and compares it with the raw exchange of the same bytes.
 //
 // Per rank, a probs matrix (S x E, rows sum to 1) is drawn from a seeded RNG with the requested
 // skew (uniform, zipf:S, hot:F; see MakeSkewedProbs), BuildDispatchPlan makes the plan (gate TOPK,
-// top_k, capacity_factor, min capacity 1), and ExpertParallelExecutor::Forward is timed with tiny
-// experts (H = 1). The start and end of Forward's two float32 row exchanges come from the
-// executor's own records (ExchangeStats::calls: the kDispatch and kCombine ExchangeCall,
-// start_seconds and start_seconds + seconds); the int64 count exchange of dropless mode is not one
-// of them. Per call: dispatch = Forward start -> end of the dispatch exchange (layout, count
-// all-to-all in dropless mode, pack, exchange) + half of the regroup/ungroup time; combine = start
-// of the combine exchange -> Forward end (exchange, unpack) + the other half. The regroup / ungroup
-// time is what lies between the two exchanges minus stats().expert_seconds; the two are the same
-// row copies in reverse, hence the even split (the only estimated part). time = dispatch + combine
-// (slowest rank of each). baseline = the raw exchange with the executor's own per-peer counts (the
-// given raw all-to-all-v, e.g. MPI_Alltoallv on MPI; without one, the plain communicator's AllToAll
-// in capacity mode or AllToAllV in dropless mode, as the executor calls it), timed in both
-// directions and halved; ratio = time / (2 x baseline). size = bytes a rank sends in the dispatch
-// (mean over ranks, padding included); algbw = 2 · size / time. With `check`, the plan is rerun
-// through identity experts (H = M, W1 = W2 = I, ReLU, positive inputs) and #wrong counts elements
-// of kept rows that differ from their token's input.
+// top_k, capacity_factor, min capacity 1), and per call Dispatch(plan, x) and Combine(handle, the
+// received rows as they are, gated, y) are timed each on its own (y is zeroed outside the timed
+// calls). dispatch = the Dispatch call (layout, count all-to-all in dropless mode, gather, row
+// all-to-all); combine = the Combine call (row all-to-all back, gated sum into y). time = dispatch
+// + combine (each the slowest rank's mean). Each token count gets two rows: wire dtype float32,
+// then bfloat16 (parallel.wire_dtype BF16: half the bytes, rounded on send, widened on arrival).
+// baseline = the raw exchange with the engine's own recorded per-peer bytes (the self block
+// included, though the engine moves it without the communicator; the given raw all-to-all-v, e.g.
+// MPI_Alltoallv on MPI; without one, the plain communicator's AllToAll in capacity mode or
+// AllToAllV in dropless mode), timed in both directions and halved; ratio = time / (2 x
+// baseline). size = bytes a rank sends in the dispatch (mean over ranks, padding included);
+// algbw = 2 · size / time. With `check`, #wrong counts elements of y that differ from
+// Σ gate · x[t] over each token's kept rows (x rounded to bf16 in the bfloat16 row) — exact.
+// --hierarchical P (ranks_per_node) sends the rows with the two-stage all-to-all; the baseline stays
+// the flat one.
 #pragma once
 
 #include <cstdint>
@@ -82,12 +81,13 @@ Tensor MakeSkewedProbs(const ProbsSkew& skew, uint64_t seed, int rank, int64_t t
                        int k);
 
 // --pipeline-degree: per token count and pipeline degree d, ExpertParallelExecutor Forward +
-// Backward with real experts (M = hidden, H = expert_hidden, GELU, bias, seeded weights) through
+// Backward (dispatch, experts, combine into y, and the same for dy) with real experts (M = hidden, H = expert_hidden, GELU, bias, seeded weights) through
 // the chunked exchanges (runtime/moe/expert_parallel_executor.h). time = mean per iteration of the slowest rank;
 // exchange = time the slowest rank spent inside the communicator (ExchangeCall::seconds: the
 // blocking calls, or start + Wait of the asynchronous ones), experts = its expert compute;
 // speedup = time at degree 1 / time at degree d, degree 1 always run first in the same process.
 // #wrong = elements of y and dx (all ranks) further than 1e-5 x max|value| from degree 1's.
+// The rows are fp32 (parallel.wire_dtype FP32).
 // What overlaps depends on the backend: the loopback backend moves the rows inside Wait (no
 // overlap); MPI progresses mostly inside MPI calls; NCCL runs on its own stream.
 Status RunPipelineBench(comm::Communicator& comm, const DispatchCombineBenchOptions& options,

@@ -7,10 +7,10 @@
 // --op alltoall, alltoallv, allreduce, allgather: one row per size from -b to -e (factor -f), each
 // beside a baseline moving the same bytes in the same loop (raw MPI on the MPI backend, memcpy
 // otherwise); the table, its columns and the timing are defined in comm/bench/collective_bench.h.
-// --op dispatch_combine: the expert-parallel exchange (plan, pack, all-to-all(v), regroup, and
-// back) with dispatch and combine timed apart, beside the raw exchange of the same per-peer counts;
-// one row at --tokens, or with -b/-e one per size with tokens = bytes / (k·M·4); defined in
-// bench/dispatch_combine_bench.h.
+// --op dispatch_combine: the exchange engine's Dispatch and Combine calls, timed apart, beside the
+// raw exchange of the same per-peer bytes, one row per wire dtype (float32, bfloat16); one token
+// count at --tokens, or with -b/-e one per size with tokens = bytes / (k·M·4); --hierarchical P
+// sends the rows with the two-stage all-to-all; defined in bench/dispatch_combine_bench.h.
 // -c 1 checks the results (#wrong = wrong elements, all ranks). -J writes one JSON line
 // (report.proto BenchResult) per row. Bad flags exit with code 2; any #wrong > 0 exits with code 1
 // after the table.

@@ -6,11 +6,20 @@
 #include <utility>
 
 #include "comm/algorithms/hierarchical_alltoall.h"
+#include "runtime/base/bf16.h"
 #include "runtime/base/check.h"
 #include "runtime/base/clock.h"
 #include "runtime/moe/expert_compute.h"
 
 namespace moe {
+namespace {
+
+// Reshapes a wire buffer, keeping its allocation (and stale contents) when the shape is unchanged.
+void Resize(Matrix<uint16_t>* m, int64_t rows, int64_t cols) {
+  if (m->rows() != rows || m->cols() != cols) m->Reset(rows, cols);
+}
+
+}  // namespace
 
 Status ValidateExchangeOptions(const ExchangeOptions& options) {
   if (options.pipeline_degree < 1 || options.pipeline_degree > ExpertCompute::kMaxParts) {
@@ -95,7 +104,7 @@ MatrixView<const float> ExchangeHandle::received(Pass pass) const {
 const float* ExchangeHandle::returned_row(Pass pass, int64_t plan_row) const {
   const Rows& r = rows(pass);
   const int64_t m = r.send.cols();
-  if (!layout_.plan_to_recv.empty()) {
+  if (!layout_.plan_to_recv.empty() && !bf16_wire_) {
     const int64_t at = layout_.plan_to_recv[static_cast<size_t>(plan_row)];
     if (at >= 0) return r.combine_rows + at * m;  // a self row: where the caller's experts left it
   }
@@ -166,6 +175,7 @@ Status ExpertExchange::Layout(const DispatchPlan& plan, ExchangeHandle* handle) 
   }
   MOE_ASSIGN_OR_RETURN(handle->layout_, MakeExchangeLayout(shape, send, recv));
   handle->plan_ = &plan;
+  handle->bf16_wire_ = options_.bf16_wire;
   return Status::Ok();
 }
 
@@ -184,17 +194,35 @@ Status ExpertExchange::BeginDispatch(const DispatchPlan& plan, MatrixView<const 
   }
   const ExchangeLayout& layout = handle->layout_;
   ExchangeHandle::Rows& rows = handle->rows(pass);
-  ResizeTensor(&rows.send, layout.send_rows, m_);
+  const bool bf16 = options_.bf16_wire;
+  // Where the gather writes: float rows for this rank itself (a one-rank engine's send rows, or
+  // the self pieces' receive rows), the wire rows otherwise (float, or bf16 when asked).
+  ResizeTensor(&rows.send, bf16 && ep_ != nullptr ? 0 : layout.send_rows, m_);
+  if (bf16 && ep_ != nullptr) Resize(&rows.send16, layout.send_rows, m_);
   if (ep_ == nullptr) {
     rows.recv_rows = rows.send.data();
   } else {
     ResizeTensor(&rows.recv, layout.recv_rows, m_);
+    if (bf16) Resize(&rows.recv16, layout.recv_rows, m_);
     rows.recv_rows = rows.recv.data();
   }
   const size_t row_bytes = sizeof(float) * static_cast<size_t>(m_);
   const bool gated = pass == Pass::kBackward;
   for (const ExchangeChunk& c : layout.chunks) {
     for (const SendPiece& p : c.pieces) {
+      const bool local = ep_ == nullptr || p.recv_row >= 0;
+      if (bf16 && !local) {
+        uint16_t* const to = rows.send16.row(p.send_row);
+        for (int64_t i = 0; i < p.real; ++i) {
+          const int64_t r = p.plan_row + i;
+          const float* src = x.row(plan.row_token[r]);
+          const float g = gated ? plan.row_gate[r] : 1.0f;
+          uint16_t* dst = to + i * m_;
+          for (int64_t k = 0; k < m_; ++k) dst[k] = FloatToBf16(gated ? g * src[k] : src[k]);
+        }
+        std::fill(to + p.real * m_, to + p.rows * m_, uint16_t{0});
+        continue;
+      }
       // A self piece goes straight to its receive rows.
       float* const to = p.recv_row >= 0 ? rows.recv.row(p.recv_row) : rows.send.row(p.send_row);
       for (int64_t i = 0; i < p.real; ++i) {
@@ -207,6 +235,10 @@ Status ExpertExchange::BeginDispatch(const DispatchPlan& plan, MatrixView<const 
         } else {
           std::memcpy(dst, src, row_bytes);
         }
+        // The wire dtype applies to every row, including those that do not travel.
+        if (bf16) {
+          for (int64_t k = 0; k < m_; ++k) dst[k] = RoundToBf16(dst[k]);
+        }
       }
       if (p.rows > p.real) {
         std::memset(to + p.real * m_, 0, row_bytes * static_cast<size_t>(p.rows - p.real));
@@ -217,7 +249,7 @@ Status ExpertExchange::BeginDispatch(const DispatchPlan& plan, MatrixView<const 
 }
 
 Status ExpertExchange::Start(ExchangeHandle* handle, Pass pass, int chunk, bool dispatch,
-                             const float* send, float* recv) {
+                             const void* send, void* recv) {
   const ExchangeChunk& c = handle->layout_.chunks[static_cast<size_t>(chunk)];
   const auto scaled = [](const std::vector<int64_t>& v, int64_t by) {
     std::vector<int64_t> out(v);
@@ -229,13 +261,17 @@ Status ExpertExchange::Start(ExchangeHandle* handle, Pass pass, int chunk, bool 
   const std::vector<int64_t>& out_displs = dispatch ? c.send_displs : c.recv_displs;
   const std::vector<int64_t>& in_rows = dispatch ? c.recv_counts : c.send_counts;
   const std::vector<int64_t>& in_displs = dispatch ? c.recv_displs : c.send_displs;
-  const int64_t row_bytes = m_ * static_cast<int64_t>(sizeof(float));
+  // On the wire a row is M floats, or M bf16 values moved as 2·M bytes.
+  const bool bf16 = options_.bf16_wire;
+  const int64_t row_bytes = m_ * (bf16 ? 2 : static_cast<int64_t>(sizeof(float)));
+  const int64_t row_elems = bf16 ? row_bytes : m_;
+  const comm::DataType dtype = bf16 ? comm::DataType::kUint8 : comm::DataType::kFloat32;
   ExchangeHandle::Requests::Slot& slot = handle->requests_->at(pass, chunk, dispatch);
   slot.record = stats_.Record(dispatch ? ExchangeCall::Kind::kDispatch : ExchangeCall::Kind::kCombine,
                               pass == Pass::kBackward, chunk, options_.pipeline_degree,
                               scaled(out_rows, row_bytes), scaled(in_rows, row_bytes));
-  std::vector<int64_t> sc = scaled(out_rows, m_), sd = scaled(out_displs, m_),
-                       rc = scaled(in_rows, m_), rd = scaled(in_displs, m_);
+  std::vector<int64_t> sc = scaled(out_rows, row_elems), sd = scaled(out_displs, row_elems),
+                       rc = scaled(in_rows, row_elems), rd = scaled(in_displs, row_elems);
   // The self block was moved by the gather (dispatch) and is read in place (combine).
   const int self = handle->layout_.shape.self;
   if (self >= 0) sc[self] = rc[self] = 0;
@@ -244,16 +280,15 @@ Status ExpertExchange::Start(ExchangeHandle* handle, Pass pass, int chunk, bool 
   return stats_.Timed(slot.record, [&]() -> Status {
     if (hierarchical_ != nullptr) {
       if (equal && handle->layout_.chunks.size() == 1) {
-        return hierarchical_->AllToAll(send, recv, sc[0], comm::DataType::kFloat32);
+        return hierarchical_->AllToAll(send, recv, sc[0], dtype);
       }
-      return hierarchical_->AllToAllV(send, sc, sd, recv, rc, rd, comm::DataType::kFloat32);
+      return hierarchical_->AllToAllV(send, sc, sd, recv, rc, rd, dtype);
     }
     if (handle->layout_.chunks.size() == 1) {
-      if (equal) return ep_->AllToAll(send, recv, sc[0], comm::DataType::kFloat32);
-      return ep_->AllToAllV(send, sc, sd, recv, rc, rd, comm::DataType::kFloat32);
+      if (equal) return ep_->AllToAll(send, recv, sc[0], dtype);
+      return ep_->AllToAllV(send, sc, sd, recv, rc, rd, dtype);
     }
-    MOE_ASSIGN_OR_RETURN(slot.request,
-                         ep_->StartAllToAllV(send, sc, sd, recv, rc, rd, comm::DataType::kFloat32));
+    MOE_ASSIGN_OR_RETURN(slot.request, ep_->StartAllToAllV(send, sc, sd, recv, rc, rd, dtype));
     return Status::Ok();
   });
 }
@@ -268,12 +303,32 @@ Status ExpertExchange::Wait(ExchangeHandle* handle, Pass pass, int chunk, bool d
 Status ExpertExchange::StartDispatch(ExchangeHandle* handle, Pass pass, int chunk) {
   if (ep_ == nullptr) return Status::Ok();
   ExchangeHandle::Rows& rows = handle->rows(pass);
+  if (options_.bf16_wire) {
+    return Start(handle, pass, chunk, /*dispatch=*/true, rows.send16.data(), rows.recv16.data());
+  }
   return Start(handle, pass, chunk, /*dispatch=*/true, rows.send.data(), rows.recv.data());
+}
+
+// Widens the bf16 rows of chunk j that came from (or, for the combine, went to) the other ranks.
+void ExpertExchange::Widen(const ExchangeHandle& handle, int chunk, bool dispatch,
+                           const Matrix<uint16_t>& from, Tensor* to) const {
+  const ExchangeChunk& c = handle.layout_.chunks[static_cast<size_t>(chunk)];
+  const std::vector<int64_t>& counts = dispatch ? c.recv_counts : c.send_counts;
+  const std::vector<int64_t>& displs = dispatch ? c.recv_displs : c.send_displs;
+  for (int p = 0; p < w_; ++p) {
+    if (p == handle.layout_.shape.self) continue;
+    const uint16_t* src = from.row(displs[p]);
+    float* dst = to->row(displs[p]);
+    for (int64_t i = 0; i < counts[p] * m_; ++i) dst[i] = Bf16ToFloat(src[i]);
+  }
 }
 
 Status ExpertExchange::WaitDispatch(ExchangeHandle* handle, Pass pass, int chunk) {
   if (ep_ == nullptr) return Status::Ok();
-  return Wait(handle, pass, chunk, /*dispatch=*/true);
+  MOE_RETURN_IF_ERROR(Wait(handle, pass, chunk, /*dispatch=*/true));
+  ExchangeHandle::Rows& rows = handle->rows(pass);
+  if (options_.bf16_wire) Widen(*handle, chunk, /*dispatch=*/true, rows.recv16, &rows.recv);
+  return Status::Ok();
 }
 
 Status ExpertExchange::StartCombine(ExchangeHandle* handle, Pass pass, int chunk,
@@ -286,18 +341,49 @@ Status ExpertExchange::StartCombine(ExchangeHandle* handle, Pass pass, int chunk
   }
   ExchangeHandle::Rows& r = handle->rows(pass);
   r.combine_rows = rows.data();
-  if (ep_ == nullptr) {
-    r.back_rows = rows.data();
-    return Status::Ok();
+  const ExchangeChunk& c = layout.chunks[static_cast<size_t>(chunk)];
+  if (!options_.bf16_wire) {
+    if (ep_ == nullptr) {
+      r.back_rows = rows.data();
+      return Status::Ok();
+    }
+    if (chunk == 0) ResizeTensor(&r.back, layout.send_rows, m_);
+    r.back_rows = r.back.data();
+    return Start(handle, pass, chunk, /*dispatch=*/false, rows.data(), r.back.data());
   }
+  // bf16: every returned row is rounded, so every one is read from `back` — the rows that stay
+  // on this rank are rounded into it here, the others arrive as bf16 and are widened into it.
   if (chunk == 0) ResizeTensor(&r.back, layout.send_rows, m_);
   r.back_rows = r.back.data();
-  return Start(handle, pass, chunk, /*dispatch=*/false, rows.data(), r.back.data());
+  if (ep_ == nullptr) {
+    for (int64_t i = c.recv_begin * m_; i < (c.recv_begin + c.recv_rows) * m_; ++i) {
+      r.back.data()[i] = RoundToBf16(rows.data()[i]);
+    }
+    return Status::Ok();
+  }
+  if (chunk == 0) Resize(&r.comb16, layout.recv_rows, m_);
+  for (int p = 0; p < w_; ++p) {
+    if (p == layout.shape.self) continue;
+    const float* src = rows.row(c.recv_displs[p]);
+    uint16_t* dst = r.comb16.row(c.recv_displs[p]);
+    for (int64_t i = 0; i < c.recv_counts[p] * m_; ++i) dst[i] = FloatToBf16(src[i]);
+  }
+  for (const SendPiece& piece : c.pieces) {
+    if (piece.recv_row < 0) continue;
+    const float* src = rows.row(piece.recv_row);
+    float* dst = r.back.row(piece.send_row);
+    for (int64_t i = 0; i < piece.rows * m_; ++i) dst[i] = RoundToBf16(src[i]);
+  }
+  if (chunk == 0) Resize(&r.back16, layout.send_rows, m_);
+  return Start(handle, pass, chunk, /*dispatch=*/false, r.comb16.data(), r.back16.data());
 }
 
 Status ExpertExchange::WaitCombine(ExchangeHandle* handle, Pass pass, int chunk) {
   if (ep_ == nullptr) return Status::Ok();
-  return Wait(handle, pass, chunk, /*dispatch=*/false);
+  MOE_RETURN_IF_ERROR(Wait(handle, pass, chunk, /*dispatch=*/false));
+  ExchangeHandle::Rows& rows = handle->rows(pass);
+  if (options_.bf16_wire) Widen(*handle, chunk, /*dispatch=*/false, rows.back16, &rows.back);
+  return Status::Ok();
 }
 
 Status ExpertExchange::FinishCombine(const ExchangeHandle& handle, Pass pass, bool gated,

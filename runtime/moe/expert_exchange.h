@@ -80,6 +80,11 @@ struct ExchangeOptions {
   // (comm/algorithms/hierarchical_alltoall.h; byte for byte the flat one's result). It must
   // divide the EP group's size. Its calls are blocking, so chunks do not overlap under it.
   int ranks_per_node = 0;
+  // parallel.wire_dtype = BF16: every dispatched and combined row is rounded to bfloat16 (to
+  // nearest even; runtime/base/bf16.h) — those that travel cross the wire as 2 bytes per value and
+  // are widened on arrival, those that stay on their rank are rounded the same way, so results do
+  // not depend on where the experts sit.
+  bool bf16_wire = false;
 };
 
 // kInvalidArgument unless 1 <= pipeline_degree <= ExpertCompute::kMaxParts ("pipeline_degree=17
@@ -148,6 +153,7 @@ class ExchangeHandle {
   struct Requests;
   struct Rows {
     Tensor send, recv, back;     // send / receive layouts, the combine's arrivals (send layout)
+    Matrix<uint16_t> send16, recv16, comb16, back16;  // the same on the bf16 wire
     const float* recv_rows = nullptr;  // recv, or send for a one-rank engine
     const float* back_rows = nullptr;  // back, or the caller's rows for a one-rank engine
     const float* combine_rows = nullptr;  // the caller's rows of the last combine (self rows)
@@ -156,6 +162,7 @@ class ExchangeHandle {
   const Rows& rows(Pass pass) const { return pass == Pass::kForward ? forward_ : backward_; }
 
   const DispatchPlan* plan_ = nullptr;
+  bool bf16_wire_ = false;
   ExchangeLayout layout_;
   Rows forward_, backward_;
   std::unique_ptr<Requests> requests_;
@@ -207,8 +214,10 @@ class ExpertExchange {
 
  private:
   Status Layout(const DispatchPlan& plan, ExchangeHandle* handle);
-  Status Start(ExchangeHandle* handle, Pass pass, int chunk, bool dispatch, const float* send,
-               float* recv);
+  Status Start(ExchangeHandle* handle, Pass pass, int chunk, bool dispatch, const void* send,
+               void* recv);
+  void Widen(const ExchangeHandle& handle, int chunk, bool dispatch, const Matrix<uint16_t>& from,
+             Tensor* to) const;
   Status Wait(ExchangeHandle* handle, Pass pass, int chunk, bool dispatch);
 
   comm::Communicator* ep_;

@@ -80,8 +80,11 @@ class ExpertParallelExecutor : public ExpertExecutor {
 // Every expert in this process (no communicator), run by `compute` (default: the CPU).
 class LocalExpertExecutor : public ExpertParallelExecutor {
  public:
-  explicit LocalExpertExecutor(const experts::FfnShape& shape, int num_experts)
-      : ExpertParallelExecutor(nullptr, shape, num_experts, {.dropless = true}) {}
+  // options: only bf16_wire matters (nothing travels, nothing is padded, one chunk).
+  explicit LocalExpertExecutor(const experts::FfnShape& shape, int num_experts,
+                               ExchangeOptions options = {})
+      : ExpertParallelExecutor(nullptr, shape, num_experts,
+                               {.dropless = true, .bf16_wire = options.bf16_wire}) {}
   LocalExpertExecutor(const experts::FfnShape& shape, int num_experts,
                       std::unique_ptr<ExpertCompute> compute)
       : ExpertParallelExecutor(nullptr, shape, num_experts, {.dropless = true},

@@ -25,8 +25,12 @@ StatusOr<std::unique_ptr<MoeLayer>> MakeMoeLayer(const config::LayerConfig& laye
   }
   const int local = experts / w, first = options.ep == nullptr ? 0 : options.ep->rank() * local;
   if (compute.device() == config::CPU) {
-    if (options.ep == nullptr) return std::unique_ptr<MoeLayer>(std::make_unique<CpuMoeLayer>(layer));
     const experts::FfnShape shape = ExpertShape(layer);
+    if (options.ep == nullptr) {
+      return std::unique_ptr<MoeLayer>(std::make_unique<CpuMoeLayer>(
+          layer, std::make_unique<LocalExpertExecutor>(shape, experts, options.exchange), 0,
+          experts));
+    }
     auto executor = std::make_unique<ExpertParallelExecutor>(
         options.ep, shape, experts, options.exchange, std::make_unique<CpuExpertCompute>(shape));
     if (Status s = executor->EnableHierarchical(); !s.ok()) {
@@ -35,6 +39,10 @@ StatusOr<std::unique_ptr<MoeLayer>> MakeMoeLayer(const config::LayerConfig& laye
     }
     return std::unique_ptr<MoeLayer>(
         std::make_unique<CpuMoeLayer>(layer, std::move(executor), first, local));
+  }
+  if (options.exchange.bf16_wire) {
+    return InvalidArgument("parallel.wire_dtype=BF16 runs on the CPU layer only (compute.device="
+                           "CPU); the device layer exchanges fp32 rows");
   }
   if (options.exchange.ranks_per_node > 0 && options.ep != nullptr) {
     return InvalidArgument("comm.ranks_per_node=" +

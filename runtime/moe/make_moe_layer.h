@@ -19,8 +19,9 @@ struct MoeLayerOptions {
   // (E % W == 0). Host memory for the CPU layer, device memory for the device layer. nullptr: all
   // E experts in this process. Not owned; must outlive the layer.
   comm::Communicator* ep = nullptr;
-  // parallel.dropless_exchange, parallel.pipeline_degree and the EP group's ranks per node (the
-  // device layer always exchanges exactly the kept rows, and flat).
+  // parallel.dropless_exchange, parallel.pipeline_degree, parallel.wire_dtype and the EP group's
+  // ranks per node (the device layer always exchanges exactly the kept rows, flat, in fp32; a
+  // local CPU layer uses only the wire dtype).
   ExchangeOptions exchange;
   // This rank's index for compute.gpu = -1 (GPU = rank mod the visible devices).
   int rank = 0;

@@ -97,7 +97,8 @@ Status Trainer::Init() {
                        EpRanksPerNode(cfg_.comm().ranks_per_node(), world, ep_size_));
   layer_options.exchange = {.dropless = cfg_.parallel().dropless_exchange(),
                             .pipeline_degree = cfg_.parallel().pipeline_degree(),
-                            .ranks_per_node = ep_ranks_per_node};
+                            .ranks_per_node = ep_ranks_per_node,
+                            .bf16_wire = cfg_.parallel().wire_dtype() == config::BF16};
   layer_options.rank = rank;
   if (cfg_.compute().device() == config::CUDA) {
     MOE_ASSIGN_OR_RETURN(layer_options.ep, DeviceEpCommunicator(replica));

@@ -158,21 +158,27 @@ TEST(DispatchCombineBench, ReplaysTheExecutorsCountsThroughTheRawBaseline) {
     return RunDispatchCombineBench(c, o, raw, out, sink);
   });
   for (const Status& s : run.status) EXPECT_TRUE(s.ok()) << s.ToString();
-  ASSERT_EQ(run.rows.size(), 2u);
-  for (const BenchRow& r : run.rows) {
+  // Per token count, a float32 row and a bfloat16 row of half the bytes.
+  ASSERT_EQ(run.rows.size(), 4u);
+  for (size_t i = 0; i < run.rows.size(); ++i) {
+    const BenchRow& r = run.rows[i];
     EXPECT_EQ(r.op, "dispatch_combine");
     EXPECT_EQ(r.wrong, 0);
-    EXPECT_EQ(r.count * 4, r.bytes);
+    EXPECT_EQ(r.dtype, i % 2 == 0 ? "float32" : "bfloat16");
+    EXPECT_EQ(r.count * (i % 2 == 0 ? 4 : 2), r.bytes);
+    if (i % 2 == 1) {
+      EXPECT_EQ(2 * r.bytes, run.rows[i - 1].bytes);
+    }
   }
   // Per row: (warmup + iters) replays of both directions. The last replay is the combine
   // direction of the last row, which sends back what the dispatch received.
   int64_t combine_floats = 0;
   for (const CountingRaw& raw : run.raw) {
-    EXPECT_EQ(raw.calls, 2 * 2 * (o.warmup + o.iters));
+    EXPECT_EQ(raw.calls, 4 * 2 * (o.warmup + o.iters));
     for (int64_t c : raw.last_send_counts) combine_floats += c;
   }
   // Over all ranks, what the combines send equals what the dispatches sent: row.bytes per rank.
-  EXPECT_EQ(combine_floats * 4, run.rows[1].bytes * 2);
+  EXPECT_EQ(combine_floats * 4, run.rows[3].bytes * 2);
   EXPECT_NE(run.table.find("baseline = fake_alltoallv of the same per-peer counts"),
             std::string::npos);
 }

@@ -31,6 +31,7 @@ struct EpCase {
   bool dropless_exchange = false;
   int pipeline_degree = 1;
   int ranks_per_node = 0;  // > 0: the two-stage (hierarchical) all-to-all
+  bool bf16 = false;       // parallel.wire_dtype BF16 (the 1-rank reference rounds the same rows)
 };
 
 void PrintTo(const EpCase& c, std::ostream* os) { *os << c.name; }
@@ -70,7 +71,10 @@ TEST_P(EpEquivalenceTest, ForwardAndBackwardEqualOneRankWithGroups) {
 
   // Reference: one rank, G = W groups.
   const config::LayerConfig ref_cfg = MakeLayer(c, w);
-  CpuMoeLayer ref(ref_cfg);
+  CpuMoeLayer ref(ref_cfg,
+                  std::make_unique<LocalExpertExecutor>(ExpertShape(ref_cfg), c.experts,
+                                                        ExchangeOptions{.bf16_wire = c.bf16}),
+                  0, c.experts);
   InitLayerParams(ref_cfg, 5, &ref.params());
   Tensor ref_y, ref_dx;
   ASSERT_TRUE(ref.Forward(x.view(), ctx, &ref_y).ok());
@@ -92,7 +96,8 @@ TEST_P(EpEquivalenceTest, ForwardAndBackwardEqualOneRankWithGroups) {
         &comm, ExpertShape(cfg), c.experts,
         ExchangeOptions{.dropless = c.dropless_exchange,
                         .pipeline_degree = c.pipeline_degree,
-                        .ranks_per_node = c.ranks_per_node});
+                        .ranks_per_node = c.ranks_per_node,
+                        .bf16_wire = c.bf16});
     status[r] = executor->EnableHierarchical();
     if (!status[r].ok()) return;
     CpuMoeLayer layer(cfg, std::move(executor), r * local, local);
@@ -285,7 +290,12 @@ INSTANTIATE_TEST_SUITE_P(
         EpCase{"w4_top2_probability_dropless_exchange_hierarchical2", 4, 4, kTop2Prob, 0, true, 1,
                2},
         EpCase{"w4_dropless_routing_hierarchical2_pipeline3", 4, 8, kDropless, 1, false, 3, 2},
-        EpCase{"w6_e6_top2_hierarchical3", 6, 6, kTop2Pos, 0, false, 1, 3}),
+        EpCase{"w6_e6_top2_hierarchical3", 6, 6, kTop2Pos, 0, false, 1, 3},
+        // bf16 rows on the wire, against the 1-rank layer that rounds the same rows.
+        EpCase{"w4_top2_position_shared_bf16", 4, 8, kTop2Pos, 1, false, 1, 0, true},
+        EpCase{"w2_dropless_routing_pipeline2_bf16", 2, 4, kDropless, 1, false, 2, 0, true},
+        EpCase{"w4_top2_probability_dropless_exchange_hierarchical2_bf16", 4, 4, kTop2Prob, 0,
+               true, 1, 2, true}),
     [](const ::testing::TestParamInfo<EpCase>& p) { return p.param.name; });
 
 // The pipelined exchange layout by hand: 2 ranks, 2 local experts, 2 chunks. Rank 0's plan sends

@@ -5,11 +5,13 @@
 // loopback communicator; every comparison is exact (small-integer rows, the engine's sum order).
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "comm/loopback/loopback_world.h"
+#include "runtime/base/bf16.h"
 #include "runtime/moe/dispatch_plan.h"
 #include "runtime/moe/expert_exchange.h"
 
@@ -24,6 +26,7 @@ struct ExchangeCase {
   bool dropless_exchange;
   double capacity_factor;  // 0: dropless routing
   int ranks_per_node = 0;
+  bool bf16 = false;  // parallel.wire_dtype BF16
 };
 
 void PrintTo(const ExchangeCase& c, std::ostream* os) { *os << c.name; }
@@ -85,11 +88,15 @@ TEST_P(ExpertExchangeTest, DispatchDeliversEveryRowAndCombineSumsTheCallersResul
     ExpertExchange exchange(&comm, e, kModel,
                             {.dropless = c.dropless_exchange,
                              .pipeline_degree = c.chunks,
-                             .ranks_per_node = c.ranks_per_node});
+                             .ranks_per_node = c.ranks_per_node,
+                             .bf16_wire = c.bf16});
     if (!check(exchange.EnableHierarchical().ok(), "EnableHierarchical")) return;
     const DispatchPlan& plan = plans[static_cast<size_t>(p)];
     const Tensor& x = xs[static_cast<size_t>(p)];
     const bool padded = !c.dropless_exchange && plan.capacity > 0;
+    // What the wire does to a value: nothing, or the rounding to bf16 (the reference rounds the
+    // same way, so every comparison stays exact).
+    const auto wire = [&](float v) { return c.bf16 ? RoundToBf16(v) : v; };
     for (const bool scaled : {false, true}) {
       ExchangeHandle h;
       Status st = exchange.Dispatch(plan, x.view(), Pass::kForward, &h);
@@ -117,7 +124,7 @@ TEST_P(ExpertExchangeTest, DispatchDeliversEveryRowAndCombineSumsTheCallersResul
             const int64_t pos = lo + i;
             for (int64_t k = 0; k < kModel; ++k) {
               const float want =
-                  pos < real ? Value(seg.source, sp.row_token[first + pos], k) : 0.0f;
+                  pos < real ? wire(Value(seg.source, sp.row_token[first + pos], k)) : 0.0f;
               check(got(seg.row + i, k) == want,
                     "received row " + std::to_string(seg.row + i) + " of segment (expert " +
                         std::to_string(seg.local_expert) + ", source " +
@@ -139,7 +146,8 @@ TEST_P(ExpertExchangeTest, DispatchDeliversEveryRowAndCombineSumsTheCallersResul
           float want = 0.0f;
           for (int64_t i = plan.token_row_offset[t]; i < plan.token_row_offset[t + 1]; ++i) {
             const int32_t r = plan.token_rows[i];
-            const float v = scaled ? static_cast<float>(plan.row_expert[r] + 1) * x(t, k) : x(t, k);
+            const float v = wire(scaled ? static_cast<float>(plan.row_expert[r] + 1) * wire(x(t, k))
+                                        : wire(x(t, k)));
             want += plan.row_gate[r] * v;
             check(h.returned_row(Pass::kForward, r)[k] == v, "returned row");
           }
@@ -158,7 +166,7 @@ TEST_P(ExpertExchangeTest, DispatchDeliversEveryRowAndCombineSumsTheCallersResul
           float want = 0.0f;
           for (int64_t i = plan.token_row_offset[t]; i < plan.token_row_offset[t + 1]; ++i) {
             // The engine sends the rounded product gate·dy, then adds (no fused multiply-add).
-            const volatile float sent = plan.row_gate[plan.token_rows[i]] * x(t, k);
+            const volatile float sent = wire(plan.row_gate[plan.token_rows[i]] * x(t, k));
             want += sent;
           }
           check(dx(t, k) == want, "dx[" + std::to_string(t) + "] = " + std::to_string(dx(t, k)) + ", want " + std::to_string(want));
@@ -166,8 +174,8 @@ TEST_P(ExpertExchangeTest, DispatchDeliversEveryRowAndCombineSumsTheCallersResul
       }
       // The forward's results are still there after the backward.
       for (int64_t r = 0; r < plan.num_rows(); ++r) {
-        const float v = scaled ? static_cast<float>(plan.row_expert[r] + 1) * x(plan.row_token[r], 0)
-                               : x(plan.row_token[r], 0);
+        const float xr = wire(x(plan.row_token[r], 0));
+        const float v = wire(scaled ? static_cast<float>(plan.row_expert[r] + 1) * xr : xr);
         check(h.returned_row(Pass::kForward, r)[0] == v, "forward row after the backward");
       }
     }
@@ -185,7 +193,14 @@ INSTANTIATE_TEST_SUITE_P(
                       ExchangeCase{"w2_capacity_chunks3", 2, 2, 2, 3, false, 1.25},
                       ExchangeCase{"w3_dropless_chunks4", 3, 2, 1, 4, true, 1.0},
                       ExchangeCase{"w4_capacity_hierarchical2", 4, 2, 1, 1, false, 1.0},
-                      ExchangeCase{"w4_dropless_hierarchical2_chunks2", 4, 2, 2, 2, true, 1.0}),
+                      ExchangeCase{"w4_dropless_hierarchical2_chunks2", 4, 2, 2, 2, true, 1.0},
+                      // The bf16 wire: capacity (self rows rounded too), dropless with chunks,
+                      // hierarchical, and a one-rank communicator.
+                      ExchangeCase{"w1_capacity_bf16", 1, 4, 1, 1, false, 1.0, 0, true},
+                      ExchangeCase{"w2_capacity_groups2_bf16", 2, 2, 2, 1, false, 1.0, 0, true},
+                      ExchangeCase{"w3_dropless_chunks4_bf16", 3, 2, 1, 4, true, 1.0, 0, true},
+                      ExchangeCase{"w4_capacity_hierarchical2_bf16", 4, 2, 1, 1, false, 1.0, 2,
+                                   true}),
     [](const ::testing::TestParamInfo<ExchangeCase>& p) { return p.param.name; });
 
 // A one-rank engine (no communicator) exchanges nothing: the received rows are the gathered
@@ -216,6 +231,78 @@ TEST(ExpertExchange, OneRankMovesNothing) {
   ExchangeHandle fresh;
   EXPECT_EQ(exchange.Dispatch(plan, x.view(), Pass::kBackward, &fresh).code(),
             StatusCode::kFailedPrecondition);
+}
+
+// The bf16 wire against fp32, real-valued rows, 3 ranks: a travelled row is rounded once on the
+// way out (|R(v) - v| <= u|v|, u = 2^-8, bf16's unit roundoff) and the scaled copy s·R(x) once on
+// the way back, so each kept row's contribution moves by at most g·s·|x|·((1 + u)^2 - 1) =
+// g·s·|x|·(2u + u^2); y's bound is the sum over the token's rows (plus 1e-6 of it for the fp32
+// sums, which differ only in what they add).
+TEST(ExpertExchange, Bf16WireStaysWithinTheRoundingBoundOfFp32) {
+  const ExchangeCase c{"bound", 3, 2, 1, 2, true, 1.0};
+  const int w = c.ranks, e = w * c.local_experts;
+  std::vector<DispatchPlan> plans;
+  std::vector<Tensor> xs;
+  for (int r = 0; r < w; ++r) {
+    plans.push_back(MakePlan(c, r));
+    Tensor x(plans.back().num_tokens, kModel);
+    std::mt19937 rng(static_cast<uint32_t>(7 + r));
+    std::normal_distribution<float> normal(0.0f, 3.0f);
+    for (int64_t i = 0; i < x.size(); ++i) x[i] = normal(rng);
+    xs.push_back(std::move(x));
+  }
+  auto world = comm::LoopbackWorld::Create(w, {});
+  ASSERT_TRUE(world.ok());
+  std::vector<double> worst(static_cast<size_t>(w), 0.0);  // max |Δ| / bound per rank
+  std::vector<Status> status(static_cast<size_t>(w));
+  world->RunPerRank([&](comm::Communicator& comm) {
+    const int p = comm.rank();
+    const DispatchPlan& plan = plans[static_cast<size_t>(p)];
+    std::vector<Tensor> ys;
+    for (const bool bf16 : {false, true}) {
+      ExpertExchange exchange(&comm, e, kModel,
+                              {.dropless = true, .pipeline_degree = c.chunks, .bf16_wire = bf16});
+      ExchangeHandle h;
+      Status st = exchange.Dispatch(plan, xs[static_cast<size_t>(p)].view(), Pass::kForward, &h);
+      Tensor out(h.received(Pass::kForward).rows(), kModel);
+      for (int j = 0; j < h.chunks(); ++j) {
+        for (const Segment& seg : h.segments(j)) {
+          const float scale = static_cast<float>(p * c.local_experts + seg.local_expert + 1);
+          for (int64_t i = seg.row; i < seg.row + seg.rows; ++i) {
+            for (int64_t k = 0; k < kModel; ++k) out(i, k) = scale * h.received(Pass::kForward)(i, k);
+          }
+        }
+      }
+      Tensor y(plan.num_tokens, kModel);
+      if (st.ok()) st = exchange.Combine(&h, Pass::kForward, out.view(), true, y.view());
+      if (!st.ok()) {
+        status[static_cast<size_t>(p)] = st;
+        return;
+      }
+      ys.push_back(std::move(y));
+    }
+    const double u = 1.0 / 256;
+    for (int64_t t = 0; t < plan.num_tokens; ++t) {
+      for (int64_t k = 0; k < kModel; ++k) {
+        double bound = 0.0;
+        for (int64_t i = plan.token_row_offset[t]; i < plan.token_row_offset[t + 1]; ++i) {
+          const int32_t r = plan.token_rows[i];
+          bound += std::abs(plan.row_gate[r] * (plan.row_expert[r] + 1.0) *
+                            xs[static_cast<size_t>(p)](t, k)) * (2 * u + u * u);
+        }
+        bound *= 1.0 + 1e-6;
+        const double diff = std::abs(static_cast<double>(ys[1](t, k)) - ys[0](t, k));
+        if (bound > 0) worst[static_cast<size_t>(p)] = std::max(worst[static_cast<size_t>(p)], diff / bound);
+        else if (diff > 0) worst[static_cast<size_t>(p)] = 1e9;
+      }
+    }
+  });
+  for (int r = 0; r < w; ++r) {
+    ASSERT_TRUE(status[static_cast<size_t>(r)].ok()) << status[static_cast<size_t>(r)].ToString();
+    EXPECT_LE(worst[static_cast<size_t>(r)], 1.0) << "rank " << r << ": |bf16 - fp32| / bound";
+    // The rounding is really there: the two dtypes differ somewhere.
+    EXPECT_GT(worst[static_cast<size_t>(r)], 0.0) << "rank " << r;
+  }
 }
 
 TEST(ExpertExchange, ValidatesOptionsAndRanksPerNode) {

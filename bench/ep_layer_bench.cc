@@ -1,0 +1,179 @@
+// moe_ep_layer_bench: the expert-parallel CPU layer (router, Dispatch, local experts, Combine),
+// forward + backward, on every rank of a world — the layer moe_train runs in each of its blocks.
+// Each rank routes its own S tokens; E/W experts per rank; GELU-tanh FFN experts, top-k, capacity
+// factor 1.25 (the shapes of moe_layer_bench). Prints, on rank 0, one line per shape with the
+// median over calls of the slowest rank (forward, and forward + backward) and writes them as JSON
+// with -J. bench/ep_layer_vs_torch.py runs it beside the PyTorch gloo layer of the same shapes
+// (bench/torch_ep_layer_bench.py) and prints the ratios.
+//
+//   mpirun -n 2 build/bench/moe_ep_layer_bench --shape small -n 10
+//   build/bench/moe_ep_layer_bench --backend loopback --ranks 4 --wire-dtype bf16
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+
+#include "bench/bench_json.h"
+#include "comm/bench/bench_loop.h"
+#include "comm/world.h"
+#include "experts/cpu/blas.h"
+#include "runtime/moe/config.h"
+#include "runtime/moe/make_moe_layer.h"
+
+namespace {
+
+struct Shape {
+  std::string name;
+  int s, m, h, e, k;  // per rank: S tokens; E experts in all
+};
+
+const std::vector<Shape>& Shapes() {
+  static const std::vector<Shape> shapes = {{"small", 1024, 256, 1024, 8, 2},
+                                            {"medium", 2048, 512, 1024, 16, 2},
+                                            {"fine-grained", 1024, 256, 256, 64, 6}};
+  return shapes;
+}
+
+struct Flags {
+  std::string backend;
+  int ranks = 2;
+  std::string shape = "small";
+  int iters = 10;
+  int warmup = 2;
+  std::string wire_dtype = "fp32";
+  bool dropless_exchange = false;
+  int pipeline_degree = 1;
+  std::string json;
+};
+
+moe::Status RunShape(moe::comm::Communicator& comm, const Flags& f, const Shape& sh,
+                     std::ofstream* json) {
+  moe::MoeConfig cfg;
+  auto* l = cfg.mutable_moe();
+  l->set_model_dim(sh.m);
+  l->set_num_experts(sh.e);
+  l->mutable_expert()->set_hidden_dim(sh.h);
+  l->mutable_expert()->set_activation(moe::config::GELU_TANH);
+  l->mutable_router()->set_gate(moe::config::TOPK);
+  l->mutable_router()->set_top_k(sh.k);
+  l->mutable_router()->set_capacity_factor_train(1.25);
+  moe::ResolveConfig(&cfg);
+  const int w = comm.size(), r = comm.rank();
+  if (sh.e % w != 0) {
+    return moe::InvalidArgument("--shape " + sh.name + ": " + std::to_string(sh.e) +
+                                " experts are not divisible by " + std::to_string(w) + " ranks");
+  }
+  MOE_ASSIGN_OR_RETURN(
+      std::unique_ptr<moe::MoeLayer> layer,
+      moe::MakeMoeLayer(cfg.moe(), cfg.compute(),
+                        {.ep = &comm,
+                         .exchange = {.dropless = f.dropless_exchange,
+                                      .pipeline_degree = f.pipeline_degree,
+                                      .bf16_wire = f.wire_dtype == "bf16"},
+                         .rank = r}));
+  moe::MoeLayerParams params =
+      moe::MakeLayerParams(cfg.moe(), layer->first_expert(), layer->num_local_experts());
+  moe::InitLayerParams(cfg.moe(), 1, &params);
+  MOE_RETURN_IF_ERROR(layer->SetParams(params));
+  moe::MoeLayerParams grads =
+      moe::MakeLayerParams(cfg.moe(), layer->first_expert(), layer->num_local_experts());
+  const size_t n = static_cast<size_t>(sh.s) * static_cast<size_t>(sh.m);
+  std::vector<float> x(n), dy(n), y(n), dx(n);
+  std::mt19937 rng(static_cast<uint32_t>(17 + r));
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (size_t i = 0; i < n; ++i) {
+    x[i] = normal(rng);
+    dy[i] = normal(rng);
+  }
+  moe::RouteContext ctx;
+  ctx.train = true;
+  ctx.token_offset = static_cast<int64_t>(r) * sh.s;
+  const auto forward = [&] { return layer->Forward(x.data(), sh.s, ctx, y.data()); };
+  MOE_ASSIGN_OR_RETURN(const moe::comm::bench::Timing fwd,
+                       moe::comm::bench::TimeLoop(comm, f.warmup, f.iters, forward));
+  MOE_ASSIGN_OR_RETURN(const moe::comm::bench::Timing fwd_bwd,
+                       moe::comm::bench::TimeLoop(comm, f.warmup, f.iters, [&]() -> moe::Status {
+                         MOE_RETURN_IF_ERROR(forward());
+                         return layer->Backward(dy.data(), dx.data(), &grads);
+                       }));
+  if (r != 0) return moe::Status::Ok();
+  std::printf("  %-13s %5d %4d %5d %4d %3d %2d %4d %6s | %10.2f %12.2f\n", sh.name.c_str(), sh.s,
+              sh.m, sh.h, sh.e, sh.k, w, moe::blas::GetThreads(), f.wire_dtype.c_str(), fwd.median_us / 1e3,
+              fwd_bwd.median_us / 1e3);
+  std::fflush(stdout);
+  if (json != nullptr && json->is_open()) {
+    for (const auto& [op, t] : {std::pair{std::string("ep_layer_fwd"), fwd},
+                                std::pair{std::string("ep_layer_fwd_bwd"), fwd_bwd}}) {
+      moe::comm::bench::BenchRow row;
+      row.op = op + "/" + sh.name;
+      row.backend = std::string(comm.backend());
+      row.ranks = w;
+      row.count = sh.s;
+      row.bytes = static_cast<int64_t>(sh.s) * sh.m * 4;
+      row.dtype = f.wire_dtype == "bf16" ? "bfloat16" : "float32";
+      moe::comm::bench::SetTiming(&row, t);
+      MOE_RETURN_IF_ERROR(moe::WriteBenchJson(*json, row));
+    }
+  }
+  return moe::Status::Ok();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"Expert-parallel MoE layer forward+backward benchmark (CPU, one thread per rank)."};
+  Flags f;
+  app.add_option("--backend", f.backend, "mpi (under mpirun) or loopback; default: mpi under mpirun")
+      ->check(CLI::IsMember({"mpi", "loopback"}));
+  app.add_option("--ranks", f.ranks, "loopback ranks")->check(CLI::Range(1, 1024));
+  app.add_option("--shape", f.shape, "small, medium, fine-grained or all")
+      ->check(CLI::IsMember({"small", "medium", "fine-grained", "all"}));
+  app.add_option("-n,--iters", f.iters, "timed calls (median reported)")->check(CLI::Range(1, 1000));
+  app.add_option("-w,--warmup", f.warmup, "untimed calls first")->check(CLI::Range(0, 1000));
+  app.add_option("--wire-dtype", f.wire_dtype, "fp32 or bf16 (parallel.wire_dtype)")
+      ->check(CLI::IsMember({"fp32", "bf16"}));
+  app.add_flag("--dropless-exchange", f.dropless_exchange, "counts + all-to-all-v");
+  app.add_option("--pipeline-degree", f.pipeline_degree, "chunks per exchange")
+      ->check(CLI::Range(1, 16));
+  app.add_option("-J,--json", f.json, "write one BenchResult JSON line per measurement");
+  CLI11_PARSE(app, argc, argv);
+  moe::blas::SetThreads(1);  // one thread per rank: ranks share the cores
+  moe::comm::WorldOptions options;
+  options.backend = f.backend.empty() ? moe::comm::DefaultBackend() : f.backend;
+  options.ranks = f.ranks;
+  options.tool = "moe_ep_layer_bench";
+  auto world = moe::comm::MakeWorld(options);
+  if (!world.ok()) {
+    std::fprintf(stderr, "moe_ep_layer_bench: %s\n", world.status().ToString().c_str());
+    return 2;
+  }
+  std::ofstream json;
+  if ((*world)->hosts_rank0()) {
+    if (!f.json.empty()) {
+      json.open(f.json, std::ios::app);
+      if (!json) {
+        std::fprintf(stderr, "moe_ep_layer_bench: cannot write -J %s\n", f.json.c_str());
+        return 2;
+      }
+    }
+    const char* coretype = std::getenv("OPENBLAS_CORETYPE");
+    std::printf("# moe_ep_layer_bench: backend %s, %d ranks, OpenBLAS core %s "
+                "(OPENBLAS_CORETYPE=%s), %d thread per rank; median of %d calls, slowest rank\n",
+                std::string((*world)->backend()).c_str(), (*world)->size(), moe::blas::CoreName(),
+                coretype ? coretype : "unset", moe::blas::GetThreads(), f.iters);
+    std::printf("# %-13s %5s %4s %5s %4s %3s %2s %4s %6s | %10s %12s\n", "shape", "S/rk", "M",
+                "H", "E", "k", "W", "thr", "wire", "fwd ms", "fwd+bwd ms");
+  }
+  const moe::Status status = (*world)->Run([&](moe::comm::RankContext& rank) -> moe::Status {
+    for (const Shape& sh : Shapes()) {
+      if (f.shape != "all" && f.shape != sh.name) continue;
+      MOE_RETURN_IF_ERROR(RunShape(rank.comm, f, sh, rank.comm.rank() == 0 ? &json : nullptr));
+    }
+    return moe::Status::Ok();
+  });
+  return status.ok() ? 0 : 1;
+}

@@ -18,6 +18,7 @@
 #include <CLI/CLI.hpp>
 
 #include "bench/bench_json.h"
+#include "bench/layer_shapes.h"
 #include "comm/bench/bench_loop.h"
 #include "comm/world.h"
 #include "experts/cpu/blas.h"
@@ -26,17 +27,7 @@
 
 namespace {
 
-struct Shape {
-  std::string name;
-  int s, m, h, e, k;  // per rank: S tokens; E experts in all
-};
-
-const std::vector<Shape>& Shapes() {
-  static const std::vector<Shape> shapes = {{"small", 1024, 256, 1024, 8, 2},
-                                            {"medium", 2048, 512, 1024, 16, 2},
-                                            {"fine-grained", 1024, 256, 256, 64, 6}};
-  return shapes;
-}
+using Shape = moe::bench::LayerShape;
 
 struct Flags {
   std::string backend;
@@ -53,15 +44,7 @@ struct Flags {
 moe::Status RunShape(moe::comm::Communicator& comm, const Flags& f, const Shape& sh,
                      std::ofstream* json) {
   moe::MoeConfig cfg;
-  auto* l = cfg.mutable_moe();
-  l->set_model_dim(sh.m);
-  l->set_num_experts(sh.e);
-  l->mutable_expert()->set_hidden_dim(sh.h);
-  l->mutable_expert()->set_activation(moe::config::GELU_TANH);
-  l->mutable_router()->set_gate(moe::config::TOPK);
-  l->mutable_router()->set_top_k(sh.k);
-  l->mutable_router()->set_capacity_factor_train(1.25);
-  moe::ResolveConfig(&cfg);
+  *cfg.mutable_moe() = moe::bench::LayerShapeConfig(sh);
   const int w = comm.size(), r = comm.rank();
   if (sh.e % w != 0) {
     return moe::InvalidArgument("--shape " + sh.name + ": " + std::to_string(sh.e) +
@@ -169,7 +152,7 @@ int main(int argc, char** argv) {
                 "H", "E", "k", "W", "thr", "wire", "fwd ms", "fwd+bwd ms");
   }
   const moe::Status status = (*world)->Run([&](moe::comm::RankContext& rank) -> moe::Status {
-    for (const Shape& sh : Shapes()) {
+    for (const Shape& sh : moe::bench::CpuLayerShapes()) {
       if (f.shape != "all" && f.shape != sh.name) continue;
       MOE_RETURN_IF_ERROR(RunShape(rank.comm, f, sh, rank.comm.rank() == 0 ? &json : nullptr));
     }

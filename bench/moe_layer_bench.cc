@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "bench/bench_json.h"
+#include "bench/layer_shapes.h"
 #include "comm/bench/bench_loop.h"
 #include "experts/cpu/blas.h"
 #include "launch/cli.h"
@@ -35,10 +36,7 @@
 
 namespace {
 
-struct Shape {
-  std::string name;
-  int s, m, h, e, k;
-};
+using Shape = moe::bench::LayerShape;
 
 
 // f() in the shared timing loop (comm/bench/bench_loop.h): one warm-up call, then `iters` calls
@@ -79,19 +77,7 @@ struct JsonRows {
   }
 };
 
-moe::config::LayerConfig MakeConfig(const Shape& sh) {
-  moe::MoeConfig cfg;
-  auto* l = cfg.mutable_moe();
-  l->set_model_dim(sh.m);
-  l->set_num_experts(sh.e);
-  l->mutable_expert()->set_hidden_dim(sh.h);
-  l->mutable_expert()->set_activation(moe::config::GELU_TANH);
-  l->mutable_router()->set_gate(moe::config::TOPK);
-  l->mutable_router()->set_top_k(sh.k);
-  l->mutable_router()->set_capacity_factor_train(1.25);
-  moe::ResolveConfig(&cfg);
-  return cfg.moe();
-}
+moe::config::LayerConfig MakeConfig(const Shape& sh) { return moe::bench::LayerShapeConfig(sh); }
 
 struct TorchTimes {
   double fwd_ms = -1, fwd_bwd_ms = -1;  // < 0: unavailable
@@ -269,10 +255,7 @@ int main(int argc, char** argv) {
   std::printf("# %-12s %5s %4s %5s %3s %2s | %9s %9s %9s | %9s %9s   (medians of %d calls)\n",
               "shape", "S", "M", "H", "E", "k", "ours ms", "gemm ms", "ours/gemm", "torch ms",
               "torch/ours", iters);
-  const std::vector<Shape> shapes = {{"small", 1024, 256, 1024, 8, 2},
-                                     {"medium", 2048, 512, 1024, 16, 2},
-                                     {"fine-grained", 1024, 256, 256, 64, 6}};
-  for (const Shape& sh : shapes) {
+  for (const Shape& sh : moe::bench::CpuLayerShapes()) {
     if (!only.empty() && sh.name != only) continue;
     const auto cfg = MakeConfig(sh);
     auto experts = moe::MakeStagedExpertCompute(moe::ExpertShape(cfg), sh.e, compute, 0);

@@ -216,9 +216,11 @@ Status ExpertExchange::BeginDispatch(const DispatchPlan& plan, MatrixView<const 
         for (int64_t i = 0; i < p.real; ++i) {
           const int64_t r = p.plan_row + i;
           const float* src = x.row(plan.row_token[r]);
-          const float g = gated ? plan.row_gate[r] : 1.0f;
-          uint16_t* dst = to + i * m_;
-          for (int64_t k = 0; k < m_; ++k) dst[k] = FloatToBf16(gated ? g * src[k] : src[k]);
+          if (gated) {
+            FloatsToBf16(src, plan.row_gate[r], m_, to + i * m_);
+          } else {
+            FloatsToBf16(src, m_, to + i * m_);
+          }
         }
         std::fill(to + p.real * m_, to + p.rows * m_, uint16_t{0});
         continue;
@@ -236,9 +238,7 @@ Status ExpertExchange::BeginDispatch(const DispatchPlan& plan, MatrixView<const 
           std::memcpy(dst, src, row_bytes);
         }
         // The wire dtype applies to every row, including those that do not travel.
-        if (bf16) {
-          for (int64_t k = 0; k < m_; ++k) dst[k] = RoundToBf16(dst[k]);
-        }
+        if (bf16) RoundFloatsToBf16(dst, m_, dst);
       }
       if (p.rows > p.real) {
         std::memset(to + p.real * m_, 0, row_bytes * static_cast<size_t>(p.rows - p.real));
@@ -317,9 +317,7 @@ void ExpertExchange::Widen(const ExchangeHandle& handle, int chunk, bool dispatc
   const std::vector<int64_t>& displs = dispatch ? c.recv_displs : c.send_displs;
   for (int p = 0; p < w_; ++p) {
     if (p == handle.layout_.shape.self) continue;
-    const uint16_t* src = from.row(displs[p]);
-    float* dst = to->row(displs[p]);
-    for (int64_t i = 0; i < counts[p] * m_; ++i) dst[i] = Bf16ToFloat(src[i]);
+    Bf16sToFloats(from.row(displs[p]), counts[p] * m_, to->row(displs[p]));
   }
 }
 
@@ -356,23 +354,17 @@ Status ExpertExchange::StartCombine(ExchangeHandle* handle, Pass pass, int chunk
   if (chunk == 0) ResizeTensor(&r.back, layout.send_rows, m_);
   r.back_rows = r.back.data();
   if (ep_ == nullptr) {
-    for (int64_t i = c.recv_begin * m_; i < (c.recv_begin + c.recv_rows) * m_; ++i) {
-      r.back.data()[i] = RoundToBf16(rows.data()[i]);
-    }
+    RoundFloatsToBf16(rows.row(c.recv_begin), c.recv_rows * m_, r.back.row(c.recv_begin));
     return Status::Ok();
   }
   if (chunk == 0) Resize(&r.comb16, layout.recv_rows, m_);
   for (int p = 0; p < w_; ++p) {
     if (p == layout.shape.self) continue;
-    const float* src = rows.row(c.recv_displs[p]);
-    uint16_t* dst = r.comb16.row(c.recv_displs[p]);
-    for (int64_t i = 0; i < c.recv_counts[p] * m_; ++i) dst[i] = FloatToBf16(src[i]);
+    FloatsToBf16(rows.row(c.recv_displs[p]), c.recv_counts[p] * m_, r.comb16.row(c.recv_displs[p]));
   }
   for (const SendPiece& piece : c.pieces) {
     if (piece.recv_row < 0) continue;
-    const float* src = rows.row(piece.recv_row);
-    float* dst = r.back.row(piece.send_row);
-    for (int64_t i = 0; i < piece.rows * m_; ++i) dst[i] = RoundToBf16(src[i]);
+    RoundFloatsToBf16(rows.row(piece.recv_row), piece.rows * m_, r.back.row(piece.send_row));
   }
   if (chunk == 0) Resize(&r.back16, layout.send_rows, m_);
   return Start(handle, pass, chunk, /*dispatch=*/false, r.comb16.data(), r.back16.data());

@@ -145,7 +145,8 @@ void PrintHeader(std::FILE* out, const comm::Communicator& comm,
   const bool dropless_routing = o.capacity_factor <= 0;
   std::fprintf(
       out,
-      "# moe_comm_bench: op dispatch_combine, backend %s, %d ranks, memory %s, dtype float32, "
+      "# moe_comm_bench: op dispatch_combine, backend %s, %d ranks, memory %s, rows float32 and "
+      "bfloat16, "
       "iters %d, warmup %d, check %d\n",
       std::string(comm.backend()).c_str(), n, MemorySpaceName(comm.memory_space()), o.iters,
       o.warmup, o.check ? 1 : 0);
@@ -156,15 +157,15 @@ void PrintHeader(std::FILE* out, const comm::Communicator& comm,
       static_cast<long long>(o.hidden), e, e / n, o.top_k, o.capacity_factor,
       dropless_routing ? "dropless" : "capacity",
       o.dropless_exchange || dropless_routing ? "dropless (counts + alltoallv)"
-                                              : "padded (alltoall)",
+                                              : "padded (C rows per block)",
       o.ranks_per_node > 0
           ? (", two-stage with " + std::to_string(o.ranks_per_node) + " ranks per node").c_str()
           : "",
       o.skew_name.c_str(), static_cast<unsigned long long>(o.seed));
   std::fprintf(
       out,
-      "# size = bytes sent per rank in the dispatch (mean over ranks); count = its float32 "
-      "elements; time = dispatch + combine;\n# baseline = %s of the same per-peer counts (mean of "
+      "# size = bytes sent per rank in the dispatch (mean over ranks); count = its elements of "
+      "the row's type; time = dispatch + combine;\n# baseline = %s of the same per-peer counts (mean of "
       "the dispatch and combine directions); ratio = time / (2 x baseline)\n",
       baseline);
   std::fprintf(out, "#%11s %12s %8s %7s %10s %10s %10s %8s %8s %7s %12s %7s\n", "size", "count",

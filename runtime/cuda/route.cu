@@ -316,8 +316,10 @@ class CudaRouter final : public DeviceRouter {
     switch (cfg_.aux_loss()) {
       case config::SWITCH:
       case config::GSHARD:
-        GroupSumKernel<<<grid, kBlockThreads, 0, stream_>>>(s, g, e, Top1Term{a_.selected, k},
-                                                            top1);
+      case config::SWITCH_TOPK:
+        GroupSumKernel<<<grid, kBlockThreads, 0, stream_>>>(
+            s, g, e, Top1Term{a_.selected, k, cfg_.aux_loss() == config::SWITCH_TOPK ? k : 1},
+            top1);
         GroupSumKernel<<<grid, kBlockThreads, 0, stream_>>>(s, g, e, ProbTerm{a_.probs, e},
                                                             prob_sums);
         break;
@@ -341,7 +343,7 @@ class CudaRouter final : public DeviceRouter {
     const double t2 = WallSeconds();
     route_steps::PlanFromSummary(summary_host_.data(), l, s, k, capacity, cfg_.normalization(), ec_,
                                  plan);
-    group_sums_ = route_steps::LossSumsFromSummary(summary_host_.data(), l, s, cfg_.aux_loss());
+    group_sums_ = route_steps::LossSumsFromSummary(summary_host_.data(), l, s, cfg_.aux_loss(), k);
     *losses = LossesFromSums(group_sums_);
     rows_ = plan->num_rows();
     dplan_ = DevicePlan{.rows = rows_,
@@ -391,7 +393,8 @@ class CudaRouter final : public DeviceRouter {
     GateKernel<<<Blocks(s, kThreads), kThreads, 0, stream_>>>(route_steps::GateArgs{
         a_.probs, a_.selected, a_.position, a_.group_base, s, e, k, g, cfg_.normalization(),
         a_.slot_raw, a_.slot_gate, a_.slot_expert, a_.slot_row, a_.token_kept,
-        reinterpret_cast<Count*>(kept), reinterpret_cast<Count*>(dropped)});
+        reinterpret_cast<Count*>(kept), reinterpret_cast<Count*>(dropped),
+        static_cast<float>(cfg_.scaling_factor())});
     MOE_RETURN_IF_ERROR(Launched("router gates"));
     MOE_RETURN_IF_ERROR(ScanTokenRows());
     LayoutKernel<<<Blocks(s, kThreads), kThreads, 0, stream_>>>(
@@ -499,7 +502,8 @@ class CudaRouter final : public DeviceRouter {
         a_.dprobs,
         a_.dscores,
         dlogits,
-        dnoise});
+        dnoise,
+        static_cast<float>(cfg_.scaling_factor())});
     host_seconds_ = WallSeconds() - t0;
     return Launched("router backward");
   }
@@ -679,6 +683,17 @@ bool DeviceRouter::Supports(const config::RouterConfig& router, std::string* why
   std::string why;
   if (router.reroute_overflow()) {
     why = "moe.router.reroute_overflow=true routes on the host (a sequential walk per group)";
+  } else if (router.score_function() != config::SOFTMAX) {
+    why = "moe.router.score_function=" + config::ScoreFunction_Name(router.score_function()) +
+          " routes on the host";
+  } else if (router.num_expert_groups() > 1) {
+    why = "moe.router.num_expert_groups=" + std::to_string(router.num_expert_groups()) +
+          " (group-limited top-k) routes on the host";
+  } else if (router.gate() != config::EXPERT_CHOICE &&
+             (router.drop_policy() == config::EXPERT_SCORE ||
+              router.drop_policy() == config::TOKEN_ORDER)) {
+    why = "moe.router.drop_policy=" + config::DropPolicy_Name(router.drop_policy()) +
+          " routes on the host";
   } else if (router.gate() != config::EXPERT_CHOICE && TopK(router) > routing::kMaxRankedExperts) {
     why = "moe.router.top_k=" + std::to_string(TopK(router)) + " is above the device router's " +
           std::to_string(routing::kMaxRankedExperts);

@@ -11,6 +11,7 @@
 
 #include "runtime/base/file.h"
 #include "runtime/moe/expert_compute.h"
+#include "runtime/moe/routing_math.h"
 
 namespace moe {
 namespace {
@@ -122,6 +123,8 @@ Status ValidateLayer(const config::LayerConfig& l) {
                 "be false with gate EXPERT_CHOICE");
       c.Require(r.bias_update_rate() == 0, "moe.router.bias_update_rate", r.bias_update_rate(),
                 "be 0 with gate EXPERT_CHOICE");
+      c.Require(r.scaling_factor() == 1.0, "moe.router.scaling_factor", r.scaling_factor(),
+                "be 1 with gate EXPERT_CHOICE");
       break;
   }
   if (r.gate() == config::NOISY_TOPK) {
@@ -132,6 +135,50 @@ Status ValidateLayer(const config::LayerConfig& l) {
   if (r.random_routing()) {
     c.Require(r.gate() != config::TOP1 && r.top_k() == 2, "moe.router.top_k", TopK(r),
               "be 2 when moe.router.random_routing is true");
+  }
+  c.Finite(r.scaling_factor(), "moe.router.scaling_factor");
+  c.Require(r.scaling_factor() > 0, "moe.router.scaling_factor", r.scaling_factor(), "be > 0");
+  if (r.score_function() == config::SIGMOID) {
+    c.Require(r.gate() == config::TOP1 || r.gate() == config::TOPK, "moe.router.gate",
+              config::GateKind_Name(r.gate()),
+              "be TOP1 or TOPK with moe.router.score_function SIGMOID");
+  }
+  const bool per_expert_drops =
+      r.drop_policy() == config::EXPERT_SCORE || r.drop_policy() == config::TOKEN_ORDER;
+  if (per_expert_drops) {
+    c.Require(!r.reroute_overflow(), "moe.router.reroute_overflow", r.reroute_overflow(),
+              "be false with moe.router.drop_policy " +
+                  config::DropPolicy_Name(r.drop_policy()) +
+                  " (rerouting is defined for the slot-major placement)");
+    c.Require(r.gate() != config::EXPERT_CHOICE, "moe.router.drop_policy",
+              config::DropPolicy_Name(r.drop_policy()), "be POSITION with gate EXPERT_CHOICE");
+  }
+  const int groups = r.num_expert_groups(), per_token = r.groups_per_token();
+  c.Require(groups >= 1, "moe.router.num_expert_groups", groups, "be >= 1");
+  c.Require(groups <= routing::kMaxExpertGroups, "moe.router.num_expert_groups", groups,
+            "be <= " + std::to_string(routing::kMaxExpertGroups));
+  c.Require(per_token >= 1, "moe.router.groups_per_token", per_token, "be >= 1");
+  c.Require(per_token <= groups, "moe.router.groups_per_token", per_token,
+            "be <= moe.router.num_expert_groups=" + std::to_string(groups));
+  if (c.status.ok() && groups > 1) {
+    const int k = TopK(r);
+    c.Require(e % groups == 0, "moe.router.num_expert_groups", groups,
+              "divide moe.num_experts=" + std::to_string(e));
+    c.Require(r.gate() != config::EXPERT_CHOICE, "moe.router.num_expert_groups", groups,
+              "be 1 with gate EXPERT_CHOICE");
+    c.Require(!r.reroute_overflow(), "moe.router.reroute_overflow", r.reroute_overflow(),
+              "be false with moe.router.num_expert_groups > 1 (rerouting could leave the token's "
+              "groups)");
+    c.Require(k % per_token == 0, "moe.router.top_k", k,
+              "be divisible by moe.router.groups_per_token=" + std::to_string(per_token));
+    c.Require(k <= routing::kMaxRankedExperts, "moe.router.top_k", k,
+              "be <= " + std::to_string(routing::kMaxRankedExperts) +
+                  " with moe.router.num_expert_groups > 1");
+    if (c.status.ok()) {
+      c.Require(k / per_token <= e / groups, "moe.router.top_k", k,
+                "be <= moe.router.groups_per_token * experts per group (" +
+                    std::to_string(per_token) + " * " + std::to_string(e / groups) + ")");
+    }
   }
   return c.status;
 }

@@ -14,24 +14,39 @@ namespace moe {
 namespace {
 
 // Experts of one token ordered by selection score (probs + bias) descending, ties lower index:
-// the first `count` of that order into `out`. Up to routing::kMaxRankedExperts by insertion (the
+// the first `count` of that order into `out`, among the experts of the groups in `group_mask`
+// when group_size > 0 (group-limited top-k). Up to routing::kMaxRankedExperts by insertion (the
 // device router's code; partial_sort's heap costs ~3x more at E = 64, k = 6), beyond that (reroute
 // rankings of many experts) by partial_sort in the same strict order. `score_buf` and `idx` are
 // E-sized scratch buffers owned by the caller.
 void RankExperts(const float* probs, const std::vector<float>& bias, int64_t e, int64_t count,
-                 int32_t* out, float* score_buf, std::vector<int32_t>& idx) {
+                 int32_t group_size, uint64_t group_mask, int32_t* out, float* score_buf,
+                 std::vector<int32_t>& idx) {
   if (count <= routing::kMaxRankedExperts) {
     routing::RankTopExperts(probs, bias.empty() ? nullptr : bias.data(), static_cast<int32_t>(e),
-                            static_cast<int32_t>(count), out);
+                            static_cast<int32_t>(count), out, group_size, group_mask);
     return;
   }
   for (int64_t j = 0; j < e; ++j) score_buf[j] = probs[j] + (bias.empty() ? 0.0f : bias[j]);
   auto better = [&](int32_t a, int32_t b) {
     return routing::Outranks(score_buf[a], a, score_buf[b], b);
   };
-  std::iota(idx.begin(), idx.end(), 0);
+  idx.clear();
+  for (int32_t j = 0; j < static_cast<int32_t>(e); ++j) {
+    if (group_size == 0 || ((group_mask >> (j / group_size)) & 1u) != 0) idx.push_back(j);
+  }
   std::partial_sort(idx.begin(), idx.begin() + count, idx.end(), better);
   std::copy(idx.begin(), idx.begin() + count, out);
+}
+
+// Group-limited top-k of one token: the mask of its kept expert groups (all when not limited).
+uint64_t TokenGroupMask(const config::RouterConfig& cfg, const float* probs,
+                        const std::vector<float>& bias, int64_t e) {
+  const int32_t groups = cfg.num_expert_groups();
+  if (groups <= 1) return ~uint64_t{0};
+  return routing::ChooseExpertGroups(probs, bias.empty() ? nullptr : bias.data(),
+                                     static_cast<int32_t>(e), groups, cfg.groups_per_token(),
+                                     TopK(cfg) / cfg.groups_per_token());
 }
 
 // Fills packed-row arrays from per-(group, expert) counts and each assignment's position.
@@ -75,19 +90,106 @@ void LayoutRows(DispatchPlan* p, const std::vector<RowAssignment>& assignments) 
   for (size_t i = 0; i < assignments.size(); ++i) p->token_rows[fill[assignments[i].token]++] = row_of[i];
 }
 
+// Capacity of one token-choice plan, slot-major (POSITION, PROBABILITY): in each group every
+// slot 0 is placed before any slot 1, tokens within a slot in position order or by their top-1
+// gate (PROBABILITY); a slot whose expert is full is rerouted (reroute_overflow) or dropped.
+// Fills `position` (per slot, -1 when dropped), clears `alive` for drops, counts rows per
+// (group, expert).
+void PlaceSlotMajor(const config::RouterConfig& cfg, const Tensor& probs,
+                    const std::vector<int32_t>& ranking, int64_t rank_len, DispatchPlan* p,
+                    std::vector<uint8_t>* alive, std::vector<int32_t>* position) {
+  const int64_t e = p->num_experts, k = p->top_k, g = p->num_groups, cap = p->capacity;
+  const bool reroute = cfg.reroute_overflow();
+  std::vector<int64_t> order;
+  for (int64_t gr = 0; gr < g; ++gr) {
+    const int64_t b = p->group_begin[gr], n = p->group_size(gr);
+    order.resize(static_cast<size_t>(n));
+    std::iota(order.begin(), order.end(), b);
+    if (cfg.drop_policy() == config::PROBABILITY) {
+      std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t c) {
+        return probs(a, p->selected[a * k]) > probs(c, p->selected[c * k]);
+      });
+    }
+    int32_t* count = &p->group_expert_count[gr * e];
+    for (int64_t j = 0; j < k; ++j) {
+      for (int64_t t : order) {
+        const int64_t slot = t * k + j;
+        if (!(*alive)[slot]) continue;
+        int32_t ex = p->slot_final[slot];
+        if (cap > 0 && count[ex] >= cap) {
+          int32_t target = -1;
+          if (reroute) {
+            for (int64_t q = k; q < e && target < 0; ++q) {
+              const int32_t cand = ranking[t * rank_len + q];
+              bool used = false;
+              for (int64_t jj = 0; jj < k; ++jj) used = used || p->slot_final[t * k + jj] == cand;
+              if (!used && count[cand] < cap) target = cand;
+            }
+          }
+          if (target < 0) {
+            (*alive)[slot] = 0;
+            continue;
+          }
+          ex = target;
+          p->slot_final[slot] = ex;
+        }
+        (*position)[slot] = count[ex]++;
+      }
+    }
+  }
+
+}
+
+// Capacity per (group, expert), whatever the slot index: EXPERT_SCORE keeps the C live slots with
+// the largest raw score probs[t, e] (ties: lower token), TOKEN_ORDER the first C in token order;
+// kept slots take positions in token order. Same outputs as PlaceSlotMajor.
+void PlacePerExpert(config::DropPolicy policy, const Tensor& probs, DispatchPlan* p,
+                    std::vector<uint8_t>* alive, std::vector<int32_t>* position) {
+  const int64_t e = p->num_experts, k = p->top_k, g = p->num_groups, cap = p->capacity;
+  std::vector<std::vector<int64_t>> claims(static_cast<size_t>(e));  // slots, token order
+  for (int64_t gr = 0; gr < g; ++gr) {
+    for (auto& c : claims) c.clear();
+    for (int64_t t = p->group_begin[gr]; t < p->group_begin[gr + 1]; ++t) {
+      for (int64_t j = 0; j < k; ++j) {
+        if ((*alive)[t * k + j]) claims[p->selected[t * k + j]].push_back(t * k + j);
+      }
+    }
+    for (int64_t ex = 0; ex < e; ++ex) {
+      std::vector<int64_t>& c = claims[ex];
+      const auto n = static_cast<int64_t>(c.size());
+      if (cap > 0 && n > cap) {
+        if (policy == config::EXPERT_SCORE) {
+          // The C best by raw score (stable: ties keep token order), back to token order.
+          std::stable_sort(c.begin(), c.end(), [&](int64_t a, int64_t b) {
+            return probs(a / k, ex) > probs(b / k, ex);
+          });
+        }
+        for (int64_t i = cap; i < n; ++i) (*alive)[c[i]] = 0;
+        c.resize(static_cast<size_t>(cap));
+        std::sort(c.begin(), c.end());
+      }
+      for (size_t i = 0; i < c.size(); ++i) (*position)[c[i]] = static_cast<int32_t>(i);
+      p->group_expert_count[gr * e + ex] = static_cast<int32_t>(c.size());
+    }
+  }
+}
+
 StatusOr<DispatchPlan> BuildTokenChoice(const config::RouterConfig& cfg, const Tensor& probs,
                                         const std::vector<float>& bias, const RouteContext& ctx,
                                         DispatchPlan p) {
   const int64_t s = p.num_tokens, e = p.num_experts, k = p.top_k, g = p.num_groups;
-  const int64_t cap = p.capacity;
-  const bool reroute = cfg.reroute_overflow();
-  const int64_t rank_len = reroute ? e : k;
+  const int64_t rank_len = cfg.reroute_overflow() ? e : k;
   std::vector<int32_t> ranking(static_cast<size_t>(s * rank_len));
   std::vector<float> score_buf(static_cast<size_t>(e));
-  std::vector<int32_t> idx_buf(static_cast<size_t>(e));
+  std::vector<int32_t> idx_buf;
+  idx_buf.reserve(static_cast<size_t>(e));
+  const int32_t group_size =
+      cfg.num_expert_groups() > 1 ? static_cast<int32_t>(e / cfg.num_expert_groups()) : 0;
   p.selected.resize(static_cast<size_t>(s * k));
   for (int64_t t = 0; t < s; ++t) {
-    RankExperts(probs.row(t), bias, e, rank_len, &ranking[t * rank_len], score_buf.data(), idx_buf);
+    const uint64_t mask = TokenGroupMask(cfg, probs.row(t), bias, e);
+    RankExperts(probs.row(t), bias, e, rank_len, group_size, mask, &ranking[t * rank_len],
+                score_buf.data(), idx_buf);
     for (int64_t j = 0; j < k; ++j) p.selected[t * k + j] = ranking[t * rank_len + j];
   }
   p.slot_final = p.selected;
@@ -114,48 +216,17 @@ StatusOr<DispatchPlan> BuildTokenChoice(const config::RouterConfig& cfg, const T
   }
 
   std::vector<int32_t> position(static_cast<size_t>(s * k), -1);
-  std::vector<int64_t> order;
-  for (int64_t gr = 0; gr < g; ++gr) {
-    const int64_t b = p.group_begin[gr], n = p.group_size(gr);
-    order.resize(static_cast<size_t>(n));
-    std::iota(order.begin(), order.end(), b);
-    if (cfg.drop_policy() == config::PROBABILITY) {
-      std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t c) {
-        return probs(a, p.selected[a * k]) > probs(c, p.selected[c * k]);
-      });
-    }
-    int32_t* count = &p.group_expert_count[gr * e];
-    for (int64_t j = 0; j < k; ++j) {
-      for (int64_t t : order) {
-        const int64_t slot = t * k + j;
-        if (!alive[slot]) continue;
-        int32_t ex = p.slot_final[slot];
-        if (cap > 0 && count[ex] >= cap) {
-          int32_t target = -1;
-          if (reroute) {
-            for (int64_t q = k; q < e && target < 0; ++q) {
-              const int32_t cand = ranking[t * rank_len + q];
-              bool used = false;
-              for (int64_t jj = 0; jj < k; ++jj) used = used || p.slot_final[t * k + jj] == cand;
-              if (!used && count[cand] < cap) target = cand;
-            }
-          }
-          if (target < 0) {
-            alive[slot] = 0;
-            continue;
-          }
-          ex = target;
-          p.slot_final[slot] = ex;
-        }
-        position[slot] = count[ex]++;
-      }
-    }
+  if (cfg.drop_policy() == config::EXPERT_SCORE || cfg.drop_policy() == config::TOKEN_ORDER) {
+    PlacePerExpert(cfg.drop_policy(), probs, &p, &alive, &position);
+  } else {
+    PlaceSlotMajor(cfg, probs, ranking, rank_len, &p, &alive, &position);
   }
 
   // Gates.
   for (int64_t t = 0; t < s; ++t) {
     const int64_t first = t * k;
-    routing::TokenGates(cfg.normalization(), static_cast<int32_t>(k), probs.row(t), &p.slot_final[first],
+    routing::TokenGates(cfg.normalization(), static_cast<float>(cfg.scaling_factor()),
+                        static_cast<int32_t>(k), probs.row(t), &p.slot_final[first],
                         &alive[first], &p.slot_raw[first], &p.slot_gate[first], &p.slot_expert[first]);
     for (int64_t j = 0; j < k; ++j) {
       const int64_t slot = first + j;

@@ -40,11 +40,19 @@ GroupLossSums SumsOfGroup(const config::RouterConfig& cfg, const DispatchPlan& p
   switch (cfg.aux_loss()) {
     case config::SWITCH:
     case config::GSHARD:
+    case config::SWITCH_TOPK:
+      sums.slots = cfg.aux_loss() == config::SWITCH_TOPK ? k : 1;
       sums.top1.assign(static_cast<size_t>(e), 0.0);
       sums.probs.assign(static_cast<size_t>(e), 0.0);
       for (int64_t t = b; t < b + n; ++t) {
-        sums.top1[p.selected[t * k]] += 1.0;
-        for (int64_t i = 0; i < e; ++i) sums.probs[i] += probs(t, i);
+        for (int64_t j = 0; j < sums.slots; ++j) sums.top1[p.selected[t * k + j]] += 1.0;
+        if (cfg.score_function() == config::SIGMOID) {  // P = s / Σ s
+          double sum = 0.0;
+          for (int64_t i = 0; i < e; ++i) sum += probs(t, i);
+          for (int64_t i = 0; i < e; ++i) sums.probs[i] += probs(t, i) / sum;
+        } else {
+          for (int64_t i = 0; i < e; ++i) sums.probs[i] += probs(t, i);
+        }
       }
       break;
     case config::IMPORTANCE_CV:
@@ -82,7 +90,7 @@ RouterLosses LossesFromSums(const std::vector<GroupLossSums>& groups) {
     if (!g.top1.empty()) {
       double aux = 0.0;
       for (size_t i = 0; i < g.top1.size(); ++i) aux += (g.top1[i] / n) * (g.probs[i] / n);
-      out.aux += static_cast<double>(g.top1.size()) * aux;
+      out.aux += static_cast<double>(g.top1.size()) / static_cast<double>(g.slots) * aux;
     } else if (!g.importance.empty()) {
       double mean = 0.0, var = 0.0;
       MeanVariance(g.importance, &mean, &var);
@@ -103,7 +111,7 @@ GroupLossGradient LossGradientFromSums(const config::RouterConfig& cfg, const Gr
   if (aw == 0.0) return out;
   const int64_t n = g.tokens;
   if (!g.top1.empty()) {
-    const double e = static_cast<double>(g.top1.size());
+    const double e = static_cast<double>(g.top1.size()) / static_cast<double>(g.slots);
     out.to_every_prob.resize(g.top1.size());
     for (size_t i = 0; i < g.top1.size(); ++i) {
       out.to_every_prob[i] = static_cast<float>(aw * inv_g * e * (g.top1[i] / n) / n);
@@ -145,7 +153,10 @@ void AccumulateRouterLossGradients(const config::RouterConfig& cfg, const Dispat
     for (int64_t t = b; t < b + n; ++t) {
       // d/dlogits (lse^2 mean) = 2 lse softmax(logits) / n.
       if (grad.z_weight != 0.0) routing::AddZLossGradient(e, logits.row(t), grad.z_weight, n, dlogits->row(t));
-      if (!grad.to_every_prob.empty()) {
+      if (!grad.to_every_prob.empty() && cfg.score_function() == config::SIGMOID) {
+        routing::AddNormalizedScoreGradient(e, probs.row(t), grad.to_every_prob.data(),
+                                            dprobs->row(t));
+      } else if (!grad.to_every_prob.empty()) {
         float* row = dprobs->row(t);
         for (int64_t i = 0; i < e; ++i) row[i] += grad.to_every_prob[i];
       }
@@ -173,17 +184,24 @@ void RouterScoreGradients(const config::RouterConfig& cfg, const DispatchPlan& p
   } else {
     for (int64_t t = 0; t < s; ++t) {
       const int64_t first = t * k;
-      routing::AddGateGradients(p.normalization, static_cast<int32_t>(k), &p.slot_row[first],
+      routing::AddGateGradients(p.normalization, static_cast<float>(cfg.scaling_factor()),
+                                static_cast<int32_t>(k), &p.slot_row[first],
                                 &p.slot_gate[first], &p.slot_raw[first], &p.slot_final[first],
                                 dgate_rows.data(), dprobs.row(t));
     }
   }
   AccumulateRouterLossGradients(cfg, p, router.probs, router.logits, loss_scale, &dprobs, &dlogits);
-  // Softmax backward: dscores = probs * (dprobs - <dprobs, probs>).
+  // Softmax backward: dscores = probs * (dprobs - <dprobs, probs>); sigmoid: dprobs * s (1 - s).
   Tensor& dscores = out->dscores;
   ResizeTensor(&dscores, s, e);
   for (int64_t t = 0; t < s; ++t) {
-    routing::SoftmaxBackward(e, router.probs.row(t), dprobs.row(t), dscores.row(t), dlogits.row(t));
+    if (cfg.score_function() == config::SIGMOID) {
+      routing::SigmoidBackward(e, router.probs.row(t), dprobs.row(t), dscores.row(t),
+                               dlogits.row(t));
+    } else {
+      routing::SoftmaxBackward(e, router.probs.row(t), dprobs.row(t), dscores.row(t),
+                               dlogits.row(t));
+    }
   }
   if (!router.noisy) {
     out->dnoise = Tensor();

@@ -20,8 +20,11 @@ struct RouterLosses {
 struct GroupLossSums {
   int64_t tokens = 0;               // n
   double z = 0.0;                   // Σ_t logsumexp(logits[t])²
-  std::vector<double> top1;         // E, SWITCH/GSHARD: tokens whose slot-0 expert is i, else empty
-  std::vector<double> probs;        // E, SWITCH/GSHARD: Σ_t probs[t, i], else empty
+  // SWITCH/GSHARD/SWITCH_TOPK, else empty: tokens that chose i in their first `slots` slots (1,
+  // or k for SWITCH_TOPK), and Σ_t P[t, i] with P the probs (softmax) or s / Σ s (sigmoid).
+  std::vector<double> top1;         // E
+  std::vector<double> probs;        // E
+  int64_t slots = 1;
   std::vector<double> importance;   // E, IMPORTANCE_CV: Σ pre-capacity gates of i, else empty
 };
 // The losses (averaged over the groups) from every group's sums.

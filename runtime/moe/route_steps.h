@@ -132,6 +132,7 @@ struct GateArgs {
   int32_t *slot_expert, *slot_row;
   int64_t* token_kept;    // S: kept slots per token
   Count *kept, *dropped;  // E
+  float scale = 1.0f;     // router.scaling_factor
 };
 
 // Token t: its slots' gates and experts, the packed row of each kept slot, its kept count and the
@@ -141,7 +142,7 @@ MOE_HD inline void GateToken(const GateArgs& a, int64_t t) {
   const int64_t first = t * k, g = routing::GroupOf(a.tokens, a.groups, t);
   uint8_t kept[routing::kMaxRankedExperts];
   for (int32_t j = 0; j < k; ++j) kept[j] = a.position[first + j] >= 0 ? 1 : 0;
-  routing::TokenGates(a.norm, k, a.probs + t * a.experts, a.selected + first, kept,
+  routing::TokenGates(a.norm, a.scale, k, a.probs + t * a.experts, a.selected + first, kept,
                       a.slot_raw + first, a.slot_gate + first, a.slot_expert + first);
   int64_t n = 0;
   for (int32_t j = 0; j < k; ++j) {
@@ -257,10 +258,16 @@ struct ZTerm {  // logsumexp(logits[t])²
     return lse * lse;
   }
 };
-struct Top1Term {  // [slot 0 of t picked c]
+struct Top1Term {  // [one of t's first `slots` slots picked c] (1, or k for SWITCH_TOPK)
   const int32_t* selected;
   int64_t k;
-  MOE_HD double operator()(int64_t t, int64_t c) const { return selected[t * k] == c ? 1.0 : 0.0; }
+  int64_t slots = 1;
+  MOE_HD double operator()(int64_t t, int64_t c) const {
+    for (int64_t j = 0; j < slots; ++j) {
+      if (selected[t * k + j] == c) return 1.0;
+    }
+    return 0.0;
+  }
 };
 struct ProbTerm {  // probs[t, c]
   const float* probs;
@@ -297,6 +304,7 @@ struct BackwardArgs {
   config::GateNormalization norm;
   bool noisy;
   float *dprobs, *dscores, *dlogits, *dnoise;
+  float scale = 1.0f;  // router.scaling_factor
 };
 
 // RouterScoreGradients for token t, in the CPU's order: gate gradients into dprobs, the z-loss
@@ -316,7 +324,7 @@ MOE_HD inline void RouterBackwardToken(const BackwardArgs& a, int64_t t) {
       if (r >= 0) dp[i] += a.dgate_rows[a.group_base[g * e + i] + r];
     }
   } else {
-    routing::AddGateGradients(a.norm, k, a.slot_row + first, a.slot_gate + first,
+    routing::AddGateGradients(a.norm, a.scale, k, a.slot_row + first, a.slot_gate + first,
                               a.slot_raw + first, a.selected + first, a.dgate_rows, dp);
   }
   if (a.z_weight != 0.0) routing::AddZLossGradient(e, a.logits + row, a.z_weight, n, dl);
@@ -386,9 +394,11 @@ inline void PlanFromSummary(const int64_t* w, const Summary& l, int64_t tokens, 
   for (int64_t v : p->dropped_per_expert) p->dropped_slots += v;
 }
 
-// Host: every group's loss sums from a downloaded summary (the aux loss's only for its kind).
+// Host: every group's loss sums from a downloaded summary (the aux loss's only for its kind; k
+// slots per token).
 inline std::vector<GroupLossSums> LossSumsFromSummary(const int64_t* w, const Summary& l,
-                                                      int64_t tokens, config::AuxLossKind aux) {
+                                                      int64_t tokens, config::AuxLossKind aux,
+                                                      int64_t k) {
   const int64_t e = l.e, g = l.g;
   const auto doubles = [&](int64_t at, int64_t n) {
     std::vector<double> v(static_cast<size_t>(n));
@@ -404,6 +414,8 @@ inline std::vector<GroupLossSums> LossSumsFromSummary(const int64_t* w, const Su
     switch (aux) {
       case config::SWITCH:
       case config::GSHARD:
+      case config::SWITCH_TOPK:
+        o.slots = aux == config::SWITCH_TOPK ? k : 1;
         o.top1 = doubles(l.top1() + gr * e, e);
         o.probs = doubles(l.probs() + gr * e, e);
         break;

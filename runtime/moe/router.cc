@@ -45,7 +45,11 @@ void FinishRouter(const config::RouterConfig& cfg, const RouteContext& ctx, Rout
   if (!out->noisy) {
     out->noise_in = Tensor();
     out->eps = Tensor();
-    SoftmaxRows(out->logits.view(), out->probs.view());
+    if (cfg.score_function() == config::SIGMOID) {
+      for (int64_t i = 0; i < s * e; ++i) out->probs[i] = routing::Sigmoid(out->logits[i]);
+    } else {
+      SoftmaxRows(out->logits.view(), out->probs.view());
+    }
     return;
   }
   ResizeTensor(&out->eps, s, e);  // fully overwritten below

@@ -1,4 +1,5 @@
-// The router's dense part: logits = x Wg, optional Shazeer noise, softmax, all in float32.
+// The router's dense part: logits = x Wg, optional Shazeer noise, softmax (or the element-wise
+// sigmoid of score_function SIGMOID), all in float32.
 // Selection, capacity and gates live in the DispatchPlan (dispatch_plan.h).
 #pragma once
 
@@ -23,7 +24,7 @@ struct RouterOutput {
   Tensor logits;    // S x E, x Wg (clean)
   Tensor noise_in;  // S x E, x Wnoise (NOISY_TOPK at training only)
   Tensor eps;       // S x E, the N(0,1) draws (NOISY_TOPK at training only)
-  Tensor probs;     // S x E, softmax of the (noisy) scores
+  Tensor probs;     // S x E, softmax of the (noisy) scores, or sigmoid(logits) (SIGMOID)
   bool noisy = false;
 };
 

@@ -54,12 +54,16 @@ MOE_HD inline bool Outranks(float score_a, int32_t a, float score_b, int32_t b) 
 
 // The first `count` (1..kMaxRankedExperts, <= e) experts of one token in selection order of
 // probs[j] + bias[j] (bias may be null), best first, into out[0..count). Insertion into a sorted
-// list of `count`: most experts lose to the current last entry with one comparison.
+// list of `count`: most experts lose to the current last entry with one comparison. With
+// group_size > 0 only the experts of the expert groups set in group_mask (expert j is in group
+// j / group_size) compete (group-limited top-k; the mask must allow at least `count` experts).
 MOE_HD inline void RankTopExperts(const float* probs, const float* bias, int32_t e, int32_t count,
-                                  int32_t* out) {
+                                  int32_t* out, int32_t group_size = 0,
+                                  uint64_t group_mask = ~uint64_t{0}) {
   float top[kMaxRankedExperts];
   int32_t n = 0;
   for (int32_t j = 0; j < e; ++j) {
+    if (group_size > 0 && ((group_mask >> (j / group_size)) & 1u) == 0) continue;
     const float score = probs[j] + (bias == nullptr ? 0.0f : bias[j]);
     if (n == count && !Outranks(score, j, top[n - 1], out[n - 1])) continue;
     int32_t pos = n < count ? n++ : count - 1;
@@ -72,6 +76,40 @@ MOE_HD inline void RankTopExperts(const float* probs, const float* bias, int32_t
   }
 }
 
+// Group-limited top-k: at most this many expert groups (a 64-bit mask), at most
+// kMaxRankedExperts kept per token.
+constexpr int32_t kMaxExpertGroups = 64;
+
+// Score of expert group g (experts [g·size, (g+1)·size)): the sum of its top `top` selection
+// scores probs[j] + bias[j], added in float from the highest (DeepSeek-V3's group score).
+MOE_HD inline float ExpertGroupScore(const float* probs, const float* bias, int32_t size,
+                                     int32_t top, int32_t g) {
+  int32_t best[kMaxRankedExperts];
+  const float* p = probs + g * size;
+  const float* b = bias == nullptr ? nullptr : bias + g * size;
+  RankTopExperts(p, b, size, top, best);
+  float acc = 0.0f;
+  for (int32_t i = 0; i < top; ++i) acc += p[best[i]] + (b == nullptr ? 0.0f : b[best[i]]);
+  return acc;
+}
+
+// The `keep` best of `groups` expert groups of one token by ExpertGroupScore (ties: lower group
+// index), as a mask (bit g set = group g kept).
+MOE_HD inline uint64_t ChooseExpertGroups(const float* probs, const float* bias, int32_t e,
+                                          int32_t groups, int32_t keep, int32_t top) {
+  float score[kMaxExpertGroups];
+  int32_t best[kMaxRankedExperts];
+  const int32_t size = e / groups;
+  for (int32_t g = 0; g < groups; ++g) score[g] = ExpertGroupScore(probs, bias, size, top, g);
+  RankTopExperts(score, nullptr, groups, keep, best);
+  uint64_t mask = 0;
+  for (int32_t i = 0; i < keep; ++i) mask |= uint64_t{1} << best[i];
+  return mask;
+}
+
+// Sigmoid score s = 1 / (1 + e^-v) in float (router.score_function SIGMOID).
+MOE_HD inline float Sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
+
 // GShard random routing: whether a token keeps its 2nd slot, from the raw gates of its two slots
 // and its uniform draw u: u < 2·r1/(r0 + r1).
 MOE_HD inline bool KeepsSecondSlot(float r0, float r1, double u) {
@@ -80,10 +118,11 @@ MOE_HD inline bool KeepsSecondSlot(float r0, float r1, double u) {
 }
 
 // One token's k slots after random routing and capacity: raw[j] = probs[final_expert[j]]; a kept
-// slot (kept[j] != 0) gets its normalized gate and expert, a dropped one gate 0 and expert -1.
-MOE_HD inline void TokenGates(config::GateNormalization norm, int32_t k, const float* probs,
-                              const int32_t* final_expert, const uint8_t* kept, float* raw,
-                              float* gate, int32_t* expert) {
+// slot (kept[j] != 0) gets its normalized gate times `scale` (router.scaling_factor) and its
+// expert, a dropped one gate 0 and expert -1.
+MOE_HD inline void TokenGates(config::GateNormalization norm, float scale, int32_t k,
+                              const float* probs, const int32_t* final_expert, const uint8_t* kept,
+                              float* raw, float* gate, int32_t* expert) {
   float sum_all = 0.0f, sum_kept = 0.0f;
   for (int32_t j = 0; j < k; ++j) {
     raw[j] = probs[final_expert[j]];
@@ -97,7 +136,10 @@ MOE_HD inline void TokenGates(config::GateNormalization norm, int32_t k, const f
       continue;
     }
     const float r = raw[j];
-    gate[j] = norm == config::NONE ? r : norm == config::TOPK_SOFTMAX ? r / sum_all : r / sum_kept;
+    gate[j] = (norm == config::NONE           ? r
+               : norm == config::TOPK_SOFTMAX ? r / sum_all
+                                              : r / sum_kept) *
+              scale;
     expert[j] = final_expert[j];
   }
 }
@@ -118,8 +160,9 @@ MOE_HD inline float PreCapacityGate(config::GateNormalization norm, int32_t k, c
 }
 
 // Backward of one token's gates: with dg_j = dgate_rows[slot_row[j]] (0 for a dropped slot,
-// slot_row[j] < 0), adds d(gates)/d(raw gates) · dg into dprobs[slot_final[j]].
-MOE_HD inline void AddGateGradients(config::GateNormalization norm, int32_t k,
+// slot_row[j] < 0), adds d(gates)/d(raw gates) · dg into dprobs[slot_final[j]]. The gates carry
+// the factor `scale`: g_j = scale·r_j/D, so dr_i = (scale·dg_i − Σ_j dg_j g_j) / D.
+MOE_HD inline void AddGateGradients(config::GateNormalization norm, float scale, int32_t k,
                                     const int32_t* slot_row, const float* slot_gate,
                                     const float* slot_raw, const int32_t* slot_final,
                                     const float* dgate_rows, float* dprobs) {
@@ -135,9 +178,9 @@ MOE_HD inline void AddGateGradients(config::GateNormalization norm, int32_t k,
     const double dg = kept ? dgate_rows[slot_row[j]] : 0.0;
     double dr = 0.0;
     if (norm == config::NONE) {
-      dr = dg;
+      dr = scale * dg;
     } else if (norm == config::TOPK_SOFTMAX || kept) {
-      dr = (dg - dot) / denom;
+      dr = (scale * dg - dot) / denom;
     }
     dprobs[slot_final[j]] += static_cast<float>(dr);
   }
@@ -189,6 +232,26 @@ MOE_HD inline void SoftmaxBackward(int64_t e, const float* probs, const float* d
     dscores[i] = static_cast<float>(probs[i] * (dprobs[i] - dot));
     dlogits[i] += dscores[i];
   }
+}
+
+// Sigmoid backward of one row: dscores = dprobs ⊙ s ⊙ (1 − s), added into dlogits.
+MOE_HD inline void SigmoidBackward(int64_t e, const float* s, const float* dprobs, float* dscores,
+                                   float* dlogits) {
+  for (int64_t i = 0; i < e; ++i) {
+    dscores[i] = static_cast<float>(static_cast<double>(dprobs[i]) * s[i] * (1.0 - s[i]));
+    dlogits[i] += dscores[i];
+  }
+}
+
+// The balance losses' distribution of a sigmoid row: P = s / Σ s. Their gradient a (E, w.r.t.
+// P) reaches s as ds_i = (a_i − Σ_j a_j P_j) / Σ s, added into dprobs.
+MOE_HD inline void AddNormalizedScoreGradient(int64_t e, const float* s, const float* a,
+                                              float* dprobs) {
+  double sum = 0.0, dot = 0.0;
+  for (int64_t i = 0; i < e; ++i) sum += s[i];
+  for (int64_t i = 0; i < e; ++i) dot += static_cast<double>(a[i]) * s[i];
+  dot /= sum;
+  for (int64_t i = 0; i < e; ++i) dprobs[i] += static_cast<float>((a[i] - dot) / sum);
 }
 
 // Noisy router: scores = logits + eps·softplus(noise_in), so d/d noise_in =

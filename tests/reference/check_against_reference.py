@@ -54,7 +54,12 @@ BASE = dict(S=32, M=8, H=12, E=4, gate="TOPK", k=2, norm="NONE", rr=False, cf_tr
             cf_eval=1.5, min_cap=1, policy="POSITION", G=1, reroute=False, aux="SWITCH",
             aw=0.01, zw=0.0, rate=0.0, act="GELU_TANH", kind="FFN", bias=True, shared=0,
             shared_h=0, train=False, step=0, offset=0, grad=True, rbias=False, xscale=1.5,
-            seed=1234, defaults=False)
+            seed=1234, defaults=False, score="SOFTMAX", scale=1.0, ng=1, gp=1)
+
+# Router fields added later: (case key, proto field, default). Written to the textproto and the
+# case's config only when the case differs from the default, so the older cases read as before.
+NEW_ROUTER_FIELDS = (("score", "score_function", "SOFTMAX"), ("scale", "scaling_factor", 1.0),
+                     ("ng", "num_expert_groups", 1), ("gp", "groups_per_token", 1))
 
 
 def case(name, **kw):
@@ -141,6 +146,72 @@ CASES = [
          shared=1, shared_h=8),
     case("big_mix_top3_reroute_cv", S=48, M=4, H=4, E=8, k=3, G=3, reroute=True,
          aux="IMPORTANCE_CV", aw=0.05, norm="TOPK_SOFTMAX", cf_eval=0.6, act="SILU", rbias=True),
+    # --- sigmoid scores (score_function SIGMOID) and scaling_factor
+    case("sigmoid_top2_none_drops", score="SIGMOID", cf_eval=0.75),
+    case("sigmoid_top2_topk_softmax_drops", score="SIGMOID", norm="TOPK_SOFTMAX", train=True,
+         cf_train=0.6),
+    case("sigmoid_top3_renorm_drops", score="SIGMOID", k=3, E=6, norm="RENORM_AFTER_CAPACITY",
+         train=True, cf_train=0.5),
+    case("sigmoid_scale2p5_topk_softmax", score="SIGMOID", scale=2.5, norm="TOPK_SOFTMAX",
+         cf_eval=0.75, zw=0.05),
+    case("sigmoid_top1_drops", score="SIGMOID", gate="TOP1", k=1, train=True, cf_train=0.75),
+    case("softmax_scale1p5_top2", scale=1.5, norm="TOPK_SOFTMAX", cf_eval=0.75),
+    case("softmax_scale1p5_top1_renorm", gate="TOP1", k=1, scale=1.5,
+         norm="RENORM_AFTER_CAPACITY", train=True, cf_train=0.75),
+    case("sigmoid_rr_probability", score="SIGMOID", rr=True, policy="PROBABILITY", train=True,
+         step=5, cf_train=0.75, norm="RENORM_AFTER_CAPACITY"),
+    case("sigmoid_reroute_bias", score="SIGMOID", reroute=True, rbias=True, train=True,
+         cf_train=0.6, E=6, rate=0.01, scale=2.0),
+    case("sigmoid_importance_cv", score="SIGMOID", aux="IMPORTANCE_CV", aw=0.1,
+         norm="TOPK_SOFTMAX", cf_eval=0.75, scale=2.0),
+    case("sigmoid_importance_cv_none_groups", score="SIGMOID", aux="IMPORTANCE_CV", aw=0.1,
+         G=2, S=34, cf_eval=0.75),
+    case("sigmoid_zloss_switch", score="SIGMOID", zw=0.1, aw=0.1, cf_eval=0.75),
+    case("sigmoid_gshard_groups", score="SIGMOID", aux="GSHARD", aw=0.1, G=3, S=31,
+         norm="TOPK_SOFTMAX", cf_eval=0.75),
+    # --- group-limited top-k (num_expert_groups, groups_per_token)
+    case("grouped_E8_ng4_gp2_k4", E=8, ng=4, gp=2, k=4, norm="TOPK_SOFTMAX", cf_eval=0.75),
+    case("grouped_E8_ng4_gp1_k2", E=8, ng=4, gp=1, k=2, cf_eval=0.75, train=True, cf_train=0.75),
+    case("grouped_bias_sigmoid", E=8, ng=4, gp=2, k=4, score="SIGMOID", rbias=True,
+         norm="TOPK_SOFTMAX", train=True, cf_train=0.6, rate=0.01),
+    case("grouped_local_groups2", E=8, ng=4, gp=2, k=4, G=2, S=40, norm="RENORM_AFTER_CAPACITY",
+         train=True, cf_train=0.5, aux="SWITCH_TOPK", aw=0.1),
+    case("grouped_E12_ng3_gp2_k2_rr", E=12, ng=3, gp=2, k=2, rr=True, train=True, step=6,
+         cf_train=0.75, policy="PROBABILITY"),
+    # --- drop policies TOKEN_ORDER and EXPERT_SCORE
+    case("token_order_k2_eval", policy="TOKEN_ORDER", cf_eval=0.6),
+    case("token_order_k3_train", policy="TOKEN_ORDER", k=3, E=6, train=True, cf_train=0.5,
+         norm="TOPK_SOFTMAX"),
+    case("token_order_rr_renorm", policy="TOKEN_ORDER", rr=True, train=True, step=2,
+         cf_train=0.6, norm="RENORM_AFTER_CAPACITY"),
+    case("token_order_groups3", policy="TOKEN_ORDER", G=3, S=31, k=3, E=6, cf_eval=0.6),
+    case("token_order_dropless", policy="TOKEN_ORDER", train=True, cf_train=0.0),
+    case("expert_score_k2_eval", policy="EXPERT_SCORE", cf_eval=0.6),
+    case("expert_score_k3_train", policy="EXPERT_SCORE", k=3, E=6, train=True, cf_train=0.5,
+         norm="TOPK_SOFTMAX"),
+    case("expert_score_rr_renorm", policy="EXPERT_SCORE", rr=True, train=True, step=8,
+         cf_train=0.6, norm="RENORM_AFTER_CAPACITY"),
+    case("expert_score_groups2_renorm", policy="EXPERT_SCORE", G=2, S=34, k=3, E=6,
+         norm="RENORM_AFTER_CAPACITY", cf_eval=0.5),
+    case("expert_score_top1_bias", policy="EXPERT_SCORE", gate="TOP1", k=1, rbias=True,
+         train=True, cf_train=0.75),
+    case("expert_score_dropless", policy="EXPERT_SCORE", train=True, cf_train=0.0, k=3, E=6),
+    case("expert_score_sigmoid_scale", policy="EXPERT_SCORE", score="SIGMOID", scale=2.5,
+         norm="TOPK_SOFTMAX", cf_eval=0.6),
+    # --- SWITCH_TOPK aux loss
+    case("switch_topk_softmax_k2", aux="SWITCH_TOPK", aw=0.1, cf_eval=0.75),
+    case("switch_topk_softmax_k3_groups", aux="SWITCH_TOPK", aw=0.1, k=3, E=6, G=2, S=34,
+         norm="TOPK_SOFTMAX", train=True, cf_train=0.6),
+    case("switch_topk_sigmoid_k2", aux="SWITCH_TOPK", aw=0.1, score="SIGMOID", cf_eval=0.75,
+         norm="TOPK_SOFTMAX"),
+    case("switch_topk_sigmoid_k3_zloss", aux="SWITCH_TOPK", aw=0.1, score="SIGMOID", k=3, E=6,
+         train=True, cf_train=0.6, zw=0.05),
+    case("switch_topk_sigmoid_k2_rr", aux="SWITCH_TOPK", aw=0.1, score="SIGMOID", rr=True,
+         train=True, step=4, cf_train=0.6),
+    # --- DeepSeek-V3-like router
+    case("deepseek_v3_like", score="SIGMOID", norm="TOPK_SOFTMAX", scale=2.5, E=8, ng=4, gp=2,
+         k=4, rbias=True, policy="EXPERT_SCORE", aux="SWITCH_TOPK", aw=0.1, shared=1, G=2, S=40,
+         train=True, cf_train=1.0, rate=0.001, kind="SWIGLU"),
 ]
 
 
@@ -165,6 +236,10 @@ def textproto(c, seed):
             f"z_loss_weight: {c['zw']!r}",
             f"bias_update_rate: {c['rate']!r}",
         ]
+        for key, field, default in NEW_ROUTER_FIELDS:
+            if c[key] != default:
+                r.append(f"{field}: {c[key]!r}" if isinstance(c[key], float) else
+                         f"{field}: {c[key]}")
         router = "\n    ".join(r)
     return (
         f"# case {c['name']}\n"
@@ -191,6 +266,9 @@ def case_config(c, seed):
                       min_capacity=c["min_cap"], drop_policy=c["policy"], num_local_groups=c["G"],
                       reroute_overflow=c["reroute"], aux_loss=c["aux"], aux_loss_weight=c["aw"],
                       z_loss_weight=c["zw"], bias_update_rate=c["rate"])
+        for key, field, default in NEW_ROUTER_FIELDS:
+            if c[key] != default:
+                router[field] = c[key]
     return {"moe": {"model_dim": c["M"], "num_experts": c["E"],
                     "expert": {"hidden_dim": c["H"], "activation": c["act"], "kind": c["kind"],
                                "bias": c["bias"]},

@@ -3,10 +3,11 @@
 
 Implements exactly docs/SEMANTICS.md, independently of the C++ runtime:
 
-* Routing *decisions* (top-k selection and its ties, random routing's u < 2*g2n test, capacity
-  order by probability, expert choice's top-C) are made on float32 router probabilities computed
-  the way the C++ float32 path computes them (x32 @ Wg32, softmax as subtract-max / exp / multiply
-  by 1/sum), so both sides take the same decisions.
+* Routing *decisions* (top-k selection and its ties, group-limited selection, random routing's
+  u < 2*g2n test, capacity order by probability or by expert score, expert choice's top-C) are
+  made on float32 router probabilities computed the way the C++ float32 path computes them
+  (x32 @ Wg32, softmax as subtract-max / exp / multiply by 1/sum, or the sigmoid 1 / (1 + exp(-v))
+  of score_function SIGMOID), so both sides take the same decisions.
 * All the forward/backward math (logits, probs, gates, experts, losses) is float64 torch, and the
   gradients come from torch autograd, treating selection, drops and the noise eps as constants.
   That checks the C++ hand-written backward independently.
@@ -85,8 +86,9 @@ ENUMS = {
     "kind": ["FFN", "SWIGLU"],
     "gate": ["TOP1", "TOPK", "NOISY_TOPK", "EXPERT_CHOICE"],
     "normalization": ["NONE", "TOPK_SOFTMAX", "RENORM_AFTER_CAPACITY"],
-    "drop_policy": ["POSITION", "PROBABILITY"],
-    "aux_loss": ["NO_AUX_LOSS", "SWITCH", "GSHARD", "IMPORTANCE_CV"],
+    "drop_policy": ["POSITION", "PROBABILITY", "EXPERT_SCORE", "TOKEN_ORDER"],
+    "aux_loss": ["NO_AUX_LOSS", "SWITCH", "GSHARD", "IMPORTANCE_CV", "SWITCH_TOPK"],
+    "score_function": ["SOFTMAX", "SIGMOID"],
 }
 
 EXPERT_DEFAULTS = {"hidden_dim": None, "activation": "GELU_TANH", "kind": "FFN", "bias": True}
@@ -95,6 +97,8 @@ ROUTER_DEFAULTS = {
     "capacity_factor_train": 1.25, "capacity_factor_eval": 2.0, "min_capacity": 4,
     "drop_policy": "POSITION", "num_local_groups": 1, "reroute_overflow": False,
     "aux_loss": "SWITCH", "aux_loss_weight": 0.01, "z_loss_weight": 0.0, "bias_update_rate": 0.0,
+    "score_function": "SOFTMAX", "scaling_factor": 1.0, "num_expert_groups": 1,
+    "groups_per_token": 1,
 }
 
 
@@ -148,6 +152,10 @@ class LayerConfig:
         self.aux_loss_weight = float(r["aux_loss_weight"])
         self.z_loss_weight = float(r["z_loss_weight"])
         self.bias_update_rate = float(r["bias_update_rate"])
+        self.score_function = _enum("score_function", r["score_function"])
+        self.scaling_factor = float(r["scaling_factor"])
+        self.num_expert_groups = int(r["num_expert_groups"])
+        self.groups_per_token = int(r["groups_per_token"])
         self.num_shared_experts = int(moe.get("num_shared_experts", 0))
         shd = int(moe.get("shared_hidden_dim", 0))
         self.shared_hidden_dim = shd if shd > 0 else self.hidden_dim
@@ -155,6 +163,24 @@ class LayerConfig:
             raise ValueError("EXPERT_CHOICE needs aux_loss NO_AUX_LOSS")
         if self.random_routing and self.top_k != 2:
             raise ValueError("random_routing needs top_k = 2")
+        if self.expert_choice and self.scaling_factor != 1.0:
+            raise ValueError("EXPERT_CHOICE needs scaling_factor 1")
+        if self.score_function == "SIGMOID" and self.gate not in ("TOP1", "TOPK"):
+            raise ValueError("score_function SIGMOID needs gate TOP1 or TOPK")
+        if self.num_expert_groups > 1:
+            ng, gp = self.num_expert_groups, self.groups_per_token
+            if self.num_experts % ng != 0:
+                raise ValueError("num_expert_groups must divide num_experts")
+            if not 1 <= gp <= ng:
+                raise ValueError("groups_per_token must be in 1..num_expert_groups")
+            if self.top_k % gp != 0 or self.top_k > gp * (self.num_experts // ng):
+                raise ValueError("top_k must be a multiple of groups_per_token and at most "
+                                 "groups_per_token * E / NG")
+            if self.reroute_overflow or self.expert_choice:
+                raise ValueError("num_expert_groups > 1 needs token choice without reroute")
+        if self.drop_policy in ("EXPERT_SCORE", "TOKEN_ORDER") and (self.reroute_overflow or
+                                                                    self.expert_choice):
+            raise ValueError(f"drop_policy {self.drop_policy} needs token choice without reroute")
 
     @property
     def expert_choice(self):
@@ -216,6 +242,14 @@ def _softmax32(a):
     return (ex * inv[:, None]).astype(np.float32)
 
 
+def _sigmoid32(a):
+    """Element-wise sigmoid in float32 like the C++: 1.0f / (1.0f + std::exp(-v))."""
+    a = np.asarray(a, dtype=np.float32)
+    with np.errstate(over="ignore"):
+        ex = np.exp(-a).astype(np.float32)
+    return (np.float32(1.0) / (np.float32(1.0) + ex).astype(np.float32)).astype(np.float32)
+
+
 def _softplus32(v):
     v = np.asarray(v, dtype=np.float32)
     with np.errstate(over="ignore"):
@@ -266,6 +300,43 @@ class Margins:
             self.where = where
 
 
+def select_group_limited(cfg, sc, margins, t=0):
+    """Group-limited top-k of one token's float32 selection scores `sc` (E): the experts form NG
+    contiguous groups; group score = float32 sum of its top m = k / GP scores (from the highest);
+    the GP best groups (ties lower group index) are kept and the k best experts among them chosen
+    (ties lower expert index), best first. Returns the k expert indices."""
+    e, k = cfg.num_experts, cfg.top_k
+    ng, gp = cfg.num_expert_groups, cfg.groups_per_token
+    gs = e // ng
+    m = k // gp
+    sc = np.asarray(sc, dtype=np.float32)
+    gscore = np.zeros(ng, dtype=np.float32)
+    for grp in range(ng):
+        vals = sc[grp * gs:(grp + 1) * gs]
+        order = _rank(vals)
+        srt = vals[order]
+        acc = np.float32(0.0)
+        for i in range(m):
+            acc = np.float32(acc + srt[i])
+        gscore[grp] = acc
+        if gs > m:
+            margins.add(srt[m - 1] - srt[m], f"group top-m token {t} expert group {grp}")
+    gorder = _rank(gscore)
+    if ng > gp:
+        gsrt = gscore[gorder]
+        margins.add(gsrt[gp - 1] - gsrt[gp], f"group choice token {t}")
+    allowed = np.zeros(e, dtype=bool)
+    for grp in gorder[:gp]:
+        allowed[grp * gs:(grp + 1) * gs] = True
+    masked = np.where(allowed, sc.astype(np.float64), -np.inf)
+    order = np.argsort(-masked, kind="stable")
+    srt = masked[order]
+    n_allowed = int(allowed.sum())
+    for i in range(min(k, n_allowed - 1)):
+        margins.add(srt[i] - srt[i + 1], f"selection token {t} rank {i}")
+    return order[:k]
+
+
 def plan_token_choice(cfg, probs32, bias32, s, train, step, token_offset, margins):
     e, k, g = cfg.num_experts, cfg.top_k, cfg.num_local_groups
     cap = compute_capacity(cfg, s, train)
@@ -273,6 +344,9 @@ def plan_token_choice(cfg, probs32, bias32, s, train, step, token_offset, margin
     scores = (probs32 + bias32[None, :]).astype(np.float32)  # selection score, float32
     ranking = np.zeros((s, rank_len), dtype=np.int64)
     for t in range(s):
+        if cfg.num_expert_groups > 1:
+            ranking[t] = select_group_limited(cfg, scores[t], margins, t)
+            continue
         order = _rank(scores[t])
         ranking[t] = order[:rank_len]
         srt = scores[t][order]
@@ -307,6 +381,45 @@ def plan_token_choice(cfg, probs32, bias32, s, train, step, token_offset, margin
                 for i in range(len(srt) - 1):
                     margins.add(srt[i] - srt[i + 1], f"probability order group {gr} rank {i}")
         count = np.zeros(e, dtype=np.int64)
+        if cfg.drop_policy == "TOKEN_ORDER":
+            # Token-major: every (group, expert) keeps the first C slots in token order.
+            for t in order:
+                for j in range(k):
+                    if not alive[t, j]:
+                        continue
+                    ex = final[t, j]
+                    if cap > 0 and count[ex] >= cap:
+                        alive[t, j] = False
+                        continue
+                    position[t, j] = count[ex]
+                    count[ex] += 1
+            continue
+        if cfg.drop_policy == "EXPERT_SCORE":
+            # Every (group, expert) keeps the C claims with the largest raw score probs32[t, e]
+            # (ties lower token index); positions in token order.
+            claims = [[] for _ in range(e)]
+            for t in order:
+                for j in range(k):
+                    if alive[t, j]:
+                        claims[final[t, j]].append((t, j))
+            for ex in range(e):
+                cl = claims[ex]
+                if cap > 0 and len(cl) > cap:
+                    key = np.array([probs32[t, ex] for t, _ in cl], dtype=np.float32)
+                    idx = np.argsort(-key, kind="stable")
+                    srt = key[idx]
+                    margins.add(srt[cap - 1] - srt[cap], f"expert score group {gr} expert {ex}")
+                    keep = np.zeros(len(cl), dtype=bool)
+                    keep[idx[:cap]] = True
+                else:
+                    keep = np.ones(len(cl), dtype=bool)
+                for (t, j), kp in zip(cl, keep):
+                    if not kp:
+                        alive[t, j] = False
+                        continue
+                    position[t, j] = count[ex]
+                    count[ex] += 1
+            continue
         for j in range(k):
             for t in order:
                 if not alive[t, j]:
@@ -435,7 +548,8 @@ def run_layer(cfg, x, weights, router_bias=None, grad_output=None, train=False, 
         scores32 = (logits32 + (eps32 * _softplus32(n32)).astype(np.float32)).astype(np.float32)
     else:
         scores32 = logits32
-    probs32 = _softmax32(scores32)
+    sigmoid = cfg.score_function == "SIGMOID"
+    probs32 = _sigmoid32(scores32) if sigmoid else _softmax32(scores32)
     margins = Margins()
     if cfg.expert_choice:
         plan = plan_expert_choice(cfg, probs32, s, train, margins)
@@ -455,7 +569,10 @@ def run_layer(cfg, x, weights, router_bias=None, grad_output=None, train=False, 
         scores = logits + torch.tensor(eps32, dtype=dt) * sp
     else:
         scores = logits
-    probs = torch.softmax(scores, dim=1)
+    probs = torch.sigmoid(scores) if sigmoid else torch.softmax(scores, dim=1)
+    # The balance losses' per-token distribution: probs, or the sigmoid scores normalized per token.
+    pdist = probs / probs.sum(dim=1, keepdim=True) if sigmoid else probs
+    scale = cfg.scaling_factor
 
     outs = torch.stack([_ffn(cfg, P, f"expert_{i}", X) for i in range(e)])  # E x S x M
     y = torch.zeros((s, m), dtype=dt)
@@ -465,7 +582,7 @@ def run_layer(cfg, x, weights, router_bias=None, grad_output=None, train=False, 
 
     if cfg.expert_choice:
         taken = torch.tensor(plan["taken"], dtype=dt)
-        gmat = probs * taken  # S x E
+        gmat = probs * taken * scale  # S x E
         y = y + torch.einsum("se,esm->sm", gmat, outs)
         cap = plan["capacity"]
         routing_expert = plan["ec_token"].astype(np.int32)
@@ -476,7 +593,7 @@ def run_layer(cfg, x, weights, router_bias=None, grad_output=None, train=False, 
             for pos in range(cap):
                 t = routing_expert[row, pos]
                 if t >= 0:
-                    routing_gate[row, pos] = np.float32(pr[t, ex])
+                    routing_gate[row, pos] = np.float32(pr[t, ex] * scale)
     else:
         final = torch.tensor(plan["final"], dtype=torch.long)
         alive = torch.tensor(plan["alive"], dtype=dt)
@@ -489,7 +606,7 @@ def run_layer(cfg, x, weights, router_bias=None, grad_output=None, train=False, 
             denom = (raw * alive).sum(dim=1, keepdim=True)
             has = denom > 0
             gates = raw / torch.where(has, denom, torch.ones_like(denom))
-        gates = gates * alive
+        gates = gates * alive * scale
         sel = outs[final, tok[:, None]]  # S x k x M
         y = y + (gates[:, :, None] * sel).sum(dim=1)
         routing_expert = np.where(plan["alive"], plan["final"], -1).astype(np.int32)
@@ -509,8 +626,12 @@ def run_layer(cfg, x, weights, router_bias=None, grad_output=None, train=False, 
         z_total = z_total + (lse * lse).mean()
         if cfg.aux_loss in ("SWITCH", "GSHARD"):
             f = torch.bincount(selected[b:end, 0], minlength=e).to(dt) / n
-            pm = probs[b:end].mean(dim=0)
+            pm = pdist[b:end].mean(dim=0)
             aux_total = aux_total + e * (f * pm).sum()
+        elif cfg.aux_loss == "SWITCH_TOPK":
+            f = torch.bincount(selected[b:end].reshape(-1), minlength=e).to(dt) / n
+            pm = pdist[b:end].mean(dim=0)
+            aux_total = aux_total + (e / k) * (f * pm).sum()
         elif cfg.aux_loss == "IMPORTANCE_CV":
             rs = probs[b:end].gather(1, selected[b:end])
             if cfg.normalization == "NONE":

@@ -289,7 +289,15 @@ def test_gradient_finite_differences():
             ("TOPK", "RENORM_AFTER_CAPACITY", "IMPORTANCE_CV", {"capacity_factor_train": 0.75}),
             ("TOPK", "TOPK_SOFTMAX", "SWITCH", {"reroute_overflow": True, "capacity_factor_train": 0.5}),
             ("NOISY_TOPK", "TOPK_SOFTMAX", "SWITCH", {"capacity_factor_train": 0.75}),
-            ("EXPERT_CHOICE", "NONE", "NO_AUX_LOSS", {"capacity_factor_train": 1.0})):
+            ("EXPERT_CHOICE", "NONE", "NO_AUX_LOSS", {"capacity_factor_train": 1.0}),
+            ("TOPK", "TOPK_SOFTMAX", "SWITCH_TOPK",
+             {"score_function": "SIGMOID", "scaling_factor": 2.5, "drop_policy": "EXPERT_SCORE",
+              "capacity_factor_train": 0.75}),
+            ("TOPK", "NONE", "SWITCH",
+             {"score_function": "SIGMOID", "num_expert_groups": 2, "groups_per_token": 1,
+              "drop_policy": "TOKEN_ORDER", "capacity_factor_train": 0.75}),
+            ("TOPK", "RENORM_AFTER_CAPACITY", "IMPORTANCE_CV",
+             {"score_function": "SIGMOID", "scaling_factor": 1.5, "capacity_factor_train": 0.75})):
         router = {"gate": gate, "top_k": 2, "normalization": norm, "aux_loss": aux,
                   "aux_loss_weight": 0.3, "z_loss_weight": 0.2, "min_capacity": 1,
                   "num_local_groups": 2}
@@ -327,6 +335,191 @@ def test_gradient_finite_differences():
             fd = (objective(x, wp) - objective(x, wm)) / hh
             close(r["grads"][name][1, 2], fd, f"{gate} grad {name}[1,2] vs finite difference",
                   2e-4 * max(1, abs(fd)))
+
+
+def sigmoid(v):
+    return 1.0 / (1.0 + np.exp(-np.asarray(v, dtype=np.float64)))
+
+
+def test_sigmoid_and_scaling():
+    # E = 3, k = 2, router = I so logits = x; experts FFN_e(x) = relu(x).
+    x = np.array([[2, 1, 0], [0, -1, 0.5]], np.float32)
+    for norm in ("NONE", "TOPK_SOFTMAX"):
+        for c in (1.0, 2.5):
+            cfg = cfg_of(3, 3, 3, {"gate": "TOPK", "top_k": 2, "normalization": norm,
+                                   "score_function": "SIGMOID", "scaling_factor": c,
+                                   "capacity_factor_eval": 0.0})
+            w = {"router": np.eye(3, dtype=np.float32), **identity_experts(cfg, [1, 1, 1])}
+            r = ref.run_layer(cfg, x, w)
+            check(r["routing_expert"].tolist() == [[0, 1], [2, 0]], f"sigmoid selection {norm}")
+            s0, s1 = sigmoid(x[0]), sigmoid(x[1])
+            want = np.array([[s0[0], s0[1]], [s1[2], s1[0]]])
+            if norm == "TOPK_SOFTMAX":
+                want = want / want.sum(axis=1, keepdims=True)
+            want = want * c
+            close(r["routing_gate"], want, f"sigmoid {norm} gates scaled by {c}")
+            relu = np.maximum(x.astype(np.float64), 0)
+            close(r["y"], [want[0, 0] * relu[0] + want[0, 1] * relu[0],
+                           want[1, 0] * relu[1] + want[1, 1] * relu[1]], f"sigmoid {norm} y x {c}")
+            close(r["probs32"], 1 / (1 + np.exp(-x.astype(np.float64))), "sigmoid probs32", 1e-6)
+    # Drops: the routing of test_topk_normalizations (C = 1), with sigmoid scores and c = 2.
+    x3 = np.array([[2, 1, 0], [2, 0, 1]], np.float32)
+    s0, s1 = sigmoid(x3[0]), sigmoid(x3[1])
+    base = {"gate": "TOPK", "top_k": 2, "capacity_factor_eval": 0.5, "min_capacity": 1,
+            "score_function": "SIGMOID", "scaling_factor": 2.0}
+    for norm, want in (
+            ("NONE", [[s0[0], s0[1]], [0, s1[2]]]),
+            ("TOPK_SOFTMAX", [[s0[0] / (s0[0] + s0[1]), s0[1] / (s0[0] + s0[1])],
+                              [0, s1[2] / (s1[0] + s1[2])]]),
+            ("RENORM_AFTER_CAPACITY", [[s0[0] / (s0[0] + s0[1]), s0[1] / (s0[0] + s0[1])],
+                                       [0, 1.0]])):
+        cfg = cfg_of(3, 3, 3, dict(base, normalization=norm))
+        w = {"router": np.eye(3, dtype=np.float32), **identity_experts(cfg, [1, 1, 1])}
+        r = ref.run_layer(cfg, x3, w)
+        check(r["routing_expert"].tolist() == [[0, 1], [-1, 2]], f"sigmoid {norm} drop routing")
+        close(r["routing_gate"], 2.0 * np.array(want), f"sigmoid {norm} gates after the drop x 2")
+    # TOP1 sigmoid, softmax with a scale.
+    cfg = cfg_of(3, 3, 3, {"gate": "TOP1", "score_function": "SIGMOID", "capacity_factor_eval": 0})
+    r = ref.run_layer(cfg, x3, w)
+    close(r["routing_gate"], [[s0[0]], [s1[0]]], "sigmoid TOP1 gate = sigmoid(logit)")
+    cfg = cfg_of(3, 3, 3, {"gate": "TOP1", "scaling_factor": 1.5, "capacity_factor_eval": 0})
+    r = ref.run_layer(cfg, x3, w)
+    close(r["routing_gate"], [[1.5 * softmax(x3[0])[0]], [1.5 * softmax(x3[1])[0]]],
+          "softmax TOP1 gate x 1.5")
+    # SWITCH with sigmoid: P = s / sum s per token; f from slot 0 (both tokens pick e0).
+    cfg = cfg_of(3, 3, 3, {"gate": "TOP1", "score_function": "SIGMOID", "capacity_factor_eval": 0,
+                           "aux_loss": "SWITCH"})
+    r = ref.run_layer(cfg, x3, w)
+    pn = (s0 / s0.sum() + s1 / s1.sum()) / 2
+    close(r["metrics"]["aux_loss"], 3 * pn[0], "SWITCH with sigmoid scores normalized", 1e-12)
+    # IMPORTANCE_CV with sigmoid uses unscaled pre-capacity gates.
+    cfg = cfg_of(3, 3, 3, {"gate": "TOPK", "top_k": 2, "score_function": "SIGMOID",
+                           "scaling_factor": 3.0, "capacity_factor_eval": 0,
+                           "aux_loss": "IMPORTANCE_CV", "normalization": "TOPK_SOFTMAX"})
+    r = ref.run_layer(cfg, x3, w)
+    imp = np.zeros(3)
+    imp[[0, 1]] += s0[[0, 1]] / s0[[0, 1]].sum()
+    imp[[0, 2]] += s1[[0, 2]] / s1[[0, 2]].sum()
+    close(r["metrics"]["aux_loss"], imp.var() / imp.mean() ** 2, "IMPORTANCE_CV sigmoid", 1e-12)
+    for gate in ("NOISY_TOPK", "EXPERT_CHOICE"):
+        try:
+            cfg_of(3, 3, 3, {"gate": gate, "score_function": "SIGMOID"})
+            check(False, f"SIGMOID with {gate} refused")
+        except ValueError:
+            check(True, "")
+
+
+def test_group_limited_selection():
+    import itertools
+    rng = np.random.default_rng(17)
+    for e, ng, gp, k, sig in ((8, 4, 2, 4, False), (8, 4, 1, 2, True), (12, 4, 3, 3, True),
+                              (12, 3, 2, 4, False), (8, 4, 4, 4, True)):
+        m_dim, s = 6, 40
+        cfg = cfg_of(m_dim, e, m_dim, {"gate": "TOPK", "top_k": k, "num_expert_groups": ng,
+                                       "groups_per_token": gp, "capacity_factor_eval": 0,
+                                       "score_function": "SIGMOID" if sig else "SOFTMAX"})
+        w = {"router": rng.standard_normal((m_dim, e)).astype(np.float32)}
+        w.update(identity_experts(cfg, [1] * e))
+        x = rng.standard_normal((s, m_dim)).astype(np.float32)
+        bias = rng.uniform(-0.05, 0.05, e).astype(np.float32)
+        r = ref.run_layer(cfg, x, w, router_bias=bias)
+        check(r["min_margin"] > 1e-7, f"group-limited draw has no near-ties ({r['min_margin']})")
+        sc = r["probs32"].astype(np.float64) + bias.astype(np.float64)
+        gs, mm = e // ng, k // gp
+        for t in range(s):
+            gscore = [np.sort(sc[t, g * gs:(g + 1) * gs])[::-1][:mm].sum() for g in range(ng)]
+            best = max(itertools.combinations(range(ng), gp),
+                       key=lambda sub: sum(gscore[g] for g in sub))
+            allowed = [g * gs + i for g in best for i in range(gs)]
+            want = sorted(allowed, key=lambda ex: -sc[t, ex])[:k]
+            check(r["routing_expert"][t].tolist() == want,
+                  f"group-limited E{e} NG{ng} GP{gp} k{k} token {t}: "
+                  f"{r['routing_expert'][t].tolist()} vs {want}")
+        if gp == ng:  # every group kept: plain top-k
+            plain = ref.run_layer(cfg_of(m_dim, e, m_dim, {
+                "gate": "TOPK", "top_k": k, "capacity_factor_eval": 0,
+                "score_function": "SIGMOID" if sig else "SOFTMAX"}), x, w, router_bias=bias)
+            check(np.array_equal(plain["routing_expert"], r["routing_expert"]),
+                  "all groups kept = plain top-k")
+
+
+def test_token_order_and_expert_score():
+    # E = 3, k = 2, C = 1, router = I: t0 ranks e0 > e1, t1 ranks e1 > e2.
+    x = np.array([[2, 1, 0], [0, 2, 1]], np.float32)
+    base = {"gate": "TOPK", "top_k": 2, "capacity_factor_eval": 0.5, "min_capacity": 1}
+    want = {"POSITION": [[0, -1], [1, 2]],      # slot-major: t1.s0 claims e1 before t0.s1
+            "TOKEN_ORDER": [[0, 1], [-1, 2]],   # token-major: t0.s1 claims e1 first
+            "EXPERT_SCORE": [[0, -1], [1, 2]]}  # e1: probs[1, 1] > probs[0, 1]
+    for pol, routing in want.items():
+        cfg = cfg_of(3, 3, 3, dict(base, drop_policy=pol))
+        w = {"router": np.eye(3, dtype=np.float32), **identity_experts(cfg, [1, 1, 1])}
+        r = ref.run_layer(cfg, x, w)
+        check(r["routing_expert"].tolist() == routing, f"{pol} routing {r['routing_expert'].tolist()}")
+    # EXPERT_SCORE keeps the first token of e1 when its score is the larger one.
+    x2 = np.array([[0, 2, 1], [2, 1, 0]], np.float32)
+    cfg = cfg_of(3, 3, 3, dict(base, drop_policy="EXPERT_SCORE"))
+    r = ref.run_layer(cfg, x2, w)
+    check(r["routing_expert"].tolist() == [[1, 2], [0, -1]],
+          f"EXPERT_SCORE by score {r['routing_expert'].tolist()}")
+
+    rng = np.random.default_rng(23)
+    m_dim, e, k, s = 5, 4, 3, 33
+    for pol in ("TOKEN_ORDER", "EXPERT_SCORE"):
+        for rr in (False, True):
+            kk = 2 if rr else k
+            cfg = cfg_of(m_dim, e, m_dim, {"gate": "TOPK", "top_k": kk, "drop_policy": pol,
+                                           "capacity_factor_eval": 0.5, "min_capacity": 1,
+                                           "num_local_groups": 3, "random_routing": rr})
+            w = {"router": rng.standard_normal((m_dim, e)).astype(np.float32)}
+            w.update(identity_experts(cfg, [1] * e))
+            x = rng.standard_normal((s, m_dim)).astype(np.float32)
+            r = ref.run_layer(cfg, x, w, step=1)
+            plan, probs = r["plan"], r["probs32"]
+            cap = plan["capacity"]
+            check(plan["dropped_slots"] > 0, f"{pol} rr={rr} case drops something")
+            b = plan["bounds"]
+            alive0 = ref.run_layer(cfg_of(m_dim, e, m_dim, dict(
+                {"gate": "TOPK", "top_k": kk, "capacity_factor_eval": 0.0, "num_local_groups": 3,
+                 "random_routing": rr})), x, w, step=1)["plan"]["alive"]
+            for gr in range(3):
+                for ex in range(e):
+                    claims = [(t, j) for t in range(b[gr], b[gr + 1]) for j in range(kk)
+                              if alive0[t, j] and plan["selected"][t, j] == ex]
+                    if pol == "TOKEN_ORDER":
+                        keep = claims[:cap]
+                    else:
+                        keep = sorted(claims, key=lambda tj: (-probs[tj[0], ex], tj[0]))[:cap]
+                        keep = sorted(keep)
+                    got = [(t, j) for (t, j) in claims if plan["alive"][t, j]]
+                    check(got == keep, f"{pol} rr={rr} group {gr} expert {ex} keeps {got} want {keep}")
+                    check([int(plan["position"][t, j]) for t, j in got] == list(range(len(got))),
+                          f"{pol} positions in token order group {gr} expert {ex}")
+
+
+def test_switch_topk():
+    rng = np.random.default_rng(29)
+    m_dim, e, k, s = 5, 6, 3, 14
+    for sig in (False, True):
+        cfg = cfg_of(m_dim, e, m_dim, {"gate": "TOPK", "top_k": k, "aux_loss": "SWITCH_TOPK",
+                                       "capacity_factor_eval": 0.5, "num_local_groups": 2,
+                                       "score_function": "SIGMOID" if sig else "SOFTMAX"})
+        w = {"router": rng.standard_normal((m_dim, e)).astype(np.float32)}
+        w.update(identity_experts(cfg, [1] * e))
+        x = rng.standard_normal((s, m_dim)).astype(np.float32)
+        r = ref.run_layer(cfg, x, w)
+        logits = x.astype(np.float64) @ w["router"].astype(np.float64)
+        if sig:
+            p = sigmoid(logits)
+            p = p / p.sum(axis=1, keepdims=True)
+        else:
+            p = np.exp(logits - logits.max(axis=1, keepdims=True))
+            p = p / p.sum(axis=1, keepdims=True)
+        sel = r["plan"]["selected"]
+        aux = 0.0
+        for lo, hi in ((0, 7), (7, 14)):
+            f = np.array([(sel[lo:hi] == i).any(axis=1).sum() for i in range(e)]) / (hi - lo)
+            aux += (e / k) * (f * p[lo:hi].mean(axis=0)).sum()
+        close(r["metrics"]["aux_loss"], aux / 2, f"SWITCH_TOPK sigmoid={sig}", 1e-9)
 
 
 def test_rng(rng_dump):
@@ -372,7 +565,9 @@ def main():
     torch.set_num_threads(1)
     tests = [test_top1_capacity_drop, test_reroute_and_bias, test_expert_choice,
              test_topk_normalizations, test_losses, test_groups_and_capacity,
-             test_random_routing_and_noise, test_gradient_finite_differences]
+             test_random_routing_and_noise, test_gradient_finite_differences,
+             test_sigmoid_and_scaling, test_group_limited_selection,
+             test_token_order_and_expert_score, test_switch_topk]
     for t in tests:
         before = len(FAILURES)
         t()

@@ -116,6 +116,48 @@ TEST(ConfigTest, ExpertChoiceRestrictions) {
                 {"moe.router.random_routing", "with gate EXPERT_CHOICE"});
 }
 
+TEST(ConfigTest, RoutingOfTheSecondWave) {
+  // Score function and scaling.
+  ExpectInvalid(Layer("gate: NOISY_TOPK score_function: SIGMOID"),
+                {"moe.router.gate=NOISY_TOPK", "TOP1 or TOPK with moe.router.score_function SIGMOID"});
+  ExpectInvalid(Layer("gate: EXPERT_CHOICE score_function: SIGMOID"),
+                {"moe.router.gate=EXPERT_CHOICE", "score_function SIGMOID"});
+  ExpectInvalid(Layer("scaling_factor: 0"), {"moe.router.scaling_factor=0", "be > 0"});
+  ExpectInvalid(Layer("scaling_factor: -2.5"), {"moe.router.scaling_factor=-2.5", "be > 0"});
+  ExpectInvalid(Layer("scaling_factor: inf"), {"moe.router.scaling_factor", "finite"});
+  ExpectInvalid(Layer("gate: EXPERT_CHOICE scaling_factor: 2"),
+                {"moe.router.scaling_factor=2", "be 1 with gate EXPERT_CHOICE"});
+  // Group-limited top-k (E = 4).
+  ExpectInvalid(Layer("num_expert_groups: 3"),
+                {"moe.router.num_expert_groups=3", "divide moe.num_experts=4"});
+  ExpectInvalid(Layer("num_expert_groups: 0"), {"moe.router.num_expert_groups=0", "be >= 1"});
+  ExpectInvalid(Layer("num_expert_groups: 2 groups_per_token: 3"),
+                {"moe.router.groups_per_token=3", "be <= moe.router.num_expert_groups=2"});
+  ExpectInvalid(Layer("num_expert_groups: 2 groups_per_token: 0"),
+                {"moe.router.groups_per_token=0", "be >= 1"});
+  ExpectInvalid(Layer("top_k: 3 num_expert_groups: 2 groups_per_token: 2"),
+                {"moe.router.top_k=3", "divisible by moe.router.groups_per_token=2"});
+  ExpectInvalid(Layer("top_k: 4 num_expert_groups: 2 groups_per_token: 1"),
+                {"moe.router.top_k=4", "groups_per_token * experts per group (1 * 2)"});
+  ExpectInvalid(Layer("num_expert_groups: 2 reroute_overflow: true"),
+                {"moe.router.reroute_overflow", "num_expert_groups > 1"});
+  ExpectInvalid(Layer("gate: EXPERT_CHOICE num_expert_groups: 2"),
+                {"moe.router.num_expert_groups=2", "be 1 with gate EXPERT_CHOICE"});
+  // Per-expert drop policies.
+  ExpectInvalid(Layer("drop_policy: EXPERT_SCORE reroute_overflow: true"),
+                {"moe.router.reroute_overflow", "drop_policy EXPERT_SCORE", "slot-major"});
+  ExpectInvalid(Layer("drop_policy: TOKEN_ORDER reroute_overflow: true"),
+                {"moe.router.reroute_overflow", "drop_policy TOKEN_ORDER"});
+  ExpectInvalid(Layer("gate: EXPERT_CHOICE drop_policy: EXPERT_SCORE"),
+                {"moe.router.drop_policy=EXPERT_SCORE", "be POSITION with gate EXPERT_CHOICE"});
+  // And the valid combinations parse.
+  EXPECT_TRUE(ParseConfig(Layer("score_function: SIGMOID scaling_factor: 2.5 top_k: 2 "
+                                "num_expert_groups: 2 groups_per_token: 1 drop_policy: "
+                                "EXPERT_SCORE aux_loss: SWITCH_TOPK normalization: TOPK_SOFTMAX"),
+                          "t")
+                  .ok());
+}
+
 TEST(ConfigTest, MissingOrBadDims) {
   // Required fields that are missing are reported as missing, with their path.
   ExpectInvalid("moe { num_experts: 4 expert { hidden_dim: 16 } }", {"moe.model_dim must be set"});

@@ -257,6 +257,16 @@ const char* kTop2Prob =
     "gate: TOPK top_k: 2 normalization: TOPK_SOFTMAX capacity_factor_train: 1.0 min_capacity: 1 "
     "drop_policy: PROBABILITY";
 const char* kDropless = "gate: TOPK top_k: 2 capacity_factor_train: 0";
+// DeepSeek-V3-style routing: sigmoid scores, scaled normalized gates, group-limited top-k (4
+// expert groups, 2 per token), the per-expert drop policies, the all-slot balance loss.
+const char* kSigmoidGrouped =
+    "gate: TOPK top_k: 4 score_function: SIGMOID scaling_factor: 2.5 normalization: TOPK_SOFTMAX "
+    "num_expert_groups: 4 groups_per_token: 2 drop_policy: EXPERT_SCORE aux_loss: SWITCH_TOPK "
+    "capacity_factor_train: 1.0 min_capacity: 1";
+const char* kTokenOrder =
+    "gate: TOPK top_k: 2 score_function: SIGMOID normalization: RENORM_AFTER_CAPACITY "
+    "num_expert_groups: 2 groups_per_token: 1 drop_policy: TOKEN_ORDER aux_loss: SWITCH_TOPK "
+    "capacity_factor_train: 0.75 min_capacity: 1";
 
 INSTANTIATE_TEST_SUITE_P(
     Ranks, EpEquivalenceTest,
@@ -295,7 +305,15 @@ INSTANTIATE_TEST_SUITE_P(
         EpCase{"w4_top2_position_shared_bf16", 4, 8, kTop2Pos, 1, false, 1, 0, true},
         EpCase{"w2_dropless_routing_pipeline2_bf16", 2, 4, kDropless, 1, false, 2, 0, true},
         EpCase{"w4_top2_probability_dropless_exchange_hierarchical2_bf16", 4, 4, kTop2Prob, 0,
-               true, 1, 2, true}),
+               true, 1, 2, true},
+        // Second-wave routing (W in {1, 2, 4}).
+        EpCase{"w1_sigmoid_grouped_expert_score", 1, 8, kSigmoidGrouped},
+        EpCase{"w2_sigmoid_grouped_expert_score_shared", 2, 8, kSigmoidGrouped, 1},
+        EpCase{"w4_sigmoid_grouped_expert_score", 4, 8, kSigmoidGrouped},
+        EpCase{"w4_sigmoid_grouped_expert_score_dropless_exchange_pipeline2", 4, 8,
+               kSigmoidGrouped, 0, true, 2},
+        EpCase{"w2_token_order", 2, 4, kTokenOrder},
+        EpCase{"w4_token_order_shared", 4, 8, kTokenOrder, 1}),
     [](const ::testing::TestParamInfo<EpCase>& p) { return p.param.name; });
 
 // The pipelined exchange layout by hand: 2 ranks, 2 local experts, 2 chunks. Rank 0's plan sends

@@ -198,6 +198,14 @@ std::vector<GradCase> Cases() {
   add("swiglu_nobias_shared", Base("kind: SWIGLU bias: false", std::string("top_k: 2 normalization: NONE aux_loss: IMPORTANCE_CV") + kLoss + kDropless, "num_shared_experts: 2 shared_hidden_dim: 3"), 9);
   add("shared_gelu_nobias", Base("activation: GELU_TANH bias: false", std::string("gate: TOP1 aux_loss: SWITCH") + kLoss + kDrops, "num_shared_experts: 2 shared_hidden_dim: 5"));
   add("no_aux_z_only", Base(kGelu, "top_k: 2 aux_loss: NO_AUX_LOSS z_loss_weight: 0.2 capacity_factor_eval: 0"));
+  // Second-wave routing: sigmoid scores (the balance losses on s / Σ s), the gate scaling,
+  // SWITCH_TOPK, group-limited selection and the per-expert drop policies.
+  add("sigmoid_scaled_topk_softmax_switch_topk_drop", Base(kGelu, std::string("score_function: SIGMOID scaling_factor: 2.5 top_k: 2 normalization: TOPK_SOFTMAX aux_loss: SWITCH_TOPK") + kLoss + kDrops));
+  add("sigmoid_none_switch_dropless", Base(kSilu, std::string("score_function: SIGMOID top_k: 2 normalization: NONE aux_loss: SWITCH") + kLoss + kDropless));
+  add("sigmoid_renorm_cv_drop", Base(kGelu, std::string("score_function: SIGMOID scaling_factor: 1.5 top_k: 2 normalization: RENORM_AFTER_CAPACITY aux_loss: IMPORTANCE_CV") + kLoss + kDrops));
+  add("sigmoid_top1_token_order", Base(kGelu, std::string("gate: TOP1 score_function: SIGMOID drop_policy: TOKEN_ORDER aux_loss: SWITCH") + kLoss + kDrops));
+  add("grouped_expert_score_switch_topk", Base(kSilu, std::string("top_k: 2 num_expert_groups: 2 groups_per_token: 1 drop_policy: EXPERT_SCORE normalization: RENORM_AFTER_CAPACITY aux_loss: SWITCH_TOPK") + kLoss + kDrops), 12);
+  add("softmax_scaled_token_order_g2", Base(kGelu, std::string("scaling_factor: 2 top_k: 2 drop_policy: TOKEN_ORDER num_local_groups: 2 aux_loss: SWITCH_TOPK") + kLoss + kDrops), 12);
   GradCase* b = add("selection_bias", Base(kGelu, std::string("top_k: 2 normalization: TOPK_SOFTMAX aux_loss: IMPORTANCE_CV") + kLoss + kDropless));
   b->bias = {0.3f, -0.2f, 0.0f, 0.1f};
   return v;

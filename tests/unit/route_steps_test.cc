@@ -100,7 +100,7 @@ Emulated FromDownload(const std::vector<int64_t>& words, const route_steps::Summ
   Emulated out;
   route_steps::PlanFromSummary(words.data(), l, s, k, capacity, rc.normalization(),
                                rc.gate() == config::EXPERT_CHOICE, &out.plan);
-  out.sums = route_steps::LossSumsFromSummary(words.data(), l, s, rc.aux_loss());
+  out.sums = route_steps::LossSumsFromSummary(words.data(), l, s, rc.aux_loss(), k);
   out.losses = LossesFromSums(out.sums);
   DispatchPlan& p = out.plan;
   p.row_token = std::move(rows.row_token);
@@ -190,7 +190,8 @@ Emulated EmulateForward(const config::RouterConfig& rc, int64_t e, const RouterO
                                  slot_row.data(),
                                  token_kept.data(),
                                  counter(l.kept()),
-                                 counter(l.dropped())};
+                                 counter(l.dropped()),
+                                 static_cast<float>(rc.scaling_factor())};
   for (int64_t t = 0; t < s; ++t) route_steps::GateToken(ga, t);
   std::vector<int64_t> token_row_offset(static_cast<size_t>(s + 1), 0);
   for (int64_t t = 0; t < s; ++t) token_row_offset[t + 1] = token_row_offset[t] + token_kept[t];
@@ -205,7 +206,7 @@ Emulated EmulateForward(const config::RouterConfig& rc, int64_t e, const RouterO
 
   // The losses' per-group sums.
   EmulateGroupSums(s, g, 1, route_steps::ZTerm{router.logits.data(), e}, words.data(), l.z());
-  EmulateGroupSums(s, g, e, route_steps::Top1Term{selected.data(), k}, words.data(), l.top1());
+  EmulateGroupSums(s, g, e, route_steps::Top1Term{selected.data(), k, rc.aux_loss() == config::SWITCH_TOPK ? k : 1}, words.data(), l.top1());
   EmulateGroupSums(s, g, e, route_steps::ProbTerm{probs, e}, words.data(), l.probs());
   EmulateGroupSums(s, g, e,
                    route_steps::ImportanceTerm{probs, selected.data(), e, k, rc.normalization()},
@@ -328,7 +329,8 @@ RouterGradients EmulateBackward(const config::RouterConfig& rc, const Emulated& 
       out.dprobs.data(),
       out.dscores.data(),
       out.dlogits.data(),
-      out.dnoise.data()};
+      out.dnoise.data(),
+      static_cast<float>(rc.scaling_factor())};
   for (int64_t t = 0; t < s; ++t) route_steps::RouterBackwardToken(ba, t);
   return out;
 }
@@ -407,7 +409,7 @@ RandomRouter MakeRandom(uint64_t seed) {
   const int64_t k = gate == 0 ? 1 : 1 + pick(std::min<int64_t>(4, r.experts));
   const bool random_routing = gate != 0 && k == 2 && pick(2) == 0;
   const char* norms[] = {"NONE", "TOPK_SOFTMAX", "RENORM_AFTER_CAPACITY"};
-  const char* aux[] = {"NO_AUX_LOSS", "SWITCH", "GSHARD", "IMPORTANCE_CV"};
+  const char* aux[] = {"NO_AUX_LOSS", "SWITCH", "GSHARD", "IMPORTANCE_CV", "SWITCH_TOPK"};
   const char* cfs[] = {"0", "0.5", "1.0", "1.25", "2.0"};
   std::string text =
       "gate: " +
@@ -418,7 +420,8 @@ RandomRouter MakeRandom(uint64_t seed) {
       " normalization: " + (gate == 2 ? "TOPK_SOFTMAX" : norms[pick(3)]) +
       " drop_policy: " + (pick(2) == 0 ? "POSITION" : "PROBABILITY") +
       " capacity_factor_train: " + cfs[pick(5)] + " min_capacity: " + std::to_string(pick(3)) +
-      " aux_loss: " + aux[pick(4)] + " aux_loss_weight: 0.05 z_loss_weight: 0.002";
+      " aux_loss: " + aux[pick(5)] + " aux_loss_weight: 0.05 z_loss_weight: 0.002";
+  if (pick(3) == 0) text += " scaling_factor: 2.5";
   if (random_routing) text += " random_routing: true";
   const config::LayerConfig layer = ResolvedLayerConfig(
       testing::LayerFromText("model_dim: 4 num_experts: " + std::to_string(r.experts) +

@@ -49,16 +49,16 @@ TEST(RoutingMath, TokenGatesNormalizeOverAllOrKeptSlots) {
   const uint8_t kept[2] = {1, 0};  // slot 1 dropped
   float raw[2], gate[2];
   int32_t expert[2];
-  routing::TokenGates(config::NONE, 2, probs.data(), final_expert, kept, raw, gate, expert);
+  routing::TokenGates(config::NONE, 1.0f, 2, probs.data(), final_expert, kept, raw, gate, expert);
   EXPECT_EQ(raw[0], 0.5f);
   EXPECT_EQ(raw[1], 0.3f);
   EXPECT_EQ(gate[0], 0.5f);
   EXPECT_EQ(gate[1], 0.0f);
   EXPECT_EQ(expert[0], 0);
   EXPECT_EQ(expert[1], -1);
-  routing::TokenGates(config::TOPK_SOFTMAX, 2, probs.data(), final_expert, kept, raw, gate, expert);
+  routing::TokenGates(config::TOPK_SOFTMAX, 1.0f, 2, probs.data(), final_expert, kept, raw, gate, expert);
   EXPECT_EQ(gate[0], 0.5f / 0.8f);  // the dropped slot keeps its share of the denominator
-  routing::TokenGates(config::RENORM_AFTER_CAPACITY, 2, probs.data(), final_expert, kept, raw, gate,
+  routing::TokenGates(config::RENORM_AFTER_CAPACITY, 1.0f, 2, probs.data(), final_expert, kept, raw, gate,
                       expert);
   EXPECT_EQ(gate[0], 1.0f);
   EXPECT_EQ(gate[1], 0.0f);
@@ -75,7 +75,7 @@ TEST(RoutingMath, GateGradientsGoThroughTheNormalization) {
   {
     const float slot_gate[2] = {0.6f, 0.2f};
     std::vector<float> dprobs(3, 0.0f);
-    routing::AddGateGradients(config::NONE, 2, slot_row, slot_gate, slot_raw, slot_final,
+    routing::AddGateGradients(config::NONE, 1.0f, 2, slot_row, slot_gate, slot_raw, slot_final,
                               dgate_rows.data(), dprobs.data());
     EXPECT_EQ(dprobs, (std::vector<float>{-2.0f, 0.0f, 1.0f}));
   }
@@ -83,13 +83,77 @@ TEST(RoutingMath, GateGradientsGoThroughTheNormalization) {
   {
     const float slot_gate[2] = {0.75f, 0.25f};
     std::vector<float> dprobs(3, 0.0f);
-    routing::AddGateGradients(config::TOPK_SOFTMAX, 2, slot_row, slot_gate, slot_raw, slot_final,
+    routing::AddGateGradients(config::TOPK_SOFTMAX, 1.0f, 2, slot_row, slot_gate, slot_raw, slot_final,
                               dgate_rows.data(), dprobs.data());
     const double denom = static_cast<double>(0.6f) + static_cast<double>(0.2f);
     EXPECT_FLOAT_EQ(dprobs[2], static_cast<float>((1.0 - 0.25) / denom));
     EXPECT_FLOAT_EQ(dprobs[0], static_cast<float>((-2.0 - 0.25) / denom));
     EXPECT_EQ(dprobs[1], 0.0f);
   }
+}
+
+TEST(RoutingMath, ScalingFactorMultipliesGatesAndTheirGradients) {
+  const std::vector<float> probs = {0.5f, 0.25f, 0.25f};
+  const int32_t final_expert[2] = {0, 1};
+  const uint8_t kept[2] = {1, 1};
+  float raw[2], gate[2];
+  int32_t expert[2];
+  // TOPK_SOFTMAX: 0.5/0.75 and 0.25/0.75, times 2.5.
+  routing::TokenGates(config::TOPK_SOFTMAX, 2.5f, 2, probs.data(), final_expert, kept, raw, gate,
+                      expert);
+  EXPECT_EQ(gate[0], (0.5f / 0.75f) * 2.5f);
+  EXPECT_EQ(gate[1], (0.25f / 0.75f) * 2.5f);
+  // g = c r / D: dr_i = (c dg_i - Σ dg g) / D. dg = (1, -1): Σ dg g = 2.5 (2/3 - 1/3) = 5/6.
+  const int32_t slot_row[2] = {0, 1};
+  const float dgate_rows[2] = {1.0f, -1.0f};
+  std::vector<float> dprobs(3, 0.0f);
+  routing::AddGateGradients(config::TOPK_SOFTMAX, 2.5f, 2, slot_row, gate, raw, final_expert,
+                            dgate_rows, dprobs.data());
+  EXPECT_NEAR(dprobs[0], (2.5 - 5.0 / 6.0) / 0.75, 1e-6);
+  EXPECT_NEAR(dprobs[1], (-2.5 - 5.0 / 6.0) / 0.75, 1e-6);
+  // NONE: dr = c dg.
+  std::vector<float> dnone(3, 0.0f);
+  routing::AddGateGradients(config::NONE, 2.5f, 2, slot_row, gate, raw, final_expert, dgate_rows,
+                            dnone.data());
+  EXPECT_EQ(dnone, (std::vector<float>{2.5f, -2.5f, 0.0f}));
+}
+
+TEST(RoutingMath, GroupLimitedTopKPicksInsideTheBestGroups) {
+  // 8 experts in 4 groups of 2; k = 4 over 2 groups, so a group scores the sum of its top 2.
+  // Group sums: g0 0.9+0.0 = 0.9, g1 0.5+0.5 = 1.0, g2 0.8+0.3 = 1.1, g3 0.1+0.1 = 0.2.
+  const float p[8] = {0.9f, 0.0f, 0.5f, 0.5f, 0.8f, 0.3f, 0.1f, 0.1f};
+  EXPECT_EQ(routing::ExpertGroupScore(p, nullptr, 2, 2, 2), 0.8f + 0.3f);
+  const uint64_t mask = routing::ChooseExpertGroups(p, nullptr, 8, 4, 2, 2);
+  EXPECT_EQ(mask, 0b0110u);  // groups 1 and 2, although expert 0 has the best score
+  int32_t top[4];
+  routing::RankTopExperts(p, nullptr, 8, 4, top, 2, mask);
+  EXPECT_EQ(std::vector<int32_t>(top, top + 4), (std::vector<int32_t>{4, 2, 3, 5}));
+  // A bias moves group 0 up: selection scores 0.9+0.3, so g0 = 1.2 > g2 = 1.1 > g1 = 1.0.
+  const float bias[8] = {0.3f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+  const uint64_t biased = routing::ChooseExpertGroups(p, bias, 8, 4, 2, 2);
+  EXPECT_EQ(biased, 0b0101u);
+  routing::RankTopExperts(p, bias, 8, 4, top, 2, biased);
+  EXPECT_EQ(std::vector<int32_t>(top, top + 4), (std::vector<int32_t>{0, 4, 5, 1}));
+  // Tied groups: the lower index wins.
+  const float tied[4] = {0.5f, 0.5f, 0.5f, 0.5f};
+  EXPECT_EQ(routing::ChooseExpertGroups(tied, nullptr, 4, 2, 1, 1), 0b01u);
+}
+
+TEST(RoutingMath, SigmoidAndItsBackward) {
+  EXPECT_EQ(routing::Sigmoid(0.0f), 0.5f);
+  EXPECT_FLOAT_EQ(routing::Sigmoid(2.0f), static_cast<float>(1.0 / (1.0 + std::exp(-2.0))));
+  const float s[2] = {0.5f, 0.25f}, dp[2] = {2.0f, -4.0f};
+  float dscores[2], dlogits[2] = {1.0f, 0.0f};
+  routing::SigmoidBackward(2, s, dp, dscores, dlogits);
+  EXPECT_EQ(dscores[0], 0.5f);    // 2 · 0.5 · 0.5
+  EXPECT_EQ(dscores[1], -0.75f);  // -4 · 0.25 · 0.75
+  EXPECT_EQ(dlogits[0], 1.5f);
+  // P = s / Σ s = (2/3, 1/3); a = (1, 0): ds = (a - <a, P>) / Σ s = (1/3, -2/3) / 0.75.
+  const float a[2] = {1.0f, 0.0f};
+  float ds[2] = {0.0f, 0.0f};
+  routing::AddNormalizedScoreGradient(2, s, a, ds);
+  EXPECT_FLOAT_EQ(ds[0], static_cast<float>((1.0 / 3.0) / 0.75));
+  EXPECT_FLOAT_EQ(ds[1], static_cast<float>((-2.0 / 3.0) / 0.75));
 }
 
 TEST(RoutingMath, GroupOfInvertsGroupBounds) {

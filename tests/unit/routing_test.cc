@@ -3,6 +3,7 @@
 // Semantics: docs/SEMANTICS.md.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <string>
@@ -295,6 +296,128 @@ TEST(DropTest, ProbabilityTiesKeepPosition) {
   EXPECT_EQ(TokensOfExpert(p, 2), (std::vector<int32_t>{0, 1}));
 }
 
+TEST(DropTest, TokenOrderAndExpertScoreIgnoreTheSlotIndex) {
+  // S=4, k=2, E=4, cf=1 -> C=2. Selections: t0 (1, 0), t1 (0, 2), t2 (0, 1), t3 (3, 0): expert 0
+  // is claimed by t0 slot 1 (score 0.45), t1 slot 0 (0.5), t2 slot 0 (0.4), t3 slot 1 (0.48).
+  Tensor probs = MakeTensor(4, 4, {0.45f, 0.5f, 0.03f, 0.02f,  //
+                                   0.5f, 0.02f, 0.45f, 0.03f,  //
+                                   0.4f, 0.35f, 0.03f, 0.22f,  //
+                                   0.48f, 0.02f, 0.0f, 0.5f});
+  const std::string k2 = "top_k: 2" + Cf(1.0);
+  // POSITION: slot-major, both slot-0 claims (t1, t2) first.
+  DispatchPlan pos = Plan(RouterCfg(k2 + " drop_policy: POSITION"), probs);
+  ASSERT_EQ(pos.capacity, 2);
+  EXPECT_EQ(pos.slot_expert, (std::vector<int32_t>{1, -1, 0, 2, 0, 1, 3, -1}));
+  EXPECT_EQ(TokensOfExpert(pos, 0), (std::vector<int32_t>{1, 2}));
+  // TOKEN_ORDER: the first two claims in token order (t0's slot 1, t1's slot 0).
+  DispatchPlan tok = Plan(RouterCfg(k2 + " drop_policy: TOKEN_ORDER"), probs);
+  EXPECT_EQ(tok.slot_expert, (std::vector<int32_t>{1, 0, 0, 2, -1, 1, 3, -1}));
+  EXPECT_EQ(TokensOfExpert(tok, 0), (std::vector<int32_t>{0, 1}));
+  EXPECT_EQ(tok.dropped_slots, 2);
+  EXPECT_EQ(tok.dropped_per_expert, (std::vector<int64_t>{2, 0, 0, 0}));
+  // EXPERT_SCORE: the two largest scores (t1 0.5, t3 0.48), positions in token order.
+  DispatchPlan sc = Plan(RouterCfg(k2 + " drop_policy: EXPERT_SCORE"), probs);
+  EXPECT_EQ(sc.slot_expert, (std::vector<int32_t>{1, -1, 0, 2, -1, 1, 3, 0}));
+  EXPECT_EQ(TokensOfExpert(sc, 0), (std::vector<int32_t>{1, 3}));
+  EXPECT_EQ(sc.slot_row, (std::vector<int32_t>{2, -1, 0, 4, -1, 3, 5, 1}));
+  // Dropless: every claim kept, in token order.
+  DispatchPlan all = Plan(RouterCfg("top_k: 2 drop_policy: EXPERT_SCORE" + Cf(0.0)), probs);
+  EXPECT_EQ(TokensOfExpert(all, 0), (std::vector<int32_t>{0, 1, 2, 3}));
+  EXPECT_EQ(all.dropped_slots, 0);
+}
+
+TEST(DropTest, ExpertScoreTiesGoToTheLowerToken) {
+  Tensor probs(4, 4, 0.1f);
+  for (int t = 0; t < 4; ++t) probs(t, 2) = 0.7f;
+  DispatchPlan p = Plan(RouterCfg("gate: TOP1 drop_policy: EXPERT_SCORE" + Cf(1.0, 2)), probs);
+  ASSERT_EQ(p.capacity, 2);
+  EXPECT_EQ(TokensOfExpert(p, 2), (std::vector<int32_t>{0, 1}));
+}
+
+TEST(GroupLimitedTest, ExpertsComeFromAtMostGroupsPerTokenGroups) {
+  // Random probs and biases over shapes (E, groups, per token, k); the plan's selection equals a
+  // brute force of DESIGN §4b (sort the groups by the sum of their top k/per-token scores, keep
+  // the best, sort their experts) and spans at most `per token` groups.
+  struct Shape { int e, groups, per_token, k; };
+  const Shape shapes[] = {{4, 2, 1, 2}, {8, 4, 2, 4}, {8, 4, 1, 2}, {12, 3, 2, 2}, {16, 8, 3, 6},
+                          {16, 4, 4, 8}, {6, 6, 2, 2}, {8, 2, 2, 1 * 2}};
+  int checked = 0;
+  for (const Shape& sh : shapes) {
+    for (uint64_t seed = 1; seed <= 40; ++seed) {
+      const int s = 9;
+      Tensor probs(s, sh.e);
+      FillRandom(&probs, seed * 31 + sh.e, 1.0f);
+      if (seed % 4 == 0) {  // exact ties
+        for (int64_t i = 0; i < probs.size(); ++i) probs[i] = std::round(probs[i] * 2.0f) / 2.0f;
+      }
+      std::vector<float> bias;
+      if (seed % 3 == 0) {
+        Tensor b(1, sh.e);
+        FillRandom(&b, seed + 500, 0.2f);
+        bias = b.vec();
+      }
+      const config::RouterConfig cfg = RouterCfg(
+          "top_k: " + std::to_string(sh.k) + " num_expert_groups: " + std::to_string(sh.groups) +
+              " groups_per_token: " + std::to_string(sh.per_token) + Cf(0.0),
+          sh.e);
+      const DispatchPlan p = Plan(cfg, probs, bias);
+      const int size = sh.e / sh.groups, m = sh.k / sh.per_token;
+      for (int t = 0; t < s; ++t) {
+        std::vector<float> sc(sh.e);
+        for (int j = 0; j < sh.e; ++j) sc[j] = probs(t, j) + (bias.empty() ? 0.0f : bias[j]);
+        const auto better = [&](int a, int b) { return sc[a] > sc[b] || (sc[a] == sc[b] && a < b); };
+        std::vector<float> gscore(sh.groups);
+        for (int g = 0; g < sh.groups; ++g) {
+          std::vector<int> in(size);
+          for (int i = 0; i < size; ++i) in[i] = g * size + i;
+          std::sort(in.begin(), in.end(), better);
+          float acc = 0.0f;
+          for (int i = 0; i < m; ++i) acc += sc[in[i]];
+          gscore[g] = acc;
+        }
+        std::vector<int> gorder(sh.groups);
+        for (int g = 0; g < sh.groups; ++g) gorder[g] = g;
+        std::sort(gorder.begin(), gorder.end(), [&](int a, int b) {
+          return gscore[a] > gscore[b] || (gscore[a] == gscore[b] && a < b);
+        });
+        std::vector<int> allowed;
+        for (int i = 0; i < sh.per_token; ++i)
+          for (int j = 0; j < size; ++j) allowed.push_back(gorder[i] * size + j);
+        std::sort(allowed.begin(), allowed.end(), better);
+        std::vector<int32_t> want(allowed.begin(), allowed.begin() + sh.k);
+        std::vector<int32_t> got(p.selected.begin() + t * sh.k, p.selected.begin() + (t + 1) * sh.k);
+        ASSERT_EQ(got, want) << "E=" << sh.e << " groups=" << sh.groups << " seed " << seed
+                             << " token " << t;
+        std::vector<int> used;
+        for (int32_t ex : got) {
+          if (std::find(used.begin(), used.end(), ex / size) == used.end()) used.push_back(ex / size);
+        }
+        EXPECT_LE(static_cast<int>(used.size()), sh.per_token);
+        ++checked;
+      }
+    }
+  }
+  EXPECT_EQ(checked, 8 * 40 * 9);
+}
+
+TEST(GateTest, SigmoidScoresAndScalingFactor) {
+  // Logits (0, ln 3, -ln 3): s = (0.5, 0.75, 0.25). Top-2: experts 1, 0.
+  config::LayerConfig layer = LayerFromText(
+      "model_dim: 4 num_experts: 3 expert { hidden_dim: 4 } router { score_function: SIGMOID "
+      "top_k: 2 normalization: TOPK_SOFTMAX scaling_factor: 2.5" + Cf(0.0) + "}");
+  RouterOutput r;
+  r.logits = MakeTensor(1, 3, {0.0f, std::log(3.0f), -std::log(3.0f)});
+  FinishRouter(layer.router(), RouteContext{}, &r);
+  EXPECT_EQ(r.probs(0, 0), 0.5f);
+  EXPECT_FLOAT_EQ(r.probs(0, 1), 0.75f);
+  EXPECT_FLOAT_EQ(r.probs(0, 2), 0.25f);
+  DispatchPlan p = Plan(layer.router(), r.probs);
+  EXPECT_EQ(p.selected, (std::vector<int32_t>{1, 0}));
+  // Gates over the selected sum 1.25, times 2.5: 1.5 and 1.0.
+  EXPECT_FLOAT_EQ(p.slot_gate[0], 1.5f);
+  EXPECT_FLOAT_EQ(p.slot_gate[1], 1.0f);
+}
+
 TEST(RerouteTest, OverflowGoesToNextRankedExpertWithRoom) {
   // k=2, E=4, S=3, cf=0.5 -> C=1. All tokens rank experts 0,1,2,3.
   Tensor probs(3, 4);
@@ -576,6 +699,31 @@ TEST(LossTest, SwitchImportanceAndZOnAHandExample) {
     EXPECT_NEAR(ComputeRouterLosses(cfg, p, pr, lg).aux, var / (mean * mean), 1e-6);
     EXPECT_NEAR(PreCapacityGate(p, pr, 0, 0), a, 1e-7);
     EXPECT_NEAR(PreCapacityGate(p, pr, 0, 1), b, 1e-7);
+  }
+}
+
+TEST(LossTest, SwitchTopKCountsEverySlotAndSigmoidNormalizesP) {
+  // E=3, k=2: t0 (0.5, 0.3, 0.2) selects (0, 1), t1 (0.2, 0.5, 0.3) selects (1, 2).
+  Tensor probs = MakeTensor(2, 3, {0.5f, 0.3f, 0.2f, 0.2f, 0.5f, 0.3f});
+  Tensor logits(2, 3);
+  {
+    // f = (1/2, 1, 1/2), P = (0.35, 0.4, 0.25): aux = (3/2) (0.175 + 0.4 + 0.125) = 1.05.
+    const config::RouterConfig cfg = RouterCfg("top_k: 2 aux_loss: SWITCH_TOPK" + Cf(0.0), 3);
+    DispatchPlan p = Plan(cfg, probs);
+    EXPECT_NEAR(ComputeRouterLosses(cfg, p, probs, logits).aux, 1.05, 1e-7);
+    // SWITCH counts first choices only: f = (1/2, 1/2, 0): 3 (0.175 + 0.2) = 1.125.
+    const config::RouterConfig sw = RouterCfg("top_k: 2 aux_loss: SWITCH" + Cf(0.0), 3);
+    EXPECT_NEAR(ComputeRouterLosses(sw, p, probs, logits).aux, 1.125, 1e-7);
+  }
+  {
+    // SIGMOID: these are scores, P = s / Σ s. t0 (0.5, 0.3, 0.2) sums to 1; t1 scaled by 2,
+    // (0.4, 1.0, 0.6) / 2 is t1 above. So P and aux are as above.
+    Tensor s = MakeTensor(2, 3, {0.5f, 0.3f, 0.2f, 0.4f, 1.0f, 0.6f});
+    const config::RouterConfig cfg =
+        RouterCfg("score_function: SIGMOID top_k: 2 aux_loss: SWITCH_TOPK" + Cf(0.0), 3);
+    DispatchPlan p = Plan(cfg, s);
+    EXPECT_EQ(p.selected, (std::vector<int32_t>{0, 1, 1, 2}));
+    EXPECT_NEAR(ComputeRouterLosses(cfg, p, s, logits).aux, 1.05, 1e-7);
   }
 }
 

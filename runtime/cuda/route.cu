@@ -327,6 +327,7 @@ class CudaRouter final : public DeviceRouter {
         GroupSumKernel<<<grid, kBlockThreads, 0, stream_>>>(
             s, g, e, ImportanceTerm{a_.probs, a_.selected, e, k, cfg_.normalization()}, importance);
         break;
+      case config::SEQUENCE:  // routes on the host (Supports)
       case config::NO_AUX_LOSS:
         break;
     }
@@ -694,6 +695,10 @@ bool DeviceRouter::Supports(const config::RouterConfig& router, std::string* why
               router.drop_policy() == config::TOKEN_ORDER)) {
     why = "moe.router.drop_policy=" + config::DropPolicy_Name(router.drop_policy()) +
           " routes on the host";
+  } else if (router.aux_loss() == config::SEQUENCE) {
+    why = "moe.router.aux_loss=SEQUENCE routes on the host";
+  } else if (router.aux_loss_scope() != config::LOCAL) {
+    why = "moe.router.aux_loss_scope=GLOBAL needs the world's counts (the CPU layer)";
   } else if (router.gate() != config::EXPERT_CHOICE && TopK(router) > routing::kMaxRankedExperts) {
     why = "moe.router.top_k=" + std::to_string(TopK(router)) + " is above the device router's " +
           std::to_string(routing::kMaxRankedExperts);

@@ -153,6 +153,19 @@ Status ValidateLayer(const config::LayerConfig& l) {
     c.Require(r.gate() != config::EXPERT_CHOICE, "moe.router.drop_policy",
               config::DropPolicy_Name(r.drop_policy()), "be POSITION with gate EXPERT_CHOICE");
   }
+  c.Require(r.aux_sequence_length() >= 0, "moe.router.aux_sequence_length", r.aux_sequence_length(),
+            "be >= 0");
+  if (r.aux_loss() == config::SEQUENCE) {
+    c.Require(r.aux_sequence_length() >= 1, "moe.router.aux_sequence_length",
+              r.aux_sequence_length(), "be >= 1 with moe.router.aux_loss SEQUENCE");
+  }
+  if (r.aux_loss_scope() == config::GLOBAL) {
+    c.Require(r.aux_loss() == config::SWITCH || r.aux_loss() == config::GSHARD ||
+                  r.aux_loss() == config::SWITCH_TOPK,
+              "moe.router.aux_loss", config::AuxLossKind_Name(r.aux_loss()),
+              "be SWITCH, GSHARD or SWITCH_TOPK with moe.router.aux_loss_scope GLOBAL (f is "
+              "counted over the world)");
+  }
   const int groups = r.num_expert_groups(), per_token = r.groups_per_token();
   c.Require(groups >= 1, "moe.router.num_expert_groups", groups, "be >= 1");
   c.Require(groups <= routing::kMaxExpertGroups, "moe.router.num_expert_groups", groups,

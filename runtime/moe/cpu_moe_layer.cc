@@ -70,7 +70,18 @@ Status CpuMoeLayer::Forward(const float* x_in, int64_t s, const RouteContext& ct
   ctx_ = ctx;
   ComputeRouter(cfg_.router(), x_.view(), params.router, params.router_noise, ctx, &router_);
   MOE_ASSIGN_OR_RETURN(plan_, BuildDispatchPlan(cfg_.router(), router_.probs, bias_, ctx));
-  losses_ = ComputeRouterLosses(cfg_.router(), plan_, router_.probs, router_.logits);
+  loss_sums_ = RouterLossSums(cfg_.router(), plan_, router_.probs, router_.logits);
+  if (cfg_.router().aux_loss_scope() == config::GLOBAL) {
+    std::vector<double> counts = BalanceCounts(loss_sums_);
+    if (balance_ != nullptr && balance_->size() > 1) {
+      MOE_RETURN_IF_ERROR(balance_->AllReduce(counts.data(), counts.data(),
+                                              static_cast<int64_t>(counts.size()),
+                                              comm::DataType::kFloat64, comm::ReduceOp::kSum)
+                              .WithContext("moe.router.aux_loss_scope=GLOBAL counts"));
+    }
+    SetGlobalBalanceCounts(counts, &loss_sums_);
+  }
+  losses_ = LossesFromSums(loss_sums_);
 
   // Shared experts write y first (y = shared(x)); then the executor adds the routed rows per token
   // in slot order, so the sum order does not depend on how rows are laid out.
@@ -151,7 +162,8 @@ void CpuMoeLayer::RouterBackward(const std::vector<float>& dgate_rows, float* dx
                                  MoeLayerParams* grads) {
   const int64_t s = plan_.num_tokens, e = plan_.num_experts, m = x_.cols();
   const MoeLayerParams& params = *params_;
-  RouterScoreGradients(cfg_.router(), plan_, router_, dgate_rows, loss_grad_scale_, &router_grads_);
+  RouterScoreGradients(cfg_.router(), plan_, router_, dgate_rows, loss_grad_scale_, &router_grads_,
+                       &loss_sums_);
   if (router_.noisy) {
     const Tensor& dn = router_grads_.dnoise;
     blas::Gemm(true, false, m, e, s, 1.0f, x_.data(), dn.data(), 1.0f, grads->router_noise.data());

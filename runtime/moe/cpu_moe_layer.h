@@ -17,6 +17,7 @@
 #include "runtime/moe/dispatch_plan.h"
 #include "runtime/moe/expert_executor.h"
 #include "runtime/moe/losses.h"
+#include "comm/communicator.h"
 #include "runtime/moe/moe_layer.h"
 #include "runtime/moe/router.h"
 
@@ -59,6 +60,9 @@ class CpuMoeLayer final : public MoeLayer {
   std::vector<float>& router_bias() override { return bias_; }
   void set_loss_gradient_scale(double s) override { loss_grad_scale_ = s; }
   ExchangeStats* exchange_stats() override { return executor_->exchange_stats(); }
+  // router.aux_loss_scope GLOBAL: the ranks over whose tokens f is counted (their counts are
+  // all-reduced in every Forward; host memory). Null: this process's groups only. Not owned.
+  void set_balance_communicator(comm::Communicator* world) { balance_ = world; }
 
   // The same calls on host tensors, shapes checked (runtime/moe/host_layer_call.h).
   using MoeLayer::Backward;
@@ -75,6 +79,8 @@ class CpuMoeLayer final : public MoeLayer {
   std::unique_ptr<ExpertExecutor> executor_;
   std::vector<float> bias_;
   double loss_grad_scale_ = 1.0;
+  comm::Communicator* balance_ = nullptr;
+  std::vector<GroupLossSums> loss_sums_;  // the last Forward's, for the Backward
   // The parameters the calls compute with: SetParams's, or own_ (params()).
   const MoeLayerParams* params_ = nullptr;
   std::unique_ptr<MoeLayerParams> own_;

@@ -21,6 +21,25 @@ std::vector<double> Importance(const DispatchPlan& p, const Tensor& probs, int64
   return imp;
 }
 
+// Adds one token's balance distribution P into acc (E): the probs (softmax) or s / Σ s (sigmoid).
+void AddBalanceProbs(config::ScoreFunction f, const float* s, int64_t e, double* acc) {
+  if (f == config::SIGMOID) {
+    double sum = 0.0;
+    for (int64_t i = 0; i < e; ++i) sum += s[i];
+    for (int64_t i = 0; i < e; ++i) acc[i] += s[i] / sum;
+    return;
+  }
+  for (int64_t i = 0; i < e; ++i) acc[i] += s[i];
+}
+
+// (E / slots) Σ_i (top1_i / f_tokens)(probs_i / n) over E values: the Switch-style balance loss.
+double SwitchLoss(const double* top1, const double* probs, int64_t e, int64_t slots,
+                  double f_tokens, double n) {
+  double aux = 0.0;
+  for (int64_t i = 0; i < e; ++i) aux += (top1[i] / f_tokens) * (probs[i] / n);
+  return static_cast<double>(e) / static_cast<double>(slots) * aux;
+}
+
 // The sums of group g that `cfg`'s losses need (z only with `with_z`, the aux loss's only with
 // `with_aux`).
 GroupLossSums SumsOfGroup(const config::RouterConfig& cfg, const DispatchPlan& p,
@@ -46,15 +65,25 @@ GroupLossSums SumsOfGroup(const config::RouterConfig& cfg, const DispatchPlan& p
       sums.probs.assign(static_cast<size_t>(e), 0.0);
       for (int64_t t = b; t < b + n; ++t) {
         for (int64_t j = 0; j < sums.slots; ++j) sums.top1[p.selected[t * k + j]] += 1.0;
-        if (cfg.score_function() == config::SIGMOID) {  // P = s / Σ s
-          double sum = 0.0;
-          for (int64_t i = 0; i < e; ++i) sum += probs(t, i);
-          for (int64_t i = 0; i < e; ++i) sums.probs[i] += probs(t, i) / sum;
-        } else {
-          for (int64_t i = 0; i < e; ++i) sums.probs[i] += probs(t, i);
-        }
+        AddBalanceProbs(cfg.score_function(), probs.row(t), e, sums.probs.data());
       }
       break;
+    case config::SEQUENCE: {
+      const int64_t len = cfg.aux_sequence_length();
+      const int64_t seqs = (n + len - 1) / len;
+      sums.slots = k;
+      sums.sequence_length = len;
+      sums.seq_tokens.assign(static_cast<size_t>(seqs), 0);
+      sums.seq_top1.assign(static_cast<size_t>(seqs * e), 0.0);
+      sums.seq_probs.assign(static_cast<size_t>(seqs * e), 0.0);
+      for (int64_t t = b; t < b + n; ++t) {
+        const int64_t q = (t - b) / len;
+        ++sums.seq_tokens[q];
+        for (int64_t j = 0; j < k; ++j) sums.seq_top1[q * e + p.selected[t * k + j]] += 1.0;
+        AddBalanceProbs(cfg.score_function(), probs.row(t), e, &sums.seq_probs[q * e]);
+      }
+      break;
+    }
     case config::IMPORTANCE_CV:
       sums.importance = Importance(p, probs, g);
       break;
@@ -88,9 +117,18 @@ RouterLosses LossesFromSums(const std::vector<GroupLossSums>& groups) {
     const double n = static_cast<double>(g.tokens);
     out.z += g.z / n;
     if (!g.top1.empty()) {
+      const auto e = static_cast<int64_t>(g.top1.size());
+      out.aux += SwitchLoss(g.top1.data(), g.probs.data(), e, g.slots,
+                            g.f_tokens > 0.0 ? g.f_tokens : n, n);
+    } else if (!g.seq_tokens.empty()) {
+      const auto seqs = static_cast<int64_t>(g.seq_tokens.size());
+      const int64_t e = static_cast<int64_t>(g.seq_top1.size()) / seqs;
       double aux = 0.0;
-      for (size_t i = 0; i < g.top1.size(); ++i) aux += (g.top1[i] / n) * (g.probs[i] / n);
-      out.aux += static_cast<double>(g.top1.size()) / static_cast<double>(g.slots) * aux;
+      for (int64_t q = 0; q < seqs; ++q) {
+        const auto tq = static_cast<double>(g.seq_tokens[q]);
+        aux += SwitchLoss(&g.seq_top1[q * e], &g.seq_probs[q * e], e, g.slots, tq, tq);
+      }
+      out.aux += aux / static_cast<double>(seqs);
     } else if (!g.importance.empty()) {
       double mean = 0.0, var = 0.0;
       MeanVariance(g.importance, &mean, &var);
@@ -112,9 +150,24 @@ GroupLossGradient LossGradientFromSums(const config::RouterConfig& cfg, const Gr
   const int64_t n = g.tokens;
   if (!g.top1.empty()) {
     const double e = static_cast<double>(g.top1.size()) / static_cast<double>(g.slots);
+    const double f_tokens = g.f_tokens > 0.0 ? g.f_tokens : static_cast<double>(n);
     out.to_every_prob.resize(g.top1.size());
     for (size_t i = 0; i < g.top1.size(); ++i) {
-      out.to_every_prob[i] = static_cast<float>(aw * inv_g * e * (g.top1[i] / n) / n);
+      out.to_every_prob[i] = static_cast<float>(aw * inv_g * e * (g.top1[i] / f_tokens) / n);
+    }
+  } else if (!g.seq_tokens.empty()) {
+    // aux_g = mean over sequences q of (E/k) Σ_i (c_qi / T_q)(Σ_{t in q} P_ti / T_q).
+    const auto seqs = static_cast<int64_t>(g.seq_tokens.size());
+    const int64_t e = static_cast<int64_t>(g.seq_top1.size()) / seqs;
+    const double ek = static_cast<double>(e) / static_cast<double>(g.slots);
+    out.sequence_length = g.sequence_length;
+    out.to_every_prob.resize(g.seq_top1.size());
+    for (int64_t q = 0; q < seqs; ++q) {
+      const auto tq = static_cast<double>(g.seq_tokens[q]);
+      for (int64_t i = 0; i < e; ++i) {
+        out.to_every_prob[q * e + i] = static_cast<float>(
+            aw * inv_g * ek * (g.seq_top1[q * e + i] / tq) / tq / static_cast<double>(seqs));
+      }
     }
   } else if (!g.importance.empty()) {
     const auto e = static_cast<int64_t>(g.importance.size());
@@ -132,33 +185,64 @@ GroupLossGradient LossGradientFromSums(const config::RouterConfig& cfg, const Gr
   return out;
 }
 
-RouterLosses ComputeRouterLosses(const config::RouterConfig& cfg, const DispatchPlan& p,
-                                 const Tensor& probs, const Tensor& logits) {
+std::vector<GroupLossSums> RouterLossSums(const config::RouterConfig& cfg, const DispatchPlan& p,
+                                          const Tensor& probs, const Tensor& logits) {
   std::vector<GroupLossSums> sums;
   for (int64_t g = 0; g < p.num_groups; ++g) {
     sums.push_back(SumsOfGroup(cfg, p, probs, logits, g, /*with_z=*/true, /*with_aux=*/true));
   }
-  return LossesFromSums(sums);
+  return sums;
+}
+
+RouterLosses ComputeRouterLosses(const config::RouterConfig& cfg, const DispatchPlan& p,
+                                 const Tensor& probs, const Tensor& logits) {
+  return LossesFromSums(RouterLossSums(cfg, p, probs, logits));
+}
+
+std::vector<double> BalanceCounts(const std::vector<GroupLossSums>& groups) {
+  std::vector<double> out;
+  double tokens = 0.0;
+  for (const GroupLossSums& g : groups) {
+    if (out.empty()) out.assign(g.top1.size(), 0.0);
+    for (size_t i = 0; i < g.top1.size() && i < out.size(); ++i) out[i] += g.top1[i];
+    tokens += static_cast<double>(g.tokens);
+  }
+  out.push_back(tokens);
+  return out;
+}
+
+void SetGlobalBalanceCounts(const std::vector<double>& world, std::vector<GroupLossSums>* groups) {
+  for (GroupLossSums& g : *groups) {
+    if (g.top1.empty()) continue;
+    g.top1.assign(world.begin(), world.end() - 1);
+    g.f_tokens = world.back();
+  }
 }
 
 void AccumulateRouterLossGradients(const config::RouterConfig& cfg, const DispatchPlan& p,
                                    const Tensor& probs, const Tensor& logits, double scale,
-                                   Tensor* dprobs, Tensor* dlogits) {
+                                   Tensor* dprobs, Tensor* dlogits,
+                                   const std::vector<GroupLossSums>* forward_sums) {
   const int64_t e = p.num_experts, k = p.top_k;
   for (int64_t g = 0; g < p.num_groups; ++g) {
     const int64_t b = p.group_begin[g], n = p.group_size(g);
     const GroupLossSums sums =
-        SumsOfGroup(cfg, p, probs, logits, g, /*with_z=*/false, cfg.aux_loss_weight() != 0.0);
+        forward_sums != nullptr
+            ? (*forward_sums)[static_cast<size_t>(g)]
+            : SumsOfGroup(cfg, p, probs, logits, g, /*with_z=*/false, cfg.aux_loss_weight() != 0.0);
     const GroupLossGradient grad = LossGradientFromSums(cfg, sums, scale, p.num_groups);
     for (int64_t t = b; t < b + n; ++t) {
       // d/dlogits (lse^2 mean) = 2 lse softmax(logits) / n.
       if (grad.z_weight != 0.0) routing::AddZLossGradient(e, logits.row(t), grad.z_weight, n, dlogits->row(t));
-      if (!grad.to_every_prob.empty() && cfg.score_function() == config::SIGMOID) {
-        routing::AddNormalizedScoreGradient(e, probs.row(t), grad.to_every_prob.data(),
-                                            dprobs->row(t));
-      } else if (!grad.to_every_prob.empty()) {
+      if (!grad.to_every_prob.empty()) {
+        const float* a = grad.to_every_prob.data() +
+                         (grad.sequence_length > 0 ? (t - b) / grad.sequence_length * e : 0);
         float* row = dprobs->row(t);
-        for (int64_t i = 0; i < e; ++i) row[i] += grad.to_every_prob[i];
+        if (cfg.score_function() == config::SIGMOID) {
+          routing::AddNormalizedScoreGradient(e, probs.row(t), a, row);
+        } else {
+          for (int64_t i = 0; i < e; ++i) row[i] += a[i];
+        }
       }
       if (!grad.dimportance.empty()) {
         routing::AddImportanceGradient(p.normalization, static_cast<int32_t>(k), probs.row(t),
@@ -170,7 +254,8 @@ void AccumulateRouterLossGradients(const config::RouterConfig& cfg, const Dispat
 
 void RouterScoreGradients(const config::RouterConfig& cfg, const DispatchPlan& p,
                           const RouterOutput& router, const std::vector<float>& dgate_rows,
-                          double loss_scale, RouterGradients* out) {
+                          double loss_scale, RouterGradients* out,
+                          const std::vector<GroupLossSums>* sums) {
   const int64_t s = p.num_tokens, e = p.num_experts, k = p.top_k;
   Tensor& dprobs = out->dprobs;
   Tensor& dlogits = out->dlogits;
@@ -190,7 +275,8 @@ void RouterScoreGradients(const config::RouterConfig& cfg, const DispatchPlan& p
                                 dgate_rows.data(), dprobs.row(t));
     }
   }
-  AccumulateRouterLossGradients(cfg, p, router.probs, router.logits, loss_scale, &dprobs, &dlogits);
+  AccumulateRouterLossGradients(cfg, p, router.probs, router.logits, loss_scale, &dprobs, &dlogits,
+                                sums);
   // Softmax backward: dscores = probs * (dprobs - <dprobs, probs>); sigmoid: dprobs * s (1 - s).
   Tensor& dscores = out->dscores;
   ResizeTensor(&dscores, s, e);

@@ -27,9 +27,11 @@ StatusOr<std::unique_ptr<MoeLayer>> MakeMoeLayer(const config::LayerConfig& laye
   if (compute.device() == config::CPU) {
     const experts::FfnShape shape = ExpertShape(layer);
     if (options.ep == nullptr) {
-      return std::unique_ptr<MoeLayer>(std::make_unique<CpuMoeLayer>(
+      auto local_layer = std::make_unique<CpuMoeLayer>(
           layer, std::make_unique<LocalExpertExecutor>(shape, experts, options.exchange), 0,
-          experts));
+          experts);
+      local_layer->set_balance_communicator(options.balance);
+      return std::unique_ptr<MoeLayer>(std::move(local_layer));
     }
     auto executor = std::make_unique<ExpertParallelExecutor>(
         options.ep, shape, experts, options.exchange, std::make_unique<CpuExpertCompute>(shape));
@@ -37,8 +39,13 @@ StatusOr<std::unique_ptr<MoeLayer>> MakeMoeLayer(const config::LayerConfig& laye
       return s.WithContext("comm.ranks_per_node=" +
                            std::to_string(options.exchange.ranks_per_node));
     }
-    return std::unique_ptr<MoeLayer>(
-        std::make_unique<CpuMoeLayer>(layer, std::move(executor), first, local));
+    auto ep_layer = std::make_unique<CpuMoeLayer>(layer, std::move(executor), first, local);
+    ep_layer->set_balance_communicator(options.balance);
+    return std::unique_ptr<MoeLayer>(std::move(ep_layer));
+  }
+  if (layer.router().aux_loss_scope() == config::GLOBAL) {
+    return InvalidArgument("moe.router.aux_loss_scope=GLOBAL runs on the CPU layer only "
+                           "(compute.device=CPU)");
   }
   if (options.exchange.bf16_wire) {
     return InvalidArgument("parallel.wire_dtype=BF16 runs on the CPU layer only (compute.device="

@@ -25,6 +25,9 @@ struct MoeLayerOptions {
   ExchangeOptions exchange;
   // This rank's index for compute.gpu = -1 (GPU = rank mod the visible devices).
   int rank = 0;
+  // router.aux_loss_scope GLOBAL: the ranks whose tokens f is counted over (host memory; the CPU
+  // layer only). nullptr: this process's groups. Not owned; must outlive the layer.
+  comm::Communicator* balance = nullptr;
 };
 
 // kInvalidArgument for a compute section or communicator that does not fit; CUDA without a GPU or

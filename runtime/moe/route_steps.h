@@ -422,6 +422,7 @@ inline std::vector<GroupLossSums> LossSumsFromSummary(const int64_t* w, const Su
       case config::IMPORTANCE_CV:
         o.importance = doubles(l.importance() + gr * e, e);
         break;
+      case config::SEQUENCE:  // routes on the host (DeviceRouter::Supports)
       case config::NO_AUX_LOSS:
         break;
     }

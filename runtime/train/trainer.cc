@@ -93,6 +93,7 @@ Status Trainer::Init() {
   // this rank's GPU, over a device-memory communicator of the same ranks.
   MoeLayerOptions layer_options;
   layer_options.ep = ep_.get();
+  layer_options.balance = world_;
   MOE_ASSIGN_OR_RETURN(const int ep_ranks_per_node,
                        EpRanksPerNode(cfg_.comm().ranks_per_node(), world, ep_size_));
   layer_options.exchange = {.dropless = cfg_.parallel().dropless_exchange(),

@@ -54,12 +54,14 @@ BASE = dict(S=32, M=8, H=12, E=4, gate="TOPK", k=2, norm="NONE", rr=False, cf_tr
             cf_eval=1.5, min_cap=1, policy="POSITION", G=1, reroute=False, aux="SWITCH",
             aw=0.01, zw=0.0, rate=0.0, act="GELU_TANH", kind="FFN", bias=True, shared=0,
             shared_h=0, train=False, step=0, offset=0, grad=True, rbias=False, xscale=1.5,
-            seed=1234, defaults=False, score="SOFTMAX", scale=1.0, ng=1, gp=1)
+            seed=1234, defaults=False, score="SOFTMAX", scale=1.0, ng=1, gp=1, seqlen=0,
+            scope="LOCAL")
 
 # Router fields added later: (case key, proto field, default). Written to the textproto and the
 # case's config only when the case differs from the default, so the older cases read as before.
 NEW_ROUTER_FIELDS = (("score", "score_function", "SOFTMAX"), ("scale", "scaling_factor", 1.0),
-                     ("ng", "num_expert_groups", 1), ("gp", "groups_per_token", 1))
+                     ("ng", "num_expert_groups", 1), ("gp", "groups_per_token", 1),
+                     ("seqlen", "aux_sequence_length", 0), ("scope", "aux_loss_scope", "LOCAL"))
 
 
 def case(name, **kw):
@@ -209,6 +211,17 @@ CASES = [
     case("switch_topk_sigmoid_k2_rr", aux="SWITCH_TOPK", aw=0.1, score="SIGMOID", rr=True,
          train=True, step=4, cf_train=0.6),
     # --- DeepSeek-V3-like router
+    # --- sequence-wise and global-batch balance losses
+    case("sequence_softmax_k2", aux="SEQUENCE", seqlen=8, aw=0.1, cf_eval=0.75),
+    case("sequence_sigmoid_uneven_tail", aux="SEQUENCE", seqlen=7, aw=0.1, score="SIGMOID",
+         norm="TOPK_SOFTMAX", train=True, cf_train=0.75, S=30),
+    case("sequence_groups3_k3", aux="SEQUENCE", seqlen=4, aw=0.2, k=3, E=6, G=3, S=31,
+         cf_eval=0.75),
+    case("sequence_longer_than_group", aux="SEQUENCE", seqlen=64, aw=0.1, G=2, cf_eval=0.75),
+    case("global_switch_groups3", scope="GLOBAL", aux="SWITCH", aw=0.1, G=3, S=33, cf_eval=0.75),
+    case("global_switch_topk_sigmoid_groups4", scope="GLOBAL", aux="SWITCH_TOPK", aw=0.1,
+         score="SIGMOID", G=4, S=40, E=8, k=3, cf_eval=0.75, train=True, cf_train=0.75),
+    case("global_gshard_one_group", scope="GLOBAL", aux="GSHARD", aw=0.1, cf_eval=0.75),
     case("deepseek_v3_like", score="SIGMOID", norm="TOPK_SOFTMAX", scale=2.5, E=8, ng=4, gp=2,
          k=4, rbias=True, policy="EXPERT_SCORE", aux="SWITCH_TOPK", aw=0.1, shared=1, G=2, S=40,
          train=True, cf_train=1.0, rate=0.001, kind="SWIGLU"),

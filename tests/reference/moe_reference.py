@@ -87,8 +87,9 @@ ENUMS = {
     "gate": ["TOP1", "TOPK", "NOISY_TOPK", "EXPERT_CHOICE"],
     "normalization": ["NONE", "TOPK_SOFTMAX", "RENORM_AFTER_CAPACITY"],
     "drop_policy": ["POSITION", "PROBABILITY", "EXPERT_SCORE", "TOKEN_ORDER"],
-    "aux_loss": ["NO_AUX_LOSS", "SWITCH", "GSHARD", "IMPORTANCE_CV", "SWITCH_TOPK"],
+    "aux_loss": ["NO_AUX_LOSS", "SWITCH", "GSHARD", "IMPORTANCE_CV", "SWITCH_TOPK", "SEQUENCE"],
     "score_function": ["SOFTMAX", "SIGMOID"],
+    "aux_loss_scope": ["LOCAL", "GLOBAL"],
 }
 
 EXPERT_DEFAULTS = {"hidden_dim": None, "activation": "GELU_TANH", "kind": "FFN", "bias": True}
@@ -98,7 +99,7 @@ ROUTER_DEFAULTS = {
     "drop_policy": "POSITION", "num_local_groups": 1, "reroute_overflow": False,
     "aux_loss": "SWITCH", "aux_loss_weight": 0.01, "z_loss_weight": 0.0, "bias_update_rate": 0.0,
     "score_function": "SOFTMAX", "scaling_factor": 1.0, "num_expert_groups": 1,
-    "groups_per_token": 1,
+    "groups_per_token": 1, "aux_sequence_length": 0, "aux_loss_scope": "LOCAL",
 }
 
 
@@ -156,6 +157,8 @@ class LayerConfig:
         self.scaling_factor = float(r["scaling_factor"])
         self.num_expert_groups = int(r["num_expert_groups"])
         self.groups_per_token = int(r["groups_per_token"])
+        self.aux_sequence_length = int(r["aux_sequence_length"])
+        self.aux_loss_scope = _enum("aux_loss_scope", r["aux_loss_scope"])
         self.num_shared_experts = int(moe.get("num_shared_experts", 0))
         shd = int(moe.get("shared_hidden_dim", 0))
         self.shared_hidden_dim = shd if shd > 0 else self.hidden_dim
@@ -163,6 +166,11 @@ class LayerConfig:
             raise ValueError("EXPERT_CHOICE needs aux_loss NO_AUX_LOSS")
         if self.random_routing and self.top_k != 2:
             raise ValueError("random_routing needs top_k = 2")
+        if self.aux_loss == "SEQUENCE" and self.aux_sequence_length < 1:
+            raise ValueError("aux_loss SEQUENCE needs aux_sequence_length >= 1")
+        if self.aux_loss_scope == "GLOBAL" and self.aux_loss not in ("SWITCH", "GSHARD",
+                                                                     "SWITCH_TOPK"):
+            raise ValueError("aux_loss_scope GLOBAL needs aux_loss SWITCH, GSHARD or SWITCH_TOPK")
         if self.expert_choice and self.scaling_factor != 1.0:
             raise ValueError("EXPERT_CHOICE needs scaling_factor 1")
         if self.score_function == "SIGMOID" and self.gate not in ("TOP1", "TOPK"):
@@ -619,19 +627,33 @@ def run_layer(cfg, x, weights, router_bias=None, grad_output=None, train=False, 
     z_total = torch.zeros((), dtype=dt)
     if not cfg.expert_choice:
         selected = torch.tensor(plan["selected"], dtype=torch.long)
+    # The slots f counts: the first choice (SWITCH, GSHARD) or all k (SWITCH_TOPK, SEQUENCE).
+    f_slots = k if cfg.aux_loss in ("SWITCH_TOPK", "SEQUENCE") else 1
+    f_global = None
+    if cfg.aux_loss_scope == "GLOBAL":  # f over every token of the call (one process = the world)
+        f_global = torch.bincount(selected[:, :f_slots].reshape(-1), minlength=e).to(dt) / s
     for gr in range(g):
         b, end = bounds[gr], bounds[gr + 1]
         n = end - b
         lse = torch.logsumexp(logits[b:end], dim=1)
         z_total = z_total + (lse * lse).mean()
-        if cfg.aux_loss in ("SWITCH", "GSHARD"):
-            f = torch.bincount(selected[b:end, 0], minlength=e).to(dt) / n
+        if cfg.aux_loss in ("SWITCH", "GSHARD", "SWITCH_TOPK"):
+            f = (torch.bincount(selected[b:end, :f_slots].reshape(-1), minlength=e).to(dt) / n
+                 if f_global is None else f_global)
             pm = pdist[b:end].mean(dim=0)
-            aux_total = aux_total + e * (f * pm).sum()
-        elif cfg.aux_loss == "SWITCH_TOPK":
-            f = torch.bincount(selected[b:end].reshape(-1), minlength=e).to(dt) / n
-            pm = pdist[b:end].mean(dim=0)
-            aux_total = aux_total + (e / k) * (f * pm).sum()
+            aux_total = aux_total + (e / f_slots) * (f * pm).sum()
+        elif cfg.aux_loss == "SEQUENCE":
+            # DeepSeek-V3: per sequence of L consecutive tokens of the group (the last maybe
+            # shorter), f_i = E/(k T) #{t selecting i}, P_i = mean_t P[t, i]; mean over sequences.
+            L = cfg.aux_sequence_length
+            starts = list(range(b, end, L))
+            seq_total = torch.zeros((), dtype=dt)
+            for q0 in starts:
+                q1 = min(q0 + L, end)
+                T = q1 - q0
+                f = torch.bincount(selected[q0:q1].reshape(-1), minlength=e).to(dt) * e / (k * T)
+                seq_total = seq_total + (f * pdist[q0:q1].mean(dim=0)).sum()
+            aux_total = aux_total + seq_total / len(starts)
         elif cfg.aux_loss == "IMPORTANCE_CV":
             rs = probs[b:end].gather(1, selected[b:end])
             if cfg.normalization == "NONE":

@@ -89,6 +89,7 @@ TEST_P(EpEquivalenceTest, ForwardAndBackwardEqualOneRankWithGroups) {
   std::vector<Tensor> y(w), dx(w);
   std::vector<MoeLayerParams> grads(w);
   std::vector<DispatchPlan> plans(w);
+  std::vector<RouterLosses> losses(w);
   std::vector<Status> status(w);
   world->RunPerRank([&](comm::Communicator& comm) {
     const int r = comm.rank();
@@ -103,6 +104,7 @@ TEST_P(EpEquivalenceTest, ForwardAndBackwardEqualOneRankWithGroups) {
     CpuMoeLayer layer(cfg, std::move(executor), r * local, local);
     InitLayerParams(cfg, 5, &layer.params());
     layer.set_loss_gradient_scale(1.0 / w);
+    layer.set_balance_communicator(&comm);  // aux_loss_scope GLOBAL
     MatrixView<const float> xr(x.row(r * s), s, kModel), dyr(dy.row(r * s), s, kModel);
     RouteContext rctx = ctx;
     rctx.token_offset = r * s;
@@ -111,9 +113,18 @@ TEST_P(EpEquivalenceTest, ForwardAndBackwardEqualOneRankWithGroups) {
     grads[r] = MakeLayerParams(cfg, r * local, local);
     status[r] = layer.Backward(dyr, &dx[r], &grads[r]);
     plans[r] = layer.plan();
+    losses[r] = layer.losses();
   });
   for (int r = 0; r < w; ++r)
     ASSERT_TRUE(status[r].ok()) << "rank " << r << ": " << status[r].ToString();
+  // The losses are means over groups: the ranks' mean is the reference's.
+  double aux = 0.0, z = 0.0;
+  for (const RouterLosses& l : losses) {
+    aux += l.aux / w;
+    z += l.z / w;
+  }
+  EXPECT_NEAR(aux, ref.losses().aux, 1e-9 * (1.0 + std::abs(aux)));
+  EXPECT_NEAR(z, ref.losses().z, 1e-9 * (1.0 + std::abs(z)));
 
   const DispatchPlan& rp = ref.plan();
   const int k = static_cast<int>(rp.top_k);
@@ -263,6 +274,14 @@ const char* kSigmoidGrouped =
     "gate: TOPK top_k: 4 score_function: SIGMOID scaling_factor: 2.5 normalization: TOPK_SOFTMAX "
     "num_expert_groups: 4 groups_per_token: 2 drop_policy: EXPERT_SCORE aux_loss: SWITCH_TOPK "
     "capacity_factor_train: 1.0 min_capacity: 1";
+// DeepSeek-V3's sequence-wise loss (sequences of 5 on 12 tokens per rank: a shorter tail) and the
+// global-batch balance (f counted over every rank).
+const char* kSequence =
+    "gate: TOPK top_k: 2 score_function: SIGMOID normalization: TOPK_SOFTMAX aux_loss: SEQUENCE "
+    "aux_sequence_length: 5 capacity_factor_train: 1.0 min_capacity: 1";
+const char* kGlobal =
+    "gate: TOPK top_k: 2 aux_loss: SWITCH_TOPK aux_loss_scope: GLOBAL capacity_factor_train: 1.0 "
+    "min_capacity: 1";
 const char* kTokenOrder =
     "gate: TOPK top_k: 2 score_function: SIGMOID normalization: RENORM_AFTER_CAPACITY "
     "num_expert_groups: 2 groups_per_token: 1 drop_policy: TOKEN_ORDER aux_loss: SWITCH_TOPK "
@@ -313,7 +332,11 @@ INSTANTIATE_TEST_SUITE_P(
         EpCase{"w4_sigmoid_grouped_expert_score_dropless_exchange_pipeline2", 4, 8,
                kSigmoidGrouped, 0, true, 2},
         EpCase{"w2_token_order", 2, 4, kTokenOrder},
-        EpCase{"w4_token_order_shared", 4, 8, kTokenOrder, 1}),
+        EpCase{"w4_token_order_shared", 4, 8, kTokenOrder, 1},
+        EpCase{"w2_sequence_loss", 2, 8, kSequence},
+        EpCase{"w4_sequence_loss_shared", 4, 8, kSequence, 1},
+        EpCase{"w2_global_balance", 2, 4, kGlobal},
+        EpCase{"w4_global_balance_dropless_exchange", 4, 8, kGlobal, 0, true}),
     [](const ::testing::TestParamInfo<EpCase>& p) { return p.param.name; });
 
 // The pipelined exchange layout by hand: 2 ranks, 2 local experts, 2 chunks. Rank 0's plan sends

@@ -206,6 +206,10 @@ std::vector<GradCase> Cases() {
   add("sigmoid_top1_token_order", Base(kGelu, std::string("gate: TOP1 score_function: SIGMOID drop_policy: TOKEN_ORDER aux_loss: SWITCH") + kLoss + kDrops));
   add("grouped_expert_score_switch_topk", Base(kSilu, std::string("top_k: 2 num_expert_groups: 2 groups_per_token: 1 drop_policy: EXPERT_SCORE normalization: RENORM_AFTER_CAPACITY aux_loss: SWITCH_TOPK") + kLoss + kDrops), 12);
   add("softmax_scaled_token_order_g2", Base(kGelu, std::string("scaling_factor: 2 top_k: 2 drop_policy: TOKEN_ORDER num_local_groups: 2 aux_loss: SWITCH_TOPK") + kLoss + kDrops), 12);
+  add("sequence_sigmoid_drop", Base(kGelu, std::string("score_function: SIGMOID top_k: 2 normalization: TOPK_SOFTMAX aux_loss: SEQUENCE aux_sequence_length: 4") + kLoss + kDrops), 10);
+  add("sequence_softmax_g2_dropless", Base(kSilu, std::string("top_k: 2 aux_loss: SEQUENCE aux_sequence_length: 3 num_local_groups: 2") + kLoss + kDropless), 11);
+  add("global_switch_topk_g3_drop", Base(kGelu, std::string("top_k: 2 aux_loss: SWITCH_TOPK aux_loss_scope: GLOBAL num_local_groups: 3") + kLoss + kDrops), 12);
+  add("global_sigmoid_switch_g2", Base(kGelu, std::string("score_function: SIGMOID top_k: 2 aux_loss: SWITCH aux_loss_scope: GLOBAL num_local_groups: 2") + kLoss + kDropless), 10);
   GradCase* b = add("selection_bias", Base(kGelu, std::string("top_k: 2 normalization: TOPK_SOFTMAX aux_loss: IMPORTANCE_CV") + kLoss + kDropless));
   b->bias = {0.3f, -0.2f, 0.0f, 0.1f};
   return v;

@@ -727,6 +727,48 @@ TEST(LossTest, SwitchTopKCountsEverySlotAndSigmoidNormalizesP) {
   }
 }
 
+TEST(LossTest, SequenceAndGlobalBalanceOnAHandExample) {
+  // E=3, k=2. t0 (0.5, 0.3, 0.2) -> (0, 1); t1 (0.2, 0.5, 0.3) -> (1, 2);
+  //           t2 (0.6, 0.3, 0.1) -> (0, 1); t3 (0.6, 0.1, 0.3) -> (0, 2).
+  Tensor probs = MakeTensor(4, 3, {0.5f, 0.3f, 0.2f, 0.2f, 0.5f, 0.3f,  //
+                                   0.6f, 0.3f, 0.1f, 0.6f, 0.1f, 0.3f});
+  Tensor logits(4, 3);
+  {
+    // SEQUENCE, L = 2: sequence (t0, t1) gives 1.05 (as SWITCH_TOPK above); (t2, t3):
+    // f = E/(kT) (2, 1, 1) = (1.5, 0.75, 0.75), P = (0.6, 0.2, 0.2): 0.9 + 0.15 + 0.15 = 1.2.
+    const config::RouterConfig cfg =
+        RouterCfg("top_k: 2 aux_loss: SEQUENCE aux_sequence_length: 2" + Cf(0.0), 3);
+    DispatchPlan p = Plan(cfg, probs);
+    EXPECT_NEAR(ComputeRouterLosses(cfg, p, probs, logits).aux, (1.05 + 1.2) / 2.0, 1e-7);
+    // L = 3: (t0, t1, t2) and the tail (t3): f = E/(2·3) (2, 3, 1) = (1, 1.5, 0.5),
+    // P = (1.3, 1.1, 0.6) / 3 -> (1.3 + 1.65 + 0.3) / 3 = 13/12; tail f = 1.5 (1, 0, 1),
+    // P = (0.6, 0.1, 0.3) -> 0.9 + 0.45 = 1.35. Mean (13/12 + 1.35) / 2.
+    const config::RouterConfig l3 =
+        RouterCfg("top_k: 2 aux_loss: SEQUENCE aux_sequence_length: 3" + Cf(0.0), 3);
+    EXPECT_NEAR(ComputeRouterLosses(l3, Plan(l3, probs), probs, logits).aux,
+                (13.0 / 12.0 + 1.35) / 2.0, 1e-7);
+  }
+  {
+    // GLOBAL SWITCH_TOPK over 2 groups: f = (3, 3, 2) / 4 for both; group P (0.35, 0.4, 0.25)
+    // and (0.6, 0.2, 0.2): 1.5 (0.6875) = 1.03125 and 1.5 (0.7) = 1.05; mean 1.040625.
+    const config::RouterConfig cfg = RouterCfg(
+        "top_k: 2 aux_loss: SWITCH_TOPK aux_loss_scope: GLOBAL num_local_groups: 2" + Cf(0.0), 3);
+    DispatchPlan p = Plan(cfg, probs);
+    std::vector<GroupLossSums> sums = RouterLossSums(cfg, p, probs, logits);
+    // LOCAL: (1.05 + 1.5 (1 (0.6) + 0.5 (0.2) + 0.5 (0.2))) / 2 = (1.05 + 1.2) / 2.
+    EXPECT_NEAR(LossesFromSums(sums).aux, 1.125, 1e-7);
+    const std::vector<double> counts = BalanceCounts(sums);
+    EXPECT_EQ(counts, (std::vector<double>{3.0, 3.0, 2.0, 4.0}));
+    SetGlobalBalanceCounts(counts, &sums);
+    EXPECT_NEAR(LossesFromSums(sums).aux, 1.040625, 1e-7);
+    // The layer does the same (one process: its groups are the world).
+    config::LayerConfig layer = LayerFromText(
+        "model_dim: 4 num_experts: 3 expert { hidden_dim: 4 } router { " + cfg.ShortDebugString() +
+        " }");
+    EXPECT_EQ(layer.router().aux_loss_scope(), config::GLOBAL);
+  }
+}
+
 TEST(LossTest, LossesAreAveragedOverGroups) {
   // S=5 in G=2 groups (3 + 2 tokens): the value is the mean of the two group values, not the
   // token-weighted mean.

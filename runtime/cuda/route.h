@@ -9,8 +9,10 @@
 // tokens (losses, their gradients) agree to double rounding.
 //
 // Not on the device (DeviceRouter::Supports says why): reroute_overflow (a sequential walk over
-// each group) and token choice with k > routing::kMaxRankedExperts; the layer routes those on the
-// host.
+// each group), token choice with k > routing::kMaxRankedExperts, score_function SIGMOID,
+// group-limited top-k, the per-expert drop policies EXPERT_SCORE and TOKEN_ORDER, and the SEQUENCE
+// loss; the layer routes those on the host (its code, the same results). aux_loss_scope GLOBAL
+// runs on the CPU layer only. scaling_factor and SWITCH_TOPK run on the device.
 //
 // Every pointer is a device pointer unless said otherwise; `stream` is a cudaStream_t. Without a
 // CUDA build Create fails with kUnimplemented.

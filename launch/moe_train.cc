@@ -27,7 +27,7 @@ struct Flags {
   int pipeline_degree = 0;
   int ranks_per_node = -1;
   int steps = -1;
-  std::string metrics, checkpoint_dir, data;
+  std::string metrics, checkpoint_dir, data, router_record_dir, router_replay_dir;
   bool quiet = false;
   int log_every = 1;
   double deadline = -1;
@@ -47,6 +47,8 @@ moe::StatusOr<moe::MoeConfig> LoadWithOverrides(const Flags& f) {
   if (f.ranks_per_node >= 0) cfg.mutable_comm()->set_ranks_per_node(f.ranks_per_node);
   if (f.steps >= 0) cfg.mutable_train()->set_steps(f.steps);
   if (!f.metrics.empty()) cfg.mutable_train()->set_metrics_path(f.metrics);
+  if (!f.router_record_dir.empty()) cfg.mutable_train()->set_router_record_dir(f.router_record_dir);
+  if (!f.router_replay_dir.empty()) cfg.mutable_train()->set_router_replay_dir(f.router_replay_dir);
   if (!f.checkpoint_dir.empty()) cfg.mutable_train()->set_checkpoint_dir(f.checkpoint_dir);
   if (!f.data.empty()) cfg.mutable_train()->set_data_path(f.data);
   if (f.deadline >= 0) cfg.mutable_comm()->set_deadline_seconds(f.deadline);
@@ -91,6 +93,10 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0, 1 << 20));
   app.add_option("--steps", f.steps, "override train.steps")->check(CLI::NonNegativeNumber);
   app.add_option("--metrics", f.metrics, "override train.metrics_path (JSON lines)");
+  app.add_option("--router-record-dir", f.router_record_dir,
+                 "override train.router_record_dir (write each step's router selections)");
+  app.add_option("--router-replay-dir", f.router_replay_dir,
+                 "override train.router_replay_dir (route by a recorded run's selections)");
   app.add_option("--checkpoint-dir", f.checkpoint_dir, "override train.checkpoint_dir");
   app.add_option("--data", f.data, "override train.data_path");
   app.add_flag("--quiet", f.quiet, "no progress lines");

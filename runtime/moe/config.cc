@@ -220,6 +220,19 @@ Status ValidateTrain(const MoeConfig& cfg) {
   c.Require(t.eval_every() >= 0, "train.eval_every", t.eval_every(), "be >= 0");
   c.Require(t.eval_tokens() >= 1, "train.eval_tokens", t.eval_tokens(), "be >= 1");
   c.Require(t.checkpoint_every() >= 0, "train.checkpoint_every", t.checkpoint_every(), "be >= 0");
+  if (!t.router_replay_dir().empty() || !t.router_record_dir().empty()) {
+    const std::string field =
+        t.router_replay_dir().empty() ? "train.router_record_dir" : "train.router_replay_dir";
+    const auto& r = cfg.moe().router();
+    c.Require(r.gate() != config::EXPERT_CHOICE, field, "set",
+              "be unset with gate EXPERT_CHOICE (replay records token-choice selections)");
+  }
+  if (!t.router_replay_dir().empty()) {
+    c.Require(!cfg.moe().router().reroute_overflow(), "moe.router.reroute_overflow", true,
+              "be false with train.router_replay_dir (a replayed selection is not rerouted)");
+    c.Require(cfg.compute().device() == config::CPU, "train.router_replay_dir",
+              t.router_replay_dir(), "be unset with compute.device=CUDA (replay runs on the CPU layer)");
+  }
   c.Require(cfg.parallel().ep_size() >= 0, "parallel.ep_size", cfg.parallel().ep_size(), "be >= 0");
   c.Require(cfg.parallel().pipeline_degree() >= 1 &&
                 cfg.parallel().pipeline_degree() <= ExpertCompute::kMaxParts,

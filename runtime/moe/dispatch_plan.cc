@@ -186,11 +186,31 @@ StatusOr<DispatchPlan> BuildTokenChoice(const config::RouterConfig& cfg, const T
   const int32_t group_size =
       cfg.num_expert_groups() > 1 ? static_cast<int32_t>(e / cfg.num_expert_groups()) : 0;
   p.selected.resize(static_cast<size_t>(s * k));
-  for (int64_t t = 0; t < s; ++t) {
-    const uint64_t mask = TokenGroupMask(cfg, probs.row(t), bias, e);
-    RankExperts(probs.row(t), bias, e, rank_len, group_size, mask, &ranking[t * rank_len],
-                score_buf.data(), idx_buf);
-    for (int64_t j = 0; j < k; ++j) p.selected[t * k + j] = ranking[t * rank_len + j];
+  if (ctx.replay_selected != nullptr) {
+    // Router replay: the recorded selection, checked (reroute, which ranks beyond k, is refused
+    // with replay by the config rules).
+    if (rank_len != k) return InvalidArgument("router replay cannot reroute overflow");
+    for (int64_t t = 0; t < s; ++t) {
+      for (int64_t j = 0; j < k; ++j) {
+        const int32_t ex = ctx.replay_selected[t * k + j];
+        bool repeated = false;
+        for (int64_t jj = 0; jj < j; ++jj) repeated = repeated || ctx.replay_selected[t * k + jj] == ex;
+        if (ex < 0 || ex >= e || repeated) {
+          return InvalidArgument("router replay: token " + std::to_string(t) + " slot " +
+                                 std::to_string(j) + " selects expert " + std::to_string(ex) +
+                                 ", must be a distinct expert in [0, " + std::to_string(e) + ")");
+        }
+        ranking[t * rank_len + j] = ex;
+        p.selected[t * k + j] = ex;
+      }
+    }
+  } else {
+    for (int64_t t = 0; t < s; ++t) {
+      const uint64_t mask = TokenGroupMask(cfg, probs.row(t), bias, e);
+      RankExperts(probs.row(t), bias, e, rank_len, group_size, mask, &ranking[t * rank_len],
+                  score_buf.data(), idx_buf);
+      for (int64_t j = 0; j < k; ++j) p.selected[t * k + j] = ranking[t * rank_len + j];
+    }
   }
   p.slot_final = p.selected;
   p.slot_expert.assign(static_cast<size_t>(s * k), -1);

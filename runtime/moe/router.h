@@ -18,6 +18,10 @@ struct RouteContext {
   uint64_t seed = 0;
   uint64_t step = 0;
   int64_t token_offset = 0;  // global index of this call's first token
+  // Router replay (train.router_replay_dir): the experts to use instead of top-k, S x k for a
+  // layer call (ByteLm: num_layers x S x k, one slice per layer), checked by BuildDispatchPlan;
+  // null = select by score.
+  const int32_t* replay_selected = nullptr;
 };
 
 struct RouterOutput {

@@ -164,6 +164,9 @@ Status ByteLm::Forward(const LmBatch& batch, const RouteContext& ctx, int64_t gl
     b.ln.Forward(h_[l].view(), b.ln_gamma, b.ln_beta, &b.ln_out);
     RouteContext lctx = ctx;
     lctx.seed = SplitMix64(ctx.seed ^ (0x200 + l));
+    if (ctx.replay_selected != nullptr) {  // num_layers x S x k: this layer's slice
+      lctx.replay_selected = ctx.replay_selected + static_cast<int64_t>(l) * s * TopK(router);
+    }
     b.moe->set_loss_gradient_scale(loss_groups_scale);
     // The optimizer changed the parameters since the last step (a device layer uploads them).
     MOE_RETURN_IF_ERROR(b.moe->SetParams(b.params));

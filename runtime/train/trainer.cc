@@ -11,6 +11,7 @@
 #include <set>
 
 #include "runtime/base/file.h"
+#include "runtime/base/npy.h"
 #include "runtime/base/clock.h"
 #include "runtime/train/checkpoint.h"
 #include "runtime/moe/config.h"
@@ -241,6 +242,55 @@ Status Trainer::Evaluate(double* loss) {
   return Status::Ok();
 }
 
+namespace {
+
+// <dir>/rank_<r>/step_<N>.npy: one training step's router selections of one rank.
+std::string RouterRecordPath(const std::string& dir, int rank, int64_t step) {
+  char name[64];
+  std::snprintf(name, sizeof(name), "/rank_%d/step_%06lld.npy", rank, static_cast<long long>(step));
+  return dir + name;
+}
+
+}  // namespace
+
+Status Trainer::ReadRouterReplay(std::vector<int32_t>* out) const {
+  const std::string path =
+      RouterRecordPath(cfg_.train().router_replay_dir(), world_->rank(), step_);
+  StatusOr<NpyArray> arr = ReadNpy(path);
+  if (!arr.ok()) return arr.status().WithContext("train.router_replay_dir");
+  const int64_t layers = cfg_.model().num_layers(), k = TopK(cfg_.moe().router());
+  const std::vector<int64_t> want = {layers, tokens_per_rank_, k};
+  if (arr->dtype != NpyDtype::kInt32 || arr->shape != want) {
+    return InvalidArgument("train.router_replay_dir: " + path + " must be int32 of shape [" +
+                           std::to_string(layers) + ", " + std::to_string(tokens_per_rank_) + ", " +
+                           std::to_string(k) +
+                           "] (model.num_layers, tokens per rank, top_k): was it recorded with "
+                           "this config and world size?");
+  }
+  out->resize(static_cast<size_t>(layers * tokens_per_rank_ * k));
+  std::memcpy(out->data(), arr->bytes.data(), out->size() * sizeof(int32_t));
+  return Status::Ok();
+}
+
+Status Trainer::RecordRouterSelections() {
+  const std::string path = RouterRecordPath(cfg_.train().router_record_dir(), world_->rank(), step_);
+  if (std::filesystem::exists(path)) {
+    return InvalidArgument("train.router_record_dir: " + path +
+                           " exists; record into an empty directory (nothing is overwritten)");
+  }
+  std::vector<int32_t> all;
+  const std::vector<MoeLayer*> layers = model_->MoeLayers();
+  for (MoeLayer* layer : layers) {
+    MOE_RETURN_IF_ERROR(layer->FetchPlan());
+    const std::vector<int32_t>& sel = layer->plan().selected;
+    all.insert(all.end(), sel.begin(), sel.end());
+  }
+  const int64_t k = TopK(cfg_.moe().router());
+  MOE_RETURN_IF_ERROR(MakeDirs(std::filesystem::path(path).parent_path().string()));
+  return WriteNpy(path, NpyDtype::kInt32,
+                  {static_cast<int64_t>(layers.size()), tokens_per_rank_, k}, all.data());
+}
+
 Status Trainer::Step(report::StepMetrics* m) {
   const double t0 = WallSeconds();
   const int world = world_->size(), rank = world_->rank();
@@ -254,9 +304,15 @@ Status Trainer::Step(report::StepMetrics* m) {
   ctx.seed = cfg_.seed();
   ctx.step = static_cast<uint64_t>(step_);
   ctx.token_offset = offset;
+  std::vector<int32_t> replay;
+  if (!cfg_.train().router_replay_dir().empty()) {
+    MOE_RETURN_IF_ERROR(ReadRouterReplay(&replay));
+    ctx.replay_selected = replay.data();
+  }
   model_->ZeroGrad();
   LmStepStats stats;
   MOE_RETURN_IF_ERROR(model_->Forward(batch, ctx, tokens_per_rank_ * world, 1.0 / world, &stats));
+  if (!cfg_.train().router_record_dir().empty()) MOE_RETURN_IF_ERROR(RecordRouterSelections());
   MOE_RETURN_IF_ERROR(model_->Backward());
   if (options_.after_backward) MOE_RETURN_IF_ERROR(options_.after_backward(*this));
   MOE_RETURN_IF_ERROR(ReduceGradients());

@@ -80,6 +80,10 @@ class Trainer {
   // (runtime/cuda/device_moe_layer.h) exchange over; null when the group is this rank alone.
   StatusOr<comm::Communicator*> DeviceEpCommunicator(int replica);
   Status Step(report::StepMetrics* metrics);
+  // Router replay: this step's recorded selections (num_layers x tokens per rank x k), and the
+  // recording of this step's (train.router_replay_dir / router_record_dir).
+  Status ReadRouterReplay(std::vector<int32_t>* out) const;
+  Status RecordRouterSelections();
   Status ReduceGradients();
   StatusOr<double> GlobalGradNorm();
   Status Evaluate(double* loss);

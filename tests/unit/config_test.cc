@@ -158,6 +158,15 @@ TEST(ConfigTest, RoutingOfTheSecondWave) {
                   .ok());
 }
 
+TEST(ConfigTest, RouterReplayRules) {
+  ExpectInvalid(Layer("reroute_overflow: true") + " train { router_replay_dir: \"r\" }",
+                {"moe.router.reroute_overflow", "train.router_replay_dir"});
+  ExpectInvalid(Layer("gate: EXPERT_CHOICE") + " train { router_record_dir: \"r\" }",
+                {"train.router_record_dir", "EXPERT_CHOICE"});
+  ExpectInvalid(Layer("") + " train { router_replay_dir: \"r\" } compute { device: CUDA }",
+                {"train.router_replay_dir=r", "compute.device=CUDA"});
+}
+
 TEST(ConfigTest, MissingOrBadDims) {
   // Required fields that are missing are reported as missing, with their path.
   ExpectInvalid("moe { num_experts: 4 expert { hidden_dim: 16 } }", {"moe.model_dim must be set"});

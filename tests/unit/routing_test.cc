@@ -400,6 +400,30 @@ TEST(GroupLimitedTest, ExpertsComeFromAtMostGroupsPerTokenGroups) {
   EXPECT_EQ(checked, 8 * 40 * 9);
 }
 
+TEST(ReplayTest, ReplayedSelectionReplacesTopKAndIsChecked) {
+  // Probs pick (1, 0) and (0, 2); the replay says (3, 2) and (1, 0). Gates from the probs of the
+  // replayed experts; capacity applies as usual.
+  Tensor probs = MakeTensor(2, 4, {0.375f, 0.5f, 0.0625f, 0.0625f, 0.5f, 0.125f, 0.25f, 0.125f});
+  const config::RouterConfig cfg = RouterCfg("top_k: 2 normalization: TOPK_SOFTMAX" + Cf(0.0));
+  const std::vector<int32_t> replay = {3, 2, 1, 0};
+  RouteContext ctx;
+  ctx.replay_selected = replay.data();
+  DispatchPlan p = Plan(cfg, probs, {}, ctx);
+  EXPECT_EQ(p.selected, replay);
+  EXPECT_EQ(p.slot_expert, replay);
+  EXPECT_FLOAT_EQ(p.slot_gate[0], 0.0625f / 0.125f);
+  EXPECT_FLOAT_EQ(p.slot_gate[2], 0.125f / 0.625f);
+  for (const std::vector<int32_t>& bad :
+       {std::vector<int32_t>{4, 0, 1, 0}, std::vector<int32_t>{1, 1, 1, 0},
+        std::vector<int32_t>{-1, 0, 1, 0}}) {
+    ctx.replay_selected = bad.data();
+    StatusOr<DispatchPlan> q = BuildDispatchPlan(cfg, probs, {}, ctx);
+    ASSERT_FALSE(q.ok());
+    EXPECT_NE(q.status().ToString().find("router replay: token 0"), std::string::npos)
+        << q.status().ToString();
+  }
+}
+
 TEST(GateTest, SigmoidScoresAndScalingFactor) {
   // Logits (0, ln 3, -ln 3): s = (0.5, 0.75, 0.25). Top-2: experts 1, 0.
   config::LayerConfig layer = LayerFromText(

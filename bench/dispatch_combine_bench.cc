@@ -18,14 +18,18 @@ namespace {
 using comm::DataType;
 using comm::bench::ReduceScalar;
 
-StatusOr<DispatchPlan> MakePlan(const DispatchCombineBenchOptions& o, int rank, int64_t tokens,
-                                int e) {
+StatusOr<DispatchPlan> MakePlan(const DispatchCombineBenchOptions& o, int rank, int ranks,
+                                int64_t tokens, int e) {
   config::RouterConfig cfg;
   cfg.set_gate(config::TOPK);
   cfg.set_top_k(o.top_k);
   cfg.set_capacity_factor_train(o.capacity_factor);
   cfg.set_capacity_factor_eval(o.capacity_factor);
   cfg.set_min_capacity(1);
+  if (o.groups_per_token > 0) {
+    cfg.set_num_expert_groups(ranks);  // one expert group per rank
+    cfg.set_groups_per_token(o.groups_per_token);
+  }
   RouteContext ctx;
   ctx.train = true;
   ctx.seed = o.seed;
@@ -202,7 +206,38 @@ Status CheckDispatchCombineShape(const DispatchCombineBenchOptions& o, int ranks
     return InvalidArgument("--topk=" + std::to_string(o.top_k) + " must be <= the " +
                            std::to_string(e) + " experts");
   }
+  if (o.groups_per_token > 0) {
+    const int g = o.groups_per_token;
+    if (g > ranks || o.top_k % g != 0 || o.top_k / g > e / ranks || ranks > 64) {
+      return InvalidArgument("--groups-per-token=" + std::to_string(g) +
+                             " must be <= the " + std::to_string(ranks) +
+                             " ranks (at most 64), divide --topk=" + std::to_string(o.top_k) +
+                             " and leave --topk / it <= the " + std::to_string(e / ranks) +
+                             " experts per rank");
+    }
+  }
   return Status::Ok();
+}
+
+FanOut DestinationRanks(const DispatchPlan& plan, int ranks) {
+  FanOut f;
+  const int64_t k = plan.top_k, per_rank = plan.num_experts / ranks;
+  std::vector<int64_t> seen(static_cast<size_t>(ranks), -1);
+  for (int64_t t = 0; t < plan.num_tokens; ++t) {
+    int64_t n = 0;
+    for (int64_t j = 0; j < k; ++j) {
+      const int32_t ex = plan.slot_expert[t * k + j];
+      if (ex < 0) continue;
+      const int64_t r = ex / per_rank;
+      if (seen[r] != t) {
+        seen[r] = t;
+        ++n;
+      }
+    }
+    f.sum += n;
+    f.max = std::max(f.max, n);
+  }
+  return f;
 }
 
 std::vector<int64_t> DispatchCombineTokens(const std::vector<int64_t>& sizes, int top_k,
@@ -320,7 +355,7 @@ Status RunPipelineBench(comm::Communicator& comm, const DispatchCombineBenchOpti
   }
   comm::bench::SweepSummary summary;
   for (const int64_t tokens : o.tokens) {
-    MOE_ASSIGN_OR_RETURN(const DispatchPlan plan, MakePlan(o, comm.rank(), tokens, e));
+    MOE_ASSIGN_OR_RETURN(const DispatchPlan plan, MakePlan(o, comm.rank(), comm.size(), tokens, e));
     const Tensor x = TokenInput(comm.rank(), tokens, o.hidden);
     const Tensor dy = TokenInput(comm.rank() + 7919, tokens, o.hidden);
     Tensor ref_y, ref_dx;
@@ -410,7 +445,26 @@ Status RunDispatchCombineBench(comm::Communicator& comm, const DispatchCombineBe
   if (rank0) PrintHeader(out, comm, o, e, baseline_name);
   comm::bench::SweepSummary summary;
   for (const int64_t tokens : o.tokens) {
-   MOE_ASSIGN_OR_RETURN(const DispatchPlan plan, MakePlan(o, comm.rank(), tokens, e));
+   MOE_ASSIGN_OR_RETURN(const DispatchPlan plan, MakePlan(o, comm.rank(), comm.size(), tokens, e));
+   {
+     const FanOut fan = DestinationRanks(plan, n);
+     MOE_ASSIGN_OR_RETURN(const double fan_sum, ReduceScalar(comm, static_cast<double>(fan.sum),
+                                                            comm::ReduceOp::kSum));
+     MOE_ASSIGN_OR_RETURN(const double fan_max, ReduceScalar(comm, static_cast<double>(fan.max),
+                                                            comm::ReduceOp::kMax));
+     if (rank0) {
+       std::fprintf(out,
+                    "# %lld tokens/rank: destination ranks per token (kept rows) mean %.3f, max "
+                    "%.0f%s\n",
+                    static_cast<long long>(tokens), fan_sum / static_cast<double>(tokens * n),
+                    fan_max,
+                    o.groups_per_token > 0
+                        ? (" (group-limited: " + std::to_string(o.groups_per_token) +
+                           " of " + std::to_string(n) + " rank groups per token)")
+                              .c_str()
+                        : " (not group-limited)");
+     }
+   }
    // Both wire dtypes, one row each: fp32 rows, then bf16 rows (half the bytes).
    for (const bool bf16 : {false, true}) {
     ExpertExchange exchange(&comm, e, o.hidden,

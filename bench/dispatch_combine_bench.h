@@ -30,6 +30,7 @@
 #include "comm/communicator.h"
 #include "runtime/base/status.h"
 #include "runtime/base/tensor.h"
+#include "runtime/moe/dispatch_plan.h"
 
 namespace moe {
 
@@ -59,7 +60,17 @@ struct DispatchCombineBenchOptions {
   // --hierarchical: > 0 exchanges with the two-stage all-to-all, this many ranks per node (the
   // raw baseline stays the flat all-to-all-v).
   int ranks_per_node = 0;
+  // --groups-per-token: > 0 routes group-limited with one expert group per rank (DeepSeek's
+  // device-limited routing): each token's experts lie on at most this many ranks.
+  int groups_per_token = 0;
 };
+
+// Destination ranks of each token's kept rows (experts in blocks of E/ranks per rank): their sum
+// and maximum over the plan's tokens (the exchange's fan-out).
+struct FanOut {
+  int64_t sum = 0, max = 0;
+};
+FanOut DestinationRanks(const DispatchPlan& plan, int ranks);
 
 // The experts E on `ranks` ranks (options.experts, or 2 per rank).
 int DispatchCombineExperts(const DispatchCombineBenchOptions& options, int ranks);

@@ -59,6 +59,7 @@ struct Flags {
   int64_t hidden = 1024;
   int experts = 0;  // 0: 2 per rank
   int top_k = 2;
+  int groups_per_token = 0;
   double capacity_factor = 1.25;
   bool dropless_exchange = false;
   std::string skew = "uniform";
@@ -154,6 +155,7 @@ StatusOr<Settings> Validate(const Flags& f) {
     dc.hidden = f.hidden;
     dc.experts = f.experts;
     dc.top_k = f.top_k;
+    dc.groups_per_token = f.groups_per_token;
     dc.capacity_factor = f.capacity_factor;
     dc.dropless_exchange = f.dropless_exchange;
     dc.skew_name = f.skew;
@@ -173,10 +175,11 @@ StatusOr<Settings> Validate(const Flags& f) {
   } else if (f.tokens_given || f.hidden != Flags().hidden || f.experts != 0 ||
              f.top_k != Flags().top_k || f.capacity_factor != Flags().capacity_factor ||
              f.dropless_exchange || f.skew != "uniform" || !f.pipeline_degrees.empty() ||
-             f.expert_hidden != 0) {
+             f.expert_hidden != 0 || f.groups_per_token != 0) {
     return moe::InvalidArgument(
-        "--tokens, --hidden, --experts, --topk, --capacity-factor, --dropless-exchange, --skew, "
-        "--pipeline-degree and --expert-hidden apply to --op dispatch_combine");
+        "--tokens, --hidden, --experts, --topk, --groups-per-token, --capacity-factor, "
+        "--dropless-exchange, --skew, --pipeline-degree and --expert-hidden apply to --op "
+        "dispatch_combine");
   }
   if (f.op == "allreduce" && c.max_bytes / moe::comm::DataTypeSize(c.dtype) > (1LL << 31) - 1) {
     return moe::InvalidArgument("-e/--maxbytes=" + f.max_bytes +
@@ -266,6 +269,10 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
   app.add_option("--experts", f.experts, "dispatch_combine: experts E (0: 2 per rank)");
   app.add_option("--topk", f.top_k, "dispatch_combine: experts per token k");
+  app.add_option("--groups-per-token", f.groups_per_token,
+                 "dispatch_combine: group-limited routing, one expert group per rank: a token's "
+                 "experts on at most this many ranks (0: not limited)")
+      ->check(CLI::Range(0, 64));
   app.add_option("--capacity-factor", f.capacity_factor,
                  "dispatch_combine: capacity factor (<= 0: dropless routing)");
   app.add_flag("--dropless-exchange", f.dropless_exchange,

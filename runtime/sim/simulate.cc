@@ -97,6 +97,29 @@ StatusOr<SimulationResult> RunSimulation(const MoeConfig& base, int ranks, bool 
 
 // ---- A target cluster -----------------------------------------------------------------------------
 
+NodeTraffic MeanNodeTraffic(const SimulationResult& run, int gpus_per_node) {
+  NodeTraffic out;
+  if (run.num_steps() == 0 || run.ranks == 0 || gpus_per_node < 1) return out;
+  for (int s = 0; s < run.num_steps(); ++s) {
+    for (size_t c = 0; c < run.calls(s); ++c) {
+      const ExchangeCall::Kind kind = run.call(s, c).kind;
+      if (kind != ExchangeCall::Kind::kDispatch && kind != ExchangeCall::Kind::kCombine) continue;
+      const TrafficMatrix m = run.Matrix(s, c);
+      for (int src = 0; src < run.ranks; ++src) {
+        for (int dst = 0; dst < run.ranks; ++dst) {
+          if (src == dst) continue;
+          const double b = m[static_cast<size_t>(src)][static_cast<size_t>(dst)];
+          (src / gpus_per_node == dst / gpus_per_node ? out.intra_bytes : out.inter_bytes) += b;
+        }
+      }
+    }
+  }
+  const double n = static_cast<double>(run.num_steps()) * run.ranks;
+  out.intra_bytes /= n;
+  out.inter_bytes /= n;
+  return out;
+}
+
 StepTraffic ClusterStepTraffic(const SimulationResult& run, const MoeConfig& cfg, int s) {
   StepTraffic t;
   const double m = cfg.moe().model_dim(), h = cfg.moe().expert().hidden_dim();

@@ -65,6 +65,14 @@ StatusOr<SimulationResult> RunSimulation(const MoeConfig& cfg, int ranks, bool q
 // chunks' dispatches, combines and expert FLOPs, from ExchangeCall::chunk; one chunk when
 // parallel.pipeline_degree = 1).
 StepTraffic ClusterStepTraffic(const SimulationResult& run, const MoeConfig& cfg, int step);
+// The dispatch and combine rows of a step, mean over steps and ranks, in bytes per rank and step:
+// what each rank sends to ranks of its own node (gpus_per_node consecutive ranks; itself
+// excluded) and to other nodes. Group-limited routing with groups = nodes bounds the second.
+struct NodeTraffic {
+  double intra_bytes = 0.0, inter_bytes = 0.0;
+};
+NodeTraffic MeanNodeTraffic(const SimulationResult& run, int gpus_per_node);
+
 // Mean over steps of CostModel::PredictStep (pipelined layers overlap on the cluster).
 StatusOr<StepPrediction> PredictCluster(const SimulationResult& run, const MoeConfig& cfg, const CostModel& model,
                                         bool hierarchical);

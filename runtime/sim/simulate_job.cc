@@ -143,6 +143,16 @@ Status PredictTarget(const SimulationResult& run, const MoeConfig& cfg, const Si
                 p.combine_seconds * 1e6, p.experts_seconds * 1e6, p.other_seconds * 1e6,
                 p.overlap_seconds * 1e6, p.total() * 1e6);
   }
+  const NodeTraffic node = MeanNodeTraffic(run, target.gpus_per_node());
+  std::printf(
+      "dispatch + combine rows per rank and step (mean): %.1f KB to its node's other ranks, %.1f KB "
+      "to other nodes%s\n",
+      node.intra_bytes / 1024.0, node.inter_bytes / 1024.0,
+      cfg.moe().router().num_expert_groups() > 1
+          ? (" (group-limited: " + std::to_string(cfg.moe().router().groups_per_token()) + " of " +
+             std::to_string(cfg.moe().router().num_expert_groups()) + " expert groups per token)")
+                .c_str()
+          : "");
   MOE_RETURN_IF_ERROR(WriteOut(o.out, "predicted.json",
                                PredictedJson(target, o.ranks, o.efficiency, pipeline_degree, flat, hier)));
   std::printf("wrote %s/predicted.json\n", o.out.c_str());

@@ -109,6 +109,7 @@ class CudaMoeLayer final : public DeviceMoeLayer {
   double host_seconds() const override { return host_seconds_; }
   bool routes_on_device() const override { return router_dev_ != nullptr; }
   const DispatchPlan& plan() const override { return plan_; }
+  int64_t forward_tokens() const override { return plan_.num_tokens; }
   Status FetchPlan() override {
     if (router_dev_ == nullptr) return Status::Ok();
     if (!have_forward_) return FailedPrecondition("DeviceMoeLayer::FetchPlan without a Forward");

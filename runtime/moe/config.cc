@@ -126,6 +126,36 @@ Status ValidateLayer(const config::LayerConfig& l) {
       c.Require(r.scaling_factor() == 1.0, "moe.router.scaling_factor", r.scaling_factor(),
                 "be 1 with gate EXPERT_CHOICE");
       break;
+    case config::SOFT: {
+      // No selection, no drops, no balance losses: the top-k options do not apply.
+      const std::string rule = "with gate SOFT (no selection, no drops, no balance losses)";
+      c.Require(r.slots_per_expert() >= 1, "moe.router.slots_per_expert", r.slots_per_expert(),
+                "be >= 1");
+      c.Require(static_cast<int64_t>(e) * std::max(r.slots_per_expert(), 1) <= (int64_t{1} << 24),
+                "moe.router.slots_per_expert", r.slots_per_expert(),
+                "satisfy num_experts * slots_per_expert <= 2^24");
+      c.Require(r.aux_loss() == config::NO_AUX_LOSS, "moe.router.aux_loss",
+                config::AuxLossKind_Name(r.aux_loss()), "be NO_AUX_LOSS " + rule);
+      c.Require(r.z_loss_weight() == 0, "moe.router.z_loss_weight", r.z_loss_weight(),
+                "be 0 " + rule);
+      c.Require(!r.random_routing(), "moe.router.random_routing", r.random_routing(),
+                "be false " + rule);
+      c.Require(!r.reroute_overflow(), "moe.router.reroute_overflow", r.reroute_overflow(),
+                "be false " + rule);
+      c.Require(r.bias_update_rate() == 0, "moe.router.bias_update_rate", r.bias_update_rate(),
+                "be 0 " + rule);
+      c.Require(r.normalization() == config::NONE, "moe.router.normalization",
+                config::GateNormalization_Name(r.normalization()), "be NONE " + rule);
+      c.Require(r.drop_policy() == config::POSITION, "moe.router.drop_policy",
+                config::DropPolicy_Name(r.drop_policy()), "be POSITION " + rule);
+      c.Require(r.num_expert_groups() == 1, "moe.router.num_expert_groups",
+                r.num_expert_groups(), "be 1 " + rule);
+      c.Require(r.score_function() == config::SOFTMAX, "moe.router.score_function",
+                config::ScoreFunction_Name(r.score_function()), "be SOFTMAX " + rule);
+      c.Require(r.scaling_factor() == 1.0, "moe.router.scaling_factor", r.scaling_factor(),
+                "be 1 " + rule);
+      break;
+    }
   }
   if (r.gate() == config::NOISY_TOPK) {
     c.Require(r.normalization() == config::TOPK_SOFTMAX, "moe.router.normalization",
@@ -224,8 +254,9 @@ Status ValidateTrain(const MoeConfig& cfg) {
     const std::string field =
         t.router_replay_dir().empty() ? "train.router_record_dir" : "train.router_replay_dir";
     const auto& r = cfg.moe().router();
-    c.Require(r.gate() != config::EXPERT_CHOICE, field, "set",
-              "be unset with gate EXPERT_CHOICE (replay records token-choice selections)");
+    c.Require(r.gate() != config::EXPERT_CHOICE && r.gate() != config::SOFT, field, "set",
+              "be unset with gate " + config::GateKind_Name(r.gate()) +
+                  " (replay records token-choice selections)");
   }
   if (!t.router_replay_dir().empty()) {
     c.Require(!cfg.moe().router().reroute_overflow(), "moe.router.reroute_overflow", true,
@@ -285,7 +316,8 @@ void ResolveLayerConfig(config::LayerConfig* layer) {
   if (router->gate() == config::NOISY_TOPK && !router->has_normalization()) {
     router->set_normalization(config::TOPK_SOFTMAX);
   }
-  if (router->gate() == config::EXPERT_CHOICE && !router->has_aux_loss()) {
+  if ((router->gate() == config::EXPERT_CHOICE || router->gate() == config::SOFT) &&
+      !router->has_aux_loss()) {
     router->set_aux_loss(config::NO_AUX_LOSS);
   }
   FillDefaults(layer);

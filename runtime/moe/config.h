@@ -43,6 +43,11 @@ std::string ConfigToJson(const MoeConfig& cfg);
 inline int TopK(const config::RouterConfig& r) {
   return r.gate() == config::TOP1 ? 1 : r.top_k();
 }
+// Columns of the router weight (router.npy is M x this): E, or E * slots_per_expert for SOFT.
+inline int RouterColumns(const config::LayerConfig& l) {
+  return l.router().gate() == config::SOFT ? l.num_experts() * l.router().slots_per_expert()
+                                           : l.num_experts();
+}
 inline int SharedHidden(const config::LayerConfig& l) {
   return l.shared_hidden_dim() > 0 ? l.shared_hidden_dim() : l.expert().hidden_dim();
 }

@@ -1,13 +1,16 @@
 // CpuMoeLayer (runtime/moe/cpu_moe_layer.h).
 #include "runtime/moe/cpu_moe_layer.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "experts/cpu/blas.h"
 #include "runtime/moe/config.h"
 #include "runtime/moe/expert_parallel_executor.h"
 #include "runtime/moe/host_layer_call.h"
+#include "runtime/moe/routing_math.h"
 
 namespace moe {
 
@@ -70,7 +73,10 @@ Status CpuMoeLayer::Forward(const float* x_in, int64_t s, const RouteContext& ct
   ctx_ = ctx;
   ComputeRouter(cfg_.router(), x_.view(), params.router, params.router_noise, ctx, &router_);
   MOE_ASSIGN_OR_RETURN(plan_, BuildDispatchPlan(cfg_.router(), router_.probs, bias_, ctx));
-  loss_sums_ = RouterLossSums(cfg_.router(), plan_, router_.probs, router_.logits);
+  // SOFT has no router losses (its plan's "tokens" are the slot rows).
+  loss_sums_ = cfg_.router().gate() == config::SOFT
+                   ? std::vector<GroupLossSums>()
+                   : RouterLossSums(cfg_.router(), plan_, router_.probs, router_.logits);
   if (cfg_.router().aux_loss_scope() == config::GLOBAL) {
     std::vector<double> counts = BalanceCounts(loss_sums_);
     if (balance_ != nullptr && balance_->size() > 1) {
@@ -86,7 +92,21 @@ Status CpuMoeLayer::Forward(const float* x_in, int64_t s, const RouteContext& ct
   // Shared experts write y first (y = shared(x)); then the executor adds the routed rows per token
   // in slot order, so the sum order does not depend on how rows are laid out.
   const MatrixView<float> y(y_out, s, m);
-  if (params.shared.empty()) std::memset(y_out, 0, sizeof(float) * static_cast<size_t>(s * m));
+  SharedForward(params, y);
+  if (cfg_.router().gate() == config::SOFT) {
+    MOE_RETURN_IF_ERROR(SoftForward(params, y));
+  } else {
+    MOE_RETURN_IF_ERROR(executor_->Forward(plan_, x_.view(), params.experts, y));
+  }
+  have_forward_ = true;
+  return Status::Ok();
+}
+
+void CpuMoeLayer::SharedForward(const MoeLayerParams& params, MatrixView<float> y) {
+  const int64_t s = x_.rows();
+  if (params.shared.empty()) {
+    std::memset(y.data(), 0, sizeof(float) * static_cast<size_t>(s * y.cols()));
+  }
   shared_h_.resize(params.shared.size());
   shared_a_.resize(params.shared.size());
   shared_u_.resize(params.shared.size());
@@ -98,8 +118,94 @@ Status CpuMoeLayer::Forward(const float* x_in, int64_t s, const RouteContext& ct
     experts::FfnForward(shared_shape_, params.shared[i], x_.view(), y, i > 0,
                         {shared_h_[i].view(), shared_a_[i].view(), shared_u_[i].view()});
   }
-  MOE_RETURN_IF_ERROR(executor_->Forward(plan_, x_.view(), params.experts, y));
-  have_forward_ = true;
+}
+
+void CpuMoeLayer::SharedBackward(const MoeLayerParams& params, MatrixView<const float> dy,
+                                 MatrixView<float> dx, MoeLayerParams* grads) {
+  const int64_t s = x_.rows();
+  std::memset(dx.data(), 0, sizeof(float) * static_cast<size_t>(s * dx.cols()));
+  for (size_t i = 0; i < params.shared.size(); ++i) {
+    const int64_t h = shared_shape_.hidden_dim;
+    ResizeTensor(&shared_scratch1_, s, h);
+    if (shared_shape_.swiglu) ResizeTensor(&shared_scratch2_, s, h);
+    experts::FfnBackward(shared_shape_, params.shared[i], x_.view(),
+                         {shared_h_[i].view(), shared_a_[i].view(), shared_u_[i].view()}, dy, dx,
+                         true, &grads->shared[i], shared_scratch1_.view(), shared_scratch2_.view());
+  }
+}
+
+Status CpuMoeLayer::SoftForward(const MoeLayerParams& params, MatrixView<float> y) {
+  const int64_t m = x_.cols(), cols = router_.probs.cols(), g = plan_.num_groups;
+  // X̃_g = D_gᵀ X_g: slot c = e·p + j of group g is row g·E·p + c.
+  ResizeTensor(&soft_x_, g * cols, m);
+  ResizeTensor(&soft_y_, g * cols, m);
+  for (int64_t gr = 0; gr < g; ++gr) {
+    const int64_t b = routing::GroupBegin(x_.rows(), g, gr),
+                  n = routing::GroupBegin(x_.rows(), g, gr + 1) - b;
+    blas::Gemm(true, false, cols, m, n, 1.0f, router_.dispatch.row(b), x_.row(b), 0.0f,
+               soft_x_.row(gr * cols));
+  }
+  soft_y_.Fill(0.0f);  // the executor adds gate (1) · expert(slot input)
+  MOE_RETURN_IF_ERROR(executor_->Forward(plan_, soft_x_.view(), params.experts, soft_y_.view()));
+  // y_g += C_g Ỹ_g.
+  for (int64_t gr = 0; gr < g; ++gr) {
+    const int64_t b = routing::GroupBegin(x_.rows(), g, gr),
+                  n = routing::GroupBegin(x_.rows(), g, gr + 1) - b;
+    blas::Gemm(false, false, n, m, cols, 1.0f, router_.probs.row(b), soft_y_.row(gr * cols), 1.0f,
+               y.row(b));
+  }
+  return Status::Ok();
+}
+
+Status CpuMoeLayer::SoftBackward(const MoeLayerParams& params, MatrixView<const float> dy,
+                                 MatrixView<float> dx, MoeLayerParams* grads) {
+  const int64_t s = x_.rows(), m = x_.cols(), cols = router_.probs.cols(), g = plan_.num_groups;
+  const Tensor& c_w = router_.probs;
+  const Tensor& d_w = router_.dispatch;
+  // dỸ_g = C_gᵀ dy_g; dC_g = dy_g Ỹ_gᵀ.
+  Tensor dsoft_y(g * cols, m), dsoft_x(g * cols, m), dc(s, cols), dd(s, cols);
+  for (int64_t gr = 0; gr < g; ++gr) {
+    const int64_t b = routing::GroupBegin(s, g, gr), n = routing::GroupBegin(s, g, gr + 1) - b;
+    blas::Gemm(true, false, cols, m, n, 1.0f, c_w.row(b), dy.row(b), 0.0f,
+               dsoft_y.row(gr * cols));
+    blas::Gemm(false, true, n, cols, m, 1.0f, dy.row(b), soft_y_.row(gr * cols), 0.0f, dc.row(b));
+  }
+  // The experts' backward on the slot rows (gate 1): dX̃ and the expert weight gradients.
+  dsoft_x.Fill(0.0f);
+  MOE_RETURN_IF_ERROR(
+      executor_->Backward(plan_, dsoft_y.view(), params.experts, &grads->experts, dsoft_x.view()));
+  // dx_g += D_g dX̃_g; dD_g = X_g dX̃_gᵀ.
+  for (int64_t gr = 0; gr < g; ++gr) {
+    const int64_t b = routing::GroupBegin(s, g, gr), n = routing::GroupBegin(s, g, gr + 1) - b;
+    blas::Gemm(false, false, n, m, cols, 1.0f, d_w.row(b), dsoft_x.row(gr * cols), 1.0f, dx.row(b));
+    blas::Gemm(false, true, n, cols, m, 1.0f, x_.row(b), dsoft_x.row(gr * cols), 0.0f, dd.row(b));
+  }
+  // Through the softmaxes to the logits: dL = C ⊙ (dC − <dC, C>_row) + D ⊙ (dD − <dD, D>_column
+  // over the group).
+  Tensor& dlogits = router_grads_.dlogits;
+  ResizeTensor(&dlogits, s, cols);
+  for (int64_t t = 0; t < s; ++t) {
+    double dot = 0.0;
+    for (int64_t c = 0; c < cols; ++c) dot += static_cast<double>(dc(t, c)) * c_w(t, c);
+    for (int64_t c = 0; c < cols; ++c) {
+      dlogits(t, c) = static_cast<float>(c_w(t, c) * (dc(t, c) - dot));
+    }
+  }
+  std::vector<double> coldot(static_cast<size_t>(cols));
+  for (int64_t gr = 0; gr < g; ++gr) {
+    const int64_t b = routing::GroupBegin(s, g, gr), end = routing::GroupBegin(s, g, gr + 1);
+    std::fill(coldot.begin(), coldot.end(), 0.0);
+    for (int64_t t = b; t < end; ++t) {
+      for (int64_t c = 0; c < cols; ++c) coldot[c] += static_cast<double>(dd(t, c)) * d_w(t, c);
+    }
+    for (int64_t t = b; t < end; ++t) {
+      for (int64_t c = 0; c < cols; ++c) {
+        dlogits(t, c) += static_cast<float>(d_w(t, c) * (dd(t, c) - coldot[c]));
+      }
+    }
+  }
+  blas::Gemm(true, false, m, cols, s, 1.0f, x_.data(), dlogits.data(), 1.0f, grads->router.data());
+  blas::Gemm(false, true, s, m, cols, 1.0f, dlogits.data(), params.router.data(), 1.0f, dx.data());
   return Status::Ok();
 }
 
@@ -112,6 +218,11 @@ Status CpuMoeLayer::Backward(const float* dy_in, float* dx_out, MoeLayerParams* 
   MoeLayerParams* grads = grads_out != nullptr ? grads_out : &*accumulated_;
   const int64_t s = x_.rows(), m = x_.cols();
   const MatrixView<const float> dy(dy_in, s, m);
+  if (cfg_.router().gate() == config::SOFT) {
+    const MatrixView<float> dx(dx_out, s, m);
+    SharedBackward(params, dy, dx, grads);
+    return SoftBackward(params, dy, dx, grads);
+  }
   const int64_t rows = plan_.num_rows();
   // d gate of each kept row = dy[token] . its expert output (the executor sends gate * dy).
   std::vector<float> dgate(static_cast<size_t>(rows));
@@ -124,15 +235,7 @@ Status CpuMoeLayer::Backward(const float* dy_in, float* dx_out, MoeLayerParams* 
   }
   // dx = shared experts' dx, then the routed rows' per token in slot order.
   const MatrixView<float> dx(dx_out, s, m);
-  std::memset(dx_out, 0, sizeof(float) * static_cast<size_t>(s * m));
-  for (size_t i = 0; i < params.shared.size(); ++i) {
-    const int64_t h = shared_shape_.hidden_dim;
-    ResizeTensor(&shared_scratch1_, s, h);
-    if (shared_shape_.swiglu) ResizeTensor(&shared_scratch2_, s, h);
-    experts::FfnBackward(shared_shape_, params.shared[i], x_.view(),
-                         {shared_h_[i].view(), shared_a_[i].view(), shared_u_[i].view()}, dy, dx,
-                         true, &grads->shared[i], shared_scratch1_.view(), shared_scratch2_.view());
-  }
+  SharedBackward(params, dy, dx, grads);
   MOE_RETURN_IF_ERROR(executor_->Backward(plan_, dy, params.experts, &grads->experts, dx));
   RouterBackward(dgate, dx_out, grads);
   return Status::Ok();

@@ -54,6 +54,7 @@ class CpuMoeLayer final : public MoeLayer {
   Status AddGradients(MoeLayerParams* grads) override;
   Status Synchronize() override { return Status::Ok(); }
   const DispatchPlan& plan() const override { return plan_; }
+  int64_t forward_tokens() const override { return have_forward_ ? x_.rows() : 0; }
   Status FetchPlan() override { return Status::Ok(); }
   const RouterOutput& router_output() const override { return router_; }
   const RouterLosses& losses() const override { return losses_; }
@@ -72,6 +73,17 @@ class CpuMoeLayer final : public MoeLayer {
 
  private:
   void RouterBackward(const std::vector<float>& dgate_rows, float* dx, MoeLayerParams* grads);
+  // Shared experts: y = Σ shared(x) (y's old contents replaced); dx = Σ their input gradients
+  // (dx's old contents replaced), their weight gradients into grads.
+  void SharedForward(const MoeLayerParams& params, MatrixView<float> y);
+  void SharedBackward(const MoeLayerParams& params, MatrixView<const float> dy, MatrixView<float> dx,
+                      MoeLayerParams* grads);
+  // gate SOFT (docs/SEMANTICS.md "Soft MoE"): slot inputs Dᵀ·X per group, the experts on the
+  // slot rows through the executor (SoftSlotPlan), y += C·Ỹ; and the backward through both
+  // softmaxes to the router.
+  Status SoftForward(const MoeLayerParams& params, MatrixView<float> y);
+  Status SoftBackward(const MoeLayerParams& params, MatrixView<const float> dy, MatrixView<float> dx,
+                      MoeLayerParams* grads);
 
   config::LayerConfig cfg_;
   experts::FfnShape expert_shape_, shared_shape_;
@@ -94,6 +106,7 @@ class CpuMoeLayer final : public MoeLayer {
   DispatchPlan plan_;
   RouterLosses losses_;
   std::vector<Tensor> shared_h_, shared_a_, shared_u_;
+  Tensor soft_x_, soft_y_;  // SOFT: slot inputs Dᵀ·X and expert outputs, G·E·p x M
   // Backward scratch.
   RouterGradients router_grads_;
   Tensor shared_scratch1_, shared_scratch2_;

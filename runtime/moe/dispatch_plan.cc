@@ -344,6 +344,41 @@ int64_t ComputeCapacity(const config::RouterConfig& cfg, int64_t num_experts, in
   return std::min(s_g, std::max<int64_t>(cfg.min_capacity(), capped));
 }
 
+DispatchPlan SoftSlotPlan(int64_t e, int64_t p_slots, int64_t g) {
+  DispatchPlan p;
+  const int64_t per_group = e * p_slots, s = g * per_group;
+  p.num_tokens = s;
+  p.num_experts = e;
+  p.top_k = 1;
+  p.num_groups = g;
+  p.capacity = p_slots;
+  p.group_begin = GroupBounds(s, g);
+  p.group_expert_count.assign(static_cast<size_t>(g * e), static_cast<int32_t>(p_slots));
+  std::vector<RowAssignment> assignments;
+  assignments.reserve(static_cast<size_t>(s));
+  p.selected.resize(static_cast<size_t>(s));
+  for (int64_t gr = 0; gr < g; ++gr) {
+    for (int64_t ex = 0; ex < e; ++ex) {
+      for (int64_t j = 0; j < p_slots; ++j) {
+        const int64_t t = gr * per_group + ex * p_slots + j;
+        p.selected[t] = static_cast<int32_t>(ex);
+        assignments.push_back({static_cast<int32_t>(t), static_cast<int32_t>(ex),
+                               static_cast<int32_t>(gr), static_cast<int32_t>(j), 1.0f});
+      }
+    }
+  }
+  p.slot_expert = p.selected;
+  p.slot_final = p.selected;
+  p.slot_raw.assign(static_cast<size_t>(s), 1.0f);
+  p.slot_gate.assign(static_cast<size_t>(s), 1.0f);
+  LayoutRows(&p, assignments);
+  p.slot_row = p.token_rows;
+  p.kept_per_expert.assign(static_cast<size_t>(e), g * p_slots);
+  p.load_per_expert = p.kept_per_expert;
+  p.dropped_per_expert.assign(static_cast<size_t>(e), 0);
+  return p;
+}
+
 StatusOr<DispatchPlan> BuildDispatchPlan(const config::RouterConfig& cfg, const Tensor& probs,
                                          const std::vector<float>& bias, const RouteContext& ctx) {
   DispatchPlan p;
@@ -357,6 +392,16 @@ StatusOr<DispatchPlan> BuildDispatchPlan(const config::RouterConfig& cfg, const 
     return InvalidArgument("the input has S=" + std::to_string(p.num_tokens) +
                            " tokens, fewer than moe.router.num_local_groups=" +
                            std::to_string(p.num_groups));
+  }
+  // Soft MoE: no selection (the bias does not apply).
+  if (cfg.gate() == config::SOFT) {
+    const int64_t slots = cfg.slots_per_expert();
+    if (slots < 1 || p.num_experts % slots != 0) {
+      return InvalidArgument("gate SOFT: the router has " + std::to_string(p.num_experts) +
+                             " columns, not a multiple of moe.router.slots_per_expert=" +
+                             std::to_string(slots));
+    }
+    return SoftSlotPlan(p.num_experts / slots, slots, p.num_groups);
   }
   if (!bias.empty() && static_cast<int64_t>(bias.size()) != p.num_experts) {
     return InvalidArgument("router bias has " + std::to_string(bias.size()) + " entries, must have " +

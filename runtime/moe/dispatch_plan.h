@@ -69,6 +69,11 @@ std::vector<int64_t> GroupBounds(int64_t num_tokens, int64_t num_groups);
 int64_t ComputeCapacity(const config::RouterConfig& cfg, int64_t num_experts, int64_t num_tokens,
                         int64_t num_groups, bool train);
 
+// Soft MoE (gate SOFT): the plan of the G·E·p slot rows — "token" g·E·p + e·p + j is slot j of
+// expert e in group g, one kept row each (gate 1, position j), so every (group, expert) block
+// holds exactly p rows: the exchange moves slot inputs and outputs like token rows.
+DispatchPlan SoftSlotPlan(int64_t num_experts, int64_t slots_per_expert, int64_t num_groups);
+
 // Builds the plan from the router's probs. `bias` (E) is the aux-loss-free selection bias (may be
 // empty). Fails with a clear error for S < G.
 StatusOr<DispatchPlan> BuildDispatchPlan(const config::RouterConfig& cfg, const Tensor& probs,

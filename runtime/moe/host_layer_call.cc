@@ -28,8 +28,7 @@ Status HostLayerCall::Forward(MatrixView<const float> x, const RouteContext& ctx
 }
 
 Status HostLayerCall::Backward(MatrixView<const float> dy, Tensor* dx, MoeLayerParams* grads) {
-  const DispatchPlan& plan = layer_->plan();
-  const int64_t s = plan.num_tokens, m = layer_->config().model_dim();
+  const int64_t s = layer_->forward_tokens(), m = layer_->config().model_dim();
   if (s == 0) return layer_->Backward(nullptr, nullptr, grads);  // no Forward yet: its error
   if (dy.rows() != s || dy.cols() != m) {
     return InvalidArgument("grad output is " + std::to_string(dy.rows()) + "x" +

@@ -112,7 +112,14 @@ Status RunLayerOnFiles(const MoeConfig& cfg, const LayerFilesOptions& f) {
   MOE_RETURN_IF_ERROR(call.Forward(x.view(), ctx, &y));
   MOE_RETURN_IF_ERROR(WriteNpy(f.out + "/y.npy", y));
   MOE_RETURN_IF_ERROR(layer->FetchPlan());  // routed on the device: the slots come down
-  MOE_RETURN_IF_ERROR(WriteRouting(f.out, layer->plan()));
+  if (layer_cfg.router().gate() == config::SOFT) {
+    // Soft MoE: the combine weights C and the dispatch weights D (S x E·p) instead of slots.
+    MOE_RETURN_IF_ERROR(WriteNpy(f.out + "/routing_gate.npy", layer->router_output().probs));
+    MOE_RETURN_IF_ERROR(
+        WriteNpy(f.out + "/routing_dispatch.npy", layer->router_output().dispatch));
+  } else {
+    MOE_RETURN_IF_ERROR(WriteRouting(f.out, layer->plan()));
+  }
 
   std::string json;
   google::protobuf::util::JsonPrintOptions opts;

@@ -113,6 +113,7 @@ float PreCapacityGate(const DispatchPlan& p, const Tensor& probs, int64_t t, int
 
 RouterLosses LossesFromSums(const std::vector<GroupLossSums>& groups) {
   RouterLosses out;
+  if (groups.empty()) return out;  // no router losses (gate SOFT)
   for (const GroupLossSums& g : groups) {
     const double n = static_cast<double>(g.tokens);
     out.z += g.z / n;

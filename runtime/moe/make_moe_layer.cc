@@ -43,6 +43,9 @@ StatusOr<std::unique_ptr<MoeLayer>> MakeMoeLayer(const config::LayerConfig& laye
     ep_layer->set_balance_communicator(options.balance);
     return std::unique_ptr<MoeLayer>(std::move(ep_layer));
   }
+  if (layer.router().gate() == config::SOFT) {
+    return InvalidArgument("moe.router.gate=SOFT runs on the CPU layer only (compute.device=CPU)");
+  }
   if (layer.router().aux_loss_scope() == config::GLOBAL) {
     return InvalidArgument("moe.router.aux_loss_scope=GLOBAL runs on the CPU layer only "
                            "(compute.device=CPU)");

@@ -52,7 +52,7 @@ void InitUniformByName(const std::string& name, uint64_t seed, double bound, Ten
 
 MoeLayerParams MakeLayerParams(const config::LayerConfig& cfg, int first_expert, int num_local_experts) {
   MoeLayerParams p;
-  p.router = Tensor(cfg.model_dim(), cfg.num_experts());
+  p.router = Tensor(cfg.model_dim(), RouterColumns(cfg));
   if (cfg.router().gate() == config::NOISY_TOPK) p.router_noise = Tensor(cfg.model_dim(), cfg.num_experts());
   p.first_expert = first_expert;
   const int local = num_local_experts < 0 ? cfg.num_experts() : num_local_experts;
@@ -86,7 +86,7 @@ std::vector<ParamShape> LayerParamShapes(const config::LayerConfig& cfg, int fir
                                          int num_local_experts) {
   std::vector<ParamShape> out;
   const int64_t m = cfg.model_dim(), e = cfg.num_experts();
-  out.push_back({"router", m, e});
+  out.push_back({"router", m, RouterColumns(cfg)});
   if (cfg.router().gate() == config::NOISY_TOPK) out.push_back({"router_noise", m, e});
   // FfnParams::Zeros's shapes, in MoeLayerParams::ForEach's order.
   const auto ffn = [&](const std::string& prefix, const experts::FfnShape& f) {

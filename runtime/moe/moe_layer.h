@@ -113,6 +113,9 @@ class MoeLayer {
   // holds the plan's counts and metrics only — what the trainer's statistics and bias updates
   // read — until FetchPlan brings the per-slot arrays (and the router output) down.
   virtual const DispatchPlan& plan() const = 0;
+  // Tokens of the last Forward (0 before one): plan().num_tokens, except for gate SOFT, whose
+  // plan's "tokens" are the slot rows.
+  virtual int64_t forward_tokens() const = 0;
   virtual Status FetchPlan() = 0;
   virtual const RouterOutput& router_output() const = 0;
   virtual const RouterLosses& losses() const = 0;

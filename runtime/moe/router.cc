@@ -1,7 +1,9 @@
 // The router: logits, noise, softmax and their backward (runtime/moe/router.h).
 #include "runtime/moe/router.h"
 
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "experts/cpu/blas.h"
 #include "runtime/base/rng.h"
@@ -23,6 +25,30 @@ void SoftmaxRows(MatrixView<const float> in, MatrixView<float> out) {
     }
     const float inv = 1.0f / sum;
     for (int64_t c = 0; c < cols; ++c) o[c] = o[c] * inv;
+  }
+}
+
+void SoftmaxColumnsPerGroup(MatrixView<const float> in, int64_t groups, MatrixView<float> out) {
+  const int64_t cols = in.cols();
+  std::vector<float> mx(static_cast<size_t>(cols)), sum(static_cast<size_t>(cols));
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t b = routing::GroupBegin(in.rows(), groups, g),
+                  end = routing::GroupBegin(in.rows(), groups, g + 1);
+    for (int64_t c = 0; c < cols; ++c) mx[c] = in.row(b)[c];
+    for (int64_t r = b + 1; r < end; ++r) {
+      for (int64_t c = 0; c < cols; ++c) mx[c] = std::max(mx[c], in.row(r)[c]);
+    }
+    std::fill(sum.begin(), sum.end(), 0.0f);
+    for (int64_t r = b; r < end; ++r) {
+      for (int64_t c = 0; c < cols; ++c) {
+        out.row(r)[c] = std::exp(in.row(r)[c] - mx[c]);
+        sum[c] += out.row(r)[c];
+      }
+    }
+    for (int64_t c = 0; c < cols; ++c) sum[c] = 1.0f / sum[c];
+    for (int64_t r = b; r < end; ++r) {
+      for (int64_t c = 0; c < cols; ++c) out.row(r)[c] = out.row(r)[c] * sum[c];
+    }
   }
 }
 
@@ -49,6 +75,13 @@ void FinishRouter(const config::RouterConfig& cfg, const RouteContext& ctx, Rout
       for (int64_t i = 0; i < s * e; ++i) out->probs[i] = routing::Sigmoid(out->logits[i]);
     } else {
       SoftmaxRows(out->logits.view(), out->probs.view());
+    }
+    if (cfg.gate() == config::SOFT) {
+      if (s < cfg.num_local_groups()) return;  // BuildDispatchPlan reports it
+      ResizeTensor(&out->dispatch, s, e);  // fully overwritten below
+      SoftmaxColumnsPerGroup(out->logits.view(), cfg.num_local_groups(), out->dispatch.view());
+    } else {
+      out->dispatch = Tensor();
     }
     return;
   }

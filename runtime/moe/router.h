@@ -29,6 +29,9 @@ struct RouterOutput {
   Tensor noise_in;  // S x E, x Wnoise (NOISY_TOPK at training only)
   Tensor eps;       // S x E, the N(0,1) draws (NOISY_TOPK at training only)
   Tensor probs;     // S x E, softmax of the (noisy) scores, or sigmoid(logits) (SIGMOID)
+  // gate SOFT (logits and probs are S x E·p, probs the combine weights C, a softmax over each
+  // token's slots): the dispatch weights D, a softmax over each local group's tokens per slot.
+  Tensor dispatch;
   bool noisy = false;
 };
 
@@ -46,6 +49,10 @@ void FinishRouter(const config::RouterConfig& cfg, const RouteContext& ctx, Rout
 
 // Row-wise softmax in float32: subtract the row max, exp, divide by the sum.
 void SoftmaxRows(MatrixView<const float> in, MatrixView<float> out);
+// Column-wise softmax in float32 within each of `groups` contiguous row groups (GroupBounds):
+// per group and column, subtract the max over the group's rows, exp, sum in row order, multiply
+// by 1/sum (Soft MoE's dispatch weights).
+void SoftmaxColumnsPerGroup(MatrixView<const float> in, int64_t groups, MatrixView<float> out);
 
 using routing::Softplus;
 

@@ -55,13 +55,14 @@ BASE = dict(S=32, M=8, H=12, E=4, gate="TOPK", k=2, norm="NONE", rr=False, cf_tr
             aw=0.01, zw=0.0, rate=0.0, act="GELU_TANH", kind="FFN", bias=True, shared=0,
             shared_h=0, train=False, step=0, offset=0, grad=True, rbias=False, xscale=1.5,
             seed=1234, defaults=False, score="SOFTMAX", scale=1.0, ng=1, gp=1, seqlen=0,
-            scope="LOCAL")
+            scope="LOCAL", slots=1)
 
 # Router fields added later: (case key, proto field, default). Written to the textproto and the
 # case's config only when the case differs from the default, so the older cases read as before.
 NEW_ROUTER_FIELDS = (("score", "score_function", "SOFTMAX"), ("scale", "scaling_factor", 1.0),
                      ("ng", "num_expert_groups", 1), ("gp", "groups_per_token", 1),
-                     ("seqlen", "aux_sequence_length", 0), ("scope", "aux_loss_scope", "LOCAL"))
+                     ("seqlen", "aux_sequence_length", 0), ("scope", "aux_loss_scope", "LOCAL"),
+                     ("slots", "slots_per_expert", 1))
 
 
 def case(name, **kw):
@@ -211,6 +212,15 @@ CASES = [
     case("switch_topk_sigmoid_k2_rr", aux="SWITCH_TOPK", aw=0.1, score="SIGMOID", rr=True,
          train=True, step=4, cf_train=0.6),
     # --- DeepSeek-V3-like router
+    # --- Soft MoE (no routing decisions: C and D compared as floats)
+    case("soft_p1", gate="SOFT", aux="NO_AUX_LOSS", aw=0.0),
+    case("soft_p2_groups2_shared", gate="SOFT", aux="NO_AUX_LOSS", aw=0.0, slots=2, G=2, S=30,
+         shared=1),
+    case("soft_p3_groups3_swiglu_uneven", gate="SOFT", aux="NO_AUX_LOSS", slots=3, G=3, S=31,
+         kind="SWIGLU", E=3, train=True),
+    case("soft_p2_relu_nobias_xscale", gate="SOFT", aux="NO_AUX_LOSS", slots=2, act="RELU",
+         bias=False, xscale=3.0, E=6, M=12),
+    case("soft_forward_only", gate="SOFT", aux="NO_AUX_LOSS", slots=2, grad=False),
     # --- sequence-wise and global-batch balance losses
     case("sequence_softmax_k2", aux="SEQUENCE", seqlen=8, aw=0.1, cf_eval=0.75),
     case("sequence_sigmoid_uneven_tail", aux="SEQUENCE", seqlen=7, aw=0.1, score="SIGMOID",
@@ -380,15 +390,22 @@ def run_case(tool, workdir, c, index, verbose, device="cpu"):
         if why or not e <= tol:
             problems.append(f"{label}: scaled max abs err {e:.3g} {why}".rstrip())
 
-    # Routing.
-    got_re = np.load(os.path.join(out, "routing_expert.npy"))
+    # Routing (Soft MoE: its combine and dispatch weights).
+    if c["gate"] == "SOFT":
+        close("gate", np.load(os.path.join(out, "routing_gate.npy")), res["routing_gate"])
+        close("dispatch", np.load(os.path.join(out, "routing_dispatch.npy")),
+              res["routing_dispatch"])
+        got_re = res["routing_expert"] = np.zeros(0)
+    else:
+        got_re = np.load(os.path.join(out, "routing_expert.npy"))
     if got_re.shape != res["routing_expert"].shape or not np.array_equal(got_re, res["routing_expert"]):
         diff = ("shape " + str(got_re.shape) + " vs " + str(res["routing_expert"].shape)
                 if got_re.shape != res["routing_expert"].shape
                 else f"{int((got_re != res['routing_expert']).sum())} entries differ, first at "
                      f"{tuple(int(v) for v in np.argwhere(got_re != res['routing_expert'])[0])}")
         problems.append(f"routing_expert differs: {diff}")
-    close("gate", np.load(os.path.join(out, "routing_gate.npy")), res["routing_gate"])
+    if c["gate"] != "SOFT":
+        close("gate", np.load(os.path.join(out, "routing_gate.npy")), res["routing_gate"])
     close("y", np.load(os.path.join(out, "y.npy")), res["y"])
 
     # Metrics.

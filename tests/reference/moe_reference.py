@@ -84,7 +84,7 @@ def counter_normal(seed, step, index, stream, sub=0):
 ENUMS = {
     "activation": ["RELU", "GELU_TANH", "SILU"],
     "kind": ["FFN", "SWIGLU"],
-    "gate": ["TOP1", "TOPK", "NOISY_TOPK", "EXPERT_CHOICE"],
+    "gate": ["TOP1", "TOPK", "NOISY_TOPK", "EXPERT_CHOICE", "SOFT"],
     "normalization": ["NONE", "TOPK_SOFTMAX", "RENORM_AFTER_CAPACITY"],
     "drop_policy": ["POSITION", "PROBABILITY", "EXPERT_SCORE", "TOKEN_ORDER"],
     "aux_loss": ["NO_AUX_LOSS", "SWITCH", "GSHARD", "IMPORTANCE_CV", "SWITCH_TOPK", "SEQUENCE"],
@@ -100,6 +100,7 @@ ROUTER_DEFAULTS = {
     "aux_loss": "SWITCH", "aux_loss_weight": 0.01, "z_loss_weight": 0.0, "bias_update_rate": 0.0,
     "score_function": "SOFTMAX", "scaling_factor": 1.0, "num_expert_groups": 1,
     "groups_per_token": 1, "aux_sequence_length": 0, "aux_loss_scope": "LOCAL",
+    "slots_per_expert": 1,
 }
 
 
@@ -138,7 +139,7 @@ class LayerConfig:
             r["top_k"] = 1
         if self.gate == "NOISY_TOPK" and "normalization" not in r_in:
             r["normalization"] = "TOPK_SOFTMAX"
-        if self.gate == "EXPERT_CHOICE" and "aux_loss" not in r_in:
+        if self.gate in ("EXPERT_CHOICE", "SOFT") and "aux_loss" not in r_in:
             r["aux_loss"] = "NO_AUX_LOSS"
         self.top_k = 1 if self.gate == "TOP1" else int(r["top_k"])
         self.normalization = _enum("normalization", r["normalization"])
@@ -159,6 +160,7 @@ class LayerConfig:
         self.groups_per_token = int(r["groups_per_token"])
         self.aux_sequence_length = int(r["aux_sequence_length"])
         self.aux_loss_scope = _enum("aux_loss_scope", r["aux_loss_scope"])
+        self.slots_per_expert = int(r["slots_per_expert"])
         self.num_shared_experts = int(moe.get("num_shared_experts", 0))
         shd = int(moe.get("shared_hidden_dim", 0))
         self.shared_hidden_dim = shd if shd > 0 else self.hidden_dim
@@ -197,7 +199,7 @@ class LayerConfig:
     def weight_shapes(self):
         """(name, shape) of every parameter, in the C++ MoeLayerParams::ForEach order."""
         m, e, h, hs = self.model_dim, self.num_experts, self.hidden_dim, self.shared_hidden_dim
-        out = [("router", (m, e))]
+        out = [("router", (m, e * self.slots_per_expert if self.gate == "SOFT" else e))]
         if self.gate == "NOISY_TOPK":
             out.append(("router_noise", (m, e)))
 
@@ -531,6 +533,8 @@ def run_layer(cfg, x, weights, router_bias=None, grad_output=None, train=False, 
     if isinstance(cfg, dict):
         cfg = LayerConfig(cfg)
     x32 = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+    if cfg.gate == "SOFT":
+        return run_soft_layer(cfg, x32, weights, grad_output)
     s, m = x32.shape
     if m != cfg.model_dim:
         raise ValueError(f"x has {m} columns, model_dim is {cfg.model_dim}")
@@ -714,10 +718,72 @@ def run_layer(cfg, x, weights, router_bias=None, grad_output=None, train=False, 
     return result
 
 
+def run_soft_layer(cfg, x32, weights, grad_output=None):
+    """Soft MoE (gate SOFT, docs/SEMANTICS.md): per local group X_g, logits = X_g Phi (S_g x E*p);
+    D = softmax over the group's tokens (per slot column), C = softmax over the slots (per token);
+    slot inputs D^T X_g, slot j of expert e (column e*p + j) through FFN_e, y_g = C Y + shared.
+    All in float64 with autograd; no routing decisions, no drops, no losses."""
+    s, m = x32.shape
+    e, p, g = cfg.num_experts, cfg.slots_per_expert, cfg.num_local_groups
+    if m != cfg.model_dim:
+        raise ValueError(f"x has {m} columns, model_dim is {cfg.model_dim}")
+    if s < g:
+        raise ValueError(f"S={s} < num_local_groups={g}")
+    dt = torch.float64
+    need_grad = grad_output is not None
+    X = torch.tensor(x32, dtype=dt, requires_grad=need_grad)
+    P = {name: torch.tensor(np.asarray(w, dtype=np.float32), dtype=dt, requires_grad=need_grad)
+         for name, w in weights.items() if name in dict(cfg.weight_shapes())}
+    logits = X @ P["router"]
+    bounds = group_bounds(s, g)
+    ys, cs, ds = [], [], []
+    for gr in range(g):
+        b, end = bounds[gr], bounds[gr + 1]
+        lg = logits[b:end]
+        d = torch.softmax(lg, dim=0)
+        c = torch.softmax(lg, dim=1)
+        xs = d.T @ X[b:end]  # E*p x M
+        outs = torch.cat([_ffn(cfg, P, f"expert_{i}", xs[i * p:(i + 1) * p]) for i in range(e)])
+        ys.append(c @ outs)
+        cs.append(c)
+        ds.append(d)
+    y = torch.cat(ys)
+    for i in range(cfg.num_shared_experts):
+        y = y + _ffn(cfg, P, f"shared_{i}", X)
+    result = {
+        "y": y.detach().numpy().astype(np.float32),
+        "routing_gate": torch.cat(cs).detach().numpy().astype(np.float32),
+        "routing_dispatch": torch.cat(ds).detach().numpy().astype(np.float32),
+        "metrics": {
+            "aux_loss": 0.0, "z_loss": 0.0, "dropped_slots": 0,
+            "tokens_per_expert": [g * p] * e, "dropped_per_expert": [0] * e,
+            "capacity": p, "total_slots": g * e * p,
+        },
+        "min_margin": math.inf,
+        "min_margin_where": "",
+        "plan": {"capacity": p},
+    }
+    if need_grad:
+        dy = torch.tensor(np.asarray(grad_output, dtype=np.float32), dtype=dt)
+        if tuple(dy.shape) != (s, m):
+            raise ValueError(f"grad output has shape {tuple(dy.shape)}, expected {(s, m)}")
+        objective = (y * dy).sum()
+        result["objective"] = float(objective.item())
+        objective.backward()
+        result["dx"] = X.grad.numpy().astype(np.float32)
+        result["grads"] = {name: (np.zeros(shape, dtype=np.float32) if P[name].grad is None
+                                  else P[name].grad.numpy().astype(np.float32))
+                           for name, shape in cfg.weight_shapes()}
+    return result
+
+
 def write_outputs(cfg, result, out_dir):
     os.makedirs(out_dir, exist_ok=True)
     np.save(os.path.join(out_dir, "y.npy"), result["y"])
-    np.save(os.path.join(out_dir, "routing_expert.npy"), result["routing_expert"])
+    if "routing_expert" in result:
+        np.save(os.path.join(out_dir, "routing_expert.npy"), result["routing_expert"])
+    if "routing_dispatch" in result:
+        np.save(os.path.join(out_dir, "routing_dispatch.npy"), result["routing_dispatch"])
     np.save(os.path.join(out_dir, "routing_gate.npy"), result["routing_gate"])
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(result["metrics"], f)

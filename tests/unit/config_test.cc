@@ -158,6 +158,30 @@ TEST(ConfigTest, RoutingOfTheSecondWave) {
                   .ok());
 }
 
+TEST(ConfigTest, SoftMoeRefusesTopKOptions) {
+  for (const auto& [router, want] : std::vector<std::pair<std::string, std::string>>{
+           {"gate: SOFT aux_loss: SWITCH", "moe.router.aux_loss=SWITCH"},
+           {"gate: SOFT z_loss_weight: 0.1", "moe.router.z_loss_weight=0.1"},
+           {"gate: SOFT random_routing: true", "moe.router.random_routing"},
+           {"gate: SOFT reroute_overflow: true", "moe.router.reroute_overflow"},
+           {"gate: SOFT bias_update_rate: 0.1", "moe.router.bias_update_rate=0.1"},
+           {"gate: SOFT normalization: TOPK_SOFTMAX", "moe.router.normalization=TOPK_SOFTMAX"},
+           {"gate: SOFT drop_policy: PROBABILITY", "moe.router.drop_policy=PROBABILITY"},
+           {"gate: SOFT score_function: SIGMOID", "moe.router.score_function=SIGMOID"},
+           {"gate: SOFT scaling_factor: 2", "moe.router.scaling_factor=2"},
+           {"gate: SOFT num_expert_groups: 2", "moe.router.num_expert_groups=2"}}) {
+    ExpectInvalid(Layer(router), {want, "with gate SOFT"});
+  }
+  ExpectInvalid(Layer("gate: SOFT slots_per_expert: 0"),
+                {"moe.router.slots_per_expert=0", "be >= 1"});
+  ExpectInvalid(Layer("gate: SOFT") + " train { router_record_dir: \"r\" }",
+                {"train.router_record_dir", "gate SOFT"});
+  StatusOr<MoeConfig> ok = ParseConfig(Layer("gate: SOFT slots_per_expert: 3"), "soft");
+  ASSERT_TRUE(ok.ok()) << ok.status().ToString();
+  EXPECT_EQ(ok->moe().router().aux_loss(), config::NO_AUX_LOSS);  // resolved like EXPERT_CHOICE
+  EXPECT_EQ(RouterColumns(ok->moe()), 12);
+}
+
 TEST(ConfigTest, RouterReplayRules) {
   ExpectInvalid(Layer("reroute_overflow: true") + " train { router_replay_dir: \"r\" }",
                 {"moe.router.reroute_overflow", "train.router_replay_dir"});

@@ -48,7 +48,9 @@ config::LayerConfig MakeLayer(const EpCase& c, int groups) {
       " expert { hidden_dim: " + std::to_string(kHidden) +
       " activation: SILU } num_shared_experts: " + std::to_string(c.shared) + " router { " +
       c.router + " num_local_groups: " + std::to_string(groups) +
-      " aux_loss_weight: 0.1 z_loss_weight: 0.01 }");
+      (c.router.find("gate: SOFT") == std::string::npos
+           ? " aux_loss_weight: 0.1 z_loss_weight: 0.01 }"
+           : " }"));  // Soft MoE has no router losses
 }
 
 void ExpectNear(const Tensor& a, const Tensor& b, const std::string& what) {
@@ -128,8 +130,10 @@ TEST_P(EpEquivalenceTest, ForwardAndBackwardEqualOneRankWithGroups) {
 
   const DispatchPlan& rp = ref.plan();
   const int k = static_cast<int>(rp.top_k);
+  // Soft MoE's plan rows are its slots (no per-token routing to compare).
+  const bool soft = cfg.router().gate() == config::SOFT;
   for (int r = 0; r < w; ++r) {
-    for (int t = 0; t < s; ++t) {
+    for (int t = 0; t < (soft ? 0 : s); ++t) {
       for (int j = 0; j < k; ++j) {
         ASSERT_EQ(plans[r].slot_expert[t * k + j], rp.slot_expert[(r * s + t) * k + j])
             << "rank " << r << " token " << t << " slot " << j;
@@ -153,7 +157,7 @@ TEST_P(EpEquivalenceTest, ForwardAndBackwardEqualOneRankWithGroups) {
     }
   }
   // Replicated parameters: the sum over ranks equals the 1-rank gradient.
-  Tensor router_sum(kModel, c.experts);
+  Tensor router_sum(kModel, ref_grads.router.cols());
   for (int r = 0; r < w; ++r) {
     for (int64_t i = 0; i < router_sum.size(); ++i) router_sum[i] += grads[r].router[i];
   }
@@ -282,6 +286,7 @@ const char* kSequence =
 const char* kGlobal =
     "gate: TOPK top_k: 2 aux_loss: SWITCH_TOPK aux_loss_scope: GLOBAL capacity_factor_train: 1.0 "
     "min_capacity: 1";
+const char* kSoft = "gate: SOFT slots_per_expert: 2";
 const char* kTokenOrder =
     "gate: TOPK top_k: 2 score_function: SIGMOID normalization: RENORM_AFTER_CAPACITY "
     "num_expert_groups: 2 groups_per_token: 1 drop_policy: TOKEN_ORDER aux_loss: SWITCH_TOPK "
@@ -336,6 +341,12 @@ INSTANTIATE_TEST_SUITE_P(
         EpCase{"w2_sequence_loss", 2, 8, kSequence},
         EpCase{"w4_sequence_loss_shared", 4, 8, kSequence, 1},
         EpCase{"w2_global_balance", 2, 4, kGlobal},
+        // Soft MoE: exactly p rows per (expert, group) in both exchange modes.
+        EpCase{"w1_soft_p2", 1, 4, kSoft},
+        EpCase{"w2_soft_p2_shared", 2, 4, kSoft, 1},
+        EpCase{"w4_soft_p2", 4, 8, kSoft},
+        EpCase{"w4_soft_p2_dropless_exchange_pipeline2", 4, 8, kSoft, 0, true, 2},
+        EpCase{"w4_soft_p2_hierarchical2_bf16", 4, 4, kSoft, 1, false, 1, 2, true},
         EpCase{"w4_global_balance_dropless_exchange", 4, 8, kGlobal, 0, true}),
     [](const ::testing::TestParamInfo<EpCase>& p) { return p.param.name; });
 

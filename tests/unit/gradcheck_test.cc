@@ -210,6 +210,8 @@ std::vector<GradCase> Cases() {
   add("sequence_softmax_g2_dropless", Base(kSilu, std::string("top_k: 2 aux_loss: SEQUENCE aux_sequence_length: 3 num_local_groups: 2") + kLoss + kDropless), 11);
   add("global_switch_topk_g3_drop", Base(kGelu, std::string("top_k: 2 aux_loss: SWITCH_TOPK aux_loss_scope: GLOBAL num_local_groups: 3") + kLoss + kDrops), 12);
   add("global_sigmoid_switch_g2", Base(kGelu, std::string("score_function: SIGMOID top_k: 2 aux_loss: SWITCH aux_loss_scope: GLOBAL num_local_groups: 2") + kLoss + kDropless), 10);
+  add("soft_p2_g2_shared", Base(kGelu, "gate: SOFT slots_per_expert: 2 num_local_groups: 2", "num_shared_experts: 1"), 11);
+  add("soft_p1_swiglu", Base("kind: SWIGLU", "gate: SOFT slots_per_expert: 1"), 9);
   GradCase* b = add("selection_bias", Base(kGelu, std::string("top_k: 2 normalization: TOPK_SOFTMAX aux_loss: IMPORTANCE_CV") + kLoss + kDropless));
   b->bias = {0.3f, -0.2f, 0.0f, 0.1f};
   return v;

@@ -4,7 +4,8 @@
 //             [--grad-output dy.npy] [--train] [--step N] [--token-offset N]
 //             [--router-bias b.npy] [--device cpu|cuda] [--precision fp32|bf16] --out DIR
 //
-// Outputs in --out: y.npy, routing_expert.npy, routing_gate.npy, metrics.json, config.json; with
+// Outputs in --out: y.npy, routing_expert.npy, routing_gate.npy (Soft MoE: routing_gate.npy and
+// routing_dispatch.npy, its combine and dispatch weights), metrics.json, config.json; with
 // --grad-output also dx.npy and grad_<weight>.npy; with --init-seed the weights in DIR/weights/;
 // with --train and a bias update rate, the updated router_bias.npy. --device cuda runs the
 // device-resident layer (runtime/cuda/device_moe_layer.h). A thin main: flags and config, then

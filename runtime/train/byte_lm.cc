@@ -115,7 +115,7 @@ int64_t ByteLm::TotalParameters() const {
   const auto& l = cfg_.moe();
   const experts::FfnParams one = experts::FfnParams::Zeros(ExpertShape(l));
   const experts::FfnParams shared = experts::FfnParams::Zeros(SharedShape(l));
-  int64_t per_layer = 2 * m_ + m_ * l.num_experts() * (l.router().gate() == config::NOISY_TOPK ? 2 : 1) +
+  int64_t per_layer = 2 * m_ + m_ * RouterColumns(l) * (l.router().gate() == config::NOISY_TOPK ? 2 : 1) +
                       l.num_experts() * one.NumParameters() +
                       l.num_shared_experts() * shared.NumParameters();
   return embed_.size() + static_cast<int64_t>(blocks_.size()) * per_layer + 2 * m_ + out_w_.size() +
@@ -126,10 +126,12 @@ int64_t ByteLm::ActiveParametersPerToken() const {
   const auto& l = cfg_.moe();
   const experts::FfnParams one = experts::FfnParams::Zeros(ExpertShape(l));
   const experts::FfnParams shared = experts::FfnParams::Zeros(SharedShape(l));
+  // Soft MoE: every token's output mixes every expert's slots.
   const int64_t k = l.router().gate() == config::EXPERT_CHOICE
                         ? static_cast<int64_t>(std::ceil(l.router().capacity_factor_train()))
-                        : TopK(l.router());
-  const int64_t per_layer = 2 * m_ + m_ * l.num_experts() + k * one.NumParameters() +
+                    : l.router().gate() == config::SOFT ? l.num_experts()
+                                                         : TopK(l.router());
+  const int64_t per_layer = 2 * m_ + m_ * RouterColumns(l) + k * one.NumParameters() +
                             l.num_shared_experts() * shared.NumParameters();
   // One token reads T rows of the embedding tables.
   return static_cast<int64_t>(cfg_.model().context()) * m_ +

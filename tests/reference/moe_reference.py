@@ -142,25 +142,12 @@ class LayerConfig:
         if self.gate in ("EXPERT_CHOICE", "SOFT") and "aux_loss" not in r_in:
             r["aux_loss"] = "NO_AUX_LOSS"
         self.top_k = 1 if self.gate == "TOP1" else int(r["top_k"])
-        self.normalization = _enum("normalization", r["normalization"])
-        self.random_routing = bool(r["random_routing"])
-        self.capacity_factor_train = float(r["capacity_factor_train"])
-        self.capacity_factor_eval = float(r["capacity_factor_eval"])
-        self.min_capacity = int(r["min_capacity"])
-        self.drop_policy = _enum("drop_policy", r["drop_policy"])
-        self.num_local_groups = int(r["num_local_groups"])
-        self.reroute_overflow = bool(r["reroute_overflow"])
-        self.aux_loss = _enum("aux_loss", r["aux_loss"])
-        self.aux_loss_weight = float(r["aux_loss_weight"])
-        self.z_loss_weight = float(r["z_loss_weight"])
-        self.bias_update_rate = float(r["bias_update_rate"])
-        self.score_function = _enum("score_function", r["score_function"])
-        self.scaling_factor = float(r["scaling_factor"])
-        self.num_expert_groups = int(r["num_expert_groups"])
-        self.groups_per_token = int(r["groups_per_token"])
-        self.aux_sequence_length = int(r["aux_sequence_length"])
-        self.aux_loss_scope = _enum("aux_loss_scope", r["aux_loss_scope"])
-        self.slots_per_expert = int(r["slots_per_expert"])
+        # Every other router field by its default's type (enums by name).
+        for name, default in ROUTER_DEFAULTS.items():
+            if name in ("gate", "top_k"):
+                continue
+            kind = _enum if name in ENUMS else type(default)
+            setattr(self, name, kind(name, r[name]) if kind is _enum else kind(r[name]))
         self.num_shared_experts = int(moe.get("num_shared_experts", 0))
         shd = int(moe.get("shared_hidden_dim", 0))
         self.shared_hidden_dim = shd if shd > 0 else self.hidden_dim

@@ -875,6 +875,35 @@ std::vector<float> Logs(std::initializer_list<float> p) {
   return out;
 }
 
+TEST(LayerTest, SoftMoeMixesTokensIntoSlotsAndSlotsIntoTokens) {
+  // M = 2, E = 2, p = 1, one group of 2 tokens; both experts relu(x) (W1 = W2 = I, no biases).
+  // Φ = [[ln 3, 0], [0, 0]]: logits t0 = (ln 3, 0), t1 = (3 ln 3, 0).
+  // C: t0 (3/4, 1/4), t1 (27/28, 1/28). D: column 0 (3, 27)/30 = (0.1, 0.9), column 1 (1/2, 1/2).
+  // Slot inputs (0.1 x0 + 0.9 x1) = (2.8, 0.6) and (x0 + x1)/2 = (2, -1); outputs (2.8, 0.6), (2, 0).
+  CpuMoeLayer layer(LayerFromText("model_dim: 2 num_experts: 2 expert { hidden_dim: 2 activation: "
+                                  "RELU bias: false } router { gate: SOFT slots_per_expert: 1 }"));
+  MoeLayerParams& p = layer.params();
+  ASSERT_EQ(p.router.rows(), 2);
+  ASSERT_EQ(p.router.cols(), 2);
+  p.router(0, 0) = std::log(3.0f);
+  for (auto& ex : p.experts) {
+    ex.w1(0, 0) = ex.w1(1, 1) = 1.0f;
+    ex.w2(0, 0) = ex.w2(1, 1) = 1.0f;
+  }
+  Tensor x = MakeTensor(2, 2, {1.0f, -3.0f, 3.0f, 1.0f}), y;
+  ASSERT_TRUE(layer.Forward(x.view(), RouteContext{}, &y).ok());
+  EXPECT_NEAR(layer.router_output().dispatch(0, 0), 0.1, 1e-6);
+  EXPECT_NEAR(layer.router_output().probs(1, 0), 27.0 / 28.0, 1e-6);
+  EXPECT_NEAR(y(0, 0), 0.75 * 2.8 + 0.25 * 2.0, 1e-5);
+  EXPECT_NEAR(y(0, 1), 0.75 * 0.6, 1e-5);
+  EXPECT_NEAR(y(1, 0), (27.0 * 2.8 + 2.0) / 28.0, 1e-5);
+  EXPECT_NEAR(y(1, 1), 27.0 * 0.6 / 28.0, 1e-5);
+  // Every expert gets its p = 1 slot of the one group; nothing is dropped.
+  EXPECT_EQ(layer.plan().kept_per_expert, (std::vector<int64_t>{1, 1}));
+  EXPECT_EQ(layer.plan().dropped_slots, 0);
+  EXPECT_EQ(layer.forward_tokens(), 2);
+}
+
 TEST(LayerTest, OutputIsGateWeightedExpertsAndDroppedSlotsContributeZero) {
   UnitExpertLayer u("top_k: 2 normalization: RENORM_AFTER_CAPACITY aux_loss: NO_AUX_LOSS" + Cf(1.0));
   u.SetLogits(0, Logs({0.5f, 0.25f, 0.125f, 0.125f}));

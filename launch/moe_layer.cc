@@ -18,6 +18,7 @@
 #include "launch/cli.h"
 #include "runtime/moe/config.h"
 #include "runtime/moe/layer_io.h"
+#include "runtime/moe/memory_model.h"
 
 namespace {
 
@@ -57,10 +58,22 @@ int main(int argc, char** argv) {
   app.add_option("--threads", f.threads, "OpenBLAS threads")->check(CLI::Range(1, 256));
   moe::launch::AddComputeFlags(app, &f.compute);
   app.add_option("--out", f.files.out, "output directory")->required();
+  std::string max_memory;
+  app.add_option("--max-memory", max_memory,
+                 "refuse a call whose estimated memory is above this (e.g. 8G; default: the "
+                 "machine's available memory)");
   if (const int rc = moe::launch::ParseFlags(app, argc, argv); rc >= 0) return rc;
   if (f.files.weights.empty() && f.files.init_seed < 0) {
     std::fprintf(stderr, "moe_layer: one of --weights DIR or --init-seed N is required\n");
     return 2;
+  }
+  if (!max_memory.empty()) {
+    moe::StatusOr<int64_t> bytes = moe::ParseByteSize("--max-memory", max_memory);
+    if (!bytes.ok()) {
+      std::fprintf(stderr, "moe_layer: %s\n", bytes.status().ToString().c_str());
+      return 2;
+    }
+    f.files.max_memory = *bytes;
   }
   moe::blas::SetThreads(f.threads);
   const moe::Status s = Run(f.config, f.compute, f.files);

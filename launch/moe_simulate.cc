@@ -34,6 +34,7 @@
 #include "experts/cpu/blas.h"
 #include "launch/cli.h"
 #include "runtime/moe/config.h"
+#include "runtime/moe/memory_model.h"
 #include "runtime/sim/simulate_job.h"
 
 namespace {
@@ -75,7 +76,16 @@ int main(int argc, char** argv) {
   app.add_option("--comm-bench", o.comm_bench, "moe_comm_bench binary for --validate (default: next to this one)");
   app.add_flag("--validate", o.validate, "predict this machine's loopback runs at 1, 2, 4 ranks and compare");
   app.add_flag("--verbose", o.verbose, "progress lines of the trainer");
+  std::string max_memory;
+  app.add_option("--max-memory", max_memory,
+                 "memory the simulated ranks may take together (e.g. 8G; default: the available "
+                 "memory)");
   if (const int rc = moe::launch::ParseFlags(app, argc, argv); rc >= 0) return rc;
+  if (!max_memory.empty()) {
+    moe::StatusOr<int64_t> bytes = moe::ParseByteSize("--max-memory", max_memory);
+    if (!bytes.ok()) return Fail(bytes.status().ToString(), 2);
+    o.max_memory = *bytes;
+  }
   moe::blas::SetThreads(1);
   if (o.comm_bench.empty()) o.comm_bench = CommBenchNextTo(argv[0]);
 

@@ -5,7 +5,10 @@
 //
 // A thin main: flags and config, a world (comm/world.h), then runtime/train/trainer.h on every rank.
 #include <CLI/CLI.hpp>
+
+#include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <string>
 
@@ -13,6 +16,7 @@
 #include "experts/cpu/blas.h"
 #include "launch/cli.h"
 #include "runtime/moe/config.h"
+#include "runtime/moe/memory_model.h"
 #include "runtime/train/fault_injection.h"
 #include "runtime/train/trainer.h"
 
@@ -27,7 +31,7 @@ struct Flags {
   int pipeline_degree = 0;
   int ranks_per_node = -1;
   int steps = -1;
-  std::string metrics, checkpoint_dir, data, router_record_dir, router_replay_dir;
+  std::string metrics, checkpoint_dir, data, router_record_dir, router_replay_dir, max_memory;
   bool quiet = false;
   int log_every = 1;
   double deadline = -1;
@@ -99,6 +103,9 @@ int main(int argc, char** argv) {
                  "override train.router_replay_dir (route by a recorded run's selections)");
   app.add_option("--checkpoint-dir", f.checkpoint_dir, "override train.checkpoint_dir");
   app.add_option("--data", f.data, "override train.data_path");
+  app.add_option("--max-memory", f.max_memory,
+                 "memory of this machine for the job's ranks on it (e.g. 16G; default: the "
+                 "available memory); a rank whose estimate is above its share is refused");
   app.add_flag("--quiet", f.quiet, "no progress lines");
   app.add_option("--log-every", f.log_every, "a progress line every N steps")
       ->check(CLI::Range(1, 1 << 30));
@@ -117,6 +124,14 @@ int main(int argc, char** argv) {
   auto cfg = LoadWithOverrides(f);
   if (!cfg.ok()) return moe::comm::LauncherRank() == 0 ? Fail(cfg.status().ToString(), 2) : 2;
   auto options = MakeOptions(f, /*process_per_rank=*/f.backend == "mpi");
+  if (options.ok() && !f.max_memory.empty()) {
+    moe::StatusOr<int64_t> bytes = moe::ParseByteSize("--max-memory", f.max_memory);
+    if (bytes.ok()) {
+      options->max_memory = *bytes;
+    } else {
+      options = bytes.status();
+    }
+  }
   if (!options.ok()) {
     return moe::comm::LauncherRank() == 0 ? Fail(options.status().ToString(), 2) : 2;
   }
@@ -132,6 +147,13 @@ int main(int argc, char** argv) {
   if (!world.ok()) return Fail(world.status().ToString(), moe::comm::ExitCodeOf(world.status()));
   const moe::Status s = (*world)->Run([&](moe::comm::RankContext& rank) -> moe::Status {
     moe::TrainOptions rank_options = *options;
+    // The ranks sharing this machine's memory: the threads of this process, or the processes
+    // mpirun started on this node.
+    rank_options.ranks_sharing_memory = rank.comm.size();
+    if (f.backend == "mpi") {
+      const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
+      rank_options.ranks_sharing_memory = local != nullptr ? std::max(1, std::atoi(local)) : 1;
+    }
     rank_options.device_communicators = rank.device;
     MOE_ASSIGN_OR_RETURN(std::unique_ptr<moe::Trainer> trainer,
                          moe::Trainer::Create(*cfg, &rank.comm, rank_options));

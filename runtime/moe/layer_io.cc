@@ -11,6 +11,7 @@
 #include "runtime/moe/config.h"
 #include "runtime/moe/host_layer_call.h"
 #include "runtime/moe/make_moe_layer.h"
+#include "runtime/moe/memory_model.h"
 
 namespace moe {
 
@@ -87,6 +88,24 @@ Status RunLayerOnFiles(const MoeConfig& cfg, const LayerFilesOptions& f) {
     return InvalidArgument("--input " + f.input + " has " + std::to_string(x.cols()) +
                            " columns, must equal moe.model_dim=" +
                            std::to_string(layer_cfg.model_dim()));
+  }
+  // Refuse what does not fit before allocating anything or writing a file.
+  const MemoryEstimate need = LayerCallMemory(layer_cfg, x.rows(), !f.grad_output.empty());
+  MOE_RETURN_IF_ERROR(CheckMemory(need, f.max_memory > 0 ? f.max_memory : AvailableMemoryBytes(),
+                                  "this layer call",
+                                  f.max_memory > 0 ? "--max-memory" : "the available memory",
+                                  "--max-memory"));
+  if (f.weights.empty()) {
+    int64_t files = 0;
+    const int64_t bytes = LayerWeightFileBytes(layer_cfg, &files);
+    const int64_t disk = FreeDiskBytes(f.out);
+    if (disk >= 0 && bytes > disk) {
+      return InvalidArgument("--init-seed would write " + std::to_string(files) +
+                             " weight files of " + FormatBytes(static_cast<double>(bytes)) +
+                             " to " + f.out + "/weights, more than the " +
+                             FormatBytes(static_cast<double>(disk)) +
+                             " free there; lower moe.num_experts or moe.expert.hidden_dim");
+    }
   }
   MOE_RETURN_IF_ERROR(MakeDirs(f.out));
   MOE_ASSIGN_OR_RETURN(std::unique_ptr<MoeLayer> layer, MakeMoeLayer(layer_cfg, cfg.compute()));

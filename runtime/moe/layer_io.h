@@ -31,6 +31,9 @@ struct LayerFilesOptions {
   int64_t step = 0;         // training step (counter-based randomness)
   int64_t token_offset = 0; // global index of the first token
   std::string out;          // output directory
+  // The estimated memory of the call (runtime/moe/memory_model.h) must stay below this; 0: the
+  // machine's available memory. The weight files --init-seed writes must fit the free disk.
+  int64_t max_memory = 0;
 };
 
 // Runs the layer of `cfg` (on compute.device: runtime/moe/make_moe_layer.h) on the files of

@@ -62,6 +62,7 @@ StatusOr<SimulationResult> RunSimulation(const MoeConfig& base, int ranks, bool 
     options.quiet = quiet;
     options.log_every = 5;
     options.run_label = "(moe_simulate)";
+    options.ranks_sharing_memory = ranks;  // every simulated rank lives in this process
     options.device_communicators = rank.device;
     // Each rank writes only its own [step][rank] slots (sized above), so no lock is needed.
     options.on_step = [&out, r](const Trainer& t, const report::StepMetrics& m) -> Status {

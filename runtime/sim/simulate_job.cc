@@ -10,6 +10,7 @@
 #include <utility>
 #include <vector>
 
+#include "runtime/moe/memory_model.h"
 #include "runtime/base/file.h"
 #include "runtime/moe/config.h"
 #include "runtime/sim/cost_model.h"
@@ -167,6 +168,15 @@ Status RunSimulateJob(const MoeConfig& cfg, const SimulateJobOptions& o, const c
   }
   if (o.bench_alltoall.empty() != o.bench_allreduce.empty()) {
     return InvalidArgument("--bench-alltoall and --bench-allreduce go together");
+  }
+  {
+    // Every simulated rank lives in this process: refuse what does not fit before writing.
+    MemoryEstimate all;
+    all.AddAll(TrainRankMemory(cfg, o.ranks), o.ranks);
+    MOE_RETURN_IF_ERROR(CheckMemory(
+        all, o.max_memory > 0 ? o.max_memory : AvailableMemoryBytes(),
+        "this simulation (" + std::to_string(o.ranks) + " ranks in one process)",
+        o.max_memory > 0 ? "--max-memory" : "the available memory", "--max-memory"));
   }
   std::error_code ec;
   std::filesystem::create_directories(o.out, ec);

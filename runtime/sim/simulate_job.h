@@ -26,6 +26,7 @@ struct SimulateJobOptions {
   bool validate = false;           // loopback at 1, 2, 4 ranks against this host's model
   std::string comm_bench;          // the moe_comm_bench binary --validate runs
   bool verbose = false;            // the trainer's progress lines
+  int64_t max_memory = 0;          // bytes the simulated ranks may take together (0: available)
 };
 
 // Prints its tables to stdout and writes its files into options.out. kInvalidArgument for bad

@@ -17,6 +17,7 @@
 #include "runtime/moe/config.h"
 #include "runtime/moe/compute.h"
 #include "runtime/moe/make_moe_layer.h"
+#include "runtime/moe/memory_model.h"
 #include "runtime/base/tensor.h"
 
 namespace moe {
@@ -77,6 +78,16 @@ StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const config::MoeConfig& cfg,
 Status Trainer::Init() {
   const int world = world_->size(), rank = world_->rank();
   MOE_RETURN_IF_ERROR(ValidateForWorld(cfg_, world));
+  memory_ = TrainRankMemory(cfg_, world);
+  {
+    const int64_t all = options_.max_memory > 0 ? options_.max_memory : AvailableMemoryBytes();
+    const int sharing = std::max(1, options_.ranks_sharing_memory);
+    MOE_RETURN_IF_ERROR(CheckMemory(
+        memory_, all / sharing, "one rank of this job",
+        (options_.max_memory > 0 ? std::string("--max-memory") : std::string("the available memory")) +
+            (sharing > 1 ? " / " + std::to_string(sharing) + " ranks on this machine" : ""),
+        "--max-memory"));
+  }
   if (cfg_.train().data_path().empty()) {
     return InvalidArgument("train.data_path must be set (a text file to train on)");
   }
@@ -175,6 +186,7 @@ void Trainer::PrintStart() {
               cfg_.train().data_path().c_str(), static_cast<long long>(data_->train_bytes()), world_->size() * groups_,
               static_cast<long long>(data_->eval_bytes()), static_cast<long long>(cfg_.train().global_batch_tokens()),
               static_cast<long long>(tokens_per_rank_), groups_);
+  std::printf("  memory estimate per rank: %s\n", memory_.Summary(3).c_str());
   if (step_ > 0) std::printf("  resumed at step %lld\n", static_cast<long long>(step_));
   std::fflush(stdout);
 }

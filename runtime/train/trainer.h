@@ -19,6 +19,7 @@
 #include "comm/communicator.h"
 #include "proto/moe_config.pb.h"
 #include "proto/report.pb.h"
+#include "runtime/moe/memory_model.h"
 #include "runtime/base/status.h"
 #include "runtime/train/byte_lm.h"
 #include "runtime/moe/expert_parallel_executor.h"
@@ -46,6 +47,11 @@ struct TrainOptions {
   // a split of a device-memory loopback world; comm/world.h hands one to every rank). Unset: such a
   // run is refused.
   comm::DeviceCommunicatorFactory device_communicators;
+  // Memory (runtime/moe/memory_model.h): the ranks that share this machine's memory split
+  // max_memory (0: the machine's available memory); a rank whose estimate is above its share is
+  // refused before anything is allocated.
+  int64_t max_memory = 0;
+  int ranks_sharing_memory = 1;
 };
 
 class Trainer {
@@ -101,6 +107,7 @@ class Trainer {
   config::MoeConfig cfg_;
   comm::Communicator* world_;
   TrainOptions options_;
+  MemoryEstimate memory_;  // this rank's, from the config (Init)
   std::unique_ptr<comm::Communicator> ep_, replicas_;
   std::unique_ptr<comm::Communicator> device_ep_;  // compute.device=CUDA, W > 1
   int ep_size_ = 1, ep_rank_ = 0, replicas_count_ = 1;

@@ -333,6 +333,8 @@ void ResolveConfig(MoeConfig* cfg) {
 Status ValidateCompute(const config::ComputeConfig& cp) {
   Checker c;
   c.Require(cp.gpu() >= -1, "compute.gpu", cp.gpu(), "be >= -1 (-1: world rank mod device count)");
+  c.Require(std::isfinite(cp.peak_tflops()) && cp.peak_tflops() >= 0, "compute.peak_tflops",
+            cp.peak_tflops(), "be a finite number >= 0 (0: measure)");
   if (cp.expert_precision() == config::BF16) {
     c.Require(cp.device() == config::CUDA, "compute.expert_precision", "BF16",
               "be FP32 unless compute.device=CUDA (bf16 experts run on the GPU only)");

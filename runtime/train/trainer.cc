@@ -18,6 +18,7 @@
 #include "runtime/moe/compute.h"
 #include "runtime/moe/make_moe_layer.h"
 #include "runtime/moe/memory_model.h"
+#include "runtime/train/flops.h"
 #include "runtime/base/tensor.h"
 
 namespace moe {
@@ -29,6 +30,17 @@ std::string FormatDuration(double seconds) {
   char buf[32];
   std::snprintf(buf, sizeof(buf), "%lld:%02lld:%02lld", static_cast<long long>(s / 3600),
                 static_cast<long long>((s / 60) % 60), static_cast<long long>(s % 60));
+  return buf;
+}
+
+// "12.3 GFLOP/s", "1.05 TFLOP/s" from TFLOP/s.
+std::string FlopRate(double tflops) {
+  char buf[32];
+  if (tflops >= 1.0) {
+    std::snprintf(buf, sizeof(buf), "%.2f TFLOP/s", tflops);
+  } else {
+    std::snprintf(buf, sizeof(buf), "%.1f GFLOP/s", tflops * 1e3);
+  }
   return buf;
 }
 
@@ -79,6 +91,17 @@ Status Trainer::Init() {
   const int world = world_->size(), rank = world_->rank();
   MOE_RETURN_IF_ERROR(ValidateForWorld(cfg_, world));
   memory_ = TrainRankMemory(cfg_, world);
+  // The peak for the utilization figure: the config's, or on CPU a one-thread GEMM probe on rank 0
+  // while the others wait (so it is not shared with them), sent to every rank.
+  peak_tflops_ = cfg_.compute().peak_tflops();
+  peak_source_ = "compute.peak_tflops";
+  if (peak_tflops_ <= 0 && cfg_.compute().device() == config::CPU) {
+    double probe = rank == 0 ? ProbeGemmGflops() / 1e3 : 0.0;
+    MOE_RETURN_IF_ERROR(world_->AllReduce(&probe, &probe, 1, comm::DataType::kFloat64,
+                                          comm::ReduceOp::kMax));
+    peak_tflops_ = probe;
+    peak_source_ = "one-thread 512^3 SGEMM probe";
+  }
   {
     const int64_t all = options_.max_memory > 0 ? options_.max_memory : AvailableMemoryBytes();
     const int sharing = std::max(1, options_.ranks_sharing_memory);
@@ -187,6 +210,11 @@ void Trainer::PrintStart() {
               static_cast<long long>(data_->eval_bytes()), static_cast<long long>(cfg_.train().global_batch_tokens()),
               static_cast<long long>(tokens_per_rank_), groups_);
   std::printf("  memory estimate per rank: %s\n", memory_.Summary(3).c_str());
+  std::printf("  model FLOPs per token: %.3g (forward + backward, at the nominal kept rows); peak "
+              "per rank: %s\n",
+              NominalFlopsPerToken(cfg_, tokens_per_rank_ / std::max(1, groups_)),
+              peak_tflops_ <= 0 ? "unknown (set compute.peak_tflops)"
+                                : (FlopRate(peak_tflops_) + " (" + peak_source_ + ")").c_str());
   if (step_ > 0) std::printf("  resumed at step %lld\n", static_cast<long long>(step_));
   std::fflush(stdout);
 }
@@ -400,6 +428,12 @@ Status Trainer::Step(report::StepMetrics* m) {
   m->set_alltoall_seconds(a2a);
   m->set_expert_seconds(expert);
   m->set_tokens_per_second(static_cast<double>(tokens_per_rank_ * world) / dt);
+  // Model FLOP/s per rank over the step (its kept expert rows, every rank's tokens) and their
+  // fraction of the peak.
+  const StepFlops flops = ModelFlops(cfg_, tokens_per_rank_ * world, static_cast<int64_t>(sum_load));
+  const double tflops = flops.total() / world / dt / 1e12;
+  m->set_model_tflops_per_rank(tflops);
+  if (peak_tflops_ > 0) m->set_utilization(tflops / peak_tflops_);
   return Status::Ok();
 }
 
@@ -408,9 +442,11 @@ void Trainer::PrintProgress(const report::StepMetrics& m, double elapsed) {
   const double eta = step_ > 0 ? elapsed / static_cast<double>(history_.size()) *
                                      static_cast<double>(total - step_)
                                : 0.0;
-  std::printf("step %5lld/%lld | loss %.4f | aux %.3f | %s tok/s | drop %.1f%% | imbalance %.2f | a2a %.0f%% | ETA %s%s",
+  std::printf("step %5lld/%lld | loss %.4f | aux %.3f | %s tok/s | %s/rank%s | drop %.1f%% | imbalance %.2f | a2a %.0f%% | ETA %s%s",
               static_cast<long long>(m.step() + 1), static_cast<long long>(total), m.loss(), m.aux_loss(),
-              HumanCount(m.tokens_per_second()).c_str(), 100.0 * m.drop_fraction(), m.imbalance(),
+              HumanCount(m.tokens_per_second()).c_str(), FlopRate(m.model_tflops_per_rank()).c_str(),
+              m.utilization() > 0 ? (" " + std::to_string(static_cast<int>(std::lround(100.0 * m.utilization()))) + "%").c_str() : "",
+              100.0 * m.drop_fraction(), m.imbalance(),
               m.step_seconds() > 0 ? 100.0 * m.alltoall_seconds() / m.step_seconds() : 0.0,
               FormatDuration(eta).c_str(), m.skipped() ? " | SKIPPED (non-finite)" : "");
   if (m.eval_loss() > 0) std::printf(" | eval %.4f", m.eval_loss());

@@ -108,6 +108,8 @@ class Trainer {
   comm::Communicator* world_;
   TrainOptions options_;
   MemoryEstimate memory_;  // this rank's, from the config (Init)
+  double peak_tflops_ = 0.0;  // per rank, for the utilization (0: unknown)
+  std::string peak_source_;
   std::unique_ptr<comm::Communicator> ep_, replicas_;
   std::unique_ptr<comm::Communicator> device_ep_;  // compute.device=CUDA, W > 1
   int ep_size_ = 1, ep_rank_ = 0, replicas_count_ = 1;

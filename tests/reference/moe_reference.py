@@ -510,6 +510,15 @@ def _ffn(cfg, p, prefix, x):
     return y
 
 
+def _float64_leaves(cfg, x32, weights, need_grad):
+    """x and the config's weights as float64 autograd leaves."""
+    dt = torch.float64
+    X = torch.tensor(x32, dtype=dt, requires_grad=need_grad)
+    P = {name: torch.tensor(np.asarray(w, dtype=np.float32), dtype=dt, requires_grad=need_grad)
+         for name, w in weights.items() if name in dict(cfg.weight_shapes())}
+    return X, P
+
+
 def run_layer(cfg, x, weights, router_bias=None, grad_output=None, train=False, step=0,
               token_offset=0):
     """One MoE layer call. `cfg` is a LayerConfig (or a MoeConfig JSON dict); `x` S x M float32;
@@ -520,13 +529,13 @@ def run_layer(cfg, x, weights, router_bias=None, grad_output=None, train=False, 
     if isinstance(cfg, dict):
         cfg = LayerConfig(cfg)
     x32 = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
-    if cfg.gate == "SOFT":
-        return run_soft_layer(cfg, x32, weights, grad_output)
     s, m = x32.shape
     if m != cfg.model_dim:
         raise ValueError(f"x has {m} columns, model_dim is {cfg.model_dim}")
     if s < cfg.num_local_groups:
         raise ValueError(f"S={s} < num_local_groups={cfg.num_local_groups}")
+    if cfg.gate == "SOFT":
+        return run_soft_layer(cfg, x32, weights, grad_output)
     e, k = cfg.num_experts, cfg.top_k
     bias32 = (np.zeros(e, dtype=np.float32) if router_bias is None
               else np.asarray(router_bias, dtype=np.float32).reshape(e))
@@ -558,9 +567,7 @@ def run_layer(cfg, x, weights, router_bias=None, grad_output=None, train=False, 
     # ---- float64 math with autograd
     dt = torch.float64
     need_grad = grad_output is not None
-    X = torch.tensor(x32, dtype=dt, requires_grad=need_grad)
-    P = {name: torch.tensor(np.asarray(w, dtype=np.float32), dtype=dt, requires_grad=need_grad)
-         for name, w in weights.items() if name in dict(cfg.weight_shapes())}
+    X, P = _float64_leaves(cfg, x32, weights, need_grad)
     logits = X @ P["router"]
     if noisy:
         nin = X @ P["router_noise"]
@@ -712,15 +719,9 @@ def run_soft_layer(cfg, x32, weights, grad_output=None):
     All in float64 with autograd; no routing decisions, no drops, no losses."""
     s, m = x32.shape
     e, p, g = cfg.num_experts, cfg.slots_per_expert, cfg.num_local_groups
-    if m != cfg.model_dim:
-        raise ValueError(f"x has {m} columns, model_dim is {cfg.model_dim}")
-    if s < g:
-        raise ValueError(f"S={s} < num_local_groups={g}")
     dt = torch.float64
     need_grad = grad_output is not None
-    X = torch.tensor(x32, dtype=dt, requires_grad=need_grad)
-    P = {name: torch.tensor(np.asarray(w, dtype=np.float32), dtype=dt, requires_grad=need_grad)
-         for name, w in weights.items() if name in dict(cfg.weight_shapes())}
+    X, P = _float64_leaves(cfg, x32, weights, need_grad)
     logits = X @ P["router"]
     bounds = group_bounds(s, g)
     ys, cs, ds = [], [], []

@@ -57,7 +57,11 @@ std::vector<bool> ReluSigns(const CpuMoeLayer& l, const Tensor& x) {
     }
   };
   const DispatchPlan& p = l.plan();
-  for (int64_t r = 0; r < p.num_rows(); ++r) rows(l.params().experts[p.row_expert[r]], p.row_token[r]);
+  // Soft MoE's rows are slot mixes, not token rows (its cases use no ReLU).
+  const bool soft = l.config().router().gate() == config::SOFT;
+  for (int64_t r = 0; r < (soft ? 0 : p.num_rows()); ++r) {
+    rows(l.params().experts[p.row_expert[r]], p.row_token[r]);
+  }
   for (const auto& sp : l.params().shared) {
     for (int64_t t = 0; t < x.rows(); ++t) rows(sp, t);
   }

@@ -33,7 +33,7 @@ FfnSize Ffn(const config::ExpertConfig& ex, int64_t m, int64_t h) {
 // Per local group and layer call: the plan's per-(group, expert) counts and row bases (4 + 8 bytes
 // each), the loss sums (two E-vectors of doubles) and a group's fixed bookkeeping.
 int64_t PerGroupBytes(const config::LayerConfig& l) {
-  return l.num_experts() * (4 + 8 + 16) + 256;
+  return static_cast<int64_t>(l.num_experts()) * (4 + 8 + 16) + 256;
 }
 
 // Floats of a token-row's hidden activations saved by the forward (h, a, and u for SwiGLU).

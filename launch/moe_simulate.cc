@@ -76,6 +76,10 @@ int main(int argc, char** argv) {
   app.add_option("--comm-bench", o.comm_bench, "moe_comm_bench binary for --validate (default: next to this one)");
   app.add_flag("--validate", o.validate, "predict this machine's loopback runs at 1, 2, 4 ranks and compare");
   app.add_flag("--verbose", o.verbose, "progress lines of the trainer");
+  app.add_option("--padding", o.padding,
+                 "capacity padding: materialize, account (recorded, not moved), or auto (account "
+                 "above 64 ranks)")
+      ->check(CLI::IsMember({"auto", "materialize", "account"}));
   std::string max_memory;
   app.add_option("--max-memory", max_memory,
                  "memory the simulated ranks may take together (e.g. 8G; default: the available "

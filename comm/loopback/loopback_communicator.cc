@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstring>
 #include <utility>
 
 #include "comm/host_reduce.h"
@@ -119,7 +120,7 @@ Status LoopbackCommunicator::Move(uint64_t seq, const std::vector<LoopbackPost>&
   if (op == "broadcast") return MoveBroadcast(posts);
   if (op == "allreduce") {
     MOE_RETURN_IF_ERROR(ReduceToHost(posts));
-    reduce_target_ = mine.recv;
+    if (memory_space() == MemorySpace::kDevice) reduce_target_ = mine.recv;
     return Status::Ok();
   }
   if (op == "split") {
@@ -216,7 +217,27 @@ Status LoopbackCommunicator::ReduceToHost(const std::vector<LoopbackPost>& posts
           " passed count=" + std::to_string(peer.count) + " op=" + ReduceOpName(peer.reduce));
     }
   }
-  // Every rank reduces in rank order, so all ranks get the same bits.
+  if (memory_space() == MemorySpace::kHost) {
+    // Rank r reduces slice r of the elements (over every rank's input, in rank order) and writes
+    // it into every rank's output: each slice is read and written by one rank only, so in-place
+    // buffers are safe, and the world does W·count work instead of W²·count. The outputs are
+    // complete once every rank has departed.
+    const int64_t es = DataTypeSize(mine.dtype), w = size();
+    const int64_t lo = mine.count * rank_ / w, n = mine.count * (rank_ + 1) / w - lo;
+    if (n == 0) return Status::Ok();
+    MOE_ASSIGN_OR_RETURN(void* const acc, reduce_acc_.Get(n * es));
+    std::memcpy(acc, Bytes(posts[0].send) + lo * es, static_cast<size_t>(n * es));
+    for (int p = 1; p < size(); ++p) {
+      HostReduceInto(acc, Bytes(posts[static_cast<size_t>(p)].send) + lo * es, n, mine.dtype,
+                     mine.reduce);
+    }
+    for (const LoopbackPost& peer : posts) {
+      std::memcpy(Bytes(peer.recv) + lo * es, acc, static_cast<size_t>(n * es));
+    }
+    return Status::Ok();
+  }
+  // Device memory: every rank reduces everything in rank order, staged on the host (the same
+  // bits on every rank), and copies the result to its output after departing.
   MOE_ASSIGN_OR_RETURN(void* const acc, reduce_acc_.Get(bytes));
   MOE_RETURN_IF_ERROR(CopyToHost(memory_space(), acc, posts[0].send, bytes));
   for (int p = 1; p < size(); ++p) {

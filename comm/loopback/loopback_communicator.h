@@ -46,15 +46,17 @@ class LoopbackCommunicator final : public Communicator {
   Status MoveAllToAllV(const std::vector<LoopbackPost>& posts);
   Status MoveAllGather(const std::vector<LoopbackPost>& posts);
   Status MoveBroadcast(const std::vector<LoopbackPost>& posts);
-  // allreduce: reduces every rank's input into reduce_result_ (host memory).
+  // allreduce. Host memory: this rank's slice of the elements, reduced over every rank's input
+  // and written into every rank's output. Device memory: everything, into reduce_result_ (host).
   Status ReduceToHost(const std::vector<LoopbackPost>& posts);
   Status FailPeers(const std::string& op, uint64_t seq, const LoopbackWait& wait);
 
   const std::shared_ptr<LoopbackGroup> group_;
   const int rank_;
   std::unique_ptr<Communicator> split_result_;  // handed out by DoSplit
-  // allreduce: the result is staged in host memory by Move and copied to reduce_target_ after
-  // departure (the target may be this rank's input, which peers read until then).
+  // allreduce: the reduced slice (host memory), or in device memory the whole result staged on
+  // the host by Move and copied to reduce_target_ after departure (the target may be this rank's
+  // input, which peers read until then).
   Workspace reduce_acc_, reduce_staging_;
   void* reduce_result_ = nullptr;
   int64_t reduce_bytes_ = 0;

@@ -40,7 +40,9 @@ LoopbackGroup::Slot& LoopbackGroup::SlotFor(uint64_t seq) {
 
 void LoopbackGroup::Leave(uint64_t seq, Slot& slot, int rank, bool abandon) {
   if (abandon) {
+    if (!slot.abandoned[static_cast<size_t>(rank)]) ++slot.num_abandoned;
     slot.abandoned[static_cast<size_t>(rank)] = true;
+    if (!aborted_[static_cast<size_t>(rank)]) ++num_aborted_;
     aborted_[static_cast<size_t>(rank)] = true;
   }
   if (++slot.num_left == size_) slots_.erase(seq);
@@ -51,7 +53,7 @@ LoopbackWait LoopbackGroup::Post(uint64_t seq, int rank, LoopbackPost post) {
   std::lock_guard<std::mutex> lock(mu_);
   Slot& slot = SlotFor(seq);
   LoopbackWait result;
-  for (int p = 0; p < size_; ++p) {
+  for (int p = 0; p < size_ && slot.num_abandoned > 0; ++p) {
     if (slot.abandoned[static_cast<size_t>(p)]) result.ranks.push_back(p);
   }
   if (!result.ranks.empty()) {
@@ -76,6 +78,8 @@ LoopbackWait LoopbackGroup::AwaitArrival(uint64_t seq, int rank, Clock::time_poi
   // or when everyone posted but someone already gave up on this operation. While a rank is merely
   // missing, keep waiting: the deadline error then names the ranks that did not arrive.
   const auto ready_or_failed = [&] {
+    // No rank gave up anywhere (the common case): a counter decides, no scan over the ranks.
+    if (num_aborted_ == 0 && slot.num_abandoned == 0) return slot.num_posted == size_;
     result.ranks.clear();
     const bool all_posted = slot.num_posted == size_;
     for (int p = 0; p < size_; ++p) {

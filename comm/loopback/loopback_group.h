@@ -65,6 +65,7 @@ class LoopbackGroup {
     int num_posted = 0;
     int num_done = 0;
     int num_left = 0;
+    int num_abandoned = 0;  // ranks with abandoned set
     std::map<int, std::shared_ptr<LoopbackGroup>> split_groups;
   };
   Slot& SlotFor(uint64_t seq);                                   // requires mu_
@@ -75,6 +76,7 @@ class LoopbackGroup {
   std::mutex mu_;
   std::condition_variable cv_;
   std::vector<bool> aborted_;  // ranks that gave up on some operation; guarded by mu_
+  int num_aborted_ = 0;        // ranks with aborted_ set; guarded by mu_
   std::map<uint64_t, Slot> slots_;
 };
 

@@ -151,7 +151,9 @@ Status ExpertExchange::Layout(const DispatchPlan& plan, ExchangeHandle* handle) 
                       .groups = static_cast<int>(g),
                       .chunks = options_.pipeline_degree,
                       .capacity = 0};
-  const bool padded = ep_ != nullptr && !options_.dropless && plan.capacity > 0;
+  const bool capacity_mode = ep_ != nullptr && !options_.dropless && plan.capacity > 0;
+  const bool accounted = capacity_mode && options_.account_padding;
+  const bool padded = capacity_mode && !accounted;
   if (padded) shape.capacity = plan.capacity;
   // This rank's rows for its own experts never enter the communicator.
   if (ep_ != nullptr && w_ > 1) shape.self = ep_->rank();
@@ -164,6 +166,9 @@ Status ExpertExchange::Layout(const DispatchPlan& plan, ExchangeHandle* handle) 
     recv.assign(recv.size(), plan.capacity);
   } else if (ep_ == nullptr) {
     recv = send;
+  } else if (accounted) {
+    // A capacity exchange has no counts call: this one is not recorded.
+    MOE_RETURN_IF_ERROR(ep_->AllToAll(send.data(), recv.data(), l * g, comm::DataType::kInt64));
   } else {
     const std::vector<int64_t> count_bytes(static_cast<size_t>(w),
                                            l * g * static_cast<int64_t>(sizeof(int64_t)));
@@ -174,6 +179,14 @@ Status ExpertExchange::Layout(const DispatchPlan& plan, ExchangeHandle* handle) 
     }));
   }
   MOE_ASSIGN_OR_RETURN(handle->layout_, MakeExchangeLayout(shape, send, recv));
+  handle->recorded_layout_ = ExchangeLayout();
+  if (accounted) {
+    ExchangeShape padded_shape = shape;
+    padded_shape.capacity = plan.capacity;
+    MOE_ASSIGN_OR_RETURN(
+        handle->recorded_layout_,
+        MakeExchangeLayout(padded_shape, send, std::vector<int64_t>(recv.size(), plan.capacity)));
+  }
   handle->plan_ = &plan;
   handle->bf16_wire_ = options_.bf16_wire;
   return Status::Ok();
@@ -258,6 +271,11 @@ Status ExpertExchange::Start(ExchangeHandle* handle, Pass pass, int chunk, bool 
   };
   // The dispatch sends the send layout's counts; the combine the receive layout's.
   const std::vector<int64_t>& out_rows = dispatch ? c.send_counts : c.recv_counts;
+  const ExchangeChunk& rc_chunk = handle->recorded_layout_.chunks.empty()
+                                      ? c
+                                      : handle->recorded_layout_.chunks[static_cast<size_t>(chunk)];
+  const std::vector<int64_t>& recorded_out = dispatch ? rc_chunk.send_counts : rc_chunk.recv_counts;
+  const std::vector<int64_t>& recorded_in = dispatch ? rc_chunk.recv_counts : rc_chunk.send_counts;
   const std::vector<int64_t>& out_displs = dispatch ? c.send_displs : c.recv_displs;
   const std::vector<int64_t>& in_rows = dispatch ? c.recv_counts : c.send_counts;
   const std::vector<int64_t>& in_displs = dispatch ? c.recv_displs : c.send_displs;
@@ -269,7 +287,7 @@ Status ExpertExchange::Start(ExchangeHandle* handle, Pass pass, int chunk, bool 
   ExchangeHandle::Requests::Slot& slot = handle->requests_->at(pass, chunk, dispatch);
   slot.record = stats_.Record(dispatch ? ExchangeCall::Kind::kDispatch : ExchangeCall::Kind::kCombine,
                               pass == Pass::kBackward, chunk, options_.pipeline_degree,
-                              scaled(out_rows, row_bytes), scaled(in_rows, row_bytes));
+                              scaled(recorded_out, row_bytes), scaled(recorded_in, row_bytes));
   std::vector<int64_t> sc = scaled(out_rows, row_elems), sd = scaled(out_displs, row_elems),
                        rc = scaled(in_rows, row_elems), rd = scaled(in_displs, row_elems);
   // The self block was moved by the gather (dispatch) and is read in place (combine).

@@ -85,6 +85,13 @@ struct ExchangeOptions {
   // are widened on arrival, those that stay on their rank are rounded the same way, so results do
   // not depend on where the experts sit.
   bool bf16_wire = false;
+  // Capacity mode accounted, not materialized (moe_simulate's many-rank worlds, where the padding
+  // of E = W experts at min_capacity would be most of the memory and time): the rows travel as in
+  // dropless mode (counts exchanged, real rows only, the experts run on them alone), while
+  // ExchangeStats records what the capacity exchange moves — no counts call, every (expert,
+  // group) block C rows, chunk by chunk. Outputs equal the padded run's up to the order of the
+  // weight-gradient sums (the padding rows add exact zeros). Ignored when dropless or C = 0.
+  bool account_padding = false;
 };
 
 // kInvalidArgument unless 1 <= pipeline_degree <= ExpertCompute::kMaxParts ("pipeline_degree=17
@@ -164,6 +171,9 @@ class ExchangeHandle {
   const DispatchPlan* plan_ = nullptr;
   bool bf16_wire_ = false;
   ExchangeLayout layout_;
+  // ExchangeOptions::account_padding: the capacity exchange's layout, whose chunks' counts are
+  // recorded in place of layout_'s (empty otherwise).
+  ExchangeLayout recorded_layout_;
   Rows forward_, backward_;
   std::unique_ptr<Requests> requests_;
 };

@@ -44,7 +44,15 @@ MemoryEstimate LayerCallMemory(const config::LayerConfig& layer, int64_t tokens,
 // One rank of moe_train on `world` ranks (parallel.ep_size of them expert-parallel): the model's
 // parameters on this rank (replicated parts, its E/ep_size experts per layer), their gradients and
 // AdamW moments, the activations of a training step, the exchange buffers. Assumes a valid config.
-MemoryEstimate TrainRankMemory(const config::MoeConfig& cfg, int world);
+// account_padding: the capacity exchange accounted, not materialized (ExchangeOptions::
+// account_padding): expert rows at most the real slots instead of every block at C.
+MemoryEstimate TrainRankMemory(const config::MoeConfig& cfg, int world,
+                               bool account_padding = false);
+
+// moe_simulate's own memory beyond its `ranks` trainers (TrainRankMemory each): the exchange
+// records of every step (a W-long byte vector per rank and exchange) and measured.json's traffic
+// matrices (W x W per step, and per exchange up to 64 ranks) as text.
+MemoryEstimate SimulatorMemory(const config::MoeConfig& cfg, int ranks);
 
 // The bytes of the weight files moe_layer --init-seed writes (one .npy per tensor, 128-byte
 // headers), and how many files.
@@ -58,6 +66,8 @@ Status CheckMemory(const MemoryEstimate& estimate, int64_t limit_bytes, const st
 
 // MemAvailable of /proc/meminfo in bytes, or 0 when it cannot be read.
 int64_t AvailableMemoryBytes();
+// This process's resident memory now (VmRSS of /proc/self/status) in bytes, or 0.
+int64_t ResidentBytes();
 // Free bytes for an unprivileged writer on the file system holding `path` (or its nearest existing
 // parent), or -1 when unknown.
 int64_t FreeDiskBytes(const std::string& path);

@@ -8,6 +8,7 @@
 #include <fstream>
 #include <iomanip>
 #include <mutex>
+#include <numeric>
 #include <sstream>
 #include <utility>
 
@@ -36,17 +37,22 @@ std::vector<double> SimulationResult::ExpertRows(int step) const {
   const size_t n = calls(step);
   for (size_t r = 0; r < static_cast<size_t>(ranks); ++r) {
     const RankStepRecord& rec = steps[static_cast<size_t>(step)][r];
+    // What rank r sent to each rank (its records keep bytes_to_rank only: bytes_from_rank is
+    // the same matrix's column).
     for (size_t c = 0; c < n; ++c) {
       const ExchangeCall& call = rec.calls[c];
       if (call.kind != ExchangeCall::Kind::kDispatch) continue;
-      for (int64_t b : call.bytes_from_rank) rows[r] += static_cast<double>(b) / (4.0 * model_dim);
+      for (size_t dst = 0; dst < rows.size(); ++dst) {
+        rows[dst] += static_cast<double>(call.bytes_to_rank[dst]) / (4.0 * model_dim);
+      }
     }
   }
   return rows;
 }
 
 StatusOr<SimulationResult> RunSimulation(const MoeConfig& base, int ranks, bool quiet,
-                                         const comm::WorldFactory& make_world) {
+                                         const comm::WorldFactory& make_world,
+                                         bool account_padding) {
   MoeConfig cfg = base;
   cfg.mutable_train()->set_eval_every(0);
   cfg.mutable_train()->clear_metrics_path();
@@ -63,6 +69,7 @@ StatusOr<SimulationResult> RunSimulation(const MoeConfig& base, int ranks, bool 
     options.log_every = 5;
     options.run_label = "(moe_simulate)";
     options.ranks_sharing_memory = ranks;  // every simulated rank lives in this process
+    options.account_padding = account_padding;
     options.device_communicators = rank.device;
     // Each rank writes only its own [step][rank] slots (sized above), so no lock is needed.
     options.on_step = [&out, r](const Trainer& t, const report::StepMetrics& m) -> Status {
@@ -70,8 +77,13 @@ StatusOr<SimulationResult> RunSimulation(const MoeConfig& base, int ranks, bool 
       if (s >= out.steps.size()) return Internal("step " + std::to_string(s) + " beyond train.steps");
       RankStepRecord& rec = out.steps[s][r];
       rec.metrics = m;
+      // bytes_from_rank is another rank's bytes_to_rank: not kept (W² values per exchange).
       for (const ExchangeStats* stats : t.LayerExchangeStats()) {
-        rec.calls.insert(rec.calls.end(), stats->calls.begin(), stats->calls.end());
+        for (const ExchangeCall& call : stats->calls) {
+          rec.calls.push_back(call);
+          rec.calls.back().bytes_from_rank.clear();
+          rec.calls.back().bytes_from_rank.shrink_to_fit();
+        }
       }
       return Status::Ok();
     };
@@ -303,6 +315,9 @@ StatusOr<HostValidation> PredictHost(const SimulationResult& run, const HostMode
 
 namespace {
 
+// measured.json: the largest world whose exchanges each get their own traffic matrix.
+constexpr int kExchangeMatrixRanks = 64;
+
 std::string Color(double f) {  // white -> dark red
   f = std::clamp(f, 0.0, 1.0);
   char buf[16];
@@ -426,6 +441,9 @@ std::string MeasuredJson(const SimulationResult& run, const MoeConfig& cfg) {
     << ",\n  \"bytes_per_element\": 4,\n  \"final_loss\": " << std::setprecision(17) << final_loss
     << std::setprecision(9) << ",\n  \"allreduce_bytes\": " << JsonArray(run.allreduce_bytes) << ",\n  \"per_step\": [\n";
   const size_t n = static_cast<size_t>(run.ranks);
+  // Each exchange's own W x W matrix only up to kExchangeMatrixRanks ranks (above, 1024 ranks
+  // would write 10^6 numbers per exchange); the step's total matrix always.
+  const bool exchange_matrices = run.ranks <= kExchangeMatrixRanks;
   for (int s = 0; s < run.num_steps(); ++s) {
     const report::StepMetrics& m0 = run.metrics(s, 0);
     std::vector<double> a2a, expert, compute, step;
@@ -449,9 +467,15 @@ std::string MeasuredJson(const SimulationResult& run, const MoeConfig& cfg) {
       }
       calls << (c ? ",\n       " : "") << "{\"kind\": \"" << KindName(call.kind)
             << "\", \"backward\": " << (call.backward ? "true" : "false")
-            << ", \"chunk\": " << call.chunk << ", \"chunks\": " << call.chunks
-            << ", \"bytes_src_dst\": " << MatrixJson(m) << ", \"seconds\": " << JsonArray(secs)
-            << "}";
+            << ", \"chunk\": " << call.chunk << ", \"chunks\": " << call.chunks;
+      if (exchange_matrices) {
+        calls << ", \"bytes_src_dst\": " << MatrixJson(m);
+      } else {
+        std::vector<double> sent(n, 0.0);
+        for (size_t i = 0; i < n; ++i) sent[i] = std::accumulate(m[i].begin(), m[i].end(), 0.0);
+        calls << ", \"bytes_sent\": " << JsonArray(sent);
+      }
+      calls << ", \"seconds\": " << JsonArray(secs) << "}";
       if (call.kind == ExchangeCall::Kind::kCounts) continue;
       ++float_calls;
       for (size_t i = 0; i < n; ++i)
@@ -469,7 +493,8 @@ std::string MeasuredJson(const SimulationResult& run, const MoeConfig& cfg) {
        "dispatch+combine all-to-alls of the step (forward and backward, all layers), self block "
        "included; exchanges: every all-to-all of the step from the executors (counts = the "
        "dropless count exchange), each with its pipeline chunk (0..chunks-1), traffic matrix and "
-       "per-rank seconds; compute_seconds = step - all-to-all per rank; tokens_per_expert summed "
+       "per-rank seconds (above " << kExchangeMatrixRanks << " ranks each exchange's bytes_sent per "
+       "source instead of its matrix); compute_seconds = step - all-to-all per rank; tokens_per_expert summed "
        "over ranks and layers; allreduce_bytes: the all-reduces of one step\"\n}\n";
   return o.str();
 }

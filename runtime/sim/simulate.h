@@ -28,7 +28,9 @@ namespace moe {
 // What one rank measured in one step.
 struct RankStepRecord {
   report::StepMetrics metrics;     // the rank's own timings (loss and load are the same on every rank)
-  std::vector<ExchangeCall> calls;  // every exchange of the step: layer by layer, each in issue order
+  // Every exchange of the step: layer by layer, each in issue order; bytes_from_rank left empty
+  // (it is the traffic matrix's column: the other ranks' bytes_to_rank).
+  std::vector<ExchangeCall> calls;
 };
 
 struct SimulationResult {
@@ -53,9 +55,11 @@ struct SimulationResult {
 // Runs `cfg` (train.eval_every, metrics_path and checkpoints are switched off here) on the `ranks`
 // thread ranks of a world from `make_world` (moe_simulate's: loopback, with a device-memory twin
 // for compute.device=CUDA). kInvalidArgument for a config the trainer rejects; a rank's failure
-// comes back with its rank named.
+// comes back with its rank named. account_padding: TrainOptions::account_padding (capacity
+// exchanges recorded as padded, run without the padding).
 StatusOr<SimulationResult> RunSimulation(const MoeConfig& cfg, int ranks, bool quiet,
-                                         const comm::WorldFactory& make_world);
+                                         const comm::WorldFactory& make_world,
+                                         bool account_padding = false);
 
 // ---- A target cluster ---------------------------------------------------------------------------
 

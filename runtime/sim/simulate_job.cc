@@ -162,6 +162,17 @@ Status PredictTarget(const SimulationResult& run, const MoeConfig& cfg, const Si
 
 }  // namespace
 
+StatusOr<bool> AccountPadding(const config::MoeConfig& cfg, const SimulateJobOptions& o, int ranks) {
+  if (o.padding == "materialize") return false;
+  const bool cpu = cfg.compute().device() != config::CUDA;
+  if (o.padding == "account") {
+    if (!cpu) return InvalidArgument("--padding account needs compute.device CPU");
+    return true;
+  }
+  if (o.padding == "auto") return cpu && ranks > 64;
+  return InvalidArgument("--padding=" + o.padding + " must be auto, materialize or account");
+}
+
 Status RunSimulateJob(const MoeConfig& cfg, const SimulateJobOptions& o, const comm::WorldFactory& make_world) {
   if (!(o.efficiency > 0 && o.efficiency <= 1)) {
     return InvalidArgument("--efficiency=" + std::to_string(o.efficiency) + " must be in (0, 1]");
@@ -171,8 +182,10 @@ Status RunSimulateJob(const MoeConfig& cfg, const SimulateJobOptions& o, const c
   }
   {
     // Every simulated rank lives in this process: refuse what does not fit before writing.
+    MOE_ASSIGN_OR_RETURN(const bool accounted, AccountPadding(cfg, o, o.ranks));
     MemoryEstimate all;
-    all.AddAll(TrainRankMemory(cfg, o.ranks), o.ranks);
+    all.AddAll(TrainRankMemory(cfg, o.ranks, accounted), o.ranks);
+    all.AddAll(SimulatorMemory(cfg, o.ranks), 1);
     MOE_RETURN_IF_ERROR(CheckMemory(
         all, o.max_memory > 0 ? o.max_memory : AvailableMemoryBytes(),
         "this simulation (" + std::to_string(o.ranks) + " ranks in one process)",
@@ -199,7 +212,13 @@ Status RunSimulateJob(const MoeConfig& cfg, const SimulateJobOptions& o, const c
     }
   }
 
-  MOE_ASSIGN_OR_RETURN(const SimulationResult run, RunSimulation(cfg, o.ranks, !o.verbose, make_world));
+  MOE_ASSIGN_OR_RETURN(const bool account_padding, AccountPadding(cfg, o, o.ranks));
+  if (account_padding) {
+    std::printf("moe_simulate: capacity padding accounted, not materialized (--padding %s)\n",
+                o.padding.c_str());
+  }
+  MOE_ASSIGN_OR_RETURN(const SimulationResult run,
+                       RunSimulation(cfg, o.ranks, !o.verbose, make_world, account_padding));
   for (const auto& [name, text] : {std::pair<const char*, std::string>{"measured.json", MeasuredJson(run, cfg)},
                                     {"expert_load.svg", ExpertLoadSvg(run)},
                                     {"rank_time.svg", RankTimeSvg(run)}}) {

@@ -27,7 +27,15 @@ struct SimulateJobOptions {
   std::string comm_bench;          // the moe_comm_bench binary --validate runs
   bool verbose = false;            // the trainer's progress lines
   int64_t max_memory = 0;          // bytes the simulated ranks may take together (0: available)
+  // Capacity-mode padding: "materialize" (moved and computed, as on the cluster), "account"
+  // (recorded as padded, moved and computed without it: ExchangeOptions::account_padding), or
+  // "auto" (account above 64 ranks, where E = W experts' padding dominates; CPU layers only).
+  std::string padding = "auto";
 };
+
+// Whether a simulation of `ranks` ranks of `cfg` accounts for the padding instead of moving it.
+StatusOr<bool> AccountPadding(const config::MoeConfig& cfg, const SimulateJobOptions& options,
+                              int ranks);
 
 // Prints its tables to stdout and writes its files into options.out. kInvalidArgument for bad
 // options (a topology the ranks do not fit, an efficiency outside (0, 1], one sweep without the

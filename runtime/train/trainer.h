@@ -52,6 +52,9 @@ struct TrainOptions {
   // refused before anything is allocated.
   int64_t max_memory = 0;
   int ranks_sharing_memory = 1;
+  // ExchangeOptions::account_padding for the CPU layers' exchanges (moe_simulate's many-rank
+  // worlds): capacity exchanges recorded as padded, moved and computed without the padding.
+  bool account_padding = false;
 };
 
 class Trainer {

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <random>
 #include <utility>
 
@@ -11,6 +12,8 @@
 #include "runtime/moe/dispatch_plan.h"
 #include "runtime/moe/expert_exchange.h"
 #include "runtime/moe/expert_parallel_executor.h"
+#include "runtime/moe/expert_placement.h"
+#include "runtime/moe/redundant_experts.h"
 
 namespace moe {
 namespace {
@@ -304,6 +307,29 @@ Tensor MakeSkewedProbs(const ProbsSkew& skew, uint64_t seed, int rank, int64_t t
   return probs;
 }
 
+namespace {
+
+// The experts of the tables that run them: GELU FFNs of hidden expert_hidden (default 4 M).
+experts::FfnShape BenchExpertShape(const DispatchCombineBenchOptions& o) {
+  experts::FfnShape shape;
+  shape.model_dim = o.hidden;
+  shape.hidden_dim = o.expert_hidden > 0 ? o.expert_hidden : 4 * o.hidden;
+  shape.activation = experts::Activation::kGeluTanh;
+  shape.bias = true;
+  return shape;
+}
+
+// Weights and biases N(0, 1) / sqrt(rows), drawn from `rng`.
+void RandomExpert(std::mt19937_64* rng, experts::FfnParams* p) {
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (Tensor* t : {&p->w1, &p->b1, &p->w2, &p->b2}) {
+    const float scale = 1.0f / std::sqrt(static_cast<float>(std::max<int64_t>(t->rows(), 1)));
+    for (int64_t i = 0; i < t->size(); ++i) (*t)[i] = scale * normal(*rng);
+  }
+}
+
+}  // namespace
+
 Status RunPipelineBench(comm::Communicator& comm, const DispatchCombineBenchOptions& o,
                         std::FILE* out, const comm::bench::RowSink& sink) {
   const int n = comm.size();
@@ -318,21 +344,11 @@ Status RunPipelineBench(comm::Communicator& comm, const DispatchCombineBenchOpti
     }
     if (std::find(degrees.begin(), degrees.end(), d) == degrees.end()) degrees.push_back(d);
   }
-  experts::FfnShape shape;
-  shape.model_dim = o.hidden;
-  shape.hidden_dim = o.expert_hidden > 0 ? o.expert_hidden : 4 * o.hidden;
-  shape.activation = experts::Activation::kGeluTanh;
-  shape.bias = true;
+  const experts::FfnShape shape = BenchExpertShape(o);
   std::vector<experts::FfnParams> params(static_cast<size_t>(local),
                                          experts::FfnParams::Zeros(shape));
   std::mt19937_64 rng(o.seed * 1000003 + static_cast<uint64_t>(comm.rank()));
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  for (experts::FfnParams& p : params) {
-    for (Tensor* t : {&p.w1, &p.b1, &p.w2, &p.b2}) {
-      const float scale = 1.0f / std::sqrt(static_cast<float>(std::max<int64_t>(t->rows(), 1)));
-      for (int64_t i = 0; i < t->size(); ++i) (*t)[i] = scale * normal(rng);
-    }
-  }
+  for (experts::FfnParams& p : params) RandomExpert(&rng, &p);
   if (rank0) {
     std::fprintf(out,
                  "# moe_comm_bench: op dispatch_combine --pipeline-degree, backend %s, %d ranks, "
@@ -432,9 +448,148 @@ Status RunPipelineBench(comm::Communicator& comm, const DispatchCombineBenchOpti
   return summary.Finish(nullptr, "dispatch_combine --pipeline-degree");
 }
 
+Status RunRedundantBench(comm::Communicator& comm, const DispatchCombineBenchOptions& o,
+                         std::FILE* out, const comm::bench::RowSink& sink) {
+  const int n = comm.size(), me = comm.rank();
+  MOE_RETURN_IF_ERROR(CheckDispatchCombineShape(o, n));
+  const int e = DispatchCombineExperts(o, n);
+  const bool rank0 = me == 0;
+  const experts::FfnShape shape = BenchExpertShape(o);
+  // The logical experts' weights, the same on every rank (seeded by expert id).
+  std::vector<experts::FfnParams> logical(static_cast<size_t>(e), experts::FfnParams::Zeros(shape));
+  for (int q = 0; q < e; ++q) {
+    std::mt19937_64 rng(o.seed * 1000003 + static_cast<uint64_t>(q));
+    RandomExpert(&rng, &logical[static_cast<size_t>(q)]);
+  }
+  if (rank0) {
+    std::fprintf(out,
+                 "# moe_comm_bench: op dispatch_combine --redundant-experts %d, backend %s, %d "
+                 "ranks, iters %d, warmup %d\n# hidden M %lld, expert hidden H %lld, experts E %d, "
+                 "top-k %d, capacity factor %g, exchange %s, skew %s; placement from the step's "
+                 "all-reduced load\n",
+                 o.redundant_experts, std::string(comm.backend()).c_str(), n, o.iters, o.warmup,
+                 static_cast<long long>(shape.model_dim), static_cast<long long>(shape.hidden_dim),
+                 e, o.top_k, o.capacity_factor,
+                 o.dropless_exchange || o.capacity_factor <= 0 ? "dropless" : "padded",
+                 o.skew_name.c_str());
+    std::fprintf(out,
+                 "# rows = expert rows a rank receives per forward (real / with padding), max/mean "
+                 "over ranks; time = forward + backward (slowest rank); speedup = time(R=0) / "
+                 "time; size = a rank's token rows (B)\n#%11s %7s %3s %10s %10s %10s %10s %10s "
+                 "%8s %7s\n",
+                 "size", "tokens", "R", "real", "padded", "time(us)", "exchange", "experts",
+                 "speedup", "#wrong");
+  }
+  comm::bench::SweepSummary summary;
+  for (const int64_t tokens : o.tokens) {
+    MOE_ASSIGN_OR_RETURN(const DispatchPlan plan, MakePlan(o, me, n, tokens, e));
+    // The load of every (source rank, logical expert): kept rows, all-reduced.
+    std::vector<double> load(static_cast<size_t>(n * e), 0.0);
+    for (int q = 0; q < e; ++q) {
+      int64_t kept = 0;
+      for (int64_t g = 0; g < plan.num_groups; ++g) kept += plan.group_expert_count[g * e + q];
+      load[static_cast<size_t>(me * e + q)] = static_cast<double>(kept);
+    }
+    MOE_RETURN_IF_ERROR(comm.AllReduce(load.data(), load.data(), n * e, comm::DataType::kFloat64,
+                                       comm::ReduceOp::kSum));
+    const Tensor x = TokenInput(me, tokens, o.hidden);
+    const Tensor dy = TokenInput(me + 7919, tokens, o.hidden);
+    Tensor ref_y, ref_dx;
+    double ref_time_us = 0;
+    for (const int r : {0, o.redundant_experts}) {
+      MOE_ASSIGN_OR_RETURN(const ExpertPlacement placement,
+                           r == 0 ? IdentityPlacement(e, 0, n)
+                                  : BalancedPlacement(load, e, r, n, o.ranks_per_node));
+      const ExchangeOptions options{.dropless = o.dropless_exchange};
+      auto inner = std::make_unique<ExpertParallelExecutor>(&comm, shape, placement.num_physical(),
+                                                            options);
+      ExpertParallelExecutor* stats_of = inner.get();
+      RedundantExpertExecutor exec(std::move(inner), placement);
+      std::vector<experts::FfnParams> params, grads;
+      for (int s = 0; s < placement.per_rank; ++s) {
+        params.push_back(logical[static_cast<size_t>(placement.logical_at(me, s))]);
+        grads.push_back(experts::FfnParams::Zeros(shape));
+      }
+      Tensor y(tokens, o.hidden), dx(tokens, o.hidden);
+      const auto step = [&]() -> Status {
+        y.Fill(0.0f);
+        dx.Fill(0.0f);
+        MOE_RETURN_IF_ERROR(exec.Forward(plan, x.view(), params, y.view()));
+        return exec.Backward(plan, dy.view(), params, &grads, dx.view());
+      };
+      for (int i = 0; i < o.warmup; ++i) MOE_RETURN_IF_ERROR(step());
+      stats_of->stats().Reset();
+      MOE_ASSIGN_OR_RETURN(const comm::bench::Timing timing,
+                           comm::bench::TimeLoop(comm, 0, o.iters, step));
+      MOE_ASSIGN_OR_RETURN(const double exchange_us,
+                           ReduceScalar(comm, stats_of->stats().AllToAllSeconds() * 1e6 / o.iters,
+                                        comm::ReduceOp::kMax));
+      MOE_ASSIGN_OR_RETURN(const double experts_us,
+                           ReduceScalar(comm, stats_of->stats().expert_seconds * 1e6 / o.iters,
+                                        comm::ReduceOp::kMax));
+      // Rows this rank received in one forward dispatch: real (its physical experts' kept rows,
+      // from the load and the replica split) and as exchanged (padding included).
+      double real = 0.0;
+      for (int s = 0; s < placement.per_rank; ++s) {
+        const int q = placement.logical_at(me, s);
+        double total = 0.0;
+        for (int src = 0; src < n; ++src) total += load[static_cast<size_t>(src * e + q)];
+        real += total / placement.replica_count(q);
+      }
+      double padded = 0.0;
+      for (const ExchangeCall& c : stats_of->stats().calls) {
+        if (c.kind != ExchangeCall::Kind::kDispatch || c.backward) continue;
+        for (int64_t b : c.bytes_from_rank) padded += static_cast<double>(b);
+      }
+      padded /= 4.0 * static_cast<double>(o.hidden) * std::max(1, o.iters);
+      double stats[4] = {real, padded, real, padded};
+      MOE_RETURN_IF_ERROR(comm.AllReduce(stats, stats, 2, comm::DataType::kFloat64,
+                                         comm::ReduceOp::kMax));
+      MOE_RETURN_IF_ERROR(comm.AllReduce(stats + 2, stats + 2, 2, comm::DataType::kFloat64,
+                                         comm::ReduceOp::kSum));
+      const auto ratio = [n](double most, double sum) {
+        return sum > 0 ? most / (sum / n) : 1.0;
+      };
+      if (r == 0) {
+        ref_y = y;
+        ref_dx = dx;
+        ref_time_us = timing.mean_us;
+      }
+      int64_t mine = 0;
+      for (const auto& [got, want] : {std::pair{&y, &ref_y}, std::pair{&dx, &ref_dx}}) {
+        float scale = 0.0f;
+        for (int64_t i = 0; i < want->size(); ++i) scale = std::max(scale, std::abs((*want)[i]));
+        for (int64_t i = 0; i < want->size(); ++i) {
+          if (!(std::abs((*got)[i] - (*want)[i]) <= 1e-5f * scale)) ++mine;
+        }
+      }
+      MOE_ASSIGN_OR_RETURN(const double wrong,
+                           ReduceScalar(comm, static_cast<double>(mine), comm::ReduceOp::kSum));
+      comm::bench::BenchRow row = RowExchangeRow("redundant_r" + std::to_string(r), comm,
+                                                 stats[3] * 4.0 * static_cast<double>(o.hidden));
+      comm::bench::SetTiming(&row, timing);
+      row.wrong = static_cast<int64_t>(wrong);
+      row.baseline_time_us = ref_time_us;
+      row.baseline = "redundant_r0";
+      summary.Add(0, wrong);
+      if (!rank0) continue;
+      std::fprintf(out, " %11lld %7lld %3d %10.3f %10.3f %10.1f %10.1f %10.1f %8.2f %7lld\n",
+                   static_cast<long long>(tokens * o.hidden * 4), static_cast<long long>(tokens),
+                   r, ratio(stats[0], stats[2]),
+                   ratio(stats[1], stats[3]), timing.mean_us, exchange_us, experts_us,
+                   timing.mean_us > 0 ? ref_time_us / timing.mean_us : 0.0,
+                   static_cast<long long>(row.wrong));
+      std::fflush(out);
+      if (sink) MOE_RETURN_IF_ERROR(sink(row));
+    }
+  }
+  return summary.Finish(nullptr, "dispatch_combine --redundant-experts");
+}
+
 Status RunDispatchCombineBench(comm::Communicator& comm, const DispatchCombineBenchOptions& o,
                                comm::bench::RawCollectives* raw, std::FILE* out,
                                const comm::bench::RowSink& sink) {
+  if (o.redundant_experts > 0) return RunRedundantBench(comm, o, out, sink);
   if (!o.pipeline_degrees.empty()) return RunPipelineBench(comm, o, out, sink);
   const int n = comm.size();
   MOE_RETURN_IF_ERROR(CheckDispatchCombineShape(o, n));

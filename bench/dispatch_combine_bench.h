@@ -63,6 +63,10 @@ struct DispatchCombineBenchOptions {
   // --groups-per-token: > 0 routes group-limited with one expert group per rank (DeepSeek's
   // device-limited routing): each token's experts lie on at most this many ranks.
   int groups_per_token = 0;
+  // --redundant-experts R > 0: instead of the tables above, the expert-parallel layer's experts
+  // (hidden expert_hidden) run with R redundant experts placed from this plan's measured load
+  // (runtime/moe/expert_placement.h) against R = 0 in the same run (RunRedundantBench).
+  int redundant_experts = 0;
 };
 
 // Destination ranks of each token's kept rows (experts in blocks of E/ranks per rank): their sum
@@ -107,6 +111,13 @@ Status RunPipelineBench(comm::Communicator& comm, const DispatchCombineBenchOpti
 // Runs every row on this rank; collective over `comm` (host memory). `raw` (may be null: the
 // communicator itself) is the baseline exchange. Rank 0 prints the table to `out` and hands each
 // row to `sink` (when set). After the table, kDataLoss when `check` found wrong elements.
+// Rows each rank's experts receive (max / mean over ranks, real rows and padded), and the
+// forward + backward time (exchange, experts) of the expert-parallel executor without and with
+// options.redundant_experts redundant experts (BalancedPlacement of the all-reduced load of the
+// plan), y and dX checked against R = 0.
+Status RunRedundantBench(comm::Communicator& comm, const DispatchCombineBenchOptions& options,
+                         std::FILE* out, const comm::bench::RowSink& sink);
+
 Status RunDispatchCombineBench(comm::Communicator& comm, const DispatchCombineBenchOptions& options,
                                comm::bench::RawCollectives* raw, std::FILE* out,
                                const comm::bench::RowSink& sink);

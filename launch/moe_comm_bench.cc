@@ -63,6 +63,7 @@ struct Flags {
   double capacity_factor = 1.25;
   bool dropless_exchange = false;
   std::string skew = "uniform";
+  int redundant_experts = 0;
   uint64_t seed = 1;
   std::vector<int> pipeline_degrees;  // non-empty: the pipelined table
   int64_t expert_hidden = 0;
@@ -163,8 +164,17 @@ StatusOr<Settings> Validate(const Flags& f) {
     dc.pipeline_degrees = f.pipeline_degrees;
     dc.expert_hidden = f.expert_hidden;
     dc.ranks_per_node = f.hierarchical;
-    if (f.expert_hidden > 0 && f.pipeline_degrees.empty()) {
-      return moe::InvalidArgument("--expert-hidden applies with --pipeline-degree");
+    if (f.redundant_experts < 0) {
+      return moe::InvalidArgument("--redundant-experts=" + std::to_string(f.redundant_experts) +
+                                  " must be >= 0");
+    }
+    if (f.redundant_experts > 0 && !f.pipeline_degrees.empty()) {
+      return moe::InvalidArgument("--redundant-experts and --pipeline-degree are separate tables");
+    }
+    dc.redundant_experts = f.redundant_experts;
+    if (f.expert_hidden > 0 && f.pipeline_degrees.empty() && f.redundant_experts == 0) {
+      return moe::InvalidArgument(
+          "--expert-hidden applies with --pipeline-degree or --redundant-experts");
     }
     dc.tokens = f.sizes_given ? moe::DispatchCombineTokens(
                                     moe::comm::bench::SizeSweep(c.min_bytes, c.max_bytes, f.factor),
@@ -175,11 +185,11 @@ StatusOr<Settings> Validate(const Flags& f) {
   } else if (f.tokens_given || f.hidden != Flags().hidden || f.experts != 0 ||
              f.top_k != Flags().top_k || f.capacity_factor != Flags().capacity_factor ||
              f.dropless_exchange || f.skew != "uniform" || !f.pipeline_degrees.empty() ||
-             f.expert_hidden != 0 || f.groups_per_token != 0) {
+             f.expert_hidden != 0 || f.groups_per_token != 0 || f.redundant_experts != 0) {
     return moe::InvalidArgument(
         "--tokens, --hidden, --experts, --topk, --groups-per-token, --capacity-factor, "
-        "--dropless-exchange, --skew, --pipeline-degree and --expert-hidden apply to --op "
-        "dispatch_combine");
+        "--dropless-exchange, --skew, --pipeline-degree, --expert-hidden and "
+        "--redundant-experts apply to --op dispatch_combine");
   }
   if (f.op == "allreduce" && c.max_bytes / moe::comm::DataTypeSize(c.dtype) > (1LL << 31) - 1) {
     return moe::InvalidArgument("-e/--maxbytes=" + f.max_bytes +
@@ -278,6 +288,9 @@ int main(int argc, char** argv) {
   app.add_flag("--dropless-exchange", f.dropless_exchange,
                "dispatch_combine: counts + alltoallv instead of the padded alltoall");
   app.add_option("--skew", f.skew, "dispatch_combine: uniform, zipf:S or hot:F");
+  app.add_option("--redundant-experts", f.redundant_experts,
+                 "dispatch_combine: R > 0 compares the experts' time and per-rank rows with R "
+                 "redundant experts (placed from the measured load) against R = 0");
   app.add_option("--seed", f.seed, "dispatch_combine: routing seed");
   app.add_option("--pipeline-degree", f.pipeline_degrees,
                  "dispatch_combine: instead, time forward + backward with real experts at these "

@@ -74,6 +74,9 @@ int main(int argc, char** argv) {
   app.add_option("--cores", o.cores, "cores of this host the ranks share (default: all)")->check(CLI::Range(1, 1 << 20));
   app.add_option("--warmup", o.warmup, "steps left out of host predictions and calibration")->check(CLI::Range(0, 1 << 20));
   app.add_option("--comm-bench", o.comm_bench, "moe_comm_bench binary for --validate (default: next to this one)");
+  app.add_option("--calibration-steps", o.calibration_steps,
+                 "measured steps of each 1-rank calibration run (default 25; fewer for large configs)")
+      ->check(CLI::Range(1, 1 << 20));
   app.add_flag("--validate", o.validate, "predict this machine's loopback runs at 1, 2, 4 ranks and compare");
   app.add_flag("--verbose", o.verbose, "progress lines of the trainer");
   app.add_option("--padding", o.padding,

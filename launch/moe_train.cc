@@ -29,6 +29,8 @@ struct Flags {
   bool resume = false;
   int local_groups = 0;
   int pipeline_degree = 0;
+  int redundant_experts = -1;
+  int rebalance_every = -1;
   int ranks_per_node = -1;
   int steps = -1;
   std::string metrics, checkpoint_dir, data, router_record_dir, router_replay_dir, max_memory;
@@ -48,6 +50,13 @@ moe::StatusOr<moe::MoeConfig> LoadWithOverrides(const Flags& f) {
   MOE_ASSIGN_OR_RETURN(moe::MoeConfig cfg, moe::LoadConfig(f.config));
   if (f.local_groups > 0) cfg.mutable_moe()->mutable_router()->set_num_local_groups(f.local_groups);
   if (f.pipeline_degree > 0) cfg.mutable_parallel()->set_pipeline_degree(f.pipeline_degree);
+  if (f.redundant_experts >= 0) {
+    cfg.mutable_parallel()->set_num_redundant_experts(f.redundant_experts);
+    if (f.redundant_experts == 0 && f.rebalance_every < 0) {
+      cfg.mutable_parallel()->set_rebalance_every(0);  // nothing to rebalance
+    }
+  }
+  if (f.rebalance_every >= 0) cfg.mutable_parallel()->set_rebalance_every(f.rebalance_every);
   if (f.ranks_per_node >= 0) cfg.mutable_comm()->set_ranks_per_node(f.ranks_per_node);
   if (f.steps >= 0) cfg.mutable_train()->set_steps(f.steps);
   if (!f.metrics.empty()) cfg.mutable_train()->set_metrics_path(f.metrics);
@@ -92,6 +101,12 @@ int main(int argc, char** argv) {
          "--pipeline-degree", f.pipeline_degree,
          "override parallel.pipeline_degree (chunks per exchange, overlapped with the experts)")
       ->check(CLI::Range(1, 16));
+  app.add_option("--redundant-experts", f.redundant_experts,
+                 "override parallel.num_redundant_experts (replicas of hot experts; 0: none)")
+      ->check(CLI::Range(0, 1 << 20));
+  app.add_option("--rebalance-every", f.rebalance_every,
+                 "override parallel.rebalance_every (steps between placements; 0: never)")
+      ->check(CLI::Range(0, 1 << 20));
   app.add_option("--ranks-per-node", f.ranks_per_node,
                  "override comm.ranks_per_node (> 0: the two-stage all-to-all; 0: flat)")
       ->check(CLI::Range(0, 1 << 20));

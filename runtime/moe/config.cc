@@ -265,6 +265,24 @@ Status ValidateTrain(const MoeConfig& cfg) {
               t.router_replay_dir(), "be unset with compute.device=CUDA (replay runs on the CPU layer)");
   }
   c.Require(cfg.parallel().ep_size() >= 0, "parallel.ep_size", cfg.parallel().ep_size(), "be >= 0");
+  {
+    const auto& p = cfg.parallel();
+    c.Require(p.num_redundant_experts() >= 0, "parallel.num_redundant_experts",
+              p.num_redundant_experts(), "be >= 0");
+    c.Require(p.rebalance_every() >= 0, "parallel.rebalance_every", p.rebalance_every(), "be >= 0");
+    c.Require(p.rebalance_every() == 0 || p.num_redundant_experts() > 0, "parallel.rebalance_every",
+              p.rebalance_every(),
+              "be 0 without redundant experts (set parallel.num_redundant_experts > 0 to rebalance)");
+    if (p.num_redundant_experts() > 0) {
+      const auto gate = cfg.moe().router().gate();
+      c.Require(gate != config::EXPERT_CHOICE && gate != config::SOFT,
+                "parallel.num_redundant_experts", p.num_redundant_experts(),
+                "be 0 with gate " + config::GateKind_Name(gate) +
+                    " (replicas split token-choice rows)");
+      c.Require(cfg.compute().device() == config::CPU, "parallel.num_redundant_experts",
+                p.num_redundant_experts(), "be 0 with compute.device=CUDA (CPU layers only)");
+    }
+  }
   c.Require(cfg.parallel().pipeline_degree() >= 1 &&
                 cfg.parallel().pipeline_degree() <= ExpertCompute::kMaxParts,
             "parallel.pipeline_degree", cfg.parallel().pipeline_degree(),
@@ -354,7 +372,21 @@ Status ValidateForWorld(const MoeConfig& cfg, int world_size) {
     return InvalidArgument("parallel.ep_size=" + std::to_string(ep) +
                            " must divide the world size " + std::to_string(world_size));
   }
-  if (e % ep != 0) {
+  const int r = cfg.parallel().num_redundant_experts();
+  if (r > 0) {
+    if ((e + r) % ep != 0) {
+      return InvalidArgument("parallel.num_redundant_experts: " + std::to_string(e) + " experts + " +
+                             std::to_string(r) + " redundant = " + std::to_string(e + r) +
+                             " physical experts must be divisible by the expert-parallel size " +
+                             std::to_string(ep));
+    }
+    if (static_cast<int64_t>(r) > static_cast<int64_t>(e) * (ep - 1)) {
+      return InvalidArgument("parallel.num_redundant_experts=" + std::to_string(r) +
+                             " must be <= moe.num_experts x (expert-parallel size - 1) = " +
+                             std::to_string(static_cast<int64_t>(e) * (ep - 1)) +
+                             ": an expert has at most one replica per rank");
+    }
+  } else if (e % ep != 0) {
     return InvalidArgument("moe.num_experts=" + std::to_string(e) + " must be divisible by ep_size=" +
                            std::to_string(ep));
   }

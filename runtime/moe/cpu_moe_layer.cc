@@ -44,7 +44,8 @@ MoeLayerParams& CpuMoeLayer::params() {
 Status CpuMoeLayer::SetParams(const MoeLayerParams& params) {
   if (&params == params_) return Status::Ok();  // checked when it was bound
   MOE_RETURN_IF_ERROR(CheckParamShapes("CpuMoeLayer::SetParams", params,
-                                       LayerParamShapes(cfg_, first_expert_, num_local_experts_)));
+                                       LayerParamShapes(cfg_, first_expert_, num_local_experts_,
+                                                        params.expert_ids)));
   if (params.first_expert != first_expert_) {
     return InvalidArgument("CpuMoeLayer::SetParams: the parameters start at expert " +
                            std::to_string(params.first_expert) + ", the layer's at " +

@@ -61,6 +61,7 @@ class CpuMoeLayer final : public MoeLayer {
   std::vector<float>& router_bias() override { return bias_; }
   void set_loss_gradient_scale(double s) override { loss_grad_scale_ = s; }
   ExchangeStats* exchange_stats() override { return executor_->exchange_stats(); }
+  ExpertExecutor* executor() { return executor_.get(); }
   // router.aux_loss_scope GLOBAL: the ranks over whose tokens f is counted (their counts are
   // all-reduced in every Forward; host memory). Null: this process's groups only. Not owned.
   void set_balance_communicator(comm::Communicator* world) { balance_ = world; }

@@ -23,6 +23,9 @@ struct DispatchPlan {
   int64_t top_k = 0;        // k (token choice); 0 for expert choice
   int64_t num_groups = 0;   // G
   int64_t capacity = 0;     // C per (group, expert); 0 = dropless
+  // Per expert when the experts' capacities differ (E values; the replicas of a redundant expert
+  // share its C: runtime/moe/redundant_experts.h); empty: `capacity` for every expert.
+  std::vector<int64_t> expert_capacity;
   bool expert_choice = false;
   config::GateNormalization normalization = config::NONE;
 

@@ -63,7 +63,25 @@ StatusOr<ExchangeLayout> MakeExchangeLayout(const ExchangeShape& shape,
   out.shape = shape;
   MOE_ASSIGN_OR_RETURN(out.plan_rows, CheckedTotal("send_counts", blocks, send_counts));
   MOE_ASSIGN_OR_RETURN(out.recv_rows, CheckedTotal("recv_counts", blocks, recv_counts));
-  if (cap > 0) {
+  const bool per_expert = cap > 0 && !shape.expert_capacity.empty();
+  if (per_expert && static_cast<int64_t>(shape.expert_capacity.size()) != w * l) {
+    return InvalidArgument("MakeExchangeLayout: expert_capacity has " +
+                           std::to_string(shape.expert_capacity.size()) +
+                           " values, must be ranks x local experts = " + std::to_string(w * l));
+  }
+  // Padded rows of send block b.
+  const auto block_cap = [&](int64_t b) {
+    return per_expert ? shape.expert_capacity[static_cast<size_t>(b / g)] : cap;
+  };
+  if (per_expert) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      if (send_counts[b] > block_cap(b) || block_cap(b) < 0) {
+        return InvalidArgument("MakeExchangeLayout: block " + std::to_string(b) + " sends " +
+                               std::to_string(send_counts[b]) + " rows, above its capacity " +
+                               std::to_string(block_cap(b)));
+      }
+    }
+  } else if (cap > 0) {
     for (int64_t b = 0; b < blocks; ++b) {
       if (send_counts[b] > cap || recv_counts[b] != cap) {
         return InvalidArgument("MakeExchangeLayout: with capacity " + std::to_string(cap) +
@@ -74,7 +92,12 @@ StatusOr<ExchangeLayout> MakeExchangeLayout(const ExchangeShape& shape,
       }
     }
   }
-  out.send_rows = cap > 0 ? blocks * cap : out.plan_rows;
+  if (per_expert) {
+    out.send_rows = 0;
+    for (int64_t b = 0; b < blocks; ++b) out.send_rows += block_cap(b);
+  } else {
+    out.send_rows = cap > 0 ? blocks * cap : out.plan_rows;
+  }
   if (out.send_rows > kMaxRows) {
     return InvalidArgument("MakeExchangeLayout: " + std::to_string(out.send_rows) +
                            " padded send rows, must be < 2^31");
@@ -111,7 +134,7 @@ StatusOr<ExchangeLayout> MakeExchangeLayout(const ExchangeShape& shape,
     for (int64_t p = 0; p < w; ++p) {
       c.send_displs[p] = send_at;
       for (int64_t i = 0; i < l * g; ++i) {
-        const int64_t b = p * l * g + i, real = send_counts[b], n = cap > 0 ? cap : real;
+        const int64_t b = p * l * g + i, real = send_counts[b], n = cap > 0 ? block_cap(b) : real;
         const int64_t lo = begin(n, j), rows = begin(n, j + 1) - lo;
         if (rows == 0) continue;
         SendPiece piece{send_at, plan_begin[b] + lo, std::clamp<int64_t>(real - lo, 0, rows), rows};

@@ -35,6 +35,10 @@ struct ExchangeShape {
   int groups = 1;         // G (local groups of the plan)
   int chunks = 1;         // d, 1..16
   int64_t capacity = 0;   // C > 0: every block padded to C rows; 0: real rows only
+  // With C > 0: W·L values, block (p, l, g) padded to expert_capacity[p·L + l] rows instead of C
+  // (redundant experts' replicas); the receive counts are then the caller's (not checked against
+  // C). Empty: C for every block.
+  std::vector<int64_t> expert_capacity;
   // This rank, >= 0: its rows for its own experts bypass the all-to-all — the gather writes them
   // straight to their receive rows and the combine reads them where the experts left them
   // (SendPiece::recv_row, plan_to_recv); the self block still has its place in the send layout

@@ -154,7 +154,10 @@ Status ExpertExchange::Layout(const DispatchPlan& plan, ExchangeHandle* handle) 
   const bool capacity_mode = ep_ != nullptr && !options_.dropless && plan.capacity > 0;
   const bool accounted = capacity_mode && options_.account_padding;
   const bool padded = capacity_mode && !accounted;
-  if (padded) shape.capacity = plan.capacity;
+  if (padded) {
+    shape.capacity = plan.capacity;
+    shape.expert_capacity = plan.expert_capacity;
+  }
   // This rank's rows for its own experts never enter the communicator.
   if (ep_ != nullptr && w_ > 1) shape.self = ep_->rank();
   // Plan blocks are (expert, group) = (destination, local expert, group).
@@ -162,8 +165,18 @@ Status ExpertExchange::Layout(const DispatchPlan& plan, ExchangeHandle* handle) 
   for (int64_t e = 0; e < num_experts_; ++e) {
     for (int64_t gr = 0; gr < g; ++gr) send[e * g + gr] = plan.group_expert_count[gr * num_experts_ + e];
   }
+  // What a capacity exchange receives: C rows per block, or C_e per group for this rank's expert e
+  // (redundant experts' replicas).
+  const auto padded_recv = [&] {
+    std::vector<int64_t> out(static_cast<size_t>(blocks), plan.capacity);
+    if (!plan.expert_capacity.empty()) {
+      const int64_t me = ep_->rank();
+      for (int64_t b = 0; b < blocks; ++b) out[b] = plan.expert_capacity[me * l + (b / g) % l];
+    }
+    return out;
+  };
   if (padded) {
-    recv.assign(recv.size(), plan.capacity);
+    recv = padded_recv();
   } else if (ep_ == nullptr) {
     recv = send;
   } else if (accounted) {
@@ -183,9 +196,9 @@ Status ExpertExchange::Layout(const DispatchPlan& plan, ExchangeHandle* handle) 
   if (accounted) {
     ExchangeShape padded_shape = shape;
     padded_shape.capacity = plan.capacity;
-    MOE_ASSIGN_OR_RETURN(
-        handle->recorded_layout_,
-        MakeExchangeLayout(padded_shape, send, std::vector<int64_t>(recv.size(), plan.capacity)));
+    padded_shape.expert_capacity = plan.expert_capacity;
+    MOE_ASSIGN_OR_RETURN(handle->recorded_layout_,
+                         MakeExchangeLayout(padded_shape, send, padded_recv()));
   }
   handle->plan_ = &plan;
   handle->bf16_wire_ = options_.bf16_wire;
@@ -294,7 +307,8 @@ Status ExpertExchange::Start(ExchangeHandle* handle, Pass pass, int chunk, bool 
   const int self = handle->layout_.shape.self;
   if (self >= 0) sc[self] = rc[self] = 0;
   // Every peer the same L·G·C rows (capacity mode, nothing bypassed): a plain all-to-all.
-  const bool equal = handle->layout_.shape.capacity > 0 && self < 0;
+  const bool equal =
+      handle->layout_.shape.capacity > 0 && handle->layout_.shape.expert_capacity.empty() && self < 0;
   return stats_.Timed(slot.record, [&]() -> Status {
     if (hierarchical_ != nullptr) {
       if (equal && handle->layout_.chunks.size() == 1) {

@@ -18,6 +18,32 @@ StatusOr<std::unique_ptr<MoeLayer>> MakeMoeLayer(const config::LayerConfig& laye
   MOE_RETURN_IF_ERROR(ValidateExchangeOptions(options.exchange));
   const int experts = layer.num_experts();
   const int w = options.ep == nullptr ? 1 : options.ep->size();
+  const bool redundant = options.placement.num_logical > 0;
+  if (redundant) {
+    if (compute.device() != config::CPU || options.ep == nullptr) {
+      return InvalidArgument("parallel.num_redundant_experts needs the CPU layer, expert-parallel");
+    }
+    if (options.placement.num_logical != experts || options.placement.num_ranks != w) {
+      return InvalidArgument("MakeMoeLayer: the placement is for " +
+                             std::to_string(options.placement.num_logical) + " experts on " +
+                             std::to_string(options.placement.num_ranks) + " ranks, the layer has " +
+                             std::to_string(experts) + " on " + std::to_string(w));
+    }
+    const experts::FfnShape shape = ExpertShape(layer);
+    const int per_rank = options.placement.per_rank;
+    auto inner = std::make_unique<ExpertParallelExecutor>(
+        options.ep, shape, options.placement.num_physical(), options.exchange,
+        std::make_unique<CpuExpertCompute>(shape));
+    if (Status s = inner->EnableHierarchical(); !s.ok()) {
+      return s.WithContext("comm.ranks_per_node=" +
+                           std::to_string(options.exchange.ranks_per_node));
+    }
+    auto ep_layer = std::make_unique<CpuMoeLayer>(
+        layer, std::make_unique<RedundantExpertExecutor>(std::move(inner), options.placement),
+        options.ep->rank() * per_rank, per_rank);
+    ep_layer->set_balance_communicator(options.balance);
+    return std::unique_ptr<MoeLayer>(std::move(ep_layer));
+  }
   if (experts % w != 0) {
     return InvalidArgument("moe.num_experts=" + std::to_string(experts) +
                            " must be divisible by the " + std::to_string(w) +
@@ -68,6 +94,11 @@ StatusOr<std::unique_ptr<MoeLayer>> MakeMoeLayer(const config::LayerConfig& laye
   StatusOr<std::unique_ptr<DeviceMoeLayer>> made = DeviceMoeLayer::Create(layer, device);
   if (!made.ok()) return made.status().WithContext("compute.device=CUDA");
   return std::unique_ptr<MoeLayer>(std::move(made).value());
+}
+
+RedundantExpertExecutor* RedundantExecutorOf(MoeLayer* layer) {
+  auto* cpu = dynamic_cast<CpuMoeLayer*>(layer);
+  return cpu == nullptr ? nullptr : dynamic_cast<RedundantExpertExecutor*>(cpu->executor());
 }
 
 }  // namespace moe

@@ -10,7 +10,9 @@
 #include "proto/moe_config.pb.h"
 #include "runtime/base/status.h"
 #include "runtime/moe/expert_parallel_executor.h"
+#include "runtime/moe/expert_placement.h"
 #include "runtime/moe/moe_layer.h"
+#include "runtime/moe/redundant_experts.h"
 
 namespace moe {
 
@@ -28,7 +30,16 @@ struct MoeLayerOptions {
   // router.aux_loss_scope GLOBAL: the ranks whose tokens f is counted over (host memory; the CPU
   // layer only). nullptr: this process's groups. Not owned; must outlive the layer.
   comm::Communicator* balance = nullptr;
+  // Redundant experts (CPU layer, with `ep`): the placement of the E + R physical experts over the
+  // EP group; this rank holds its placement.per_rank physical experts (first_expert() = rank ·
+  // per_rank) and the layer runs a RedundantExpertExecutor (runtime/moe/redundant_experts.h).
+  // Empty (num_logical 0): no redundancy.
+  ExpertPlacement placement;
 };
+
+// The RedundantExpertExecutor of a layer MakeMoeLayer made with a placement, null otherwise (to
+// change the placement when rebalancing).
+RedundantExpertExecutor* RedundantExecutorOf(MoeLayer* layer);
 
 // kInvalidArgument for a compute section or communicator that does not fit; CUDA without a GPU or
 // without a CUDA build fails with the reason.

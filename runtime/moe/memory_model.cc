@@ -155,8 +155,16 @@ MemoryEstimate TrainRankMemory(const config::MoeConfig& cfg, int world, bool acc
   const int64_t hs = SharedHidden(l), ns = l.num_shared_experts(), rc = RouterColumns(l);
   const int64_t layers = cfg.model().num_layers(), t = cfg.model().context();
   const int64_t ep = cfg.parallel().ep_size() > 0 ? cfg.parallel().ep_size() : world;
-  const int64_t local = e / std::max<int64_t>(1, ep);
-  const int64_t s = cfg.train().global_batch_tokens() / std::max(1, world);
+  // Physical experts per rank: E / W, or (E + R) / W with redundant experts.
+  const int64_t local = (e + std::max(0, cfg.parallel().num_redundant_experts())) /
+                        std::max<int64_t>(1, ep);
+  // Tokens per rank: a training step's, or an evaluation batch's when larger (evaluation runs
+  // through the same layers, whose buffers grow to it and stay).
+  int64_t s = cfg.train().global_batch_tokens() / std::max(1, world);
+  if (cfg.train().eval_every() > 0) {
+    const int64_t groups = std::max<int64_t>(1, l.router().num_local_groups());
+    s = std::max(s, std::max<int64_t>(groups, cfg.train().eval_tokens() / std::max(1, world)));
+  }
   const bool noisy = l.router().gate() == config::NOISY_TOPK;
   const FfnSize expert = Ffn(l.expert(), m, h), shared = Ffn(l.expert(), m, hs);
   // Parameters, gradients, AdamW's two moments: 4 copies.

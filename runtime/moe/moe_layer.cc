@@ -83,7 +83,7 @@ std::vector<ParamShape> ParamShapes(const MoeLayerParams& p) {
 }
 
 std::vector<ParamShape> LayerParamShapes(const config::LayerConfig& cfg, int first_expert,
-                                         int num_local_experts) {
+                                         int num_local_experts, const std::vector<int>& expert_ids) {
   std::vector<ParamShape> out;
   const int64_t m = cfg.model_dim(), e = cfg.num_experts();
   out.push_back({"router", m, RouterColumns(cfg)});
@@ -97,7 +97,11 @@ std::vector<ParamShape> LayerParamShapes(const config::LayerConfig& cfg, int fir
     if (f.swiglu) out.push_back({prefix + "_w3", f.model_dim, f.hidden_dim});
   };
   const int local = num_local_experts < 0 ? cfg.num_experts() : num_local_experts;
-  for (int i = 0; i < local; ++i) ffn("expert_" + std::to_string(first_expert + i), ExpertShape(cfg));
+  const bool named = static_cast<int>(expert_ids.size()) == local;
+  for (int i = 0; i < local; ++i) {
+    ffn("expert_" + std::to_string(named ? expert_ids[static_cast<size_t>(i)] : first_expert + i),
+        ExpertShape(cfg));
+  }
   for (int i = 0; i < cfg.num_shared_experts(); ++i) ffn("shared_" + std::to_string(i), SharedShape(cfg));
   return out;
 }

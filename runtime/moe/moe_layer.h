@@ -34,6 +34,12 @@ struct MoeLayerParams {
   // The experts held by this process: global ids first_expert .. first_expert + experts.size() - 1.
   std::vector<experts::FfnParams> experts;
   int first_expert = 0;
+  // Redundant experts (parallel.num_redundant_experts): the logical expert each local expert holds
+  // (names and initialization follow it, so replicas are equal). Empty: first_expert + index.
+  std::vector<int> expert_ids;
+  int expert_id(size_t local) const {
+    return expert_ids.empty() ? first_expert + static_cast<int>(local) : expert_ids[local];
+  }
   std::vector<experts::FfnParams> shared;  // num_shared_experts (replicated)
 
   // Visits every parameter with its file-style name ("router", "expert_3_w1", "shared_0_b2");
@@ -65,8 +71,11 @@ struct ParamShape {
 };
 std::vector<ParamShape> ParamShapes(const MoeLayerParams& p);
 // ParamShapes(MakeLayerParams(cfg, first_expert, num_local_experts)) without allocating them.
+// expert_ids: the local experts' logical ids when they are not first_expert + index (redundant
+// experts; MoeLayerParams::expert_ids).
 std::vector<ParamShape> LayerParamShapes(const config::LayerConfig& cfg, int first_expert = 0,
-                                         int num_local_experts = -1);
+                                         int num_local_experts = -1,
+                                         const std::vector<int>& expert_ids = {});
 // Every tensor of `got` has the name and shape of `want`, or an error naming the first that differs
 // ("<what>: expert_3_w1 is 4x8, must be 4x16").
 Status CheckParamShapes(const std::string& what, const MoeLayerParams& got,
@@ -150,7 +159,7 @@ void MoeLayerParams::ForEach(F&& f) {
     if (p.w3.size() > 0) f(prefix + "_w3", p.w3);
   };
   for (size_t e = 0; e < experts.size(); ++e) {
-    ffn("expert_" + std::to_string(first_expert + static_cast<int>(e)), experts[e]);
+    ffn("expert_" + std::to_string(expert_id(e)), experts[e]);
   }
   for (size_t s = 0; s < shared.size(); ++s) ffn("shared_" + std::to_string(s), shared[s]);
 }

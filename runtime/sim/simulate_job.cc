@@ -38,7 +38,7 @@ StatusOr<ComputeCalibration> Calibrate(const MoeConfig& cfg, int ranks, const Si
     const int64_t t = cfg.train().global_batch_tokens() / n;
     if (t > 0 && std::find(tokens.begin(), tokens.end(), t) == tokens.end()) tokens.push_back(t);
   }
-  return CalibrateCompute(cfg, tokens, o.warmup + 25, o.warmup, make_world);
+  return CalibrateCompute(cfg, tokens, o.warmup + o.calibration_steps, o.warmup, make_world);
 }
 
 void PrintHost(const HostValidation& v) {
@@ -237,7 +237,33 @@ Status RunSimulateJob(const MoeConfig& cfg, const SimulateJobOptions& o, const c
     std::printf("wrote %s/host_predicted.json\n", o.out.c_str());
   }
   if (!target) return Status::Ok();
-  return PredictTarget(run, cfg, o, target->first, target->second);
+  MOE_RETURN_IF_ERROR(PredictTarget(run, cfg, o, target->first, target->second));
+  if (cfg.parallel().num_redundant_experts() <= 0) return Status::Ok();
+  // The same job without redundant experts, on the same cluster: what the replicas buy.
+  MoeConfig plain = cfg;
+  plain.mutable_parallel()->set_num_redundant_experts(0);
+  plain.mutable_parallel()->set_rebalance_every(0);
+  if (Status s = ValidateForWorld(plain, o.ranks); !s.ok()) {
+    std::printf("without redundant experts: not simulated (%s)\n", s.message().c_str());
+    return Status::Ok();
+  }
+  MOE_ASSIGN_OR_RETURN(const SimulationResult without,
+                       RunSimulation(plain, o.ranks, !o.verbose, make_world, account_padding));
+  for (const bool hier : {false, true}) {
+    MOE_ASSIGN_OR_RETURN(const StepPrediction with_r, PredictCluster(run, cfg, target->second, hier));
+    MOE_ASSIGN_OR_RETURN(const StepPrediction no_r,
+                         PredictCluster(without, plain, target->second, hier));
+    std::printf(
+        "redundant experts (%s all-to-all): step %.3f us with %d redundant experts (experts %.3f, "
+        "dispatch + combine %.3f), %.3f us without (experts %.3f, dispatch + combine %.3f): "
+        "x%.3f\n",
+        hier ? "hierarchical" : "flat", with_r.total() * 1e6, cfg.parallel().num_redundant_experts(),
+        with_r.experts_seconds * 1e6, (with_r.dispatch_seconds + with_r.combine_seconds) * 1e6,
+        no_r.total() * 1e6, no_r.experts_seconds * 1e6,
+        (no_r.dispatch_seconds + no_r.combine_seconds) * 1e6,
+        with_r.total() > 0 ? no_r.total() / with_r.total() : 0.0);
+  }
+  return Status::Ok();
 }
 
 }  // namespace moe

@@ -23,6 +23,7 @@ struct SimulateJobOptions {
   std::string bench_allreduce;
   int cores = 1;                   // cores of this host the ranks share
   int warmup = 5;                  // steps left out of host predictions and calibration
+  int calibration_steps = 25;      // measured steps of each calibration run (after the warm-up)
   bool validate = false;           // loopback at 1, 2, 4 ranks against this host's model
   std::string comm_bench;          // the moe_comm_bench binary --validate runs
   bool verbose = false;            // the trainer's progress lines

@@ -87,11 +87,20 @@ std::vector<ParamRef> ByteLm::Params() {
     std::vector<std::pair<std::string, Tensor*>> values, grads;
     b.params.ForEach([&](const std::string& n, Tensor& v) { values.emplace_back(n, &v); });
     b.grads.ForEach([&](const std::string& n, Tensor& g) { grads.emplace_back(n, &g); });
+    int slot = -1;
+    std::string last_expert;
     for (size_t i = 0; i < values.size(); ++i) {
       const std::string& n = values[i].first;
       int expert = -1;
-      if (n.rfind("expert_", 0) == 0) expert = std::stoi(n.substr(7));
-      out.push_back({prefix + "moe_" + n, values[i].second, grads[i].second, expert});
+      if (n.rfind("expert_", 0) == 0) {
+        expert = std::stoi(n.substr(7));
+        // A new slot begins at each new "expert_<id>_" prefix (ForEach visits slots in order).
+        const std::string id = n.substr(0, n.find('_', 7));
+        if (id != last_expert) ++slot;
+        last_expert = id;
+      }
+      out.push_back({prefix + "moe_" + n, values[i].second, grads[i].second, expert,
+                     expert >= 0 ? static_cast<int>(l) : -1, expert >= 0 ? slot : -1});
     }
   }
   out.push_back({"final_ln_gamma", &final_gamma_, &final_gamma_grad_, -1});

@@ -27,13 +27,16 @@
 
 namespace moe {
 
-// One trainable tensor with its gradient. `expert_id` >= 0 for expert tensors (sharded by expert),
-// -1 for replicated ones.
+// One trainable tensor with its gradient. `expert_id` >= 0 for expert tensors (sharded by expert;
+// the logical id), -1 for replicated ones; expert tensors also name their MoE block and their
+// local slot in it (with redundant experts a slot holds one replica of expert_id).
 struct ParamRef {
   std::string name;
   Tensor* value;
   Tensor* grad;
   int expert_id;
+  int layer = -1;
+  int slot = -1;
 };
 
 struct LmBatch {
@@ -79,6 +82,13 @@ class ByteLm {
   std::vector<MoeLayer*> MoeLayers();
   // The parameters of MoE layer l (host; what the layer computes with).
   MoeLayerParams& LayerParams(size_t l) { return blocks_[l].params; }
+  MoeLayerParams& LayerGrads(size_t l) { return blocks_[l].grads; }
+  // Redundant experts: the logical expert of each local expert slot of MoE layer l (names,
+  // initialization and checkpoints follow it).
+  void SetExpertIds(size_t l, const std::vector<int>& ids) {
+    blocks_[l].params.expert_ids = ids;
+    blocks_[l].grads.expert_ids = ids;
+  }
   int64_t TotalParameters() const;   // all experts of the model, counted once
   int64_t ActiveParametersPerToken() const;  // parameters one token passes through
 

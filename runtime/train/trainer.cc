@@ -7,7 +7,10 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <algorithm>
 #include <filesystem>
+#include <functional>
+#include <map>
 #include <set>
 
 #include "runtime/base/file.h"
@@ -91,11 +94,6 @@ Status Trainer::Init() {
   const int world = world_->size(), rank = world_->rank();
   MOE_RETURN_IF_ERROR(ValidateForWorld(cfg_, world));
   memory_ = TrainRankMemory(cfg_, world, options_.account_padding);
-  if (std::string(world_->backend()) != "loopback") {
-    // One rank per process (MPI): what the process holds before the model (code, libraries, the
-    // communicator, BLAS) — measured, not modeled; ~30 MB with Open MPI here.
-    memory_.Add("process baseline (resident at start)", ResidentBytes(), "-");
-  }
   // The peak for the utilization figure: the config's, or on CPU a one-thread GEMM probe on rank 0
   // while the others wait (so it is not shared with them), sent to every rank.
   peak_tflops_ = cfg_.compute().peak_tflops();
@@ -106,6 +104,12 @@ Status Trainer::Init() {
                                           comm::ReduceOp::kMax));
     peak_tflops_ = probe;
     peak_source_ = "one-thread 512^3 SGEMM probe";
+  }
+  if (std::string(world_->backend()) != "loopback") {
+    // One rank per process (MPI): what the process holds before the model (code, libraries, the
+    // communicator, BLAS after the probe's GEMM) — measured, not modeled; 20-25 MiB with Open MPI
+    // here.
+    memory_.Add("process baseline (resident at start)", ResidentBytes(), "-");
   }
   {
     const int64_t all = options_.max_memory > 0 ? options_.max_memory : AvailableMemoryBytes();
@@ -128,7 +132,7 @@ Status Trainer::Init() {
   groups_ = cfg_.moe().router().num_local_groups();
   tokens_per_rank_ = cfg_.train().global_batch_tokens() / world;
   const int experts = cfg_.moe().num_experts();
-  const int local = experts / ep_size_;
+  int local = experts / ep_size_;
   // The MoE layers: on the CPU, expert-parallel over the EP group; with compute.device=CUDA on
   // this rank's GPU, over a device-memory communicator of the same ranks.
   MoeLayerOptions layer_options;
@@ -142,6 +146,16 @@ Status Trainer::Init() {
                             .bf16_wire = cfg_.parallel().wire_dtype() == config::BF16,
                             .account_padding = options_.account_padding};
   layer_options.rank = rank;
+  ep_ranks_per_node_ = ep_ranks_per_node;
+  if (const int redundant = cfg_.parallel().num_redundant_experts(); redundant > 0) {
+    // Replicas round-robin until the first rebalance measures the loads.
+    MOE_ASSIGN_OR_RETURN(layer_options.placement,
+                         IdentityPlacement(experts, redundant, ep_size_));
+    local = layer_options.placement.per_rank;
+    placements_.assign(static_cast<size_t>(cfg_.model().num_layers()), layer_options.placement);
+    rebalance_load_.assign(placements_.size(),
+                           std::vector<double>(static_cast<size_t>(ep_size_ * experts), 0.0));
+  }
   if (cfg_.compute().device() == config::CUDA) {
     MOE_ASSIGN_OR_RETURN(layer_options.ep, DeviceEpCommunicator(replica));
   }
@@ -151,6 +165,11 @@ Status Trainer::Init() {
                                      return MakeMoeLayer(cfg_.moe(), cfg_.compute(), layer_options);
                                    },
                                    ep_rank_ * local, local));
+  for (size_t l = 0; l < placements_.size(); ++l) {
+    std::vector<int> ids;
+    for (int s = 0; s < local; ++s) ids.push_back(placements_[l].logical_at(ep_rank_, s));
+    model_->SetExpertIds(l, ids);
+  }
   model_->Init();
   optimizer_ = std::make_unique<AdamW>(cfg_.train());
   MOE_ASSIGN_OR_RETURN(TextData data, TextData::Load(cfg_.train().data_path(), cfg_.train().eval_fraction(),
@@ -204,10 +223,17 @@ std::vector<ExchangeStats*> Trainer::LayerExchangeStats() const {
 void Trainer::PrintStart() {
   const double total = static_cast<double>(model_->TotalParameters());
   const double active = static_cast<double>(model_->ActiveParametersPerToken());
-  std::printf("moe_train%s: %d ranks (%d-way expert parallel x %d replicas, %s backend), %d experts, %d per rank\n",
+  const int redundant = cfg_.parallel().num_redundant_experts();
+  std::printf("moe_train%s: %d ranks (%d-way expert parallel x %d replicas, %s backend), %d experts%s, %d per rank\n",
               options_.run_label.empty() ? "" : (" " + options_.run_label).c_str(), world_->size(), ep_size_,
               replicas_count_, std::string(world_->backend()).c_str(), cfg_.moe().num_experts(),
-              cfg_.moe().num_experts() / ep_size_);
+              redundant > 0 ? (" + " + std::to_string(redundant) + " redundant" +
+                               (cfg_.parallel().rebalance_every() > 0
+                                    ? " (placement every " + std::to_string(cfg_.parallel().rebalance_every()) + " steps)"
+                                    : std::string(" (round-robin placement)")))
+                                  .c_str()
+                            : "",
+              (cfg_.moe().num_experts() + redundant) / ep_size_);
   std::printf("  model: %d layers, M=%d, H=%d, context %d bytes; parameters: %s total, %s active per token (%.1f%%)\n",
               cfg_.model().num_layers(), cfg_.moe().model_dim(), cfg_.moe().expert().hidden_dim(),
               cfg_.model().context(), HumanCount(total).c_str(), HumanCount(active).c_str(), 100.0 * active / total);
@@ -251,7 +277,269 @@ Status Trainer::ReduceGradients() {
                                       comm::DataType::kFloat64, comm::ReduceOp::kSum));
     Unflatten(ef, params, expert);
   }
+  return ReduceReplicaGradients();
+}
+
+namespace {
+
+// The tensors of one expert, in a fixed order (empty ones skipped by the callers).
+std::vector<Tensor*> ExpertTensors(experts::FfnParams& p) { return {&p.w1, &p.b1, &p.w2, &p.b2, &p.w3}; }
+
+int64_t ExpertFloats(experts::FfnParams& p) {
+  int64_t n = 0;
+  for (Tensor* t : ExpertTensors(p)) n += t->size();
+  return n;
+}
+
+}  // namespace
+
+Status Trainer::ReduceReplicaGradients() {
+  const int w = ep_size_, me = ep_rank_;
+  for (size_t l = 0; l < placements_.size(); ++l) {
+    const ExpertPlacement& p = placements_[l];
+    const auto replicated = [&](int e) { return p.replica_count(e) > 1; };
+    const auto primary = [&](int e) { return p.rank_of(p.replicas[static_cast<size_t>(e)][0]); };
+    const auto slot_here = [&](int e) {
+      for (int s = 0; s < p.per_rank; ++s) {
+        if (p.logical_at(me, s) == e) return s;
+      }
+      return -1;
+    };
+    MoeLayerParams& grads = model_->LayerGrads(l);
+    const int64_t per = ExpertFloats(grads.experts[0]);
+    const auto copy_out = [&](int slot, float* to) {
+      for (Tensor* t : ExpertTensors(grads.experts[static_cast<size_t>(slot)])) {
+        to = std::copy(t->data(), t->data() + t->size(), to);
+      }
+    };
+    const auto copy_in = [&](const float* from, int slot) {
+      for (Tensor* t : ExpertTensors(grads.experts[static_cast<size_t>(slot)])) {
+        std::copy(from, from + t->size(), t->data());
+        from += t->size();
+      }
+    };
+    // One all-to-all-v of whole experts' gradients: for each destination d, the slots `pick(d, s)`
+    // selects among this rank's (send) — and what each source sends here, by `expect(src, s)`
+    // over the source's slots (receive), both in slot order.
+    const auto exchange = [&](const std::function<bool(int, int)>& pick,
+                              const std::function<bool(int, int)>& expect,
+                              const std::function<void(int, float*)>& fill,
+                              std::vector<float>* recv, std::vector<int64_t>* recv_displs) -> Status {
+      std::vector<int64_t> sc(static_cast<size_t>(w), 0), sd(static_cast<size_t>(w), 0),
+          rc(static_cast<size_t>(w), 0), rd(static_cast<size_t>(w), 0);
+      std::vector<float> send;
+      for (int d = 0; d < w; ++d) {
+        sd[static_cast<size_t>(d)] = static_cast<int64_t>(send.size());
+        for (int s = 0; s < p.per_rank; ++s) {
+          if (d == me || !pick(d, s)) continue;
+          send.resize(send.size() + static_cast<size_t>(per));
+          fill(s, send.data() + send.size() - per);
+          sc[static_cast<size_t>(d)] += per;
+        }
+      }
+      int64_t total = 0;
+      for (int src = 0; src < w; ++src) {
+        rd[static_cast<size_t>(src)] = total;
+        for (int s = 0; s < p.per_rank; ++s) {
+          if (src != me && expect(src, s)) rc[static_cast<size_t>(src)] += per;
+        }
+        total += rc[static_cast<size_t>(src)];
+      }
+      recv->assign(static_cast<size_t>(total), 0.0f);
+      *recv_displs = rd;
+      return ep_->AllToAllV(send.data(), sc, sd, recv->data(), rc, rd, comm::DataType::kFloat32);
+    };
+    // 1. Every replica's gradient to its expert's first replica (the primary).
+    std::vector<float> in;
+    std::vector<int64_t> at;
+    MOE_RETURN_IF_ERROR(exchange(
+        [&](int d, int s) {
+          const int e = p.logical_at(me, s);
+          return replicated(e) && primary(e) == d;
+        },
+        [&](int src, int s) {
+          const int e = p.logical_at(src, s);
+          return replicated(e) && primary(e) == me;
+        },
+        copy_out, &in, &at));
+    // 2. The primary sums them (float64: its own first, then by source rank).
+    std::vector<double> acc(static_cast<size_t>(per));
+    std::vector<float> sum(static_cast<size_t>(per));
+    for (int s = 0; s < p.per_rank; ++s) {
+      const int e = p.logical_at(me, s);
+      if (!replicated(e) || primary(e) != me) continue;
+      copy_out(s, sum.data());
+      std::copy(sum.begin(), sum.end(), acc.begin());
+      for (int src = 0; src < w; ++src) {
+        if (src == me) continue;
+        int64_t off = at[static_cast<size_t>(src)];
+        for (int t = 0; t < p.per_rank; ++t) {
+          const int f = p.logical_at(src, t);
+          if (!replicated(f) || primary(f) != me) continue;
+          if (f == e) {
+            for (int64_t i = 0; i < per; ++i) acc[static_cast<size_t>(i)] += in[static_cast<size_t>(off + i)];
+          }
+          off += per;
+        }
+      }
+      for (int64_t i = 0; i < per; ++i) sum[static_cast<size_t>(i)] = static_cast<float>(acc[static_cast<size_t>(i)]);
+      copy_in(sum.data(), s);
+    }
+    // 3. The sum back to every other replica.
+    MOE_RETURN_IF_ERROR(exchange(
+        [&](int d, int s) {
+          const int e = p.logical_at(me, s);
+          if (!replicated(e) || primary(e) != me) return false;
+          for (int t = 0; t < p.per_rank; ++t) {
+            if (p.logical_at(d, t) == e) return true;
+          }
+          return false;
+        },
+        [&](int src, int t) {
+          const int e = p.logical_at(src, t);
+          return replicated(e) && primary(e) == src && slot_here(e) >= 0;
+        },
+        copy_out, &in, &at));
+    for (int src = 0; src < w; ++src) {
+      if (src == me) continue;
+      int64_t off = at[static_cast<size_t>(src)];
+      for (int t = 0; t < p.per_rank; ++t) {
+        const int e = p.logical_at(src, t);
+        if (!replicated(e) || primary(e) != src || slot_here(e) < 0) continue;
+        copy_in(in.data() + off, slot_here(e));
+        off += per;
+      }
+    }
+  }
   return Status::Ok();
+}
+
+Status Trainer::Rebalance(size_t l) {
+  std::vector<double>& load = rebalance_load_[l];
+  MOE_ASSIGN_OR_RETURN(
+      const ExpertPlacement next,
+      BalancedPlacement(load, cfg_.moe().num_experts(), cfg_.parallel().num_redundant_experts(),
+                        ep_size_, ep_ranks_per_node_));
+  std::fill(load.begin(), load.end(), 0.0);
+  return MoveExperts(l, next);
+}
+
+Status Trainer::MoveExperts(size_t l, const ExpertPlacement& next) {
+  const ExpertPlacement& now = placements_[l];
+  if (next.physical_to_logical == now.physical_to_logical) return Status::Ok();
+  const int w = ep_size_, me = ep_rank_, per_rank = now.per_rank;
+  MoeLayerParams& params = model_->LayerParams(l);
+  const std::string prefix = "block_" + std::to_string(l) + "_moe_";
+  // An expert's payload: each tensor's values, then its AdamW m and v (zeros before its first
+  // update), tensor by tensor.
+  const int64_t per = 3 * ExpertFloats(params.experts[0]);
+  std::vector<std::string> tensor_names;
+  params.ForEach([&](const std::string& name, Tensor&) {
+    if (name.rfind("expert_" + std::to_string(params.expert_id(0)) + "_", 0) == 0) {
+      tensor_names.push_back(name.substr(name.find('_', 7)));  // "_w1", "_b1", ...
+    }
+  });
+  const auto slot_of = [](const ExpertPlacement& p, int rank, int e) {
+    for (int s = 0; s < p.per_rank; ++s) {
+      if (p.logical_at(rank, s) == e) return s;
+    }
+    return -1;
+  };
+  // Who sends logical expert e to a rank that does not hold it yet: its first replica's rank.
+  const auto source = [&](int e) { return now.rank_of(now.replicas[static_cast<size_t>(e)][0]); };
+  std::map<std::string, AdamW::Moments>& state = optimizer_->state();
+  const auto pack = [&](int slot, float* out) {
+    experts::FfnParams& x = params.experts[static_cast<size_t>(slot)];
+    const std::string base = prefix + "expert_" + std::to_string(params.expert_id(static_cast<size_t>(slot)));
+    size_t name = 0;
+    for (Tensor* t : ExpertTensors(x)) {
+      if (t->size() == 0) continue;
+      const int64_t n = t->size();
+      std::copy(t->data(), t->data() + n, out);
+      auto it = state.find(base + tensor_names[name++]);
+      if (it != state.end()) {
+        std::copy(it->second.m.data(), it->second.m.data() + n, out + n);
+        std::copy(it->second.v.data(), it->second.v.data() + n, out + 2 * n);
+      } else {
+        std::fill(out + n, out + 3 * n, 0.0f);
+      }
+      out += 3 * n;
+    }
+  };
+  std::vector<int64_t> send_counts(static_cast<size_t>(w), 0), recv_counts(static_cast<size_t>(w), 0);
+  std::vector<float> send;
+  for (int d = 0; d < w; ++d) {
+    for (int s = 0; s < per_rank; ++s) {
+      const int e = next.logical_at(d, s);
+      if (slot_of(now, d, e) >= 0 || source(e) != me) continue;
+      send.resize(send.size() + static_cast<size_t>(per));
+      pack(slot_of(now, me, e), send.data() + send.size() - per);
+      send_counts[static_cast<size_t>(d)] += per;
+    }
+  }
+  std::vector<int> from_slot(static_cast<size_t>(per_rank), -1);  // kept: the old slot
+  for (int s = 0; s < per_rank; ++s) {
+    const int e = next.logical_at(me, s);
+    from_slot[static_cast<size_t>(s)] = slot_of(now, me, e);
+    if (from_slot[static_cast<size_t>(s)] < 0) recv_counts[static_cast<size_t>(source(e))] += per;
+  }
+  std::vector<int64_t> send_displs(static_cast<size_t>(w), 0), recv_displs(static_cast<size_t>(w), 0);
+  for (int r = 1; r < w; ++r) {
+    send_displs[r] = send_displs[r - 1] + send_counts[r - 1];
+    recv_displs[r] = recv_displs[r - 1] + recv_counts[r - 1];
+  }
+  std::vector<float> recv(static_cast<size_t>(recv_displs[w - 1] + recv_counts[w - 1]));
+  MOE_RETURN_IF_ERROR(ep_->AllToAllV(send.data(), send_counts, send_displs, recv.data(), recv_counts,
+                                     recv_displs, comm::DataType::kFloat32));
+  // The new slots: the experts that stay on this rank move over from their old slot (their AdamW
+  // state keeps its name), the others are unpacked from their source's payloads (in this rank's
+  // slot order per source); the moments of the experts that left are dropped.
+  std::vector<int> ids(static_cast<size_t>(per_rank));
+  for (int s = 0; s < per_rank; ++s) ids[static_cast<size_t>(s)] = next.logical_at(me, s);
+  for (int s = 0; s < per_rank; ++s) {
+    const int old = params.expert_id(static_cast<size_t>(s));
+    if (std::find(ids.begin(), ids.end(), old) != ids.end()) continue;
+    for (const std::string& t : tensor_names) state.erase(prefix + "expert_" + std::to_string(old) + t);
+  }
+  std::vector<experts::FfnParams> fresh(static_cast<size_t>(per_rank));
+  std::vector<int64_t> read = recv_displs;
+  for (int s = 0; s < per_rank; ++s) {
+    const int e = ids[static_cast<size_t>(s)];
+    experts::FfnParams& x = fresh[static_cast<size_t>(s)];
+    if (from_slot[static_cast<size_t>(s)] >= 0) {
+      x = std::move(params.experts[static_cast<size_t>(from_slot[static_cast<size_t>(s)])]);
+      continue;
+    }
+    x = experts::FfnParams::Zeros(ExpertShape(cfg_.moe()));
+    const float* in = recv.data() + read[static_cast<size_t>(source(e))];
+    read[static_cast<size_t>(source(e))] += per;
+    const std::string base = prefix + "expert_" + std::to_string(e);
+    size_t name = 0;
+    for (Tensor* t : ExpertTensors(x)) {
+      if (t->size() == 0) continue;
+      const int64_t n = t->size();
+      std::copy(in, in + n, t->data());
+      AdamW::Moments& st = state[base + tensor_names[name++]];
+      st.m = Tensor(t->rows(), t->cols());
+      st.v = Tensor(t->rows(), t->cols());
+      std::copy(in + n, in + 2 * n, st.m.data());
+      std::copy(in + 2 * n, in + 3 * n, st.v.data());
+      in += 3 * n;
+    }
+  }
+  params.experts = std::move(fresh);
+  model_->SetExpertIds(l, ids);
+  placements_[l] = next;
+  RedundantExpertExecutor* executor = RedundantExecutorOf(model_->MoeLayers()[l]);
+  if (executor == nullptr) return Internal("MoveExperts: layer " + std::to_string(l) + " has no replicas");
+  executor->set_placement(next);
+  return Status::Ok();
+}
+
+bool Trainer::IsPrimary(const ParamRef& p) const {
+  if (p.expert_id < 0 || placements_.empty() || p.layer < 0) return true;
+  const ExpertPlacement& pl = placements_[static_cast<size_t>(p.layer)];
+  return pl.rank_of(pl.replicas[static_cast<size_t>(p.expert_id)][0]) == ep_rank_;
 }
 
 Status Trainer::StepAllReduce(comm::Communicator* comm, void* data, int64_t count, comm::DataType dtype,
@@ -265,6 +553,7 @@ StatusOr<double> Trainer::GlobalGradNorm() {
   for (const ParamRef& p : model_->Params()) {
     double s = 0.0;
     for (int64_t i = 0; i < p.grad->size(); ++i) s += static_cast<double>((*p.grad)[i]) * (*p.grad)[i];
+    if (!IsPrimary(p)) continue;  // a replica's gradient counts once
     sq[p.expert_id >= 0 ? 1 : 0] += s;
   }
   MOE_RETURN_IF_ERROR(StepAllReduce(ep_.get(), &sq[1], 1, comm::DataType::kFloat64, comm::ReduceOp::kSum));
@@ -370,6 +659,20 @@ Status Trainer::Step(report::StepMetrics* m) {
   std::vector<double> sums = {stats.ce_sum, stats.aux, stats.z, static_cast<double>(stats.dropped_slots),
                               static_cast<double>(stats.total_slots)};
   for (int64_t v : stats.tokens_per_expert) sums.push_back(static_cast<double>(v));
+  // Redundant experts: per layer, the selected slots of every (EP rank, expert) — this rank's row
+  // — for the placement's statistics and the next rebalance.
+  const size_t layer_loads_at = sums.size();
+  if (!placements_.empty()) {
+    const std::vector<MoeLayer*> layers = model_->MoeLayers();
+    for (MoeLayer* layer : layers) {
+      const size_t at = sums.size();
+      sums.resize(at + static_cast<size_t>(ep_size_ * e), 0.0);
+      const std::vector<int64_t>& load = layer->plan().load_per_expert;
+      for (int i = 0; i < e; ++i) {
+        sums[at + static_cast<size_t>(ep_rank_ * e + i)] = static_cast<double>(load[static_cast<size_t>(i)]);
+      }
+    }
+  }
   MOE_RETURN_IF_ERROR(StepAllReduce(world_, sums.data(), static_cast<int64_t>(sums.size()),
                                     comm::DataType::kFloat64, comm::ReduceOp::kSum));
   const double loss = sums[0] / static_cast<double>(tokens_per_rank_ * world);
@@ -416,6 +719,27 @@ Status Trainer::Step(report::StepMetrics* m) {
     sum_load += v;
   }
   m->set_imbalance(sum_load > 0 ? max_load / (sum_load / e) : 0.0);
+  if (!placements_.empty()) {
+    double with = 0.0, without = 0.0;
+    for (size_t l = 0; l < placements_.size(); ++l) {
+      const double* block = sums.data() + layer_loads_at + l * static_cast<size_t>(ep_size_ * e);
+      std::vector<double> logical(static_cast<size_t>(e), 0.0);
+      for (int r = 0; r < ep_size_; ++r) {
+        for (int i = 0; i < e; ++i) logical[static_cast<size_t>(i)] += block[r * e + i];
+      }
+      std::vector<double>& acc = rebalance_load_[l];
+      for (size_t i = 0; i < acc.size(); ++i) acc[i] += block[i];
+      with += MaxOverMean(RankLoads(placements_[l], logical)) / static_cast<double>(placements_.size());
+      if (e % ep_size_ == 0) {
+        StatusOr<ExpertPlacement> blocks = IdentityPlacement(e, 0, ep_size_);
+        if (blocks.ok()) {
+          without += MaxOverMean(RankLoads(*blocks, logical)) / static_cast<double>(placements_.size());
+        }
+      }
+    }
+    m->set_rank_load_imbalance(with);
+    m->set_rank_load_imbalance_without_replicas(without);
+  }
   m->set_drop_fraction(sums[4] > 0 ? sums[3] / sums[4] : 0.0);
   double a2a = 0.0, expert = 0.0;
   for (const ExchangeStats* layer : LayerExchangeStats()) {
@@ -423,6 +747,10 @@ Status Trainer::Step(report::StepMetrics* m) {
     expert += layer->expert_seconds;
   }
   ++step_;
+  if (const int n = cfg_.parallel().rebalance_every(); n > 0 && step_ % n == 0 && !m->skipped()) {
+    for (size_t l = 0; l < placements_.size(); ++l) MOE_RETURN_IF_ERROR(Rebalance(l));
+    m->set_rebalanced(true);
+  }
   const int every = cfg_.train().eval_every();
   if (every > 0 && (step_ % every == 0 || step_ == cfg_.train().steps())) {
     double eval_loss = 0.0;
@@ -455,6 +783,10 @@ void Trainer::PrintProgress(const report::StepMetrics& m, double elapsed) {
               100.0 * m.drop_fraction(), m.imbalance(),
               m.step_seconds() > 0 ? 100.0 * m.alltoall_seconds() / m.step_seconds() : 0.0,
               FormatDuration(eta).c_str(), m.skipped() ? " | SKIPPED (non-finite)" : "");
+  if (m.rank_load_imbalance() > 0) {
+    std::printf(" | EP load %.2f->%.2f%s", m.rank_load_imbalance_without_replicas(),
+                m.rank_load_imbalance(), m.rebalanced() ? " (rebalanced)" : "");
+  }
   if (m.eval_loss() > 0) std::printf(" | eval %.4f", m.eval_loss());
   std::printf("\n");
   std::fflush(stdout);
@@ -520,7 +852,8 @@ Status Trainer::SaveCheckpoint() {
   std::vector<Tensor> biases;
   const bool writes_experts = rank < ep_size_;  // replica 0 writes each expert once
   for (const ParamRef& p : model_->Params()) {
-    const bool mine = p.expert_id >= 0 ? writes_experts : rank == 0;
+    // Experts are saved by logical id, once: by the rank of their first replica.
+    const bool mine = p.expert_id >= 0 ? writes_experts && IsPrimary(p) : rank == 0;
     if (!mine) continue;
     tensors[p.name] = p.value;
     auto it = optimizer_->state().find(p.name);

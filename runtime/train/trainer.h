@@ -23,6 +23,7 @@
 #include "runtime/base/status.h"
 #include "runtime/train/byte_lm.h"
 #include "runtime/moe/expert_parallel_executor.h"
+#include "runtime/moe/expert_placement.h"
 #include "runtime/moe/moe_layer.h"
 #include "runtime/train/optimizer.h"
 #include "runtime/train/text_data.h"
@@ -94,6 +95,14 @@ class Trainer {
   Status ReadRouterReplay(std::vector<int32_t>* out) const;
   Status RecordRouterSelections();
   Status ReduceGradients();
+  // Redundant experts: every replica gets the sum of its logical expert's replicas' gradients.
+  Status ReduceReplicaGradients();
+  // Whether this rank's copy of an expert tensor is the one that counts (the first replica).
+  bool IsPrimary(const ParamRef& p) const;
+  // Recomputes layer l's placement from its loads since the last rebalance and moves the experts'
+  // weights and AdamW moments to their new ranks (collective over the EP group).
+  Status Rebalance(size_t layer);
+  Status MoveExperts(size_t layer, const ExpertPlacement& next);
   StatusOr<double> GlobalGradNorm();
   Status Evaluate(double* loss);
   Status LoadCheckpoint(const std::string& dir);
@@ -126,6 +135,11 @@ class Trainer {
   int64_t skipped_steps_ = 0;
   double last_grad_norm_ = 0.0;
   std::vector<int64_t> step_allreduce_bytes_;
+  // parallel.num_redundant_experts > 0: per MoE layer its placement and the loads (EP ranks x E
+  // selected slots, summed over the world) since the last rebalance.
+  std::vector<ExpertPlacement> placements_;
+  std::vector<std::vector<double>> rebalance_load_;
+  int ep_ranks_per_node_ = 0;
 };
 
 }  // namespace moe

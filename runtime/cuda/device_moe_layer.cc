@@ -119,7 +119,7 @@ class CudaMoeLayer final : public DeviceMoeLayer {
   const RouterOutput& router_output() const override { return router_; }
   const RouterLosses& losses() const override { return losses_; }
   std::vector<float>& router_bias() override { return bias_; }
-  void set_loss_gradient_scale(double s) override { loss_grad_scale_ = s; }
+  void set_loss_gradient_scale(LossScale s) override { loss_grad_scale_ = s; }
 
   ExchangeStats* exchange_stats() override {
     (void)ResolveExpertTimers();
@@ -622,7 +622,7 @@ class CudaMoeLayer final : public DeviceMoeLayer {
   std::unique_ptr<GroupedFfn> experts_;
   std::vector<std::unique_ptr<GroupedFfn>> shared_;
   std::vector<float> bias_;
-  double loss_grad_scale_ = 1.0;
+  LossScale loss_grad_scale_;
   bool have_params_ = false, have_forward_ = false;
 
   // Device memory, each workspace carved in one piece (runtime/base/memory.h) when its sizes are

@@ -451,7 +451,7 @@ class CudaRouter final : public DeviceRouter {
                      "per-token row scan");
   }
 
-  Status Backward(const float* dgate_rows, double loss_scale, float* dlogits,
+  Status Backward(const float* dgate_rows, LossScale loss_scale, float* dlogits,
                   float* dnoise) override {
     if (!have_forward_) return FailedPrecondition("DeviceRouter::Backward without a Forward");
     const double t0 = WallSeconds();

@@ -60,7 +60,7 @@ class DeviceRouter {
   // The router's backward for the last Forward: from each packed row's gate gradient (dgate_rows,
   // num_rows()) through the normalization, the weighted losses (times loss_scale) and the softmax
   // to dlogits (S x E, overwritten) and, for a noisy forward, dnoise (S x E, overwritten).
-  virtual Status Backward(const float* dgate_rows, double loss_scale, float* dlogits,
+  virtual Status Backward(const float* dgate_rows, LossScale loss_scale, float* dlogits,
                           float* dnoise) = 0;
 
   // Host seconds of the last Forward or Backward call (launching the kernels, the plan's counts,

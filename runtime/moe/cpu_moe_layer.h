@@ -59,7 +59,7 @@ class CpuMoeLayer final : public MoeLayer {
   const RouterOutput& router_output() const override { return router_; }
   const RouterLosses& losses() const override { return losses_; }
   std::vector<float>& router_bias() override { return bias_; }
-  void set_loss_gradient_scale(double s) override { loss_grad_scale_ = s; }
+  void set_loss_gradient_scale(LossScale s) override { loss_grad_scale_ = s; }
   ExchangeStats* exchange_stats() override { return executor_->exchange_stats(); }
   ExpertExecutor* executor() { return executor_.get(); }
   // router.aux_loss_scope GLOBAL: the ranks over whose tokens f is counted (their counts are
@@ -91,7 +91,7 @@ class CpuMoeLayer final : public MoeLayer {
   int first_expert_ = 0, num_local_experts_ = 0;
   std::unique_ptr<ExpertExecutor> executor_;
   std::vector<float> bias_;
-  double loss_grad_scale_ = 1.0;
+  LossScale loss_grad_scale_;
   comm::Communicator* balance_ = nullptr;
   std::vector<GroupLossSums> loss_sums_;  // the last Forward's, for the Backward
   // The parameters the calls compute with: SetParams's, or own_ (params()).

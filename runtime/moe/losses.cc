@@ -142,11 +142,11 @@ RouterLosses LossesFromSums(const std::vector<GroupLossSums>& groups) {
 }
 
 GroupLossGradient LossGradientFromSums(const config::RouterConfig& cfg, const GroupLossSums& g,
-                                       double scale, int64_t num_groups) {
+                                       LossScale scale, int64_t num_groups) {
   GroupLossGradient out;
-  const double inv_g = scale / static_cast<double>(num_groups);
+  const double inv_g = scale.aux / static_cast<double>(num_groups);
   const double aw = cfg.aux_loss_weight();
-  out.z_weight = cfg.z_loss_weight() * inv_g;
+  out.z_weight = cfg.z_loss_weight() * (scale.z / static_cast<double>(num_groups));
   if (aw == 0.0) return out;
   const int64_t n = g.tokens;
   if (!g.top1.empty()) {
@@ -221,7 +221,7 @@ void SetGlobalBalanceCounts(const std::vector<double>& world, std::vector<GroupL
 }
 
 void AccumulateRouterLossGradients(const config::RouterConfig& cfg, const DispatchPlan& p,
-                                   const Tensor& probs, const Tensor& logits, double scale,
+                                   const Tensor& probs, const Tensor& logits, LossScale scale,
                                    Tensor* dprobs, Tensor* dlogits,
                                    const std::vector<GroupLossSums>* forward_sums) {
   const int64_t e = p.num_experts, k = p.top_k;
@@ -255,7 +255,7 @@ void AccumulateRouterLossGradients(const config::RouterConfig& cfg, const Dispat
 
 void RouterScoreGradients(const config::RouterConfig& cfg, const DispatchPlan& p,
                           const RouterOutput& router, const std::vector<float>& dgate_rows,
-                          double loss_scale, RouterGradients* out,
+                          LossScale loss_scale, RouterGradients* out,
                           const std::vector<GroupLossSums>* sums) {
   const int64_t s = p.num_tokens, e = p.num_experts, k = p.top_k;
   Tensor& dprobs = out->dprobs;

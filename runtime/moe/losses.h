@@ -39,6 +39,16 @@ struct GroupLossSums {
 // The losses (averaged over the groups) from every group's sums.
 RouterLosses LossesFromSums(const std::vector<GroupLossSums>& groups);
 
+// The weights of the router losses' gradients: the backward adds the gradient of
+// aux · aux_loss_weight · aux + z · z_loss_weight · z. One number scales both (the trainer's 1/W);
+// the Python module's autograd passes the two upstream gradients.
+struct LossScale {
+  double aux = 1.0, z = 1.0;
+  LossScale() = default;
+  LossScale(double both) : aux(both), z(both) {}  // NOLINT(google-explicit-constructor)
+  LossScale(double aux_scale, double z_scale) : aux(aux_scale), z(z_scale) {}
+};
+
 // One group's loss gradients, times `scale` / num_groups and the loss weights: the value added to
 // every dprobs[t, i] of the group (SWITCH/GSHARD), d(aux)/d(importance) (IMPORTANCE_CV; through
 // routing::AddImportanceGradient per token) and the z-loss weight for routing::AddZLossGradient.
@@ -52,7 +62,7 @@ struct GroupLossGradient {
   double z_weight = 0.0;
 };
 GroupLossGradient LossGradientFromSums(const config::RouterConfig& cfg, const GroupLossSums& group,
-                                       double scale, int64_t num_groups);
+                                       LossScale scale, int64_t num_groups);
 
 RouterLosses ComputeRouterLosses(const config::RouterConfig& cfg, const DispatchPlan& plan,
                                  const Tensor& probs, const Tensor& logits);
@@ -72,7 +82,7 @@ void SetGlobalBalanceCounts(const std::vector<double>& world_counts,
 // `sums`: the forward's group sums (required for GLOBAL, whose counts are the world's); null =
 // recomputed from the plan.
 void AccumulateRouterLossGradients(const config::RouterConfig& cfg, const DispatchPlan& plan,
-                                   const Tensor& probs, const Tensor& logits, double scale,
+                                   const Tensor& probs, const Tensor& logits, LossScale scale,
                                    Tensor* dprobs, Tensor* dlogits,
                                    const std::vector<GroupLossSums>* sums = nullptr);
 
@@ -88,7 +98,7 @@ struct RouterGradients {
 };
 void RouterScoreGradients(const config::RouterConfig& cfg, const DispatchPlan& plan,
                           const RouterOutput& router, const std::vector<float>& dgate_rows,
-                          double loss_scale, RouterGradients* out,
+                          LossScale loss_scale, RouterGradients* out,
                           const std::vector<GroupLossSums>* sums = nullptr);
 
 // Pre-capacity gates g° of a token-choice slot (used by IMPORTANCE_CV).

@@ -137,8 +137,9 @@ class MoeLayer {
   // The same with a given load per expert (e.g. summed over all ranks).
   void UpdateRouterBias(const std::vector<int64_t>& load);
   // Multiplies the aux and z-loss gradient weights (e.g. 1/W when W ranks each hold 1/W of the
-  // groups whose losses are averaged). Default 1.
-  virtual void set_loss_gradient_scale(double s) = 0;
+  // groups whose losses are averaged; or each loss's upstream gradient, from an autograd engine).
+  // Default 1.
+  virtual void set_loss_gradient_scale(LossScale s) = 0;
 
   // The exchanges of an expert-parallel layer since the caller last reset them (each with its
   // bytes per rank and seconds, and the experts' time): what the trainer's step metrics and

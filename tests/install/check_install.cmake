@@ -1,8 +1,10 @@
 # Installs the project into a scratch prefix, builds examples/ out of tree against it with
 # find_package(moe_runtime) only, and runs them: the layer example, and the expert-parallel
-# example under `mpiexec -n 2` when MPI is built (else on 2 loopback ranks).
+# example under `mpiexec -n 2` when MPI is built (else on 2 loopback ranks); with -DPYTHON the
+# Python package from the prefix alone.
 #   cmake -DBUILD=<build dir> -DSOURCE=<source dir> -DWORK=<scratch dir> -DGENERATOR=<generator>
-#         [-DMPIEXEC=<mpiexec>] [-DCXX_FLAGS=...] [-DLINKER_FLAGS=...] -P check_install.cmake
+#         [-DMPIEXEC=<mpiexec>] [-DCXX_FLAGS=...] [-DLINKER_FLAGS=...]
+#         [-DPYTHON=<interpreter> -DPYTHON_DIR=<package dir under the prefix>] -P check_install.cmake
 function(run what)
   execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
   message(STATUS "${what}:\n${out}${err}")
@@ -47,3 +49,23 @@ foreach(r 0 1)
     message(FATAL_ERROR "the expert-parallel example printed no matching line for rank ${r}")
   endif()
 endforeach()
+
+# The Python package, from the install prefix only (not the build tree): a layer call and a few
+# steps of the PyTorch example.
+if(PYTHON)
+  set(ENV{PYTHONPATH} "${prefix}/${PYTHON_DIR}")
+  file(WRITE "${WORK}/import_check.py" [=[
+import numpy
+import moe_runtime
+print(moe_runtime.__file__)
+layer = moe_runtime.Layer("moe { model_dim: 4 num_experts: 2 expert { hidden_dim: 8 } router { top_k: 1 } }")
+y, routing = layer.forward(numpy.ones((3, 4), numpy.float32))
+print("installed layer: y", y.shape)
+]=])
+  run("import the installed moe_runtime" "${PYTHON}" "${WORK}/import_check.py")
+  if(NOT run_output MATCHES "^${prefix}/")
+    message(FATAL_ERROR "moe_runtime was imported from outside the install prefix: ${run_output}")
+  endif()
+  run("train_tiny.py from the installed package" "${PYTHON}" "${SOURCE}/examples/python/train_tiny.py"
+      --steps 3 --log-every 1)
+endif()

@@ -108,8 +108,7 @@ class CpuMoeLayer final : public MoeLayer {
   RouterLosses losses_;
   std::vector<Tensor> shared_h_, shared_a_, shared_u_;
   Tensor soft_x_, soft_y_;  // SOFT: slot inputs Dᵀ·X and expert outputs, G·E·p x M
-  // Backward scratch.
-  RouterGradients router_grads_;
+  // Backward scratch (the router's is per thread: RouterScratch in the .cc).
   Tensor shared_scratch1_, shared_scratch2_;
   bool have_forward_ = false;
 };

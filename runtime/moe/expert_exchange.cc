@@ -377,9 +377,15 @@ Status ExpertExchange::StartCombine(ExchangeHandle* handle, Pass pass, int chunk
       r.back_rows = rows.data();
       return Status::Ok();
     }
-    if (chunk == 0) ResizeTensor(&r.back, layout.send_rows, m_);
-    r.back_rows = r.back.data();
-    return Start(handle, pass, chunk, /*dispatch=*/false, rows.data(), r.back.data());
+    // The rows come back to where chunk `chunk`'s dispatch rows were sent from: those are dead
+    // once its dispatch completed (a completed send buffer may be reused), so the combine's
+    // arrivals share `send` instead of a buffer of their own.
+    if (handle->requests_->at(pass, chunk, /*dispatch=*/true).request != nullptr) {
+      return FailedPrecondition("ExpertExchange: StartCombine(" + std::to_string(chunk) +
+                                ") before WaitDispatch(" + std::to_string(chunk) + ")");
+    }
+    r.back_rows = r.send.data();
+    return Start(handle, pass, chunk, /*dispatch=*/false, rows.data(), r.send.data());
   }
   // bf16: every returned row is rounded, so every one is read from `back` — the rows that stay
   // on this rank are rounded into it here, the others arrive as bf16 and are widened into it.

@@ -159,7 +159,9 @@ class ExchangeHandle {
   friend class ExpertExchange;
   struct Requests;
   struct Rows {
-    Tensor send, recv, back;     // send / receive layouts, the combine's arrivals (send layout)
+    // The send and receive layouts; `back`: the combine's arrivals (send layout) on the bf16 wire
+    // — in fp32 they land in `send`, whose chunk rows are dead once the chunk's dispatch completed.
+    Tensor send, recv, back;
     Matrix<uint16_t> send16, recv16, comb16, back16;  // the same on the bf16 wire
     const float* recv_rows = nullptr;  // recv, or send for a one-rank engine
     const float* back_rows = nullptr;  // back, or the caller's rows for a one-rank engine

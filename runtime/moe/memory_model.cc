@@ -182,10 +182,15 @@ MemoryEstimate TrainRankMemory(const config::MoeConfig& cfg, int world, bool acc
           "moe.num_shared_experts");
   // A step's activations, every layer's kept for the backward: the residual stream, the norm's
   // output and the MoE output (M each per token), the layer's token copies and gradients (x, y,
-  // dy, dx), the router arrays; then the head's logits and their gradient.
-  const int64_t router_arrays = 5 + (noisy ? 3 : 0) + (l.router().gate() == config::SOFT ? 1 : 0);
+  // dy, dx), the router arrays kept for the backward (logits, probs; noisy: the noise and its
+  // draws; Soft MoE: the dispatch weights); the router backward's scratch (dlogits, dprobs,
+  // dscores; noisy: dnoise), one set per rank thread; then the head's logits and their gradient.
+  const bool soft = l.router().gate() == config::SOFT;
+  const int64_t router_arrays = 2 + (noisy ? 2 : 0) + (soft ? 1 : 0);
+  const int64_t router_scratch = 3 + (noisy ? 1 : 0);
   est.Add("token activations", kFloat * layers * s * (7 * m + rc * router_arrays) +
-                                   kFloat * s * 2 * 256 + s * (t + 4),
+                                   kFloat * s * rc * router_scratch + kFloat * s * 2 * 256 +
+                                   s * (t + 4),
           "train.global_batch_tokens / world");
   // Expert rows: what this rank sends (its slots at capacity, or all of them dropless) and what it
   // receives for its experts (capacity: every rank's block for each of its experts; dropless: at
@@ -212,8 +217,11 @@ MemoryEstimate TrainRankMemory(const config::MoeConfig& cfg, int world, bool acc
   // rows, and with several local experts the expert-major copy of both passes (measured on the
   // 68M config: without these the estimate was 20-27% low on 2 and 4 ranks).
   const int64_t received_copies = ep > 1 ? (local > 1 ? 8 : 6) : 4;
+  // Sent rows: the send layout of each pass, into which the combine's rows also return (fp32);
+  // on the bf16 wire the 2-byte send and return rows and the float returns (ExchangeHandle).
+  const int64_t sent_copies = cfg.parallel().wire_dtype() == config::BF16 ? 4 : 2;
   est.Add(bounded ? "expert rows at capacity" : "expert rows, dropless worst case",
-          kFloat * layers * (sent * 4 * m + received * (received_copies * m + hidden + 2 * h)),
+          kFloat * layers * (sent * sent_copies * m + received * (received_copies * m + hidden + 2 * h)),
           bounded ? "moe.router.capacity_factor_*" : "moe.router.capacity_factor_train <= 0");
   est.Add("shared expert activations", kFloat * layers * ns * s * HiddenPerRow(l.expert(), hs),
           "moe.num_shared_experts");

@@ -29,6 +29,7 @@ struct Flags {
   bool resume = false;
   int local_groups = 0;
   int pipeline_degree = 0;
+  std::string exchange;  // "", "capacity" or "real-rows"
   int redundant_experts = -1;
   int rebalance_every = -1;
   int ranks_per_node = -1;
@@ -50,6 +51,7 @@ moe::StatusOr<moe::MoeConfig> LoadWithOverrides(const Flags& f) {
   MOE_ASSIGN_OR_RETURN(moe::MoeConfig cfg, moe::LoadConfig(f.config));
   if (f.local_groups > 0) cfg.mutable_moe()->mutable_router()->set_num_local_groups(f.local_groups);
   if (f.pipeline_degree > 0) cfg.mutable_parallel()->set_pipeline_degree(f.pipeline_degree);
+  if (!f.exchange.empty()) cfg.mutable_parallel()->set_dropless_exchange(f.exchange == "real-rows");
   if (f.redundant_experts >= 0) {
     cfg.mutable_parallel()->set_num_redundant_experts(f.redundant_experts);
     if (f.redundant_experts == 0 && f.rebalance_every < 0) {
@@ -101,6 +103,11 @@ int main(int argc, char** argv) {
          "--pipeline-degree", f.pipeline_degree,
          "override parallel.pipeline_degree (chunks per exchange, overlapped with the experts)")
       ->check(CLI::Range(1, 16));
+  app.add_option("--exchange", f.exchange,
+                 "override parallel.dropless_exchange: capacity (every (expert, group) block "
+                 "travels and is computed as C rows, padding included) or real-rows (counts "
+                 "first, then the kept rows only; the same routing and results)")
+      ->check(CLI::IsMember({"capacity", "real-rows"}));
   app.add_option("--redundant-experts", f.redundant_experts,
                  "override parallel.num_redundant_experts (replicas of hot experts; 0: none)")
       ->check(CLI::Range(0, 1 << 20));

@@ -655,18 +655,9 @@ class PyDispatcher {
   }
 
   py::array Combine(PyHandle& h, const py::array& rows) {
-    const int64_t n = h.handle.received(Pass::kForward).rows();
-    const MatrixView<const float> rv =
-        FloatMatrix(rows, "rows", model_dim(), "moe.model_dim", n, "the handle's received rows");
-    Tensor y(h.plan->num_tokens, model_dim());
-    Status s;
-    {
-      py::gil_scoped_release release;
-      s = exchange_->Combine(&h.handle, Pass::kForward, rv, /*gated=*/true, y.view());
-    }
-    Check(s);
+    py::array y = CombinePass(h, Pass::kForward, rows);
     h.combined = true;
-    return Own(std::move(y));
+    return y;
   }
 
   // Backward of the combine: gate · dy of every kept row, at the experts' ranks.
@@ -691,23 +682,28 @@ class PyDispatcher {
     if (!h.backward_dispatched) {
       Raise(PyExc_RuntimeError, "combine_backward: call dispatch_backward on the handle first");
     }
-    const int64_t n = h.handle.received(Pass::kBackward).rows();
-    const MatrixView<const float> rv =
-        FloatMatrix(rows, "rows", model_dim(), "moe.model_dim", n, "the handle's received rows");
-    Tensor dx(h.plan->num_tokens, model_dim());
-    Status s;
-    {
-      py::gil_scoped_release release;
-      s = exchange_->Combine(&h.handle, Pass::kBackward, rv, /*gated=*/false, dx.view());
-    }
-    Check(s);
-    return Own(std::move(dx));
+    return CombinePass(h, Pass::kBackward, rows);
   }
 
   int ranks() const { return exchange_->ranks(); }
   int local_experts() const { return exchange_->local_experts(); }
 
  private:
+  // The combine of `pass`: the forward sums gate · row into y, the backward the rows into dx.
+  py::array CombinePass(PyHandle& h, Pass pass, const py::array& rows) {
+    const int64_t n = h.handle.received(pass).rows();
+    const MatrixView<const float> rv =
+        FloatMatrix(rows, "rows", model_dim(), "moe.model_dim", n, "the handle's received rows");
+    Tensor out(h.plan->num_tokens, model_dim());
+    Status s;
+    {
+      py::gil_scoped_release release;
+      s = exchange_->Combine(&h.handle, pass, rv, /*gated=*/pass == Pass::kForward, out.view());
+    }
+    Check(s);
+    return Own(std::move(out));
+  }
+
   MoeConfig cfg_;
   std::shared_ptr<CommOwner> comm_;
   std::unique_ptr<ExpertExchange> exchange_;

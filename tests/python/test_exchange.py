@@ -7,12 +7,11 @@ dropless mode, for 1, 2 and 4 ranks; the segments must name the rows they hold; 
 pair must return gate-weighted gradients.
 """
 
-import threading
-
 import numpy as np
 import pytest
 
 import moe_runtime
+from ranks import run_ranks
 
 M, H, E, S = 8, 16, 8, 24
 
@@ -41,25 +40,6 @@ def ffn(p, rows):
 def softmax(a):
     e = np.exp(a - a.max(axis=1, keepdims=True))
     return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
-def run_ranks(ranks, fn):
-    comms = moe_runtime.loopback_world(ranks, deadline_seconds=60)
-    out, errors = [None] * ranks, []
-
-    def body(c):
-        try:
-            out[c.rank] = fn(c)
-        except Exception as e:  # pragma: no cover - reported by the assert below
-            errors.append((c.rank, e))
-
-    threads = [threading.Thread(target=body, args=(c,)) for c in comms]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
-    return out
 
 
 @pytest.mark.parametrize("ranks", [1, 2, 4])

@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 
 import moe_runtime  # noqa: E402
 from moe_runtime.torch import MoELayer, allreduce_gradients  # noqa: E402
+from ranks import run_ranks  # noqa: E402
 
 SMOOTH = """
 moe { model_dim: 6 num_experts: 4 expert { hidden_dim: 8 activation: GELU_TANH }
@@ -132,8 +133,6 @@ def test_backward_of_a_stale_forward_is_refused():
 
 def test_expert_parallel_gradients_average_like_one_process():
     """Two loopback ranks (threads), each its half of the tokens, equal one process with two groups."""
-    import threading
-
     cfg1 = SMOOTH.replace("aux_loss: SWITCH", "aux_loss: SWITCH num_local_groups: 2")
     x, r = inputs(s=12, seed=9)
     one = MoELayer(cfg1, seed=4)
@@ -141,27 +140,17 @@ def test_expert_parallel_gradients_average_like_one_process():
     ((y * r).sum() / 12 + one.aux_loss + one.z_loss).backward()
     want = {n: p.grad for n, p in one.named_parameters()}
 
-    comms = moe_runtime.loopback_world(2, deadline_seconds=60)
-    got, errors = [{}, {}], []
-
     def rank(c):
-        try:
-            m = MoELayer(SMOOTH, seed=4, comm=c)
-            rows = slice(6 * c.rank, 6 * c.rank + 6)
-            yy = m(x[rows], token_offset=6 * c.rank)
-            ((yy * r[rows]).sum() / 6 + m.aux_loss + m.z_loss).backward()
-            allreduce_gradients(m, c)
-            got[c.rank] = {n: p.grad for n, p in m.named_parameters()}
-            got[c.rank]["y"] = yy.detach()
-        except Exception as e:  # pragma: no cover - reported below
-            errors.append(e)
+        m = MoELayer(SMOOTH, seed=4, comm=c)
+        rows = slice(6 * c.rank, 6 * c.rank + 6)
+        yy = m(x[rows], token_offset=6 * c.rank)
+        ((yy * r[rows]).sum() / 6 + m.aux_loss + m.z_loss).backward()
+        allreduce_gradients(m, c)
+        grads = {n: p.grad for n, p in m.named_parameters()}
+        grads["y"] = yy.detach()
+        return grads
 
-    threads = [threading.Thread(target=rank, args=(c,)) for c in comms]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    got = run_ranks(2, rank)
     assert torch.allclose(torch.cat([got[0]["y"], got[1]["y"]]), y.detach(), atol=1e-6)
     for rk in range(2):
         for name, g in got[rk].items():

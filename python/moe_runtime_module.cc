@@ -547,11 +547,13 @@ class PyLayer {
       const Tensor& d = layer_->router_output().dispatch;
       r["combine_weights"] = CopyOf(c.data(), c.rows(), c.cols());
       r["dispatch_weights"] = CopyOf(d.data(), d.rows(), d.cols());
-    } else if (p.expert_choice) {
-      r["tokens"] = CopyOf(p.ec_token.data(), p.num_groups * p.num_experts, p.capacity);
     } else {
-      r["experts"] = CopyOf(p.slot_expert.data(), p.num_tokens, p.top_k);
-      r["gates"] = CopyOf(p.slot_gate.data(), p.num_tokens, p.top_k);
+      // The moe_layer tool's routing_expert.npy and routing_gate.npy.
+      IntTensor experts;
+      Tensor gates;
+      RoutingArrays(p, &experts, &gates);
+      r[p.expert_choice ? "tokens" : "experts"] = Own(std::move(experts));
+      r["gates"] = Own(std::move(gates));
     }
     r["aux_loss"] = losses.aux;
     r["z_loss"] = losses.z;

@@ -48,33 +48,36 @@ Status WriteLayerParams(const std::string& dir, const MoeLayerParams& params, co
 }
 
 
-namespace {
-
-Status WriteRouting(const std::string& out, const DispatchPlan& p) {
-  IntTensor experts;
-  Tensor gates;
+void RoutingArrays(const DispatchPlan& p, IntTensor* experts, Tensor* gates) {
   if (p.expert_choice) {
     const int64_t rows = p.num_groups * p.num_experts, c = p.capacity;
-    experts.Reset(rows, c);
-    gates.Reset(rows, c);
-    for (int64_t i = 0; i < rows * c; ++i) experts[i] = p.ec_token[i];
+    experts->Reset(rows, c);
+    gates->Reset(rows, c);
+    for (int64_t i = 0; i < rows * c; ++i) (*experts)[i] = p.ec_token[i];
     // Gates: walk the packed rows, which are (expert, group, position) ordered.
     for (int64_t e = 0; e < p.num_experts; ++e) {
       int64_t row = p.expert_offset[e];
       for (int64_t g = 0; g < p.num_groups; ++g) {
         const int32_t n = p.group_expert_count[g * p.num_experts + e];
-        for (int32_t pos = 0; pos < n; ++pos)
-          gates((g * p.num_experts + e), pos) = p.row_gate[row++];
+        for (int32_t pos = 0; pos < n; ++pos) (*gates)((g * p.num_experts + e), pos) = p.row_gate[row++];
       }
     }
-  } else {
-    experts.Reset(p.num_tokens, p.top_k);
-    gates.Reset(p.num_tokens, p.top_k);
-    for (int64_t i = 0; i < p.num_tokens * p.top_k; ++i) {
-      experts[i] = p.slot_expert[i];
-      gates[i] = p.slot_gate[i];
-    }
+    return;
   }
+  experts->Reset(p.num_tokens, p.top_k);
+  gates->Reset(p.num_tokens, p.top_k);
+  for (int64_t i = 0; i < p.num_tokens * p.top_k; ++i) {
+    (*experts)[i] = p.slot_expert[i];
+    (*gates)[i] = p.slot_gate[i];
+  }
+}
+
+namespace {
+
+Status WriteRouting(const std::string& out, const DispatchPlan& p) {
+  IntTensor experts;
+  Tensor gates;
+  RoutingArrays(p, &experts, &gates);
   MOE_RETURN_IF_ERROR(WriteNpy(out + "/routing_expert.npy", experts));
   return WriteNpy(out + "/routing_gate.npy", gates);
 }

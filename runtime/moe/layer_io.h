@@ -21,6 +21,11 @@ Status ReadLayerParams(const std::string& dir, MoeLayerParams* params);
 Status WriteLayerParams(const std::string& dir, const MoeLayerParams& params,
                         const std::string& prefix = "");
 
+// The routing of a plan as the tool writes it (routing_expert.npy, routing_gate.npy): token choice
+// S x k experts and gates (-1 and 0 for a dropped slot); expert choice (G·E) x C token indices and
+// their gates.
+void RoutingArrays(const DispatchPlan& plan, IntTensor* experts, Tensor* gates);
+
 struct LayerFilesOptions {
   std::string input;        // x (S x M float32 .npy)
   std::string weights;      // directory of weight files, or

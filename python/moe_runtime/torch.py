@@ -140,11 +140,19 @@ class MoELayer(torch.nn.Module):
 
 
 def _replicated_and_experts(module):
+    # Every replicated parameter takes part in the all-reduce, with a zero gradient where this
+    # rank's backward gave it none, so all ranks reduce buffers of the same layout.
     replicated, experts = [], []
     for p in module.parameters():
-        if p.grad is None:
+        if not p.requires_grad:
             continue
-        (experts if getattr(p, "expert_parallel", False) else replicated).append(p)
+        if getattr(p, "expert_parallel", False):
+            if p.grad is not None:
+                experts.append(p)
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        replicated.append(p)
     return replicated, experts
 
 

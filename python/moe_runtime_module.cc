@@ -124,6 +124,18 @@ MatrixView<const float> FloatMatrix(const py::array& a, const std::string& what,
   return {static_cast<const float*>(a.data()), a.shape(0), a.shape(1)};
 }
 
+// A 1-D float32 C-contiguous array of n values (`rule` names n), read in place.
+const float* FloatVector(const py::array& a, const std::string& what, int64_t n,
+                         const std::string& rule) {
+  if (a.ndim() != 1 || a.shape(0) != n || a.dtype().kind() != 'f' || a.itemsize() != 4 ||
+      !(a.flags() & py::array::c_style)) {
+    Raise(PyExc_ValueError, what + " must be a C-contiguous float32 vector of " + rule +
+                                std::to_string(n) + " values, got shape " + ShapeOf(a) + " " +
+                                std::string(py::str(a.dtype())));
+  }
+  return static_cast<const float*>(a.data());
+}
+
 // A Matrix moved into a NumPy array that owns it (no copy). vector: 1-D of all its elements.
 template <typename T>
 py::array Own(Matrix<T>&& m, bool vector = false) {
@@ -466,13 +478,8 @@ class PyLayer {
     Tensor* target = Find(name);
     const bool vector = IsVectorParam(name);
     if (vector) {
-      if (value.ndim() != 1 || value.shape(0) != target->size() || value.dtype().kind() != 'f' ||
-          value.itemsize() != 4 || !(value.flags() & py::array::c_style)) {
-        Raise(PyExc_ValueError, name + " must be a C-contiguous float32 vector of " +
-                                    std::to_string(target->size()) + " values, got shape " +
-                                    ShapeOf(value) + " " + std::string(py::str(value.dtype())));
-      }
-      std::memcpy(target->data(), value.data(), sizeof(float) * static_cast<size_t>(target->size()));
+      const float* v = FloatVector(value, name, target->size(), "");
+      std::memcpy(target->data(), v, sizeof(float) * static_cast<size_t>(target->size()));
       return;
     }
     const MatrixView<const float> v = FloatMatrix(value, name, target->cols(), name + " columns",
@@ -491,13 +498,7 @@ class PyLayer {
   }
   void SetRouterBias(const py::array& b) {
     const int e = layer_config().num_experts();
-    if (b.ndim() != 1 || b.shape(0) != e || b.dtype().kind() != 'f' || b.itemsize() != 4 ||
-        !(b.flags() & py::array::c_style)) {
-      Raise(PyExc_ValueError, "router_bias must be a C-contiguous float32 vector of moe.num_experts=" +
-                                  std::to_string(e) + " values, got shape " + ShapeOf(b) + " " +
-                                  std::string(py::str(b.dtype())));
-    }
-    const auto* p = static_cast<const float*>(b.data());
+    const float* p = FloatVector(b, "router_bias", e, "moe.num_experts=");
     layer_->router_bias().assign(p, p + e);
   }
   void UpdateRouterBias() {
@@ -628,13 +629,7 @@ class PyDispatcher {
                                                    xv.rows(), "x's rows");
     std::vector<float> b;
     if (bias) {
-      const py::array& ba = *bias;
-      if (ba.ndim() != 1 || ba.shape(0) != num_experts() || ba.dtype().kind() != 'f' ||
-          ba.itemsize() != 4 || !(ba.flags() & py::array::c_style)) {
-        Raise(PyExc_ValueError, "bias must be a C-contiguous float32 vector of moe.num_experts=" +
-                                    std::to_string(num_experts()) + " values, got shape " + ShapeOf(ba));
-      }
-      const auto* p = static_cast<const float*>(ba.data());
+      const float* p = FloatVector(*bias, "bias", num_experts(), "moe.num_experts=");
       b.assign(p, p + num_experts());
     }
     Tensor p(pv.rows(), pv.cols());

@@ -278,14 +278,15 @@ void CpuMoeLayer::RouterBackward(const std::vector<float>& dgate_rows, float* dx
                                  MoeLayerParams* grads) {
   const int64_t s = plan_.num_tokens, e = plan_.num_experts, m = x_.cols();
   const MoeLayerParams& params = *params_;
-  RouterScoreGradients(cfg_.router(), plan_, router_, dgate_rows, loss_grad_scale_, &RouterScratch(),
+  RouterGradients& scratch = RouterScratch();
+  RouterScoreGradients(cfg_.router(), plan_, router_, dgate_rows, loss_grad_scale_, &scratch,
                        &loss_sums_);
   if (router_.noisy) {
-    const Tensor& dn = RouterScratch().dnoise;
+    const Tensor& dn = scratch.dnoise;
     blas::Gemm(true, false, m, e, s, 1.0f, x_.data(), dn.data(), 1.0f, grads->router_noise.data());
     blas::Gemm(false, true, s, m, e, 1.0f, dn.data(), params.router_noise.data(), 1.0f, dx);
   }
-  const Tensor& dlogits = RouterScratch().dlogits;
+  const Tensor& dlogits = scratch.dlogits;
   blas::Gemm(true, false, m, e, s, 1.0f, x_.data(), dlogits.data(), 1.0f, grads->router.data());
   blas::Gemm(false, true, s, m, e, 1.0f, dlogits.data(), params.router.data(), 1.0f, dx);
 }

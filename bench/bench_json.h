@@ -5,7 +5,7 @@
 #include <ostream>
 
 #include "comm/bench/bench_loop.h"
-#include "runtime/base/status.h"
+#include "base/status.h"
 
 namespace moe {
 

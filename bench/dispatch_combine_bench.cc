@@ -7,13 +7,13 @@
 #include <random>
 #include <utility>
 
-#include "runtime/base/bf16.h"
-#include "runtime/base/clock.h"
-#include "runtime/moe/dispatch_plan.h"
-#include "runtime/moe/expert_exchange.h"
-#include "runtime/moe/expert_parallel_executor.h"
-#include "runtime/moe/expert_placement.h"
-#include "runtime/moe/redundant_experts.h"
+#include "base/bf16.h"
+#include "base/clock.h"
+#include "runtime/routing/dispatch_plan.h"
+#include "runtime/exchange/expert_exchange.h"
+#include "runtime/exchange/expert_parallel_executor.h"
+#include "runtime/exchange/expert_placement.h"
+#include "runtime/exchange/redundant_experts.h"
 
 namespace moe {
 namespace {

@@ -1,4 +1,4 @@
-// moe_comm_bench --op dispatch_combine: times the exchange engine (runtime/moe/expert_exchange.h)
+// moe_comm_bench --op dispatch_combine: times the exchange engine (runtime/exchange/expert_exchange.h)
 // on a communicator and compares it with the raw exchange of the same bytes.
 //
 // Per rank, a probs matrix (S x E, rows sum to 1) is drawn from a seeded RNG with the requested
@@ -28,9 +28,9 @@
 #include "comm/bench/bench_loop.h"
 #include "comm/bench/raw_collectives.h"
 #include "comm/communicator.h"
-#include "runtime/base/status.h"
-#include "runtime/base/tensor.h"
-#include "runtime/moe/dispatch_plan.h"
+#include "base/status.h"
+#include "base/tensor.h"
+#include "runtime/routing/dispatch_plan.h"
 
 namespace moe {
 
@@ -65,7 +65,7 @@ struct DispatchCombineBenchOptions {
   int groups_per_token = 0;
   // --redundant-experts R > 0: instead of the tables above, the expert-parallel layer's experts
   // (hidden expert_hidden) run with R redundant experts placed from this plan's measured load
-  // (runtime/moe/expert_placement.h) against R = 0 in the same run (RunRedundantBench).
+  // (runtime/exchange/expert_placement.h) against R = 0 in the same run (RunRedundantBench).
   int redundant_experts = 0;
 };
 
@@ -97,7 +97,7 @@ Tensor MakeSkewedProbs(const ProbsSkew& skew, uint64_t seed, int rank, int64_t t
 
 // --pipeline-degree: per token count and pipeline degree d, ExpertParallelExecutor Forward +
 // Backward (dispatch, experts, combine into y, and the same for dy) with real experts (M = hidden, H = expert_hidden, GELU, bias, seeded weights) through
-// the chunked exchanges (runtime/moe/expert_parallel_executor.h). time = mean per iteration of the slowest rank;
+// the chunked exchanges (runtime/exchange/expert_parallel_executor.h). time = mean per iteration of the slowest rank;
 // exchange = time the slowest rank spent inside the communicator (ExchangeCall::seconds: the
 // blocking calls, or start + Wait of the asynchronous ones), experts = its expert compute;
 // speedup = time at degree 1 / time at degree d, degree 1 always run first in the same process.

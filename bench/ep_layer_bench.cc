@@ -22,8 +22,8 @@
 #include "comm/bench/bench_loop.h"
 #include "comm/world.h"
 #include "experts/cpu/blas.h"
-#include "runtime/moe/config.h"
-#include "runtime/moe/make_moe_layer.h"
+#include "runtime/config/config.h"
+#include "runtime/layer/make_moe_layer.h"
 
 namespace {
 

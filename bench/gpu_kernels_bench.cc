@@ -31,9 +31,9 @@
 
 #include "comm/bench/bench_loop.h"
 #include "experts/cuda/grouped_ffn.h"
-#include "launch/cli.h"
-#include "runtime/base/clock.h"
-#include "runtime/cuda/permute.h"
+#include "runtime/config/flags.h"
+#include "base/clock.h"
+#include "runtime/device/cuda/permute.h"
 
 namespace {
 
@@ -287,7 +287,7 @@ int main(int argc, char** argv) {
   app.add_option("--experts", f.experts, "E")->check(CLI::Range(1, 4096));
   app.add_option("--topk", f.topk, "k")->check(CLI::Range(1, 64));
   app.add_option("--iters", f.iters, "timed runs per case (median)")->check(CLI::Range(1, 100000));
-  if (const int rc = moe::launch::ParseFlags(app, argc, argv); rc >= 0) return rc;
+  if (const int rc = moe::flags::ParseFlags(app, argc, argv); rc >= 0) return rc;
   if (f.topk > f.experts) Die("--topk must be <= --experts");
   int devices = 0;
   if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) Die("no CUDA device is visible");

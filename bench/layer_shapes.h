@@ -6,7 +6,7 @@
 #include <vector>
 
 #include "proto/moe_config.pb.h"
-#include "runtime/moe/config.h"
+#include "runtime/config/config.h"
 
 namespace moe::bench {
 

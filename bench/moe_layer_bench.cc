@@ -2,7 +2,7 @@
 // alone (same shapes, same rows per expert) and (b) a PyTorch implementation of the same layer,
 // timed in the same run (bench/torch_layer_bench.py, through /usr/bin/python3 when present).
 // A benchmark, not a test: it reports ratios and asserts nothing.
-// --device cuda runs the device-resident layer (runtime/cuda/device_moe_layer.h: inputs, outputs,
+// --device cuda runs the device-resident layer (runtime/layer/device_moe_layer.h: inputs, outputs,
 // weights and gradients on the GPU) against the PyTorch layer on the same GPU, forward and
 // fwd+bwd, and also the staged layer (only the experts on the GPU, rows travel each call) as a
 // baseline; the GEMM column is then not measured.
@@ -22,17 +22,17 @@
 #include "bench/layer_shapes.h"
 #include "comm/bench/bench_loop.h"
 #include "experts/cpu/blas.h"
-#include "launch/cli.h"
-#include "runtime/base/memory.h"
-#include "runtime/base/clock.h"
-#include "runtime/base/rng.h"
-#include "runtime/moe/config.h"
-#include "runtime/cuda/device_moe_layer.h"
+#include "runtime/config/flags.h"
+#include "base/memory.h"
+#include "base/clock.h"
+#include "base/rng.h"
+#include "runtime/config/config.h"
+#include "runtime/layer/device_moe_layer.h"
 #include "bench/staged_gpu_experts.h"
-#include "runtime/moe/compute.h"
-#include "runtime/moe/cpu_expert_compute.h"
-#include "runtime/moe/expert_parallel_executor.h"
-#include "runtime/moe/cpu_moe_layer.h"
+#include "runtime/device/compute.h"
+#include "runtime/device/cpu_expert_compute.h"
+#include "runtime/exchange/expert_parallel_executor.h"
+#include "runtime/layer/cpu_moe_layer.h"
 
 namespace {
 
@@ -210,19 +210,19 @@ int main(int argc, char** argv) {
   std::string torch_script = "bench/torch_layer_bench.py";
   bool no_torch = false, host_routing = false;
   std::string only, python = "/usr/bin/python3";
-  moe::launch::ComputeFlags flags{"cpu", "fp32"};
+  moe::flags::ComputeFlags flags{"cpu", "fp32"};
   app.add_option("-n,--iters", iters, "timed iterations (median reported)")->check(CLI::Range(1, 1000));
   app.add_option("--threads", threads, "OpenBLAS threads")->check(CLI::Range(1, 256));
   app.add_option("--torch-script", torch_script, "PyTorch baseline script");
   app.add_flag("--no-torch", no_torch, "skip the PyTorch baseline");
   app.add_option("--shape", only, "run only this shape (CPU: small, medium, fine-grained; cuda: small, large, fine-grained)");
-  moe::launch::AddComputeFlags(app, &flags);
+  moe::flags::AddComputeFlags(app, &flags);
   app.add_option("--python", python, "Python with torch for the baseline");
   std::string json_path;
   app.add_option("-J,--json", json_path, "CPU: write one JSON line (BenchResult) per measurement");
   app.add_flag("--host-routing", host_routing,
                "--device cuda: route on the host (the CPU plan) instead of on the device");
-  if (const int rc = moe::launch::ParseFlags(app, argc, argv); rc >= 0) return rc;
+  if (const int rc = moe::flags::ParseFlags(app, argc, argv); rc >= 0) return rc;
   moe::blas::SetThreads(threads);
   if (std::getenv("MOE_BENCH_NO_MMAP")) { mallopt(M_MMAP_THRESHOLD, 1 << 30); mallopt(M_TRIM_THRESHOLD, 1 << 30); }
   const std::string& device = flags.device;
@@ -232,7 +232,7 @@ int main(int argc, char** argv) {
               moe::blas::CoreName(), coretype ? coretype : "unset", moe::blas::GetThreads(), device.c_str(),
               precision.c_str());
   moe::config::ComputeConfig compute;
-  moe::launch::ApplyComputeFlags(flags, &compute);
+  moe::flags::ApplyComputeFlags(flags, &compute);
   if (const moe::Status s = moe::ValidateCompute(compute); !s.ok()) {
     std::fprintf(stderr, "moe_layer_bench: --device/--precision: %s\n", s.message().c_str());
     return 2;

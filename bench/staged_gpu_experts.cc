@@ -7,10 +7,10 @@
 #include <string>
 
 #include "experts/cuda/grouped_ffn.h"
-#include "runtime/base/memory.h"
-#include "runtime/moe/compute.h"
-#include "runtime/moe/config.h"
-#include "runtime/moe/cpu_expert_compute.h"
+#include "base/memory.h"
+#include "runtime/device/compute.h"
+#include "runtime/config/config.h"
+#include "runtime/device/cpu_expert_compute.h"
 
 namespace moe {
 namespace {

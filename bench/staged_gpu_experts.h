@@ -1,16 +1,16 @@
 // The staged GPU experts, kept as the layer benchmark's baseline (DESIGN §2: bench/): an
 // ExpertCompute whose rows and weights travel to the GPU every call, run by the grouped FFN
 // (experts/cuda/grouped_ffn.h), with outputs and weight gradients coming back. The CPU layer
-// (runtime/moe/cpu_moe_layer.h) with these experts is what `moe_layer_bench --device cuda` calls
-// the staged layer; the device-resident layer (runtime/cuda/device_moe_layer.h) is what replaces it.
+// (runtime/layer/cpu_moe_layer.h) with these experts is what `moe_layer_bench --device cuda` calls
+// the staged layer; the device-resident layer (runtime/layer/device_moe_layer.h) is what replaces it.
 #pragma once
 
 #include <memory>
 
 #include "experts/expert_ffn.h"
 #include "proto/moe_config.pb.h"
-#include "runtime/base/status.h"
-#include "runtime/moe/expert_compute.h"
+#include "base/status.h"
+#include "runtime/device/expert_compute.h"
 
 namespace moe {
 

@@ -6,7 +6,7 @@
 //   MPI        | host memory              | comm/mpi/mpi_communicator.h (under mpirun)
 //   NCCL       | device memory (CUDA)     | comm/nccl/nccl_communicator.h (id over a bootstrap)
 //   loopback   | host or device, chosen   | comm/loopback/loopback_world.h (ranks as threads)
-// `memory_space()` reports where every buffer passed to this communicator must live; runtime/base/memory.h
+// `memory_space()` reports where every buffer passed to this communicator must live; base/memory.h
 // allocates and copies in a given space.
 //
 // Semantics shared by all backends:
@@ -41,8 +41,8 @@
 #include <string>
 #include <string_view>
 
-#include "runtime/base/memory.h"
-#include "runtime/base/status.h"
+#include "base/memory.h"
+#include "base/status.h"
 
 namespace moe::comm {
 

@@ -5,7 +5,7 @@
 #include <span>
 #include <string_view>
 
-#include "runtime/base/status.h"
+#include "base/status.h"
 
 namespace moe::comm {
 

@@ -14,8 +14,8 @@
 
 #include "comm/bench/raw_collectives.h"
 #include "comm/loopback/loopback_world.h"
-#include "runtime/base/malloc_tuning.h"
-#include "runtime/base/memory.h"
+#include "base/malloc_tuning.h"
+#include "base/memory.h"
 #if MOE_WORLD_HAVE_MPI
 #include <mpi.h>
 

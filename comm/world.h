@@ -30,7 +30,7 @@
 #include <string_view>
 
 #include "comm/communicator.h"
-#include "runtime/base/status.h"
+#include "base/status.h"
 
 namespace moe::comm {
 

@@ -9,7 +9,7 @@
 
 #include <cstdint>
 
-#include "runtime/base/tensor.h"
+#include "base/tensor.h"
 
 namespace moe::experts {
 

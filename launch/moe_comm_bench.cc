@@ -28,7 +28,7 @@
 #include "comm/bench/collective_bench.h"
 #include "comm/communicator.h"
 #include "comm/world.h"
-#include "runtime/base/status.h"
+#include "base/status.h"
 
 namespace {
 
@@ -305,7 +305,7 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0, 1 << 20));
   app.add_option("--deadline", f.deadline, "deadline of every operation, seconds")
       ->check(CLI::PositiveNumber);
-  // Not launch::ParseFlags: this tool's parse errors keep their own two-line message.
+  // Not flags::ParseFlags: this tool's parse errors keep their own two-line message.
   try {
     app.parse(argc, argv);
     f.tokens_given = app.count("--tokens") > 0;

@@ -8,31 +8,31 @@
 // routing_dispatch.npy, its combine and dispatch weights), metrics.json, config.json; with
 // --grad-output also dx.npy and grad_<weight>.npy; with --init-seed the weights in DIR/weights/;
 // with --train and a bias update rate, the updated router_bias.npy. --device cuda runs the
-// device-resident layer (runtime/cuda/device_moe_layer.h). A thin main: flags and config, then
-// RunLayerOnFiles (runtime/moe/layer_io.h).
+// device-resident layer (runtime/layer/device_moe_layer.h). A thin main: flags and config, then
+// RunLayerOnFiles (runtime/layer/layer_io.h).
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <string>
 
 #include "experts/cpu/blas.h"
-#include "launch/cli.h"
-#include "runtime/moe/config.h"
-#include "runtime/moe/layer_io.h"
-#include "runtime/moe/memory_model.h"
+#include "runtime/config/flags.h"
+#include "runtime/config/config.h"
+#include "runtime/layer/layer_io.h"
+#include "runtime/config/memory_model.h"
 
 namespace {
 
 struct Flags {
   std::string config;
   int threads = 1;
-  moe::launch::ComputeFlags compute;
+  moe::flags::ComputeFlags compute;
   moe::LayerFilesOptions files;
 };
 
-moe::Status Run(const std::string& config, const moe::launch::ComputeFlags& compute,
+moe::Status Run(const std::string& config, const moe::flags::ComputeFlags& compute,
                 const moe::LayerFilesOptions& files) {
   MOE_ASSIGN_OR_RETURN(moe::MoeConfig cfg, moe::LoadConfig(config));
-  moe::launch::ApplyComputeFlags(compute, cfg.mutable_compute());
+  moe::flags::ApplyComputeFlags(compute, cfg.mutable_compute());
   MOE_RETURN_IF_ERROR(moe::ValidateConfig(cfg).WithContext("--device/--precision"));
   return moe::RunLayerOnFiles(cfg, files);
 }
@@ -56,13 +56,13 @@ int main(int argc, char** argv) {
       ->check(CLI::NonNegativeNumber);
   app.add_option("--router-bias", f.files.router_bias, "aux-loss-free bias (E float32 .npy)");
   app.add_option("--threads", f.threads, "OpenBLAS threads")->check(CLI::Range(1, 256));
-  moe::launch::AddComputeFlags(app, &f.compute);
+  moe::flags::AddComputeFlags(app, &f.compute);
   app.add_option("--out", f.files.out, "output directory")->required();
   std::string max_memory;
   app.add_option("--max-memory", max_memory,
                  "refuse a call whose estimated memory is above this (e.g. 8G; default: the "
                  "machine's available memory)");
-  if (const int rc = moe::launch::ParseFlags(app, argc, argv); rc >= 0) return rc;
+  if (const int rc = moe::flags::ParseFlags(app, argc, argv); rc >= 0) return rc;
   if (f.files.weights.empty() && f.files.init_seed < 0) {
     std::fprintf(stderr, "moe_layer: one of --weights DIR or --init-seed N is required\n");
     return 2;

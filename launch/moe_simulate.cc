@@ -32,9 +32,9 @@
 
 #include "comm/world.h"
 #include "experts/cpu/blas.h"
-#include "launch/cli.h"
-#include "runtime/moe/config.h"
-#include "runtime/moe/memory_model.h"
+#include "runtime/config/flags.h"
+#include "runtime/config/config.h"
+#include "runtime/config/memory_model.h"
 #include "runtime/sim/simulate_job.h"
 
 namespace {
@@ -56,7 +56,7 @@ int main(int argc, char** argv) {
   CLI::App app{"Simulates an N-rank expert-parallel MoE training job on threads and predicts it on a cluster."};
   std::string config_path, data;
   int steps = -1;
-  moe::launch::ComputeFlags compute;
+  moe::flags::ComputeFlags compute;
   moe::SimulateJobOptions o;
   o.cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   app.add_option("--config", config_path, "training config (.textproto)")->required();
@@ -67,7 +67,7 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1, 1 << 20));
   app.add_option("--efficiency", o.efficiency, "expert GEMM efficiency (fraction of gpu_tflops)");
   app.add_option("--data", data, "override train.data_path");
-  moe::launch::AddComputeFlags(app, &compute);
+  moe::flags::AddComputeFlags(app, &compute);
   app.add_option("--out", o.out, "output directory")->required();
   app.add_option("--bench-alltoall", o.bench_alltoall, "moe_comm_bench -J all-to-all sweep of this host (with --bench-allreduce)");
   app.add_option("--bench-allreduce", o.bench_allreduce, "moe_comm_bench -J all-reduce sweep of this host");
@@ -87,7 +87,7 @@ int main(int argc, char** argv) {
   app.add_option("--max-memory", max_memory,
                  "memory the simulated ranks may take together (e.g. 8G; default: the available "
                  "memory)");
-  if (const int rc = moe::launch::ParseFlags(app, argc, argv); rc >= 0) return rc;
+  if (const int rc = moe::flags::ParseFlags(app, argc, argv); rc >= 0) return rc;
   if (!max_memory.empty()) {
     moe::StatusOr<int64_t> bytes = moe::ParseByteSize("--max-memory", max_memory);
     if (!bytes.ok()) return Fail(bytes.status().ToString(), 2);
@@ -100,7 +100,7 @@ int main(int argc, char** argv) {
   if (!cfg.ok()) return Fail(cfg.status().ToString(), 2);
   if (steps > 0) cfg->mutable_train()->set_steps(steps);
   if (!data.empty()) cfg->mutable_train()->set_data_path(data);
-  moe::launch::ApplyComputeFlags(compute, cfg->mutable_compute());
+  moe::flags::ApplyComputeFlags(compute, cfg->mutable_compute());
   if (moe::Status s = moe::ValidateConfig(*cfg); !s.ok()) {
     return Fail(s.WithContext("config " + config_path).ToString(), 2);
   }

@@ -14,9 +14,9 @@
 
 #include "comm/world.h"
 #include "experts/cpu/blas.h"
-#include "launch/cli.h"
-#include "runtime/moe/config.h"
-#include "runtime/moe/memory_model.h"
+#include "runtime/config/flags.h"
+#include "runtime/config/config.h"
+#include "runtime/config/memory_model.h"
 #include "runtime/train/fault_injection.h"
 #include "runtime/train/trainer.h"
 
@@ -39,7 +39,7 @@ struct Flags {
   int log_every = 1;
   double deadline = -1;
   std::string inject_fault;
-  moe::launch::ComputeFlags compute;
+  moe::flags::ComputeFlags compute;
 };
 
 int Fail(const std::string& message, int code) {
@@ -67,7 +67,7 @@ moe::StatusOr<moe::MoeConfig> LoadWithOverrides(const Flags& f) {
   if (!f.checkpoint_dir.empty()) cfg.mutable_train()->set_checkpoint_dir(f.checkpoint_dir);
   if (!f.data.empty()) cfg.mutable_train()->set_data_path(f.data);
   if (f.deadline >= 0) cfg.mutable_comm()->set_deadline_seconds(f.deadline);
-  moe::launch::ApplyComputeFlags(f.compute, cfg.mutable_compute());
+  moe::flags::ApplyComputeFlags(f.compute, cfg.mutable_compute());
   MOE_RETURN_IF_ERROR(moe::ValidateConfig(cfg).WithContext("config " + f.config));
   return cfg;
 }
@@ -134,12 +134,12 @@ int main(int argc, char** argv) {
   app.add_option("--deadline", f.deadline,
                  "override comm.deadline_seconds (every collective's deadline)")
       ->check(CLI::Range(0.001, 1e6));
-  moe::launch::AddComputeFlags(app, &f.compute);
+  moe::flags::AddComputeFlags(app, &f.compute);
   app.add_option(
          "--inject-fault", f.inject_fault,
          "testing: KIND@RANK:STEP with KIND stall, exit or nan (see README, failure behaviour)")
       ->group("Testing");
-  if (const int rc = moe::launch::ParseFlags(app, argc, argv); rc >= 0) return rc;
+  if (const int rc = moe::flags::ParseFlags(app, argc, argv); rc >= 0) return rc;
   moe::blas::SetThreads(1);
   if (f.backend.empty()) f.backend = moe::comm::DefaultBackend();
   // Under mpirun every process loads the config; only the job's rank 0 reports a bad one.

@@ -6,7 +6,7 @@
 #include <string>
 #include <vector>
 
-#include "runtime/base/memory.h"
+#include "base/memory.h"
 #include "comm/validate.h"
 
 namespace moe::comm {

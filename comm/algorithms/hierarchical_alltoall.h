@@ -8,7 +8,7 @@
 // The result equals the flat AllToAll / AllToAllV byte for byte.
 //
 // Buffers live in the parent communicator's memory space; staging buffers are workspaces there
-// (runtime/base/memory.h), kept between calls. Deadlines and abort come from the sub-communicators (same
+// (base/memory.h), kept between calls. Deadlines and abort come from the sub-communicators (same
 // options as the parent); a deadline in either stage returns its error and aborts that
 // sub-communicator.
 #pragma once
@@ -18,8 +18,8 @@
 #include <span>
 
 #include "comm/communicator.h"
-#include "runtime/base/memory.h"
-#include "runtime/base/status.h"
+#include "base/memory.h"
+#include "base/status.h"
 
 namespace moe::comm {
 

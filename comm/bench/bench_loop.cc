@@ -5,7 +5,7 @@
 #include <chrono>
 #include <string>
 
-#include "runtime/base/memory.h"
+#include "base/memory.h"
 
 namespace moe::comm::bench {
 

@@ -15,7 +15,7 @@
 #include <vector>
 
 #include "comm/communicator.h"
-#include "runtime/base/status.h"
+#include "base/status.h"
 
 namespace moe::comm::bench {
 

@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "comm/algorithms/hierarchical_alltoall.h"
-#include "runtime/base/memory.h"
+#include "base/memory.h"
 
 namespace moe::comm::bench {
 namespace {

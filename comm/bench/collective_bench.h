@@ -19,7 +19,7 @@
 #include "comm/bench/bench_loop.h"
 #include "comm/bench/raw_collectives.h"
 #include "comm/communicator.h"
-#include "runtime/base/status.h"
+#include "base/status.h"
 
 namespace moe::comm::bench {
 

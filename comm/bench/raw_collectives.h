@@ -8,7 +8,7 @@
 #include <span>
 
 #include "comm/communicator.h"
-#include "runtime/base/status.h"
+#include "base/status.h"
 
 namespace moe::comm::bench {
 

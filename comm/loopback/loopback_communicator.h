@@ -6,7 +6,7 @@
 
 #include "comm/communicator.h"
 #include "comm/loopback/loopback_group.h"
-#include "runtime/base/memory.h"
+#include "base/memory.h"
 
 namespace moe::comm {
 

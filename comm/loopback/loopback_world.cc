@@ -5,7 +5,7 @@
 #include <thread>
 
 #include "comm/loopback/loopback_communicator.h"
-#include "runtime/base/memory.h"
+#include "base/memory.h"
 
 namespace moe::comm {
 

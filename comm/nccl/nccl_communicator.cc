@@ -6,7 +6,7 @@
 #include <thread>
 #include <utility>
 
-#include "runtime/base/memory.h"
+#include "base/memory.h"
 
 namespace moe::comm {
 namespace {

@@ -14,9 +14,9 @@
 #include <vector>
 
 #include "comm/world.h"
-#include "runtime/moe/config.h"
-#include "runtime/moe/make_moe_layer.h"
-#include "runtime/moe/moe_layer.h"
+#include "runtime/config/config.h"
+#include "runtime/layer/make_moe_layer.h"
+#include "runtime/layer/moe_layer.h"
 
 namespace {
 

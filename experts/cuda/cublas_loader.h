@@ -5,7 +5,7 @@
 
 #include <cublas_v2.h>
 
-#include "runtime/base/status.h"
+#include "base/status.h"
 
 namespace moe::experts::cuda {
 

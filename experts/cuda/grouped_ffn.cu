@@ -19,7 +19,7 @@
 
 #include "experts/cuda/cublas_loader.h"
 #include "experts/cuda/grouped_ffn.h"
-#include "runtime/base/memory.h"
+#include "base/memory.h"
 
 namespace moe::experts::cuda {
 namespace {
@@ -733,7 +733,7 @@ class CudaGroupedFfn final : public GroupedFfn {
   PointerTable pointers_;
   bool have_weights_ = false;
 
-  // Device memory (runtime/base/memory.h): the weights and gradients carved once at Init, each
+  // Device memory (base/memory.h): the weights and gradients carved once at Init, each
   // part's forward activations per Forward (Part::memory), the backward's per Backward; y16_ and
   // wstage_ are bf16 staging (the forward's output before widening, fp32 weights before narrowing).
   Workspace weights_{MemorySpace::kDevice}, backward_{MemorySpace::kDevice},

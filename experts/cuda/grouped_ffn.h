@@ -1,5 +1,5 @@
 // The FFNs of L local experts on one GPU, over contiguous row blocks: rows [offsets[e],
-// offsets[e+1]) go through expert e — the GPU counterpart of runtime/moe/cpu_expert_compute.h, same math as
+// offsets[e+1]) go through expert e — the GPU counterpart of runtime/device/cpu_expert_compute.h, same math as
 // experts/cpu/ffn.cc (see expert_ffn.h).
 //
 // Stages, one small kernel or one cuBLAS call each:
@@ -25,7 +25,7 @@
 #include <vector>
 
 #include "experts/expert_ffn.h"
-#include "runtime/base/status.h"
+#include "base/status.h"
 
 namespace moe::experts::cuda {
 

@@ -5,8 +5,8 @@
 #include <cmath>
 #include <string>
 
-#include "runtime/base/file.h"
-#include "runtime/moe/config.h"
+#include "base/file.h"
+#include "runtime/config/config.h"
 
 namespace moe {
 namespace {

@@ -23,7 +23,7 @@
 // Expert GEMMs: t(r) = flops(r) / (gpu_tflops * 1e12 * gemm_efficiency); T = max over r.
 // Gradient all-reduce (ring over all ranks): 2 (n-1) (a + bytes / (n b)) with the slowest link
 //   class in the ring (inter when nodes > 1).
-// Pipelined MoE layers (parallel.pipeline_degree = d, runtime/moe/expert_parallel_executor.h): one layer's forward
+// Pipelined MoE layers (parallel.pipeline_degree = d, runtime/exchange/expert_parallel_executor.h): one layer's forward
 // (or backward) issues its row exchanges in the order D0 D1 C0 D2 C1 ... D(d-1) C(d-2) C(d-1)
 // (D = dispatch, C = combine) and runs chunk j's experts between the end of Dj and the issue of
 // Cj. With a_j, b_j the all-to-all times of dispatch and combine chunk j (flat or hierarchical, as
@@ -46,7 +46,7 @@
 #include <vector>
 
 #include "proto/moe_config.pb.h"
-#include "runtime/base/status.h"
+#include "base/status.h"
 
 namespace moe {
 

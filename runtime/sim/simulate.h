@@ -18,10 +18,10 @@
 #include "comm/world.h"
 #include "proto/moe_config.pb.h"
 #include "proto/report.pb.h"
-#include "runtime/base/status.h"
-#include "runtime/moe/config.h"
+#include "base/status.h"
+#include "runtime/config/config.h"
 #include "runtime/sim/cost_model.h"
-#include "runtime/moe/expert_parallel_executor.h"
+#include "runtime/exchange/expert_parallel_executor.h"
 
 namespace moe {
 

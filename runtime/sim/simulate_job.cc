@@ -10,9 +10,9 @@
 #include <utility>
 #include <vector>
 
-#include "runtime/moe/memory_model.h"
-#include "runtime/base/file.h"
-#include "runtime/moe/config.h"
+#include "runtime/config/memory_model.h"
+#include "base/file.h"
+#include "runtime/config/config.h"
 #include "runtime/sim/cost_model.h"
 #include "runtime/sim/simulate.h"
 

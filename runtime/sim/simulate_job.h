@@ -9,7 +9,7 @@
 
 #include "comm/world.h"
 #include "proto/moe_config.pb.h"
-#include "runtime/base/status.h"
+#include "base/status.h"
 
 namespace moe {
 

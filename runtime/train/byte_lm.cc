@@ -5,9 +5,9 @@
 #include <cstring>
 
 #include "experts/cpu/blas.h"
-#include "runtime/base/rng.h"
-#include "runtime/moe/config.h"
-#include "runtime/base/tensor.h"
+#include "base/rng.h"
+#include "runtime/config/config.h"
+#include "base/tensor.h"
 
 namespace moe {
 namespace {

@@ -5,7 +5,7 @@
 // plus each layer's aux and z losses (weights from the router config).
 //
 // In expert parallelism every rank builds the model with its own expert shard and MoE layers that
-// exchange rows (runtime/moe/make_moe_layer.h); the model keeps every parameter, expert shards
+// exchange rows (runtime/layer/make_moe_layer.h); the model keeps every parameter, expert shards
 // included, on the host (the optimizer and checkpoints read them there) and runs the MoE layers
 // through HostLayerCall, so a device layer gets its parameters and activations copied up and its
 // outputs and gradients copied down each call; the loss on a rank is its tokens' cross-entropy divided by the *global* token
@@ -19,11 +19,11 @@
 #include <vector>
 
 #include "proto/moe_config.pb.h"
-#include "runtime/base/status.h"
-#include "runtime/base/tensor.h"
+#include "base/status.h"
+#include "base/tensor.h"
 #include "runtime/train/layer_norm.h"
-#include "runtime/moe/host_layer_call.h"
-#include "runtime/moe/moe_layer.h"
+#include "runtime/layer/host_layer_call.h"
+#include "runtime/layer/moe_layer.h"
 
 namespace moe {
 

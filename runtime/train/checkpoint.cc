@@ -13,9 +13,9 @@
 
 #include <google/protobuf/text_format.h>
 
-#include "runtime/base/file.h"
-#include "runtime/base/npy.h"
-#include "runtime/moe/config.h"
+#include "base/file.h"
+#include "base/npy.h"
+#include "runtime/config/config.h"
 
 namespace moe {
 namespace fs = std::filesystem;

@@ -11,9 +11,9 @@
 #include <vector>
 
 #include "proto/checkpoint.pb.h"
-#include "runtime/base/hash.h"
-#include "runtime/base/status.h"
-#include "runtime/base/tensor.h"
+#include "base/hash.h"
+#include "base/status.h"
+#include "base/tensor.h"
 
 namespace moe {
 

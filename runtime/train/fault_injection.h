@@ -12,7 +12,7 @@
 #include <functional>
 #include <string>
 
-#include "runtime/base/status.h"
+#include "base/status.h"
 
 namespace moe {
 

@@ -6,8 +6,8 @@
 #include <vector>
 
 #include "experts/cpu/blas.h"
-#include "runtime/base/clock.h"
-#include "runtime/moe/config.h"
+#include "base/clock.h"
+#include "runtime/config/config.h"
 
 namespace moe {
 namespace {

@@ -3,7 +3,7 @@
 
 #include <cmath>
 
-#include "runtime/base/tensor.h"
+#include "base/tensor.h"
 
 namespace moe {
 

@@ -3,7 +3,7 @@
 
 #include <vector>
 
-#include "runtime/base/tensor.h"
+#include "base/tensor.h"
 
 namespace moe {
 

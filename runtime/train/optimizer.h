@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "proto/moe_config.pb.h"
-#include "runtime/base/tensor.h"
+#include "base/tensor.h"
 #include "runtime/train/byte_lm.h"
 
 namespace moe {

@@ -1,8 +1,8 @@
 // The training text, its shards and held-out part (runtime/train/text_data.h).
 #include "runtime/train/text_data.h"
 
-#include "runtime/base/file.h"
-#include "runtime/base/rng.h"
+#include "base/file.h"
+#include "base/rng.h"
 
 namespace moe {
 

@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "runtime/base/status.h"
+#include "base/status.h"
 #include "runtime/train/byte_lm.h"
 
 namespace moe {

@@ -13,16 +13,16 @@
 #include <map>
 #include <set>
 
-#include "runtime/base/file.h"
-#include "runtime/base/npy.h"
-#include "runtime/base/clock.h"
+#include "base/file.h"
+#include "base/npy.h"
+#include "base/clock.h"
 #include "runtime/train/checkpoint.h"
-#include "runtime/moe/config.h"
-#include "runtime/moe/compute.h"
-#include "runtime/moe/make_moe_layer.h"
-#include "runtime/moe/memory_model.h"
+#include "runtime/config/config.h"
+#include "runtime/device/compute.h"
+#include "runtime/layer/make_moe_layer.h"
+#include "runtime/config/memory_model.h"
 #include "runtime/train/flops.h"
-#include "runtime/base/tensor.h"
+#include "base/tensor.h"
 
 namespace moe {
 namespace {

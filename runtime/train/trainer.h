@@ -19,12 +19,12 @@
 #include "comm/communicator.h"
 #include "proto/moe_config.pb.h"
 #include "proto/report.pb.h"
-#include "runtime/moe/memory_model.h"
-#include "runtime/base/status.h"
+#include "runtime/config/memory_model.h"
+#include "base/status.h"
 #include "runtime/train/byte_lm.h"
-#include "runtime/moe/expert_parallel_executor.h"
-#include "runtime/moe/expert_placement.h"
-#include "runtime/moe/moe_layer.h"
+#include "runtime/exchange/expert_parallel_executor.h"
+#include "runtime/exchange/expert_placement.h"
+#include "runtime/layer/moe_layer.h"
 #include "runtime/train/optimizer.h"
 #include "runtime/train/text_data.h"
 
@@ -48,7 +48,7 @@ struct TrainOptions {
   // a split of a device-memory loopback world; comm/world.h hands one to every rank). Unset: such a
   // run is refused.
   comm::DeviceCommunicatorFactory device_communicators;
-  // Memory (runtime/moe/memory_model.h): the ranks that share this machine's memory split
+  // Memory (runtime/config/memory_model.h): the ranks that share this machine's memory split
   // max_memory (0: the machine's available memory); a rank whose estimate is above its share is
   // refused before anything is allocated.
   int64_t max_memory = 0;
@@ -87,7 +87,7 @@ class Trainer {
   Trainer(const config::MoeConfig& cfg, comm::Communicator* world, const TrainOptions& options);
   Status Init();
   // compute.device=CUDA: the device-memory communicator of this rank's EP group the device layers
-  // (runtime/cuda/device_moe_layer.h) exchange over; null when the group is this rank alone.
+  // (runtime/layer/device_moe_layer.h) exchange over; null when the group is this rank alone.
   StatusOr<comm::Communicator*> DeviceEpCommunicator(int replica);
   Status Step(report::StepMetrics* metrics);
   // Router replay: this step's recorded selections (num_layers x tokens per rank x k), and the

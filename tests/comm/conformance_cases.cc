@@ -9,7 +9,7 @@
 #include <numeric>
 
 #include "comm/algorithms/hierarchical_alltoall.h"
-#include "runtime/base/check.h"
+#include "base/check.h"
 #include "tests/comm/test_buffers.h"
 
 namespace moe::comm::testing {

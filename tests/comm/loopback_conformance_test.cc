@@ -6,7 +6,7 @@
 #include <tuple>
 
 #include "comm/loopback/loopback_world.h"
-#include "runtime/base/memory.h"
+#include "base/memory.h"
 #include "tests/comm/conformance_cases.h"
 
 namespace moe::comm::testing {

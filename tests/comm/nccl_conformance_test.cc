@@ -7,7 +7,7 @@
 #include <tuple>
 
 #include "comm/loopback/loopback_world.h"
-#include "runtime/base/memory.h"
+#include "base/memory.h"
 #include "comm/nccl/nccl_communicator.h"
 #include "tests/comm/conformance_cases.h"
 

@@ -3,7 +3,7 @@
 
 #include <cstring>
 
-#include "runtime/base/check.h"
+#include "base/check.h"
 
 namespace moe::comm::testing {
 

@@ -6,7 +6,7 @@
 #include <vector>
 
 #include "comm/communicator.h"
-#include "runtime/base/memory.h"
+#include "base/memory.h"
 
 namespace moe::comm::testing {
 

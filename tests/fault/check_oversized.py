@@ -1,4 +1,4 @@
-"""Oversized configs are refused up front (runtime/moe/memory_model.h): every tool exits with 2
+"""Oversized configs are refused up front (runtime/config/memory_model.h): every tool exits with 2
 within a second, the message carries the estimate and its largest terms with their fields, and
 nothing is written (no output directory, no metrics file).
 

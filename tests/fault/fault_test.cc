@@ -22,10 +22,10 @@
 #include <unistd.h>
 
 #include "comm/loopback/loopback_world.h"
-#include "runtime/base/clock.h"
-#include "runtime/base/file.h"
+#include "base/clock.h"
+#include "base/file.h"
 #include "runtime/train/checkpoint.h"
-#include "runtime/moe/config.h"
+#include "runtime/config/config.h"
 #include "runtime/train/fault_injection.h"
 #include "runtime/train/trainer.h"
 #include "tests/unit/train_util.h"

@@ -3,7 +3,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "runtime/base/npy.h"
+#include "base/npy.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   moe::StatusOr<moe::NpyArray> arr = moe::ParseNpy("fuzz.npy", data, size);

@@ -5,7 +5,7 @@
 #include <cstdint>
 #include <string>
 
-#include "runtime/moe/config.h"
+#include "runtime/config/config.h"
 #include "runtime/sim/cost_model.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {

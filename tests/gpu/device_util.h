@@ -10,8 +10,8 @@
 #include <utility>
 #include <vector>
 
-#include "runtime/base/memory.h"
-#include "runtime/base/tensor.h"
+#include "base/memory.h"
+#include "base/tensor.h"
 
 namespace moe::testing {
 

@@ -1,4 +1,4 @@
-// The device-resident MoE layer (runtime/cuda/device_moe_layer.h) against the CPU layer on the same
+// The device-resident MoE layer (runtime/layer/device_moe_layer.h) against the CPU layer on the same
 // parameters and inputs:
 //  - routing identical, routed on the device (gpu::DeviceRouter, for the configs it supports) and
 //    on the host (route_on_device false, and re-routing): the plan comes from the
@@ -24,10 +24,10 @@
 #include <vector>
 
 #include "comm/loopback/loopback_world.h"
-#include "runtime/base/memory.h"
-#include "runtime/cuda/route.h"
-#include "runtime/cuda/device_moe_layer.h"
-#include "runtime/moe/cpu_moe_layer.h"
+#include "base/memory.h"
+#include "runtime/device/cuda/route.h"
+#include "runtime/layer/device_moe_layer.h"
+#include "runtime/layer/cpu_moe_layer.h"
 #include "tests/gpu/device_util.h"
 #include "tests/unit/test_util.h"
 

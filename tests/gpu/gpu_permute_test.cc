@@ -1,4 +1,4 @@
-// The device permute kernels (runtime/cuda/permute.h) against the CPU loops of the MoE layer, on a
+// The device permute kernels (runtime/device/cuda/permute.h) against the CPU loops of the MoE layer, on a
 // real DispatchPlan (top-2 with drops, so some tokens have 0, 1 or 2 rows): gathers are exact,
 // combines and the gate gradient within 1e-6 of the largest magnitude (fused multiply-adds, a
 // tree-ordered dot product). Row widths 64 (float4 path) and 30 (scalar path). Outputs are
@@ -9,10 +9,10 @@
 #include <limits>
 #include <vector>
 
-#include "runtime/base/memory.h"
-#include "runtime/cuda/permute.h"
-#include "runtime/moe/dispatch_plan.h"
-#include "runtime/moe/cpu_moe_layer.h"
+#include "base/memory.h"
+#include "runtime/device/cuda/permute.h"
+#include "runtime/routing/dispatch_plan.h"
+#include "runtime/layer/cpu_moe_layer.h"
 #include "tests/gpu/device_util.h"
 #include "tests/unit/test_util.h"
 

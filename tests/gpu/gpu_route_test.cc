@@ -1,4 +1,4 @@
-// The device router (runtime/cuda/route.h) against the CPU router and plan:
+// The device router (runtime/device/cuda/route.h) against the CPU router and plan:
 //  - SoftmaxRows within 1e-6 of runtime SoftmaxRows (expf vs std::exp);
 //  - DeviceRouter on random logits: probs (and, noisy, eps) within 1e-6 of FinishRouter; on the
 //    device's own probs, BuildDispatchPlan's whole plan identical — selection, random-routing and
@@ -15,12 +15,12 @@
 #include <string>
 #include <vector>
 
-#include "runtime/base/memory.h"
-#include "runtime/moe/config.h"
-#include "runtime/cuda/route.h"
-#include "runtime/moe/dispatch_plan.h"
-#include "runtime/moe/losses.h"
-#include "runtime/moe/router.h"
+#include "base/memory.h"
+#include "runtime/config/config.h"
+#include "runtime/device/cuda/route.h"
+#include "runtime/routing/dispatch_plan.h"
+#include "runtime/routing/losses.h"
+#include "runtime/routing/router.h"
 #include "tests/gpu/device_util.h"
 #include "tests/unit/test_util.h"
 

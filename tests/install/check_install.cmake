@@ -17,7 +17,7 @@ endfunction()
 file(REMOVE_RECURSE "${WORK}")
 set(prefix "${WORK}/prefix")
 run("install" ${CMAKE_COMMAND} --install "${BUILD}" --prefix "${prefix}")
-foreach(f include/moe_runtime/runtime/moe/moe_layer.h include/moe_runtime/comm/world.h
+foreach(f include/moe_runtime/runtime/layer/moe_layer.h include/moe_runtime/comm/world.h
           include/moe_runtime/proto/moe_config.pb.h lib/cmake/moe_runtime/moe_runtimeConfig.cmake
           lib/cmake/moe_runtime/moe_runtimeConfigVersion.cmake)
   if(NOT EXISTS "${prefix}/${f}")

@@ -11,7 +11,7 @@ Implements exactly docs/SEMANTICS.md, independently of the C++ runtime:
 * All the forward/backward math (logits, probs, gates, experts, losses) is float64 torch, and the
   gradients come from torch autograd, treating selection, drops and the noise eps as constants.
   That checks the C++ hand-written backward independently.
-* Randomness is a bit-identical port of runtime/base/rng.h (SplitMix64 chain).
+* Randomness is a bit-identical port of base/rng.h (SplitMix64 chain).
 
 Use as a library (`run_layer(...)`) or from the command line:
 
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 # --------------------------------------------------------------------------------------------
-# Randomness: port of runtime/base/rng.h.
+# Randomness: port of base/rng.h.
 
 MASK64 = (1 << 64) - 1
 STREAM_ROUTING_UNIFORM = 1
@@ -116,7 +116,7 @@ class LayerConfig:
     """The parts of MoeConfig (protobuf JSON, snake_case, enums as names) that one layer needs.
 
     Missing fields get the proto defaults and the same kind-dependent resolution as
-    runtime/moe/config.cc ResolveConfig (TOP1 -> k = 1, NOISY_TOPK -> TOPK_SOFTMAX, EXPERT_CHOICE ->
+    runtime/config/config.cc ResolveConfig (TOP1 -> k = 1, NOISY_TOPK -> TOPK_SOFTMAX, EXPERT_CHOICE ->
     NO_AUX_LOSS), so a hand-written dict works too.
     """
 
@@ -225,7 +225,7 @@ def load_weights(cfg, directory):
 
 
 # --------------------------------------------------------------------------------------------
-# Float32 decision path (mirrors runtime/moe/router.cc).
+# Float32 decision path (mirrors runtime/routing/router.cc).
 
 def _softmax32(a):
     """Row softmax in float32 like moe::SoftmaxRows: max, exp(a - max), sequential sum, * (1/sum)."""

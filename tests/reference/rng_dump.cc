@@ -1,6 +1,6 @@
 // Prints CounterHash / CounterUniform / CounterNormal for a fixed list of keys, one line per key,
 // so that tests/reference/test_reference_selfcheck.py can check that the Python port in
-// moe_reference.py is bit-identical to runtime/base/rng.h.
+// moe_reference.py is bit-identical to base/rng.h.
 //
 // Line format (all hex, no 0x): seed step index stream sub hash uniform_bits normal_bits
 #include <cinttypes>
@@ -8,7 +8,7 @@
 #include <cstdio>
 #include <cstring>
 
-#include "runtime/base/rng.h"
+#include "base/rng.h"
 
 int main() {
   const uint64_t seeds[] = {0ull, 1ull, 7ull, 1234ull, 0x9E3779B97F4A7C15ull, 0xFFFFFFFFFFFFFFFFull};

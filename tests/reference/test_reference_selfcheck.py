@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Self-checks of the PyTorch reference (moe_reference.py) on hand-computed cases, and of its RNG
-port against runtime/base/rng.h (bit for bit).
+port against base/rng.h (bit for bit).
 
   test_reference_selfcheck.py [--rng-dump PATH]
 
@@ -544,7 +544,7 @@ def test_rng(rng_dump):
             if bad <= 5:
                 print(f"  rng mismatch at {f[:5]}: hash {got_h:x}/{h:x} uniform {got_u:x}/{ub:x} "
                       f"normal {got_n:x}/{nb:x}")
-    check(bad == 0, f"RNG bit-identical to runtime/base/rng.h ({bad} of {len(lines)} keys differ)")
+    check(bad == 0, f"RNG bit-identical to base/rng.h ({bad} of {len(lines)} keys differ)")
     print(f"rng: {len(lines) - bad} of {len(lines)} keys bit-identical (hash, uniform, normal)")
 
 

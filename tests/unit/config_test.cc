@@ -1,5 +1,5 @@
 // Config parsing and validation: every error names the field path, the value and the rule.
-#include "runtime/moe/config.h"
+#include "runtime/config/config.h"
 
 #include <google/protobuf/descriptor.h>
 #include <gtest/gtest.h>

@@ -13,10 +13,10 @@
 #include <vector>
 
 #include "comm/loopback/loopback_world.h"
-#include "runtime/moe/config.h"
-#include "runtime/moe/expert_parallel_executor.h"
-#include "runtime/moe/exchange_layout.h"
-#include "runtime/moe/cpu_moe_layer.h"
+#include "runtime/config/config.h"
+#include "runtime/exchange/expert_parallel_executor.h"
+#include "runtime/exchange/exchange_layout.h"
+#include "runtime/layer/cpu_moe_layer.h"
 #include "tests/unit/test_util.h"
 
 namespace moe {

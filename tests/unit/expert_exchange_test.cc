@@ -1,4 +1,4 @@
-// The exchange engine called on its own (runtime/moe/expert_exchange.h): Dispatch hands every
+// The exchange engine called on its own (runtime/exchange/expert_exchange.h): Dispatch hands every
 // rank exactly the rows the plans of all ranks route to its experts, segment by segment, and
 // Combine brings back whatever the caller's experts made of them — here the identity and a copy
 // scaled by the expert's id — summed per token with the gates. Ranks are threads over the
@@ -11,9 +11,9 @@
 #include <vector>
 
 #include "comm/loopback/loopback_world.h"
-#include "runtime/base/bf16.h"
-#include "runtime/moe/dispatch_plan.h"
-#include "runtime/moe/expert_exchange.h"
+#include "base/bf16.h"
+#include "runtime/routing/dispatch_plan.h"
+#include "runtime/exchange/expert_exchange.h"
 
 namespace moe {
 namespace {

@@ -1,7 +1,7 @@
-// Redundant-expert placement (runtime/moe/expert_placement.h): hand-computed placements for the
+// Redundant-expert placement (runtime/exchange/expert_placement.h): hand-computed placements for the
 // identity and balanced policies (replica counts, packing, node preference, the repair of a stuck
 // item), the invariants over many random loads, and the error messages.
-#include "runtime/moe/expert_placement.h"
+#include "runtime/exchange/expert_placement.h"
 
 #include <gtest/gtest.h>
 

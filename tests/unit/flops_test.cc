@@ -3,7 +3,7 @@
 
 #include <gtest/gtest.h>
 
-#include "runtime/moe/config.h"
+#include "runtime/config/config.h"
 
 namespace moe {
 namespace {

@@ -1,4 +1,4 @@
-// The MoE layer interface (runtime/moe/moe_layer.h) on the CPU: parameter shapes without
+// The MoE layer interface (runtime/layer/moe_layer.h) on the CPU: parameter shapes without
 // allocation, SetParams binding the caller's parameters in place, gradients accumulated inside the
 // layer until AddGradients, HostLayerCall's shape checks, and MakeMoeLayer's choice of layer.
 #include <gtest/gtest.h>
@@ -8,10 +8,10 @@
 #include <vector>
 
 #include "comm/loopback/loopback_world.h"
-#include "runtime/moe/config.h"
-#include "runtime/moe/cpu_moe_layer.h"
-#include "runtime/moe/host_layer_call.h"
-#include "runtime/moe/make_moe_layer.h"
+#include "runtime/config/config.h"
+#include "runtime/layer/cpu_moe_layer.h"
+#include "runtime/layer/host_layer_call.h"
+#include "runtime/layer/make_moe_layer.h"
 #include "tests/unit/test_util.h"
 
 namespace moe {

@@ -1,13 +1,13 @@
-// The memory model (runtime/moe/memory_model.h) against hand-computed bytes on two small configs,
+// The memory model (runtime/config/memory_model.h) against hand-computed bytes on two small configs,
 // its refusal message, and the byte-size flag parser.
-#include "runtime/moe/memory_model.h"
+#include "runtime/config/memory_model.h"
 
 #include <gtest/gtest.h>
 
 #include <map>
 #include <string>
 
-#include "runtime/moe/config.h"
+#include "runtime/config/config.h"
 
 namespace moe {
 namespace {

@@ -1,5 +1,5 @@
 // .npy reading and writing: round trips and malformed files (errors name the file and the problem).
-#include "runtime/base/npy.h"
+#include "base/npy.h"
 
 #include <gtest/gtest.h>
 #include <unistd.h>

@@ -1,4 +1,4 @@
-// Redundant experts on the exchange (runtime/moe/redundant_experts.h): the physical plan of a
+// Redundant experts on the exchange (runtime/exchange/redundant_experts.h): the physical plan of a
 // hand-made logical plan, and the expert-parallel layer with R redundant experts against the same
 // layer without (4 loopback ranks): y and dx equal, every logical expert's gradient the sum of its
 // replicas' within 1e-5, capacity and dropless exchanges, pipelined or not.
@@ -8,11 +8,11 @@
 #include <vector>
 
 #include "comm/loopback/loopback_world.h"
-#include "runtime/moe/config.h"
-#include "runtime/moe/cpu_moe_layer.h"
-#include "runtime/moe/expert_parallel_executor.h"
-#include "runtime/moe/expert_placement.h"
-#include "runtime/moe/redundant_experts.h"
+#include "runtime/config/config.h"
+#include "runtime/layer/cpu_moe_layer.h"
+#include "runtime/exchange/expert_parallel_executor.h"
+#include "runtime/exchange/expert_placement.h"
+#include "runtime/exchange/redundant_experts.h"
 #include "tests/unit/test_util.h"
 
 namespace moe {

@@ -1,5 +1,5 @@
-// The device router's steps (runtime/moe/route_steps.h) run on the CPU in the order of
-// runtime/cuda/route.cu's kernels — sequential loops for each launch, a sequential exclusive count
+// The device router's steps (runtime/routing/route_steps.h) run on the CPU in the order of
+// runtime/device/cuda/route.cu's kernels — sequential loops for each launch, a sequential exclusive count
 // for CUB's block scan, std::stable_sort per group for CUB's stable segmented sort, sequential
 // sums for its block reductions, the summary words for the download — against the CPU path:
 // BuildDispatchPlan's whole plan, ComputeRouterLosses and RouterScoreGradients must come out
@@ -8,7 +8,7 @@
 // dropless, with and without the selection bias, with exact ties), and for 300 random
 // expert-choice routers (per-(group, expert) segments stably sorted by prob). This checks the
 // device router's index logic on every build; the GPU test checks the kernels themselves.
-#include "runtime/moe/route_steps.h"
+#include "runtime/routing/route_steps.h"
 
 #include <gtest/gtest.h>
 
@@ -20,10 +20,10 @@
 #include <utility>
 #include <vector>
 
-#include "runtime/moe/config.h"
-#include "runtime/moe/dispatch_plan.h"
-#include "runtime/moe/losses.h"
-#include "runtime/moe/router.h"
+#include "runtime/config/config.h"
+#include "runtime/routing/dispatch_plan.h"
+#include "runtime/routing/losses.h"
+#include "runtime/routing/router.h"
 #include "tests/unit/test_util.h"
 
 namespace moe {

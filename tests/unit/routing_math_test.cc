@@ -1,15 +1,15 @@
-// runtime/moe/routing_math.h, the per-token routing code the CPU plan and the GPU kernels share, on
+// runtime/routing/routing_math.h, the per-token routing code the CPU plan and the GPU kernels share, on
 // hand-worked cases: selection order with ties and bias, the random-routing keep test at its
 // boundary, gate normalization with drops, the gates' backward, group bounds (the device's
 // GroupOf against GroupBounds for every S <= 64, G <= S) and the softmax backward.
-#include "runtime/moe/routing_math.h"
+#include "runtime/routing/routing_math.h"
 
 #include <gtest/gtest.h>
 
 #include <cstdint>
 #include <vector>
 
-#include "runtime/moe/dispatch_plan.h"
+#include "runtime/routing/dispatch_plan.h"
 
 namespace moe {
 namespace {

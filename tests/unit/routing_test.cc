@@ -10,12 +10,12 @@
 #include <vector>
 
 #include "experts/expert_ffn.h"
-#include "runtime/base/rng.h"
-#include "runtime/moe/config.h"
-#include "runtime/moe/dispatch_plan.h"
-#include "runtime/moe/losses.h"
-#include "runtime/moe/cpu_moe_layer.h"
-#include "runtime/moe/router.h"
+#include "base/rng.h"
+#include "runtime/config/config.h"
+#include "runtime/routing/dispatch_plan.h"
+#include "runtime/routing/losses.h"
+#include "runtime/layer/cpu_moe_layer.h"
+#include "runtime/routing/router.h"
 #include "tests/unit/test_util.h"
 
 namespace moe {

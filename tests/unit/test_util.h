@@ -7,8 +7,8 @@
 #include <string>
 #include <vector>
 
-#include "runtime/moe/config.h"
-#include "runtime/moe/cpu_moe_layer.h"
+#include "runtime/config/config.h"
+#include "runtime/layer/cpu_moe_layer.h"
 
 namespace moe::testing {
 

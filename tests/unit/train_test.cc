@@ -11,7 +11,7 @@
 #include <string>
 
 #include "comm/loopback/loopback_world.h"
-#include "runtime/moe/config.h"
+#include "runtime/config/config.h"
 #include "runtime/train/trainer.h"
 #include "tests/unit/train_util.h"
 

@@ -6,7 +6,7 @@
 
 #include <string>
 
-#include "runtime/moe/config.h"
+#include "runtime/config/config.h"
 
 namespace moe::testing {
 

@@ -1,0 +1,243 @@
+// The expert-parallel exchange engine: Dispatch sends each kept (token, expert) row of a plan to
+// the rank that hosts the expert, Combine brings the experts' outputs back and sums them into the
+// tokens' rows — two public calls sharing a handle (DeepEP's API shape), so a caller can run its
+// own experts, or anything else, between them. The backward runs the same calls on gradients with
+// the same handle (Pass::kBackward: its own buffers, the forward's stay valid).
+//
+//   ExpertExchange exchange(ep, num_experts, model_dim, {.dropless = false});
+//   ExchangeHandle h;
+//   exchange.Dispatch(plan, x, Pass::kForward, &h);          // h.received(): rows per segment
+//   ... out[i] = expert_{segment's expert}(h.received()[i]) for every received row ...
+//   exchange.Combine(&h, Pass::kForward, out, /*gated=*/true, y);   // y[t] += Σ gate·out
+//
+// Rows. Dispatch gathers the token rows x[row_token[r]] of the plan's rows r straight into the send
+// layout (runtime/exchange/exchange_layout.h; scaled by the row gates when asked — the backward's
+// gate·dY), with zero padding in capacity mode — the rows for this rank's own experts straight
+// into their receive rows instead, so they never pass through the communicator (nor back: Combine
+// reads them where the caller's experts wrote them); the received rows are left in the receive layout
+// ([chunk][source][local expert][group]) and presented as segments, one per (local expert, source,
+// group), listed in the order a 1-rank layer with G = W·groups would use. Combine sends rows in
+// that same receive layout back; they land in the send layout, from where each token's rows are
+// added into y in the plan's token order (token_rows), scaled by their gates when asked, so the
+// sum order is the 1-rank layer's.
+//
+// Asynchronous form, by pipeline chunk (ExchangeOptions::pipeline_degree = d): BeginDispatch
+// (layout and gather), StartDispatch(j) / WaitDispatch(j) per chunk, StartCombine(j) /
+// WaitCombine(j) per chunk, FinishCombine (the sum into y). RunChunked (below) is the one
+// schedule that overlaps them, D0 D1 C0 D2 C1 ... C(d-1), used by the host executor and the
+// device layer alike.
+//
+// Modes: capacity (every (expert, group) block travels as C rows: one equal-count all-to-all, no
+// count exchange) and dropless (the per-block row counts are exchanged first, an all-to-all of
+// integers, then all-to-all-v of the real rows). A null communicator is one rank: nothing is
+// exchanged and the received rows are the sent rows (no copy).
+//
+// Host memory: this engine moves rows with memcpy loops and calls the communicator on host
+// buffers. The device layer (runtime/layer/device_moe_layer.cc) shares the layout and the schedule
+// and moves rows with gather kernels.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "base/status.h"
+#include "base/tensor.h"
+#include "runtime/routing/dispatch_plan.h"
+#include "runtime/exchange/exchange_layout.h"
+
+namespace moe::comm {
+class HierarchicalAllToAll;
+}
+
+namespace moe {
+
+// One all-to-all of the exchange, as this rank saw it.
+struct ExchangeCall {
+  enum class Kind {
+    kCounts,    // dropless layout: the per-(expert, group) row counts (int64), once per Forward
+    kDispatch,  // rows to the experts' ranks (forward: x, backward: dY)
+    kCombine,   // rows back to their source ranks (forward: y, backward: dX)
+  };
+  Kind kind = Kind::kDispatch;
+  bool backward = false;  // issued by a backward pass
+  int chunk = 0;          // pipeline chunk of this row exchange (0 for kCounts)
+  int chunks = 1;         // the pipeline degree
+  std::vector<int64_t>
+      bytes_to_rank;  // per destination rank of the EP group, the self block included
+  std::vector<int64_t> bytes_from_rank;  // per source rank
+  double start_seconds = 0.0;            // WallSeconds() when the call began
+  // Inside the communicator: the blocking call, or the start plus the Wait of an asynchronous one.
+  double seconds = 0.0;
+};
+
+struct ExchangeOptions {
+  bool dropless = false;    // parallel.dropless_exchange
+  int pipeline_degree = 1;  // parallel.pipeline_degree: chunks per exchange, 1..16
+  // comm.ranks_per_node: > 0 sends the rows with the two-stage all-to-all
+  // (comm/algorithms/hierarchical_alltoall.h; byte for byte the flat one's result). It must
+  // divide the EP group's size. Its calls are blocking, so chunks do not overlap under it.
+  int ranks_per_node = 0;
+  // parallel.wire_dtype = BF16: every dispatched and combined row is rounded to bfloat16 (to
+  // nearest even; base/bf16.h) — those that travel cross the wire as 2 bytes per value and
+  // are widened on arrival, those that stay on their rank are rounded the same way, so results do
+  // not depend on where the experts sit.
+  bool bf16_wire = false;
+  // Capacity mode accounted, not materialized (moe_simulate's many-rank worlds, where the padding
+  // of E = W experts at min_capacity would be most of the memory and time): the rows travel as in
+  // dropless mode (counts exchanged, real rows only, the experts run on them alone), while
+  // ExchangeStats records what the capacity exchange moves — no counts call, every (expert,
+  // group) block C rows, chunk by chunk. Outputs equal the padded run's up to the order of the
+  // weight-gradient sums (the padding rows add exact zeros). Ignored when dropless or C = 0.
+  bool account_padding = false;
+};
+
+// kInvalidArgument unless 1 <= pipeline_degree <= ExpertCompute::kMaxParts ("pipeline_degree=17
+// must be in [1, 16]") and ranks_per_node >= 0. Every engine and layer checks it; the constructors
+// take only valid options (a programmer error otherwise).
+Status ValidateExchangeOptions(const ExchangeOptions& options);
+
+// The ranks per node of an EP group for comm.ranks_per_node = P, in a world of `world` ranks whose
+// EP groups are runs of ep_size consecutive ranks: 0 (flat) for P = 0 or when the group fits in one
+// node (P a multiple of ep_size), P when it divides ep_size. kInvalidArgument naming
+// comm.ranks_per_node when P does not divide the world or cuts EP groups unevenly.
+StatusOr<int> EpRanksPerNode(int ranks_per_node, int world, int ep_size);
+
+// What the exchange did since the last Reset() (the Trainer resets it at the start of each step).
+struct ExchangeStats {
+  double expert_seconds = 0.0;
+  std::vector<ExchangeCall> calls;  // every exchange, in issue order
+  // Seconds inside all exchanges, the count exchange included.
+  double AllToAllSeconds() const {
+    double t = 0.0;
+    for (const ExchangeCall& c : calls) t += c.seconds;
+    return t;
+  }
+  void Reset() { *this = ExchangeStats(); }
+  // Appends the record of an exchange about to be issued (start_seconds: now); returns its index.
+  size_t Record(ExchangeCall::Kind kind, bool backward, int chunk, int chunks,
+                std::vector<int64_t> bytes_to_rank, std::vector<int64_t> bytes_from_rank);
+  // Runs `exchange` (a blocking call, or the start or Wait of an asynchronous one) and adds its
+  // wall time to the seconds of record `record`.
+  Status Timed(size_t record, const std::function<Status()>& exchange);
+};
+
+// The schedule of a chunked exchange, written once: D0 D1 C0 D2 C1 ... C(d-1) — chunk j+1's
+// dispatch is issued before chunk j's experts run, and chunk j's combine as soon as they are done.
+// Every rank issues the same order.
+struct ChunkSteps {
+  std::function<Status(int)> start_dispatch, wait_dispatch, experts, start_combine, wait_combine;
+};
+Status RunChunked(int chunks, const ChunkSteps& steps);
+
+enum class Pass { kForward, kBackward };
+
+// One layer call's exchange: the plan it follows, its layout, and per pass the buffers and the
+// requests in flight. Made by ExpertExchange::BeginDispatch of the forward; the backward reuses
+// the layout. A handle must not outlive the plan or the engine that filled it.
+class ExchangeHandle {
+ public:
+  ExchangeHandle();
+  ~ExchangeHandle();
+  ExchangeHandle(ExchangeHandle&&) noexcept;
+  ExchangeHandle& operator=(ExchangeHandle&&) noexcept;
+
+  const ExchangeLayout& layout() const { return layout_; }
+  int chunks() const { return static_cast<int>(layout_.chunks.size()); }
+  // Chunk j's received rows, one segment per (local expert, source, group), rows absolute in
+  // received(pass).
+  const std::vector<Segment>& segments(int j) const { return layout_.chunks[j].segments; }
+  // Every received row of `pass`, in the receive layout (valid after WaitDispatch of its chunk).
+  MatrixView<const float> received(Pass pass) const;
+  // The combined result of plan row r (expert output of the forward, dX row of the backward),
+  // before its gate: valid after the pass's combine, until the next Begin of that pass.
+  const float* returned_row(Pass pass, int64_t plan_row) const;
+
+ private:
+  friend class ExpertExchange;
+  struct Requests;
+  struct Rows {
+    // The send and receive layouts; `back`: the combine's arrivals (send layout) on the bf16 wire
+    // — in fp32 they land in `send`, whose chunk rows are dead once the chunk's dispatch completed.
+    Tensor send, recv, back;
+    Matrix<uint16_t> send16, recv16, comb16, back16;  // the same on the bf16 wire
+    const float* recv_rows = nullptr;  // recv, or send for a one-rank engine
+    const float* back_rows = nullptr;  // back, or the caller's rows for a one-rank engine
+    const float* combine_rows = nullptr;  // the caller's rows of the last combine (self rows)
+  };
+  Rows& rows(Pass pass) { return pass == Pass::kForward ? forward_ : backward_; }
+  const Rows& rows(Pass pass) const { return pass == Pass::kForward ? forward_ : backward_; }
+
+  const DispatchPlan* plan_ = nullptr;
+  bool bf16_wire_ = false;
+  ExchangeLayout layout_;
+  // ExchangeOptions::account_padding: the capacity exchange's layout, whose chunks' counts are
+  // recorded in place of layout_'s (empty otherwise).
+  ExchangeLayout recorded_layout_;
+  Rows forward_, backward_;
+  std::unique_ptr<Requests> requests_;
+};
+
+class ExpertExchange {
+ public:
+  // `ep` (host memory; null: one rank) must outlive the engine; num_experts must be divisible by
+  // its size; options must be valid (ValidateExchangeOptions). With options.ranks_per_node > 0 the
+  // constructor cannot split the communicator (a collective that can fail): call
+  // EnableHierarchical on every rank before the first Dispatch.
+  ExpertExchange(comm::Communicator* ep, int num_experts, int64_t row_dim, ExchangeOptions options);
+  ~ExpertExchange();
+  ExpertExchange(ExpertExchange&&) noexcept;
+
+  // Collective: builds the two-stage all-to-all for options.ranks_per_node (no-op when 0).
+  Status EnableHierarchical();
+
+  int ranks() const { return w_; }
+  int local_experts() const { return local_; }
+  const ExchangeOptions& options() const { return options_; }
+
+  // Blocking: BeginDispatch, then every chunk started and waited for.
+  Status Dispatch(const DispatchPlan& plan, MatrixView<const float> x, Pass pass,
+                  ExchangeHandle* handle);
+  // Blocking: every chunk of `rows` (the receive layout, received(pass).rows() rows) started and
+  // waited for, then FinishCombine.
+  Status Combine(ExchangeHandle* handle, Pass pass, MatrixView<const float> rows, bool gated,
+                 MatrixView<float> y);
+
+  // The forward makes the layout (dropless: exchanges the counts — collective) and the backward
+  // reuses it; then x's rows (S x row_dim, S = plan.num_tokens) are gathered into the send layout,
+  // times their gates for the backward (gate·dY).
+  Status BeginDispatch(const DispatchPlan& plan, MatrixView<const float> x, Pass pass,
+                       ExchangeHandle* handle);
+  Status StartDispatch(ExchangeHandle* handle, Pass pass, int chunk);
+  Status WaitDispatch(ExchangeHandle* handle, Pass pass, int chunk);
+  // `rows`: the whole receive-layout buffer, chunk j's rows at its recv_begin; it must stay
+  // untouched until WaitCombine(j) and until returned_row is last read (the rows of this rank's
+  // own experts are read there: they never travel).
+  Status StartCombine(ExchangeHandle* handle, Pass pass, int chunk, MatrixView<const float> rows);
+  Status WaitCombine(ExchangeHandle* handle, Pass pass, int chunk);
+  // y[t] += Σ over t's plan rows (token_rows order) of (gate ·) returned row.
+  Status FinishCombine(const ExchangeHandle& handle, Pass pass, bool gated,
+                       MatrixView<float> y) const;
+
+  ExchangeStats& stats() { return stats_; }
+  const ExchangeStats& stats() const { return stats_; }
+
+ private:
+  Status Layout(const DispatchPlan& plan, ExchangeHandle* handle);
+  Status Start(ExchangeHandle* handle, Pass pass, int chunk, bool dispatch, const void* send,
+               void* recv);
+  void Widen(const ExchangeHandle& handle, int chunk, bool dispatch, const Matrix<uint16_t>& from,
+             Tensor* to) const;
+  Status Wait(ExchangeHandle* handle, Pass pass, int chunk, bool dispatch);
+
+  comm::Communicator* ep_;
+  int num_experts_, w_, local_;
+  int64_t m_;
+  ExchangeOptions options_;
+  std::unique_ptr<comm::HierarchicalAllToAll> hierarchical_;
+  ExchangeStats stats_;
+};
+
+}  // namespace moe

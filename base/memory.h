@@ -97,6 +97,8 @@ class Workspace {
     return layout(real);
   }
   int64_t bytes() const { return buffer_.bytes(); }
+  // The current allocation (null before the first Get), as the last Get returned it.
+  void* data() const { return buffer_.data(); }
   MemorySpace space() const { return space_; }
 
  private:

@@ -94,6 +94,9 @@ inline void ResizeTensor(Tensor* t, int64_t rows, int64_t cols) {
 inline MatrixView<float> RowBlock(Tensor& t, int64_t begin, int64_t end) {
   return {t.data() + begin * t.cols(), end - begin, t.cols()};
 }
+inline MatrixView<float> RowBlock(MatrixView<float> t, int64_t begin, int64_t end) {
+  return {t.data() + begin * t.cols(), end - begin, t.cols()};
+}
 inline MatrixView<const float> RowBlock(MatrixView<const float> t, int64_t begin, int64_t end) {
   return {t.data() + begin * t.cols(), end - begin, t.cols()};
 }

@@ -9,6 +9,7 @@
 
 #include "base/bf16.h"
 #include "base/clock.h"
+#include "runtime/device/host_device.h"
 #include "runtime/routing/dispatch_plan.h"
 #include "runtime/exchange/expert_exchange.h"
 #include "runtime/exchange/expert_parallel_executor.h"
@@ -377,19 +378,22 @@ Status RunPipelineBench(comm::Communicator& comm, const DispatchCombineBenchOpti
     Tensor ref_y, ref_dx;
     double ref_time_us = 0;
     for (const int d : degrees) {
-      ExpertParallelExecutor exec(&comm, shape, e,
+      HostDevice device;
+      ExpertParallelExecutor exec(&device, &comm, shape, e,
                                   {.dropless = o.dropless_exchange,
                                    .pipeline_degree = d,
                                    .ranks_per_node = o.ranks_per_node});
       MOE_RETURN_IF_ERROR(exec.EnableHierarchical());
+      MOE_RETURN_IF_ERROR(exec.SetWeights(params));
+      MOE_ASSIGN_OR_RETURN(const PlanRows rows, PlanRowsOn(device, plan, nullptr));
       std::vector<experts::FfnParams> grads(static_cast<size_t>(local),
                                             experts::FfnParams::Zeros(shape));
       Tensor packed_y(tokens, o.hidden), packed_dx(tokens, o.hidden);
       const auto step = [&]() -> Status {
         packed_y.Fill(0.0f);
         packed_dx.Fill(0.0f);
-        MOE_RETURN_IF_ERROR(exec.Forward(plan, x.view(), params, packed_y.view()));
-        return exec.Backward(plan, dy.view(), params, &grads, packed_dx.view());
+        MOE_RETURN_IF_ERROR(exec.Forward(plan, rows, x.view(), packed_y.view()));
+        return exec.Backward(plan, dy.view(), grads, packed_dx.view());
       };
       for (int i = 0; i < o.warmup; ++i) MOE_RETURN_IF_ERROR(step());
       exec.stats().Reset();
@@ -501,8 +505,9 @@ Status RunRedundantBench(comm::Communicator& comm, const DispatchCombineBenchOpt
                            r == 0 ? IdentityPlacement(e, 0, n)
                                   : BalancedPlacement(load, e, r, n, o.ranks_per_node));
       const ExchangeOptions options{.dropless = o.dropless_exchange};
-      auto inner = std::make_unique<ExpertParallelExecutor>(&comm, shape, placement.num_physical(),
-                                                            options);
+      HostDevice device;
+      auto inner = std::make_unique<ExpertParallelExecutor>(&device, &comm, shape,
+                                                            placement.num_physical(), options);
       ExpertParallelExecutor* stats_of = inner.get();
       RedundantExpertExecutor exec(std::move(inner), placement);
       std::vector<experts::FfnParams> params, grads;
@@ -510,12 +515,13 @@ Status RunRedundantBench(comm::Communicator& comm, const DispatchCombineBenchOpt
         params.push_back(logical[static_cast<size_t>(placement.logical_at(me, s))]);
         grads.push_back(experts::FfnParams::Zeros(shape));
       }
+      MOE_RETURN_IF_ERROR(exec.SetWeights(params));
       Tensor y(tokens, o.hidden), dx(tokens, o.hidden);
       const auto step = [&]() -> Status {
         y.Fill(0.0f);
         dx.Fill(0.0f);
-        MOE_RETURN_IF_ERROR(exec.Forward(plan, x.view(), params, y.view()));
-        return exec.Backward(plan, dy.view(), params, &grads, dx.view());
+        MOE_RETURN_IF_ERROR(exec.Forward(plan, PlanRows{}, x.view(), y.view()));
+        return exec.Backward(plan, dy.view(), grads, dx.view());
       };
       for (int i = 0; i < o.warmup; ++i) MOE_RETURN_IF_ERROR(step());
       stats_of->stats().Reset();
@@ -622,7 +628,8 @@ Status RunDispatchCombineBench(comm::Communicator& comm, const DispatchCombineBe
    }
    // Both wire dtypes, one row each: fp32 rows, then bf16 rows (half the bytes).
    for (const bool bf16 : {false, true}) {
-    ExpertExchange exchange(&comm, e, o.hidden,
+    HostDevice device;
+    ExpertExchange exchange(&device, &comm, e, o.hidden,
                             {.dropless = o.dropless_exchange,
                              .ranks_per_node = o.ranks_per_node,
                              .bf16_wire = bf16});

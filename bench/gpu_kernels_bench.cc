@@ -2,9 +2,9 @@
 // A benchmark, not a test: it prints ratios and asserts nothing (it does check that every output
 // element was written and finite, and fails with exit code 1 otherwise).
 //
-//   permute     PermuteRows (gather S·k rows of M fp32) and UnpermuteRows (gated combine into S
-//               rows): bytes read + written per second ÷ those of a device-to-device cudaMemcpy of
-//               the gathered size (counted the same way);
+//   permute     the CUDA device's GatherRows (S·k rows of M fp32) and CombineRows (gated sum into
+//               S rows): bytes read + written per second ÷ those of a device-to-device cudaMemcpy
+//               of the gathered size (counted the same way);
 //   experts     GroupedFfn forward, and forward + backward, over E experts with S·k/E rows each
 //               (bf16 and fp32) ÷ dense cuBLAS GEMMs of the same FLOPs on the same precision
 //               (the forward's two GEMMs, the backward's four; one GEMM each over all rows);
@@ -140,42 +140,52 @@ void BenchPermute(const Flags& f) {
   Upload(d_token_rows, token_rows);
   Upload(d_offset, offset);
   Upload(d_gate, gates);
-  moe::gpu::DevicePlan plan{rows,
-                            s,
-                            d_row_token.as<int32_t>(),
-                            d_gate.as<float>(),
-                            d_offset.as<int64_t>(),
-                            d_token_rows.as<int32_t>()};
+  const moe::PlanRows plan{rows,
+                           s,
+                           d_row_token.as<int32_t>(),
+                           d_gate.as<float>(),
+                           d_offset.as<int64_t>(),
+                           d_token_rows.as<int32_t>()};
   Device x(s * m * 4), packed(rows * m * 4), out(s * m * 4), copy(rows * m * 4);
   Upload(x, Random(s * m, 1, 1.0f));
   Poison(packed, rows * m);
-  Poison(out, s * m);
+  // CombineRows adds into its output (y += Σ gate · row): it starts from zeros, not poison.
+  Check(cudaMemset(out.p, 0, s * m * 4), "cudaMemset");
 
   const double t_copy = Median(f.iters, [&] {
     Check(cudaMemcpyAsync(copy.p, packed.p, rows * m * 4, cudaMemcpyDeviceToDevice, nullptr),
           "memcpy");
   });
   const double t_gather = Median(f.iters, [&] {
-    Check(moe::gpu::PermuteRows(plan, x.as<float>(), m, packed.as<float>(), nullptr),
-          "PermuteRows");
+    Check(moe::gpu::GatherRows({.rows = rows,
+                                .cols = m,
+                                .src_row = plan.row_token,
+                                .src = x.as<float>(),
+                                .dst = packed.as<float>()},
+                               nullptr),
+          "GatherRows");
   });
   const double t_combine = Median(f.iters, [&] {
-    Check(
-        moe::gpu::UnpermuteRows(plan, packed.as<float>(), m, true, false, out.as<float>(), nullptr),
-        "UnpermuteRows");
+    Check(moe::gpu::CombineRows({.cols = m,
+                                 .plan = plan,
+                                 .returned = {.rows = packed.as<float>()},
+                                 .gated = true,
+                                 .y = out.as<float>()},
+                                nullptr),
+          "CombineRows");
   });
-  ExpectWritten(packed, rows * m, "PermuteRows");
-  ExpectWritten(out, s * m, "UnpermuteRows");
+  ExpectWritten(packed, rows * m, "GatherRows");
+  ExpectWritten(out, s * m, "CombineRows");
   const double copy_bw = 2.0 * rows * m * 4 / t_copy;          // read + write
   const double gather_bw = 2.0 * rows * m * 4 / t_gather;      // read x rows + write packed
-  const double combine_bw = (rows + s) * m * 4.0 / t_combine;  // read packed + write out
+  const double combine_bw = (rows + 2 * s) * m * 4.0 / t_combine;  // read packed and out, write out
   std::printf("# permute: S=%lld M=%lld k=%lld rows=%lld (fp32)\n", static_cast<long long>(s),
               static_cast<long long>(m), static_cast<long long>(k), static_cast<long long>(rows));
   std::printf("%-28s %10s %10s %14s\n", "stage", "ms", "GB/s", "ratio_vs_memcpy");
   std::printf("%-28s %10.3f %10.1f %14s\n", "cudaMemcpy D2D", t_copy * 1e3, copy_bw / 1e9, "1.00");
-  std::printf("%-28s %10.3f %10.1f %14.2f\n", "PermuteRows (gather)", t_gather * 1e3,
+  std::printf("%-28s %10.3f %10.1f %14.2f\n", "GatherRows (gather)", t_gather * 1e3,
               gather_bw / 1e9, gather_bw / copy_bw);
-  std::printf("%-28s %10.3f %10.1f %14.2f\n", "UnpermuteRows (combine)", t_combine * 1e3,
+  std::printf("%-28s %10.3f %10.1f %14.2f\n", "CombineRows (combine)", t_combine * 1e3,
               combine_bw / 1e9, combine_bw / copy_bw);
 }
 

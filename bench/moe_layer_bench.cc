@@ -2,10 +2,11 @@
 // alone (same shapes, same rows per expert) and (b) a PyTorch implementation of the same layer,
 // timed in the same run (bench/torch_layer_bench.py, through /usr/bin/python3 when present).
 // A benchmark, not a test: it reports ratios and asserts nothing.
-// --device cuda runs the device-resident layer (runtime/layer/device_moe_layer.h: inputs, outputs,
-// weights and gradients on the GPU) against the PyTorch layer on the same GPU, forward and
-// fwd+bwd, and also the staged layer (only the experts on the GPU, rows travel each call) as a
-// baseline; the GEMM column is then not measured.
+// --device cuda runs the layer on the CUDA device (runtime/layer/moe_layer.h over
+// runtime/device/cuda/cuda_device.h: inputs, outputs, weights and gradients on the GPU) against the
+// PyTorch layer on the same GPU, forward and fwd+bwd, and also the staged layer (the layer on the
+// host device with only the experts on the GPU, rows travel each call) as a baseline; the GEMM
+// column is then not measured.
 #include <CLI/CLI.hpp>
 #include <malloc.h>
 
@@ -27,12 +28,12 @@
 #include "base/clock.h"
 #include "base/rng.h"
 #include "runtime/config/config.h"
-#include "runtime/layer/device_moe_layer.h"
 #include "bench/staged_gpu_experts.h"
 #include "runtime/device/compute.h"
-#include "runtime/device/cpu_expert_compute.h"
+#include "runtime/device/host_device.h"
 #include "runtime/exchange/expert_parallel_executor.h"
-#include "runtime/layer/cpu_moe_layer.h"
+#include "runtime/layer/make_moe_layer.h"
+#include "runtime/layer/moe_layer.h"
 
 namespace {
 
@@ -130,10 +131,6 @@ int RunCuda(const std::vector<Shape>& shapes, const std::string& only, int iters
             const std::string& python, const std::string& torch_script,
             const moe::config::ComputeConfig& compute, const std::string& precision,
             bool host_routing) {
-  moe::DeviceLayerOptions options;
-  options.device = compute.gpu() >= 0 ? compute.gpu() : 0;
-  options.precision = moe::ComputePrecision(compute);
-  options.route_on_device = !host_routing;
   std::printf("# routing on the %s\n", host_routing ? "host (--host-routing)" : "device");
   std::printf("# %-12s %5s %4s %5s %3s %2s | %9s %9s %9s %9s | %9s %9s %9s %9s | %9s %9s\n",
               "shape", "S", "M", "H", "E", "k", "fwd ms", "f+b ms", "host ms", "staged", "torch fwd",
@@ -141,12 +138,12 @@ int RunCuda(const std::vector<Shape>& shapes, const std::string& only, int iters
   for (const Shape& sh : shapes) {
     if (!only.empty() && sh.name != only) continue;
     const auto cfg = MakeConfig(sh);
-    auto made = moe::DeviceMoeLayer::Create(cfg, options);
+    auto made = moe::MakeMoeLayer(cfg, compute, {.host_routing = host_routing});
     if (!made.ok()) {
       std::fprintf(stderr, "moe_layer_bench: %s\n", made.status().ToString().c_str());
       return 1;
     }
-    moe::DeviceMoeLayer& layer = **made;
+    moe::MoeLayer& layer = **made;
     moe::MoeLayerParams params = moe::MakeLayerParams(cfg);
     moe::InitLayerParams(cfg, 1, &params);
     MOE_CHECK_OK(layer.SetParams(params));
@@ -170,13 +167,17 @@ int RunCuda(const std::vector<Shape>& shapes, const std::string& only, int iters
     });
     const double fwd_bwd = MedianSeconds(iters, [&] {
       MOE_CHECK_OK(layer.Forward(x_dev.as<float>(), sh.s, ctx, y_dev.as<float>()));
-      MOE_CHECK_OK(layer.Backward(dy_dev.as<float>(), dx_dev.as<float>()));
+      MOE_CHECK_OK(layer.Backward(dy_dev.as<float>(), dx_dev.as<float>(), nullptr));
       MOE_CHECK_OK(layer.Synchronize());
     });
     // The staged layer: host tensors, experts on the GPU.
     auto experts = moe::MakeStagedExpertCompute(moe::ExpertShape(cfg), sh.e, compute, 0);
     MOE_CHECK_OK(experts.status());
-    moe::CpuMoeLayer staged(cfg, std::make_unique<moe::LocalExpertExecutor>(moe::ExpertShape(cfg), sh.e, std::move(experts).value()),
+    const auto host = std::make_shared<moe::HostDevice>();
+    moe::MoeLayer staged(cfg, host,
+                         std::make_unique<moe::LocalExpertExecutor>(
+                             host.get(), moe::ExpertShape(cfg), sh.e, moe::ExchangeOptions{},
+                             std::move(experts).value()),
                          0, sh.e);
     staged.params() = params;
     moe::MoeLayerParams grads = moe::MakeLayerParams(cfg);
@@ -258,12 +259,7 @@ int main(int argc, char** argv) {
   for (const Shape& sh : moe::bench::CpuLayerShapes()) {
     if (!only.empty() && sh.name != only) continue;
     const auto cfg = MakeConfig(sh);
-    auto experts = moe::MakeStagedExpertCompute(moe::ExpertShape(cfg), sh.e, compute, 0);
-    if (!experts.ok()) {
-      std::fprintf(stderr, "moe_layer_bench: %s\n", experts.status().ToString().c_str());
-      return 1;
-    }
-    moe::CpuMoeLayer layer(cfg, std::make_unique<moe::LocalExpertExecutor>(moe::ExpertShape(cfg), sh.e, std::move(experts).value()), 0, sh.e);
+    moe::MoeLayer layer(cfg);
     moe::InitLayerParams(cfg, 1, &layer.params());
     moe::Tensor x(sh.s, sh.m), dy(sh.s, sh.m), y, dx;
     FillInputs(&x, &dy);

@@ -25,25 +25,27 @@ class StagedGpuExpertCompute : public ExpertCompute {
   // Creates part 0's GroupedFfn (a GPU or cuBLAS problem is then reported when the job starts).
   Status Warm() { return Part(0).status(); }
 
-  using ExpertCompute::Backward;
-  using ExpertCompute::Forward;
+  Status SetWeights(std::span<const experts::FfnParams> params) override {
+    params_ = params;
+    return Status::Ok();
+  }
+
   Status Forward(int part, const std::vector<int64_t>& offsets, MatrixView<const float> x,
-                 const std::vector<experts::FfnParams>& params, Tensor* y) override {
+                 MatrixView<float> y, bool accumulate) override {
     MOE_ASSIGN_OR_RETURN(experts::cuda::GroupedFfn * ffn, Part(part));
     const int64_t rows = x.rows(),
                   bytes = rows * shape_.model_dim * static_cast<int64_t>(sizeof(float));
-    ResizeTensor(y, rows, shape_.model_dim);
-    MOE_RETURN_IF_ERROR(ffn->SetWeights(params));
+    MOE_RETURN_IF_ERROR(ffn->SetWeights(params_));
     MOE_ASSIGN_OR_RETURN(float* x_dev, Scratch(part, kX, bytes));
     MOE_ASSIGN_OR_RETURN(float* y_dev, Scratch(part, kY, bytes));
     MOE_RETURN_IF_ERROR(ffn->Upload(x_dev, x.data(), bytes));
     MOE_RETURN_IF_ERROR(ffn->Forward(offsets, x_dev, y_dev));
-    return ffn->Download(y->data(), y_dev, bytes);
+    return DownloadInto(ffn, y, y_dev, accumulate);
   }
 
   Status Backward(int part, const std::vector<int64_t>& offsets, MatrixView<const float> dy,
-                  const std::vector<experts::FfnParams>&, std::vector<experts::FfnParams>* grads,
-                  Tensor* dx) override {
+                  MatrixView<float> dx, std::span<experts::FfnParams> grads,
+                  bool accumulate_dx) override {
     MOE_RETURN_IF_ERROR(CheckPart(part));
     if (static_cast<size_t>(part) >= parts_.size() ||
         parts_[static_cast<size_t>(part)] == nullptr || offsets.empty() ||
@@ -55,17 +57,30 @@ class StagedGpuExpertCompute : public ExpertCompute {
     experts::cuda::GroupedFfn* ffn = parts_[static_cast<size_t>(part)].get();
     const int64_t rows = dy.rows(),
                   bytes = rows * shape_.model_dim * static_cast<int64_t>(sizeof(float));
-    ResizeTensor(dx, rows, shape_.model_dim);
     MOE_ASSIGN_OR_RETURN(float* dy_dev, Scratch(part, kDy, bytes));
     MOE_ASSIGN_OR_RETURN(float* dx_dev, Scratch(part, kDx, bytes));
     MOE_RETURN_IF_ERROR(ffn->Upload(dy_dev, dy.data(), bytes));
     MOE_RETURN_IF_ERROR(ffn->Backward(dy_dev, dx_dev));
-    MOE_RETURN_IF_ERROR(ffn->Download(dx->data(), dx_dev, bytes));
+    MOE_RETURN_IF_ERROR(DownloadInto(ffn, dx, dx_dev, accumulate_dx));
     return ffn->AddGradients(grads);
   }
 
+  // The gradients came down with every Backward.
+  Status AddGradients(std::span<experts::FfnParams>) override { return Status::Ok(); }
+
  private:
   enum Slot { kX = 0, kY = 1, kDy = 2, kDx = 3 };
+
+  // Host rows `to` = (or +=) the device rows `from`.
+  Status DownloadInto(experts::cuda::GroupedFfn* ffn, MatrixView<float> to, const float* from,
+                      bool accumulate) {
+    const int64_t bytes = to.size() * static_cast<int64_t>(sizeof(float));
+    if (!accumulate) return ffn->Download(to.data(), from, bytes);
+    host_.resize(static_cast<size_t>(to.size()));
+    MOE_RETURN_IF_ERROR(ffn->Download(host_.data(), from, bytes));
+    for (int64_t i = 0; i < to.size(); ++i) to.data()[i] += host_[static_cast<size_t>(i)];
+    return Status::Ok();
+  }
   // The device copies of a part's x, y, dy and dx, each kept at its largest size.
   using Scratches = std::array<Workspace, 4>;
 
@@ -92,6 +107,8 @@ class StagedGpuExpertCompute : public ExpertCompute {
 
   experts::FfnShape shape_;
   Factory factory_;
+  std::span<const experts::FfnParams> params_;
+  std::vector<float> host_;
   std::vector<std::unique_ptr<experts::cuda::GroupedFfn>> parts_;
   std::vector<Scratches> scratch_;
 };

@@ -1,8 +1,8 @@
-// The staged GPU experts, kept as the layer benchmark's baseline (DESIGN §2: bench/): an
-// ExpertCompute whose rows and weights travel to the GPU every call, run by the grouped FFN
-// (experts/cuda/grouped_ffn.h), with outputs and weight gradients coming back. The CPU layer
-// (runtime/layer/cpu_moe_layer.h) with these experts is what `moe_layer_bench --device cuda` calls
-// the staged layer; the device-resident layer (runtime/layer/device_moe_layer.h) is what replaces it.
+// The staged GPU experts, kept as the layer benchmark's baseline: an ExpertCompute of the host
+// device whose rows and weights travel to the GPU every call, run by the grouped FFN
+// (experts/cuda/grouped_ffn.h), with outputs and weight gradients coming back. The layer on the
+// host device (runtime/layer/moe_layer.h) with these experts is what `moe_layer_bench --device
+// cuda` calls the staged layer; the same layer on the CUDA device is what replaces it.
 #pragma once
 
 #include <memory>

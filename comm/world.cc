@@ -64,6 +64,12 @@ class ThreadWorld final : public World {
   int size() const override { return world_.size(); }
   bool hosts_rank0() const override { return true; }
   void Abort(int) override {}
+  std::vector<Communicator*> LocalRanks() override {
+    std::vector<Communicator*> out;
+    if (options_.backend == "nccl") return out;
+    for (int r = 0; r < size(); ++r) out.push_back(&world_.rank(r));
+    return out;
+  }
 
   Status Run(const RankFn& fn) override {
     const int n = size();
@@ -164,7 +170,11 @@ class MpiWorld final : public World {
     KeepStepBuffersOnHeap();  // one rank per process (see malloc_tuning.h); before MPI_Init
     int initialized = 0;
     MPI_Initialized(&initialized);
-    if (!initialized) MPI_Init(nullptr, nullptr);
+    if (!initialized) {
+      // Serialized: the Python module's threads may call the library one at a time.
+      int provided = 0;
+      MPI_Init_thread(nullptr, nullptr, MPI_THREAD_SERIALIZED, &provided);
+    }
     std::unique_ptr<MpiWorld> world(new MpiWorld(options, !initialized));
     auto comm = MpiCommunicator::Create(MPI_COMM_WORLD, options.options);
     if (!comm.ok()) {
@@ -188,6 +198,7 @@ class MpiWorld final : public World {
   int size() const override { return comm_->size(); }
   bool hosts_rank0() const override { return comm_->rank() == 0; }
   bench::RawCollectives* raw_collectives() override { return raw_.get(); }
+  std::vector<Communicator*> LocalRanks() override { return {comm_.get()}; }
 
   void Abort(int exit_code) override {
     std::fflush(stdout);

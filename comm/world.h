@@ -4,8 +4,10 @@
 //
 //   backend    ranks in this process          buffers   made from
 //   ---------  -----------------------------  --------  -------------------------------------------
-//   mpi        1 (the job mpirun started)     host      MPI_COMM_WORLD (MPI initialized here, and
-//                                                       finalized when the World is destroyed)
+//   mpi        1 (the job mpirun started)     host      MPI_COMM_WORLD (MPI initialized here — the
+//                                                       one place, for the tools and the Python
+//                                                       module alike — and finalized when the
+//                                                       World is destroyed)
 //   loopback   WorldOptions::ranks (threads)  host or   one in-process rendezvous
 //                                             device
 //   nccl       WorldOptions::ranks (threads)  device    a loopback bootstrap, rank r on GPU r
@@ -28,6 +30,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "comm/communicator.h"
 #include "base/status.h"
@@ -77,6 +80,10 @@ class World {
   virtual Status Run(const RankFn& fn) = 0;
   // Ends the job after a failure outside Run (MPI_Abort under MPI; returns elsewhere).
   virtual void Abort(int exit_code) = 0;
+  // The communicators of the ranks this process hosts, by rank — every rank of a loopback world,
+  // this process's one under MPI — for a caller that drives its ranks itself (the Python module's
+  // threads) instead of through Run. Empty for nccl (its communicators are made inside Run).
+  virtual std::vector<Communicator*> LocalRanks() = 0;
   // The transport's own collectives for benchmark baselines (MPI_Alltoallv, ...): non-null under
   // MPI only.
   virtual bench::RawCollectives* raw_collectives() { return nullptr; }

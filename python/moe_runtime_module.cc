@@ -27,24 +27,20 @@
 #include <vector>
 
 #include "comm/communicator.h"
-#include "comm/loopback/loopback_world.h"
+#include "comm/world.h"
 #include "experts/cpu/blas.h"
 #include "base/file.h"
 #include "base/status.h"
 #include "base/tensor.h"
 #include "runtime/config/config.h"
 #include "runtime/routing/dispatch_plan.h"
+#include "runtime/device/host_device.h"
 #include "runtime/exchange/expert_exchange.h"
 #include "runtime/layer/host_layer_call.h"
 #include "runtime/layer/layer_io.h"
 #include "runtime/layer/make_moe_layer.h"
 #include "runtime/layer/moe_layer.h"
 
-#if MOE_PY_HAVE_MPI
-#include <mpi.h>
-
-#include "comm/mpi/mpi_communicator.h"
-#endif
 
 namespace py = pybind11;
 
@@ -215,10 +211,9 @@ MoeConfig ConfigFrom(const std::string& text) {
 
 // ---- Communicators ------------------------------------------------------------------------------
 
-// What keeps a communicator alive: its world (loopback) or the MPI state, and the communicator.
+// What keeps a communicator alive: its world (comm/world.h).
 struct CommOwner {
-  std::shared_ptr<void> world;  // LoopbackWorld, or null
-  std::unique_ptr<comm::Communicator> owned;
+  std::shared_ptr<comm::World> world;
   comm::Communicator* comm = nullptr;
   bool closed = false;
 };
@@ -312,64 +307,58 @@ comm::Options CommOptions(double deadline_seconds) {
   return o;
 }
 
+// A world of comm/world.h (the one place that makes communicators for a named backend and
+// initializes MPI), kept alive by every communicator taken from it.
+std::shared_ptr<comm::World> MakeWorldOf(const std::string& backend, int ranks,
+                                         double deadline_seconds) {
+  comm::WorldOptions options;
+  options.backend = backend;
+  options.ranks = ranks;
+  options.options = CommOptions(deadline_seconds);
+  return std::shared_ptr<comm::World>(Take(comm::MakeWorld(options)));
+}
+
 std::vector<PyCommunicator> LoopbackWorld(int ranks, double deadline_seconds) {
   if (ranks < 1) Raise(PyExc_ValueError, "loopback_world: ranks=" + std::to_string(ranks) + " must be >= 1");
-  comm::LoopbackOptions options;
-  options.options = CommOptions(deadline_seconds);
-  auto world = std::make_shared<comm::LoopbackWorld>(Take(comm::LoopbackWorld::Create(ranks, options)));
+  const std::shared_ptr<comm::World> world = MakeWorldOf("loopback", ranks, deadline_seconds);
   std::vector<PyCommunicator> out;
-  for (int r = 0; r < ranks; ++r) {
+  for (comm::Communicator* rank : world->LocalRanks()) {
     auto owner = std::make_shared<CommOwner>();
     owner->world = world;
-    owner->comm = &world->rank(r);
+    owner->comm = rank;
     out.emplace_back(owner);
   }
   return out;
 }
 
 #if MOE_PY_HAVE_MPI
-struct MpiState {
-  std::shared_ptr<CommOwner> world;
-  bool owns_mpi = false;
-};
-MpiState& Mpi() {
-  static MpiState state;
-  return state;
+// The MPI world: made on first use, destroyed at interpreter exit (atexit), which finalizes MPI
+// when the world initialized it (mpirun reports a process that exits without MPI_Finalize as
+// failed).
+std::shared_ptr<CommOwner>& MpiOwner() {
+  static std::shared_ptr<CommOwner> owner;
+  return owner;
 }
 
-// Called at interpreter exit (atexit): frees the communicator, then finalizes MPI if this module
-// initialized it (mpirun reports a process that exits without MPI_Finalize as failed).
 void FinalizeMpi() {
-  MpiState& st = Mpi();
-  if (st.world) {
-    st.world->closed = true;
-    st.world->owned.reset();
-    st.world->comm = nullptr;
-  }
-  int finalized = 0;
-  MPI_Finalized(&finalized);
-  if (st.owns_mpi && !finalized) MPI_Finalize();
-  st.owns_mpi = false;
+  std::shared_ptr<CommOwner>& owner = MpiOwner();
+  if (!owner) return;
+  owner->closed = true;
+  owner->comm = nullptr;
+  owner->world.reset();
 }
 
 PyCommunicator MpiWorld(double deadline_seconds) {
-  MpiState& st = Mpi();
-  if (st.world) {
-    if (st.world->closed) Raise(PyExc_RuntimeError, "mpi_world: MPI was already finalized");
-    return PyCommunicator(st.world);
+  std::shared_ptr<CommOwner>& owner = MpiOwner();
+  if (owner) {
+    if (owner->closed) Raise(PyExc_RuntimeError, "mpi_world: MPI was already finalized");
+    return PyCommunicator(owner);
   }
-  int initialized = 0;
-  MPI_Initialized(&initialized);
-  if (!initialized) {
-    int provided = 0;
-    MPI_Init_thread(nullptr, nullptr, MPI_THREAD_SERIALIZED, &provided);
-    st.owns_mpi = true;
-    py::module_::import("atexit").attr("register")(py::cpp_function(&FinalizeMpi));
-  }
-  auto owner = std::make_shared<CommOwner>();
-  owner->owned = Take(comm::MpiCommunicator::Create(MPI_COMM_WORLD, CommOptions(deadline_seconds)));
-  owner->comm = owner->owned.get();
-  st.world = owner;
+  const std::shared_ptr<comm::World> world = MakeWorldOf("mpi", 1, deadline_seconds);
+  owner = std::make_shared<CommOwner>();
+  owner->world = world;
+  owner->comm = world->LocalRanks().at(0);
+  py::module_::import("atexit").attr("register")(py::cpp_function(&FinalizeMpi));
   return PyCommunicator(owner);
 }
 #endif
@@ -397,10 +386,8 @@ class PyLayer {
       }
       options.ep = c;
       options.rank = c->rank();
-      options.exchange = {.dropless = cfg_.parallel().dropless_exchange(),
-                          .pipeline_degree = cfg_.parallel().pipeline_degree(),
-                          .ranks_per_node = Take(EpRanksPerNode(cfg_.comm().ranks_per_node(), w, w)),
-                          .bf16_wire = cfg_.parallel().wire_dtype() == config::BF16};
+      options.exchange =
+          ExchangeOptionsOf(cfg_, Take(EpRanksPerNode(cfg_.comm().ranks_per_node(), w, w)));
     }
     layer_ = Take(MakeMoeLayer(cfg_.moe(), cfg_.compute(), options));
     params_ = MakeLayerParams(layer_->config(), layer_->first_expert(), layer_->num_local_experts());
@@ -603,13 +590,11 @@ class PyDispatcher {
                                   " must be divisible by the communicator's " + std::to_string(w) +
                                   " ranks");
     }
-    ExchangeOptions options{.dropless = cfg_.parallel().dropless_exchange(),
-                            .pipeline_degree = cfg_.parallel().pipeline_degree(),
-                            .ranks_per_node = Take(EpRanksPerNode(cfg_.comm().ranks_per_node(), w, w)),
-                            .bf16_wire = cfg_.parallel().wire_dtype() == config::BF16};
+    const ExchangeOptions options =
+        ExchangeOptionsOf(cfg_, Take(EpRanksPerNode(cfg_.comm().ranks_per_node(), w, w)));
     Check(ValidateExchangeOptions(options));
-    exchange_ = std::make_unique<ExpertExchange>(c, cfg_.moe().num_experts(), cfg_.moe().model_dim(),
-                                                 options);
+    exchange_ = std::make_unique<ExpertExchange>(&device_, c, cfg_.moe().num_experts(),
+                                                 cfg_.moe().model_dim(), options);
     Status s;
     {
       py::gil_scoped_release release;
@@ -703,6 +688,7 @@ class PyDispatcher {
 
   MoeConfig cfg_;
   std::shared_ptr<CommOwner> comm_;
+  HostDevice device_;  // the rows are NumPy's: host memory
   std::unique_ptr<ExpertExchange> exchange_;
 };
 

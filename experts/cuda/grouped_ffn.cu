@@ -311,7 +311,7 @@ class CudaGroupedFfn final : public GroupedFfn {
     return ZeroGradients();
   }
 
-  Status SetWeights(const std::vector<FfnParams>& params) override {
+  Status SetWeights(std::span<const FfnParams> params) override {
     if (static_cast<int>(params.size()) != experts_) {
       return InvalidArgument("GroupedFfn::SetWeights: " + std::to_string(params.size()) +
                              " experts given, the object holds " + std::to_string(experts_));
@@ -516,9 +516,9 @@ class CudaGroupedFfn final : public GroupedFfn {
     return CudaCheck(cudaGetLastError(), "GroupedFfn::Backward kernel launch");
   }
 
-  Status AddGradients(std::vector<FfnParams>* grads) override {
-    if (static_cast<int>(grads->size()) != experts_) {
-      return InvalidArgument("GroupedFfn::AddGradients: " + std::to_string(grads->size()) +
+  Status AddGradients(std::span<FfnParams> grads) override {
+    if (static_cast<int>(grads.size()) != experts_) {
+      return InvalidArgument("GroupedFfn::AddGradients: " + std::to_string(grads.size()) +
                              " experts given, the object holds " + std::to_string(experts_));
     }
     MOE_RETURN_IF_ERROR(CudaCheck(cudaSetDevice(device_), "cudaSetDevice"));
@@ -527,7 +527,7 @@ class CudaGroupedFfn final : public GroupedFfn {
     MOE_RETURN_IF_ERROR(Download(staging_.data(), w_.gwup,
                                  static_cast<int64_t>(staging_.size() * sizeof(float))));
     for (int e = 0; e < experts_; ++e) {
-      FfnParams& g = (*grads)[static_cast<size_t>(e)];
+      FfnParams& g = grads[static_cast<size_t>(e)];
       const float* src = staging_.data() + e * m * up;
       for (int64_t i = 0; i < m; ++i) {
         for (int64_t c = 0; c < h; ++c) g.w1(i, c) += src[i * up + c];
@@ -542,7 +542,7 @@ class CudaGroupedFfn final : public GroupedFfn {
       MOE_RETURN_IF_ERROR(Download(staging_.data(), from,
                                    static_cast<int64_t>(staging_.size() * sizeof(float))));
       for (int e = 0; e < experts_; ++e) {
-        Tensor& t = (*grads)[static_cast<size_t>(e)].*pick;
+        Tensor& t = grads[static_cast<size_t>(e)].*pick;
         const float* src = staging_.data() + e * per_expert;
         for (int64_t i = 0; i < per_expert; ++i) t[i] += src[i];
       }

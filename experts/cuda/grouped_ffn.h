@@ -22,6 +22,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <vector>
 
 #include "experts/expert_ffn.h"
@@ -50,7 +51,7 @@ class GroupedFfn {
   virtual void* stream() const = 0;
 
   // Copies the experts' (fp32, host) weights to the device: params[e] is local expert e.
-  virtual Status SetWeights(const std::vector<FfnParams>& params) = 0;
+  virtual Status SetWeights(std::span<const FfnParams> params) = 0;
 
   // Independent forwards (pipeline chunks) that may all run before their backwards: `part` in
   // [0, kMaxParts) names the saved activations a Forward writes and its Backward reads.
@@ -70,7 +71,7 @@ class GroupedFfn {
   Status Backward(const float* dy, float* dx) { return Backward(0, dy, dx); }
   // Adds the device-accumulated gradients into grads[e] (host, shapes of FfnParams::Zeros) and
   // zeroes them on the device.
-  virtual Status AddGradients(std::vector<FfnParams>* grads) = 0;
+  virtual Status AddGradients(std::span<FfnParams> grads) = 0;
 
   // Host <-> device copies on this object's stream; return when the copy is complete.
   virtual Status Upload(void* device_dst, const void* host_src, int64_t bytes) = 0;

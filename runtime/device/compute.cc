@@ -4,6 +4,8 @@
 #include <string>
 
 #include "base/memory.h"
+#include "runtime/device/cuda/cuda_device.h"
+#include "runtime/device/host_device.h"
 
 namespace moe {
 
@@ -25,6 +27,16 @@ StatusOr<int> ComputeGpu(const config::ComputeConfig& compute, int rank) {
 experts::cuda::Precision ComputePrecision(const config::ComputeConfig& compute) {
   return compute.expert_precision() == config::BF16 ? experts::cuda::Precision::kBfloat16
                                                     : experts::cuda::Precision::kFloat32;
+}
+
+StatusOr<std::shared_ptr<Device>> MakeDevice(const config::ComputeConfig& compute, int rank,
+                                             bool route_on_device) {
+  if (compute.device() == config::CPU) return std::shared_ptr<Device>(std::make_shared<HostDevice>());
+  MOE_ASSIGN_OR_RETURN(const int gpu, ComputeGpu(compute, rank));
+  StatusOr<std::shared_ptr<Device>> made = MakeCudaDevice(
+      {.gpu = gpu, .precision = ComputePrecision(compute), .route_on_device = route_on_device});
+  if (!made.ok()) return made.status().WithContext("compute.device=CUDA");
+  return made;
 }
 
 }  // namespace moe

@@ -1,10 +1,14 @@
-// The config's compute section as a device: which GPU a rank uses and in which precision its
-// experts store their GEMM operands (compute.device=CUDA; see proto/moe_config.proto).
+// The config's compute section as a Device (runtime/device/device.h): the host for
+// compute.device=CPU, else the GPU a rank uses and the precision its experts store their GEMM
+// operands in (compute.device=CUDA; see proto/moe_config.proto).
 #pragma once
 
+#include <memory>
+
+#include "base/status.h"
 #include "experts/cuda/grouped_ffn.h"
 #include "proto/moe_config.pb.h"
-#include "base/status.h"
+#include "runtime/device/device.h"
 
 namespace moe {
 
@@ -13,5 +17,10 @@ namespace moe {
 StatusOr<int> ComputeGpu(const config::ComputeConfig& compute, int rank);
 // compute.expert_precision as the GPU experts' storage precision.
 experts::cuda::Precision ComputePrecision(const config::ComputeConfig& compute);
+
+// The device the compute section asks for, for `rank`. route_on_device false: a GPU routes on
+// the host even where its device router could (a benchmark's comparison).
+StatusOr<std::shared_ptr<Device>> MakeDevice(const config::ComputeConfig& compute, int rank,
+                                             bool route_on_device = true);
 
 }  // namespace moe

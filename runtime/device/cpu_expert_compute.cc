@@ -18,31 +18,39 @@ experts::FfnSaved CpuExpertCompute::Saved::Rows(bool swiglu, int64_t begin, int6
           swiglu ? RowBlock(u, begin, end) : MatrixView<float>()};
 }
 
+Status CpuExpertCompute::SetWeights(std::span<const experts::FfnParams> params) {
+  params_ = params;
+  have_weights_ = true;
+  return Status::Ok();
+}
+
 Status CpuExpertCompute::Forward(int part, const std::vector<int64_t>& offsets,
-                             MatrixView<const float> x,
-                             const std::vector<experts::FfnParams>& params, Tensor* y) {
+                                 MatrixView<const float> x, MatrixView<float> y, bool accumulate) {
   MOE_RETURN_IF_ERROR(CheckPart(part));
+  if (!have_weights_ || params_.size() + 1 < offsets.size()) {
+    return FailedPrecondition("expert Forward before SetWeights of its " +
+                              std::to_string(offsets.empty() ? 0 : offsets.size() - 1) +
+                              " experts");
+  }
   if (parts_.size() <= static_cast<size_t>(part)) parts_.resize(static_cast<size_t>(part) + 1);
   Saved& saved = parts_[static_cast<size_t>(part)];
   const int64_t rows = x.rows(), h = shape_.hidden_dim;
   saved.x = x;
-  ResizeTensor(y, rows, shape_.model_dim);
   ResizeTensor(&saved.h, rows, h);
   ResizeTensor(&saved.a, rows, h);
   if (shape_.swiglu) ResizeTensor(&saved.u, rows, h);
   for (size_t e = 0; e + 1 < offsets.size(); ++e) {
     const int64_t b = offsets[e], end = offsets[e + 1];
     if (b == end) continue;
-    experts::FfnForward(shape_, params[e], RowBlock(x, b, end), RowBlock(*y, b, end), false,
-                        saved.Rows(shape_.swiglu, b, end));
+    experts::FfnForward(shape_, params_[e], RowBlock(x, b, end), RowBlock(y, b, end),
+                        accumulate, saved.Rows(shape_.swiglu, b, end));
   }
   return Status::Ok();
 }
 
 Status CpuExpertCompute::Backward(int part, const std::vector<int64_t>& offsets,
-                              MatrixView<const float> dy,
-                              const std::vector<experts::FfnParams>& params,
-                              std::vector<experts::FfnParams>* grads, Tensor* dx) {
+                                  MatrixView<const float> dy, MatrixView<float> dx,
+                                  std::span<experts::FfnParams> grads, bool accumulate_dx) {
   MOE_RETURN_IF_ERROR(CheckPart(part));
   if (parts_.size() <= static_cast<size_t>(part) ||
       parts_[static_cast<size_t>(part)].x.rows() != dy.rows()) {
@@ -52,15 +60,15 @@ Status CpuExpertCompute::Backward(int part, const std::vector<int64_t>& offsets,
   }
   Saved& saved = parts_[static_cast<size_t>(part)];
   const int64_t rows = saved.x.rows(), h = shape_.hidden_dim;
-  ResizeTensor(dx, rows, shape_.model_dim);
   ResizeTensor(&scratch1_, rows, h);
   if (shape_.swiglu) ResizeTensor(&scratch2_, rows, h);
   for (size_t e = 0; e + 1 < offsets.size(); ++e) {
     const int64_t b = offsets[e], end = offsets[e + 1];
     if (b == end) continue;
-    experts::FfnBackward(shape_, params[e], RowBlock(saved.x, b, end),
+    experts::FfnBackward(shape_, params_[e], RowBlock(saved.x, b, end),
                          saved.Rows(shape_.swiglu, b, end), RowBlock(dy, b, end),
-                         RowBlock(*dx, b, end), false, &(*grads)[e], RowBlock(scratch1_, b, end),
+                         RowBlock(dx, b, end), accumulate_dx, &grads[e],
+                         RowBlock(scratch1_, b, end),
                          shape_.swiglu ? RowBlock(scratch2_, b, end) : MatrixView<float>());
   }
   return Status::Ok();

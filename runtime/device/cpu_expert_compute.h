@@ -1,13 +1,14 @@
-// CpuExpertCompute: the local experts on the CPU (experts/expert_ffn.h, OpenBLAS GEMMs), one block
+// CpuExpertCompute: the host device's experts (experts/expert_ffn.h, OpenBLAS GEMMs), one block
 // of rows per expert, with each pipeline part's activations kept for its backward.
 #pragma once
 
 #include <cstdint>
+#include <span>
 #include <vector>
 
-#include "experts/expert_ffn.h"
 #include "base/status.h"
 #include "base/tensor.h"
+#include "experts/expert_ffn.h"
 #include "runtime/device/expert_compute.h"
 
 namespace moe {
@@ -16,13 +17,13 @@ class CpuExpertCompute : public ExpertCompute {
  public:
   explicit CpuExpertCompute(const experts::FfnShape& shape) : shape_(shape) {}
 
-  using ExpertCompute::Backward;
-  using ExpertCompute::Forward;
+  Status SetWeights(std::span<const experts::FfnParams> params) override;
   Status Forward(int part, const std::vector<int64_t>& offsets, MatrixView<const float> x,
-                 const std::vector<experts::FfnParams>& params, Tensor* y) override;
+                 MatrixView<float> y, bool accumulate = false) override;
   Status Backward(int part, const std::vector<int64_t>& offsets, MatrixView<const float> dy,
-                  const std::vector<experts::FfnParams>& params,
-                  std::vector<experts::FfnParams>* grads, Tensor* dx) override;
+                  MatrixView<float> dx, std::span<experts::FfnParams> grads,
+                  bool accumulate_dx = false) override;
+  Status AddGradients(std::span<experts::FfnParams>) override { return Status::Ok(); }
 
  private:
   // What a part's backward needs from its forward.
@@ -33,6 +34,8 @@ class CpuExpertCompute : public ExpertCompute {
   };
 
   experts::FfnShape shape_;
+  std::span<const experts::FfnParams> params_;
+  bool have_weights_ = false;
   std::vector<Saved> parts_;
   Tensor scratch1_, scratch2_;
 };

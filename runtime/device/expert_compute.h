@@ -1,17 +1,22 @@
-// ExpertCompute: what runs a set of local experts on contiguous row blocks — rows
-// [offsets[i], offsets[i+1]) go through expert i — and keeps what their backward needs. The layer's
-// executors (runtime/exchange/expert_executor.h) hand it the rows that reached this rank's experts. The
-// runtime's implementation is the CPU one (runtime/device/cpu_expert_compute.h, OpenBLAS); the device
-// layer runs its experts through experts/cuda/grouped_ffn.h directly, and the staged GPU baseline
-// of the layer benchmark (bench/staged_gpu_experts.h) is another implementation.
+// ExpertCompute: a device's experts — L experts of one FFN shape run on contiguous row blocks,
+// rows [offsets[i], offsets[i+1]) through expert i, keeping what their backward needs. The
+// executors (runtime/exchange/expert_executor.h) hand it the rows that reached this rank's experts;
+// the layer runs each shared expert as one of its own on all tokens. Made by Device::MakeExperts:
+// on the host the CPU FFN (runtime/device/cpu_expert_compute.h, OpenBLAS), on a GPU the grouped
+// FFN (experts/cuda/grouped_ffn.h); the staged GPU baseline of the layer benchmark
+// (bench/staged_gpu_experts.h) is another.
+//
+// Rows and outputs live in the device's memory; weights and gradients are host fp32 FfnParams
+// (one per expert, the layer's parameters).
 #pragma once
 
 #include <cstdint>
+#include <span>
 #include <vector>
 
-#include "experts/expert_ffn.h"
 #include "base/status.h"
 #include "base/tensor.h"
+#include "experts/expert_ffn.h"
 #include "runtime/config/limits.h"
 
 namespace moe {
@@ -24,25 +29,22 @@ class ExpertCompute {
   static constexpr int kMaxParts = limits::kMaxPipelineDegree;
 
   virtual ~ExpertCompute() = default;
-  // y (rows x M, host) = expert_i(x) for each block. x must stay alive until Backward(part).
-  virtual Status Forward(int part, const std::vector<int64_t>& offsets, MatrixView<const float> x,
-                         const std::vector<experts::FfnParams>& params, Tensor* y) = 0;
-  // dx = d/dx of the blocks given dy (the rows of the part's last Forward); weight gradients
-  // accumulated into grads (same order as params).
-  virtual Status Backward(int part, const std::vector<int64_t>& offsets, MatrixView<const float> dy,
-                          const std::vector<experts::FfnParams>& params,
-                          std::vector<experts::FfnParams>* grads, Tensor* dx) = 0;
 
-  // All rows as one part.
-  Status Forward(const std::vector<int64_t>& offsets, MatrixView<const float> x,
-                 const std::vector<experts::FfnParams>& params, Tensor* y) {
-    return Forward(0, offsets, x, params, y);
-  }
-  Status Backward(const std::vector<int64_t>& offsets, MatrixView<const float> dy,
-                  const std::vector<experts::FfnParams>& params,
-                  std::vector<experts::FfnParams>* grads, Tensor* dx) {
-    return Backward(0, offsets, dy, params, grads, dx);
-  }
+  // The experts' weights (host, params[i] for expert i). The host reads them in place at every
+  // call (they must stay alive until the last Backward); a GPU copies them (complete on return).
+  virtual Status SetWeights(std::span<const experts::FfnParams> params) = 0;
+  // y = expert_i(x) for each block (accumulate: y += ...). x and y are rows x M in the device's
+  // memory; x must stay unchanged until Backward(part).
+  virtual Status Forward(int part, const std::vector<int64_t>& offsets, MatrixView<const float> x,
+                         MatrixView<float> y, bool accumulate = false) = 0;
+  // dx = d/dx of the blocks given dy, for the rows of the part's last Forward (accumulate_dx:
+  // dx += ...). The weight gradients: the host adds them into grads (host, same order as the
+  // weights); a GPU keeps them until AddGradients.
+  virtual Status Backward(int part, const std::vector<int64_t>& offsets,
+                          MatrixView<const float> dy, MatrixView<float> dx,
+                          std::span<experts::FfnParams> grads, bool accumulate_dx = false) = 0;
+  // Adds the gradients kept on a GPU into grads and zeroes them there (the host keeps none).
+  virtual Status AddGradients(std::span<experts::FfnParams> grads) = 0;
 
  protected:
   // kInvalidArgument unless 0 <= part < kMaxParts.

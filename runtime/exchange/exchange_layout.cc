@@ -171,21 +171,31 @@ StatusOr<ExchangeLayout> MakeExchangeLayout(const ExchangeShape& shape,
   return out;
 }
 
-ExchangeMaps MakeExchangeMaps(const ExchangeLayout& layout) {
+ExchangeMaps MakeExchangeMaps(const ExchangeLayout& layout, bool bf16_wire) {
   ExchangeMaps maps;
-  if (!layout.send_is_plan) {
-    maps.send_gather.assign(static_cast<size_t>(layout.send_rows), -1);
-    maps.plan_gather.assign(static_cast<size_t>(layout.plan_rows), 0);
-    for (const ExchangeChunk& c : layout.chunks) {
-      for (const SendPiece& p : c.pieces) {
-        for (int64_t r = 0; r < p.real; ++r) {
-          maps.send_gather[p.send_row + r] = static_cast<int32_t>(p.plan_row + r);
+  const auto i32 = [](int64_t v) { return static_cast<int32_t>(v); };
+  maps.self_back_begin.push_back(0);
+  for (const ExchangeChunk& c : layout.chunks) {
+    for (const SendPiece& p : c.pieces) {
+      const bool self = p.recv_row >= 0;
+      std::vector<int32_t>& dst = self ? maps.self_dst : maps.send_dst;
+      std::vector<int32_t>& src = self ? maps.self_src : maps.send_src;
+      const int64_t to = self ? p.recv_row : p.send_row;
+      for (int64_t r = 0; r < p.rows; ++r) {
+        dst.push_back(i32(to + r));
+        src.push_back(r < p.real ? i32(p.plan_row + r) : -1);
+        if (self) {
+          maps.self_back_dst.push_back(i32(p.send_row + r));
+          maps.self_back_src.push_back(i32(p.recv_row + r));
         }
       }
     }
-    for (int64_t r = 0; r < layout.plan_rows; ++r) {
-      maps.plan_gather[r] = static_cast<int32_t>(layout.plan_to_send[r]);
-    }
+    maps.self_back_begin.push_back(static_cast<int64_t>(maps.self_back_dst.size()));
+  }
+  maps.return_row.resize(static_cast<size_t>(layout.plan_rows));
+  for (int64_t r = 0; r < layout.plan_rows; ++r) {
+    const int64_t self = layout.plan_to_recv.empty() ? -1 : layout.plan_to_recv[r];
+    maps.return_row[r] = self >= 0 && !bf16_wire ? i32(-1 - self) : i32(layout.plan_to_send[r]);
   }
   maps.to_expert_major.reserve(static_cast<size_t>(layout.recv_rows));
   maps.to_source_major.assign(static_cast<size_t>(layout.recv_rows), 0);

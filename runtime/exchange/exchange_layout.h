@@ -93,15 +93,27 @@ StatusOr<ExchangeLayout> MakeExchangeLayout(const ExchangeShape& shape,
                                             const std::vector<int64_t>& send_counts,
                                             const std::vector<int64_t>& recv_counts);
 
-// The layout as gather indices, for a kernel that moves rows by index (the device engine).
+// The layout as the index maps the engine's row operations take (Device::GatherRows,
+// ReturnedRows), computed once per layout on the host.
 struct ExchangeMaps {
-  // Send row i is plan row send_gather[i] (-1: padding); plan row r is send row plan_gather[r].
-  // Both empty when send_is_plan.
-  std::vector<int32_t> send_gather, plan_gather;
+  // The dispatch's gathers, as (destination row, plan row) pairs; plan row -1 is a padding row
+  // (zeros). send: every row of a piece that travels (every piece of a one-rank layout) into the
+  // send layout; self: every row of a self piece (ExchangeShape::self) into the receive layout.
+  std::vector<int32_t> send_dst, send_src, self_dst, self_src;
+  // The bf16 wire's combine: the self pieces' rows, rounded from the receive layout (src) into
+  // the send layout (dst); chunk j's pairs are [self_back_begin[j], self_back_begin[j + 1]).
+  std::vector<int32_t> self_back_dst, self_back_src;
+  std::vector<int64_t> self_back_begin;
+  // Where plan row r's combined row is (ReturnedRows::return_row): send row plan_to_send[r] of
+  // the returned rows, or, for a self row on the fp32 wire, receive row plan_to_recv[r] of the
+  // rows the experts wrote (-1 - that row).
+  std::vector<int32_t> return_row;
   // Expert-major row i is receive row to_expert_major[i]; receive row r is expert-major row
   // to_source_major[r]. Absolute indices; each maps chunk j's rows onto chunk j's rows.
   std::vector<int32_t> to_expert_major, to_source_major;
 };
-ExchangeMaps MakeExchangeMaps(const ExchangeLayout& layout);
+// `bf16_wire`: every returned row is read from the returned (send-layout) rows, the self rows
+// included (ExchangeOptions::bf16_wire).
+ExchangeMaps MakeExchangeMaps(const ExchangeLayout& layout, bool bf16_wire = false);
 
 }  // namespace moe

@@ -1,30 +1,29 @@
-// The expert-parallel exchange engine on host buffers (runtime/exchange/expert_exchange.h).
+// The expert-parallel exchange engine over a Device (runtime/exchange/expert_exchange.h).
 #include "runtime/exchange/expert_exchange.h"
 
-#include <cstring>
 #include <string>
 #include <utility>
 
-#include "comm/algorithms/hierarchical_alltoall.h"
-#include "base/bf16.h"
 #include "base/check.h"
 #include "base/clock.h"
-#include "runtime/device/expert_compute.h"
+#include "comm/algorithms/hierarchical_alltoall.h"
+#include "runtime/config/limits.h"
 
 namespace moe {
 namespace {
 
-// Reshapes a wire buffer, keeping its allocation (and stale contents) when the shape is unchanged.
-void Resize(Matrix<uint16_t>* m, int64_t rows, int64_t cols) {
-  if (m->rows() != rows || m->cols() != cols) m->Reset(rows, cols);
+// Row i of a buffer of `cols`-wide rows of T, by byte arithmetic (the workspaces are untyped).
+template <typename T>
+T* RowAt(void* base, int64_t row, int64_t cols) {
+  return static_cast<T*>(base) + row * cols;
 }
 
 }  // namespace
 
 Status ValidateExchangeOptions(const ExchangeOptions& options) {
-  if (options.pipeline_degree < 1 || options.pipeline_degree > ExpertCompute::kMaxParts) {
+  if (options.pipeline_degree < 1 || options.pipeline_degree > limits::kMaxPipelineDegree) {
     return InvalidArgument("pipeline_degree=" + std::to_string(options.pipeline_degree) +
-                           " must be in [1, " + std::to_string(ExpertCompute::kMaxParts) + "]");
+                           " must be in [1, " + std::to_string(limits::kMaxPipelineDegree) + "]");
   }
   if (options.ranks_per_node < 0) {
     return InvalidArgument("ranks_per_node=" + std::to_string(options.ranks_per_node) +
@@ -80,13 +79,14 @@ Status RunChunked(int chunks, const ChunkSteps& steps) {
 }
 
 // Per pass, chunk and direction: the request in flight (null once complete or when the call was
-// blocking) and its record in the stats.
+// blocking), whether the device's stream already waits for it (Then), and its record in the stats.
 struct ExchangeHandle::Requests {
   struct Slot {
     std::unique_ptr<comm::Request> request;
+    bool ordered = false;
     size_t record = 0;
   };
-  Slot slots[2][ExpertCompute::kMaxParts][2];
+  Slot slots[2][limits::kMaxPipelineDegree][2];
   Slot& at(Pass pass, int chunk, bool dispatch) {
     return slots[pass == Pass::kBackward ? 1 : 0][chunk][dispatch ? 0 : 1];
   }
@@ -98,29 +98,34 @@ ExchangeHandle::ExchangeHandle(ExchangeHandle&&) noexcept = default;
 ExchangeHandle& ExchangeHandle::operator=(ExchangeHandle&&) noexcept = default;
 
 MatrixView<const float> ExchangeHandle::received(Pass pass) const {
-  return {rows(pass).recv_rows, layout_.recv_rows, rows(pass).send.cols()};
+  return {rows(pass).recv_rows, layout_.recv_rows, row_dim_};
+}
+
+ReturnedRows ExchangeHandle::returned(Pass pass) const {
+  const Rows& r = rows(pass);
+  return {.return_row = dev_.return_row, .rows = r.back_rows, .self_rows = r.combine_rows};
 }
 
 const float* ExchangeHandle::returned_row(Pass pass, int64_t plan_row) const {
-  const Rows& r = rows(pass);
-  const int64_t m = r.send.cols();
-  if (!layout_.plan_to_recv.empty() && !bf16_wire_) {
-    const int64_t at = layout_.plan_to_recv[static_cast<size_t>(plan_row)];
-    if (at >= 0) return r.combine_rows + at * m;  // a self row: where the caller's experts left it
-  }
-  return r.back_rows + layout_.plan_to_send[static_cast<size_t>(plan_row)] * m;
+  MOE_CHECK(host_);
+  const ReturnedRows r = returned(pass);
+  const int32_t at = maps_.return_row[static_cast<size_t>(plan_row)];
+  return at >= 0 ? r.rows + at * row_dim_ : r.self_rows + (-1 - at) * row_dim_;
 }
 
-ExpertExchange::ExpertExchange(comm::Communicator* ep, int num_experts, int64_t row_dim,
-                               ExchangeOptions options)
-    : ep_(ep),
+ExpertExchange::ExpertExchange(Device* device, comm::Communicator* ep, int num_experts,
+                               int64_t row_dim, ExchangeOptions options)
+    : device_(device),
+      ep_(ep),
       num_experts_(num_experts),
       w_(ep != nullptr ? ep->size() : 1),
       local_(num_experts / (ep != nullptr ? ep->size() : 1)),
       m_(row_dim),
-      options_(options) {
+      options_(options),
+      counts_(device->memory_space()) {
   MOE_CHECK_OK(ValidateExchangeOptions(options));
   MOE_CHECK(num_experts % w_ == 0);
+  MOE_CHECK(ep == nullptr || ep->memory_space() == device->memory_space());
 }
 
 ExpertExchange::~ExpertExchange() = default;
@@ -134,6 +139,22 @@ Status ExpertExchange::EnableHierarchical() {
                        comm::HierarchicalAllToAll::Create(*ep_, options_.ranks_per_node));
   hierarchical_ = std::make_unique<comm::HierarchicalAllToAll>(std::move(h));
   return Status::Ok();
+}
+
+Status ExpertExchange::ExchangeCounts(const std::vector<int64_t>& send,
+                                      std::vector<int64_t>* recv) {
+  const int64_t n = static_cast<int64_t>(send.size()), per = n / w_;
+  if (!device_memory()) {
+    return ep_->AllToAll(send.data(), recv->data(), per, comm::DataType::kInt64);
+  }
+  // The counts cross in device memory: up, the blocking all-to-all (after the upload), down.
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(int64_t));
+  MOE_ASSIGN_OR_RETURN(void* buf, counts_.Get(2 * bytes));
+  auto* dev = static_cast<int64_t*>(buf);
+  MOE_RETURN_IF_ERROR(device_->Upload(dev, send.data(), bytes));
+  MOE_RETURN_IF_ERROR(device_->Synchronize());
+  MOE_RETURN_IF_ERROR(ep_->AllToAll(dev, dev + n, per, comm::DataType::kInt64));
+  return device_->Download(recv->data(), dev + n, bytes);
 }
 
 Status ExpertExchange::Layout(const DispatchPlan& plan, ExchangeHandle* handle) {
@@ -181,15 +202,13 @@ Status ExpertExchange::Layout(const DispatchPlan& plan, ExchangeHandle* handle) 
     recv = send;
   } else if (accounted) {
     // A capacity exchange has no counts call: this one is not recorded.
-    MOE_RETURN_IF_ERROR(ep_->AllToAll(send.data(), recv.data(), l * g, comm::DataType::kInt64));
+    MOE_RETURN_IF_ERROR(ExchangeCounts(send, &recv));
   } else {
     const std::vector<int64_t> count_bytes(static_cast<size_t>(w),
                                            l * g * static_cast<int64_t>(sizeof(int64_t)));
     const size_t record = stats_.Record(ExchangeCall::Kind::kCounts, false, 0,
                                         options_.pipeline_degree, count_bytes, count_bytes);
-    MOE_RETURN_IF_ERROR(stats_.Timed(record, [&] {
-      return ep_->AllToAll(send.data(), recv.data(), l * g, comm::DataType::kInt64);
-    }));
+    MOE_RETURN_IF_ERROR(stats_.Timed(record, [&] { return ExchangeCounts(send, &recv); }));
   }
   MOE_ASSIGN_OR_RETURN(handle->layout_, MakeExchangeLayout(shape, send, recv));
   handle->recorded_layout_ = ExchangeLayout();
@@ -200,76 +219,104 @@ Status ExpertExchange::Layout(const DispatchPlan& plan, ExchangeHandle* handle) 
     MOE_ASSIGN_OR_RETURN(handle->recorded_layout_,
                          MakeExchangeLayout(padded_shape, send, padded_recv()));
   }
+  // The index maps of the layout, where the device's row operations read them.
+  handle->maps_ = MakeExchangeMaps(handle->layout_, options_.bf16_wire);
+  const ExchangeMaps& maps = handle->maps_;
+  ExchangeHandle::DeviceMaps& dev = handle->dev_;
+  DeviceArrays& arrays = handle->maps_staging_;
+  arrays.Clear();
+  arrays.Add(maps.send_dst, &dev.send_dst);
+  arrays.Add(maps.send_src, &dev.send_src);
+  arrays.Add(maps.self_dst, &dev.self_dst);
+  arrays.Add(maps.self_src, &dev.self_src);
+  arrays.Add(maps.self_back_dst, &dev.self_back_dst);
+  arrays.Add(maps.self_back_src, &dev.self_back_src);
+  arrays.Add(maps.return_row, &dev.return_row);
+  if (!handle->layout_.recv_is_expert_major) {
+    arrays.Add(maps.to_expert_major, &dev.to_expert_major);
+    arrays.Add(maps.to_source_major, &dev.to_source_major);
+  } else {
+    dev.to_expert_major = dev.to_source_major = nullptr;
+  }
+  MOE_RETURN_IF_ERROR(arrays.Commit(*device_, &handle->maps_ws_));
   handle->plan_ = &plan;
-  handle->bf16_wire_ = options_.bf16_wire;
   return Status::Ok();
 }
 
 Status ExpertExchange::BeginDispatch(const DispatchPlan& plan, MatrixView<const float> x, Pass pass,
-                                     ExchangeHandle* handle) {
+                                     ExchangeHandle* handle, const PlanRows* plan_rows) {
   if (x.rows() != plan.num_tokens || x.cols() != m_) {
     return InvalidArgument("ExpertExchange: x is " + std::to_string(x.rows()) + " x " +
                            std::to_string(x.cols()) + ", the plan needs " +
                            std::to_string(plan.num_tokens) + " x " + std::to_string(m_));
   }
+  const MemorySpace space = device_->memory_space();
+  if (handle->maps_ws_.space() != space) {
+    // A handle's buffers live where this engine's device computes.
+    *handle = ExchangeHandle();
+    for (ExchangeHandle::Rows* r : {&handle->forward_, &handle->backward_}) {
+      for (Workspace* ws : {&r->send, &r->recv, &r->back, &r->send16, &r->recv16, &r->comb16,
+                            &r->back16}) {
+        *ws = Workspace(space);
+      }
+    }
+    handle->maps_ws_ = Workspace(space);
+    handle->plan_rows_ws_ = Workspace(space);
+  }
+  handle->row_dim_ = m_;
+  handle->host_ = space == MemorySpace::kHost;
   if (pass == Pass::kForward) {
     MOE_RETURN_IF_ERROR(Layout(plan, handle));
+    if (plan_rows != nullptr) {
+      handle->plan_rows_ = *plan_rows;
+    } else {
+      MOE_ASSIGN_OR_RETURN(handle->plan_rows_, PlanRowsOn(*device_, plan, &handle->plan_rows_ws_));
+    }
   } else if (handle->plan_ != &plan) {
     return FailedPrecondition("ExpertExchange: a backward dispatch needs the handle of the "
                               "forward of the same plan");
   }
   const ExchangeLayout& layout = handle->layout_;
+  const ExchangeHandle::DeviceMaps& dev = handle->dev_;
   ExchangeHandle::Rows& rows = handle->rows(pass);
   const bool bf16 = options_.bf16_wire;
+  const int64_t float_row = m_ * static_cast<int64_t>(sizeof(float));
   // Where the gather writes: float rows for this rank itself (a one-rank engine's send rows, or
   // the self pieces' receive rows), the wire rows otherwise (float, or bf16 when asked).
-  ResizeTensor(&rows.send, bf16 && ep_ != nullptr ? 0 : layout.send_rows, m_);
-  if (bf16 && ep_ != nullptr) Resize(&rows.send16, layout.send_rows, m_);
+  const bool wire16 = bf16 && ep_ != nullptr;
+  MOE_ASSIGN_OR_RETURN(void* send, (wire16 ? rows.send16 : rows.send)
+                                       .Get(layout.send_rows * (wire16 ? 2 * m_ : float_row)));
   if (ep_ == nullptr) {
-    rows.recv_rows = rows.send.data();
+    rows.recv_rows = static_cast<const float*>(send);
   } else {
-    ResizeTensor(&rows.recv, layout.recv_rows, m_);
-    if (bf16) Resize(&rows.recv16, layout.recv_rows, m_);
-    rows.recv_rows = rows.recv.data();
+    MOE_ASSIGN_OR_RETURN(void* recv, rows.recv.Get(layout.recv_rows * float_row));
+    if (bf16) MOE_RETURN_IF_ERROR(rows.recv16.Get(layout.recv_rows * 2 * m_).status());
+    rows.recv_rows = static_cast<const float*>(recv);
   }
-  const size_t row_bytes = sizeof(float) * static_cast<size_t>(m_);
-  const bool gated = pass == Pass::kBackward;
-  for (const ExchangeChunk& c : layout.chunks) {
-    for (const SendPiece& p : c.pieces) {
-      const bool local = ep_ == nullptr || p.recv_row >= 0;
-      if (bf16 && !local) {
-        uint16_t* const to = rows.send16.row(p.send_row);
-        for (int64_t i = 0; i < p.real; ++i) {
-          const int64_t r = p.plan_row + i;
-          const float* src = x.row(plan.row_token[r]);
-          if (gated) {
-            FloatsToBf16(src, plan.row_gate[r], m_, to + i * m_);
-          } else {
-            FloatsToBf16(src, m_, to + i * m_);
-          }
-        }
-        std::fill(to + p.real * m_, to + p.rows * m_, uint16_t{0});
-        continue;
-      }
-      // A self piece goes straight to its receive rows.
-      float* const to = p.recv_row >= 0 ? rows.recv.row(p.recv_row) : rows.send.row(p.send_row);
-      for (int64_t i = 0; i < p.real; ++i) {
-        const int64_t r = p.plan_row + i;
-        const float* src = x.row(plan.row_token[r]);
-        float* dst = to + i * m_;
-        if (gated) {
-          const float g = plan.row_gate[r];
-          for (int64_t k = 0; k < m_; ++k) dst[k] = g * src[k];
-        } else {
-          std::memcpy(dst, src, row_bytes);
-        }
-        // The wire dtype applies to every row, including those that do not travel.
-        if (bf16) RoundFloatsToBf16(dst, m_, dst);
-      }
-      if (p.rows > p.real) {
-        std::memset(to + p.real * m_, 0, row_bytes * static_cast<size_t>(p.rows - p.real));
-      }
-    }
+  const PlanRows& pr = handle->plan_rows_;
+  const float* gates = pass == Pass::kBackward ? pr.row_gate : nullptr;
+  // The wire dtype applies to every row, including those that do not travel.
+  const RowFormat local = bf16 ? RowFormat::kRoundedBf16 : RowFormat::kFloat32;
+  MOE_RETURN_IF_ERROR(device_->GatherRows({.rows = static_cast<int64_t>(handle->maps_.send_dst.size()),
+                                           .cols = m_,
+                                           .src_row = dev.send_src,
+                                           .dst_row = dev.send_dst,
+                                           .row_token = pr.row_token,
+                                           .row_gate = gates,
+                                           .src = x.data(),
+                                           .dst = send,
+                                           .format = wire16 ? RowFormat::kBf16 : local}));
+  // A self piece goes straight to its receive rows.
+  if (!handle->maps_.self_dst.empty()) {
+    MOE_RETURN_IF_ERROR(device_->GatherRows({.rows = static_cast<int64_t>(handle->maps_.self_dst.size()),
+                                             .cols = m_,
+                                             .src_row = dev.self_src,
+                                             .dst_row = dev.self_dst,
+                                             .row_token = pr.row_token,
+                                             .row_gate = gates,
+                                             .src = x.data(),
+                                             .dst = const_cast<float*>(rows.recv_rows),
+                                             .format = local}));
   }
   return Status::Ok();
 }
@@ -301,6 +348,7 @@ Status ExpertExchange::Start(ExchangeHandle* handle, Pass pass, int chunk, bool 
   slot.record = stats_.Record(dispatch ? ExchangeCall::Kind::kDispatch : ExchangeCall::Kind::kCombine,
                               pass == Pass::kBackward, chunk, options_.pipeline_degree,
                               scaled(recorded_out, row_bytes), scaled(recorded_in, row_bytes));
+  slot.ordered = false;
   std::vector<int64_t> sc = scaled(out_rows, row_elems), sd = scaled(out_displs, row_elems),
                        rc = scaled(in_rows, row_elems), rd = scaled(in_displs, row_elems);
   // The self block was moved by the gather (dispatch) and is read in place (combine).
@@ -311,10 +359,18 @@ Status ExpertExchange::Start(ExchangeHandle* handle, Pass pass, int chunk, bool 
       handle->layout_.shape.capacity > 0 && handle->layout_.shape.expert_capacity.empty() && self < 0;
   return stats_.Timed(slot.record, [&]() -> Status {
     if (hierarchical_ != nullptr) {
+      // Blocking calls: on device memory they start once the rows queued on the stream are there.
+      if (device_memory()) MOE_RETURN_IF_ERROR(device_->Synchronize());
       if (equal && handle->layout_.chunks.size() == 1) {
         return hierarchical_->AllToAll(send, recv, sc[0], dtype);
       }
       return hierarchical_->AllToAllV(send, sc, sd, recv, rc, rd, dtype);
+    }
+    if (device_memory()) {
+      // Stream-ordered: starts after the gather (or the chunk's experts) queued on the stream.
+      MOE_ASSIGN_OR_RETURN(slot.request, ep_->StartAllToAllV(send, sc, sd, recv, rc, rd, dtype,
+                                                             device_->stream()));
+      return Status::Ok();
     }
     if (handle->layout_.chunks.size() == 1) {
       if (equal) return ep_->AllToAll(send, recv, sc[0], dtype);
@@ -328,6 +384,14 @@ Status ExpertExchange::Start(ExchangeHandle* handle, Pass pass, int chunk, bool 
 Status ExpertExchange::Wait(ExchangeHandle* handle, Pass pass, int chunk, bool dispatch) {
   ExchangeHandle::Requests::Slot& slot = handle->requests_->at(pass, chunk, dispatch);
   if (slot.request == nullptr) return Status::Ok();
+  if (device_memory()) {
+    // The stream (not the host) waits; FinishCombine collects the status.
+    if (!slot.ordered) {
+      slot.ordered = true;
+      return stats_.Timed(slot.record, [&] { return slot.request->Then(device_->stream()); });
+    }
+    return Status::Ok();
+  }
   std::unique_ptr<comm::Request> request = std::move(slot.request);
   return stats_.Timed(slot.record, [&] { return request->Wait(); });
 }
@@ -341,23 +405,28 @@ Status ExpertExchange::StartDispatch(ExchangeHandle* handle, Pass pass, int chun
   return Start(handle, pass, chunk, /*dispatch=*/true, rows.send.data(), rows.recv.data());
 }
 
-// Widens the bf16 rows of chunk j that came from (or, for the combine, went to) the other ranks.
-void ExpertExchange::Widen(const ExchangeHandle& handle, int chunk, bool dispatch,
-                           const Matrix<uint16_t>& from, Tensor* to) const {
+Status ExpertExchange::Widen(const ExchangeHandle& handle, int chunk, bool dispatch,
+                             const void* from, float* to) const {
   const ExchangeChunk& c = handle.layout_.chunks[static_cast<size_t>(chunk)];
   const std::vector<int64_t>& counts = dispatch ? c.recv_counts : c.send_counts;
   const std::vector<int64_t>& displs = dispatch ? c.recv_displs : c.send_displs;
   for (int p = 0; p < w_; ++p) {
-    if (p == handle.layout_.shape.self) continue;
-    Bf16sToFloats(from.row(displs[p]), counts[p] * m_, to->row(displs[p]));
+    if (p == handle.layout_.shape.self || counts[p] == 0) continue;
+    MOE_RETURN_IF_ERROR(device_->Cast(CastKind::kFromBf16,
+                                      RowAt<const uint16_t>(const_cast<void*>(from), displs[p], m_),
+                                      to + displs[p] * m_, counts[p] * m_));
   }
+  return Status::Ok();
 }
 
 Status ExpertExchange::WaitDispatch(ExchangeHandle* handle, Pass pass, int chunk) {
   if (ep_ == nullptr) return Status::Ok();
   MOE_RETURN_IF_ERROR(Wait(handle, pass, chunk, /*dispatch=*/true));
   ExchangeHandle::Rows& rows = handle->rows(pass);
-  if (options_.bf16_wire) Widen(*handle, chunk, /*dispatch=*/true, rows.recv16, &rows.recv);
+  if (options_.bf16_wire) {
+    return Widen(*handle, chunk, /*dispatch=*/true, rows.recv16.data(),
+                 static_cast<float*>(rows.recv.data()));
+  }
   return Status::Ok();
 }
 
@@ -372,6 +441,7 @@ Status ExpertExchange::StartCombine(ExchangeHandle* handle, Pass pass, int chunk
   ExchangeHandle::Rows& r = handle->rows(pass);
   r.combine_rows = rows.data();
   const ExchangeChunk& c = layout.chunks[static_cast<size_t>(chunk)];
+  const int64_t float_row = m_ * static_cast<int64_t>(sizeof(float));
   if (!options_.bf16_wire) {
     if (ep_ == nullptr) {
       r.back_rows = rows.data();
@@ -380,64 +450,88 @@ Status ExpertExchange::StartCombine(ExchangeHandle* handle, Pass pass, int chunk
     // The rows come back to where chunk `chunk`'s dispatch rows were sent from: those are dead
     // once its dispatch completed (a completed send buffer may be reused), so the combine's
     // arrivals share `send` instead of a buffer of their own.
-    if (handle->requests_->at(pass, chunk, /*dispatch=*/true).request != nullptr) {
+    const ExchangeHandle::Requests::Slot& sent = handle->requests_->at(pass, chunk, true);
+    if (sent.request != nullptr && !sent.ordered) {
       return FailedPrecondition("ExpertExchange: StartCombine(" + std::to_string(chunk) +
                                 ") before WaitDispatch(" + std::to_string(chunk) + ")");
     }
-    r.back_rows = r.send.data();
+    r.back_rows = static_cast<const float*>(r.send.data());
     return Start(handle, pass, chunk, /*dispatch=*/false, rows.data(), r.send.data());
   }
   // bf16: every returned row is rounded, so every one is read from `back` — the rows that stay
   // on this rank are rounded into it here, the others arrive as bf16 and are widened into it.
-  if (chunk == 0) ResizeTensor(&r.back, layout.send_rows, m_);
-  r.back_rows = r.back.data();
+  MOE_ASSIGN_OR_RETURN(void* back_buf, r.back.Get(layout.send_rows * float_row));
+  float* const back = static_cast<float*>(back_buf);
+  r.back_rows = back;
   if (ep_ == nullptr) {
-    RoundFloatsToBf16(rows.row(c.recv_begin), c.recv_rows * m_, r.back.row(c.recv_begin));
-    return Status::Ok();
+    return device_->Cast(CastKind::kRoundBf16, rows.row(c.recv_begin), back + c.recv_begin * m_,
+                         c.recv_rows * m_);
   }
-  if (chunk == 0) Resize(&r.comb16, layout.recv_rows, m_);
+  MOE_ASSIGN_OR_RETURN(void* comb16, r.comb16.Get(layout.recv_rows * 2 * m_));
   for (int p = 0; p < w_; ++p) {
-    if (p == layout.shape.self) continue;
-    FloatsToBf16(rows.row(c.recv_displs[p]), c.recv_counts[p] * m_, r.comb16.row(c.recv_displs[p]));
+    if (p == layout.shape.self || c.recv_counts[p] == 0) continue;
+    MOE_RETURN_IF_ERROR(device_->Cast(CastKind::kToBf16, rows.row(c.recv_displs[p]),
+                                      RowAt<uint16_t>(comb16, c.recv_displs[p], m_),
+                                      c.recv_counts[p] * m_));
   }
-  for (const SendPiece& piece : c.pieces) {
-    if (piece.recv_row < 0) continue;
-    RoundFloatsToBf16(rows.row(piece.recv_row), piece.rows * m_, r.back.row(piece.send_row));
+  const ExchangeMaps& maps = handle->maps_;
+  const int64_t first = maps.self_back_begin[static_cast<size_t>(chunk)],
+                n = maps.self_back_begin[static_cast<size_t>(chunk) + 1] - first;
+  if (n > 0) {
+    MOE_RETURN_IF_ERROR(device_->GatherRows({.rows = n,
+                                             .cols = m_,
+                                             .src_row = handle->dev_.self_back_src + first,
+                                             .dst_row = handle->dev_.self_back_dst + first,
+                                             .src = rows.data(),
+                                             .dst = back,
+                                             .format = RowFormat::kRoundedBf16}));
   }
-  if (chunk == 0) Resize(&r.back16, layout.send_rows, m_);
-  return Start(handle, pass, chunk, /*dispatch=*/false, r.comb16.data(), r.back16.data());
+  MOE_ASSIGN_OR_RETURN(void* back16, r.back16.Get(layout.send_rows * 2 * m_));
+  return Start(handle, pass, chunk, /*dispatch=*/false, comb16, back16);
 }
 
 Status ExpertExchange::WaitCombine(ExchangeHandle* handle, Pass pass, int chunk) {
   if (ep_ == nullptr) return Status::Ok();
   MOE_RETURN_IF_ERROR(Wait(handle, pass, chunk, /*dispatch=*/false));
   ExchangeHandle::Rows& rows = handle->rows(pass);
-  if (options_.bf16_wire) Widen(*handle, chunk, /*dispatch=*/false, rows.back16, &rows.back);
+  if (options_.bf16_wire) {
+    return Widen(*handle, chunk, /*dispatch=*/false, rows.back16.data(),
+                 static_cast<float*>(rows.back.data()));
+  }
   return Status::Ok();
 }
 
-Status ExpertExchange::FinishCombine(const ExchangeHandle& handle, Pass pass, bool gated,
-                                     MatrixView<float> y) const {
-  const DispatchPlan& plan = *handle.plan_;
+Status ExpertExchange::FinishCombine(ExchangeHandle* handle, Pass pass, bool gated,
+                                     MatrixView<float> y) {
+  const DispatchPlan& plan = *handle->plan_;
   if (y.rows() != plan.num_tokens || y.cols() != m_) {
     return InvalidArgument("ExpertExchange::Combine: y is " + std::to_string(y.rows()) + " x " +
                            std::to_string(y.cols()) + ", the plan needs " +
                            std::to_string(plan.num_tokens) + " x " + std::to_string(m_));
   }
-  for (int64_t t = 0; t < plan.num_tokens; ++t) {
-    float* out = y.row(t);
-    for (int64_t i = plan.token_row_offset[t]; i < plan.token_row_offset[t + 1]; ++i) {
-      const int32_t r = plan.token_rows[i];
-      const float* src = handle.returned_row(pass, r);
-      if (gated) {
-        const float g = plan.row_gate[r];
-        for (int64_t c = 0; c < m_; ++c) out[c] += g * src[c];
-      } else {
-        for (int64_t c = 0; c < m_; ++c) out[c] += src[c];
-      }
+  // Stream-ordered requests: the stream waited for each; their statuses (deadlines) now.
+  for (int j = 0; j < handle->chunks(); ++j) {
+    for (const bool dispatch : {true, false}) {
+      ExchangeHandle::Requests::Slot& slot = handle->requests_->at(pass, j, dispatch);
+      if (slot.request == nullptr) continue;
+      std::unique_ptr<comm::Request> request = std::move(slot.request);
+      MOE_RETURN_IF_ERROR(stats_.Timed(slot.record, [&] { return request->Wait(); }));
     }
   }
-  return Status::Ok();
+  return device_->CombineRows({.cols = m_,
+                               .plan = handle->plan_rows_,
+                               .returned = handle->returned(pass),
+                               .gated = gated,
+                               .y = y.data()});
+}
+
+Status ExpertExchange::GateGradients(const ExchangeHandle& handle, MatrixView<const float> dy,
+                                     float* dgate) const {
+  return device_->GateGradients({.cols = m_,
+                                 .plan = handle.plan_rows_,
+                                 .returned = handle.returned(Pass::kForward),
+                                 .dy = dy.data(),
+                                 .dgate = dgate});
 }
 
 Status ExpertExchange::Dispatch(const DispatchPlan& plan, MatrixView<const float> x, Pass pass,
@@ -454,7 +548,7 @@ Status ExpertExchange::Combine(ExchangeHandle* handle, Pass pass, MatrixView<con
     MOE_RETURN_IF_ERROR(StartCombine(handle, pass, j, rows));
   }
   for (int j = 0; j < handle->chunks(); ++j) MOE_RETURN_IF_ERROR(WaitCombine(handle, pass, j));
-  return FinishCombine(*handle, pass, gated, y);
+  return FinishCombine(handle, pass, gated, y);
 }
 
 }  // namespace moe

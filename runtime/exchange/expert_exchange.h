@@ -4,11 +4,18 @@
 // own experts, or anything else, between them. The backward runs the same calls on gradients with
 // the same handle (Pass::kBackward: its own buffers, the forward's stay valid).
 //
-//   ExpertExchange exchange(ep, num_experts, model_dim, {.dropless = false});
+//   ExpertExchange exchange(&device, ep, num_experts, model_dim, {.dropless = false});
 //   ExchangeHandle h;
 //   exchange.Dispatch(plan, x, Pass::kForward, &h);          // h.received(): rows per segment
 //   ... out[i] = expert_{segment's expert}(h.received()[i]) for every received row ...
 //   exchange.Combine(&h, Pass::kForward, out, /*gated=*/true, y);   // y[t] += Σ gate·out
+//
+// One engine for every device (runtime/device/device.h): the rows live in the device's memory and
+// move by its operations (GatherRows, CombineRows, Cast: memcpy loops on the host, kernels on a
+// GPU); the communicator works in the same memory. On device memory every all-to-all is ordered on
+// the device's stream (it starts after the gather queued before it, and the kernels after its
+// Wait* read what it delivered) with no host synchronization in between; the requests' statuses
+// (deadlines) are collected by FinishCombine.
 //
 // Rows. Dispatch gathers the token rows x[row_token[r]] of the plan's rows r straight into the send
 // layout (runtime/exchange/exchange_layout.h; scaled by the row gates when asked — the backward's
@@ -24,17 +31,12 @@
 // Asynchronous form, by pipeline chunk (ExchangeOptions::pipeline_degree = d): BeginDispatch
 // (layout and gather), StartDispatch(j) / WaitDispatch(j) per chunk, StartCombine(j) /
 // WaitCombine(j) per chunk, FinishCombine (the sum into y). RunChunked (below) is the one
-// schedule that overlaps them, D0 D1 C0 D2 C1 ... C(d-1), used by the host executor and the
-// device layer alike.
+// schedule that overlaps them, D0 D1 C0 D2 C1 ... C(d-1).
 //
 // Modes: capacity (every (expert, group) block travels as C rows: one equal-count all-to-all, no
 // count exchange) and dropless (the per-block row counts are exchanged first, an all-to-all of
 // integers, then all-to-all-v of the real rows). A null communicator is one rank: nothing is
 // exchanged and the received rows are the sent rows (no copy).
-//
-// Host memory: this engine moves rows with memcpy loops and calls the communicator on host
-// buffers. The device layer (runtime/layer/device_moe_layer.cc) shares the layout and the schedule
-// and moves rows with gather kernels.
 #pragma once
 
 #include <cstdint>
@@ -42,11 +44,13 @@
 #include <memory>
 #include <vector>
 
-#include "comm/communicator.h"
+#include "base/memory.h"
 #include "base/status.h"
 #include "base/tensor.h"
-#include "runtime/routing/dispatch_plan.h"
+#include "comm/communicator.h"
+#include "runtime/device/device.h"
 #include "runtime/exchange/exchange_layout.h"
+#include "runtime/routing/dispatch_plan.h"
 
 namespace moe::comm {
 class HierarchicalAllToAll;
@@ -94,7 +98,7 @@ struct ExchangeOptions {
   bool account_padding = false;
 };
 
-// kInvalidArgument unless 1 <= pipeline_degree <= ExpertCompute::kMaxParts ("pipeline_degree=17
+// kInvalidArgument unless 1 <= pipeline_degree <= limits::kMaxPipelineDegree ("pipeline_degree=17
 // must be in [1, 16]") and ranks_per_node >= 0. Every engine and layer checks it; the constructors
 // take only valid options (a programmer error otherwise).
 Status ValidateExchangeOptions(const ExchangeOptions& options);
@@ -134,9 +138,10 @@ Status RunChunked(int chunks, const ChunkSteps& steps);
 
 enum class Pass { kForward, kBackward };
 
-// One layer call's exchange: the plan it follows, its layout, and per pass the buffers and the
-// requests in flight. Made by ExpertExchange::BeginDispatch of the forward; the backward reuses
-// the layout. A handle must not outlive the plan or the engine that filled it.
+// One layer call's exchange: the plan it follows, its layout and index maps, and per pass the
+// buffers (device memory) and the requests in flight. Made by ExpertExchange::BeginDispatch of the
+// forward; the backward reuses the layout. A handle must not outlive the plan or the engine that
+// filled it.
 class ExchangeHandle {
  public:
   ExchangeHandle();
@@ -149,10 +154,19 @@ class ExchangeHandle {
   // Chunk j's received rows, one segment per (local expert, source, group), rows absolute in
   // received(pass).
   const std::vector<Segment>& segments(int j) const { return layout_.chunks[j].segments; }
-  // Every received row of `pass`, in the receive layout (valid after WaitDispatch of its chunk).
+  // The layout's regroup maps (ExchangeMaps::to_expert_major / to_source_major) in device memory.
+  const int32_t* to_expert_major() const { return dev_.to_expert_major; }
+  const int32_t* to_source_major() const { return dev_.to_source_major; }
+  // The plan's row arrays in device memory.
+  const PlanRows& plan_rows() const { return plan_rows_; }
+  // Every received row of `pass`, in the receive layout, device memory (valid after WaitDispatch
+  // of its chunk).
   MatrixView<const float> received(Pass pass) const;
-  // The combined result of plan row r (expert output of the forward, dX row of the backward),
-  // before its gate: valid after the pass's combine, until the next Begin of that pass.
+  // Where each plan row's combined result is (expert output of the forward, dX row of the
+  // backward, before its gate), device memory: valid after the pass's combine, until the next
+  // Begin of that pass.
+  ReturnedRows returned(Pass pass) const;
+  // The same for one row, on the host device only.
   const float* returned_row(Pass pass, int64_t plan_row) const;
 
  private:
@@ -161,8 +175,7 @@ class ExchangeHandle {
   struct Rows {
     // The send and receive layouts; `back`: the combine's arrivals (send layout) on the bf16 wire
     // — in fp32 they land in `send`, whose chunk rows are dead once the chunk's dispatch completed.
-    Tensor send, recv, back;
-    Matrix<uint16_t> send16, recv16, comb16, back16;  // the same on the bf16 wire
+    Workspace send, recv, back, send16, recv16, comb16, back16;
     const float* recv_rows = nullptr;  // recv, or send for a one-rank engine
     const float* back_rows = nullptr;  // back, or the caller's rows for a one-rank engine
     const float* combine_rows = nullptr;  // the caller's rows of the last combine (self rows)
@@ -171,33 +184,47 @@ class ExchangeHandle {
   const Rows& rows(Pass pass) const { return pass == Pass::kForward ? forward_ : backward_; }
 
   const DispatchPlan* plan_ = nullptr;
-  bool bf16_wire_ = false;
+  PlanRows plan_rows_;
+  Workspace plan_rows_ws_;  // the plan's rows when the engine put them on the device
+  int64_t row_dim_ = 0;
+  bool host_ = true;  // the host device: returned_row may be read
   ExchangeLayout layout_;
   // ExchangeOptions::account_padding: the capacity exchange's layout, whose chunks' counts are
   // recorded in place of layout_'s (empty otherwise).
   ExchangeLayout recorded_layout_;
+  ExchangeMaps maps_;
+  struct DeviceMaps {
+    const int32_t *send_dst = nullptr, *send_src = nullptr, *self_dst = nullptr,
+                  *self_src = nullptr, *self_back_dst = nullptr, *self_back_src = nullptr,
+                  *return_row = nullptr, *to_expert_major = nullptr, *to_source_major = nullptr;
+  } dev_;
+  Workspace maps_ws_;
+  DeviceArrays maps_staging_;
   Rows forward_, backward_;
   std::unique_ptr<Requests> requests_;
 };
 
 class ExpertExchange {
  public:
-  // `ep` (host memory; null: one rank) must outlive the engine; num_experts must be divisible by
-  // its size; options must be valid (ValidateExchangeOptions). With options.ranks_per_node > 0 the
-  // constructor cannot split the communicator (a collective that can fail): call
-  // EnableHierarchical on every rank before the first Dispatch.
-  ExpertExchange(comm::Communicator* ep, int num_experts, int64_t row_dim, ExchangeOptions options);
+  // `device` and `ep` (null: one rank; in the device's memory space) must outlive the engine;
+  // num_experts must be divisible by ep's size; options must be valid (ValidateExchangeOptions).
+  // With options.ranks_per_node > 0 the constructor cannot split the communicator (a collective
+  // that can fail): call EnableHierarchical on every rank before the first Dispatch.
+  ExpertExchange(Device* device, comm::Communicator* ep, int num_experts, int64_t row_dim,
+                 ExchangeOptions options);
   ~ExpertExchange();
   ExpertExchange(ExpertExchange&&) noexcept;
 
   // Collective: builds the two-stage all-to-all for options.ranks_per_node (no-op when 0).
   Status EnableHierarchical();
 
+  Device& device() const { return *device_; }
   int ranks() const { return w_; }
   int local_experts() const { return local_; }
   const ExchangeOptions& options() const { return options_; }
 
-  // Blocking: BeginDispatch, then every chunk started and waited for.
+  // Blocking: BeginDispatch, then every chunk started and waited for. x and the rows below live
+  // in the device's memory.
   Status Dispatch(const DispatchPlan& plan, MatrixView<const float> x, Pass pass,
                   ExchangeHandle* handle);
   // Blocking: every chunk of `rows` (the receive layout, received(pass).rows() rows) started and
@@ -207,9 +234,10 @@ class ExpertExchange {
 
   // The forward makes the layout (dropless: exchanges the counts — collective) and the backward
   // reuses it; then x's rows (S x row_dim, S = plan.num_tokens) are gathered into the send layout,
-  // times their gates for the backward (gate·dY).
+  // times their gates for the backward (gate·dY). `rows`: the plan's row arrays in the device's
+  // memory (null: the engine puts them there; on the host device, the plan's vectors).
   Status BeginDispatch(const DispatchPlan& plan, MatrixView<const float> x, Pass pass,
-                       ExchangeHandle* handle);
+                       ExchangeHandle* handle, const PlanRows* rows = nullptr);
   Status StartDispatch(ExchangeHandle* handle, Pass pass, int chunk);
   Status WaitDispatch(ExchangeHandle* handle, Pass pass, int chunk);
   // `rows`: the whole receive-layout buffer, chunk j's rows at its recv_begin; it must stay
@@ -217,27 +245,37 @@ class ExpertExchange {
   // own experts are read there: they never travel).
   Status StartCombine(ExchangeHandle* handle, Pass pass, int chunk, MatrixView<const float> rows);
   Status WaitCombine(ExchangeHandle* handle, Pass pass, int chunk);
-  // y[t] += Σ over t's plan rows (token_rows order) of (gate ·) returned row.
-  Status FinishCombine(const ExchangeHandle& handle, Pass pass, bool gated,
-                       MatrixView<float> y) const;
+  // y[t] += Σ over t's plan rows (token_rows order) of (gate ·) returned row; collects the
+  // pass's requests on device memory (their deadlines and errors).
+  Status FinishCombine(ExchangeHandle* handle, Pass pass, bool gated, MatrixView<float> y);
+  // dgate[r] = dy[row_token[r]] · the forward's returned row r, for every plan row (device
+  // memory, plan.num_rows() values): the gates' gradient, before the backward's dispatch.
+  Status GateGradients(const ExchangeHandle& handle, MatrixView<const float> dy,
+                       float* dgate) const;
 
   ExchangeStats& stats() { return stats_; }
   const ExchangeStats& stats() const { return stats_; }
 
  private:
   Status Layout(const DispatchPlan& plan, ExchangeHandle* handle);
+  // The counts all-to-all of a dropless layout, through device memory when ep_ is there.
+  Status ExchangeCounts(const std::vector<int64_t>& send, std::vector<int64_t>* recv);
   Status Start(ExchangeHandle* handle, Pass pass, int chunk, bool dispatch, const void* send,
                void* recv);
-  void Widen(const ExchangeHandle& handle, int chunk, bool dispatch, const Matrix<uint16_t>& from,
-             Tensor* to) const;
+  // Widens the bf16 rows of chunk j that came from (or, for the combine, went to) other ranks.
+  Status Widen(const ExchangeHandle& handle, int chunk, bool dispatch, const void* from,
+               float* to) const;
   Status Wait(ExchangeHandle* handle, Pass pass, int chunk, bool dispatch);
+  bool device_memory() const { return device_->memory_space() == MemorySpace::kDevice; }
 
+  Device* device_;
   comm::Communicator* ep_;
   int num_experts_, w_, local_;
   int64_t m_;
   ExchangeOptions options_;
   std::unique_ptr<comm::HierarchicalAllToAll> hierarchical_;
   ExchangeStats stats_;
+  Workspace counts_;  // the counts all-to-all's buffers in device memory
 };
 
 }  // namespace moe

@@ -94,24 +94,41 @@ Status MakePhysicalPlan(const DispatchPlan& logical, const ExpertPlacement& plac
 
 RedundantExpertExecutor::RedundantExpertExecutor(std::unique_ptr<ExpertParallelExecutor> inner,
                                                  ExpertPlacement placement)
-    : inner_(std::move(inner)), placement_(std::move(placement)) {}
+    : inner_(std::move(inner)),
+      placement_(std::move(placement)),
+      rows_ws_(inner_->device().memory_space()),
+      map_ws_(inner_->device().memory_space()),
+      dgate_ws_(inner_->device().memory_space()) {}
 
-Status RedundantExpertExecutor::Forward(const DispatchPlan& plan, MatrixView<const float> x,
-                                        const std::vector<experts::FfnParams>& experts,
-                                        MatrixView<float> y) {
+Status RedundantExpertExecutor::Forward(const DispatchPlan& plan, const PlanRows&,
+                                        MatrixView<const float> x, MatrixView<float> y) {
   MOE_RETURN_IF_ERROR(MakePhysicalPlan(plan, placement_, &physical_));
   forward_plan_ = &plan;
-  return inner_->Forward(physical_.plan, x, experts, y);
+  Device& device = inner_->device();
+  MOE_ASSIGN_OR_RETURN(physical_rows_, PlanRowsOn(device, physical_.plan, &rows_ws_));
+  map_staging_.Clear();
+  map_staging_.Add(physical_.physical_row, &physical_row_);
+  MOE_RETURN_IF_ERROR(map_staging_.Commit(device, &map_ws_));
+  return inner_->Forward(physical_.plan, physical_rows_, x, y);
+}
+
+Status RedundantExpertExecutor::GateGradients(MatrixView<const float> dy, float* dgate) {
+  // The physical rows' gradients, then each logical row's from its physical row.
+  const int64_t rows = physical_.plan.num_rows();
+  MOE_ASSIGN_OR_RETURN(void* buf, dgate_ws_.Get(rows * static_cast<int64_t>(sizeof(float))));
+  float* const physical = static_cast<float*>(buf);
+  MOE_RETURN_IF_ERROR(inner_->GateGradients(dy, physical));
+  return inner_->device().GatherRows(
+      {.rows = rows, .cols = 1, .src_row = physical_row_, .src = physical, .dst = dgate});
 }
 
 Status RedundantExpertExecutor::Backward(const DispatchPlan& plan, MatrixView<const float> dy,
-                                         const std::vector<experts::FfnParams>& experts,
-                                         std::vector<experts::FfnParams>* grads,
+                                         std::span<experts::FfnParams> grads,
                                          MatrixView<float> dx) {
   if (forward_plan_ != &plan) {
     return FailedPrecondition("RedundantExpertExecutor: Backward needs the plan of the last Forward");
   }
-  return inner_->Backward(physical_.plan, dy, experts, grads, dx);
+  return inner_->Backward(physical_.plan, dy, grads, dx);
 }
 
 }  // namespace moe

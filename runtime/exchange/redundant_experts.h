@@ -15,9 +15,12 @@
 
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <vector>
 
+#include "base/memory.h"
 #include "base/status.h"
+#include "runtime/device/device.h"
 #include "runtime/routing/dispatch_plan.h"
 #include "runtime/exchange/expert_parallel_executor.h"
 #include "runtime/exchange/expert_placement.h"
@@ -40,9 +43,10 @@ Status MakePhysicalPlan(const DispatchPlan& logical, const ExpertPlacement& plac
 std::vector<int64_t> ReplicaCapacities(int64_t capacity, const ExpertPlacement& placement);
 
 // An ExpertExecutor over logical plans whose experts are the placement's physical experts: the
-// rows are re-addressed (MakePhysicalPlan) and run by an expert-parallel executor over the E + R
-// physical experts; the experts passed to Forward/Backward are this rank's physical experts
-// (placement.per_rank of them, slot order). The placement may change between calls (rebalancing).
+// rows are re-addressed (MakePhysicalPlan, on the host: the logical plan's row arrays must be
+// there) and run by an expert-parallel executor over the E + R physical experts; the weights
+// given are this rank's physical experts (placement.per_rank of them, slot order). The placement
+// may change between calls (rebalancing).
 class RedundantExpertExecutor : public ExpertExecutor {
  public:
   // `inner` must have been made for placement.num_physical() experts on placement.num_ranks
@@ -55,14 +59,17 @@ class RedundantExpertExecutor : public ExpertExecutor {
   void set_placement(ExpertPlacement placement) { placement_ = std::move(placement); }
   ExpertParallelExecutor& inner() { return *inner_; }
 
-  Status Forward(const DispatchPlan& plan, MatrixView<const float> x,
-                 const std::vector<experts::FfnParams>& experts, MatrixView<float> y) override;
-  const float* OutputRow(int64_t plan_row) const override {
-    return inner_->OutputRow(physical_.physical_row[static_cast<size_t>(plan_row)]);
+  Status SetWeights(std::span<const experts::FfnParams> experts) override {
+    return inner_->SetWeights(experts);
   }
+  Status Forward(const DispatchPlan& plan, const PlanRows& rows, MatrixView<const float> x,
+                 MatrixView<float> y) override;
+  Status GateGradients(MatrixView<const float> dy, float* dgate) override;
   Status Backward(const DispatchPlan& plan, MatrixView<const float> dy,
-                  const std::vector<experts::FfnParams>& experts,
-                  std::vector<experts::FfnParams>* grads, MatrixView<float> dx) override;
+                  std::span<experts::FfnParams> grads, MatrixView<float> dx) override;
+  Status AddGradients(std::span<experts::FfnParams> grads) override {
+    return inner_->AddGradients(grads);
+  }
   ExchangeStats* exchange_stats() override { return inner_->exchange_stats(); }
 
  private:
@@ -70,6 +77,12 @@ class RedundantExpertExecutor : public ExpertExecutor {
   ExpertPlacement placement_;
   PhysicalPlan physical_;
   const DispatchPlan* forward_plan_ = nullptr;
+  // The physical plan's rows and the logical rows' physical addresses on the device, and the
+  // physical rows' gate gradients.
+  PlanRows physical_rows_;
+  const int32_t* physical_row_ = nullptr;
+  Workspace rows_ws_, map_ws_, dgate_ws_;
+  DeviceArrays map_staging_;
 };
 
 }  // namespace moe

@@ -2,14 +2,19 @@
 #include "runtime/layer/make_moe_layer.h"
 
 #include <string>
+#include <utility>
 
-#include "runtime/layer/device_moe_layer.h"
-#include "runtime/device/compute.h"
 #include "runtime/config/config.h"
-#include "runtime/device/cpu_expert_compute.h"
-#include "runtime/layer/cpu_moe_layer.h"
+#include "runtime/device/compute.h"
 
 namespace moe {
+
+ExchangeOptions ExchangeOptionsOf(const config::MoeConfig& cfg, int ranks_per_node) {
+  return {.dropless = cfg.parallel().dropless_exchange(),
+          .pipeline_degree = cfg.parallel().pipeline_degree(),
+          .ranks_per_node = ranks_per_node,
+          .bf16_wire = cfg.parallel().wire_dtype() == config::BF16};
+}
 
 StatusOr<std::unique_ptr<MoeLayer>> MakeMoeLayer(const config::LayerConfig& layer,
                                                  const config::ComputeConfig& compute,
@@ -20,8 +25,8 @@ StatusOr<std::unique_ptr<MoeLayer>> MakeMoeLayer(const config::LayerConfig& laye
   const int w = options.ep == nullptr ? 1 : options.ep->size();
   const bool redundant = options.placement.num_logical > 0;
   if (redundant) {
-    if (compute.device() != config::CPU || options.ep == nullptr) {
-      return InvalidArgument("parallel.num_redundant_experts needs the CPU layer, expert-parallel");
+    if (options.ep == nullptr) {
+      return InvalidArgument("parallel.num_redundant_experts needs an expert-parallel group");
     }
     if (options.placement.num_logical != experts || options.placement.num_ranks != w) {
       return InvalidArgument("MakeMoeLayer: the placement is for " +
@@ -29,76 +34,56 @@ StatusOr<std::unique_ptr<MoeLayer>> MakeMoeLayer(const config::LayerConfig& laye
                              std::to_string(options.placement.num_ranks) + " ranks, the layer has " +
                              std::to_string(experts) + " on " + std::to_string(w));
     }
-    const experts::FfnShape shape = ExpertShape(layer);
-    const int per_rank = options.placement.per_rank;
-    auto inner = std::make_unique<ExpertParallelExecutor>(
-        options.ep, shape, options.placement.num_physical(), options.exchange,
-        std::make_unique<CpuExpertCompute>(shape));
-    if (Status s = inner->EnableHierarchical(); !s.ok()) {
-      return s.WithContext("comm.ranks_per_node=" +
-                           std::to_string(options.exchange.ranks_per_node));
-    }
-    auto ep_layer = std::make_unique<CpuMoeLayer>(
-        layer, std::make_unique<RedundantExpertExecutor>(std::move(inner), options.placement),
-        options.ep->rank() * per_rank, per_rank);
-    ep_layer->set_balance_communicator(options.balance);
-    return std::unique_ptr<MoeLayer>(std::move(ep_layer));
-  }
-  if (experts % w != 0) {
+  } else if (experts % w != 0) {
     return InvalidArgument("moe.num_experts=" + std::to_string(experts) +
                            " must be divisible by the " + std::to_string(w) +
                            " ranks of the expert-parallel group");
   }
-  const int local = experts / w, first = options.ep == nullptr ? 0 : options.ep->rank() * local;
-  if (compute.device() == config::CPU) {
-    const experts::FfnShape shape = ExpertShape(layer);
-    if (options.ep == nullptr) {
-      auto local_layer = std::make_unique<CpuMoeLayer>(
-          layer, std::make_unique<LocalExpertExecutor>(shape, experts, options.exchange), 0,
-          experts);
-      local_layer->set_balance_communicator(options.balance);
-      return std::unique_ptr<MoeLayer>(std::move(local_layer));
-    }
-    auto executor = std::make_unique<ExpertParallelExecutor>(
-        options.ep, shape, experts, options.exchange, std::make_unique<CpuExpertCompute>(shape));
-    if (Status s = executor->EnableHierarchical(); !s.ok()) {
+  MOE_ASSIGN_OR_RETURN(std::shared_ptr<Device> device,
+                       MakeDevice(compute, options.rank, !options.host_routing));
+  if (options.ep != nullptr && options.ep->memory_space() != device->memory_space()) {
+    return InvalidArgument(
+        std::string("compute.device=") + (compute.device() == config::CUDA ? "CUDA" : "CPU") +
+        " computes in " + MemorySpaceName(device->memory_space()) +
+        " memory; the expert-parallel communicator (backend " +
+        std::string(options.ep->backend()) + ") moves " +
+        MemorySpaceName(options.ep->memory_space()) +
+        " memory (CUDA needs NCCL, or loopback ranks in device memory)");
+  }
+  const experts::FfnShape shape = ExpertShape(layer);
+  // This rank's experts: E / W of them, or its placement's physical experts.
+  const int local = redundant ? options.placement.per_rank : experts / w;
+  const int first = options.ep == nullptr ? 0 : options.ep->rank() * local;
+  MOE_ASSIGN_OR_RETURN(std::unique_ptr<ExpertCompute> compute_experts,
+                       device->MakeExperts(shape, local));
+  std::unique_ptr<ExpertExecutor> executor;
+  if (options.ep == nullptr) {
+    executor = std::make_unique<LocalExpertExecutor>(device.get(), shape, experts, options.exchange,
+                                                     std::move(compute_experts));
+  } else {
+    auto parallel = std::make_unique<ExpertParallelExecutor>(
+        device.get(), options.ep, shape, redundant ? options.placement.num_physical() : experts,
+        options.exchange, std::move(compute_experts));
+    if (Status s = parallel->EnableHierarchical(); !s.ok()) {
       return s.WithContext("comm.ranks_per_node=" +
                            std::to_string(options.exchange.ranks_per_node));
     }
-    auto ep_layer = std::make_unique<CpuMoeLayer>(layer, std::move(executor), first, local);
-    ep_layer->set_balance_communicator(options.balance);
-    return std::unique_ptr<MoeLayer>(std::move(ep_layer));
+    if (redundant) {
+      executor = std::make_unique<RedundantExpertExecutor>(std::move(parallel), options.placement);
+    } else {
+      executor = std::move(parallel);
+    }
   }
-  if (layer.router().gate() == config::SOFT) {
-    return InvalidArgument("moe.router.gate=SOFT runs on the CPU layer only (compute.device=CPU)");
-  }
-  if (layer.router().aux_loss_scope() == config::GLOBAL) {
-    return InvalidArgument("moe.router.aux_loss_scope=GLOBAL runs on the CPU layer only "
-                           "(compute.device=CPU)");
-  }
-  if (options.exchange.bf16_wire) {
-    return InvalidArgument("parallel.wire_dtype=BF16 runs on the CPU layer only (compute.device="
-                           "CPU); the device layer exchanges fp32 rows");
-  }
-  if (options.exchange.ranks_per_node > 0 && options.ep != nullptr) {
-    return InvalidArgument("comm.ranks_per_node=" +
-                           std::to_string(options.exchange.ranks_per_node) +
-                           ": the hierarchical exchange runs on the CPU layer only (compute.device="
-                           "CPU); the device layer exchanges flat");
-  }
-  DeviceLayerOptions device;
-  MOE_ASSIGN_OR_RETURN(device.device, ComputeGpu(compute, options.rank));
-  device.precision = ComputePrecision(compute);
-  device.comm = options.ep;
-  device.pipeline_degree = options.exchange.pipeline_degree;
-  StatusOr<std::unique_ptr<DeviceMoeLayer>> made = DeviceMoeLayer::Create(layer, device);
-  if (!made.ok()) return made.status().WithContext("compute.device=CUDA");
-  return std::unique_ptr<MoeLayer>(std::move(made).value());
+  // Redundant experts re-address the plan's rows on the host.
+  MOE_ASSIGN_OR_RETURN(std::unique_ptr<MoeLayer> made,
+                       MoeLayer::Create(layer, std::move(device), std::move(executor), first, local,
+                                        /*host_plan=*/redundant));
+  made->set_balance_communicator(options.balance);
+  return made;
 }
 
 RedundantExpertExecutor* RedundantExecutorOf(MoeLayer* layer) {
-  auto* cpu = dynamic_cast<CpuMoeLayer*>(layer);
-  return cpu == nullptr ? nullptr : dynamic_cast<RedundantExpertExecutor*>(cpu->executor());
+  return dynamic_cast<RedundantExpertExecutor*>(layer->executor());
 }
 
 }  // namespace moe

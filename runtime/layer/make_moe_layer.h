@@ -1,41 +1,48 @@
-// MakeMoeLayer: the layer the config's compute section asks for — CpuMoeLayer
-// (runtime/layer/cpu_moe_layer.h) for compute.device=CPU, DeviceMoeLayer
-// (runtime/layer/device_moe_layer.h) on the rank's GPU for CUDA — local, or expert-parallel over a
-// communicator of the expert-parallel group.
+// MakeMoeLayer: the layer the config's compute section asks for — the one MoeLayer
+// (runtime/layer/moe_layer.h) on the host device for compute.device=CPU, on the rank's GPU for
+// CUDA (runtime/device/compute.h picks the device) — local, expert-parallel over a communicator of
+// the expert-parallel group, or with redundant experts. The factory sits above the devices it
+// picks from.
 #pragma once
 
 #include <memory>
 
+#include "base/status.h"
 #include "comm/communicator.h"
 #include "proto/moe_config.pb.h"
-#include "base/status.h"
 #include "runtime/exchange/expert_parallel_executor.h"
 #include "runtime/exchange/expert_placement.h"
-#include "runtime/layer/moe_layer.h"
 #include "runtime/exchange/redundant_experts.h"
+#include "runtime/layer/moe_layer.h"
 
 namespace moe {
 
 struct MoeLayerOptions {
   // The expert-parallel group: this rank holds experts [rank·E/W, (rank+1)·E/W) of its W ranks
-  // (E % W == 0). Host memory for the CPU layer, device memory for the device layer. nullptr: all
-  // E experts in this process. Not owned; must outlive the layer.
+  // (E % W == 0). In the device's memory: host memory for compute.device=CPU, device memory
+  // (NCCL, or loopback ranks in device memory) for CUDA. nullptr: all E experts in this process.
+  // Not owned; must outlive the layer.
   comm::Communicator* ep = nullptr;
   // parallel.dropless_exchange, parallel.pipeline_degree, parallel.wire_dtype and the EP group's
-  // ranks per node (the device layer always exchanges exactly the kept rows, flat, in fp32; a
-  // local CPU layer uses only the wire dtype).
+  // ranks per node (a local layer uses only the wire dtype). ExchangeOptionsOf(config) makes them.
   ExchangeOptions exchange;
   // This rank's index for compute.gpu = -1 (GPU = rank mod the visible devices).
   int rank = 0;
-  // router.aux_loss_scope GLOBAL: the ranks whose tokens f is counted over (host memory; the CPU
-  // layer only). nullptr: this process's groups. Not owned; must outlive the layer.
+  // router.aux_loss_scope GLOBAL: the ranks whose tokens f is counted over (host memory).
+  // nullptr: this process's groups. Not owned; must outlive the layer.
   comm::Communicator* balance = nullptr;
-  // Redundant experts (CPU layer, with `ep`): the placement of the E + R physical experts over the
-  // EP group; this rank holds its placement.per_rank physical experts (first_expert() = rank ·
-  // per_rank) and the layer runs a RedundantExpertExecutor (runtime/exchange/redundant_experts.h).
-  // Empty (num_logical 0): no redundancy.
+  // Redundant experts (with `ep`): the placement of the E + R physical experts over the EP group;
+  // this rank holds its placement.per_rank physical experts (first_expert() = rank · per_rank) and
+  // the layer runs a RedundantExpertExecutor (runtime/exchange/redundant_experts.h). Empty
+  // (num_logical 0): no redundancy.
   ExpertPlacement placement;
+  // compute.device=CUDA: route on the host even where the device router could.
+  bool host_routing = false;
 };
+
+// The exchange options of a config: parallel.dropless_exchange, pipeline_degree, wire_dtype, and
+// `ranks_per_node` of the EP group (EpRanksPerNode; 0: flat).
+ExchangeOptions ExchangeOptionsOf(const config::MoeConfig& cfg, int ranks_per_node = 0);
 
 // The RedundantExpertExecutor of a layer MakeMoeLayer made with a placement, null otherwise (to
 // change the placement when rebalancing).

@@ -254,7 +254,7 @@ void AccumulateRouterLossGradients(const config::RouterConfig& cfg, const Dispat
 }
 
 void RouterScoreGradients(const config::RouterConfig& cfg, const DispatchPlan& p,
-                          const RouterOutput& router, const std::vector<float>& dgate_rows,
+                          const RouterOutput& router, const float* dgate_rows,
                           LossScale loss_scale, RouterGradients* out,
                           const std::vector<GroupLossSums>* sums) {
   const int64_t s = p.num_tokens, e = p.num_experts, k = p.top_k;
@@ -273,7 +273,7 @@ void RouterScoreGradients(const config::RouterConfig& cfg, const DispatchPlan& p
       routing::AddGateGradients(p.normalization, static_cast<float>(cfg.scaling_factor()),
                                 static_cast<int32_t>(k), &p.slot_row[first],
                                 &p.slot_gate[first], &p.slot_raw[first], &p.slot_final[first],
-                                dgate_rows.data(), dprobs.row(t));
+                                dgate_rows, dprobs.row(t));
     }
   }
   AccumulateRouterLossGradients(cfg, p, router.probs, router.logits, loss_scale, &dprobs, &dlogits,

@@ -97,7 +97,7 @@ struct RouterGradients {
   Tensor dprobs, dscores;  // scratch
 };
 void RouterScoreGradients(const config::RouterConfig& cfg, const DispatchPlan& plan,
-                          const RouterOutput& router, const std::vector<float>& dgate_rows,
+                          const RouterOutput& router, const float* dgate_rows,
                           LossScale loss_scale, RouterGradients* out,
                           const std::vector<GroupLossSums>* sums = nullptr);
 

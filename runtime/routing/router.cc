@@ -52,8 +52,37 @@ void SoftmaxColumnsPerGroup(MatrixView<const float> in, int64_t groups, MatrixVi
   }
 }
 
-void ComputeRouter(const config::RouterConfig& cfg, MatrixView<const float> x, const Tensor& wg,
-                   const Tensor& wnoise, const RouteContext& ctx, RouterOutput* out) {
+void SoftRouterGradients(const RouterOutput& router, int64_t groups, MatrixView<const float> dc,
+                         MatrixView<const float> dd, Tensor* dlogits) {
+  const Tensor& c_w = router.probs;
+  const Tensor& d_w = router.dispatch;
+  const int64_t s = c_w.rows(), cols = c_w.cols();
+  ResizeTensor(dlogits, s, cols);
+  for (int64_t t = 0; t < s; ++t) {
+    double dot = 0.0;
+    for (int64_t c = 0; c < cols; ++c) dot += static_cast<double>(dc(t, c)) * c_w(t, c);
+    for (int64_t c = 0; c < cols; ++c) {
+      (*dlogits)(t, c) = static_cast<float>(c_w(t, c) * (dc(t, c) - dot));
+    }
+  }
+  std::vector<double> coldot(static_cast<size_t>(cols));
+  for (int64_t gr = 0; gr < groups; ++gr) {
+    const int64_t b = routing::GroupBegin(s, groups, gr), end = routing::GroupBegin(s, groups, gr + 1);
+    std::fill(coldot.begin(), coldot.end(), 0.0);
+    for (int64_t t = b; t < end; ++t) {
+      for (int64_t c = 0; c < cols; ++c) coldot[c] += static_cast<double>(dd(t, c)) * d_w(t, c);
+    }
+    for (int64_t t = b; t < end; ++t) {
+      for (int64_t c = 0; c < cols; ++c) {
+        (*dlogits)(t, c) += static_cast<float>(d_w(t, c) * (dd(t, c) - coldot[c]));
+      }
+    }
+  }
+}
+
+void ComputeRouter(const config::RouterConfig& cfg, MatrixView<const float> x,
+                   MatrixView<const float> wg, MatrixView<const float> wnoise,
+                   const RouteContext& ctx, RouterOutput* out) {
   const int64_t s = x.rows(), m = x.cols(), e = wg.cols();
   ResizeTensor(&out->logits, s, e);  // fully overwritten below
   blas::Gemm(false, false, s, e, m, 1.0f, x.data(), wg.data(), 0.0f, out->logits.data());

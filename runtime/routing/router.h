@@ -36,8 +36,10 @@ struct RouterOutput {
 };
 
 // Computes logits, noise and probs for the S rows of x.
-void ComputeRouter(const config::RouterConfig& cfg, MatrixView<const float> x, const Tensor& wg,
-                   const Tensor& wnoise, const RouteContext& ctx, RouterOutput* out);
+// wg: M x E (M x E·p for SOFT); wnoise: M x E, read only when RouterIsNoisy.
+void ComputeRouter(const config::RouterConfig& cfg, MatrixView<const float> x,
+                   MatrixView<const float> wg, MatrixView<const float> wnoise,
+                   const RouteContext& ctx, RouterOutput* out);
 
 // Whether a call adds Shazeer noise (NOISY_TOPK at training): then noise_in = x Wnoise is needed.
 inline bool RouterIsNoisy(const config::RouterConfig& cfg, const RouteContext& ctx) {
@@ -53,6 +55,12 @@ void SoftmaxRows(MatrixView<const float> in, MatrixView<float> out);
 // per group and column, subtract the max over the group's rows, exp, sum in row order, multiply
 // by 1/sum (Soft MoE's dispatch weights).
 void SoftmaxColumnsPerGroup(MatrixView<const float> in, int64_t groups, MatrixView<float> out);
+
+// gate SOFT's backward through both softmaxes: from dC and dD (S x E·p, the gradients of the
+// combine weights router.probs and the dispatch weights router.dispatch) to dlogits (S x E·p,
+// overwritten): dL = C ⊙ (dC − <dC, C>_row) + D ⊙ (dD − <dD, D>_column over the local group).
+void SoftRouterGradients(const RouterOutput& router, int64_t groups, MatrixView<const float> dc,
+                         MatrixView<const float> dd, Tensor* dlogits);
 
 using routing::Softplus;
 

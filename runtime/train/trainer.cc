@@ -140,11 +140,8 @@ Status Trainer::Init() {
   layer_options.balance = world_;
   MOE_ASSIGN_OR_RETURN(const int ep_ranks_per_node,
                        EpRanksPerNode(cfg_.comm().ranks_per_node(), world, ep_size_));
-  layer_options.exchange = {.dropless = cfg_.parallel().dropless_exchange(),
-                            .pipeline_degree = cfg_.parallel().pipeline_degree(),
-                            .ranks_per_node = ep_ranks_per_node,
-                            .bf16_wire = cfg_.parallel().wire_dtype() == config::BF16,
-                            .account_padding = options_.account_padding};
+  layer_options.exchange = ExchangeOptionsOf(cfg_, ep_ranks_per_node);
+  layer_options.exchange.account_padding = options_.account_padding;
   layer_options.rank = rank;
   ep_ranks_per_node_ = ep_ranks_per_node;
   if (const int redundant = cfg_.parallel().num_redundant_experts(); redundant > 0) {

@@ -24,8 +24,9 @@
 #include "bench/staged_gpu_experts.h"
 #include "runtime/device/compute.h"
 #include "runtime/device/cpu_expert_compute.h"
+#include "runtime/device/host_device.h"
 #include "runtime/exchange/expert_parallel_executor.h"
-#include "runtime/layer/cpu_moe_layer.h"
+#include "runtime/layer/moe_layer.h"
 #include "runtime/train/trainer.h"
 #include "tests/gpu/device_util.h"
 #include "tests/unit/test_util.h"
@@ -102,10 +103,11 @@ TEST(GpuExperts, IdentityWeightsGiveExactAnswers) {
     SCOPED_TRACE(experts::cuda::PrecisionName(p));
     auto compute = MakeStagedExpertCompute(shape, kExperts, Cuda(p), 0);
     ASSERT_TRUE(compute.ok()) << compute.status().ToString();
-    Tensor y, dx;
-    ASSERT_TRUE((*compute)->Forward(offsets, x.view(), params, &y).ok());
+    Tensor y(7, kDim), dx(7, kDim);
+    ASSERT_TRUE((*compute)->SetWeights(params).ok());
+    ASSERT_TRUE((*compute)->Forward(0, offsets, x.view(), y.view()).ok());
     std::vector<FfnParams> grads(kExperts, FfnParams::Zeros(shape));
-    ASSERT_TRUE((*compute)->Backward(offsets, dy.view(), params, &grads, &dx).ok());
+    ASSERT_TRUE((*compute)->Backward(0, offsets, dy.view(), dx.view(), grads).ok());
     for (int64_t i = 0; i < x.size(); ++i) {
       ASSERT_EQ(y[i], x[i]) << "y element " << i;
       ASSERT_EQ(dx[i], x[i] > 0 ? dy[i] : 0.0f) << "dx element " << i;
@@ -141,20 +143,22 @@ TEST_P(GpuFfnVersusCpu, ForwardBackwardAndGradientsMatch) {
   testing::FillRandom(&dy, 101, 1.0f);
 
   CpuExpertCompute cpu(shape);
-  Tensor want_y, want_dx;
+  Tensor want_y(rows, shape.model_dim), want_dx(rows, shape.model_dim);
   std::vector<FfnParams> want_g(kExperts, FfnParams::Zeros(shape));
-  ASSERT_TRUE(cpu.Forward(offsets, x.view(), params, &want_y).ok());
-  ASSERT_TRUE(cpu.Backward(offsets, dy.view(), params, &want_g, &want_dx).ok());
+  ASSERT_TRUE(cpu.SetWeights(params).ok());
+  ASSERT_TRUE(cpu.Forward(0, offsets, x.view(), want_y.view()).ok());
+  ASSERT_TRUE(cpu.Backward(0, offsets, dy.view(), want_dx.view(), want_g).ok());
 
   auto gpu = MakeStagedExpertCompute(shape, kExperts, Cuda(c.precision), 0);
   ASSERT_TRUE(gpu.ok()) << gpu.status().ToString();
-  Tensor y, dx;
+  ASSERT_TRUE((*gpu)->SetWeights(params).ok());
+  Tensor y(rows, shape.model_dim), dx(rows, shape.model_dim);
   std::vector<FfnParams> g(kExperts, FfnParams::Zeros(shape));
   // Two steps: gradients accumulate on the device and are handed back once per Backward.
   for (int step = 0; step < 2; ++step) {
-    Status s = (*gpu)->Forward(offsets, x.view(), params, &y);
+    Status s = (*gpu)->Forward(0, offsets, x.view(), y.view());
     ASSERT_TRUE(s.ok()) << s.ToString();
-    s = (*gpu)->Backward(offsets, dy.view(), params, &g, &dx);
+    s = (*gpu)->Backward(0, offsets, dy.view(), dx.view(), g);
     ASSERT_TRUE(s.ok()) << s.ToString();
   }
   const double tol = c.precision == Precision::kFloat32 ? 1e-4 : 2e-2;
@@ -207,6 +211,7 @@ TEST(GpuExperts, GroupedFfnPartsKeepTheirOwnActivations) {
     ASSERT_TRUE(ffn.ok()) << ffn.status().ToString();
     ASSERT_TRUE((*ffn)->SetWeights(params).ok());
     CpuExpertCompute cpu(shape);
+    ASSERT_TRUE(cpu.SetWeights(params).ok());
     std::vector<FfnParams> want_g(kExperts, FfnParams::Zeros(shape));
     std::vector<Tensor> x(2), dy(2), want_y(2), want_dx(2);
     std::vector<Buffer> x_dev, dy_dev, y_dev, dx_dev;
@@ -216,9 +221,11 @@ TEST(GpuExperts, GroupedFfnPartsKeepTheirOwnActivations) {
       dy[part] = Tensor(rows, shape.model_dim);
       testing::FillRandom(&x[part], 50 + part, 1.0f);
       testing::FillRandom(&dy[part], 60 + part, 1.0f);
-      ASSERT_TRUE(cpu.Forward(offsets[part], x[part].view(), params, &want_y[part]).ok());
+      want_y[part] = Tensor(rows, shape.model_dim);
+      want_dx[part] = Tensor(rows, shape.model_dim);
+      ASSERT_TRUE(cpu.Forward(0, offsets[part], x[part].view(), want_y[part].view()).ok());
       ASSERT_TRUE(
-          cpu.Backward(offsets[part], dy[part].view(), params, &want_g, &want_dx[part]).ok());
+          cpu.Backward(0, offsets[part], dy[part].view(), want_dx[part].view(), want_g).ok());
       x_dev.push_back(
           testing::ToDevice(std::vector<float>(x[part].data(), x[part].data() + x[part].size())));
       dy_dev.push_back(testing::ToDevice(
@@ -236,7 +243,7 @@ TEST(GpuExperts, GroupedFfnPartsKeepTheirOwnActivations) {
       ASSERT_TRUE(st.ok()) << st.ToString();
     }
     std::vector<FfnParams> g(kExperts, FfnParams::Zeros(shape));
-    ASSERT_TRUE((*ffn)->AddGradients(&g).ok());
+    ASSERT_TRUE((*ffn)->AddGradients(g).ok());
     const double tol = precision == Precision::kFloat32 ? 1e-4 : 2e-2;
     for (int part = 0; part < 2; ++part) {
       const int64_t n = x[part].size();
@@ -263,8 +270,8 @@ TEST(GpuExperts, GroupedFfnPartsKeepTheirOwnActivations) {
   }
 }
 
-// The whole layer (router and plan on the CPU either way): same routing, outputs and gradients
-// within the fp32 tolerance.
+// The layer on the host device with the staged GPU experts (router and plan on the host either
+// way): same routing, outputs and gradients within the fp32 tolerance.
 TEST(GpuExperts, MoeLayerMatchesCpu) {
   MOE_REQUIRE_GPU();
   const config::LayerConfig cfg = testing::LayerFromText(
@@ -280,13 +287,17 @@ TEST(GpuExperts, MoeLayerMatchesCpu) {
   ctx.train = true;
   ctx.seed = 3;
 
-  CpuMoeLayer cpu(cfg);
+  MoeLayer cpu(cfg);
   InitLayerParams(cfg, 5, &cpu.params());
   auto compute =
       MakeStagedExpertCompute(ExpertShape(cfg), cfg.num_experts(), Cuda(Precision::kFloat32), 0);
   ASSERT_TRUE(compute.ok()) << compute.status().ToString();
-  CpuMoeLayer gpu(cfg, std::make_unique<LocalExpertExecutor>(ExpertShape(cfg), cfg.num_experts(), std::move(compute).value()), 0,
-               cfg.num_experts());
+  const auto host = std::make_shared<HostDevice>();
+  MoeLayer gpu(cfg, host,
+               std::make_unique<LocalExpertExecutor>(host.get(), ExpertShape(cfg),
+                                                     cfg.num_experts(), ExchangeOptions{},
+                                                     std::move(compute).value()),
+               0, cfg.num_experts());
   InitLayerParams(cfg, 5, &gpu.params());
 
   Tensor y_cpu, y_gpu, dx_cpu, dx_gpu;

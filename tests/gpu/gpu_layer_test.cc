@@ -1,5 +1,5 @@
-// The device-resident MoE layer (runtime/layer/device_moe_layer.h) against the CPU layer on the same
-// parameters and inputs:
+// The MoE layer on the CUDA device (runtime/layer/moe_layer.h over runtime/device/cuda/
+// cuda_device.h) against the same layer on the host device, on the same parameters and inputs:
 //  - routing identical, routed on the device (gpu::DeviceRouter, for the configs it supports) and
 //    on the host (route_on_device false, and re-routing): the plan comes from the
 //    GPU's fp32 logits; the inputs are random, so no two selection scores are within the GEMMs'
@@ -10,9 +10,11 @@
 //    stays fp32, so routing is still identical);
 //  - losses and metrics equal; two calls of different sizes before one AddGradients accumulate the
 //    sum of both calls' gradients; bad parameter shapes and call order are clear errors;
-//  - expert parallelism: W loopback ranks in device memory sharing the GPU, each a DeviceMoeLayer
-//    holding E/W experts, against the 1-rank CPU layer with G = W groups (routing identical; y, dx,
-//    expert gradients and the router gradient summed over ranks within 1e-4).
+//  - expert parallelism: W loopback ranks in device memory sharing the GPU, each a layer on the
+//    CUDA device holding E/W experts, against the 1-rank host layer with G = W groups (routing
+//    identical; y, dx, expert gradients and the router gradient summed over ranks within 1e-4),
+//    with every exchange feature the host has: capacity and dropless, pipelined chunks, the bf16
+//    wire, the two-stage all-to-all, redundant experts, Soft MoE and the GLOBAL balance loss.
 // Every GPU case skips with the reason when no CUDA device is visible; the no-GPU error runs
 // everywhere.
 #include <gtest/gtest.h>
@@ -23,11 +25,14 @@
 #include <string>
 #include <vector>
 
-#include "comm/loopback/loopback_world.h"
 #include "base/memory.h"
+#include "comm/loopback/loopback_world.h"
+#include "experts/cuda/grouped_ffn.h"
+#include "runtime/config/config.h"
 #include "runtime/device/cuda/route.h"
-#include "runtime/layer/device_moe_layer.h"
-#include "runtime/layer/cpu_moe_layer.h"
+#include "runtime/exchange/expert_placement.h"
+#include "runtime/layer/make_moe_layer.h"
+#include "runtime/layer/moe_layer.h"
 #include "tests/gpu/device_util.h"
 #include "tests/unit/test_util.h"
 
@@ -36,20 +41,27 @@ namespace {
 
 using experts::cuda::Precision;
 
+// compute.device=CUDA on GPU 0 (loopback ranks share it), experts in `precision`.
+config::ComputeConfig Cuda(Precision precision = Precision::kFloat32) {
+  config::ComputeConfig c;
+  c.set_device(config::CUDA);
+  c.set_gpu(0);
+  c.set_expert_precision(precision == Precision::kBfloat16 ? config::BF16 : config::FP32);
+  return c;
+}
+
 TEST(DeviceLayerNoDevice, CreateWithoutAGpuIsAClearError) {
   if (CudaDeviceCount() > 0)
     GTEST_SKIP() << "a CUDA device is visible; this checks the error without one";
   const config::LayerConfig cfg =
       testing::LayerFromText("model_dim: 8 num_experts: 2 expert { hidden_dim: 8 }");
-  auto layer = DeviceMoeLayer::Create(cfg, {});
+  auto layer = MakeMoeLayer(cfg, Cuda());
   ASSERT_FALSE(layer.ok());
-#if MOE_EXPERTS_HAVE_CUDA
   EXPECT_EQ(layer.status().code(), StatusCode::kFailedPrecondition) << layer.status().ToString();
+  EXPECT_NE(layer.status().message().find("compute.device=CUDA"), std::string::npos)
+      << layer.status().ToString();
   EXPECT_NE(layer.status().message().find("no CUDA device"), std::string::npos)
       << layer.status().ToString();
-#else
-  EXPECT_EQ(layer.status().code(), StatusCode::kUnimplemented) << layer.status().ToString();
-#endif
 }
 
 struct Case {
@@ -57,7 +69,7 @@ struct Case {
   std::string layer;  // LayerConfig text
   Precision precision;
   bool train;
-  bool route_on_device = true;  // DeviceLayerOptions::route_on_device
+  bool route_on_device = true;  // !MoeLayerOptions::host_routing
 };
 void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
 
@@ -65,7 +77,7 @@ class DeviceLayerVersusCpu : public ::testing::TestWithParam<Case> {};
 
 // Runs `tokens` random rows forward and backward through both layers and compares the plans,
 // losses, y and dx; the CPU layer's gradients are accumulated into g_cpu.
-void CompareCall(CpuMoeLayer& cpu, DeviceMoeLayer& gpu, int64_t tokens, uint64_t seed,
+void CompareCall(MoeLayer& cpu, MoeLayer& gpu, int64_t tokens, uint64_t seed,
                  const RouteContext& ctx, double tol, MoeLayerParams* g_cpu) {
   const int64_t m = cpu.config().model_dim();
   Tensor x(tokens, m), dy(tokens, m);
@@ -95,7 +107,7 @@ void CompareCall(CpuMoeLayer& cpu, DeviceMoeLayer& gpu, int64_t tokens, uint64_t
   EXPECT_NEAR(gpu.losses().aux, cpu.losses().aux, 1e-5 * std::max(1.0, cpu.losses().aux));
   EXPECT_NEAR(gpu.losses().z, cpu.losses().z, 1e-5 * std::max(1.0, cpu.losses().z));
   EXPECT_EQ(gpu.Metrics().dropped_slots(), cpu.Metrics().dropped_slots());
-  s = gpu.Backward(dy_dev.as<float>(), dx_dev.as<float>());
+  s = gpu.Backward(dy_dev.as<float>(), dx_dev.as<float>(), nullptr);
   ASSERT_TRUE(s.ok()) << s.ToString();
   ASSERT_TRUE(gpu.Synchronize().ok());
   Tensor y_gpu(tokens, m), dx_gpu(tokens, m);
@@ -111,14 +123,11 @@ TEST_P(DeviceLayerVersusCpu, ForwardBackwardAndGradientsMatch) {
   MOE_REQUIRE_GPU();
   const Case& c = GetParam();
   const config::LayerConfig cfg = testing::LayerFromText(c.layer);
-  CpuMoeLayer cpu(cfg);
+  MoeLayer cpu(cfg);
   InitLayerParams(cfg, 5, &cpu.params());
-  DeviceLayerOptions options;
-  options.precision = c.precision;
-  options.route_on_device = c.route_on_device;
-  auto made = DeviceMoeLayer::Create(cfg, options);
+  auto made = MakeMoeLayer(cfg, Cuda(c.precision), {.host_routing = !c.route_on_device});
   ASSERT_TRUE(made.ok()) << made.status().ToString();
-  DeviceMoeLayer& gpu = **made;
+  MoeLayer& gpu = **made;
   EXPECT_EQ(gpu.routes_on_device(),
             c.route_on_device && gpu::DeviceRouter::Supports(ResolvedLayerConfig(cfg).router(),
                                                              nullptr));
@@ -199,20 +208,20 @@ TEST(DeviceLayer, BadParametersAndCallOrderAreClearErrors) {
   MOE_REQUIRE_GPU();
   const config::LayerConfig cfg =
       testing::LayerFromText("model_dim: 8 num_experts: 2 expert { hidden_dim: 8 }");
-  auto made = DeviceMoeLayer::Create(cfg, {});
+  auto made = MakeMoeLayer(cfg, Cuda());
   ASSERT_TRUE(made.ok()) << made.status().ToString();
-  DeviceMoeLayer& gpu = **made;
+  MoeLayer& gpu = **made;
+  EXPECT_EQ(gpu.memory_space(), MemorySpace::kDevice);
   Buffer x = testing::DeviceArray<float>(8 * 4);
   Buffer y = testing::DeviceArray<float>(8 * 4);
-  Status s = gpu.Forward(x.as<float>(), 4, {}, y.as<float>());
-  EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition) << s.ToString();
   MoeLayerParams params = MakeLayerParams(cfg);
   params.experts[1].w2 = Tensor(8, 7);
-  s = gpu.SetParams(params);
+  Status s = gpu.SetParams(params);
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.ToString();
   EXPECT_NE(s.message().find("expert_1_w2 is 8x7, must be 8x8"), std::string::npos) << s.ToString();
-  ASSERT_TRUE(gpu.SetParams(MakeLayerParams(cfg)).ok());
-  s = gpu.Backward(x.as<float>(), y.as<float>());
+  const MoeLayerParams good = MakeLayerParams(cfg);
+  ASSERT_TRUE(gpu.SetParams(good).ok());
+  s = gpu.Backward(x.as<float>(), y.as<float>(), nullptr);
   EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition) << s.ToString();
   s = gpu.Forward(x.as<float>(), 0, {}, y.as<float>());
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.ToString();
@@ -223,6 +232,11 @@ struct EpCase {
   int world;
   std::string layer;  // LayerConfig text; num_local_groups is added (1 per rank, W for one rank)
   int pipeline_degree = 1;
+  bool dropless_exchange = false;
+  int ranks_per_node = 0;  // > 0: the two-stage all-to-all
+  bool bf16_wire = false;
+  bool global_balance = false;  // router.aux_loss_scope GLOBAL (over a host-memory world)
+  int redundant = 0;            // parallel.num_redundant_experts (round-robin placement)
 };
 void PrintTo(const EpCase& c, std::ostream* os) { *os << c.name; }
 
@@ -243,15 +257,33 @@ TEST_P(DeviceLayerExpertParallel, RanksOnDeviceBuffersEqualOneCpuRankWithGroups)
   constexpr int kTokensPerRank = 40;
   const config::LayerConfig ref_cfg = EpLayer(c, w), cfg = EpLayer(c, 1);
   const int64_t m = cfg.model_dim(), s = kTokensPerRank;
-  const int local = cfg.num_experts() / w;
+  const bool soft = cfg.router().gate() == config::SOFT;
+  // This rank's experts: E / W, or its placement's physical experts (redundant).
+  ExpertPlacement placement;
+  if (c.redundant > 0) {
+    auto made = IdentityPlacement(cfg.num_experts(), c.redundant, w);
+    ASSERT_TRUE(made.ok()) << made.status().ToString();
+    placement = *made;
+  }
+  const int local = c.redundant > 0 ? placement.per_rank : cfg.num_experts() / w;
+  const auto logical = [&](int r, int l) {
+    return c.redundant > 0 ? placement.logical_at(r, l) : r * local + l;
+  };
   Tensor x(w * s, m), dy(w * s, m);
   testing::FillRandom(&x, 21, 1.0f);
   testing::FillRandom(&dy, 22, 1.0f);
   RouteContext ctx;
   ctx.train = true;
   ctx.seed = 5;
+  // The wire's bf16 rounding may land one bf16 step apart where the GPU's fp32 rows differ in the
+  // last bits from the host's.
+  const double tol = c.bf16_wire ? 2e-2 : 1e-4;
 
-  CpuMoeLayer ref(ref_cfg);
+  // The reference: one host rank with G = W groups, the same wire dtype.
+  auto made_ref = MakeMoeLayer(ref_cfg, config::ComputeConfig(),
+                               {.exchange = {.bf16_wire = c.bf16_wire}});
+  ASSERT_TRUE(made_ref.ok()) << made_ref.status().ToString();
+  MoeLayer& ref = **made_ref;
   InitLayerParams(ref_cfg, 9, &ref.params());
   Tensor ref_y, ref_dx;
   ASSERT_TRUE(ref.Forward(x.view(), ctx, &ref_y).ok());
@@ -260,6 +292,13 @@ TEST_P(DeviceLayerExpertParallel, RanksOnDeviceBuffersEqualOneCpuRankWithGroups)
 
   auto world = comm::LoopbackWorld::Create(w, {MemorySpace::kDevice, {}});
   ASSERT_TRUE(world.ok()) << world.status().ToString();
+  // GLOBAL's counts are all-reduced over a host-memory world of the same ranks.
+  std::unique_ptr<comm::LoopbackWorld> host_world;
+  if (c.global_balance) {
+    auto made_host = comm::LoopbackWorld::Create(w, {});
+    ASSERT_TRUE(made_host.ok()) << made_host.status().ToString();
+    host_world = std::make_unique<comm::LoopbackWorld>(std::move(made_host).value());
+  }
   std::vector<Tensor> y(w, Tensor(s, m)), dx(w, Tensor(s, m));
   std::vector<MoeLayerParams> grads(w);
   std::vector<DispatchPlan> plans(w);
@@ -267,17 +306,25 @@ TEST_P(DeviceLayerExpertParallel, RanksOnDeviceBuffersEqualOneCpuRankWithGroups)
   world->RunPerRank([&](comm::Communicator& comm) {
     const int r = comm.rank();
     auto run = [&]() -> Status {
-      DeviceLayerOptions options;
-      options.comm = &comm;
-      options.pipeline_degree = c.pipeline_degree;
-      MOE_ASSIGN_OR_RETURN(auto layer, DeviceMoeLayer::Create(cfg, options));
+      MoeLayerOptions options{.ep = &comm,
+                              .exchange = {.dropless = c.dropless_exchange,
+                                           .pipeline_degree = c.pipeline_degree,
+                                           .ranks_per_node = c.ranks_per_node,
+                                           .bf16_wire = c.bf16_wire},
+                              .rank = r,
+                              .balance = host_world ? &host_world->rank(r) : nullptr,
+                              .placement = placement};
+      MOE_ASSIGN_OR_RETURN(auto layer, MakeMoeLayer(cfg, Cuda(), options));
       MoeLayerParams all = MakeLayerParams(cfg);
       InitLayerParams(cfg, 9, &all);
       MoeLayerParams mine = MakeLayerParams(cfg, r * local, local);
       mine.router = all.router;
       mine.router_noise = all.router_noise;
       mine.shared = all.shared;
-      for (int l = 0; l < local; ++l) mine.experts[l] = all.experts[r * local + l];
+      for (int l = 0; l < local; ++l) {
+        if (c.redundant > 0) mine.expert_ids.push_back(logical(r, l));
+        mine.experts[l] = all.experts[logical(r, l)];
+      }
       MOE_RETURN_IF_ERROR(layer->SetParams(mine));
       layer->set_loss_gradient_scale(1.0 / w);
       const int64_t bytes = s * m * static_cast<int64_t>(sizeof(float));
@@ -289,13 +336,14 @@ TEST_P(DeviceLayerExpertParallel, RanksOnDeviceBuffersEqualOneCpuRankWithGroups)
       RouteContext rctx = ctx;
       rctx.token_offset = r * s;
       MOE_RETURN_IF_ERROR(layer->Forward(x_dev.as<float>(), s, rctx, y_dev.as<float>()));
-      MOE_RETURN_IF_ERROR(layer->Backward(dy_dev.as<float>(), dx_dev.as<float>()));
+      MOE_RETURN_IF_ERROR(layer->Backward(dy_dev.as<float>(), dx_dev.as<float>(), nullptr));
       MOE_RETURN_IF_ERROR(layer->Synchronize());
       MOE_RETURN_IF_ERROR(
           CopyToHost(MemorySpace::kDevice, y[r].data(), y_dev.data(), bytes));
       MOE_RETURN_IF_ERROR(
           CopyToHost(MemorySpace::kDevice, dx[r].data(), dx_dev.data(), bytes));
       grads[r] = MakeLayerParams(cfg, r * local, local);
+      grads[r].expert_ids = mine.expert_ids;
       grads[r].Zero();
       MOE_RETURN_IF_ERROR(layer->FetchPlan());
       plans[r] = layer->plan();
@@ -308,25 +356,36 @@ TEST_P(DeviceLayerExpertParallel, RanksOnDeviceBuffersEqualOneCpuRankWithGroups)
   }
   const DispatchPlan& rp = ref.plan();
   const int64_t k = rp.top_k;
-  Tensor router_sum(m, cfg.num_experts());
+  Tensor router_sum(ref_grads.router.rows(), ref_grads.router.cols());
+  // A logical expert's gradient: the sum over its replicas.
+  std::vector<experts::FfnParams> expert_sum;
+  for (size_t e = 0; e < ref_grads.experts.size(); ++e) {
+    expert_sum.push_back(experts::FfnParams::Zeros(ExpertShape(cfg)));
+  }
   for (int r = 0; r < w; ++r) {
-    for (int64_t i = 0; i < s * k; ++i) {
-      ASSERT_EQ(plans[r].slot_expert[i], rp.slot_expert[r * s * k + i]) << "rank " << r;
+    if (!soft) {
+      for (int64_t i = 0; i < s * k; ++i) {
+        ASSERT_EQ(plans[r].slot_expert[i], rp.slot_expert[r * s * k + i]) << "rank " << r;
+      }
     }
     Tensor ref_y_r(s, m), ref_dx_r(s, m);
     std::copy(ref_y.row(r * s), ref_y.row(r * s) + s * m, ref_y_r.data());
     std::copy(ref_dx.row(r * s), ref_dx.row(r * s) + s * m, ref_dx_r.data());
-    EXPECT_LE(testing::RelativeError(y[r], ref_y_r), 1e-4) << "y of rank " << r;
-    EXPECT_LE(testing::RelativeError(dx[r], ref_dx_r), 1e-4) << "dx of rank " << r;
+    EXPECT_LE(testing::RelativeError(y[r], ref_y_r), tol) << "y of rank " << r;
+    EXPECT_LE(testing::RelativeError(dx[r], ref_dx_r), tol) << "dx of rank " << r;
     for (int l = 0; l < local; ++l) {
+      experts::FfnParams& sum = expert_sum[static_cast<size_t>(logical(r, l))];
       const experts::FfnParams& got = grads[r].experts[l];
-      const experts::FfnParams& want = ref_grads.experts[r * local + l];
-      EXPECT_LE(testing::RelativeError(got.w1, want.w1), 1e-4) << "expert " << r * local + l;
-      EXPECT_LE(testing::RelativeError(got.w2, want.w2), 1e-4) << "expert " << r * local + l;
+      for (int64_t i = 0; i < got.w1.size(); ++i) sum.w1[i] += got.w1[i];
+      for (int64_t i = 0; i < got.w2.size(); ++i) sum.w2[i] += got.w2[i];
     }
     for (int64_t i = 0; i < router_sum.size(); ++i) router_sum[i] += grads[r].router[i];
   }
-  EXPECT_LE(testing::RelativeError(router_sum, ref_grads.router), 1e-4);
+  for (size_t e = 0; e < expert_sum.size(); ++e) {
+    EXPECT_LE(testing::RelativeError(expert_sum[e].w1, ref_grads.experts[e].w1), tol) << "expert " << e;
+    EXPECT_LE(testing::RelativeError(expert_sum[e].w2, ref_grads.experts[e].w2), tol) << "expert " << e;
+  }
+  EXPECT_LE(testing::RelativeError(router_sum, ref_grads.router), tol);
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -358,7 +417,29 @@ INSTANTIATE_TEST_SUITE_P(
         EpCase{"three_ranks_one_expert_each_four_chunks", 3,
                "model_dim: 8 num_experts: 3 expert { hidden_dim: 8 activation: RELU } router { "
                "top_k: 1 capacity_factor_train: 0.5 min_capacity: 1 }",
-               4}),
+               4},
+        // What the device layer used to refuse, now the one layer's on the GPU too.
+        EpCase{"four_ranks_real_rows_two_stage", 4,
+               "model_dim: 16 num_experts: 8 expert { hidden_dim: 12 } router { top_k: 2 "
+               "capacity_factor_train: 1.25 min_capacity: 1 }",
+               2, /*dropless_exchange=*/true, /*ranks_per_node=*/2},
+        EpCase{"two_ranks_bf16_wire_chunks", 2,
+               "model_dim: 16 num_experts: 4 expert { hidden_dim: 24 } router { top_k: 2 "
+               "capacity_factor_train: 1.0 min_capacity: 1 }",
+               2, false, 0, /*bf16_wire=*/true},
+        EpCase{"two_ranks_global_balance_sigmoid", 2,
+               "model_dim: 16 num_experts: 4 expert { hidden_dim: 24 } router { top_k: 2 "
+               "score_function: SIGMOID aux_loss_scope: GLOBAL aux_loss_weight: 0.1 "
+               "capacity_factor_train: 1.0 min_capacity: 1 }",
+               1, false, 0, false, /*global_balance=*/true},
+        EpCase{"two_ranks_redundant_experts", 2,
+               "model_dim: 16 num_experts: 4 expert { hidden_dim: 24 } router { top_k: 2 "
+               "capacity_factor_train: 1.0 min_capacity: 1 }",
+               1, false, 0, false, false, /*redundant=*/2},
+        EpCase{"two_ranks_soft_moe", 2,
+               "model_dim: 16 num_experts: 4 expert { hidden_dim: 24 } router { gate: SOFT "
+               "slots_per_expert: 2 }",
+               2}),
     [](const ::testing::TestParamInfo<EpCase>& p) { return p.param.name; });
 
 }  // namespace

@@ -155,7 +155,7 @@ TEST_P(GpuRouteVersusPlan, SameRoutingAsTheCpuPlan) {
   ASSERT_TRUE(st.ok()) << st.ToString();
   // (The router runs on the legacy default stream: the copies below wait for it.)
   RouterGradients want;
-  RouterScoreGradients(rc, p, dev, dgate_rows, kScale, &want);
+  RouterScoreGradients(rc, p, dev, dgate_rows.data(), kScale, &want);
   const Tensor dlogits =
       testing::MakeTensor(kTokens, kExperts, FromDevice<float>(d_dlogits, kTokens * kExperts));
   EXPECT_LT(testing::RelativeError(dlogits, want.dlogits), 1e-5);

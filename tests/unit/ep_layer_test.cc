@@ -16,7 +16,8 @@
 #include "runtime/config/config.h"
 #include "runtime/exchange/expert_parallel_executor.h"
 #include "runtime/exchange/exchange_layout.h"
-#include "runtime/layer/cpu_moe_layer.h"
+#include "runtime/device/host_device.h"
+#include "runtime/layer/moe_layer.h"
 #include "tests/unit/test_util.h"
 
 namespace moe {
@@ -73,10 +74,11 @@ TEST_P(EpEquivalenceTest, ForwardAndBackwardEqualOneRankWithGroups) {
 
   // Reference: one rank, G = W groups.
   const config::LayerConfig ref_cfg = MakeLayer(c, w);
-  CpuMoeLayer ref(ref_cfg,
-                  std::make_unique<LocalExpertExecutor>(ExpertShape(ref_cfg), c.experts,
-                                                        ExchangeOptions{.bf16_wire = c.bf16}),
-                  0, c.experts);
+  const auto ref_device = std::make_shared<HostDevice>();
+  MoeLayer ref(ref_cfg, ref_device,
+               std::make_unique<LocalExpertExecutor>(ref_device.get(), ExpertShape(ref_cfg),
+                                                     c.experts, ExchangeOptions{.bf16_wire = c.bf16}),
+               0, c.experts);
   InitLayerParams(ref_cfg, 5, &ref.params());
   Tensor ref_y, ref_dx;
   ASSERT_TRUE(ref.Forward(x.view(), ctx, &ref_y).ok());
@@ -95,15 +97,16 @@ TEST_P(EpEquivalenceTest, ForwardAndBackwardEqualOneRankWithGroups) {
   std::vector<Status> status(w);
   world->RunPerRank([&](comm::Communicator& comm) {
     const int r = comm.rank();
+    const auto device = std::make_shared<HostDevice>();
     auto executor = std::make_unique<ExpertParallelExecutor>(
-        &comm, ExpertShape(cfg), c.experts,
+        device.get(), &comm, ExpertShape(cfg), c.experts,
         ExchangeOptions{.dropless = c.dropless_exchange,
                         .pipeline_degree = c.pipeline_degree,
                         .ranks_per_node = c.ranks_per_node,
                         .bf16_wire = c.bf16});
     status[r] = executor->EnableHierarchical();
     if (!status[r].ok()) return;
-    CpuMoeLayer layer(cfg, std::move(executor), r * local, local);
+    MoeLayer layer(cfg, device, std::move(executor), r * local, local);
     InitLayerParams(cfg, 5, &layer.params());
     layer.set_loss_gradient_scale(1.0 / w);
     layer.set_balance_communicator(&comm);  // aux_loss_scope GLOBAL
@@ -193,11 +196,12 @@ TEST(EpPipeline, ChunksAreIssuedInPipelineOrderAndPartitionTheRows) {
       std::vector<Status> status(w);
       world->RunPerRank([&](comm::Communicator& comm) {
         const int r = comm.rank();
+        const auto device = std::make_shared<HostDevice>();
         auto ex = std::make_unique<ExpertParallelExecutor>(
-            &comm, ExpertShape(cfg), c.experts,
+            device.get(), &comm, ExpertShape(cfg), c.experts,
             ExchangeOptions{.dropless = dropless, .pipeline_degree = degree});
         ExpertParallelExecutor* exec = ex.get();
-        CpuMoeLayer layer(cfg, std::move(ex), r * 2, 2);
+        MoeLayer layer(cfg, device, std::move(ex), r * 2, 2);
         InitLayerParams(cfg, 5, &layer.params());
         RouteContext ctx;
         ctx.train = true;
@@ -366,8 +370,12 @@ TEST(ExchangeLayout, SplitsEveryBlockIntoChunksByPosition) {
   EXPECT_FALSE(layout->send_is_plan);
   EXPECT_FALSE(layout->recv_is_expert_major);
   const ExchangeMaps maps = MakeExchangeMaps(*layout);
-  EXPECT_EQ(maps.send_gather, (std::vector<int32_t>{0, 3, 1, 2, 4, 5}));
-  EXPECT_EQ(maps.plan_gather, (std::vector<int32_t>{0, 2, 3, 1, 4, 5}));
+  // The dispatch's gather: send row send_dst[i] <- plan row send_src[i]; plan row r's result
+  // comes back to send row return_row[r].
+  EXPECT_EQ(maps.send_dst, (std::vector<int32_t>{0, 1, 2, 3, 4, 5}));
+  EXPECT_EQ(maps.send_src, (std::vector<int32_t>{0, 3, 1, 2, 4, 5}));
+  EXPECT_EQ(maps.return_row, (std::vector<int32_t>{0, 2, 3, 1, 4, 5}));
+  EXPECT_TRUE(maps.self_dst.empty());
   EXPECT_EQ(layout->plan_to_send, (std::vector<int64_t>{0, 2, 3, 1, 4, 5}));
   EXPECT_EQ(maps.to_expert_major, (std::vector<int32_t>{0, 1, 2, 4, 3}));
   EXPECT_EQ(maps.to_source_major, (std::vector<int32_t>{0, 1, 2, 4, 3}));
@@ -403,8 +411,8 @@ TEST(ExchangeLayout, SplitsEveryBlockIntoChunksByPosition) {
   auto one = MakeExchangeLayout({.ranks = 2, .local_experts = 2}, {2, 1, 0, 3}, {2, 1, 2, 0});
   ASSERT_TRUE(one.ok());
   EXPECT_TRUE(one->send_is_plan);
-  EXPECT_TRUE(MakeExchangeMaps(*one).send_gather.empty());
-  EXPECT_TRUE(MakeExchangeMaps(*one).plan_gather.empty());
+  EXPECT_EQ(MakeExchangeMaps(*one).send_src, (std::vector<int32_t>{0, 1, 2, 3, 4, 5}));
+  EXPECT_EQ(MakeExchangeMaps(*one).return_row, (std::vector<int32_t>{0, 1, 2, 3, 4, 5}));
   EXPECT_EQ(one->chunks[0].send_counts, (std::vector<int64_t>{3, 3}));
   EXPECT_EQ(one->chunks[0].recv_counts, (std::vector<int64_t>{3, 2}));
   EXPECT_EQ(MakeExchangeMaps(*one).to_expert_major, (std::vector<int32_t>{0, 1, 3, 4, 2}));
@@ -440,7 +448,7 @@ TEST(ExchangeLayout, PadsEveryBlockToTheCapacity) {
   EXPECT_FALSE(layout->send_is_plan);
   EXPECT_TRUE(layout->recv_is_expert_major);  // one local expert
   EXPECT_EQ(layout->plan_to_send, (std::vector<int64_t>{0, 2, 3, 6}));
-  EXPECT_EQ(MakeExchangeMaps(*layout).send_gather,
+  EXPECT_EQ(MakeExchangeMaps(*layout).send_src,
             (std::vector<int32_t>{0, -1, 1, 2, -1, -1, 3, -1}));
   const ExchangeChunk& c = layout->chunks[0];
   EXPECT_EQ(c.send_counts, (std::vector<int64_t>{4, 4}));
@@ -484,7 +492,6 @@ TEST(ExchangeLayout, EmulatedPipelinedExchangeRoundTrips) {
       lay.push_back(std::move(*one));
     }
     const auto gather = [](const std::vector<Label>& in, const std::vector<int32_t>& idx) {
-      if (idx.empty()) return in;
       std::vector<Label> out;
       for (int32_t i : idx) out.push_back(in[static_cast<size_t>(i)]);
       return out;
@@ -525,8 +532,14 @@ TEST(ExchangeLayout, EmulatedPipelinedExchangeRoundTrips) {
       for (int32_t i = 0; i < lay[static_cast<size_t>(r)].send_rows; ++i) {
         plan[static_cast<size_t>(r)].push_back({r, i});
       }
-      send[static_cast<size_t>(r)] =
-          gather(plan[static_cast<size_t>(r)], maps[static_cast<size_t>(r)].send_gather);
+      // The dispatch's gather: (send row, plan row) pairs; no padding and no self pieces here.
+      const ExchangeMaps& xm = maps[static_cast<size_t>(r)];
+      send[static_cast<size_t>(r)].assign(static_cast<size_t>(lay[static_cast<size_t>(r)].send_rows),
+                                          Label{-1, -1});
+      for (size_t i = 0; i < xm.send_dst.size(); ++i) {
+        send[static_cast<size_t>(r)][static_cast<size_t>(xm.send_dst[i])] =
+            plan[static_cast<size_t>(r)][static_cast<size_t>(xm.send_src[i])];
+      }
     }
     const auto recv = exchange(send, /*dispatch=*/true);
     std::vector<std::vector<Label>> back(static_cast<size_t>(w));
@@ -562,7 +575,7 @@ TEST(ExchangeLayout, EmulatedPipelinedExchangeRoundTrips) {
     }
     const auto combined = exchange(back, /*dispatch=*/false);
     for (int r = 0; r < w; ++r) {
-      EXPECT_EQ(gather(combined[static_cast<size_t>(r)], maps[static_cast<size_t>(r)].plan_gather),
+      EXPECT_EQ(gather(combined[static_cast<size_t>(r)], maps[static_cast<size_t>(r)].return_row),
                 plan[static_cast<size_t>(r)])
           << "trial " << trial << " rank " << r << " of " << w << ", " << l << " experts, " << d
           << " chunks";

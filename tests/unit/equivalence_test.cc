@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "runtime/config/config.h"
-#include "runtime/layer/cpu_moe_layer.h"
+#include "runtime/layer/moe_layer.h"
 #include "tests/unit/test_util.h"
 
 namespace moe {
@@ -56,7 +56,7 @@ TEST_P(GroupEquivalence, OneCallWithGroupsEqualsOneCallPerGroup) {
   const config::LayerConfig cfg_g = MakeCfg(c, g, 1.0);
   // The losses are averaged over groups: per-group calls carry 1/G of the loss weights.
   const config::LayerConfig cfg_1 = MakeCfg(c, 1, 1.0 / g);
-  CpuMoeLayer whole(cfg_g), single(cfg_1);
+  MoeLayer whole(cfg_g), single(cfg_1);
   InitLayerParams(cfg_g, 3, &whole.params());
   for (int64_t i = 0; i < whole.params().router.size(); ++i) whole.params().router[i] *= 3.0f;
   single.params() = whole.params();
@@ -180,7 +180,7 @@ struct RunResult {
   bool operator==(const RunResult&) const = default;
 };
 
-RunResult RunOnce(CpuMoeLayer& layer, const Tensor& x, const Tensor& dy, const RouteContext& ctx) {
+RunResult RunOnce(MoeLayer& layer, const Tensor& x, const Tensor& dy, const RouteContext& ctx) {
   RunResult r;
   Tensor y, dx;
   EXPECT_TRUE(layer.Forward(x.view(), ctx, &y).ok());
@@ -206,7 +206,7 @@ TEST(Determinism, IdenticalCallsGiveIdenticalBits) {
     const config::LayerConfig cfg = LayerFromText(
         std::string("model_dim: 8 num_experts: 4 expert { hidden_dim: 16 kind: SWIGLU } num_shared_experts: 1 router { ") +
         router + " }");
-    CpuMoeLayer a(cfg), b(cfg);
+    MoeLayer a(cfg), b(cfg);
     InitLayerParams(cfg, 7, &a.params());
     InitLayerParams(cfg, 7, &b.params());
     Tensor x(24, 8), dy(24, 8), x_small(8, 8), dy_small(8, 8);

@@ -12,6 +12,7 @@
 
 #include "comm/loopback/loopback_world.h"
 #include "base/bf16.h"
+#include "runtime/device/host_device.h"
 #include "runtime/routing/dispatch_plan.h"
 #include "runtime/exchange/expert_exchange.h"
 
@@ -85,7 +86,8 @@ TEST_P(ExpertExchangeTest, DispatchDeliversEveryRowAndCombineSumsTheCallersResul
       if (!ok && fail.empty()) fail = "rank " + std::to_string(p) + ": " + what;
       return ok;
     };
-    ExpertExchange exchange(&comm, e, kModel,
+    HostDevice device;
+    ExpertExchange exchange(&device, &comm, e, kModel,
                             {.dropless = c.dropless_exchange,
                              .pipeline_degree = c.chunks,
                              .ranks_per_node = c.ranks_per_node,
@@ -212,7 +214,8 @@ TEST(ExpertExchange, OneRankMovesNothing) {
   for (int64_t t = 0; t < x.rows(); ++t) {
     for (int64_t k = 0; k < kModel; ++k) x(t, k) = Value(0, t, k);
   }
-  ExpertExchange exchange(nullptr, 3, kModel, {.dropless = true});
+  HostDevice device;
+  ExpertExchange exchange(&device, nullptr, 3, kModel, {.dropless = true});
   ExchangeHandle h;
   ASSERT_TRUE(exchange.Dispatch(plan, x.view(), Pass::kForward, &h).ok());
   EXPECT_TRUE(h.layout().send_is_plan);
@@ -260,7 +263,8 @@ TEST(ExpertExchange, Bf16WireStaysWithinTheRoundingBoundOfFp32) {
     const DispatchPlan& plan = plans[static_cast<size_t>(p)];
     std::vector<Tensor> ys;
     for (const bool bf16 : {false, true}) {
-      ExpertExchange exchange(&comm, e, kModel,
+      HostDevice device;
+      ExpertExchange exchange(&device, &comm, e, kModel,
                               {.dropless = true, .pipeline_degree = c.chunks, .bf16_wire = bf16});
       ExchangeHandle h;
       Status st = exchange.Dispatch(plan, xs[static_cast<size_t>(p)].view(), Pass::kForward, &h);

@@ -1,4 +1,4 @@
-// Finite-difference check of CpuMoeLayer::Backward for every parameter tensor and the input, across
+// Finite-difference check of MoeLayer::Backward for every parameter tensor and the input, across
 // gate kinds, normalizations, drops, reroute, random routing, activations, shared experts, losses
 // and groups. Objective: L = sum(y * dy) + aux_w * aux + z_w * z (docs/SEMANTICS.md "Backward").
 #include <gtest/gtest.h>
@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "runtime/config/config.h"
-#include "runtime/layer/cpu_moe_layer.h"
+#include "runtime/layer/moe_layer.h"
 #include "tests/unit/test_util.h"
 
 namespace moe {
@@ -40,14 +40,14 @@ struct Routing {
   bool operator==(const Routing&) const = default;
 };
 
-Routing RoutingOf(const CpuMoeLayer& l) {
+Routing RoutingOf(const MoeLayer& l) {
   const DispatchPlan& p = l.plan();
   return {p.selected, p.slot_expert, p.slot_final, p.row_token, p.ec_token};
 }
 
 // Signs of every ReLU pre-activation h = x W1 + b1 the forward computed (routed rows and shared
 // experts), recomputed here: a perturbation that flips one crosses a kink.
-std::vector<bool> ReluSigns(const CpuMoeLayer& l, const Tensor& x) {
+std::vector<bool> ReluSigns(const MoeLayer& l, const Tensor& x) {
   std::vector<bool> out;
   auto rows = [&](const experts::FfnParams& p, int64_t t) {
     for (int64_t j = 0; j < p.w1.cols(); ++j) {
@@ -76,7 +76,7 @@ TEST_P(GradCheck, BackwardMatchesFiniteDifferences) {
   const GradCase& c = GetParam();
   const config::LayerConfig cfg = LayerFromText(c.layer);
   ASSERT_GT(cfg.model_dim(), 0);
-  CpuMoeLayer layer(cfg);
+  MoeLayer layer(cfg);
   InitLayerParams(cfg, 17, &layer.params());
   for (int64_t i = 0; i < layer.params().router.size(); ++i) layer.params().router[i] *= c.router_scale;
   if (!c.bias.empty()) layer.router_bias() = c.bias;
@@ -228,7 +228,7 @@ INSTANTIATE_TEST_SUITE_P(Configs, GradCheck, ::testing::ValuesIn(Cases()),
 // detected. Guards against a vacuous comparison.
 TEST(GradCheckSelfTest, DetectsAWrongGradient) {
   const config::LayerConfig cfg = LayerFromText(Base(kGelu, "top_k: 2 capacity_factor_eval: 0 aux_loss: NO_AUX_LOSS"));
-  CpuMoeLayer layer(cfg);
+  MoeLayer layer(cfg);
   InitLayerParams(cfg, 17, &layer.params());
   Tensor x(6, 4), dy(6, 4), y, dx;
   FillRandom(&x, 1, 1.0f);
@@ -270,7 +270,7 @@ TEST(GradCheckSelfTest, DetectsAWrongGradient) {
 
 TEST(BackwardErrors, NeedsForwardAndMatchingShapes) {
   const config::LayerConfig cfg = LayerFromText(Base(kGelu, "top_k: 2"));
-  CpuMoeLayer layer(cfg);
+  MoeLayer layer(cfg);
   Tensor dy(3, 4), dx;
   MoeLayerParams g = testing::ZeroGrads(layer);
   Status s = layer.Backward(dy.view(), &dx, &g);

@@ -9,7 +9,7 @@
 
 #include "comm/loopback/loopback_world.h"
 #include "runtime/config/config.h"
-#include "runtime/layer/cpu_moe_layer.h"
+#include "runtime/layer/moe_layer.h"
 #include "runtime/layer/host_layer_call.h"
 #include "runtime/layer/make_moe_layer.h"
 #include "tests/unit/test_util.h"
@@ -58,16 +58,16 @@ struct Reference {
   }
 };
 
-TEST(CpuMoeLayerApi, BoundParametersGiveTheOwnParametersResults) {
+TEST(MoeLayerApi, BoundParametersGiveTheOwnParametersResults) {
   Reference r;
-  CpuMoeLayer owning(r.cfg);
+  MoeLayer owning(r.cfg);
   owning.params() = r.params;
   Tensor y_own, dx_own;
   MoeLayerParams g_own = MakeLayerParams(r.cfg);
   ASSERT_TRUE(owning.Forward(r.x.view(), {}, &y_own).ok());
   ASSERT_TRUE(owning.Backward(r.dy.view(), &dx_own, &g_own).ok());
 
-  CpuMoeLayer bound(r.cfg);
+  MoeLayer bound(r.cfg);
   ASSERT_TRUE(bound.SetParams(r.params).ok());
   Tensor y(8, 6), dx(8, 6);
   ASSERT_TRUE(bound.Forward(r.x.data(), 8, {}, y.data()).ok());
@@ -91,9 +91,9 @@ TEST(CpuMoeLayerApi, BoundParametersGiveTheOwnParametersResults) {
   });
 }
 
-TEST(CpuMoeLayerApi, SetParamsNamesTheTensorOfTheWrongShape) {
+TEST(MoeLayerApi, SetParamsNamesTheTensorOfTheWrongShape) {
   Reference r;
-  CpuMoeLayer layer(r.cfg);
+  MoeLayer layer(r.cfg);
   MoeLayerParams bad = r.params;
   bad.experts[2].w1 = Tensor(6, 4);
   const Status s = layer.SetParams(bad);
@@ -104,7 +104,7 @@ TEST(CpuMoeLayerApi, SetParamsNamesTheTensorOfTheWrongShape) {
 
 TEST(HostLayerCallTest, ChecksShapesAndOrder) {
   Reference r;
-  CpuMoeLayer layer(r.cfg);
+  MoeLayer layer(r.cfg);
   HostLayerCall call(&layer);
   Tensor y, dx;
   MoeLayerParams g = MakeLayerParams(r.cfg);

@@ -9,7 +9,8 @@
 
 #include "comm/loopback/loopback_world.h"
 #include "runtime/config/config.h"
-#include "runtime/layer/cpu_moe_layer.h"
+#include "runtime/device/host_device.h"
+#include "runtime/layer/moe_layer.h"
 #include "runtime/exchange/expert_parallel_executor.h"
 #include "runtime/exchange/expert_placement.h"
 #include "runtime/exchange/redundant_experts.h"
@@ -115,15 +116,16 @@ TEST_P(RedundantLayerTest, EqualsTheLayerWithoutReplicas) {
       const bool redundant = variant == 1;
       const int local = redundant ? per_rank : kExperts / kRanks;
       const int physical = redundant ? placement->num_physical() : kExperts;
-      auto inner = std::make_unique<ExpertParallelExecutor>(&comm, ExpertShape(cfg), physical,
-                                                            options);
+      const auto device = std::make_shared<HostDevice>();
+      auto inner = std::make_unique<ExpertParallelExecutor>(device.get(), &comm, ExpertShape(cfg),
+                                                            physical, options);
       std::unique_ptr<ExpertExecutor> executor;
       if (redundant) {
         executor = std::make_unique<RedundantExpertExecutor>(std::move(inner), *placement);
       } else {
         executor = std::move(inner);
       }
-      CpuMoeLayer layer(cfg, std::move(executor), r * local, local);
+      MoeLayer layer(cfg, device, std::move(executor), r * local, local);
       MoeLayerParams& p = layer.params();
       p.router = full.router;
       for (int s = 0; s < local; ++s) {

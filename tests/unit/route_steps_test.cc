@@ -378,7 +378,7 @@ void ExpectSameAsCpu(const config::RouterConfig& rc, const DispatchPlan& p,
   testing::FillRandom(&dgate, seed + 3000, 1.0f);
   const std::vector<float> dgate_rows(dgate.vec().begin(), dgate.vec().begin() + p.num_rows());
   RouterGradients cpu;
-  RouterScoreGradients(rc, p, router, dgate_rows, 0.5, &cpu);
+  RouterScoreGradients(rc, p, router, dgate_rows.data(), 0.5, &cpu);
   const RouterGradients dev = EmulateBackward(rc, got, router, dgate_rows, 0.5);
   EXPECT_EQ(dev.dlogits.vec(), cpu.dlogits.vec());
   if (router.noisy) {

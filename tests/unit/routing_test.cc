@@ -14,7 +14,7 @@
 #include "runtime/config/config.h"
 #include "runtime/routing/dispatch_plan.h"
 #include "runtime/routing/losses.h"
-#include "runtime/layer/cpu_moe_layer.h"
+#include "runtime/layer/moe_layer.h"
 #include "runtime/routing/router.h"
 #include "tests/unit/test_util.h"
 
@@ -855,7 +855,7 @@ class UnitExpertLayer {
                              std::to_string(shared) + " router { " + router_text + " }")) {
     for (int e = 0; e < 4; ++e) layer_.params().experts[e].b2[e] = 1.0f;
   }
-  CpuMoeLayer& layer() { return layer_; }
+  MoeLayer& layer() { return layer_; }
   void SetLogits(int type, const std::vector<float>& l) {
     for (int e = 0; e < 4; ++e) layer_.params().router(type, e) = l[e];
   }
@@ -866,7 +866,7 @@ class UnitExpertLayer {
   }
 
  private:
-  CpuMoeLayer layer_;
+  MoeLayer layer_;
 };
 
 std::vector<float> Logs(std::initializer_list<float> p) {
@@ -880,7 +880,7 @@ TEST(LayerTest, SoftMoeMixesTokensIntoSlotsAndSlotsIntoTokens) {
   // Φ = [[ln 3, 0], [0, 0]]: logits t0 = (ln 3, 0), t1 = (3 ln 3, 0).
   // C: t0 (3/4, 1/4), t1 (27/28, 1/28). D: column 0 (3, 27)/30 = (0.1, 0.9), column 1 (1/2, 1/2).
   // Slot inputs (0.1 x0 + 0.9 x1) = (2.8, 0.6) and (x0 + x1)/2 = (2, -1); outputs (2.8, 0.6), (2, 0).
-  CpuMoeLayer layer(LayerFromText("model_dim: 2 num_experts: 2 expert { hidden_dim: 2 activation: "
+  MoeLayer layer(LayerFromText("model_dim: 2 num_experts: 2 expert { hidden_dim: 2 activation: "
                                   "RELU bias: false } router { gate: SOFT slots_per_expert: 1 }"));
   MoeLayerParams& p = layer.params();
   ASSERT_EQ(p.router.rows(), 2);
@@ -1003,7 +1003,7 @@ TEST(LayerTest, SharedExpertIsAddedUnweighted) {
 // TOP1 picks expert 0 with gate 1/2.
 Tensor RunIdentityExpert(const std::string& expert_text, const Tensor& x, float w3_scale = 1.0f,
                          int shared = 0) {
-  CpuMoeLayer layer(LayerFromText("model_dim: 4 num_experts: 2 expert { hidden_dim: 4 " + expert_text +
+  MoeLayer layer(LayerFromText("model_dim: 4 num_experts: 2 expert { hidden_dim: 4 " + expert_text +
                                " } num_shared_experts: " + std::to_string(shared) +
                                " router { gate: TOP1 capacity_factor_eval: 0 }"));
   auto set = [&](experts::FfnParams& p) {
@@ -1061,7 +1061,7 @@ TEST(ExpertTest, ActivationHelpers) {
 
 TEST(ExpertTest, BiasesAreApplied) {
   // W = 0: output is b2 (b1 passes through the activation into W2 = 0).
-  CpuMoeLayer layer(LayerFromText(
+  MoeLayer layer(LayerFromText(
       "model_dim: 2 num_experts: 2 expert { hidden_dim: 2 activation: RELU } router { gate: TOP1 "
       "capacity_factor_eval: 0 }"));
   auto& p = layer.params().experts[0];
@@ -1081,8 +1081,8 @@ TEST(ExpertTest, BiasesAreApplied) {
 // Noisy top-k.
 
 // A layer with M=8, E=4, random router (and noise) weights and expert outputs b2 only.
-CpuMoeLayer MakeRandomRouterLayer(const std::string& router_text, int groups) {
-  CpuMoeLayer layer(LayerFromText("model_dim: 8 num_experts: 4 expert { hidden_dim: 3 } router { " +
+MoeLayer MakeRandomRouterLayer(const std::string& router_text, int groups) {
+  MoeLayer layer(LayerFromText("model_dim: 8 num_experts: 4 expert { hidden_dim: 3 } router { " +
                                router_text + " num_local_groups: " + std::to_string(groups) +
                                Cf(1.0) + " }"));
   FillRandom(&layer.params().router, 1, 1.0f);
@@ -1100,7 +1100,7 @@ Tensor Eye8() {
 const char* kNoisy = "gate: NOISY_TOPK top_k: 2";
 
 TEST(NoisyTest, EvalIsTopKSoftmaxOfCleanLogits) {
-  CpuMoeLayer layer = MakeRandomRouterLayer(kNoisy, 1);
+  MoeLayer layer = MakeRandomRouterLayer(kNoisy, 1);
   Tensor x = Eye8(), y;
   ASSERT_TRUE(layer.Forward(x.view(), {}, &y).ok());
   EXPECT_FALSE(layer.router_output().noisy);
@@ -1123,7 +1123,7 @@ TEST(NoisyTest, EvalIsTopKSoftmaxOfCleanLogits) {
 }
 
 TEST(NoisyTest, TrainNoiseIsCounterBased) {
-  CpuMoeLayer layer = MakeRandomRouterLayer(kNoisy, 1);
+  MoeLayer layer = MakeRandomRouterLayer(kNoisy, 1);
   Tensor x = Eye8(), y1, y2, y3;
   RouteContext ctx{true, 5, 3, 0};
   ASSERT_TRUE(layer.Forward(x.view(), ctx, &y1).ok());
@@ -1171,8 +1171,8 @@ TEST(NoisyTest, TrainNoiseIsCounterBased) {
 // Draws depend only on the global token index: tokens 4..7 called alone with token_offset 4 are
 // routed exactly like rows 4..7 of one call over 0..7 in two groups.
 void ExpectOffsetInvariance(const std::string& router_text) {
-  CpuMoeLayer whole = MakeRandomRouterLayer(router_text, 2);
-  CpuMoeLayer half = MakeRandomRouterLayer(router_text, 1);
+  MoeLayer whole = MakeRandomRouterLayer(router_text, 2);
+  MoeLayer half = MakeRandomRouterLayer(router_text, 1);
   Tensor x = Eye8();
   Tensor x2(4, 8);
   for (int t = 0; t < 4; ++t) x2(t, 4 + t) = 1.0f;
@@ -1252,7 +1252,7 @@ TEST(LayerTest, UnparsedExpertChoiceConfigResolvesItsDefaults) {
   cfg.set_num_experts(2);
   cfg.mutable_expert()->set_hidden_dim(3);
   cfg.mutable_router()->set_gate(config::EXPERT_CHOICE);
-  CpuMoeLayer layer(cfg);
+  MoeLayer layer(cfg);
   EXPECT_EQ(layer.config().router().aux_loss(), config::NO_AUX_LOSS);
   InitLayerParams(layer.config(), 5, &layer.params());
   Tensor x(6, 4), y;

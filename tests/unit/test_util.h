@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "runtime/config/config.h"
-#include "runtime/layer/cpu_moe_layer.h"
+#include "runtime/layer/moe_layer.h"
 
 namespace moe::testing {
 
@@ -39,7 +39,7 @@ inline void FillRandom(Tensor* t, uint64_t seed, float scale) {
   }
 }
 
-inline MoeLayerParams ZeroGrads(const CpuMoeLayer& layer) {
+inline MoeLayerParams ZeroGrads(const MoeLayer& layer) {
   MoeLayerParams g = MakeLayerParams(layer.config());
   g.Zero();
   return g;

@@ -1,11 +1,14 @@
-// Permute kernels: one block per packed row (gather, gradient) or per token (combine). Rows are
-// moved as float4 when the row width and the base pointers allow it (16-byte loads and stores).
+// Row kernels of the CUDA device (runtime/device/cuda/permute.h): one block per row (gather, gate
+// gradient) or per token (combine), grid-stride loops for the casts. Rows move as float4 when the
+// row width and the base pointers allow it (16-byte loads and stores).
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <string>
 
 #include "runtime/device/cuda/permute.h"
+#include "runtime/device/row_steps.h"
 
 namespace moe::gpu {
 namespace {
@@ -17,69 +20,91 @@ bool Vec4(int64_t cols, const void* a, const void* b) {
          reinterpret_cast<uintptr_t>(b) % 16 == 0;
 }
 
-template <typename V>
-__global__ void GatherKernel(const V* x, const int32_t* row_token, int64_t cols_v, V* packed) {
-  const int64_t r = blockIdx.x;
-  const V* src = x + row_token[r] * cols_v;
-  V* dst = packed + r * cols_v;
-  for (int64_t c = threadIdx.x; c < cols_v; c += blockDim.x) dst[c] = src[c];
+__device__ __forceinline__ float RoundBf16(float v) {
+  return __bfloat162float(__float2bfloat16_rn(v));
 }
 
-__device__ __forceinline__ float Fma(float g, float y, float acc) { return fmaf(g, y, acc); }
-__device__ __forceinline__ float4 Fma(float g, float4 y, float4 acc) {
-  return make_float4(fmaf(g, y.x, acc.x), fmaf(g, y.y, acc.y), fmaf(g, y.z, acc.z),
-                     fmaf(g, y.w, acc.w));
-}
-template <typename V>
-__device__ __forceinline__ V Zero();
-template <>
-__device__ __forceinline__ float Zero<float>() {
-  return 0.0f;
-}
-template <>
-__device__ __forceinline__ float4 Zero<float4>() {
-  return make_float4(0.f, 0.f, 0.f, 0.f);
-}
-
-// One block per token: out[t] (+)= Σ gate · packed[r] over the token's rows, in plan order.
-template <typename V>
-__global__ void CombineKernel(const V* packed, const int64_t* token_row_offset,
-                              const int32_t* token_rows, const float* gate, int64_t cols_v,
-                              bool accumulate, V* out) {
-  const int64_t t = blockIdx.x;
-  const int64_t begin = token_row_offset[t], end = token_row_offset[t + 1];
-  for (int64_t c = threadIdx.x; c < cols_v; c += blockDim.x) {
-    V acc = accumulate ? out[t * cols_v + c] : Zero<V>();
-    for (int64_t i = begin; i < end; ++i) {
-      const int32_t r = token_rows[i];
-      acc = Fma(gate == nullptr ? 1.0f : gate[r], packed[r * cols_v + c], acc);
+// Row i of the gather: fp32 rows, scaled and rounded as the format says.
+__global__ void GatherKernel(RowGather g) {
+  const int64_t i = blockIdx.x;
+  const int64_t to = row_steps::GatherDestination(g, i), from = row_steps::GatherSource(g, i);
+  const float scale = from >= 0 ? row_steps::GatherScale(g, i) : 0.0f;
+  const float* src = from >= 0 ? g.src + from * g.cols : nullptr;
+  if (g.format == RowFormat::kBf16) {
+    __nv_bfloat16* dst = static_cast<__nv_bfloat16*>(g.dst) + to * g.cols;
+    for (int64_t c = threadIdx.x; c < g.cols; c += blockDim.x) {
+      dst[c] = __float2bfloat16_rn(src == nullptr ? 0.0f : __fmul_rn(scale, src[c]));
     }
-    out[t * cols_v + c] = acc;
+    return;
+  }
+  float* dst = static_cast<float*>(g.dst) + to * g.cols;
+  const bool round = g.format == RowFormat::kRoundedBf16;
+  for (int64_t c = threadIdx.x; c < g.cols; c += blockDim.x) {
+    float v = src == nullptr ? 0.0f : __fmul_rn(scale, src[c]);
+    dst[c] = round ? RoundBf16(v) : v;
   }
 }
 
-// One block per packed row: the scaled copy and the dot product (block reduction).
-__global__ void GateGradKernel(const float* dy, const float* packed_y, const int32_t* row_token,
-                               const float* gate, int64_t cols, float* packed_dy, float* dgate) {
+// The unscaled fp32 gather, 16 bytes at a time.
+__global__ void GatherCopyKernel4(RowGather g) {
+  const int64_t i = blockIdx.x, cols4 = g.cols / 4;
+  const int64_t to = row_steps::GatherDestination(g, i), from = row_steps::GatherSource(g, i);
+  float4* dst = static_cast<float4*>(g.dst) + to * cols4;
+  const float4* src = from >= 0 ? reinterpret_cast<const float4*>(g.src) + from * cols4 : nullptr;
+  for (int64_t c = threadIdx.x; c < cols4; c += blockDim.x) {
+    dst[c] = src == nullptr ? make_float4(0.f, 0.f, 0.f, 0.f) : src[c];
+  }
+}
+
+// One block per token: y[t] += Σ gate · row over the token's rows, in plan order.
+__global__ void CombineKernel(RowCombine c) {
+  const int64_t t = blockIdx.x;
+  const int64_t begin = row_steps::TokenRowsBegin(c.plan, t),
+                end = row_steps::TokenRowsEnd(c.plan, t);
+  float* out = c.y + t * c.cols;
+  for (int64_t k = threadIdx.x; k < c.cols; k += blockDim.x) {
+    float acc = out[k];
+    for (int64_t i = begin; i < end; ++i) {
+      const int32_t r = c.plan.token_rows[i];
+      const float v = row_steps::ReturnedRow(c.returned, r, c.cols)[k];
+      acc = c.gated ? fmaf(c.plan.row_gate[r], v, acc) : acc + v;
+    }
+    out[k] = acc;
+  }
+}
+
+// One block per plan row: dy[token] · returned row (block reduction).
+__global__ void GateGradKernel(GateGradient g) {
   __shared__ float warp_sums[kThreads / 32];
   const int64_t r = blockIdx.x;
-  const float* d = dy + row_token[r] * cols;
-  const float* y = packed_y + r * cols;
-  float* pd = packed_dy + r * cols;
-  const float g = gate[r];
+  const float* d = g.dy + g.plan.row_token[r] * g.cols;
+  const float* y = row_steps::ReturnedRow(g.returned, r, g.cols);
   float dot = 0.0f;
-  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
-    const float dv = d[c];
-    pd[c] = g * dv;
-    dot = fmaf(dv, y[c], dot);
-  }
+  for (int64_t c = threadIdx.x; c < g.cols; c += blockDim.x) dot = fmaf(d[c], y[c], dot);
   for (int off = 16; off > 0; off /= 2) dot += __shfl_down_sync(0xffffffffu, dot, off);
   if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = dot;
   __syncthreads();
   if (threadIdx.x == 0) {
     float total = 0.0f;
     for (int w = 0; w < kThreads / 32; ++w) total += warp_sums[w];
-    dgate[r] = total;
+    g.dgate[r] = total;
+  }
+}
+
+__global__ void CastKernel(CastKind kind, const void* src, void* dst, int64_t n) {
+  const int64_t stride = int64_t{gridDim.x} * blockDim.x;
+  for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < n; i += stride) {
+    switch (kind) {
+      case CastKind::kToBf16:
+        static_cast<__nv_bfloat16*>(dst)[i] = __float2bfloat16_rn(static_cast<const float*>(src)[i]);
+        break;
+      case CastKind::kFromBf16:
+        static_cast<float*>(dst)[i] = __bfloat162float(static_cast<const __nv_bfloat16*>(src)[i]);
+        break;
+      case CastKind::kRoundBf16:
+        static_cast<float*>(dst)[i] = RoundBf16(static_cast<const float*>(src)[i]);
+        break;
+    }
   }
 }
 
@@ -96,68 +121,61 @@ Status Launched(const char* what) {
   return Internal(std::string("CUDA ") + what + " launch: " + cudaGetErrorString(err));
 }
 
-Status CheckSizes(const DevicePlan& plan, int64_t cols, const char* what) {
-  if (cols < 1 || plan.rows < 0 || plan.tokens < 0 || plan.rows > (int64_t{1} << 31) - 1 ||
-      plan.tokens > (int64_t{1} << 31) - 1) {
+Status CheckRows(int64_t rows, int64_t cols, const char* what) {
+  if (cols < 1 || rows < 0 || rows > kMaxDeviceRows) {
     return InvalidArgument(std::string(what) + ": cols=" + std::to_string(cols) +
-                           " must be >= 1 and rows=" + std::to_string(plan.rows) +
-                           ", tokens=" + std::to_string(plan.tokens) + " in [0, 2^31)");
+                           " must be >= 1 and rows=" + std::to_string(rows) + " in [0, 2^31)");
   }
   return Status::Ok();
 }
 
+unsigned Blocks(int64_t n) {
+  return static_cast<unsigned>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65536));
+}
+
 }  // namespace
 
-Status PermuteRows(const DevicePlan& plan, const float* x, int64_t cols, float* packed,
-                   void* stream) {
-  MOE_RETURN_IF_ERROR(CheckSizes(plan, cols, "PermuteRows"));
-  if (plan.rows == 0) return Status::Ok();
+Status GatherRows(const RowGather& g, void* stream) {
+  MOE_RETURN_IF_ERROR(CheckRows(g.rows, g.cols, "GatherRows"));
+  if (g.rows == 0) return Status::Ok();
   auto s = static_cast<cudaStream_t>(stream);
-  const auto grid = static_cast<unsigned>(plan.rows);
-  if (Vec4(cols, x, packed)) {
-    GatherKernel<float4><<<grid, kThreads, 0, s>>>(reinterpret_cast<const float4*>(x),
-                                                   plan.row_token, cols / 4,
-                                                   reinterpret_cast<float4*>(packed));
+  const auto grid = static_cast<unsigned>(g.rows);
+  if (g.format == RowFormat::kFloat32 && g.row_gate == nullptr && Vec4(g.cols, g.src, g.dst)) {
+    GatherCopyKernel4<<<grid, kThreads, 0, s>>>(g);
   } else {
-    GatherKernel<float><<<grid, kThreads, 0, s>>>(x, plan.row_token, cols, packed);
+    GatherKernel<<<grid, kThreads, 0, s>>>(g);
   }
-  return Launched("PermuteRows");
+  return Launched("GatherRows");
 }
 
-Status UnpermuteRows(const DevicePlan& plan, const float* packed_y, int64_t cols, bool with_gates,
-                     bool accumulate, float* out, void* stream) {
-  MOE_RETURN_IF_ERROR(CheckSizes(plan, cols, "UnpermuteRows"));
-  if (plan.tokens == 0) return Status::Ok();
-  auto s = static_cast<cudaStream_t>(stream);
-  const auto grid = static_cast<unsigned>(plan.tokens);
-  const float* gate = with_gates ? plan.row_gate : nullptr;
-  if (Vec4(cols, packed_y, out)) {
-    CombineKernel<float4><<<grid, kThreads, 0, s>>>(
-        reinterpret_cast<const float4*>(packed_y), plan.token_row_offset, plan.token_rows, gate,
-        cols / 4, accumulate, reinterpret_cast<float4*>(out));
-  } else {
-    CombineKernel<float><<<grid, kThreads, 0, s>>>(packed_y, plan.token_row_offset, plan.token_rows,
-                                                   gate, cols, accumulate, out);
-  }
-  return Launched("UnpermuteRows");
+Status CombineRows(const RowCombine& c, void* stream) {
+  MOE_RETURN_IF_ERROR(CheckRows(c.plan.tokens, c.cols, "CombineRows"));
+  if (c.plan.tokens == 0) return Status::Ok();
+  CombineKernel<<<static_cast<unsigned>(c.plan.tokens), kThreads, 0,
+                  static_cast<cudaStream_t>(stream)>>>(c);
+  return Launched("CombineRows");
 }
 
-Status PermuteGradRows(const DevicePlan& plan, const float* dy, const float* packed_y, int64_t cols,
-                       float* packed_dy, float* dgate, void* stream) {
-  MOE_RETURN_IF_ERROR(CheckSizes(plan, cols, "PermuteGradRows"));
-  if (plan.rows == 0) return Status::Ok();
-  GateGradKernel<<<static_cast<unsigned>(plan.rows), kThreads, 0,
-                   static_cast<cudaStream_t>(stream)>>>(dy, packed_y, plan.row_token, plan.row_gate,
-                                                        cols, packed_dy, dgate);
-  return Launched("PermuteGradRows");
+Status GateGradients(const GateGradient& g, void* stream) {
+  MOE_RETURN_IF_ERROR(CheckRows(g.plan.rows, g.cols, "GateGradients"));
+  if (g.plan.rows == 0) return Status::Ok();
+  GateGradKernel<<<static_cast<unsigned>(g.plan.rows), kThreads, 0,
+                   static_cast<cudaStream_t>(stream)>>>(g);
+  return Launched("GateGradients");
+}
+
+Status Cast(CastKind kind, const void* src, void* dst, int64_t count, void* stream) {
+  if (count < 0) return InvalidArgument("Cast: count=" + std::to_string(count) + " must be >= 0");
+  if (count == 0) return Status::Ok();
+  CastKernel<<<Blocks(count), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(kind, src, dst,
+                                                                                 count);
+  return Launched("Cast");
 }
 
 Status AddInto(float* out, const float* in, int64_t n, void* stream) {
   if (n < 0) return InvalidArgument("AddInto: n=" + std::to_string(n) + " must be >= 0");
   if (n == 0) return Status::Ok();
-  const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, 65536);
-  AddKernel<<<static_cast<unsigned>(blocks), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-      out, in, n);
+  AddKernel<<<Blocks(n), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(out, in, n);
   return Launched("AddInto");
 }
 

@@ -235,7 +235,7 @@ class CudaRouter final : public DeviceRouter {
     return Status::Ok();
   }
 
-  const DevicePlan& device_plan() const override { return dplan_; }
+  const PlanRows& device_plan() const override { return dplan_; }
   double host_seconds() const override { return host_seconds_; }
 
   Status Forward(const float* logits, const float* noise_in, const float* bias, int64_t tokens,
@@ -347,7 +347,7 @@ class CudaRouter final : public DeviceRouter {
     group_sums_ = route_steps::LossSumsFromSummary(summary_host_.data(), l, s, cfg_.aux_loss(), k);
     *losses = LossesFromSums(group_sums_);
     rows_ = plan->num_rows();
-    dplan_ = DevicePlan{.rows = rows_,
+    dplan_ = PlanRows{.rows = rows_,
                         .tokens = s,
                         .row_token = a_.row_token,
                         .row_gate = a_.row_gate,
@@ -663,7 +663,7 @@ class CudaRouter final : public DeviceRouter {
   int64_t s_ = 0, rows_ = 0;
   const float *logits_ = nullptr, *noise_in_ = nullptr;
   std::vector<GroupLossSums> group_sums_;
-  DevicePlan dplan_;
+  PlanRows dplan_;
 };
 
 }  // namespace
@@ -682,7 +682,9 @@ Status SoftmaxRows(const float* logits, int64_t rows, int64_t cols, float* probs
 
 bool DeviceRouter::Supports(const config::RouterConfig& router, std::string* why_not) {
   std::string why;
-  if (router.reroute_overflow()) {
+  if (router.gate() == config::SOFT) {
+    why = "moe.router.gate=SOFT routes on the host (its softmax over each group's tokens)";
+  } else if (router.reroute_overflow()) {
     why = "moe.router.reroute_overflow=true routes on the host (a sequential walk per group)";
   } else if (router.score_function() != config::SOFTMAX) {
     why = "moe.router.score_function=" + config::ScoreFunction_Name(router.score_function()) +

@@ -24,7 +24,7 @@
 
 #include "proto/moe_config.pb.h"
 #include "base/status.h"
-#include "runtime/device/cuda/permute.h"
+#include "runtime/device/device.h"
 #include "runtime/routing/dispatch_plan.h"
 #include "runtime/routing/losses.h"
 #include "runtime/routing/router.h"
@@ -55,7 +55,7 @@ class DeviceRouter {
   virtual Status Forward(const float* logits, const float* noise_in, const float* bias,
                          int64_t tokens, const RouteContext& ctx, DispatchPlan* plan,
                          RouterLosses* losses) = 0;
-  virtual const DevicePlan& device_plan() const = 0;
+  virtual const PlanRows& device_plan() const = 0;
 
   // The router's backward for the last Forward: from each packed row's gate gradient (dgate_rows,
   // num_rows()) through the normalization, the weighted losses (times loss_scale) and the softmax

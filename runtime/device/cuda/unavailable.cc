@@ -1,6 +1,7 @@
 // runtime/device/cuda/*.h in builds without CUDA: every call is kUnimplemented.
 #include <string>
 
+#include "runtime/device/cuda/cuda_device.h"
 #include "runtime/device/cuda/permute.h"
 #include "runtime/device/cuda/route.h"
 
@@ -11,16 +12,10 @@ Status NoCuda(const char* what) {
 }
 }  // namespace
 
-Status PermuteRows(const DevicePlan&, const float*, int64_t, float*, void*) {
-  return NoCuda("PermuteRows");
-}
-Status UnpermuteRows(const DevicePlan&, const float*, int64_t, bool, bool, float*, void*) {
-  return NoCuda("UnpermuteRows");
-}
-Status PermuteGradRows(const DevicePlan&, const float*, const float*, int64_t, float*, float*,
-                       void*) {
-  return NoCuda("PermuteGradRows");
-}
+Status GatherRows(const RowGather&, void*) { return NoCuda("GatherRows"); }
+Status CombineRows(const RowCombine&, void*) { return NoCuda("CombineRows"); }
+Status GateGradients(const GateGradient&, void*) { return NoCuda("GateGradients"); }
+Status Cast(CastKind, const void*, void*, int64_t, void*) { return NoCuda("Cast"); }
 Status AddInto(float*, const float*, int64_t, void*) { return NoCuda("AddInto"); }
 Status SoftmaxRows(const float*, int64_t, int64_t, float*, void*) { return NoCuda("SoftmaxRows"); }
 bool DeviceRouter::Supports(const config::RouterConfig&, std::string* why_not) {
@@ -33,3 +28,11 @@ StatusOr<std::unique_ptr<DeviceRouter>> DeviceRouter::Create(const config::Route
 }
 
 }  // namespace moe::gpu
+
+namespace moe {
+StatusOr<std::shared_ptr<Device>> MakeCudaDevice(const CudaDeviceOptions&) {
+  return Unimplemented(
+      "compute.device=CUDA needs a CUDA build (configure with the CUDA toolkit present, "
+      "MOE_WITH_CUDA=ON or AUTO)");
+}
+}  // namespace moe

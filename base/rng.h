@@ -1,6 +1,6 @@
 // Counter-based random numbers: every draw is a pure function of (seed, step, index, stream),
 // never of a generator's position, so the draws for a token do not depend on how tokens are
-// split over ranks or groups (DESIGN §4 "Randomness"). Every function is host and device code
+// split over ranks or groups (docs/SEMANTICS.md "Randomness"). Every function is host and device code
 // (MOE_HD): the GPU router draws the same numbers.
 //
 // The function is SplitMix64's finalizer applied to a combined key. The same function is written

@@ -71,7 +71,7 @@ Status ValidateOptions(const Options& options);
 // A Request must not outlive its communicator. Requests of one communicator may be outstanding
 // together; other collectives may be called meanwhile (all ranks in the same order).
 //
-// Stream ordering (device memory, DESIGN §5): StartAllToAllV's `after` stream makes the operation
+// Stream ordering (device memory): StartAllToAllV's `after` stream makes the operation
 // start only after the work queued on that stream before the call, and Then(stream) makes its
 // completion a dependency of a stream, so a kernel that fills the send buffer, the all-to-all and
 // the kernel that reads the receive buffer need no host synchronization between them. NCCL does

@@ -1,6 +1,6 @@
 // Worlds: the communicators of a job for a named backend, and running a function on every rank
 // this process hosts. With launch/ and the tests, world.cc is the only code that names MPI, NCCL or
-// loopback (DESIGN §2).
+// loopback (docs/ARCHITECTURE.md "Layout").
 //
 //   backend    ranks in this process          buffers   made from
 //   ---------  -----------------------------  --------  -------------------------------------------

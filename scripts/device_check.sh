@@ -56,7 +56,7 @@ tail -25 "$OUT/ctest_gpu.log"
 (cd "$BUILD" && ctest -LE gpu -E 'fuzz|kill|rank_failure' -j 8 --timeout 600 > "$OUT/ctest_rest.log" 2>&1) || status=1
 grep -E 'tests passed|tests failed' "$OUT/ctest_rest.log" || tail -20 "$OUT/ctest_rest.log"
 
-# End to end: the trainer on device-resident layers, 4 loopback ranks sharing the GPU (pipelined
+# End to end: the trainer on layers on the CUDA device, 4 loopback ranks sharing the GPU (pipelined
 # exchanges), next to the same run on the CPU (the losses should agree to fp32 noise), and
 # moe_simulate on them.
 for dev in cpu cuda; do

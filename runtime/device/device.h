@@ -5,7 +5,7 @@
 //         when it is called, on the calling thread; stream() is null.
 //   CUDA  (runtime/device/cuda/cuda_device.h): one GPU; kernels, cuBLAS and the experts' grouped
 //         GEMMs on one CUDA stream (stream()); communicator requests on device memory are ordered
-//         on that stream (Communicator::StartAllToAllV's `after`, Request::Then).
+//         on that stream (the `after` stream of a started all-to-all, Request::Then).
 //
 // Contract. Every pointer an operation takes lives in memory_space() unless its comment says
 // "host". Operations are enqueued on the device's stream in call order: each sees the results of

@@ -1,4 +1,5 @@
-// Redundant experts on the exchange (DESIGN §4b; placement: runtime/exchange/expert_placement.h).
+// Redundant experts on the exchange (docs/SEMANTICS.md "Redundant experts"; placement:
+// runtime/exchange/expert_placement.h).
 //
 // Routing, capacity and drops are decided on the E logical experts exactly as without redundancy;
 // then the kept rows of logical expert e, whose n replicas are the physical experts

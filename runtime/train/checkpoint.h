@@ -1,5 +1,5 @@
-// Crash-safe checkpoints (DESIGN §6). A checkpoint is a directory <root>/step_<N>/ holding
-// manifest.textproto and one .npy file per tensor. Every rank writes its own tensors into
+// Crash-safe checkpoints (docs/ARCHITECTURE.md "Failure handling"). A checkpoint is a directory
+// <root>/step_<N>/ holding manifest.textproto and one .npy file per tensor. Every rank writes its own tensors into
 // <root>/step_<N>.tmp/; then one rank checksums them, writes the manifest and renames the
 // directory. A crash at any moment leaves the last complete checkpoint untouched; a directory
 // without a valid manifest is never loaded.

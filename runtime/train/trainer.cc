@@ -21,6 +21,7 @@
 #include "runtime/device/compute.h"
 #include "runtime/layer/make_moe_layer.h"
 #include "runtime/config/memory_model.h"
+#include "runtime/exchange/expert_moves.h"
 #include "runtime/train/flops.h"
 #include "base/tensor.h"
 
@@ -277,136 +278,10 @@ Status Trainer::ReduceGradients() {
   return ReduceReplicaGradients();
 }
 
-namespace {
-
-// The tensors of one expert, in a fixed order (empty ones skipped by the callers).
-std::vector<Tensor*> ExpertTensors(experts::FfnParams& p) { return {&p.w1, &p.b1, &p.w2, &p.b2, &p.w3}; }
-
-int64_t ExpertFloats(experts::FfnParams& p) {
-  int64_t n = 0;
-  for (Tensor* t : ExpertTensors(p)) n += t->size();
-  return n;
-}
-
-}  // namespace
-
 Status Trainer::ReduceReplicaGradients() {
-  const int w = ep_size_, me = ep_rank_;
   for (size_t l = 0; l < placements_.size(); ++l) {
-    const ExpertPlacement& p = placements_[l];
-    const auto replicated = [&](int e) { return p.replica_count(e) > 1; };
-    const auto primary = [&](int e) { return p.rank_of(p.replicas[static_cast<size_t>(e)][0]); };
-    const auto slot_here = [&](int e) {
-      for (int s = 0; s < p.per_rank; ++s) {
-        if (p.logical_at(me, s) == e) return s;
-      }
-      return -1;
-    };
-    MoeLayerParams& grads = model_->LayerGrads(l);
-    const int64_t per = ExpertFloats(grads.experts[0]);
-    const auto copy_out = [&](int slot, float* to) {
-      for (Tensor* t : ExpertTensors(grads.experts[static_cast<size_t>(slot)])) {
-        to = std::copy(t->data(), t->data() + t->size(), to);
-      }
-    };
-    const auto copy_in = [&](const float* from, int slot) {
-      for (Tensor* t : ExpertTensors(grads.experts[static_cast<size_t>(slot)])) {
-        std::copy(from, from + t->size(), t->data());
-        from += t->size();
-      }
-    };
-    // One all-to-all-v of whole experts' gradients: for each destination d, the slots `pick(d, s)`
-    // selects among this rank's (send) — and what each source sends here, by `expect(src, s)`
-    // over the source's slots (receive), both in slot order.
-    const auto exchange = [&](const std::function<bool(int, int)>& pick,
-                              const std::function<bool(int, int)>& expect,
-                              const std::function<void(int, float*)>& fill,
-                              std::vector<float>* recv, std::vector<int64_t>* recv_displs) -> Status {
-      std::vector<int64_t> sc(static_cast<size_t>(w), 0), sd(static_cast<size_t>(w), 0),
-          rc(static_cast<size_t>(w), 0), rd(static_cast<size_t>(w), 0);
-      std::vector<float> send;
-      for (int d = 0; d < w; ++d) {
-        sd[static_cast<size_t>(d)] = static_cast<int64_t>(send.size());
-        for (int s = 0; s < p.per_rank; ++s) {
-          if (d == me || !pick(d, s)) continue;
-          send.resize(send.size() + static_cast<size_t>(per));
-          fill(s, send.data() + send.size() - per);
-          sc[static_cast<size_t>(d)] += per;
-        }
-      }
-      int64_t total = 0;
-      for (int src = 0; src < w; ++src) {
-        rd[static_cast<size_t>(src)] = total;
-        for (int s = 0; s < p.per_rank; ++s) {
-          if (src != me && expect(src, s)) rc[static_cast<size_t>(src)] += per;
-        }
-        total += rc[static_cast<size_t>(src)];
-      }
-      recv->assign(static_cast<size_t>(total), 0.0f);
-      *recv_displs = rd;
-      return ep_->AllToAllV(send.data(), sc, sd, recv->data(), rc, rd, comm::DataType::kFloat32);
-    };
-    // 1. Every replica's gradient to its expert's first replica (the primary).
-    std::vector<float> in;
-    std::vector<int64_t> at;
-    MOE_RETURN_IF_ERROR(exchange(
-        [&](int d, int s) {
-          const int e = p.logical_at(me, s);
-          return replicated(e) && primary(e) == d;
-        },
-        [&](int src, int s) {
-          const int e = p.logical_at(src, s);
-          return replicated(e) && primary(e) == me;
-        },
-        copy_out, &in, &at));
-    // 2. The primary sums them (float64: its own first, then by source rank).
-    std::vector<double> acc(static_cast<size_t>(per));
-    std::vector<float> sum(static_cast<size_t>(per));
-    for (int s = 0; s < p.per_rank; ++s) {
-      const int e = p.logical_at(me, s);
-      if (!replicated(e) || primary(e) != me) continue;
-      copy_out(s, sum.data());
-      std::copy(sum.begin(), sum.end(), acc.begin());
-      for (int src = 0; src < w; ++src) {
-        if (src == me) continue;
-        int64_t off = at[static_cast<size_t>(src)];
-        for (int t = 0; t < p.per_rank; ++t) {
-          const int f = p.logical_at(src, t);
-          if (!replicated(f) || primary(f) != me) continue;
-          if (f == e) {
-            for (int64_t i = 0; i < per; ++i) acc[static_cast<size_t>(i)] += in[static_cast<size_t>(off + i)];
-          }
-          off += per;
-        }
-      }
-      for (int64_t i = 0; i < per; ++i) sum[static_cast<size_t>(i)] = static_cast<float>(acc[static_cast<size_t>(i)]);
-      copy_in(sum.data(), s);
-    }
-    // 3. The sum back to every other replica.
-    MOE_RETURN_IF_ERROR(exchange(
-        [&](int d, int s) {
-          const int e = p.logical_at(me, s);
-          if (!replicated(e) || primary(e) != me) return false;
-          for (int t = 0; t < p.per_rank; ++t) {
-            if (p.logical_at(d, t) == e) return true;
-          }
-          return false;
-        },
-        [&](int src, int t) {
-          const int e = p.logical_at(src, t);
-          return replicated(e) && primary(e) == src && slot_here(e) >= 0;
-        },
-        copy_out, &in, &at));
-    for (int src = 0; src < w; ++src) {
-      if (src == me) continue;
-      int64_t off = at[static_cast<size_t>(src)];
-      for (int t = 0; t < p.per_rank; ++t) {
-        const int e = p.logical_at(src, t);
-        if (!replicated(e) || primary(e) != src || slot_here(e) < 0) continue;
-        copy_in(in.data() + off, slot_here(e));
-        off += per;
-      }
-    }
+    MOE_RETURN_IF_ERROR(
+        SumReplicaGradients(*ep_, placements_[l], model_->LayerGrads(l).experts));
   }
   return Status::Ok();
 }
@@ -424,33 +299,37 @@ Status Trainer::Rebalance(size_t l) {
 Status Trainer::MoveExperts(size_t l, const ExpertPlacement& next) {
   const ExpertPlacement& now = placements_[l];
   if (next.physical_to_logical == now.physical_to_logical) return Status::Ok();
-  const int w = ep_size_, me = ep_rank_, per_rank = now.per_rank;
+  const int me = ep_rank_, per_rank = now.per_rank;
   MoeLayerParams& params = model_->LayerParams(l);
   const std::string prefix = "block_" + std::to_string(l) + "_moe_";
   // An expert's payload: each tensor's values, then its AdamW m and v (zeros before its first
   // update), tensor by tensor.
-  const int64_t per = 3 * ExpertFloats(params.experts[0]);
+  std::vector<Tensor*> shapes;
+  for (Tensor* t : {&params.experts[0].w1, &params.experts[0].b1, &params.experts[0].w2,
+                    &params.experts[0].b2, &params.experts[0].w3}) {
+    if (t->size() > 0) shapes.push_back(t);
+  }
+  int64_t per = 0;
+  for (Tensor* t : shapes) per += 3 * t->size();
   std::vector<std::string> tensor_names;
   params.ForEach([&](const std::string& name, Tensor&) {
     if (name.rfind("expert_" + std::to_string(params.expert_id(0)) + "_", 0) == 0) {
       tensor_names.push_back(name.substr(name.find('_', 7)));  // "_w1", "_b1", ...
     }
   });
-  const auto slot_of = [](const ExpertPlacement& p, int rank, int e) {
-    for (int s = 0; s < p.per_rank; ++s) {
-      if (p.logical_at(rank, s) == e) return s;
+  const auto tensors = [](experts::FfnParams& x) {
+    std::vector<Tensor*> out;
+    for (Tensor* t : {&x.w1, &x.b1, &x.w2, &x.b2, &x.w3}) {
+      if (t->size() > 0) out.push_back(t);
     }
-    return -1;
+    return out;
   };
-  // Who sends logical expert e to a rank that does not hold it yet: its first replica's rank.
-  const auto source = [&](int e) { return now.rank_of(now.replicas[static_cast<size_t>(e)][0]); };
   std::map<std::string, AdamW::Moments>& state = optimizer_->state();
   const auto pack = [&](int slot, float* out) {
     experts::FfnParams& x = params.experts[static_cast<size_t>(slot)];
     const std::string base = prefix + "expert_" + std::to_string(params.expert_id(static_cast<size_t>(slot)));
     size_t name = 0;
-    for (Tensor* t : ExpertTensors(x)) {
-      if (t->size() == 0) continue;
+    for (Tensor* t : tensors(x)) {
       const int64_t n = t->size();
       std::copy(t->data(), t->data() + n, out);
       auto it = state.find(base + tensor_names[name++]);
@@ -463,34 +342,10 @@ Status Trainer::MoveExperts(size_t l, const ExpertPlacement& next) {
       out += 3 * n;
     }
   };
-  std::vector<int64_t> send_counts(static_cast<size_t>(w), 0), recv_counts(static_cast<size_t>(w), 0);
-  std::vector<float> send;
-  for (int d = 0; d < w; ++d) {
-    for (int s = 0; s < per_rank; ++s) {
-      const int e = next.logical_at(d, s);
-      if (slot_of(now, d, e) >= 0 || source(e) != me) continue;
-      send.resize(send.size() + static_cast<size_t>(per));
-      pack(slot_of(now, me, e), send.data() + send.size() - per);
-      send_counts[static_cast<size_t>(d)] += per;
-    }
-  }
-  std::vector<int> from_slot(static_cast<size_t>(per_rank), -1);  // kept: the old slot
-  for (int s = 0; s < per_rank; ++s) {
-    const int e = next.logical_at(me, s);
-    from_slot[static_cast<size_t>(s)] = slot_of(now, me, e);
-    if (from_slot[static_cast<size_t>(s)] < 0) recv_counts[static_cast<size_t>(source(e))] += per;
-  }
-  std::vector<int64_t> send_displs(static_cast<size_t>(w), 0), recv_displs(static_cast<size_t>(w), 0);
-  for (int r = 1; r < w; ++r) {
-    send_displs[r] = send_displs[r - 1] + send_counts[r - 1];
-    recv_displs[r] = recv_displs[r - 1] + recv_counts[r - 1];
-  }
-  std::vector<float> recv(static_cast<size_t>(recv_displs[w - 1] + recv_counts[w - 1]));
-  MOE_RETURN_IF_ERROR(ep_->AllToAllV(send.data(), send_counts, send_displs, recv.data(), recv_counts,
-                                     recv_displs, comm::DataType::kFloat32));
+  MOE_ASSIGN_OR_RETURN(const MovedExperts moved, moe::MoveExperts(*ep_, now, next, per, pack));
   // The new slots: the experts that stay on this rank move over from their old slot (their AdamW
-  // state keeps its name), the others are unpacked from their source's payloads (in this rank's
-  // slot order per source); the moments of the experts that left are dropped.
+  // state keeps its name), the others are unpacked from their payloads; the moments of the
+  // experts that left are dropped.
   std::vector<int> ids(static_cast<size_t>(per_rank));
   for (int s = 0; s < per_rank; ++s) ids[static_cast<size_t>(s)] = next.logical_at(me, s);
   for (int s = 0; s < per_rank; ++s) {
@@ -499,21 +354,17 @@ Status Trainer::MoveExperts(size_t l, const ExpertPlacement& next) {
     for (const std::string& t : tensor_names) state.erase(prefix + "expert_" + std::to_string(old) + t);
   }
   std::vector<experts::FfnParams> fresh(static_cast<size_t>(per_rank));
-  std::vector<int64_t> read = recv_displs;
   for (int s = 0; s < per_rank; ++s) {
-    const int e = ids[static_cast<size_t>(s)];
     experts::FfnParams& x = fresh[static_cast<size_t>(s)];
-    if (from_slot[static_cast<size_t>(s)] >= 0) {
-      x = std::move(params.experts[static_cast<size_t>(from_slot[static_cast<size_t>(s)])]);
+    if (const int from = moved.kept_from[static_cast<size_t>(s)]; from >= 0) {
+      x = std::move(params.experts[static_cast<size_t>(from)]);
       continue;
     }
     x = experts::FfnParams::Zeros(ExpertShape(cfg_.moe()));
-    const float* in = recv.data() + read[static_cast<size_t>(source(e))];
-    read[static_cast<size_t>(source(e))] += per;
-    const std::string base = prefix + "expert_" + std::to_string(e);
+    const float* in = moved.payload[static_cast<size_t>(s)];
+    const std::string base = prefix + "expert_" + std::to_string(ids[static_cast<size_t>(s)]);
     size_t name = 0;
-    for (Tensor* t : ExpertTensors(x)) {
-      if (t->size() == 0) continue;
+    for (Tensor* t : tensors(x)) {
       const int64_t n = t->size();
       std::copy(in, in + n, t->data());
       AdamW::Moments& st = state[base + tensor_names[name++]];
@@ -623,14 +474,46 @@ Status Trainer::RecordRouterSelections() {
                   {static_cast<int64_t>(layers.size()), tokens_per_rank_, k}, all.data());
 }
 
+std::vector<double> Trainer::WorldStats::Flatten() const {
+  std::vector<double> flat = {ce_sum, aux, z, dropped_slots, total_slots};
+  flat.insert(flat.end(), tokens_per_expert.begin(), tokens_per_expert.end());
+  for (const std::vector<double>& l : layer_loads) flat.insert(flat.end(), l.begin(), l.end());
+  return flat;
+}
+
+void Trainer::WorldStats::Unflatten(const std::vector<double>& flat) {
+  size_t at = 0;
+  for (double* v : {&ce_sum, &aux, &z, &dropped_slots, &total_slots}) *v = flat[at++];
+  for (double& v : tokens_per_expert) v = flat[at++];
+  for (std::vector<double>& l : layer_loads) {
+    for (double& v : l) v = flat[at++];
+  }
+}
+
 Status Trainer::Step(report::StepMetrics* m) {
   const double t0 = WallSeconds();
-  const int world = world_->size(), rank = world_->rank();
   for (ExchangeStats* stats : LayerExchangeStats()) stats->Reset();
   step_allreduce_bytes_.clear();
+  LmStepStats local;
+  MOE_RETURN_IF_ERROR(ForwardBackward(&local));
+  MOE_RETURN_IF_ERROR(ReduceGradients());
+  MOE_ASSIGN_OR_RETURN(last_grad_norm_, GlobalGradNorm());
+  MOE_ASSIGN_OR_RETURN(const WorldStats world, SumStepStats(local));
+  MOE_RETURN_IF_ERROR(Update(world, last_grad_norm_, m));
+  RecordLoads(world, m);
+  RecordExchangeTimes(m);
+  ++step_;
+  MOE_RETURN_IF_ERROR(Rebalance(m));
+  MOE_RETURN_IF_ERROR(MaybeEvaluate(m));
+  RecordThroughput(WallSeconds() - t0, m);
+  return Status::Ok();
+}
+
+Status Trainer::ForwardBackward(LmStepStats* stats) {
+  const int world = world_->size(), rank = world_->rank();
   const int64_t offset = rank * tokens_per_rank_;
-  const LmBatch batch = data_->TrainBatch(cfg_.seed(), static_cast<uint64_t>(step_), offset, tokens_per_rank_,
-                                          rank * groups_, groups_);
+  const LmBatch batch = data_->TrainBatch(cfg_.seed(), static_cast<uint64_t>(step_), offset,
+                                          tokens_per_rank_, rank * groups_, groups_);
   RouteContext ctx;
   ctx.train = true;
   ctx.seed = cfg_.seed();
@@ -642,41 +525,46 @@ Status Trainer::Step(report::StepMetrics* m) {
     ctx.replay_selected = replay.data();
   }
   model_->ZeroGrad();
-  LmStepStats stats;
-  MOE_RETURN_IF_ERROR(model_->Forward(batch, ctx, tokens_per_rank_ * world, 1.0 / world, &stats));
+  MOE_RETURN_IF_ERROR(model_->Forward(batch, ctx, tokens_per_rank_ * world, 1.0 / world, stats));
   if (!cfg_.train().router_record_dir().empty()) MOE_RETURN_IF_ERROR(RecordRouterSelections());
   MOE_RETURN_IF_ERROR(model_->Backward());
   if (options_.after_backward) MOE_RETURN_IF_ERROR(options_.after_backward(*this));
-  MOE_RETURN_IF_ERROR(ReduceGradients());
-  MOE_ASSIGN_OR_RETURN(const double norm, GlobalGradNorm());
-  last_grad_norm_ = norm;
+  return Status::Ok();
+}
 
-  // Step statistics summed over the world: ce, aux, z, dropped, total slots, load per expert.
-  const int e = cfg_.moe().num_experts();
-  std::vector<double> sums = {stats.ce_sum, stats.aux, stats.z, static_cast<double>(stats.dropped_slots),
-                              static_cast<double>(stats.total_slots)};
-  for (int64_t v : stats.tokens_per_expert) sums.push_back(static_cast<double>(v));
+StatusOr<Trainer::WorldStats> Trainer::SumStepStats(const LmStepStats& local) {
+  WorldStats w;
+  w.ce_sum = local.ce_sum;
+  w.aux = local.aux;
+  w.z = local.z;
+  w.dropped_slots = static_cast<double>(local.dropped_slots);
+  w.total_slots = static_cast<double>(local.total_slots);
+  for (int64_t v : local.tokens_per_expert) w.tokens_per_expert.push_back(static_cast<double>(v));
   // Redundant experts: per layer, the selected slots of every (EP rank, expert) — this rank's row
   // — for the placement's statistics and the next rebalance.
-  const size_t layer_loads_at = sums.size();
   if (!placements_.empty()) {
-    const std::vector<MoeLayer*> layers = model_->MoeLayers();
-    for (MoeLayer* layer : layers) {
-      const size_t at = sums.size();
-      sums.resize(at + static_cast<size_t>(ep_size_ * e), 0.0);
+    const int e = cfg_.moe().num_experts();
+    for (MoeLayer* layer : model_->MoeLayers()) {
+      std::vector<double>& loads = w.layer_loads.emplace_back(static_cast<size_t>(ep_size_ * e), 0.0);
       const std::vector<int64_t>& load = layer->plan().load_per_expert;
       for (int i = 0; i < e; ++i) {
-        sums[at + static_cast<size_t>(ep_rank_ * e + i)] = static_cast<double>(load[static_cast<size_t>(i)]);
+        loads[static_cast<size_t>(ep_rank_ * e + i)] = static_cast<double>(load[static_cast<size_t>(i)]);
       }
     }
   }
-  MOE_RETURN_IF_ERROR(StepAllReduce(world_, sums.data(), static_cast<int64_t>(sums.size()),
+  std::vector<double> flat = w.Flatten();
+  MOE_RETURN_IF_ERROR(StepAllReduce(world_, flat.data(), static_cast<int64_t>(flat.size()),
                                     comm::DataType::kFloat64, comm::ReduceOp::kSum));
-  const double loss = sums[0] / static_cast<double>(tokens_per_rank_ * world);
-  const double aux = sums[1] / world, z = sums[2] / world;
+  w.Unflatten(flat);
+  return w;
+}
+
+Status Trainer::Update(const WorldStats& world, double norm, report::StepMetrics* m) {
+  const int ranks = world_->size();
+  const double loss = world.ce_sum / static_cast<double>(tokens_per_rank_ * ranks);
+  const double aux = world.aux / ranks, z = world.z / ranks;
   const auto& router = cfg_.moe().router();
   const double objective = loss + router.aux_loss_weight() * aux + router.z_loss_weight() * z;
-
   m->set_step(step_);
   m->set_loss(loss);
   m->set_aux_loss(aux);
@@ -693,24 +581,28 @@ Status Trainer::Step(report::StepMetrics* m) {
     }
     ++skipped_steps_;
     m->set_skipped(true);
-  } else {
-    const double clip = cfg_.train().grad_clip();
-    const double scale = clip > 0 && norm > clip ? clip / norm : 1.0;
-    const std::vector<ParamRef> params = model_->Params();
-    optimizer_->Step(params, Trainable(params), lr, scale);
-    // Aux-loss-free balancing from the load over all ranks, per layer.
-    if (router.bias_update_rate() > 0) {
-      for (MoeLayer* layer : model_->MoeLayers()) {
-        std::vector<int64_t> load = layer->plan().load_per_expert;
-        MOE_RETURN_IF_ERROR(StepAllReduce(world_, load.data(), static_cast<int64_t>(load.size()),
-                                          comm::DataType::kInt64, comm::ReduceOp::kSum));
-        layer->UpdateRouterBias(load);
-      }
+    return Status::Ok();
+  }
+  const double clip = cfg_.train().grad_clip();
+  const double scale = clip > 0 && norm > clip ? clip / norm : 1.0;
+  const std::vector<ParamRef> params = model_->Params();
+  optimizer_->Step(params, Trainable(params), lr, scale);
+  // Aux-loss-free balancing from the load over all ranks, per layer.
+  if (router.bias_update_rate() > 0) {
+    for (MoeLayer* layer : model_->MoeLayers()) {
+      std::vector<int64_t> load = layer->plan().load_per_expert;
+      MOE_RETURN_IF_ERROR(StepAllReduce(world_, load.data(), static_cast<int64_t>(load.size()),
+                                        comm::DataType::kInt64, comm::ReduceOp::kSum));
+      layer->UpdateRouterBias(load);
     }
   }
+  return Status::Ok();
+}
+
+void Trainer::RecordLoads(const WorldStats& world, report::StepMetrics* m) {
+  const int e = cfg_.moe().num_experts();
   double max_load = 0.0, sum_load = 0.0;
-  for (int i = 0; i < e; ++i) {
-    const double v = sums[5 + i];
+  for (const double v : world.tokens_per_expert) {
     m->add_tokens_per_expert(static_cast<int64_t>(v));
     max_load = std::max(max_load, v);
     sum_load += v;
@@ -719,10 +611,10 @@ Status Trainer::Step(report::StepMetrics* m) {
   if (!placements_.empty()) {
     double with = 0.0, without = 0.0;
     for (size_t l = 0; l < placements_.size(); ++l) {
-      const double* block = sums.data() + layer_loads_at + l * static_cast<size_t>(ep_size_ * e);
+      const std::vector<double>& block = world.layer_loads[l];
       std::vector<double> logical(static_cast<size_t>(e), 0.0);
       for (int r = 0; r < ep_size_; ++r) {
-        for (int i = 0; i < e; ++i) logical[static_cast<size_t>(i)] += block[r * e + i];
+        for (int i = 0; i < e; ++i) logical[static_cast<size_t>(i)] += block[static_cast<size_t>(r * e + i)];
       }
       std::vector<double>& acc = rebalance_load_[l];
       for (size_t i = 0; i < acc.size(); ++i) acc[i] += block[i];
@@ -737,35 +629,47 @@ Status Trainer::Step(report::StepMetrics* m) {
     m->set_rank_load_imbalance(with);
     m->set_rank_load_imbalance_without_replicas(without);
   }
-  m->set_drop_fraction(sums[4] > 0 ? sums[3] / sums[4] : 0.0);
+  m->set_drop_fraction(world.total_slots > 0 ? world.dropped_slots / world.total_slots : 0.0);
+  kept_rows_ = static_cast<int64_t>(sum_load);
+}
+
+void Trainer::RecordExchangeTimes(report::StepMetrics* m) {
   double a2a = 0.0, expert = 0.0;
   for (const ExchangeStats* layer : LayerExchangeStats()) {
     a2a += layer->AllToAllSeconds();
     expert += layer->expert_seconds;
   }
-  ++step_;
-  if (const int n = cfg_.parallel().rebalance_every(); n > 0 && step_ % n == 0 && !m->skipped()) {
-    for (size_t l = 0; l < placements_.size(); ++l) MOE_RETURN_IF_ERROR(Rebalance(l));
-    m->set_rebalanced(true);
-  }
-  const int every = cfg_.train().eval_every();
-  if (every > 0 && (step_ % every == 0 || step_ == cfg_.train().steps())) {
-    double eval_loss = 0.0;
-    MOE_RETURN_IF_ERROR(Evaluate(&eval_loss));
-    m->set_eval_loss(eval_loss);
-  }
-  const double dt = WallSeconds() - t0;
-  m->set_step_seconds(dt);
   m->set_alltoall_seconds(a2a);
   m->set_expert_seconds(expert);
-  m->set_tokens_per_second(static_cast<double>(tokens_per_rank_ * world) / dt);
+}
+
+Status Trainer::Rebalance(report::StepMetrics* m) {
+  const int n = cfg_.parallel().rebalance_every();
+  if (n <= 0 || step_ % n != 0 || m->skipped()) return Status::Ok();
+  for (size_t l = 0; l < placements_.size(); ++l) MOE_RETURN_IF_ERROR(Rebalance(l));
+  m->set_rebalanced(true);
+  return Status::Ok();
+}
+
+Status Trainer::MaybeEvaluate(report::StepMetrics* m) {
+  const int every = cfg_.train().eval_every();
+  if (every <= 0 || (step_ % every != 0 && step_ != cfg_.train().steps())) return Status::Ok();
+  double eval_loss = 0.0;
+  MOE_RETURN_IF_ERROR(Evaluate(&eval_loss));
+  m->set_eval_loss(eval_loss);
+  return Status::Ok();
+}
+
+void Trainer::RecordThroughput(double seconds, report::StepMetrics* m) {
+  const int world = world_->size();
+  m->set_step_seconds(seconds);
+  m->set_tokens_per_second(static_cast<double>(tokens_per_rank_ * world) / seconds);
   // Model FLOP/s per rank over the step (its kept expert rows, every rank's tokens) and their
   // fraction of the peak.
-  const StepFlops flops = ModelFlops(cfg_, tokens_per_rank_ * world, static_cast<int64_t>(sum_load));
-  const double tflops = flops.total() / world / dt / 1e12;
+  const StepFlops flops = ModelFlops(cfg_, tokens_per_rank_ * world, kept_rows_);
+  const double tflops = flops.total() / world / seconds / 1e12;
   m->set_model_tflops_per_rank(tflops);
   if (peak_tflops_ > 0) m->set_utilization(tflops / peak_tflops_);
-  return Status::Ok();
 }
 
 void Trainer::PrintProgress(const report::StepMetrics& m, double elapsed) {

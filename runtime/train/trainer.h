@@ -53,7 +53,7 @@ struct TrainOptions {
   // refused before anything is allocated.
   int64_t max_memory = 0;
   int ranks_sharing_memory = 1;
-  // ExchangeOptions::account_padding for the CPU layers' exchanges (moe_simulate's many-rank
+  // ExchangeOptions::account_padding for the layers' exchanges (moe_simulate's many-rank
   // worlds): capacity exchanges recorded as padded, moved and computed without the padding.
   bool account_padding = false;
 };
@@ -76,8 +76,8 @@ class Trainer {
   double last_grad_norm() const { return last_grad_norm_; }
   // Steps skipped because of a non-finite loss or gradient (train.nan_policy=SKIP_STEP).
   int64_t skipped_steps() const { return skipped_steps_; }
-  // The exchange statistics of every MoE layer (MoeLayer::exchange_stats: the expert-parallel
-  // executor's on the CPU, the device layer's with compute.device=CUDA), describing the last step.
+  // The exchange statistics of every MoE layer (MoeLayer::exchange_stats), describing the last
+  // step.
   std::vector<ExchangeStats*> LayerExchangeStats() const;
   // Bytes of each all-reduce the last step issued, in order (replicated gradients, expert gradients
   // over replicas, gradient norm, step statistics, router biases), as recorded when issued.
@@ -86,10 +86,31 @@ class Trainer {
  private:
   Trainer(const config::MoeConfig& cfg, comm::Communicator* world, const TrainOptions& options);
   Status Init();
-  // compute.device=CUDA: the device-memory communicator of this rank's EP group the device layers
-  // (runtime/layer/device_moe_layer.h) exchange over; null when the group is this rank alone.
+  // compute.device=CUDA: the device-memory communicator of this rank's EP group the layers on the
+  // GPU exchange over; null when the group is this rank alone.
   StatusOr<comm::Communicator*> DeviceEpCommunicator(int replica);
+  // One training step, as the list of its named steps: the batch forward and backward, the
+  // gradient reductions and norm, the step's statistics summed over the world, the update
+  // (optimizer, router bias, the non-finite policy), the load, exchange and throughput records,
+  // the rebalance of redundant experts and the evaluation when due.
   Status Step(report::StepMetrics* metrics);
+  // The step's statistics summed over the world (one all-reduce of float64).
+  struct WorldStats {
+    double ce_sum = 0.0, aux = 0.0, z = 0.0, dropped_slots = 0.0, total_slots = 0.0;
+    std::vector<double> tokens_per_expert;         // E: kept slots per expert
+    std::vector<std::vector<double>> layer_loads;  // redundant experts: per layer, W x E selected
+    std::vector<double> Flatten() const;
+    void Unflatten(const std::vector<double>& flat);
+  };
+  Status ForwardBackward(LmStepStats* stats);
+  StatusOr<WorldStats> SumStepStats(const LmStepStats& local);
+  Status Update(const WorldStats& world, double grad_norm, report::StepMetrics* metrics);
+  void RecordLoads(const WorldStats& world, report::StepMetrics* metrics);
+  void RecordExchangeTimes(report::StepMetrics* metrics);
+  // Every rebalance_every steps (and not after a skipped step).
+  Status Rebalance(report::StepMetrics* metrics);
+  Status MaybeEvaluate(report::StepMetrics* metrics);
+  void RecordThroughput(double seconds, report::StepMetrics* metrics);
   // Router replay: this step's recorded selections (num_layers x tokens per rank x k), and the
   // recording of this step's (train.router_replay_dir / router_record_dir).
   Status ReadRouterReplay(std::vector<int32_t>* out) const;
@@ -135,6 +156,7 @@ class Trainer {
   int64_t skipped_steps_ = 0;
   double last_grad_norm_ = 0.0;
   std::vector<int64_t> step_allreduce_bytes_;
+  int64_t kept_rows_ = 0;  // the last step's kept expert rows over the world
   // parallel.num_redundant_experts > 0: per MoE layer its placement and the loads (EP ranks x E
   // selected slots, summed over the world) since the last rebalance.
   std::vector<ExpertPlacement> placements_;

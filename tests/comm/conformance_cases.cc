@@ -159,7 +159,7 @@ void AsyncAllToAllV(Communicator& comm) {
   EXPECT_EQ(CompareBytes(b.expected, Download(b.recv)), "") << Where(comm, "second request");
 }
 
-// Stream ordering (DESIGN §5). Device memory: the send rows are written by a copy queued on a
+// Stream ordering (comm/communicator.h, Request). Device memory: the send rows are written by a copy queued on a
 // stream, the all-to-all is told to start after it, the stream waits for its completion and then
 // copies the received rows out — the host synchronizes only at the end. Host memory: both hooks
 // are rejected with kInvalidArgument and the plain calls keep their semantics.

@@ -1,4 +1,4 @@
-// Expert-parallel equivalence (DESIGN §4 "Local groups", §7): W ranks of S tokens each, experts
+// Expert-parallel equivalence (docs/SEMANTICS.md "Groups"): W ranks of S tokens each, experts
 // sharded over the ranks and exchanged with all-to-alls, must equal one rank with G = W local
 // groups on the concatenated tokens — routing bitwise, outputs and gradients within 1e-5.
 // Ranks are threads over the loopback communicator.

@@ -1,5 +1,6 @@
-// Redundant experts on the exchange (runtime/exchange/redundant_experts.h): the physical plan of a
-// hand-made logical plan, and the expert-parallel layer with R redundant experts against the same
+// Redundant experts on the exchange (runtime/exchange/redundant_experts.h,
+// runtime/exchange/expert_moves.h): the replicas' gradient sums and expert moves by hand, the
+// physical plan of a hand-made logical plan, and the expert-parallel layer with R redundant experts against the same
 // layer without (4 loopback ranks): y and dx equal, every logical expert's gradient the sum of its
 // replicas' within 1e-5, capacity and dropless exchanges, pipelined or not.
 #include <gtest/gtest.h>
@@ -11,6 +12,7 @@
 #include "runtime/config/config.h"
 #include "runtime/device/host_device.h"
 #include "runtime/layer/moe_layer.h"
+#include "runtime/exchange/expert_moves.h"
 #include "runtime/exchange/expert_parallel_executor.h"
 #include "runtime/exchange/expert_placement.h"
 #include "runtime/exchange/redundant_experts.h"
@@ -18,6 +20,64 @@
 
 namespace moe {
 namespace {
+
+// The whole-expert exchanges (runtime/exchange/expert_moves.h) on 3 loopback ranks, E = 3 with
+// R = 3 (6 physical experts, 2 per rank), by hand. Placement A: [0, 1 | 2, 0 | 1, 2], so every
+// logical expert has 2 replicas; a replica's gradient is (100·rank + slot + 1) in every element,
+// so after the sum each replica holds the sum of its expert's two. Then placement B:
+// [2, 1 | 0, 1 | 2, 0]: rank 0 keeps expert 1 (from its slot 1) and receives expert 2 from its
+// first replica's rank under A (rank 1); rank 1 keeps 0 and receives 1 from rank 0; rank 2 keeps
+// 2 and receives 0 from rank 0.
+TEST(ExpertMoves, SumReplicaGradientsAndMoveExpertsByHand) {
+  const experts::FfnShape shape{2, 3, experts::Activation::kRelu, false, true};
+  auto a = MakePlacement(3, 3, {0, 1, 2, 0, 1, 2});
+  auto b = MakePlacement(3, 3, {2, 1, 0, 1, 2, 0});
+  ASSERT_TRUE(a.ok() && b.ok()) << a.status().ToString() << b.status().ToString();
+  auto world = comm::LoopbackWorld::Create(3, {});
+  ASSERT_TRUE(world.ok());
+  std::vector<std::string> failures(3);
+  world->RunPerRank([&](comm::Communicator& comm) {
+    const int r = comm.rank();
+    std::string& fail = failures[static_cast<size_t>(r)];
+    std::vector<experts::FfnParams> g(2, experts::FfnParams::Zeros(shape));
+    for (int s = 0; s < 2; ++s) {
+      for (Tensor* t : {&g[s].w1, &g[s].b1, &g[s].w2, &g[s].b2}) t->Fill(100.0f * r + s + 1);
+    }
+    if (Status st = SumReplicaGradients(comm, *a, g); !st.ok()) {
+      fail = st.ToString();
+      return;
+    }
+    // Expert e's replicas under A: 0 at (0, 0), (1, 1); 1 at (0, 1), (2, 0); 2 at (1, 0), (2, 1).
+    const float sums[3] = {1 + 102, 2 + 201, 101 + 202};
+    for (int s = 0; s < 2; ++s) {
+      const float want = sums[a->logical_at(r, s)];
+      if (g[s].w1[0] != want || g[s].b2[1] != want) {
+        fail = "rank " + std::to_string(r) + " slot " + std::to_string(s) + ": " +
+               std::to_string(g[s].w1[0]) + ", want " + std::to_string(want);
+        return;
+      }
+    }
+    // Move: each payload is the logical id of the expert packed (3 floats: id, id, id).
+    auto moved = MoveExperts(comm, *a, *b, 3, [&](int slot, float* out) {
+      std::fill(out, out + 3, static_cast<float>(a->logical_at(r, slot)));
+    });
+    if (!moved.ok()) {
+      fail = moved.status().ToString();
+      return;
+    }
+    const std::vector<int> kept[3] = {{-1, 1}, {1, -1}, {1, -1}};
+    if (moved->kept_from != kept[r]) fail = "rank " + std::to_string(r) + ": kept_from differs";
+    for (int s = 0; s < 2; ++s) {
+      const bool arrived = moved->kept_from[s] < 0;
+      if (arrived != (moved->payload[s] != nullptr)) fail = "payload without an arrival";
+      if (arrived && moved->payload[s][0] != static_cast<float>(b->logical_at(r, s))) {
+        fail = "rank " + std::to_string(r) + " slot " + std::to_string(s) + " received expert " +
+               std::to_string(moved->payload[s][0]);
+      }
+    }
+  });
+  for (const std::string& f : failures) EXPECT_TRUE(f.empty()) << f;
+}
 
 // E = 2, one group, C = 5: expert 0 keeps tokens 0..4 (positions 0..4), expert 1 tokens 5, 6.
 // Placement on 2 ranks of 2: physical [0, 1 | 0, 1], so expert 0's replicas are 0 and 2, expert

@@ -336,7 +336,7 @@ TEST(DropTest, ExpertScoreTiesGoToTheLowerToken) {
 
 TEST(GroupLimitedTest, ExpertsComeFromAtMostGroupsPerTokenGroups) {
   // Random probs and biases over shapes (E, groups, per token, k); the plan's selection equals a
-  // brute force of DESIGN §4b (sort the groups by the sum of their top k/per-token scores, keep
+  // brute force of docs/SEMANTICS.md's group-limited top-k (sort the groups by the sum of their top k/per-token scores, keep
   // the best, sort their experts) and spans at most `per token` groups.
   struct Shape { int e, groups, per_token, k; };
   const Shape shapes[] = {{4, 2, 1, 2}, {8, 4, 2, 4}, {8, 4, 1, 2}, {12, 3, 2, 2}, {16, 8, 3, 6},

@@ -267,7 +267,9 @@ class CudaRouting final : public LayerRouting {
       MOE_RETURN_IF_ERROR(
           device_->Gemm(false, false, s, e, m, 1.0f, x, wnoise, 0.0f, arrays_.noise_in));
     }
-    if (router_dev_ != nullptr) {
+    // Router replay (a recorded selection in place of top-k) routes on the host.
+    on_device_ = router_dev_ != nullptr && ctx.replay_selected == nullptr;
+    if (on_device_) {
       // The selection bias as BuildDispatchPlan takes it: empty = zero, else E values.
       if (!bias.empty() && static_cast<int64_t>(bias.size()) != e) {
         return InvalidArgument("router bias has " + std::to_string(bias.size()) +
@@ -306,21 +308,19 @@ class CudaRouting final : public LayerRouting {
     return Status::Ok();
   }
 
-  const DispatchPlan& plan() const override {
-    return router_dev_ != nullptr ? on_device_plan_ : host_.plan();
-  }
+  const DispatchPlan& plan() const override { return on_device_ ? on_device_plan_ : host_.plan(); }
   const PlanRows& rows() const override { return rows_; }
-  bool routes_on_device() const override { return router_dev_ != nullptr; }
+  bool routes_on_device() const override { return on_device_; }
   Status Fetch() override {
-    if (router_dev_ == nullptr) return Status::Ok();
+    if (!on_device_) return Status::Ok();
     MOE_RETURN_IF_ERROR(device_->Select());
     return router_dev_->Fetch(&on_device_plan_, &router_out_);
   }
   const RouterOutput& router_output() const override {
-    return router_dev_ != nullptr ? router_out_ : host_.router_output();
+    return on_device_ ? router_out_ : host_.router_output();
   }
   const RouterLosses& losses() const override {
-    return router_dev_ != nullptr ? device_losses_ : host_.losses();
+    return on_device_ ? device_losses_ : host_.losses();
   }
   // aux_loss_scope GLOBAL never routes on the device (DeviceRouter::Supports).
   std::vector<double> BalanceCounts() const override { return host_.BalanceCounts(); }
@@ -332,7 +332,7 @@ class CudaRouting final : public LayerRouting {
 
   StatusOr<Gradients> Backward(const float* dgate, LossScale scale) override {
     const int64_t s = plan().num_tokens, e = cfg_.num_experts();
-    if (router_dev_ != nullptr) {
+    if (on_device_) {
       MOE_RETURN_IF_ERROR(router_dev_->Backward(dgate, scale, arrays_.dlogits, arrays_.dnoise));
       host_seconds_ += router_dev_->host_seconds();
       return Gradients{arrays_.dlogits, noisy_ ? arrays_.dnoise : nullptr};
@@ -381,6 +381,7 @@ class CudaRouting final : public LayerRouting {
           *bias = nullptr, *combine = nullptr, *dispatch = nullptr;
   } arrays_;
   bool noisy_ = false;
+  bool on_device_ = false;  // the last Forward routed on the device
   PlanRows rows_;
   // Routed on the device: the plan's counts (until Fetch), the router output after Fetch, the
   // losses.

@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <utility>
 
 #if MOE_BASE_HAVE_CUDA
 #include <cuda_runtime_api.h>
@@ -91,12 +92,57 @@ StatusOr<Buffer> Buffer::FromHost(MemorySpace space, const void* host_src, int64
   return b;
 }
 
-StatusOr<void*> Workspace::Get(int64_t bytes) {
-  if (bytes > buffer_.bytes()) {
-    buffer_ = Buffer();  // release first: peak memory is the new size, not old + new
-    MOE_ASSIGN_OR_RETURN(buffer_, Buffer::Allocate(space_, bytes));
+namespace {
+
+// Buffer's allocator as a resource.
+class SpaceResource final : public MemoryResource {
+ public:
+  explicit SpaceResource(MemorySpace space) : space_(space) {}
+  MemorySpace space() const override { return space_; }
+  StatusOr<void*> Allocate(int64_t bytes) override {
+    MOE_ASSIGN_OR_RETURN(Buffer b, Buffer::Allocate(space_, bytes));
+    return b.Release();
   }
-  return buffer_.data();
+  void Free(void* p, int64_t) override { Buffer::Free{space_}(p); }
+
+ private:
+  MemorySpace space_;
+};
+
+}  // namespace
+
+MemoryResource* DefaultResource(MemorySpace space) {
+  static SpaceResource host(MemorySpace::kHost), device(MemorySpace::kDevice);
+  return space == MemorySpace::kHost ? &host : &device;
+}
+
+Workspace::Workspace(Workspace&& other) noexcept
+    : resource_(other.resource_), data_(std::exchange(other.data_, nullptr)),
+      bytes_(std::exchange(other.bytes_, 0)) {}
+
+Workspace& Workspace::operator=(Workspace&& other) noexcept {
+  if (this != &other) {
+    Release();
+    resource_ = other.resource_;
+    data_ = std::exchange(other.data_, nullptr);
+    bytes_ = std::exchange(other.bytes_, 0);
+  }
+  return *this;
+}
+
+void Workspace::Release() {
+  if (data_ != nullptr) resource_->Free(data_, bytes_);
+  data_ = nullptr;
+  bytes_ = 0;
+}
+
+StatusOr<void*> Workspace::Get(int64_t bytes) {
+  if (bytes > bytes_) {
+    Release();  // first: peak memory is the new size, not old + new
+    MOE_ASSIGN_OR_RETURN(data_, resource_->Allocate(bytes));
+    bytes_ = bytes;
+  }
+  return data_;
 }
 
 Status CopyBytes(MemorySpace space, void* dst, const void* src, int64_t bytes) {

@@ -39,12 +39,19 @@ class Buffer {
   T* as() const {
     return static_cast<T*>(data());
   }
+  // Gives up ownership: the caller frees the memory (Free{space()}).
+  void* Release() {
+    bytes_ = 0;
+    return data_.release();
+  }
 
- private:
+  // Frees memory of `space` that Allocate made.
   struct Free {
     MemorySpace space;
     void operator()(void* p) const;
   };
+
+ private:
   Buffer(MemorySpace space, void* data, int64_t bytes)
       : space_(space), bytes_(bytes), data_(data, Free{space}) {}
 
@@ -75,13 +82,33 @@ class Carver {
   int64_t used_ = 0;
 };
 
-// Reusable memory in one space: grows to the largest request and keeps it, so calls of the same
-// size allocate (and fault in pages) once. Growing releases the old allocation first (peak memory
-// is the new size, not old + new), so every pointer taken from an earlier Get or Carve is invalid
-// after a call that grows it; contents are unspecified after any call.
+// Where a Workspace's memory comes from: a memory space's own allocator (DefaultResource), or a
+// device's (the CUDA device selects its GPU first; the checked host device poisons and tracks its
+// allocations, runtime/device/checked_device.h).
+class MemoryResource {
+ public:
+  virtual ~MemoryResource() = default;
+  virtual MemorySpace space() const = 0;
+  // bytes > 0; the memory is uninitialized.
+  virtual StatusOr<void*> Allocate(int64_t bytes) = 0;
+  // p from Allocate with the same bytes.
+  virtual void Free(void* p, int64_t bytes) = 0;
+};
+// The allocator of `space` that Buffer uses (host: 64-byte aligned; device: cudaMalloc on the
+// current device). Lives for the whole process.
+MemoryResource* DefaultResource(MemorySpace space);
+
+// Reusable memory from one resource: grows to the largest request and keeps it, so calls of the
+// same size allocate (and fault in pages) once. Growing releases the old allocation first (peak
+// memory is the new size, not old + new), so every pointer taken from an earlier Get or Carve is
+// invalid after a call that grows it; contents are unspecified after any call.
 class Workspace {
  public:
-  explicit Workspace(MemorySpace space = MemorySpace::kHost) : space_(space) {}
+  explicit Workspace(MemorySpace space = MemorySpace::kHost) : resource_(DefaultResource(space)) {}
+  explicit Workspace(MemoryResource* resource) : resource_(resource) {}
+  Workspace(Workspace&& other) noexcept;
+  Workspace& operator=(Workspace&& other) noexcept;
+  ~Workspace() { Release(); }
   // At least `bytes` bytes.
   StatusOr<void*> Get(int64_t bytes);
   // Runs layout(Carver&) to size the arrays, grows to that size, runs it again on the allocation
@@ -96,14 +123,18 @@ class Workspace {
     Carver real(static_cast<char*>(base));
     return layout(real);
   }
-  int64_t bytes() const { return buffer_.bytes(); }
+  int64_t bytes() const { return bytes_; }
   // The current allocation (null before the first Get), as the last Get returned it.
-  void* data() const { return buffer_.data(); }
-  MemorySpace space() const { return space_; }
+  void* data() const { return data_; }
+  MemorySpace space() const { return resource_->space(); }
+  MemoryResource* resource() const { return resource_; }
 
  private:
-  MemorySpace space_;
-  Buffer buffer_;
+  void Release();
+
+  MemoryResource* resource_;
+  void* data_ = nullptr;
+  int64_t bytes_ = 0;
 };
 
 // dst and src both in `space`. Every copy is complete when the call returns (device to device

@@ -57,7 +57,7 @@ moe::Status RunShape(moe::comm::Communicator& comm, const Flags& f, const Shape&
                          .exchange = {.dropless = f.dropless_exchange,
                                       .pipeline_degree = f.pipeline_degree,
                                       .bf16_wire = f.wire_dtype == "bf16"},
-                         .rank = r}));
+                         .local_rank = r}));
   moe::MoeLayerParams params =
       moe::MakeLayerParams(cfg.moe(), layer->first_expert(), layer->num_local_experts());
   moe::InitLayerParams(cfg.moe(), 1, &params);

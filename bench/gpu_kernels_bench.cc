@@ -161,14 +161,16 @@ void BenchPermute(const Flags& f) {
                                 .cols = m,
                                 .src_row = plan.row_token,
                                 .src = x.as<float>(),
-                                .dst = packed.as<float>()},
+                                .dst = packed.as<float>(),
+                                .src_rows = s,
+                                .dst_rows = rows},
                                nullptr),
           "GatherRows");
   });
   const double t_combine = Median(f.iters, [&] {
     Check(moe::gpu::CombineRows({.cols = m,
                                  .plan = plan,
-                                 .returned = {.rows = packed.as<float>()},
+                                 .returned = {.rows = packed.as<float>(), .num_rows = rows},
                                  .gated = true,
                                  .y = out.as<float>()},
                                 nullptr),

@@ -98,6 +98,11 @@ class Communicator {
 
   virtual int rank() const = 0;
   virtual int size() const = 0;
+  // This rank's index among the group's ranks on its node, and their number: what picks a rank's
+  // GPU (compute.gpu = -1). MPI asks the library (MPI_COMM_TYPE_SHARED); ranks that are threads
+  // of one process share its node (rank() and size()); an NCCL communicator has its bootstrap's.
+  virtual int local_rank() const { return rank(); }
+  virtual int local_size() const { return size(); }
   virtual MemorySpace memory_space() const = 0;
   // "mpi", "nccl", "loopback".
   virtual std::string_view backend() const = 0;

@@ -23,8 +23,6 @@
 #include "comm/mpi/mpi_raw_collectives.h"
 #endif
 #if MOE_WORLD_HAVE_NCCL
-#include <cuda_runtime_api.h>
-
 #include "comm/nccl/nccl_communicator.h"
 #endif
 
@@ -141,9 +139,8 @@ class ThreadWorld final : public World {
  private:
   Status RunRank(Communicator& host, const RankFn& fn) {
     if (options_.backend == "nccl") {
-#if MOE_WORLD_HAVE_NCCL
-      (void)cudaSetDevice(host.rank());
-#endif
+      // Rank r on GPU r (MakeWorld checked there are enough); the communicator selects it, and
+      // the rank's layers select the same one (compute.gpu -1: local rank r mod the GPUs).
       MOE_ASSIGN_OR_RETURN(std::unique_ptr<Communicator> nccl, NcclOver(host, host.rank()));
       RankContext ctx{*nccl, NcclFactory};
       return fn(ctx);

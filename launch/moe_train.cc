@@ -2,6 +2,7 @@
 //
 //   mpirun -n N moe_train --config configs/tiny_lm.textproto          (MPI, one process per rank)
 //   moe_train --config configs/tiny_lm.textproto --backend loopback --ranks N   (threads)
+//   moe_train --config x.textproto --backend nccl --ranks N --device cuda   (threads, a GPU each)
 //
 // A thin main: flags and config, a world (comm/world.h), then runtime/train/trainer.h on every rank.
 #include <CLI/CLI.hpp>
@@ -12,6 +13,7 @@
 #include <memory>
 #include <string>
 
+#include "base/memory.h"
 #include "comm/world.h"
 #include "experts/cpu/blas.h"
 #include "runtime/config/flags.h"
@@ -91,9 +93,10 @@ int main(int argc, char** argv) {
   Flags f;
   app.add_option("--config", f.config, "training config (.textproto)")->required();
   app.add_option("--backend", f.backend,
-                 "mpi (under mpirun) or loopback (ranks as threads); default: mpi when "
-                 "started by mpirun, else loopback")
-      ->check(CLI::IsMember({"mpi", "loopback"}));
+                 "mpi (under mpirun), loopback (ranks as threads) or nccl (ranks as threads, "
+                 "the layers' exchanges over NCCL with one GPU per rank; needs --device cuda); "
+                 "default: mpi when started by mpirun, else loopback")
+      ->check(CLI::IsMember({"mpi", "loopback", "nccl"}));
   app.add_option("--ranks", f.ranks, "ranks for the loopback backend")->check(CLI::Range(1, 1024));
   app.add_flag("--resume", f.resume,
                "continue from the newest complete checkpoint in train.checkpoint_dir");
@@ -157,13 +160,28 @@ int main(int argc, char** argv) {
   if (!options.ok()) {
     return moe::comm::LauncherRank() == 0 ? Fail(options.status().ToString(), 2) : 2;
   }
+  const bool nccl = f.backend == "nccl";
+  if (nccl && cfg->compute().device() != moe::config::CUDA) {
+    return Fail("--backend nccl: the layers' exchanges run over NCCL on GPUs; set --device cuda "
+                "(compute.device=CUDA)", 2);
+  }
+  if (nccl && f.ranks > moe::CudaDeviceCount()) {
+    return Fail("--backend nccl: --ranks " + std::to_string(f.ranks) + " needs " +
+                std::to_string(f.ranks) + " GPUs (NCCL takes one per rank), " +
+                std::to_string(moe::CudaDeviceCount()) + " visible; --backend loopback shares one",
+                2);
+  }
   moe::comm::WorldOptions w;
-  w.backend = f.backend;
+  // nccl: the trainer's own collectives (gradients, statistics) on host memory over loopback
+  // threads; the layers' expert-parallel groups are NCCL communicators made over them, rank r
+  // on GPU r (compute.gpu -1).
+  w.backend = nccl ? "loopback" : f.backend;
   w.ranks = f.ranks;
   w.options.deadline_seconds = cfg->comm().deadline_seconds();
-  // compute.device=CUDA on threads: the device-resident layers exchange over the same ranks in
-  // device memory, several on one GPU (NCCL would refuse that). Without a GPU the trainer says so.
-  w.device_twin = cfg->compute().device() == moe::config::CUDA;
+  // compute.device=CUDA on loopback threads: the device-resident layers exchange over the same
+  // ranks in device memory, several on one GPU (NCCL would refuse that). Without a GPU the trainer
+  // says so.
+  w.device_twin = cfg->compute().device() == moe::config::CUDA && !nccl;
   w.tool = "moe_train";
   auto world = moe::comm::MakeWorld(w);
   if (!world.ok()) return Fail(world.status().ToString(), moe::comm::ExitCodeOf(world.status()));
@@ -171,11 +189,7 @@ int main(int argc, char** argv) {
     moe::TrainOptions rank_options = *options;
     // The ranks sharing this machine's memory: the threads of this process, or the processes
     // mpirun started on this node.
-    rank_options.ranks_sharing_memory = rank.comm.size();
-    if (f.backend == "mpi") {
-      const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
-      rank_options.ranks_sharing_memory = local != nullptr ? std::max(1, std::atoi(local)) : 1;
-    }
+    rank_options.ranks_sharing_memory = rank.comm.local_size();
     rank_options.device_communicators = rank.device;
     MOE_ASSIGN_OR_RETURN(std::unique_ptr<moe::Trainer> trainer,
                          moe::Trainer::Create(*cfg, &rank.comm, rank_options));

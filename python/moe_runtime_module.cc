@@ -385,7 +385,7 @@ class PyLayer {
               "(moe_train runs them)");
       }
       options.ep = c;
-      options.rank = c->rank();
+      options.local_rank = c->local_rank();
       options.exchange =
           ExchangeOptionsOf(cfg_, Take(EpRanksPerNode(cfg_.comm().ranks_per_node(), w, w)));
     }

@@ -3,6 +3,8 @@
 # lacks (protobuf, CLI11, OpenBLAS, GoogleTest) into .debs/ (git-ignored), for
 #   device run --carry .debs "bash scripts/device_check.sh"
 # (the device tool copies the working tree; .debs travels because it is named in carry).
+# NCCL is not among them (Debian 12's main archive has none): device_check.sh takes the GPU
+# machine's own — the CUDA tree's, or the nvidia-nccl wheel PyTorch brings — and says which.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PACKAGES=(

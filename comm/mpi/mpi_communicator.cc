@@ -126,21 +126,34 @@ StatusOr<std::unique_ptr<MpiCommunicator>> MpiCommunicator::Create(MPI_Comm pare
   int size = 0;
   MPI_Comm_rank(data, &rank);
   MPI_Comm_size(data, &size);
+  // The ranks of this group that share this node's memory (a GPU per rank is picked by them).
+  MPI_Comm node = MPI_COMM_NULL;
+  MOE_RETURN_IF_ERROR(MpiCall(MPI_Comm_split_type(data, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL,
+                                                  &node),
+                              "MPI_Comm_split_type (ranks on this node)"));
+  int local_rank = 0;
+  int local_size = 1;
+  MPI_Comm_rank(node, &local_rank);
+  MPI_Comm_size(node, &local_size);
+  MPI_Comm_free(&node);
   int* tag_ub = nullptr;
   int found = 0;
   MPI_Comm_get_attr(control, MPI_TAG_UB, &tag_ub, &found);
   const int ub = (found && tag_ub != nullptr) ? *tag_ub : 32767;
-  return std::unique_ptr<MpiCommunicator>(new MpiCommunicator(
-      std::move(data_handle), std::move(control_handle), rank, size, ub, options));
+  return std::unique_ptr<MpiCommunicator>(
+      new MpiCommunicator(std::move(data_handle), std::move(control_handle),
+                          {rank, size, local_rank, local_size}, ub, options));
 }
 
-MpiCommunicator::MpiCommunicator(MpiCommHandle data, MpiCommHandle control, int rank, int size,
+MpiCommunicator::MpiCommunicator(MpiCommHandle data, MpiCommHandle control, Ranks ranks,
                                  int tag_ub, const Options& options)
     : Communicator(options),
       data_(std::move(data)),
       control_(std::move(control)),
-      rank_(rank),
-      size_(size),
+      rank_(ranks.rank),
+      size_(ranks.size),
+      local_rank_(ranks.local_rank),
+      local_size_(ranks.local_size),
       tag_ub_(tag_ub) {}
 
 MpiCommunicator::~MpiCommunicator() {

@@ -54,6 +54,8 @@ class MpiCommunicator final : public Communicator {
 
   int rank() const override { return rank_; }
   int size() const override { return size_; }
+  int local_rank() const override { return local_rank_; }
+  int local_size() const override { return local_size_; }
   MemorySpace memory_space() const override { return MemorySpace::kHost; }
   std::string_view backend() const override { return "mpi"; }
   // The communicator the data moves on (for baselines that call MPI directly).
@@ -76,7 +78,10 @@ class MpiCommunicator final : public Communicator {
   StatusOr<std::unique_ptr<Communicator>> DoSplit(uint64_t seq, int color, int key) override;
 
  private:
-  MpiCommunicator(MpiCommHandle data, MpiCommHandle control, int rank, int size, int tag_ub,
+  struct Ranks {
+    int rank, size, local_rank, local_size;
+  };
+  MpiCommunicator(MpiCommHandle data, MpiCommHandle control, Ranks ranks, int tag_ub,
                   const Options& options);
   // Starts the arrival handshake of a new operation.
   StatusOr<std::unique_ptr<MpiOperation>> Begin(std::string_view op, uint64_t seq);
@@ -86,6 +91,8 @@ class MpiCommunicator final : public Communicator {
   MpiCommHandle control_;  // arrival handshake
   const int rank_;
   const int size_;
+  const int local_rank_;  // among the ranks on this node (MPI_COMM_TYPE_SHARED)
+  const int local_size_;
   const int tag_ub_;
   // Operations abandoned at a deadline: MPI may still write into their buffers.
   std::vector<std::unique_ptr<MpiOperation>> abandoned_;

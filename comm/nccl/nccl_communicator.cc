@@ -132,6 +132,8 @@ StatusOr<std::unique_ptr<NcclCommunicator>> NcclCommunicator::Create(Communicato
     return Internal(std::string("ncclCommInitRankConfig failed: ") + ncclGetErrorString(result));
   }
   std::unique_ptr<NcclCommunicator> out(new NcclCommunicator(comm, device, options.options));
+  out->local_rank_ = bootstrap.local_rank();
+  out->local_size_ = bootstrap.local_size();
   MOE_RETURN_IF_ERROR(out->Init());
   return out;
 }
@@ -238,9 +240,25 @@ Status NcclCommunicator::Complete(std::string_view op, uint64_t seq, ncclResult_
 Status NcclCommunicator::DoAllToAll(uint64_t seq, const void* send, void* recv, int64_t count,
                                     DataType dtype) {
   MOE_RETURN_IF_ERROR(CudaCall(cudaSetDevice(device_), "cudaSetDevice"));
+#if NCCL_VERSION_CODE >= NCCL_VERSION(2, 28, 0)
   return Complete(
       "alltoall", seq,
       ncclAlltoAll(send, recv, static_cast<size_t>(count), ToNccl(dtype), comm_, stream_));
+#else
+  // NCCL before 2.28 has no ncclAlltoAll: the same exchange as grouped sends and receives.
+  const int64_t bytes = count * DataTypeSize(dtype);
+  ncclResult_t result = ncclGroupStart();
+  for (int p = 0; p < size_ && result == ncclSuccess; ++p) {
+    result = ncclSend(Offset(send, p * bytes), static_cast<size_t>(count), ToNccl(dtype), p, comm_,
+                      stream_);
+    if (result == ncclSuccess) {
+      result = ncclRecv(Offset(recv, p * bytes), static_cast<size_t>(count), ToNccl(dtype), p,
+                        comm_, stream_);
+    }
+  }
+  const ncclResult_t ended = ncclGroupEnd();
+  return Complete("alltoall", seq, result != ncclSuccess ? result : ended);
+#endif
 }
 
 StatusOr<std::unique_ptr<Request>> NcclCommunicator::DoStartAllToAllV(uint64_t seq,

@@ -15,8 +15,9 @@
 // report which peers never joined, so the message says the ranks are unknown rather than naming
 // them (MPI and loopback name them).
 //
-// AllToAll uses ncclAlltoAll; AllToAllV uses ncclSend/ncclRecv pairs inside ncclGroupStart/End;
-// Barrier is an all-reduce of one int; Split is ncclCommSplit.
+// AllToAll uses ncclAlltoAll (NCCL >= 2.28; before, grouped ncclSend/ncclRecv); AllToAllV uses
+// ncclSend/ncclRecv pairs inside ncclGroupStart/End; Barrier is an all-reduce of one int; Split is
+// ncclCommSplit.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -43,6 +44,9 @@ class NcclCommunicator final : public Communicator {
 
   int rank() const override { return rank_; }
   int size() const override { return size_; }
+  // The bootstrap's (a Split's child: its rank and size, not known per node).
+  int local_rank() const override { return local_rank_ >= 0 ? local_rank_ : rank_; }
+  int local_size() const override { return local_rank_ >= 0 ? local_size_ : size_; }
   MemorySpace memory_space() const override { return MemorySpace::kDevice; }
   std::string_view backend() const override { return "nccl"; }
   int device() const { return device_; }
@@ -81,6 +85,8 @@ class NcclCommunicator final : public Communicator {
   const int device_;
   int rank_ = 0;
   int size_ = 0;
+  int local_rank_ = -1;  // the bootstrap's, or -1
+  int local_size_ = 0;
   cudaStream_t stream_ = nullptr;
   int* scratch_ = nullptr;  // one device int for Barrier
 };

@@ -63,7 +63,7 @@ moe::Status RankMain(moe::comm::Communicator& comm) {
 
   // This rank's share: its tokens, E/W experts, dispatch and combine over `comm`.
   MOE_ASSIGN_OR_RETURN(std::unique_ptr<moe::MoeLayer> layer,
-                       moe::MakeMoeLayer(cfg.moe(), cfg.compute(), {.ep = &comm, .rank = r}));
+                       moe::MakeMoeLayer(cfg.moe(), cfg.compute(), {.ep = &comm, .local_rank = comm.local_rank()}));
   std::vector<float> x, y;
   FillTokens(r * s, s, m, &x);
   MOE_RETURN_IF_ERROR(Run(*layer, cfg.moe(), cfg.seed(), x, r * s, &y));

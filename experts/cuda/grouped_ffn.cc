@@ -31,7 +31,7 @@ Status NoCuda() {
 
 Status LoadCublas() { return NoCuda(); }
 StatusOr<std::unique_ptr<GroupedFfn> > GroupedFfn::Create(const FfnShape&, int, Precision, int,
-                                                          void*) {
+                                                          void*, MemoryResource*) {
   return NoCuda();
 }
 #endif

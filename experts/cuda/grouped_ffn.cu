@@ -215,7 +215,11 @@ constexpr cudaDataType_t kDataType = std::is_same_v<T, float> ? CUDA_R_32F : CUD
 
 // Pointer arrays of grouped GEMMs: cublasGemmGroupedBatchedEx reads A/B/C pointers from device
 // memory. They are staged in pinned host memory and copied with one async copy per grouped call;
-// the staging area is reused only after the previous copy from it completed (event).
+// the staging area is reused only after the previous copy from it completed (event). A part's
+// Forward and Backward stage two grouped calls each, so one layer call (at most kMaxParts parts)
+// stages at most 2 * kMaxParts: with 4 * kMaxParts slots a slot's previous copy belongs to an
+// earlier layer call, whose exchanges the host has already waited for (with their deadlines) —
+// the event wait here never waits behind an exchange of a peer that may be dead.
 class PointerTable {
  public:
   Status Init(int max_groups) {
@@ -259,7 +263,7 @@ class PointerTable {
   }
 
  private:
-  static constexpr int kSlots = 4;
+  static constexpr int kSlots = 4 * GroupedFfn::kMaxParts;
   int max_ = 0;
   int next_ = 0;
   std::unique_ptr<void, HostFree> host_;
@@ -274,13 +278,19 @@ template <typename T>
 class CudaGroupedFfn final : public GroupedFfn {
  public:
   CudaGroupedFfn(const CublasApi& api, const FfnShape& shape, int num_experts, int device,
-                 cudaStream_t stream)
+                 cudaStream_t stream, MemoryResource* memory)
       : api_(api),
         shape_(shape),
         experts_(num_experts),
         device_(device),
         stream_(stream),
-        owns_stream_(stream == nullptr) {}
+        owns_stream_(stream == nullptr),
+        weights_(memory),
+        backward_(memory),
+        y16_(memory),
+        wstage_(memory) {
+    for (Part& part : parts_) part.memory = Workspace(memory);
+  }
 
   ~CudaGroupedFfn() override {
     (void)cudaSetDevice(device_);
@@ -364,6 +374,22 @@ class CudaGroupedFfn final : public GroupedFfn {
     return Status::Ok();
   }
 
+  Status Reserve(int part, int64_t rows) override {
+    if (part < 0 || part >= kMaxParts) {
+      return InvalidArgument("GroupedFfn::Reserve: part " + std::to_string(part) + " not in [0, " +
+                             std::to_string(kMaxParts) + ")");
+    }
+    if (rows <= 0) return Status::Ok();
+    MOE_RETURN_IF_ERROR(CudaCheck(cudaSetDevice(device_), "cudaSetDevice"));
+    MOE_RETURN_IF_ERROR(parts_[static_cast<size_t>(part)].memory.Carve(PartLayout(rows)).status());
+    MOE_RETURN_IF_ERROR(backward_.Carve(BackwardLayout(rows)).status());
+    if constexpr (kConverts) {
+      MOE_RETURN_IF_ERROR(
+          y16_.Get(rows * shape_.model_dim * static_cast<int64_t>(sizeof(T))).status());
+    }
+    return Status::Ok();
+  }
+
   Status Forward(int part, const std::vector<int64_t>& offsets, const float* x, float* y) override {
     if (!have_weights_) return FailedPrecondition("GroupedFfn::Forward before SetWeights");
     MOE_RETURN_IF_ERROR(SelectPart("Forward", part));
@@ -381,13 +407,9 @@ class CudaGroupedFfn final : public GroupedFfn {
     if (cur_->rows > (int64_t{1} << 31) - 1)
       return InvalidArgument("GroupedFfn::Forward: more than 2^31 - 1 rows");
     const int64_t m = shape_.model_dim, h = shape_.hidden_dim, up = UpCols();
-    // What the part's Backward reads, in the part's own allocation: the row offsets, the input in
-    // the storage type (bf16 only), the up projection and the activation.
-    const int64_t rows = cur_->rows, x16 = kConverts ? rows * m : 0;
-    MOE_ASSIGN_OR_RETURN(cur_->arrays, cur_->memory.Carve([&](Carver& c) {
-      return PartArrays{c.Take<int64_t>(static_cast<int64_t>(offsets.size())), c.Take<T>(x16),
-                        c.Take<T>(rows * up), c.Take<T>(rows * h)};
-    }));
+    // What the part's Backward reads, in the part's own allocation.
+    const int64_t rows = cur_->rows;
+    MOE_ASSIGN_OR_RETURN(cur_->arrays, cur_->memory.Carve(PartLayout(rows)));
     MOE_RETURN_IF_ERROR(CudaCheck(
         cudaMemcpyAsync(cur_->arrays.offsets, cur_->offsets.data(),
                         cur_->offsets.size() * sizeof(int64_t), cudaMemcpyHostToDevice, stream_),
@@ -441,12 +463,7 @@ class CudaGroupedFfn final : public GroupedFfn {
     MOE_RETURN_IF_ERROR(CudaCheck(cudaSetDevice(device_), "cudaSetDevice"));
     if (cur_->rows == 0) return Status::Ok();
     const int64_t m = shape_.model_dim, h = shape_.hidden_dim, up = UpCols();
-    const int64_t rows = cur_->rows, converted = kConverts ? rows * m : 0;
-    // dy and dx in the storage type (bf16 only), dA and dHU: one allocation.
-    MOE_ASSIGN_OR_RETURN(const BackwardArrays g, backward_.Carve([&](Carver& c) {
-      return BackwardArrays{c.Take<T>(converted), c.Take<T>(rows * h), c.Take<T>(rows * up),
-                            c.Take<T>(converted)};
-    }));
+    MOE_ASSIGN_OR_RETURN(const BackwardArrays g, backward_.Carve(BackwardLayout(cur_->rows)));
     const T* dy_t = GemmInput(dy, g.dy16);
     // dW2 (H x M) += Aᵀ · dY; db2 += Σ dY (from the fp32 dy).
     MOE_RETURN_IF_ERROR(WeightGradient([&](int e, int64_t b, int r) {
@@ -613,6 +630,26 @@ class CudaGroupedFfn final : public GroupedFfn {
 
   int64_t UpCols() const { return shape_.swiglu ? 2 * shape_.hidden_dim : shape_.hidden_dim; }
 
+  // What a part's Forward keeps for its Backward, for `rows` rows: the row offsets, the input in
+  // the storage type (bf16 only), the up projection and the activation.
+  auto PartLayout(int64_t rows) const {
+    const int64_t x16 = kConverts ? rows * shape_.model_dim : 0, l = experts_ + 1,
+                  up = UpCols(), h = shape_.hidden_dim;
+    return [=](Carver& c) {
+      return PartArrays{c.Take<int64_t>(l), c.Take<T>(x16), c.Take<T>(rows * up),
+                        c.Take<T>(rows * h)};
+    };
+  }
+  // A Backward's scratch: dy and dx in the storage type (bf16 only), dA and dHU.
+  auto BackwardLayout(int64_t rows) const {
+    const int64_t converted = kConverts ? rows * shape_.model_dim : 0, up = UpCols(),
+                  h = shape_.hidden_dim;
+    return [=](Carver& c) {
+      return BackwardArrays{c.Take<T>(converted), c.Take<T>(rows * h), c.Take<T>(rows * up),
+                            c.Take<T>(converted)};
+    };
+  }
+
   // An fp32 rows x M operand in the storage type: `in` itself (fp32), or converted into `staging`.
   const T* GemmInput(const float* in, T* staging) {
     if constexpr (!kConverts) {
@@ -736,8 +773,7 @@ class CudaGroupedFfn final : public GroupedFfn {
   // Device memory (base/memory.h): the weights and gradients carved once at Init, each
   // part's forward activations per Forward (Part::memory), the backward's per Backward; y16_ and
   // wstage_ are bf16 staging (the forward's output before widening, fp32 weights before narrowing).
-  Workspace weights_{MemorySpace::kDevice}, backward_{MemorySpace::kDevice},
-      y16_{MemorySpace::kDevice}, wstage_{MemorySpace::kDevice};
+  Workspace weights_, backward_, y16_, wstage_;
   Weights w_;
   std::array<Part, kMaxParts> parts_;  // forward activations, per part
   Part* cur_ = &parts_[0];             // the part of the running call
@@ -752,9 +788,11 @@ class CudaGroupedFfn final : public GroupedFfn {
 
 template <typename T>
 StatusOr<std::unique_ptr<GroupedFfn>> MakeGroupedFfn(const FfnShape& shape, int num_experts,
-                                                     int device, cudaStream_t stream) {
+                                                     int device, cudaStream_t stream,
+                                                     MemoryResource* memory) {
   MOE_ASSIGN_OR_RETURN(const CublasApi* api, Cublas());
-  auto ffn = std::make_unique<CudaGroupedFfn<T>>(*api, shape, num_experts, device, stream);
+  auto ffn =
+      std::make_unique<CudaGroupedFfn<T>>(*api, shape, num_experts, device, stream, memory);
   MOE_RETURN_IF_ERROR(ffn->Init());
   return std::unique_ptr<GroupedFfn>(std::move(ffn));
 }
@@ -763,12 +801,21 @@ StatusOr<std::unique_ptr<GroupedFfn>> MakeGroupedFfn(const FfnShape& shape, int 
 
 StatusOr<std::unique_ptr<GroupedFfn>> GroupedFfn::Create(const FfnShape& shape, int num_experts,
                                                          Precision precision, int device,
-                                                         void* stream) {
+                                                         void* stream, MemoryResource* memory) {
   if (num_experts < 1 || shape.model_dim < 1 || shape.hidden_dim < 1) {
     return InvalidArgument("GroupedFfn: num_experts, model_dim and hidden_dim must be >= 1 (got " +
                            std::to_string(num_experts) + ", " + std::to_string(shape.model_dim) +
                            ", " + std::to_string(shape.hidden_dim) + ")");
   }
+  if (precision == Precision::kBfloat16 &&
+      (shape.model_dim % kBf16Multiple != 0 || shape.hidden_dim % kBf16Multiple != 0)) {
+    return InvalidArgument("GroupedFfn: bf16 experts need model_dim and hidden_dim multiples of " +
+                           std::to_string(kBf16Multiple) + " (got " +
+                           std::to_string(shape.model_dim) + " and " +
+                           std::to_string(shape.hidden_dim) +
+                           "): each expert's rows must start 16-byte aligned for cuBLAS");
+  }
+  if (memory == nullptr) memory = DefaultResource(MemorySpace::kDevice);
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
     (void)cudaGetLastError();
@@ -779,8 +826,10 @@ StatusOr<std::unique_ptr<GroupedFfn>> GroupedFfn::Create(const FfnShape& shape, 
                            std::to_string(count) + ")");
   }
   auto s = static_cast<cudaStream_t>(stream);
-  if (precision == Precision::kBfloat16) return MakeGroupedFfn<bf16>(shape, num_experts, device, s);
-  return MakeGroupedFfn<float>(shape, num_experts, device, s);
+  if (precision == Precision::kBfloat16) {
+    return MakeGroupedFfn<bf16>(shape, num_experts, device, s, memory);
+  }
+  return MakeGroupedFfn<float>(shape, num_experts, device, s, memory);
 }
 
 }  // namespace moe::experts::cuda

@@ -25,8 +25,9 @@
 #include <span>
 #include <vector>
 
-#include "experts/expert_ffn.h"
+#include "base/memory.h"
 #include "base/status.h"
+#include "experts/expert_ffn.h"
 
 namespace moe::experts::cuda {
 
@@ -39,12 +40,19 @@ Status LoadCublas();
 
 class GroupedFfn {
  public:
+  // bf16 experts' model_dim and hidden_dim are multiples of this (see Create).
+  static constexpr int kBf16Multiple = 8;
+
   // `device`: the CUDA device index used by every call (the calling thread's device is set to it).
   // `stream`: a cudaStream_t on that device to order all work on (not owned; it must outlive the
-  // object), or nullptr for a stream of the object's own.
+  // object), or nullptr for a stream of the object's own. `memory`: where the workspaces come
+  // from (a stream-ordered allocator on `stream`, as the CUDA device's), or nullptr for cudaMalloc.
+  // kBfloat16 needs model_dim and hidden_dim multiples of 8: every per-expert operand of the
+  // grouped GEMMs then starts 16-byte aligned, as cuBLAS wants of bf16 pointers.
   static StatusOr<std::unique_ptr<GroupedFfn>> Create(const FfnShape& shape, int num_experts,
                                                       Precision precision, int device,
-                                                      void* stream = nullptr);
+                                                      void* stream = nullptr,
+                                                      MemoryResource* memory = nullptr);
   virtual ~GroupedFfn() = default;
 
   // The cudaStream_t every call is ordered on.
@@ -56,6 +64,11 @@ class GroupedFfn {
   // Independent forwards (pipeline chunks) that may all run before their backwards: `part` in
   // [0, kMaxParts) names the saved activations a Forward writes and its Backward reads.
   static constexpr int kMaxParts = 16;
+
+  // Sizes what Forward(part) and Backward(part) of up to `rows` rows use, so that neither
+  // allocates: the pipelined executor reserves every chunk before the call's first exchange
+  // (an allocation while exchanges are in flight may wait for the whole device).
+  virtual Status Reserve(int part, int64_t rows) = 0;
 
   // y = FFN_e(x) for each row block. x and y are device pointers, rows x M fp32 (rows =
   // offsets.back()); offsets has L + 1 non-decreasing entries starting at 0. x must stay

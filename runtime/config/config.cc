@@ -291,7 +291,7 @@ Status ValidateTrain(const MoeConfig& cfg) {
             "comm.deadline_seconds", cfg.comm().deadline_seconds(), "be a finite number > 0");
   c.Require(cfg.comm().ranks_per_node() >= 0, "comm.ranks_per_node", cfg.comm().ranks_per_node(),
             "be >= 0");
-  if (c.status.ok()) c.status = ValidateCompute(cfg.compute());
+  if (c.status.ok()) c.status = ValidateCompute(cfg.compute(), cfg.moe());
   if (cfg.has_topology()) {
     const auto& tp = cfg.topology();
     c.Require(tp.nodes() >= 1, "topology.nodes", tp.nodes(), "be >= 1");
@@ -350,13 +350,29 @@ void ResolveConfig(MoeConfig* cfg) {
 
 Status ValidateCompute(const config::ComputeConfig& cp) {
   Checker c;
-  c.Require(cp.gpu() >= -1, "compute.gpu", cp.gpu(), "be >= -1 (-1: world rank mod device count)");
+  c.Require(cp.gpu() >= -1, "compute.gpu", cp.gpu(), "be >= -1 (-1: the rank's index on its node mod device count)");
   c.Require(std::isfinite(cp.peak_tflops()) && cp.peak_tflops() >= 0, "compute.peak_tflops",
             cp.peak_tflops(), "be a finite number >= 0 (0: measure)");
   if (cp.expert_precision() == config::BF16) {
     c.Require(cp.device() == config::CUDA, "compute.expert_precision", "BF16",
               "be FP32 unless compute.device=CUDA (bf16 experts run on the GPU only)");
   }
+  return c.status;
+}
+
+Status ValidateCompute(const config::ComputeConfig& cp, const config::LayerConfig& layer) {
+  MOE_RETURN_IF_ERROR(ValidateCompute(cp));
+  if (cp.expert_precision() != config::BF16) return Status::Ok();
+  // bf16 experts: every expert's rows start 16-byte aligned in the grouped GEMMs (cuBLAS).
+  Checker c;
+  const std::string rule = "be a multiple of " + std::to_string(limits::kBf16DimMultiple) +
+                           " with compute.expert_precision=BF16 (16-byte aligned bf16 rows)";
+  c.Require(layer.model_dim() % limits::kBf16DimMultiple == 0, "moe.model_dim", layer.model_dim(),
+            rule);
+  c.Require(layer.expert().hidden_dim() % limits::kBf16DimMultiple == 0, "moe.expert.hidden_dim",
+            layer.expert().hidden_dim(), rule);
+  c.Require(layer.shared_hidden_dim() % limits::kBf16DimMultiple == 0, "moe.shared_hidden_dim",
+            layer.shared_hidden_dim(), rule);
   return c.status;
 }
 

@@ -24,6 +24,8 @@ StatusOr<MoeConfig> LoadConfig(const std::string& path);
 Status ValidateConfig(const MoeConfig& cfg);
 // The compute section alone (part of ValidateConfig; also for callers that build one directly).
 Status ValidateCompute(const config::ComputeConfig& compute);
+// The compute section for `layer`: also the layer dimensions bf16 experts need.
+Status ValidateCompute(const config::ComputeConfig& compute, const config::LayerConfig& layer);
 // Rules that depend on the number of ranks (expert placement).
 Status ValidateForWorld(const MoeConfig& cfg, int world_size);
 

@@ -14,4 +14,9 @@ inline constexpr int32_t kMaxRankedExperts = 16;
 // router.num_expert_groups: expert groups of group-limited top-k (a 64-bit mask).
 inline constexpr int32_t kMaxExpertGroups = 64;
 
+// compute.expert_precision=BF16: model_dim and the experts' hidden dims are multiples of this, so
+// every expert's bf16 rows start 16-byte aligned in the grouped GEMMs (the grouped FFN's rule,
+// experts/cuda/grouped_ffn.h).
+inline constexpr int32_t kBf16DimMultiple = 8;
+
 }  // namespace moe::limits

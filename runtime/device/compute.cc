@@ -9,14 +9,14 @@
 
 namespace moe {
 
-StatusOr<int> ComputeGpu(const config::ComputeConfig& compute, int rank) {
+StatusOr<int> ComputeGpu(const config::ComputeConfig& compute, int local_rank) {
   const int devices = CudaDeviceCount();
   if (devices == 0) {
     return FailedPrecondition(
         "compute.device=CUDA: no CUDA device is visible to this process (or this build has no "
         "CUDA)");
   }
-  const int gpu = compute.gpu() >= 0 ? compute.gpu() : rank % devices;
+  const int gpu = compute.gpu() >= 0 ? compute.gpu() : local_rank % devices;
   if (gpu >= devices) {
     return InvalidArgument("compute.gpu=" + std::to_string(gpu) + " must be < the " +
                            std::to_string(devices) + " visible CUDA device(s)");
@@ -29,10 +29,10 @@ experts::cuda::Precision ComputePrecision(const config::ComputeConfig& compute) 
                                                     : experts::cuda::Precision::kFloat32;
 }
 
-StatusOr<std::shared_ptr<Device>> MakeDevice(const config::ComputeConfig& compute, int rank,
+StatusOr<std::shared_ptr<Device>> MakeDevice(const config::ComputeConfig& compute, int local_rank,
                                              bool route_on_device) {
   if (compute.device() == config::CPU) return std::shared_ptr<Device>(std::make_shared<HostDevice>());
-  MOE_ASSIGN_OR_RETURN(const int gpu, ComputeGpu(compute, rank));
+  MOE_ASSIGN_OR_RETURN(const int gpu, ComputeGpu(compute, local_rank));
   StatusOr<std::shared_ptr<Device>> made = MakeCudaDevice(
       {.gpu = gpu, .precision = ComputePrecision(compute), .route_on_device = route_on_device});
   if (!made.ok()) return made.status().WithContext("compute.device=CUDA");

@@ -60,6 +60,8 @@ enum class RowFormat {
 // gate(p) · src[token(p)] with p = src_row[i], or zeros where p = -1. token(p) = row_token[p]
 // (p when row_token is null), gate(p) = row_gate[p] (no scaling when null; the product is
 // rounded to float before any bf16 rounding). Row i's destination must not be another i's.
+// src_rows and dst_rows are the extents the indices address (rows from src and from dst): what
+// the operation may read and write, for a device that checks accesses (checked_device.h).
 struct RowGather {
   int64_t rows = 0, cols = 0;
   const int32_t* src_row = nullptr;
@@ -69,6 +71,7 @@ struct RowGather {
   const float* src = nullptr;
   void* dst = nullptr;  // float rows, or bfloat16 rows for kBf16
   RowFormat format = RowFormat::kFloat32;
+  int64_t src_rows = 0, dst_rows = 0;
 };
 
 // Where each plan row's result is, after a combine: row(r) = rows[return_row[r]] when
@@ -77,6 +80,7 @@ struct ReturnedRows {
   const int32_t* return_row = nullptr;
   const float* rows = nullptr;
   const float* self_rows = nullptr;
+  int64_t num_rows = 0, num_self_rows = 0;  // the extents of rows and self_rows
 };
 
 // y[t] += Σ over i in [token_row_offset[t], token_row_offset[t + 1]) of gate(r) · row(r),
@@ -113,6 +117,8 @@ class Device {
   // "host", "cuda:0".
   virtual std::string_view name() const = 0;
   virtual MemorySpace memory_space() const = 0;
+  // Where workspaces of this device's memory come from (Workspace(device.memory())).
+  virtual MemoryResource* memory() = 0;
   // The stream device-memory communicator calls are ordered on (null on the host).
   virtual StreamHandle stream() const = 0;
 

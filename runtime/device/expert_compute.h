@@ -33,6 +33,14 @@ class ExpertCompute {
   // The experts' weights (host, params[i] for expert i). The host reads them in place at every
   // call (they must stay alive until the last Backward); a GPU copies them (complete on return).
   virtual Status SetWeights(std::span<const experts::FfnParams> params) = 0;
+  // Sizes what Forward(part) and Backward(part) of up to `rows` rows take from the device's
+  // memory, so that neither allocates: the pipelined executor reserves every chunk before a
+  // call's first exchange (no allocation while exchanges are in flight, docs/ARCHITECTURE.md
+  // "The checked host device"). The host's experts take none.
+  virtual Status Reserve(int part, int64_t rows) {
+    (void)rows;
+    return CheckPart(part);
+  }
   // y = expert_i(x) for each block (accumulate: y += ...). x and y are rows x M in the device's
   // memory; x must stay unchanged until Backward(part).
   virtual Status Forward(int part, const std::vector<int64_t>& offsets, MatrixView<const float> x,

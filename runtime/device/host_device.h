@@ -16,6 +16,7 @@ class HostDevice final : public Device {
  public:
   std::string_view name() const override { return "host"; }
   MemorySpace memory_space() const override { return MemorySpace::kHost; }
+  MemoryResource* memory() override { return DefaultResource(MemorySpace::kHost); }
   StreamHandle stream() const override { return nullptr; }
 
   Status Upload(void* dst, const void* host_src, int64_t bytes) override;

@@ -202,8 +202,9 @@ ExchangeMaps MakeExchangeMaps(const ExchangeLayout& layout, bool bf16_wire) {
   for (const ExchangeChunk& c : layout.chunks) {
     for (const Segment& s : c.segments) {
       for (int64_t r = 0; r < s.rows; ++r) {
-        maps.to_source_major[s.row + r] = static_cast<int32_t>(maps.to_expert_major.size());
-        maps.to_expert_major.push_back(static_cast<int32_t>(s.row + r));
+        const int64_t expert_major = static_cast<int64_t>(maps.to_expert_major.size());
+        maps.to_source_major[s.row + r] = i32(expert_major - c.recv_begin);
+        maps.to_expert_major.push_back(i32(s.row + r - c.recv_begin));
       }
     }
   }

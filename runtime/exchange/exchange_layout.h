@@ -109,7 +109,8 @@ struct ExchangeMaps {
   // rows the experts wrote (-1 - that row).
   std::vector<int32_t> return_row;
   // Expert-major row i is receive row to_expert_major[i]; receive row r is expert-major row
-  // to_source_major[r]. Absolute indices; each maps chunk j's rows onto chunk j's rows.
+  // to_source_major[r]. Chunk j's entries [recv_begin, recv_begin + recv_rows) hold rows relative
+  // to its first row, so a chunk's regroup reads and writes that chunk's rows only.
   std::vector<int32_t> to_expert_major, to_source_major;
 };
 // `bf16_wire`: every returned row is read from the returned (send-layout) rows, the self rows

@@ -103,7 +103,11 @@ MatrixView<const float> ExchangeHandle::received(Pass pass) const {
 
 ReturnedRows ExchangeHandle::returned(Pass pass) const {
   const Rows& r = rows(pass);
-  return {.return_row = dev_.return_row, .rows = r.back_rows, .self_rows = r.combine_rows};
+  return {.return_row = dev_.return_row,
+          .rows = r.back_rows,
+          .self_rows = r.combine_rows,
+          .num_rows = layout_.send_rows,
+          .num_self_rows = layout_.recv_rows};
 }
 
 const float* ExchangeHandle::returned_row(Pass pass, int64_t plan_row) const {
@@ -122,7 +126,7 @@ ExpertExchange::ExpertExchange(Device* device, comm::Communicator* ep, int num_e
       local_(num_experts / (ep != nullptr ? ep->size() : 1)),
       m_(row_dim),
       options_(options),
-      counts_(device->memory_space()) {
+      counts_(device->memory()) {
   MOE_CHECK_OK(ValidateExchangeOptions(options));
   MOE_CHECK(num_experts % w_ == 0);
   MOE_CHECK(ep == nullptr || ep->memory_space() == device->memory_space());
@@ -144,7 +148,7 @@ Status ExpertExchange::EnableHierarchical() {
 Status ExpertExchange::ExchangeCounts(const std::vector<int64_t>& send,
                                       std::vector<int64_t>* recv) {
   const int64_t n = static_cast<int64_t>(send.size()), per = n / w_;
-  if (!device_memory()) {
+  if (ep_->memory_space() == MemorySpace::kHost) {
     return ep_->AllToAll(send.data(), recv->data(), per, comm::DataType::kInt64);
   }
   // The counts cross in device memory: up, the blocking all-to-all (after the upload), down.
@@ -250,21 +254,21 @@ Status ExpertExchange::BeginDispatch(const DispatchPlan& plan, MatrixView<const 
                            std::to_string(x.cols()) + ", the plan needs " +
                            std::to_string(plan.num_tokens) + " x " + std::to_string(m_));
   }
-  const MemorySpace space = device_->memory_space();
-  if (handle->maps_ws_.space() != space) {
+  MemoryResource* const memory = device_->memory();
+  if (handle->maps_ws_.resource() != memory) {
     // A handle's buffers live where this engine's device computes.
     *handle = ExchangeHandle();
     for (ExchangeHandle::Rows* r : {&handle->forward_, &handle->backward_}) {
       for (Workspace* ws : {&r->send, &r->recv, &r->back, &r->send16, &r->recv16, &r->comb16,
                             &r->back16}) {
-        *ws = Workspace(space);
+        *ws = Workspace(memory);
       }
     }
-    handle->maps_ws_ = Workspace(space);
-    handle->plan_rows_ws_ = Workspace(space);
+    handle->maps_ws_ = Workspace(memory);
+    handle->plan_rows_ws_ = Workspace(memory);
   }
   handle->row_dim_ = m_;
-  handle->host_ = space == MemorySpace::kHost;
+  handle->host_ = device_->memory_space() == MemorySpace::kHost && device_->stream() == nullptr;
   if (pass == Pass::kForward) {
     MOE_RETURN_IF_ERROR(Layout(plan, handle));
     if (plan_rows != nullptr) {
@@ -290,8 +294,17 @@ Status ExpertExchange::BeginDispatch(const DispatchPlan& plan, MatrixView<const 
     rows.recv_rows = static_cast<const float*>(send);
   } else {
     MOE_ASSIGN_OR_RETURN(void* recv, rows.recv.Get(layout.recv_rows * float_row));
-    if (bf16) MOE_RETURN_IF_ERROR(rows.recv16.Get(layout.recv_rows * 2 * m_).status());
     rows.recv_rows = static_cast<const float*>(recv);
+  }
+  // Every buffer of the pass is sized now, before any exchange starts: nothing is allocated (or
+  // freed) while an all-to-all is in flight.
+  if (bf16) {
+    MOE_RETURN_IF_ERROR(rows.back.Get(layout.send_rows * float_row).status());
+    if (ep_ != nullptr) {
+      MOE_RETURN_IF_ERROR(rows.recv16.Get(layout.recv_rows * 2 * m_).status());
+      MOE_RETURN_IF_ERROR(rows.comb16.Get(layout.recv_rows * 2 * m_).status());
+      MOE_RETURN_IF_ERROR(rows.back16.Get(layout.send_rows * 2 * m_).status());
+    }
   }
   const PlanRows& pr = handle->plan_rows_;
   const float* gates = pass == Pass::kBackward ? pr.row_gate : nullptr;
@@ -305,7 +318,9 @@ Status ExpertExchange::BeginDispatch(const DispatchPlan& plan, MatrixView<const 
                                            .row_gate = gates,
                                            .src = x.data(),
                                            .dst = send,
-                                           .format = wire16 ? RowFormat::kBf16 : local}));
+                                           .format = wire16 ? RowFormat::kBf16 : local,
+                                           .src_rows = x.rows(),
+                                           .dst_rows = layout.send_rows}));
   // A self piece goes straight to its receive rows.
   if (!handle->maps_.self_dst.empty()) {
     MOE_RETURN_IF_ERROR(device_->GatherRows({.rows = static_cast<int64_t>(handle->maps_.self_dst.size()),
@@ -316,7 +331,9 @@ Status ExpertExchange::BeginDispatch(const DispatchPlan& plan, MatrixView<const 
                                              .row_gate = gates,
                                              .src = x.data(),
                                              .dst = const_cast<float*>(rows.recv_rows),
-                                             .format = local}));
+                                             .format = local,
+                                             .src_rows = x.rows(),
+                                             .dst_rows = layout.recv_rows}));
   }
   return Status::Ok();
 }
@@ -360,13 +377,13 @@ Status ExpertExchange::Start(ExchangeHandle* handle, Pass pass, int chunk, bool 
   return stats_.Timed(slot.record, [&]() -> Status {
     if (hierarchical_ != nullptr) {
       // Blocking calls: on device memory they start once the rows queued on the stream are there.
-      if (device_memory()) MOE_RETURN_IF_ERROR(device_->Synchronize());
+      if (stream_ordered()) MOE_RETURN_IF_ERROR(device_->Synchronize());
       if (equal && handle->layout_.chunks.size() == 1) {
         return hierarchical_->AllToAll(send, recv, sc[0], dtype);
       }
       return hierarchical_->AllToAllV(send, sc, sd, recv, rc, rd, dtype);
     }
-    if (device_memory()) {
+    if (stream_ordered()) {
       // Stream-ordered: starts after the gather (or the chunk's experts) queued on the stream.
       MOE_ASSIGN_OR_RETURN(slot.request, ep_->StartAllToAllV(send, sc, sd, recv, rc, rd, dtype,
                                                              device_->stream()));
@@ -384,7 +401,7 @@ Status ExpertExchange::Start(ExchangeHandle* handle, Pass pass, int chunk, bool 
 Status ExpertExchange::Wait(ExchangeHandle* handle, Pass pass, int chunk, bool dispatch) {
   ExchangeHandle::Requests::Slot& slot = handle->requests_->at(pass, chunk, dispatch);
   if (slot.request == nullptr) return Status::Ok();
-  if (device_memory()) {
+  if (stream_ordered()) {
     // The stream (not the host) waits; FinishCombine collects the status.
     if (!slot.ordered) {
       slot.ordered = true;
@@ -441,7 +458,6 @@ Status ExpertExchange::StartCombine(ExchangeHandle* handle, Pass pass, int chunk
   ExchangeHandle::Rows& r = handle->rows(pass);
   r.combine_rows = rows.data();
   const ExchangeChunk& c = layout.chunks[static_cast<size_t>(chunk)];
-  const int64_t float_row = m_ * static_cast<int64_t>(sizeof(float));
   if (!options_.bf16_wire) {
     if (ep_ == nullptr) {
       r.back_rows = rows.data();
@@ -460,14 +476,13 @@ Status ExpertExchange::StartCombine(ExchangeHandle* handle, Pass pass, int chunk
   }
   // bf16: every returned row is rounded, so every one is read from `back` — the rows that stay
   // on this rank are rounded into it here, the others arrive as bf16 and are widened into it.
-  MOE_ASSIGN_OR_RETURN(void* back_buf, r.back.Get(layout.send_rows * float_row));
-  float* const back = static_cast<float*>(back_buf);
+  float* const back = static_cast<float*>(r.back.data());  // sized by BeginDispatch
   r.back_rows = back;
   if (ep_ == nullptr) {
     return device_->Cast(CastKind::kRoundBf16, rows.row(c.recv_begin), back + c.recv_begin * m_,
                          c.recv_rows * m_);
   }
-  MOE_ASSIGN_OR_RETURN(void* comb16, r.comb16.Get(layout.recv_rows * 2 * m_));
+  void* const comb16 = r.comb16.data();
   for (int p = 0; p < w_; ++p) {
     if (p == layout.shape.self || c.recv_counts[p] == 0) continue;
     MOE_RETURN_IF_ERROR(device_->Cast(CastKind::kToBf16, rows.row(c.recv_displs[p]),
@@ -484,10 +499,11 @@ Status ExpertExchange::StartCombine(ExchangeHandle* handle, Pass pass, int chunk
                                              .dst_row = handle->dev_.self_back_dst + first,
                                              .src = rows.data(),
                                              .dst = back,
-                                             .format = RowFormat::kRoundedBf16}));
+                                             .format = RowFormat::kRoundedBf16,
+                                             .src_rows = layout.recv_rows,
+                                             .dst_rows = layout.send_rows}));
   }
-  MOE_ASSIGN_OR_RETURN(void* back16, r.back16.Get(layout.send_rows * 2 * m_));
-  return Start(handle, pass, chunk, /*dispatch=*/false, comb16, back16);
+  return Start(handle, pass, chunk, /*dispatch=*/false, comb16, r.back16.data());
 }
 
 Status ExpertExchange::WaitCombine(ExchangeHandle* handle, Pass pass, int chunk) {

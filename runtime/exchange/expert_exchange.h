@@ -266,7 +266,9 @@ class ExpertExchange {
   Status Widen(const ExchangeHandle& handle, int chunk, bool dispatch, const void* from,
                float* to) const;
   Status Wait(ExchangeHandle* handle, Pass pass, int chunk, bool dispatch);
-  bool device_memory() const { return device_->memory_space() == MemorySpace::kDevice; }
+  // The device orders work on a stream (a GPU, the checked host device): the all-to-alls are
+  // stream-ordered requests. The host device runs everything when it is called.
+  bool stream_ordered() const { return device_->stream() != nullptr; }
 
   Device* device_;
   comm::Communicator* ep_;

@@ -27,10 +27,10 @@ ExpertParallelExecutor::ExpertParallelExecutor(Device* device, comm::Communicato
       exchange_(device, ep, num_experts, shape.model_dim, options),
       compute_(DeviceExperts(device, shape, num_experts / (ep == nullptr ? 1 : ep->size()),
                              std::move(compute))),
-      rows_{{Workspace(device->memory_space()), Workspace(device->memory_space()),
-             Workspace(device->memory_space())},
-            {Workspace(device->memory_space()), Workspace(device->memory_space()),
-             Workspace(device->memory_space())}} {}
+      rows_{{Workspace(device->memory()), Workspace(device->memory()),
+             Workspace(device->memory())},
+            {Workspace(device->memory()), Workspace(device->memory()),
+             Workspace(device->memory())}} {}
 
 ExchangeStats* ExpertParallelExecutor::exchange_stats() {
   if (ep_ == nullptr) return nullptr;
@@ -61,18 +61,25 @@ Status ExpertParallelExecutor::Run(const DispatchPlan& plan, const PlanRows* pla
     expert_in = static_cast<float*>(e);
     combine_rows = static_cast<float*>(c);
   }
+  // Everything the chunks' experts take from the device's memory, taken now: nothing allocates
+  // once the first exchange is in flight.
+  for (int j = 0; j < chunks; ++j) {
+    MOE_RETURN_IF_ERROR(compute_->Reserve(j, layout.chunks[static_cast<size_t>(j)].recv_rows));
+  }
   const auto experts = [&](int j) -> Status {
     const ExchangeChunk& c = layout.chunks[static_cast<size_t>(j)];
     if (c.recv_rows == 0) return Status::Ok();
     const float* const received = handle_.received(pass).data();
     const float* expert_rows = received + c.recv_begin * m;
     if (regroup) {
-      // The regroup maps hold absolute rows: each reads from the whole buffer.
+      // The regroup maps of a chunk address its own rows.
       MOE_RETURN_IF_ERROR(device_->GatherRows({.rows = c.recv_rows,
                                                .cols = m,
                                                .src_row = handle_.to_expert_major() + c.recv_begin,
-                                               .src = received,
-                                               .dst = expert_in + c.recv_begin * m}));
+                                               .src = received + c.recv_begin * m,
+                                               .dst = expert_in + c.recv_begin * m,
+                                               .src_rows = c.recv_rows,
+                                               .dst_rows = c.recv_rows}));
       expert_rows = expert_in + c.recv_begin * m;
     }
     MOE_RETURN_IF_ERROR(device_->BeginTiming());
@@ -83,8 +90,10 @@ Status ExpertParallelExecutor::Run(const DispatchPlan& plan, const PlanRows* pla
     return device_->GatherRows({.rows = c.recv_rows,
                                 .cols = m,
                                 .src_row = handle_.to_source_major() + c.recv_begin,
-                                .src = results,
-                                .dst = combine_rows + c.recv_begin * m});
+                                .src = results + c.recv_begin * m,
+                                .dst = combine_rows + c.recv_begin * m,
+                                .src_rows = c.recv_rows,
+                                .dst_rows = c.recv_rows});
   };
   const MatrixView<const float> back(combine_rows, layout.recv_rows, m);
   MOE_RETURN_IF_ERROR(RunChunked(

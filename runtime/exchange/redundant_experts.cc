@@ -96,9 +96,9 @@ RedundantExpertExecutor::RedundantExpertExecutor(std::unique_ptr<ExpertParallelE
                                                  ExpertPlacement placement)
     : inner_(std::move(inner)),
       placement_(std::move(placement)),
-      rows_ws_(inner_->device().memory_space()),
-      map_ws_(inner_->device().memory_space()),
-      dgate_ws_(inner_->device().memory_space()) {}
+      rows_ws_(inner_->device().memory()),
+      map_ws_(inner_->device().memory()),
+      dgate_ws_(inner_->device().memory()) {}
 
 Status RedundantExpertExecutor::Forward(const DispatchPlan& plan, const PlanRows&,
                                         MatrixView<const float> x, MatrixView<float> y) {
@@ -118,8 +118,13 @@ Status RedundantExpertExecutor::GateGradients(MatrixView<const float> dy, float*
   MOE_ASSIGN_OR_RETURN(void* buf, dgate_ws_.Get(rows * static_cast<int64_t>(sizeof(float))));
   float* const physical = static_cast<float*>(buf);
   MOE_RETURN_IF_ERROR(inner_->GateGradients(dy, physical));
-  return inner_->device().GatherRows(
-      {.rows = rows, .cols = 1, .src_row = physical_row_, .src = physical, .dst = dgate});
+  return inner_->device().GatherRows({.rows = rows,
+                                      .cols = 1,
+                                      .src_row = physical_row_,
+                                      .src = physical,
+                                      .dst = dgate,
+                                      .src_rows = rows,
+                                      .dst_rows = rows});
 }
 
 Status RedundantExpertExecutor::Backward(const DispatchPlan& plan, MatrixView<const float> dy,

@@ -5,6 +5,12 @@
 
 namespace moe {
 
+HostLayerCall::HostLayerCall(MoeLayer* layer)
+    : layer_(layer),
+      x_(layer->device().memory()),
+      y_(layer->device().memory()),
+      dx_(layer->device().memory()) {}
+
 Status HostLayerCall::Forward(MatrixView<const float> x, const RouteContext& ctx, Tensor* y) {
   const int64_t s = x.rows(), m = layer_->config().model_dim();
   if (x.cols() != m) {
@@ -17,14 +23,13 @@ Status HostLayerCall::Forward(MatrixView<const float> x, const RouteContext& ctx
     return layer_->Forward(x.data(), s, ctx, y->data());
   }
   const int64_t bytes = s * m * static_cast<int64_t>(sizeof(float));
-  const MemorySpace dev = MemorySpace::kDevice;
+  Device& device = layer_->device();
   MOE_ASSIGN_OR_RETURN(void* x_dev, x_.Get(bytes));
   MOE_ASSIGN_OR_RETURN(void* y_dev, y_.Get(bytes));
-  MOE_RETURN_IF_ERROR(CopyFromHost(dev, x_dev, x.data(), bytes));
+  MOE_RETURN_IF_ERROR(device.Upload(x_dev, x.data(), bytes));
   MOE_RETURN_IF_ERROR(
       layer_->Forward(static_cast<const float*>(x_dev), s, ctx, static_cast<float*>(y_dev)));
-  MOE_RETURN_IF_ERROR(layer_->Synchronize());
-  return CopyToHost(dev, y->data(), y_dev, bytes);
+  return device.Download(y->data(), y_dev, bytes);
 }
 
 Status HostLayerCall::Backward(MatrixView<const float> dy, Tensor* dx, MoeLayerParams* grads) {
@@ -40,14 +45,13 @@ Status HostLayerCall::Backward(MatrixView<const float> dy, Tensor* dx, MoeLayerP
     return layer_->Backward(dy.data(), dx->data(), grads);
   }
   const int64_t bytes = s * m * static_cast<int64_t>(sizeof(float));
-  const MemorySpace dev = MemorySpace::kDevice;
+  Device& device = layer_->device();
   MOE_ASSIGN_OR_RETURN(void* dy_dev, y_.Get(bytes));
   MOE_ASSIGN_OR_RETURN(void* dx_dev, dx_.Get(bytes));
-  MOE_RETURN_IF_ERROR(CopyFromHost(dev, dy_dev, dy.data(), bytes));
+  MOE_RETURN_IF_ERROR(device.Upload(dy_dev, dy.data(), bytes));
   MOE_RETURN_IF_ERROR(
       layer_->Backward(static_cast<const float*>(dy_dev), static_cast<float*>(dx_dev), grads));
-  MOE_RETURN_IF_ERROR(layer_->Synchronize());
-  return CopyToHost(dev, dx->data(), dx_dev, bytes);
+  return device.Download(dx->data(), dx_dev, bytes);
 }
 
 }  // namespace moe

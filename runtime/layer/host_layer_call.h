@@ -15,7 +15,7 @@ namespace moe {
 class HostLayerCall {
  public:
   // `layer` must outlive this object.
-  explicit HostLayerCall(MoeLayer* layer) : layer_(layer) {}
+  explicit HostLayerCall(MoeLayer* layer);
 
   // y (resized to S x M) = layer(x) for the S rows of x (S x M).
   Status Forward(MatrixView<const float> x, const RouteContext& ctx, Tensor* y);
@@ -25,9 +25,8 @@ class HostLayerCall {
 
  private:
   MoeLayer* layer_;
-  // Device layers: x stays on the device until the Backward (the router's weight gradient reads
-  // it); dy goes up through y's buffer.
-  Workspace x_{MemorySpace::kDevice}, y_{MemorySpace::kDevice}, dx_{MemorySpace::kDevice};
+  // A device's layers: x and y, dy and dx in its memory (dy goes up through y's buffer).
+  Workspace x_, y_, dx_;
 };
 
 }  // namespace moe

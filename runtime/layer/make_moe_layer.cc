@@ -19,7 +19,7 @@ ExchangeOptions ExchangeOptionsOf(const config::MoeConfig& cfg, int ranks_per_no
 StatusOr<std::unique_ptr<MoeLayer>> MakeMoeLayer(const config::LayerConfig& layer,
                                                  const config::ComputeConfig& compute,
                                                  const MoeLayerOptions& options) {
-  MOE_RETURN_IF_ERROR(ValidateCompute(compute));
+  MOE_RETURN_IF_ERROR(ValidateCompute(compute, layer));
   MOE_RETURN_IF_ERROR(ValidateExchangeOptions(options.exchange));
   const int experts = layer.num_experts();
   const int w = options.ep == nullptr ? 1 : options.ep->size();
@@ -39,8 +39,10 @@ StatusOr<std::unique_ptr<MoeLayer>> MakeMoeLayer(const config::LayerConfig& laye
                            " must be divisible by the " + std::to_string(w) +
                            " ranks of the expert-parallel group");
   }
-  MOE_ASSIGN_OR_RETURN(std::shared_ptr<Device> device,
-                       MakeDevice(compute, options.rank, !options.host_routing));
+  std::shared_ptr<Device> device = options.device;
+  if (device == nullptr) {
+    MOE_ASSIGN_OR_RETURN(device, MakeDevice(compute, options.local_rank, !options.host_routing));
+  }
   if (options.ep != nullptr && options.ep->memory_space() != device->memory_space()) {
     return InvalidArgument(
         std::string("compute.device=") + (compute.device() == config::CUDA ? "CUDA" : "CPU") +

@@ -26,8 +26,9 @@ struct MoeLayerOptions {
   // parallel.dropless_exchange, parallel.pipeline_degree, parallel.wire_dtype and the EP group's
   // ranks per node (a local layer uses only the wire dtype). ExchangeOptionsOf(config) makes them.
   ExchangeOptions exchange;
-  // This rank's index for compute.gpu = -1 (GPU = rank mod the visible devices).
-  int rank = 0;
+  // This rank's index among the ranks on its node (Communicator::local_rank), for compute.gpu =
+  // -1 (GPU = local_rank mod the visible devices).
+  int local_rank = 0;
   // router.aux_loss_scope GLOBAL: the ranks whose tokens f is counted over (host memory).
   // nullptr: this process's groups. Not owned; must outlive the layer.
   comm::Communicator* balance = nullptr;
@@ -38,6 +39,9 @@ struct MoeLayerOptions {
   ExpertPlacement placement;
   // compute.device=CUDA: route on the host even where the device router could.
   bool host_routing = false;
+  // The device to compute on instead of the compute section's (a test's CheckedDevice). Shared
+  // with the layer.
+  std::shared_ptr<Device> device;
 };
 
 // The exchange options of a config: parallel.dropless_exchange, pipeline_degree, wire_dtype, and

@@ -46,11 +46,11 @@ MoeLayer::MoeLayer(Uninitialized, const config::LayerConfig& cfg, std::shared_pt
                     : std::make_unique<LocalExpertExecutor>(device_.get(), expert_shape_,
                                                             cfg.num_experts())),
       bias_(static_cast<size_t>(cfg.num_experts()), 0.0f),
-      weights_ws_(device_->memory_space()),
-      x_ws_(device_->memory_space()),
-      soft_ws_(device_->memory_space()),
-      dgate_ws_(device_->memory_space()),
-      soft_grad_ws_(device_->memory_space()) {}
+      weights_ws_(device_->memory()),
+      x_ws_(device_->memory()),
+      soft_ws_(device_->memory()),
+      dgate_ws_(device_->memory()),
+      soft_grad_ws_(device_->memory()) {}
 
 StatusOr<std::unique_ptr<MoeLayer>> MoeLayer::Create(const config::LayerConfig& cfg,
                                                      std::shared_ptr<Device> device,

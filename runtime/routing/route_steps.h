@@ -96,6 +96,63 @@ MOE_HD inline int32_t KeptCount(int64_t claims, int64_t capacity) {
   return static_cast<int32_t>(capacity == 0 || claims < capacity ? claims : capacity);
 }
 
+// CapacityKernel: one block of `lanes` threads per (group, expert) = `block`, walking the group's
+// k·n placement slots chunk by chunk — lane l of the chunk at `base` takes placement index
+// base + l — with a block-wide exclusive sum of the chunk's claims: a claim's position is `carry`
+// (the claims of earlier chunks) plus its `before` in the chunk.
+struct CapacityArgs {
+  const int32_t* selected;
+  const uint8_t* alive;
+  const int32_t* order;  // PROBABILITY's drop-priority order, or null
+  int64_t tokens, experts, k, groups, capacity;
+  int32_t* position;            // S x k
+  int32_t* group_expert_count;  // G x E
+};
+// The block's placement slots (k·n) and its group's first token.
+MOE_HD inline int64_t CapacitySlots(const CapacityArgs& a, int64_t block, int64_t* begin) {
+  const int64_t g = block / a.experts;
+  *begin = routing::GroupBegin(a.tokens, a.groups, g);
+  return a.k * (routing::GroupBegin(a.tokens, a.groups, g + 1) - *begin);
+}
+// Lane's claim at placement index i (1 or 0; 0 past the block's slots) and its slot.
+MOE_HD inline int CapacityClaim(const CapacityArgs& a, int64_t block, int64_t begin, int64_t slots,
+                                int64_t i, int64_t* slot) {
+  *slot = -1;
+  if (i >= slots) return 0;
+  *slot = PlacementSlot(a.order, begin, slots / a.k, a.k, i);
+  return Claims(a.selected, a.alive, *slot, static_cast<int32_t>(block % a.experts)) ? 1 : 0;
+}
+// A claiming lane's position after the chunk's scan; the block's kept count after the last chunk.
+MOE_HD inline void CapacityPlace(const CapacityArgs& a, int64_t slot, int64_t carry,
+                                 int64_t before) {
+  a.position[slot] = PositionOrDrop(carry + before, a.capacity);
+}
+MOE_HD inline void CapacityFinish(const CapacityArgs& a, int64_t block, int64_t claims) {
+  a.group_expert_count[block] = KeptCount(claims, a.capacity);
+}
+// The block as the device runs it, on the host: the same chunks of `lanes`, each chunk's lanes
+// in lockstep — every claim first, then the exclusive sum, then every placement.
+inline void CapacityBlockOnHost(const CapacityArgs& a, int64_t block, int lanes) {
+  int64_t begin = 0;
+  const int64_t slots = CapacitySlots(a, block, &begin);
+  std::vector<int> flag(static_cast<size_t>(lanes));
+  std::vector<int64_t> slot(static_cast<size_t>(lanes));
+  int64_t carry = 0;
+  for (int64_t base = 0; base < slots; base += lanes) {
+    for (int l = 0; l < lanes; ++l) {
+      flag[static_cast<size_t>(l)] =
+          CapacityClaim(a, block, begin, slots, base + l, &slot[static_cast<size_t>(l)]);
+    }
+    int64_t before = 0;  // the exclusive sum, lane by lane
+    for (int l = 0; l < lanes; ++l) {
+      if (flag[static_cast<size_t>(l)]) CapacityPlace(a, slot[static_cast<size_t>(l)], carry, before);
+      before += flag[static_cast<size_t>(l)];
+    }
+    carry += before;  // the chunk's total
+  }
+  CapacityFinish(a, block, carry);
+}
+
 // Row bases, in three phases (one block on the device: a thread per expert, then thread 0, then a
 // thread per expert again). 1: expert e's rows per group before group g (group_base, G x E,
 // relative), the counts as int64, and its total into expert_offset[e + 1].
@@ -339,6 +396,47 @@ MOE_HD inline void RouterBackwardToken(const BackwardArgs& a, int64_t t) {
   if (a.noisy) {
     routing::NoiseGradient(e, a.dscores + row, a.eps + row, a.noise_in + row, a.dnoise + row);
   }
+}
+
+// DeviceRouter::Backward's per-group loss gradients, packed for one upload: 4-byte words
+// [dimportance: G·E doubles | to_every_prob: G·E floats] (G·E·3 words); a part the aux loss does
+// not have is left zero and its pointer is null.
+struct PackedLossGradients {
+  std::vector<int32_t> words;
+  int64_t cells = 0;  // G·E
+  bool every = false, importance = false;
+  double z_weight = 0.0;
+  // The parts in a copy of `words` at `base` (the host's, or the device's after the upload).
+  const double* dimportance(const void* base) const {
+    return importance ? static_cast<const double*>(base) : nullptr;
+  }
+  const float* to_every_prob(const void* base) const {
+    return every ? reinterpret_cast<const float*>(static_cast<const char*>(base) +
+                                                  cells * static_cast<int64_t>(sizeof(double)))
+                 : nullptr;
+  }
+};
+inline PackedLossGradients PackLossGradients(const config::RouterConfig& cfg,
+                                             const std::vector<GroupLossSums>& sums,
+                                             LossScale scale, int64_t experts) {
+  const auto groups = static_cast<int64_t>(sums.size());
+  PackedLossGradients p;
+  p.cells = groups * experts;
+  p.words.assign(static_cast<size_t>(p.cells * 3), 0);
+  auto* dimp = reinterpret_cast<double*>(p.words.data());
+  auto* every = reinterpret_cast<float*>(p.words.data() + p.cells * 2);
+  for (int64_t g = 0; g < groups; ++g) {
+    const GroupLossGradient grad =
+        LossGradientFromSums(cfg, sums[static_cast<size_t>(g)], scale, groups);
+    p.every = !grad.to_every_prob.empty();
+    p.importance = !grad.dimportance.empty();
+    p.z_weight = grad.z_weight;
+    for (int64_t i = 0; i < experts; ++i) {
+      if (p.importance) std::memcpy(dimp + g * experts + i, &grad.dimportance[i], sizeof(double));
+      if (p.every) every[g * experts + i] = grad.to_every_prob[i];
+    }
+  }
+  return p;
 }
 
 // The forward's summary, the one download per forward, in 8-byte words: int64 [expert_offset E + 1

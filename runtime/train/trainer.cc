@@ -143,7 +143,7 @@ Status Trainer::Init() {
                        EpRanksPerNode(cfg_.comm().ranks_per_node(), world, ep_size_));
   layer_options.exchange = ExchangeOptionsOf(cfg_, ep_ranks_per_node);
   layer_options.exchange.account_padding = options_.account_padding;
-  layer_options.rank = rank;
+  layer_options.local_rank = world_->local_rank();
   ep_ranks_per_node_ = ep_ranks_per_node;
   if (const int redundant = cfg_.parallel().num_redundant_experts(); redundant > 0) {
     // Replicas round-robin until the first rebalance measures the loads.
@@ -199,13 +199,23 @@ Status Trainer::Init() {
 
 StatusOr<comm::Communicator*> Trainer::DeviceEpCommunicator(int replica) {
   if (ep_size_ == 1) return nullptr;  // every expert on this rank: no exchange
-  if (ep_->memory_space() == MemorySpace::kDevice) return ep_.get();
+  if (ep_->memory_space() == MemorySpace::kDevice) {
+    // A device-memory world (the nccl backend) put this rank on the GPU of its local rank.
+    if (cfg_.compute().gpu() >= 0 && cfg_.compute().gpu() != world_->local_rank()) {
+      return InvalidArgument("compute.gpu=" + std::to_string(cfg_.compute().gpu()) + ": the " +
+                             std::string(ep_->backend()) + " world put rank " +
+                             std::to_string(world_->rank()) + " on GPU " +
+                             std::to_string(world_->local_rank()) +
+                             "; leave compute.gpu at -1 (each rank on its own GPU)");
+    }
+    return ep_.get();
+  }
   if (!options_.device_communicators) {
     return FailedPrecondition(
         "compute.device=CUDA with expert parallelism over " + std::string(ep_->backend()) +
         " (host memory) needs device-memory communicators (TrainOptions::device_communicators)");
   }
-  MOE_ASSIGN_OR_RETURN(const int gpu, ComputeGpu(cfg_.compute(), world_->rank()));
+  MOE_ASSIGN_OR_RETURN(const int gpu, ComputeGpu(cfg_.compute(), world_->local_rank()));
   MOE_ASSIGN_OR_RETURN(device_ep_, options_.device_communicators(*ep_, replica, ep_rank_, gpu));
   return device_ep_.get();
 }

@@ -77,7 +77,7 @@ TEST(GpuExpertsConfig, Bf16NeedsCuda) {
   ASSERT_FALSE(cfg.ok());
   EXPECT_NE(cfg.status().message().find("compute.expert_precision=BF16"), std::string::npos)
       << cfg.status().ToString();
-  EXPECT_TRUE(ParseConfig("moe { model_dim: 4 num_experts: 2 expert { hidden_dim: 4 } } "
+  EXPECT_TRUE(ParseConfig("moe { model_dim: 8 num_experts: 2 expert { hidden_dim: 8 } } "
                           "compute { device: CUDA expert_precision: BF16 gpu: 0 }",
                           "t")
                   .ok());
@@ -191,6 +191,20 @@ INSTANTIATE_TEST_SUITE_P(
         FfnCase{"relu_nobias_bf16", Activation::kRelu, false, false, Precision::kBfloat16},
         FfnCase{"swiglu_nobias_bf16", Activation::kSilu, true, false, Precision::kBfloat16}),
     [](const ::testing::TestParamInfo<FfnCase>& p) { return p.param.name; });
+
+// bf16 experts refuse dimensions that would misalign an expert's rows for cuBLAS, with the rule —
+// before looking for a GPU, so this runs in every CUDA build.
+TEST(GpuExpertsNoDevice, Bf16RefusesUnalignedDimensions) {
+  for (const FfnShape& shape : {FfnShape{12, 16, Activation::kRelu, false, true},
+                                FfnShape{16, 20, Activation::kRelu, true, false}}) {
+    auto ffn = experts::cuda::GroupedFfn::Create(shape, 2, Precision::kBfloat16, 0);
+    if (ffn.status().code() == StatusCode::kUnimplemented) GTEST_SKIP() << "no CUDA build";
+    ASSERT_FALSE(ffn.ok());
+    EXPECT_EQ(ffn.status().code(), StatusCode::kInvalidArgument) << ffn.status().ToString();
+    EXPECT_NE(ffn.status().message().find("multiples of 8"), std::string::npos)
+        << ffn.status().ToString();
+  }
+}
 
 // Parts (pipeline chunks): two forwards on different rows before both backwards, in the other
 // order, give each part's own outputs and dX and the sum of both parts' weight gradients — in fp32

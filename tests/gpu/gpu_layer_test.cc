@@ -14,7 +14,8 @@
 //    CUDA device holding E/W experts, against the 1-rank host layer with G = W groups (routing
 //    identical; y, dx, expert gradients and the router gradient summed over ranks within 1e-4),
 //    with every exchange feature the host has: capacity and dropless, pipelined chunks, the bf16
-//    wire, the two-stage all-to-all, redundant experts, Soft MoE and the GLOBAL balance loss.
+//    wire, the two-stage all-to-all, redundant experts, Soft MoE and the GLOBAL balance loss; and
+//    the same over NCCL with one GPU per rank (where there are two).
 // Every GPU case skips with the reason when no CUDA device is visible; the no-GPU error runs
 // everywhere.
 #include <gtest/gtest.h>
@@ -27,6 +28,7 @@
 
 #include "base/memory.h"
 #include "comm/loopback/loopback_world.h"
+#include "comm/world.h"
 #include "experts/cuda/grouped_ffn.h"
 #include "runtime/config/config.h"
 #include "runtime/device/cuda/route.h"
@@ -171,7 +173,7 @@ std::vector<Case> Cases() {
       "z_loss_weight: 0.001 }";
   const std::string dropless_swiglu =
       "model_dim: 24 num_experts: 8 expert { hidden_dim: 16 kind: SWIGLU bias: false } "
-      "num_shared_experts: 2 shared_hidden_dim: 20 router { gate: TOPK top_k: 4 normalization: "
+      "num_shared_experts: 2 shared_hidden_dim: 24 router { gate: TOPK top_k: 4 normalization: "
       "TOPK_SOFTMAX capacity_factor_train: 0 aux_loss: IMPORTANCE_CV aux_loss_weight: 0.1 }";
   const std::string noisy_random =
       "model_dim: 16 num_experts: 4 expert { hidden_dim: 32 activation: SILU } router { gate: "
@@ -237,6 +239,7 @@ struct EpCase {
   bool bf16_wire = false;
   bool global_balance = false;  // router.aux_loss_scope GLOBAL (over a host-memory world)
   int redundant = 0;            // parallel.num_redundant_experts (round-robin placement)
+  bool nccl = false;  // the ranks over NCCL, one GPU each (skips with fewer GPUs than ranks)
 };
 void PrintTo(const EpCase& c, std::ostream* os) { *os << c.name; }
 
@@ -290,8 +293,6 @@ TEST_P(DeviceLayerExpertParallel, RanksOnDeviceBuffersEqualOneCpuRankWithGroups)
   MoeLayerParams ref_grads = testing::ZeroGrads(ref);
   ASSERT_TRUE(ref.Backward(dy.view(), &ref_dx, &ref_grads).ok());
 
-  auto world = comm::LoopbackWorld::Create(w, {MemorySpace::kDevice, {}});
-  ASSERT_TRUE(world.ok()) << world.status().ToString();
   // GLOBAL's counts are all-reduced over a host-memory world of the same ranks.
   std::unique_ptr<comm::LoopbackWorld> host_world;
   if (c.global_balance) {
@@ -303,7 +304,7 @@ TEST_P(DeviceLayerExpertParallel, RanksOnDeviceBuffersEqualOneCpuRankWithGroups)
   std::vector<MoeLayerParams> grads(w);
   std::vector<DispatchPlan> plans(w);
   std::vector<Status> status(w);
-  world->RunPerRank([&](comm::Communicator& comm) {
+  const auto rank_fn = [&](comm::Communicator& comm) {
     const int r = comm.rank();
     auto run = [&]() -> Status {
       MoeLayerOptions options{.ep = &comm,
@@ -311,7 +312,7 @@ TEST_P(DeviceLayerExpertParallel, RanksOnDeviceBuffersEqualOneCpuRankWithGroups)
                                            .pipeline_degree = c.pipeline_degree,
                                            .ranks_per_node = c.ranks_per_node,
                                            .bf16_wire = c.bf16_wire},
-                              .rank = r,
+                              .local_rank = r,
                               .balance = host_world ? &host_world->rank(r) : nullptr,
                               .placement = placement};
       MOE_ASSIGN_OR_RETURN(auto layer, MakeMoeLayer(cfg, Cuda(), options));
@@ -350,7 +351,26 @@ TEST_P(DeviceLayerExpertParallel, RanksOnDeviceBuffersEqualOneCpuRankWithGroups)
       return layer->AddGradients(&grads[r]);
     };
     status[r] = run();
-  });
+  };
+  if (c.nccl) {
+    // NCCL refuses two ranks on one GPU: rank r on GPU r, as moe_train --backend nccl does.
+    if (CudaDeviceCount() < w) {
+      GTEST_SKIP() << "the layer over NCCL needs " << w << " GPUs (one per rank); "
+                   << CudaDeviceCount() << " visible";
+    }
+    auto world = comm::MakeWorld({.backend = "nccl", .ranks = w});
+    ASSERT_TRUE(world.ok()) << world.status().ToString();
+    const Status ran = (*world)->Run([&](comm::RankContext& rank) {
+      rank_fn(rank.comm);
+      return Status::Ok();
+    });
+    ASSERT_TRUE(ran.ok()) << ran.ToString();
+  } else {
+    // W ranks sharing the GPU: loopback in device memory.
+    auto world = comm::LoopbackWorld::Create(w, {MemorySpace::kDevice, {}});
+    ASSERT_TRUE(world.ok()) << world.status().ToString();
+    world->RunPerRank(rank_fn);
+  }
   for (int r = 0; r < w; ++r) {
     ASSERT_TRUE(status[r].ok()) << "rank " << r << ": " << status[r].ToString();
   }
@@ -439,7 +459,16 @@ INSTANTIATE_TEST_SUITE_P(
         EpCase{"two_ranks_soft_moe", 2,
                "model_dim: 16 num_experts: 4 expert { hidden_dim: 24 } router { gate: SOFT "
                "slots_per_expert: 2 }",
-               2}),
+               2},
+        // Over NCCL, one GPU per rank (scripts/device_check.sh runs them where there are two).
+        EpCase{"nccl_two_ranks_capacity_two_chunks", 2,
+               "model_dim: 16 num_experts: 4 expert { hidden_dim: 24 } router { top_k: 2 "
+               "capacity_factor_train: 1.0 min_capacity: 1 aux_loss_weight: 0.1 }",
+               2, false, 0, false, false, 0, /*nccl=*/true},
+        EpCase{"nccl_two_ranks_dropless_bf16_wire", 2,
+               "model_dim: 16 num_experts: 4 expert { hidden_dim: 24 } router { top_k: 2 "
+               "capacity_factor_train: 0 }",
+               3, /*dropless_exchange=*/true, 0, /*bf16_wire=*/true, false, 0, /*nccl=*/true}),
     [](const ::testing::TestParamInfo<EpCase>& p) { return p.param.name; });
 
 }  // namespace

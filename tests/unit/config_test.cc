@@ -211,6 +211,38 @@ TEST(ConfigTest, PipelineDegreeRange) {
                 {"parallel.pipeline_degree=17", "be in [1, 16]"});
 }
 
+// bf16 experts: model_dim and the experts' hidden dims multiples of 8 (aligned bf16 rows).
+TEST(ConfigTest, Bf16ExpertDims) {
+  const std::string cuda_bf16 = " compute { device: CUDA expert_precision: BF16 }";
+  ExpectInvalid("moe { model_dim: 12 num_experts: 4 expert { hidden_dim: 16 } }" + cuda_bf16,
+                {"moe.model_dim=12", "be a multiple of 8 with compute.expert_precision=BF16"});
+  ExpectInvalid("moe { model_dim: 16 num_experts: 4 expert { hidden_dim: 20 } }" + cuda_bf16,
+                {"moe.expert.hidden_dim=20", "be a multiple of 8"});
+  ExpectInvalid("moe { model_dim: 16 num_experts: 4 expert { hidden_dim: 16 } "
+                "num_shared_experts: 1 shared_hidden_dim: 36 }" + cuda_bf16,
+                {"moe.shared_hidden_dim=36", "be a multiple of 8"});
+  EXPECT_TRUE(ParseConfig("moe { model_dim: 16 num_experts: 4 expert { hidden_dim: 24 } "
+                          "num_shared_experts: 1 shared_hidden_dim: 40 }" + cuda_bf16,
+                          "cfg.textproto")
+                  .ok());
+  // fp32 experts take any dimensions.
+  EXPECT_TRUE(ParseConfig("moe { model_dim: 12 num_experts: 4 expert { hidden_dim: 20 } } "
+                          "compute { device: CUDA }",
+                          "cfg.textproto")
+                  .ok());
+  // And the layer-level check (MakeMoeLayer, the Python module) says the same.
+  config::ComputeConfig compute;
+  compute.set_device(config::CUDA);
+  compute.set_expert_precision(config::BF16);
+  config::LayerConfig layer;
+  layer.set_model_dim(12);
+  layer.mutable_expert()->set_hidden_dim(16);
+  const Status s = ValidateCompute(compute, layer);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("moe.model_dim=12 must be a multiple of 8"), std::string::npos)
+      << s.ToString();
+}
+
 TEST(ConfigTest, RedundantExperts) {
   ExpectInvalid(Layer("") + " parallel { num_redundant_experts: -1 }",
                 {"parallel.num_redundant_experts=-1", "be >= 0"});

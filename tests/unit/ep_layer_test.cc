@@ -377,8 +377,9 @@ TEST(ExchangeLayout, SplitsEveryBlockIntoChunksByPosition) {
   EXPECT_EQ(maps.return_row, (std::vector<int32_t>{0, 2, 3, 1, 4, 5}));
   EXPECT_TRUE(maps.self_dst.empty());
   EXPECT_EQ(layout->plan_to_send, (std::vector<int64_t>{0, 2, 3, 1, 4, 5}));
-  EXPECT_EQ(maps.to_expert_major, (std::vector<int32_t>{0, 1, 2, 4, 3}));
-  EXPECT_EQ(maps.to_source_major, (std::vector<int32_t>{0, 1, 2, 4, 3}));
+  // Regroup maps, each chunk's relative to its first row (chunk 1 starts at receive row 2).
+  EXPECT_EQ(maps.to_expert_major, (std::vector<int32_t>{0, 1, 0, 2, 1}));
+  EXPECT_EQ(maps.to_source_major, (std::vector<int32_t>{0, 1, 0, 2, 1}));
   ASSERT_EQ(layout->chunks.size(), 2u);
   const ExchangeChunk& c0 = layout->chunks[0];
   const ExchangeChunk& c1 = layout->chunks[1];
@@ -546,7 +547,18 @@ TEST(ExchangeLayout, EmulatedPipelinedExchangeRoundTrips) {
     for (int p = 0; p < w; ++p) {
       const ExchangeLayout& x = lay[static_cast<size_t>(p)];
       const ExchangeMaps& xm = maps[static_cast<size_t>(p)];
-      const std::vector<Label> em = gather(recv[static_cast<size_t>(p)], xm.to_expert_major);
+      // The regroup maps address each chunk's own rows.
+      const auto regroup = [&](const std::vector<Label>& in, const std::vector<int32_t>& idx) {
+        std::vector<Label> out(in.size());
+        for (const ExchangeChunk& c : x.chunks) {
+          for (int64_t i = c.recv_begin; i < c.recv_begin + c.recv_rows; ++i) {
+            out[static_cast<size_t>(i)] =
+                in[static_cast<size_t>(c.recv_begin + idx[static_cast<size_t>(i)])];
+          }
+        }
+        return out;
+      };
+      const std::vector<Label> em = regroup(recv[static_cast<size_t>(p)], xm.to_expert_major);
       std::vector<int64_t> seen(static_cast<size_t>(l), 0);
       for (const ExchangeChunk& c : x.chunks) {
         for (int e = 0; e < l; ++e) {
@@ -570,7 +582,7 @@ TEST(ExchangeLayout, EmulatedPipelinedExchangeRoundTrips) {
         for (int s = 0; s < w; ++s) want += at(s, p, e);
         EXPECT_EQ(seen[static_cast<size_t>(e)], want) << "rank " << p << " expert " << e;
       }
-      back[static_cast<size_t>(p)] = gather(em, xm.to_source_major);
+      back[static_cast<size_t>(p)] = regroup(em, xm.to_source_major);
       EXPECT_EQ(back[static_cast<size_t>(p)], recv[static_cast<size_t>(p)]);
     }
     const auto combined = exchange(back, /*dispatch=*/false);

@@ -112,9 +112,13 @@ Emulated FromDownload(const std::vector<int64_t>& words, const route_steps::Summ
   return out;
 }
 
-// DeviceRouter::Forward after the softmax, step by step.
+// The device's CapacityKernel block size (route.cu's kBlockThreads).
+constexpr int kDeviceLanes = 256;
+
+// DeviceRouter::Forward after the softmax, step by step; `lanes`: CapacityKernel's block size.
 Emulated EmulateForward(const config::RouterConfig& rc, int64_t e, const RouterOutput& router,
-                        const std::vector<float>& bias, const RouteContext& ctx) {
+                        const std::vector<float>& bias, const RouteContext& ctx,
+                        int lanes = kDeviceLanes) {
   const int64_t s = router.probs.rows(), k = TopK(rc), g = rc.num_local_groups();
   const int64_t capacity = ComputeCapacity(rc, e, s, g, ctx.train);
   const route_steps::Summary l{e, g};
@@ -151,21 +155,14 @@ Emulated EmulateForward(const config::RouterConfig& rc, int64_t e, const RouterO
     }
   }
 
-  // CapacityKernel: one (group, expert) at a time, the scan as a running count.
+  // CapacityKernel: each (group, expert) block as the device runs it — chunks of `lanes` lanes,
+  // an exclusive sum per chunk — with the device's block size, and with small blocks whose chunks
+  // end inside a group (the carry from chunk to chunk).
   std::vector<int32_t> position(static_cast<size_t>(s * k), -1), counts(static_cast<size_t>(g * e));
-  for (int64_t blk = 0; blk < g * e; ++blk) {
-    const int64_t gr = blk / e, begin = routing::GroupBegin(s, g, gr),
-                  n = routing::GroupBegin(s, g, gr + 1) - begin;
-    const auto ex = static_cast<int32_t>(blk % e);
-    int64_t claims = 0;
-    for (int64_t i = 0; i < k * n; ++i) {
-      const int64_t slot =
-          route_steps::PlacementSlot(by_probability ? order.data() : nullptr, begin, n, k, i);
-      if (!route_steps::Claims(selected.data(), alive.data(), slot, ex)) continue;
-      position[slot] = route_steps::PositionOrDrop(claims++, capacity);
-    }
-    counts[blk] = route_steps::KeptCount(claims, capacity);
-  }
+  const route_steps::CapacityArgs ca{selected.data(), alive.data(),
+                                     by_probability ? order.data() : nullptr,
+                                     s, e, k, g, capacity, position.data(), counts.data()};
+  for (int64_t blk = 0; blk < g * e; ++blk) route_steps::CapacityBlockOnHost(ca, blk, lanes);
 
   const std::vector<int64_t> group_base = EmulateRowBases(counts, g, e, l, words.data());
   const int64_t* expert_offset = words.data() + l.expert_offset();
@@ -291,15 +288,9 @@ RouterGradients EmulateBackward(const config::RouterConfig& rc, const Emulated& 
                                 double scale) {
   const int64_t s = router.probs.rows(), e = router.probs.cols(),
                 k = rc.gate() == config::EXPERT_CHOICE ? 0 : TopK(rc), g = rc.num_local_groups();
-  std::vector<float> every;
-  std::vector<double> dimp;
-  double z_weight = 0.0;
-  for (const GroupLossSums& sums : f.sums) {
-    const GroupLossGradient grad = LossGradientFromSums(rc, sums, scale, g);
-    every.insert(every.end(), grad.to_every_prob.begin(), grad.to_every_prob.end());
-    dimp.insert(dimp.end(), grad.dimportance.begin(), grad.dimportance.end());
-    z_weight = grad.z_weight;
-  }
+  // The upload as the device gets it: the packed words, read through the same offsets.
+  const route_steps::PackedLossGradients packed = route_steps::PackLossGradients(rc, f.sums, scale, e);
+  EXPECT_EQ(static_cast<int64_t>(f.sums.size()), g);
   RouterGradients out;
   out.dprobs = Tensor(s, e);
   out.dscores = Tensor(s, e);
@@ -317,9 +308,9 @@ RouterGradients EmulateBackward(const config::RouterConfig& rc, const Emulated& 
       f.slot_row.data(),
       f.ec_rank.empty() ? nullptr : f.ec_rank.data(),
       f.group_base.data(),
-      every.size() == static_cast<size_t>(g * e) ? every.data() : nullptr,
-      dimp.size() == static_cast<size_t>(g * e) ? dimp.data() : nullptr,
-      z_weight,
+      packed.to_every_prob(packed.words.data()),
+      packed.dimportance(packed.words.data()),
+      packed.z_weight,
       s,
       e,
       k,
@@ -478,6 +469,10 @@ TEST(RouteSteps, EmulatedDeviceRouterIsTheCpuRouter) {
     ASSERT_TRUE(want.ok()) << want.status().ToString();
     const DispatchPlan& p = *want;
     ExpectSameAsCpu(r.rc, p, router, EmulateForward(r.rc, e, router, bias, ctx), seed);
+    // Blocks of 1 to 7 lanes: capacity's chunks end inside every group, the carry decides.
+    const int lanes = 1 + static_cast<int>(seed % 7);
+    SCOPED_TRACE("capacity blocks of " + std::to_string(lanes) + " lanes");
+    ExpectSameAsCpu(r.rc, p, router, EmulateForward(r.rc, e, router, bias, ctx, lanes), seed);
 
     dropped += p.dropped_slots > 0;
     probability += r.rc.drop_policy() == config::PROBABILITY && p.dropped_slots > 0;

@@ -7,6 +7,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <string>
 #include <utility>
 #include <vector>
@@ -14,11 +15,13 @@
 #include "base/clock.h"
 #include "experts/cuda/cublas_loader.h"
 #include "runtime/config/config.h"
+#include "runtime/config/limits.h"
 #include "runtime/device/cuda/permute.h"
 #include "runtime/device/cuda/route.h"
 #include "runtime/device/expert_compute.h"
 #include "runtime/device/host_device.h"
 #include "runtime/device/layer_routing.h"
+#include "runtime/device/staged_routing.h"
 
 namespace moe {
 namespace {
@@ -32,11 +35,46 @@ constexpr int64_t kFloat = sizeof(float);
 
 class CudaDevice;
 
+// Device memory of one GPU: selects it before every allocation and free.
+static_assert(limits::kBf16DimMultiple == GroupedFfn::kBf16Multiple,
+              "config validation and the grouped FFN agree on bf16 dimensions");
+
+class GpuMemory final : public MemoryResource {
+ public:
+  explicit GpuMemory(int gpu) : gpu_(gpu) {}
+  // Stream-ordered from here on (cudaMallocAsync / cudaFreeAsync on `stream`); null: cudaMalloc
+  // and cudaFree (a GPU without memory pools, and while the device is destroyed).
+  void set_stream(cudaStream_t stream) { stream_ = stream; }
+  MemorySpace space() const override { return MemorySpace::kDevice; }
+  StatusOr<void*> Allocate(int64_t bytes) override {
+    MOE_RETURN_IF_ERROR(CudaCheck(cudaSetDevice(gpu_), "cudaSetDevice"));
+    if (stream_ == nullptr) return DefaultResource(MemorySpace::kDevice)->Allocate(bytes);
+    void* p = nullptr;
+    MOE_RETURN_IF_ERROR(
+        CudaCheck(cudaMallocAsync(&p, static_cast<size_t>(bytes), stream_), "cudaMallocAsync")
+            .WithContext(std::to_string(bytes) + " bytes"));
+    return p;
+  }
+  void Free(void* p, int64_t bytes) override {
+    (void)cudaSetDevice(gpu_);
+    if (stream_ == nullptr) {
+      DefaultResource(MemorySpace::kDevice)->Free(p, bytes);
+    } else {
+      (void)cudaFreeAsync(p, stream_);
+    }
+  }
+
+ private:
+  int gpu_;
+  cudaStream_t stream_ = nullptr;
+};
+
 // The experts on the GPU: GroupedFfn, with the accumulating forms through a scratch buffer.
 class CudaExperts final : public ExpertCompute {
  public:
-  CudaExperts(CudaDevice* device, std::unique_ptr<GroupedFfn> ffn, int64_t model_dim)
-      : device_(device), ffn_(std::move(ffn)), m_(model_dim) {}
+  CudaExperts(CudaDevice* device, std::unique_ptr<GroupedFfn> ffn, int64_t model_dim,
+              MemoryResource* memory)
+      : device_(device), ffn_(std::move(ffn)), m_(model_dim), scratch_(memory) {}
 
   Status SetWeights(std::span<const experts::FfnParams> params) override {
     return ffn_->SetWeights(params);
@@ -49,22 +87,30 @@ class CudaExperts final : public ExpertCompute {
   Status AddGradients(std::span<experts::FfnParams> grads) override {
     return ffn_->AddGradients(grads);
   }
+  Status Reserve(int part, int64_t rows) override {
+    MOE_RETURN_IF_ERROR(ffn_->Reserve(part, rows));
+    return scratch_.Get(rows * m_ * kFloat).status();
+  }
 
  private:
   CudaDevice* device_;
   std::unique_ptr<GroupedFfn> ffn_;
   int64_t m_;
-  Workspace scratch_{MemorySpace::kDevice};
+  Workspace scratch_;
 };
 
 class CudaDevice final : public Device {
  public:
   CudaDevice(const CudaDeviceOptions& options, const CublasApi& api)
-      : options_(options), api_(api), name_("cuda:" + std::to_string(options.gpu)) {}
+      : options_(options),
+        api_(api),
+        name_("cuda:" + std::to_string(options.gpu)),
+        memory_(options.gpu) {}
 
   ~CudaDevice() override {
     (void)cudaSetDevice(options_.gpu);
     if (stream_ != nullptr) (void)cudaStreamSynchronize(stream_);
+    memory_.set_stream(nullptr);
     for (cudaEvent_t ev : timer_events_) (void)cudaEventDestroy(ev);
     if (handle_ != nullptr) (void)api_.destroy(handle_);
     if (stream_ != nullptr) (void)cudaStreamDestroy(stream_);
@@ -75,6 +121,11 @@ class CudaDevice final : public Device {
     MOE_RETURN_IF_ERROR(
         CudaCheck(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate"));
     MOE_RETURN_IF_ERROR(CublasCheck(api_, api_.create(&handle_), "cublasCreate"));
+    int pools = 0;
+    MOE_RETURN_IF_ERROR(CudaCheck(
+        cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, options_.gpu),
+        "cudaDeviceGetAttribute (memory pools)"));
+    if (pools != 0) memory_.set_stream(stream_);
     return CublasCheck(api_, api_.set_stream(handle_, stream_), "cublasSetStream");
   }
 
@@ -85,6 +136,7 @@ class CudaDevice final : public Device {
 
   std::string_view name() const override { return name_; }
   MemorySpace memory_space() const override { return MemorySpace::kDevice; }
+  MemoryResource* memory() override { return &memory_; }
   StreamHandle stream() const override { return stream_; }
 
   Status Upload(void* dst, const void* host_src, int64_t bytes) override {
@@ -164,18 +216,22 @@ class CudaDevice final : public Device {
     MOE_RETURN_IF_ERROR(Select());
     MOE_ASSIGN_OR_RETURN(std::unique_ptr<GroupedFfn> ffn,
                          GroupedFfn::Create(shape, count, options_.precision, options_.gpu,
-                                            stream_));
+                                            stream_, &memory_));
     return std::unique_ptr<ExpertCompute>(
-        std::make_unique<CudaExperts>(this, std::move(ffn), shape.model_dim));
+        std::make_unique<CudaExperts>(this, std::move(ffn), shape.model_dim, &memory_));
   }
   StatusOr<std::unique_ptr<LayerRouting>> MakeRouting(const config::LayerConfig& layer,
                                                       bool host_plan) override;
 
-  // Expert timing: pairs of events, resolved when the seconds are taken (at most kMaxTimers
-  // pairs outstanding: the oldest are resolved first).
+  // Expert timing: pairs of events, resolved when the seconds are taken (after the layer's
+  // exchanges, whose waits have deadlines). Beyond kMaxTimers outstanding pairs the finished ones
+  // are collected without waiting (cudaEventQuery); the pool grows while none has finished.
   Status BeginTiming() override {
     MOE_RETURN_IF_ERROR(Select());
-    if (timers_used_ == kMaxTimers) MOE_RETURN_IF_ERROR(ResolveTimers());
+    if (timers_used_ >= collect_at_) {
+      MOE_RETURN_IF_ERROR(CollectTimers(/*wait=*/false));
+      collect_at_ = std::max(kMaxTimers, 2 * timers_used_);
+    }
     while (timer_events_.size() < 2 * (timers_used_ + 1)) {
       cudaEvent_t ev = nullptr;
       MOE_RETURN_IF_ERROR(CudaCheck(cudaEventCreate(&ev), "cudaEventCreate"));
@@ -190,23 +246,35 @@ class CudaDevice final : public Device {
     return Status::Ok();
   }
   StatusOr<double> TakeTimedSeconds() override {
-    MOE_RETURN_IF_ERROR(ResolveTimers());
+    MOE_RETURN_IF_ERROR(CollectTimers(/*wait=*/true));
     return std::exchange(timed_, 0.0);
   }
 
  private:
-  Status ResolveTimers() {
+  // Adds the finished pairs' intervals to timed_ and keeps the others (wait: every pair).
+  Status CollectTimers(bool wait) {
     MOE_RETURN_IF_ERROR(Select());
+    size_t kept = 0;
     for (size_t i = 0; i < timers_used_; ++i) {
+      cudaEvent_t begin = timer_events_[2 * i], end = timer_events_[2 * i + 1];
+      if (wait) {
+        MOE_RETURN_IF_ERROR(CudaCheck(cudaEventSynchronize(end), "cudaEventSynchronize"));
+      } else {
+        const cudaError_t done = cudaEventQuery(end);
+        if (done == cudaErrorNotReady) {
+          std::swap(timer_events_[2 * kept], timer_events_[2 * i]);
+          std::swap(timer_events_[2 * kept + 1], timer_events_[2 * i + 1]);
+          ++kept;
+          continue;
+        }
+        MOE_RETURN_IF_ERROR(CudaCheck(done, "cudaEventQuery"));
+      }
       float ms = 0.0f;
       MOE_RETURN_IF_ERROR(
-          CudaCheck(cudaEventSynchronize(timer_events_[2 * i + 1]), "cudaEventSynchronize"));
-      MOE_RETURN_IF_ERROR(
-          CudaCheck(cudaEventElapsedTime(&ms, timer_events_[2 * i], timer_events_[2 * i + 1]),
-                    "cudaEventElapsedTime"));
+          CudaCheck(cudaEventElapsedTime(&ms, begin, end), "cudaEventElapsedTime"));
       timed_ += ms / 1e3;
     }
-    timers_used_ = 0;
+    timers_used_ = kept;
     return Status::Ok();
   }
 
@@ -214,10 +282,12 @@ class CudaDevice final : public Device {
   CudaDeviceOptions options_;
   const CublasApi& api_;
   std::string name_;
+  GpuMemory memory_;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t handle_ = nullptr;
   std::vector<cudaEvent_t> timer_events_;
   size_t timers_used_ = 0;
+  size_t collect_at_ = kMaxTimers;  // timers_used_ at which finished pairs are next collected
   double timed_ = 0.0;
 };
 
@@ -239,7 +309,7 @@ Status CudaExperts::Backward(int part, const std::vector<int64_t>&, MatrixView<c
 }
 
 // The routing steps on the GPU: the router's GEMMs here, then the device router (route.h) or the
-// host's routing code on the downloaded logits.
+// host's routing code on the downloaded logits (StagedHostRouting).
 class CudaRouting final : public LayerRouting {
  public:
   CudaRouting(CudaDevice* device, const config::LayerConfig& layer,
@@ -247,149 +317,81 @@ class CudaRouting final : public LayerRouting {
       : device_(device),
         cfg_(ResolvedLayerConfig(layer)),
         router_dev_(std::move(router)),
-        host_(cfg_) {}
+        staged_(device, cfg_) {}
 
   Status Forward(const float* x, int64_t s, const float* wg, const float* wnoise,
                  const std::vector<float>& bias, const RouteContext& ctx) override {
-    const int64_t m = cfg_.model_dim(), e = cfg_.num_experts(), cols = RouterColumns(cfg_);
-    noisy_ = RouterIsNoisy(cfg_.router(), ctx);
-    // The router's S x cols arrays (logits and their gradient; the noise's S x E after them).
-    const int64_t noise = noisy_ ? s * e : 0;
-    const bool soft = cfg_.router().gate() == config::SOFT;
-    MOE_ASSIGN_OR_RETURN(arrays_, ws_.Carve([&](Carver& c) {
-      return Arrays{c.Take<float>(s * cols), c.Take<float>(noise),
-                    c.Take<float>(s * cols), c.Take<float>(noise),
-                    c.Take<float>(e),        c.Take<float>(soft ? s * cols : 0),
-                    c.Take<float>(soft ? s * cols : 0)};
-    }));
-    MOE_RETURN_IF_ERROR(device_->Gemm(false, false, s, cols, m, 1.0f, x, wg, 0.0f, arrays_.logits));
-    if (noisy_) {
-      MOE_RETURN_IF_ERROR(
-          device_->Gemm(false, false, s, e, m, 1.0f, x, wnoise, 0.0f, arrays_.noise_in));
-    }
+    MOE_RETURN_IF_ERROR(staged_.ComputeLogits(x, s, wg, wnoise, ctx));
     // Router replay (a recorded selection in place of top-k) routes on the host.
     on_device_ = router_dev_ != nullptr && ctx.replay_selected == nullptr;
-    if (on_device_) {
-      // The selection bias as BuildDispatchPlan takes it: empty = zero, else E values.
-      if (!bias.empty() && static_cast<int64_t>(bias.size()) != e) {
-        return InvalidArgument("router bias has " + std::to_string(bias.size()) +
-                               " entries, must have " + std::to_string(e) + " (moe.num_experts)");
-      }
-      if (!bias.empty()) MOE_RETURN_IF_ERROR(device_->Upload(arrays_.bias, bias.data(), e * kFloat));
-      on_device_plan_ = DispatchPlan();
-      router_out_ = RouterOutput();
-      router_out_.noisy = noisy_;
-      MOE_RETURN_IF_ERROR(router_dev_->Forward(arrays_.logits, noisy_ ? arrays_.noise_in : nullptr,
-                                               bias.empty() ? nullptr : arrays_.bias, s, ctx,
-                                               &on_device_plan_, &device_losses_));
-      rows_ = router_dev_->device_plan();
-      return Status::Ok();
+    if (!on_device_) return staged_.RouteOnHost(s, bias, ctx);
+    const int64_t e = cfg_.num_experts();
+    const StagedHostRouting::Arrays& a = staged_.arrays();
+    noisy_ = RouterIsNoisy(cfg_.router(), ctx);
+    // The selection bias as BuildDispatchPlan takes it: empty = zero, else E values.
+    if (!bias.empty() && static_cast<int64_t>(bias.size()) != e) {
+      return InvalidArgument("router bias has " + std::to_string(bias.size()) +
+                             " entries, must have " + std::to_string(e) + " (moe.num_experts)");
     }
-    // On the host: the logits (and noise pre-activations) down, the host's code, the plan up.
-    const double t0 = WallSeconds();
-    logits_.resize(static_cast<size_t>(s * cols));
-    MOE_RETURN_IF_ERROR(device_->Download(logits_.data(), arrays_.logits, s * cols * kFloat));
-    if (noisy_) {
-      noise_in_.resize(static_cast<size_t>(s * e));
-      MOE_RETURN_IF_ERROR(device_->Download(noise_in_.data(), arrays_.noise_in, s * e * kFloat));
-    }
-    MOE_RETURN_IF_ERROR(
-        host_.ForwardFromLogits(logits_.data(), noisy_ ? noise_in_.data() : nullptr, s, bias, ctx));
-    MOE_ASSIGN_OR_RETURN(rows_, PlanRowsOn(*device_, host_.plan(), &plan_ws_));
-    if (soft) {
-      // Soft MoE's combine and dispatch weights, for the GEMMs on the device.
-      const RouterOutput& r = host_.router_output();
-      MOE_RETURN_IF_ERROR(device_->Upload(arrays_.combine, r.probs.data(), s * cols * kFloat));
-      MOE_RETURN_IF_ERROR(device_->Upload(arrays_.dispatch, r.dispatch.data(), s * cols * kFloat));
-    }
-    // The staged uploads read host memory the next call rewrites: wait for them.
-    MOE_RETURN_IF_ERROR(device_->Synchronize());
-    host_seconds_ = WallSeconds() - t0;
+    if (!bias.empty()) MOE_RETURN_IF_ERROR(device_->Upload(a.bias, bias.data(), e * kFloat));
+    plan_ = DispatchPlan();
+    router_out_ = RouterOutput();
+    router_out_.noisy = noisy_;
+    MOE_RETURN_IF_ERROR(router_dev_->Forward(a.logits, noisy_ ? a.noise_in : nullptr,
+                                             bias.empty() ? nullptr : a.bias, s, ctx, &plan_,
+                                             &losses_));
+    rows_ = router_dev_->device_plan();
+    host_seconds_ = router_dev_->host_seconds();
     return Status::Ok();
   }
 
-  const DispatchPlan& plan() const override { return on_device_ ? on_device_plan_ : host_.plan(); }
-  const PlanRows& rows() const override { return rows_; }
+  const DispatchPlan& plan() const override { return on_device_ ? plan_ : staged_.plan(); }
+  const PlanRows& rows() const override { return on_device_ ? rows_ : staged_.rows(); }
   bool routes_on_device() const override { return on_device_; }
   Status Fetch() override {
     if (!on_device_) return Status::Ok();
     MOE_RETURN_IF_ERROR(device_->Select());
-    return router_dev_->Fetch(&on_device_plan_, &router_out_);
+    return router_dev_->Fetch(&plan_, &router_out_);
   }
   const RouterOutput& router_output() const override {
-    return on_device_ ? router_out_ : host_.router_output();
+    return on_device_ ? router_out_ : staged_.router_output();
   }
-  const RouterLosses& losses() const override {
-    return on_device_ ? device_losses_ : host_.losses();
-  }
+  const RouterLosses& losses() const override { return on_device_ ? losses_ : staged_.losses(); }
   // aux_loss_scope GLOBAL never routes on the device (DeviceRouter::Supports).
-  std::vector<double> BalanceCounts() const override { return host_.BalanceCounts(); }
+  std::vector<double> BalanceCounts() const override { return staged_.BalanceCounts(); }
   void SetGlobalBalanceCounts(const std::vector<double>& world_counts) override {
-    host_.SetGlobalBalanceCounts(world_counts);
+    staged_.SetGlobalBalanceCounts(world_counts);
   }
-  const float* combine_weights() const override { return arrays_.combine; }
-  const float* dispatch_weights() const override { return arrays_.dispatch; }
+  const float* combine_weights() const override { return staged_.combine_weights(); }
+  const float* dispatch_weights() const override { return staged_.dispatch_weights(); }
 
   StatusOr<Gradients> Backward(const float* dgate, LossScale scale) override {
-    const int64_t s = plan().num_tokens, e = cfg_.num_experts();
-    if (on_device_) {
-      MOE_RETURN_IF_ERROR(router_dev_->Backward(dgate, scale, arrays_.dlogits, arrays_.dnoise));
-      host_seconds_ += router_dev_->host_seconds();
-      return Gradients{arrays_.dlogits, noisy_ ? arrays_.dnoise : nullptr};
-    }
-    // The gates' gradients to the host, its S x E backward there, dlogits back.
-    const int64_t rows = plan().num_rows();
-    dgate_.resize(static_cast<size_t>(rows));
-    MOE_RETURN_IF_ERROR(device_->Download(dgate_.data(), dgate, rows * kFloat));
-    const double t0 = WallSeconds();
-    MOE_ASSIGN_OR_RETURN(const Gradients g, host_.Backward(dgate_.data(), scale));
-    host_seconds_ += WallSeconds() - t0;
-    MOE_RETURN_IF_ERROR(device_->Upload(arrays_.dlogits, g.dlogits, s * e * kFloat));
-    if (g.dnoise != nullptr) {
-      MOE_RETURN_IF_ERROR(device_->Upload(arrays_.dnoise, g.dnoise, s * e * kFloat));
-    }
-    // The uploads read host scratch that the next backward reuses: wait for them.
-    MOE_RETURN_IF_ERROR(device_->Synchronize());
-    return Gradients{arrays_.dlogits, g.dnoise != nullptr ? arrays_.dnoise : nullptr};
+    if (!on_device_) return staged_.Backward(dgate, scale);
+    const StagedHostRouting::Arrays& a = staged_.arrays();
+    MOE_RETURN_IF_ERROR(router_dev_->Backward(dgate, scale, a.dlogits, a.dnoise));
+    host_seconds_ += router_dev_->host_seconds();
+    return Gradients{a.dlogits, noisy_ ? a.dnoise : nullptr};
   }
-
   StatusOr<const float*> SoftBackward(const float* dcombine, const float* ddispatch) override {
-    const int64_t s = host_.router_output().probs.rows(), cols = RouterColumns(cfg_);
-    soft_grads_.resize(static_cast<size_t>(2 * s * cols));
-    MOE_RETURN_IF_ERROR(device_->Download(soft_grads_.data(), dcombine, s * cols * kFloat));
-    MOE_RETURN_IF_ERROR(
-        device_->Download(soft_grads_.data() + s * cols, ddispatch, s * cols * kFloat));
-    MOE_ASSIGN_OR_RETURN(const float* dlogits,
-                         host_.SoftBackward(soft_grads_.data(), soft_grads_.data() + s * cols));
-    MOE_RETURN_IF_ERROR(device_->Upload(arrays_.dlogits, dlogits, s * cols * kFloat));
-    MOE_RETURN_IF_ERROR(device_->Synchronize());
-    return static_cast<const float*>(arrays_.dlogits);
+    return staged_.SoftBackward(dcombine, ddispatch);
   }
-
-  double host_seconds() const override { return host_seconds_; }
+  double host_seconds() const override {
+    return on_device_ ? host_seconds_ : staged_.host_seconds();
+  }
 
  private:
   CudaDevice* device_;
   config::LayerConfig cfg_;
   std::unique_ptr<gpu::DeviceRouter> router_dev_;
-  HostRouting host_;
-  Workspace ws_{MemorySpace::kDevice}, plan_ws_{MemorySpace::kDevice};
-  // Device memory of one call: logits and noise pre-activations, their gradients, the selection
-  // bias, Soft MoE's combine and dispatch weights.
-  struct Arrays {
-    float *logits = nullptr, *noise_in = nullptr, *dlogits = nullptr, *dnoise = nullptr,
-          *bias = nullptr, *combine = nullptr, *dispatch = nullptr;
-  } arrays_;
+  StagedHostRouting staged_;
   bool noisy_ = false;
   bool on_device_ = false;  // the last Forward routed on the device
+  // Routed on the device: the plan's counts (until Fetch), its rows on the device, the router
+  // output after Fetch, the losses.
+  DispatchPlan plan_;
   PlanRows rows_;
-  // Routed on the device: the plan's counts (until Fetch), the router output after Fetch, the
-  // losses.
-  DispatchPlan on_device_plan_;
   RouterOutput router_out_;
-  RouterLosses device_losses_;
-  // Host scratch.
-  std::vector<float> logits_, noise_in_, dgate_, soft_grads_;
+  RouterLosses losses_;
   double host_seconds_ = 0.0;
 };
 

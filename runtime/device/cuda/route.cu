@@ -85,34 +85,26 @@ __global__ void GroupOffsetsKernel(int64_t tokens, int64_t groups, int* offsets)
 
 constexpr int kBlockThreads = 256;
 
-// One block per (group, expert): the group's slots in placement order (route_steps::PlacementSlot),
-// a block-wide exclusive scan of their claims on this expert per chunk of 256, so a claiming
-// slot's position is the number of earlier claims; past capacity it is dropped (-1).
-__global__ void CapacityKernel(const int32_t* selected, const uint8_t* alive, const int32_t* order,
-                               int64_t tokens, int64_t experts, int64_t k, int64_t groups,
-                               int64_t capacity, int32_t* position, int32_t* group_expert_count) {
+// One block per (group, expert): the group's slots in placement order, chunk by chunk, a
+// block-wide exclusive scan of the chunk's claims on this expert (route_steps::CapacityArgs; the
+// CPU replays it lane by lane with route_steps::CapacityBlockOnHost).
+__global__ void CapacityKernel(route_steps::CapacityArgs a) {
   using Scan = cub::BlockScan<int, kBlockThreads>;
   __shared__ typename Scan::TempStorage temp;
-  const int64_t g = blockIdx.x / experts;
-  const auto e = static_cast<int32_t>(blockIdx.x % experts);
-  const int64_t begin = GroupBegin(tokens, groups, g),
-                n = GroupBegin(tokens, groups, g + 1) - begin;
-  int carry = 0;
-  for (int64_t base = 0; base < k * n; base += kBlockThreads) {
-    const int64_t i = base + threadIdx.x;
+  const int64_t block = blockIdx.x;
+  int64_t begin = 0;
+  const int64_t slots = route_steps::CapacitySlots(a, block, &begin);
+  int64_t carry = 0;
+  for (int64_t base = 0; base < slots; base += kBlockThreads) {
     int64_t slot = -1;
-    int flag = 0;
-    if (i < k * n) {
-      slot = route_steps::PlacementSlot(order, begin, n, k, i);
-      flag = route_steps::Claims(selected, alive, slot, e) ? 1 : 0;
-    }
+    const int flag = route_steps::CapacityClaim(a, block, begin, slots, base + threadIdx.x, &slot);
     int before = 0, chunk = 0;
     Scan(temp).ExclusiveSum(flag, before, chunk);
-    if (flag) position[slot] = route_steps::PositionOrDrop(carry + before, capacity);
+    if (flag) route_steps::CapacityPlace(a, slot, carry, before);
     carry += chunk;
     __syncthreads();  // temp storage is reused by the next chunk
   }
-  if (threadIdx.x == 0) group_expert_count[blockIdx.x] = route_steps::KeptCount(carry, capacity);
+  if (threadIdx.x == 0) route_steps::CapacityFinish(a, block, carry);
 }
 
 // One block: the row bases' three phases (route_steps::RowBaseOfExpert, ExpertOffsets,
@@ -384,7 +376,8 @@ class CudaRouter final : public DeviceRouter {
       order = a_.order;
     }
     CapacityKernel<<<static_cast<unsigned>(g * e), kBlockThreads, 0, stream_>>>(
-        a_.selected, a_.alive, order, s, e, k, g, capacity, a_.position, a_.counts);
+        route_steps::CapacityArgs{a_.selected, a_.alive, order, s, e, k, g, capacity,
+                                  a_.position, a_.counts});
     MOE_RETURN_IF_ERROR(Launched("router capacity"));
     RowBaseKernel<<<1, kBlockThreads, 0, stream_>>>(a_.counts, g, e, expert_offset, a_.group_base,
                                                     counts64);
@@ -457,27 +450,13 @@ class CudaRouter final : public DeviceRouter {
     const double t0 = WallSeconds();
     const int64_t s = s_, e = e_, g = g_;
     // The per-group loss gradients (G x E) from the forward's sums, uploaded in one copy.
-    std::vector<GroupLossGradient> grads;
-    for (const GroupLossSums& sums : group_sums_) {
-      grads.push_back(LossGradientFromSums(cfg_, sums, loss_scale, g));
+    packed_ = route_steps::PackLossGradients(cfg_, group_sums_, loss_scale, e);
+    if (packed_.every || packed_.importance) {
+      MOE_RETURN_IF_ERROR(CudaCheck(
+          cudaMemcpyAsync(a_.coef, packed_.words.data(), packed_.words.size() * sizeof(int32_t),
+                          cudaMemcpyHostToDevice, stream_),
+          "upload of the loss gradients"));  // pageable: read by the time it returns
     }
-    const bool every = !grads[0].to_every_prob.empty(), imp = !grads[0].dimportance.empty();
-    coef_host_.assign(static_cast<size_t>(g * e * 3), 0);  // g·e doubles + g·e floats, rounded up
-    auto* dimp_host = reinterpret_cast<double*>(coef_host_.data());
-    auto* every_host = reinterpret_cast<float*>(coef_host_.data() + g * e * 2);
-    for (int64_t gr = 0; gr < g; ++gr) {
-      for (int64_t i = 0; i < e; ++i) {
-        if (imp) dimp_host[gr * e + i] = grads[gr].dimportance[i];
-        if (every) every_host[gr * e + i] = grads[gr].to_every_prob[i];
-      }
-    }
-    if (every || imp) {
-      MOE_RETURN_IF_ERROR(
-          CudaCheck(cudaMemcpyAsync(a_.coef, coef_host_.data(), coef_host_.size() * sizeof(int32_t),
-                                    cudaMemcpyHostToDevice, stream_),
-                    "upload of the loss gradients"));  // pageable: read by the time it returns
-    }
-    auto* coef = reinterpret_cast<char*>(a_.coef);
     constexpr int kThreads = 128;
     RouterBackwardKernel<<<Blocks(s, kThreads), kThreads, 0, stream_>>>(route_steps::BackwardArgs{
         a_.probs,
@@ -491,9 +470,9 @@ class CudaRouter final : public DeviceRouter {
         a_.slot_row,
         ec_ ? a_.ec_rank : nullptr,
         a_.group_base,
-        every ? reinterpret_cast<const float*>(coef + g * e * 8) : nullptr,
-        imp ? reinterpret_cast<const double*>(coef) : nullptr,
-        grads[0].z_weight,
+        packed_.to_every_prob(a_.coef),
+        packed_.dimportance(a_.coef),
+        packed_.z_weight,
         s,
         e,
         k_,
@@ -653,7 +632,7 @@ class CudaRouter final : public DeviceRouter {
   Workspace arena_{MemorySpace::kDevice}, summary_mem_{MemorySpace::kDevice};
   void* summary_ = nullptr;
   std::vector<int64_t> summary_host_;
-  std::vector<int32_t> coef_host_;
+  route_steps::PackedLossGradients packed_;  // the last Backward's upload
   Arrays a_;
   int64_t sort_bytes_ = 0, scan_bytes_ = 0;
 

@@ -7,7 +7,8 @@
 //  - CombineRows (gated and not) over returned rows split between the send layout and the self
 //    rows, GateGradients: within 1e-6 of the largest magnitude (fused multiply-adds; a float,
 //    tree-ordered dot product where the host sums in double);
-//  - Cast in every direction: exact.
+//  - Cast in every direction: exact;
+//  - Gemm in every transpose with beta 0 and 1 and k = 0: within 1e-5 (summation order).
 // Row widths 64 (the float4 path) and 30 (scalar). Outputs are poisoned (NaN) first, so an element
 // nothing wrote fails. Skips without a CUDA device.
 #include <gtest/gtest.h>
@@ -182,6 +183,41 @@ TEST_P(GpuDeviceOps, MatchTheHostDevice) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Widths, GpuDeviceOps, ::testing::Values(64, 30));
+
+// Device::Gemm (the router, Soft MoE's mixing, the router's gradients): the row-major operands in
+// column-major cuBLAS, every transpose, beta 0 and 1, and k = 0 (C zeroed, or kept) — within 1e-5
+// of the largest magnitude of the host's OpenBLAS result (fp32, no TF32; summation order only).
+TEST(GpuDeviceOps, GemmMatchesTheHostInEveryLayout) {
+  MOE_REQUIRE_GPU();
+  auto made = MakeCudaDevice({.gpu = 0});
+  ASSERT_TRUE(made.ok()) << made.status().ToString();
+  Device& gpu = **made;
+  HostDevice host;
+  for (const int64_t k : {int64_t{37}, int64_t{0}}) {
+    for (const bool ta : {false, true}) {
+      for (const bool tb : {false, true}) {
+        for (const float beta : {0.0f, 1.0f}) {
+          SCOPED_TRACE("k " + std::to_string(k) + (ta ? " Aᵀ" : " A") + (tb ? " Bᵀ" : " B") +
+                       " beta " + std::to_string(beta));
+          const int64_t m = 19, n = 23;
+          Tensor a(ta ? k : m, ta ? m : k), b(tb ? n : k, tb ? k : n), c(m, n);
+          testing::FillRandom(&a, 11, 1.0f);
+          testing::FillRandom(&b, 12, 1.0f);
+          testing::FillRandom(&c, 13, 1.0f);
+          std::vector<float> want = c.vec();
+          ASSERT_TRUE(
+              host.Gemm(ta, tb, m, n, k, 0.5f, a.data(), b.data(), beta, want.data()).ok());
+          Buffer d_a = ToDevice(a.vec()), d_b = ToDevice(b.vec()), d_c = ToDevice(c.vec());
+          ASSERT_TRUE(gpu.Gemm(ta, tb, m, n, k, 0.5f, d_a.as<float>(), d_b.as<float>(), beta,
+                               d_c.as<float>())
+                          .ok());
+          ASSERT_TRUE(gpu.Synchronize().ok());
+          EXPECT_LE(RelativeError(FromDevice<float>(d_c, m * n), want), 1e-5);
+        }
+      }
+    }
+  }
+}
 
 }  // namespace
 }  // namespace moe

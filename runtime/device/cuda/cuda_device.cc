@@ -401,7 +401,7 @@ StatusOr<std::unique_ptr<LayerRouting>> CudaDevice::MakeRouting(const config::La
   const config::LayerConfig cfg = ResolvedLayerConfig(layer);
   std::unique_ptr<gpu::DeviceRouter> router;
   if (options_.route_on_device && !host_plan && gpu::DeviceRouter::Supports(cfg.router(), nullptr)) {
-    MOE_ASSIGN_OR_RETURN(router, gpu::DeviceRouter::Create(cfg.router(), cfg.num_experts(), stream_));
+    MOE_ASSIGN_OR_RETURN(router, gpu::DeviceRouter::Create(cfg.router(), cfg.num_experts(), stream_, &memory_));
   }
   return std::unique_ptr<LayerRouting>(std::make_unique<CudaRouting>(this, cfg, std::move(router)));
 }

@@ -211,13 +211,16 @@ unsigned Blocks(int64_t n, int64_t per_block) {
 
 class CudaRouter final : public DeviceRouter {
  public:
-  CudaRouter(const config::RouterConfig& cfg, int64_t experts, void* stream)
+  CudaRouter(const config::RouterConfig& cfg, int64_t experts, void* stream,
+             MemoryResource* memory)
       : cfg_(cfg),
         stream_(static_cast<cudaStream_t>(stream)),
         e_(experts),
         ec_(cfg.gate() == config::EXPERT_CHOICE),
         k_(ec_ ? 0 : TopK(cfg)),
-        g_(cfg.num_local_groups()) {}
+        g_(cfg.num_local_groups()),
+        arena_(memory),
+        summary_mem_(memory) {}
 
   Status Init() {
     // route_steps::Summary: one download per forward.
@@ -629,7 +632,7 @@ class CudaRouter final : public DeviceRouter {
   const int64_t e_;
   const bool ec_;  // expert choice (k_ = 0: no slots)
   const int64_t k_, g_;
-  Workspace arena_{MemorySpace::kDevice}, summary_mem_{MemorySpace::kDevice};
+  Workspace arena_, summary_mem_;
   void* summary_ = nullptr;
   std::vector<int64_t> summary_host_;
   route_steps::PackedLossGradients packed_;  // the last Backward's upload
@@ -689,14 +692,17 @@ bool DeviceRouter::Supports(const config::RouterConfig& router, std::string* why
 }
 
 StatusOr<std::unique_ptr<DeviceRouter>> DeviceRouter::Create(const config::RouterConfig& router,
-                                                             int64_t num_experts, void* stream) {
+                                                             int64_t num_experts, void* stream,
+                                                             MemoryResource* memory) {
   std::string why;
   if (!Supports(router, &why)) return InvalidArgument("DeviceRouter: " + why);
   if (router.gate() != config::EXPERT_CHOICE && num_experts < TopK(router)) {
     return InvalidArgument("DeviceRouter: moe.num_experts=" + std::to_string(num_experts) +
                            " must be >= moe.router.top_k=" + std::to_string(TopK(router)));
   }
-  auto r = std::make_unique<CudaRouter>(router, num_experts, stream);
+  auto r = std::make_unique<CudaRouter>(router, num_experts, stream,
+                                        memory != nullptr ? memory
+                                                          : DefaultResource(MemorySpace::kDevice));
   MOE_RETURN_IF_ERROR(r->Init());
   return std::unique_ptr<DeviceRouter>(std::move(r));
 }

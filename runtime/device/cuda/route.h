@@ -40,9 +40,11 @@ class DeviceRouter {
   static bool Supports(const config::RouterConfig& router, std::string* why_not);
 
   // A router for `num_experts` experts and the resolved `router` config, enqueueing on `stream`
-  // (the caller's; kept). Fails for a config Supports refuses.
+  // (the caller's; kept), its workspaces from `memory` (the device's stream-ordered allocator; null:
+  // cudaMalloc). Fails for a config Supports refuses.
   static StatusOr<std::unique_ptr<DeviceRouter>> Create(const config::RouterConfig& router,
-                                                        int64_t num_experts, void* stream);
+                                                        int64_t num_experts, void* stream,
+                                                        MemoryResource* memory = nullptr);
   virtual ~DeviceRouter() = default;
 
   // Routes `tokens` rows: logits (S x E, x·Wg), noise_in (S x E, x·Wnoise; read only when

@@ -23,7 +23,7 @@ bool DeviceRouter::Supports(const config::RouterConfig&, std::string* why_not) {
   return false;
 }
 StatusOr<std::unique_ptr<DeviceRouter>> DeviceRouter::Create(const config::RouterConfig&, int64_t,
-                                                             void*) {
+                                                             void*, MemoryResource*) {
   return NoCuda("DeviceRouter");
 }
 

@@ -77,6 +77,8 @@ CheckedDevice::CheckedDevice() : memory_(std::make_unique<Memory>(this)) {}
 
 CheckedDevice::~CheckedDevice() {
   (void)Synchronize();
+  // What a failure left unfreed: frees queued behind it (never run) and memory kept from reuse.
+  for (auto& [p, bytes] : pending_frees_) std::free(p);
   for (auto& [p, bytes] : kept_) std::free(p);
 }
 
@@ -236,13 +238,17 @@ void CheckedDevice::OnFree(void* p, int64_t bytes) {
   allocations_.erase(static_cast<const char*>(p));
   // Stream-ordered, as the CUDA device's (cudaFreeAsync on its stream): after the compute
   // stream's work queued so far; any other user must be ordered before it by an event.
-  StatusOr<uint64_t> freed =
-      Enqueue(kCompute, "Free of " + std::to_string(bytes) + " bytes", {Write(p, bytes)}, [p, bytes] {
-        std::memset(p, kPoison, static_cast<size_t>(bytes));
-        std::free(p);
-        return Status::Ok();
-      });
-  if (freed.ok()) return;
+  StatusOr<uint64_t> freed = Enqueue(kCompute, "Free of " + std::to_string(bytes) + " bytes",
+                                     {Write(p, bytes)}, [this, p, bytes] {
+                                       std::memset(p, kPoison, static_cast<size_t>(bytes));
+                                       pending_frees_.erase(p);
+                                       std::free(p);
+                                       return Status::Ok();
+                                     });
+  if (freed.ok()) {
+    pending_frees_[p] = bytes;
+    return;
+  }
   if (failed_.ok()) failed_ = freed.status();
   // Work not ordered before the free may still run on the memory: never handed back.
   kept_.emplace_back(p, bytes);

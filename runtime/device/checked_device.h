@@ -120,6 +120,7 @@ class CheckedDevice final : public Device {
   std::unique_ptr<Memory> memory_;
   std::map<const char*, int64_t> allocations_;  // live allocations: begin -> bytes
   std::vector<std::pair<void*, int64_t>> kept_;  // freed under queued work: never released
+  std::map<void*, int64_t> pending_frees_;        // frees queued, not yet run
   std::array<std::deque<std::shared_ptr<Op>>, kStreams> queues_;
   std::vector<std::shared_ptr<Op>> live_;  // operations the host has not waited for
   std::map<uint64_t, std::shared_ptr<Op>> ops_;  // by id, until the host waited for them

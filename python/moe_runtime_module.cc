@@ -40,6 +40,7 @@
 #include "runtime/layer/layer_io.h"
 #include "runtime/layer/make_moe_layer.h"
 #include "runtime/layer/moe_layer.h"
+#include "runtime/train/flops.h"
 
 
 namespace py = pybind11;
@@ -750,6 +751,26 @@ PYBIND11_MODULE(_core, m) {
     if (n < 1) mp::Raise(PyExc_ValueError, "set_blas_threads: n=" + std::to_string(n) + " must be >= 1");
     moe::blas::SetThreads(n);
   }, py::arg("n"), "OpenBLAS threads of the layer's GEMMs.");
+
+  m.def("layer_flops", [](const std::string& config, int64_t tokens, int64_t expert_rows) {
+    if (tokens < 0 || expert_rows < 0) {
+      mp::Raise(PyExc_ValueError, "layer_flops: tokens=" + std::to_string(tokens) + " and expert_rows=" +
+                                      std::to_string(expert_rows) + " must be >= 0");
+    }
+    moe::config::MoeConfig cfg = mp::ConfigFrom(config);
+    cfg.mutable_model()->set_num_layers(1);  // one layer's call; the LM head is left out below
+    const moe::StepFlops f = moe::ModelFlops(cfg, tokens, expert_rows);
+    py::dict d;
+    d["router"] = f.router;
+    d["experts"] = f.experts;
+    d["shared"] = f.shared;
+    d["soft_mix"] = f.soft_mix;
+    d["total"] = f.router + f.experts + f.shared + f.soft_mix;
+    return d;
+  }, py::arg("config"), py::arg("tokens"), py::arg("expert_rows"),
+  "Model FLOPs (forward + backward) of one MoE layer call on `tokens` tokens whose experts kept "
+  "`expert_rows` rows, by the library's accounting (runtime/train/flops.h): router, experts, "
+  "shared experts, Soft MoE's slot mixing and their total.");
 
   py::class_<PyLayer>(m, "Layer", "One MoE layer (the config's moe section), local or expert-parallel.")
       .def(py::init<const std::string&, uint64_t, std::optional<PyCommunicator>>(), py::arg("config"),

@@ -13,6 +13,7 @@ PACKAGES=(
   clang libclang-rt-14-dev
   python3-torch python3-numpy
   pybind11-dev python3-pybind11 python3-pytest
+  fortunes python3-matplotlib
 )
 
 missing=()

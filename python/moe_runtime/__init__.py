@@ -13,6 +13,8 @@ The C++ library does the work; this package is a thin surface over it:
   summed by gate.
 - ``mpi_world()``: this process's communicator under ``mpirun``; ``loopback_world(n)``: ``n``
   communicators for ranks as threads of one process.
+- ``layer_flops(config, tokens, expert_rows)``: one layer call's model FLOPs (forward + backward)
+  by the library's accounting, as a dict (router, experts, shared, soft_mix, total).
 - ``moe_runtime.torch``: ``MoELayer``, a ``torch.nn.Module`` over ``Layer``.
 
 Arrays are float32 and C-contiguous (others are refused with the rule); library errors arrive as
@@ -43,6 +45,7 @@ from ._core import (  # noqa: E402
     Handle,
     Layer,
     has_mpi,
+    layer_flops,
     loopback_world,
     mpi_world,
     set_blas_threads,
@@ -55,6 +58,7 @@ __all__ = [
     "Layer",
     "has_mpi",
     "launched_by_mpirun",
+    "layer_flops",
     "loopback_world",
     "mpi_world",
     "set_blas_threads",

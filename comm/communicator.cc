@@ -196,4 +196,38 @@ StatusOr<std::unique_ptr<Communicator>> Communicator::Split(int color, int key) 
   return DoSplit(seq, color, key);
 }
 
+StatusOr<std::unique_ptr<SymmetricBuffer>> Communicator::AllocateSymmetric(int64_t bytes) {
+  if (bytes < 0) {
+    return InvalidArgument("symmetric: bytes=" + std::to_string(bytes) + " must be >= 0");
+  }
+  if (local_size() < size()) {
+    return FailedPrecondition("symmetric: the " + std::to_string(size()) + " ranks of this " +
+                              std::string(backend()) + " communicator span nodes (" +
+                              std::to_string(local_size()) + " share rank " +
+                              std::to_string(rank()) + "'s): a symmetric buffer needs ranks that "
+                              "share memory (split by node first)");
+  }
+  if (memory_space() != MemorySpace::kHost) {
+    return Unimplemented("symmetric: buffers in device memory (NCCL symmetric memory: ncclMemAlloc "
+                         "and window registration) are not wired yet; this " +
+                         std::string(backend()) + " communicator is in device memory");
+  }
+  // Every rank must ask for the same size: one all-reduce of (bytes, -bytes) by max.
+  int64_t range[2] = {bytes, -bytes};
+  MOE_RETURN_IF_ERROR(AllReduce(range, range, 2, DataType::kInt64, ReduceOp::kMax));
+  if (range[0] != -range[1]) {
+    return InvalidArgument("symmetric: bytes=" + std::to_string(bytes) + " on rank " +
+                           std::to_string(rank()) + ", but the ranks ask for " +
+                           std::to_string(-range[1]) + " to " + std::to_string(range[0]) +
+                           ": every rank must pass the same bytes");
+  }
+  MOE_ASSIGN_OR_RETURN(const uint64_t seq, Begin("symmetric"));
+  return DoAllocateSymmetric(seq, bytes);
+}
+
+StatusOr<std::unique_ptr<SymmetricBuffer>> Communicator::DoAllocateSymmetric(uint64_t, int64_t) {
+  return Unimplemented("symmetric: the " + std::string(backend()) +
+                       " backend has no symmetric buffers");
+}
+
 }  // namespace moe::comm

@@ -43,6 +43,7 @@
 
 #include "base/memory.h"
 #include "base/status.h"
+#include "comm/symmetric.h"
 
 namespace moe::comm {
 
@@ -138,6 +139,13 @@ class Communicator {
   Status Broadcast(void* buffer, int64_t count, DataType dtype, int root);
   Status Barrier();
 
+  // Collective: a buffer of `bytes` (>= 0, the same on every rank) on every rank, each rank's
+  // addressable by all, with fences (comm/symmetric.h). Needs ranks that share memory:
+  // kFailedPrecondition when they span nodes (local_size() < size()); kUnimplemented where the
+  // backend has none yet (device memory: NCCL's symmetric memory is not wired). MPI: a shared-
+  // memory window (MPI_Win_allocate_shared); loopback in host memory: the process's memory.
+  StatusOr<std::unique_ptr<SymmetricBuffer>> AllocateSymmetric(int64_t bytes);
+
   // Collective over this communicator: ranks with the same color form a new communicator, ordered
   // by (key, rank). color must be >= 0 or kNoColor (the rank gets nullptr). The new communicator
   // has this one's options and memory space.
@@ -168,6 +176,10 @@ class Communicator {
                              int root) = 0;
   virtual Status DoBarrier(uint64_t seq) = 0;
   virtual StatusOr<std::unique_ptr<Communicator>> DoSplit(uint64_t seq, int color, int key) = 0;
+  // `bytes` is valid and the same on every rank, the ranks share a node, memory is on the host.
+  // Default: kUnimplemented naming the backend.
+  virtual StatusOr<std::unique_ptr<SymmetricBuffer>> DoAllocateSymmetric(uint64_t seq,
+                                                                         int64_t bytes);
 
   // Marks the communicator aborted and returns `status` (for `return Abort(DeadlineExceeded(..))`).
   Status Abort(Status status);

@@ -3,6 +3,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <utility>
 
@@ -52,6 +54,41 @@ class LoopbackRequest final : public Request {
 std::string Mismatch(const std::string& op, uint64_t seq, int rank, const std::string& what) {
   return op + " #" + std::to_string(seq) + " on rank " + std::to_string(rank) + ": " + what;
 }
+
+// Every rank's header and buffer in one allocation, shared by the ranks' SymmetricBuffers (threads
+// of one process): it is freed with the last of them, so no rank frees memory a peer still writes.
+struct SharedBlock {
+  explicit SharedBlock(size_t bytes) : base(static_cast<char*>(std::aligned_alloc(64, bytes))) {
+    if (base != nullptr) std::memset(base, 0, bytes);
+  }
+  ~SharedBlock() { std::free(base); }
+  SharedBlock(const SharedBlock&) = delete;
+  SharedBlock& operator=(const SharedBlock&) = delete;
+  char* const base;
+};
+
+class InProcessSymmetric final : public SymmetricBuffer {
+ public:
+  InProcessSymmetric(std::shared_ptr<SharedBlock> block, int rank, int size, int64_t bytes,
+                     double deadline_seconds)
+      : SymmetricBuffer(rank, bytes, Parts(*block, size, bytes, kSymmetricHeaderBytes),
+                        Headers(*block, size, bytes), deadline_seconds),
+        block_(std::move(block)) {}
+
+ private:
+  static std::vector<void*> Parts(const SharedBlock& block, int size, int64_t bytes, int64_t at) {
+    std::vector<void*> parts;
+    for (int r = 0; r < size; ++r) parts.push_back(block.base + r * SymmetricStride(bytes) + at);
+    return parts;
+  }
+  static std::vector<uint64_t*> Headers(const SharedBlock& block, int size, int64_t bytes) {
+    std::vector<uint64_t*> headers;
+    for (void* p : Parts(block, size, bytes, 0)) headers.push_back(static_cast<uint64_t*>(p));
+    return headers;
+  }
+
+  const std::shared_ptr<SharedBlock> block_;
+};
 
 }  // namespace
 
@@ -302,6 +339,31 @@ StatusOr<std::unique_ptr<Communicator>> LoopbackCommunicator::DoSplit(uint64_t s
                                                                       int key) {
   MOE_RETURN_IF_ERROR(Run(seq, LoopbackPost{.op = "split", .color = color, .key = key}));
   return std::move(split_result_);
+}
+
+StatusOr<std::unique_ptr<SymmetricBuffer>> LoopbackCommunicator::DoAllocateSymmetric(
+    uint64_t /*seq*/, int64_t bytes) {
+  // Rank 0 allocates and broadcasts the address of its reference; every rank copies the reference,
+  // and a barrier keeps rank 0's alive until then (if the barrier fails it is left, not freed).
+  std::shared_ptr<SharedBlock>* held = nullptr;
+  if (rank_ == 0) {
+    auto block = std::make_shared<SharedBlock>(static_cast<size_t>(size() * SymmetricStride(bytes)));
+    if (block->base == nullptr) {
+      return Internal("symmetric: allocating " + std::to_string(size() * SymmetricStride(bytes)) +
+                      " bytes failed");
+    }
+    held = new std::shared_ptr<SharedBlock>(std::move(block));
+  }
+  int64_t address = static_cast<int64_t>(reinterpret_cast<uintptr_t>(held));
+  MOE_RETURN_IF_ERROR(Broadcast(&address, 1, DataType::kInt64, 0));
+  if (address == 0) return Internal("symmetric: rank 0 could not allocate the buffers");
+  std::shared_ptr<SharedBlock> block =
+      *reinterpret_cast<std::shared_ptr<SharedBlock>*>(static_cast<uintptr_t>(address));
+  const Status copied = Barrier();
+  if (rank_ == 0 && copied.ok()) delete held;
+  MOE_RETURN_IF_ERROR(copied);
+  return std::unique_ptr<SymmetricBuffer>(std::make_unique<InProcessSymmetric>(
+      std::move(block), rank_, size(), bytes, options().deadline_seconds));
 }
 
 }  // namespace moe::comm

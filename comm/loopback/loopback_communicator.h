@@ -35,6 +35,9 @@ class LoopbackCommunicator final : public Communicator {
   Status DoBroadcast(uint64_t seq, void* buffer, int64_t count, DataType dtype, int root) override;
   Status DoBarrier(uint64_t seq) override;
   StatusOr<std::unique_ptr<Communicator>> DoSplit(uint64_t seq, int color, int key) override;
+  // Host memory: one allocation for every rank, shared by their buffers.
+  StatusOr<std::unique_ptr<SymmetricBuffer>> DoAllocateSymmetric(uint64_t seq,
+                                                                 int64_t bytes) override;
 
  private:
   Status PostOrFail(uint64_t seq, LoopbackPost post);

@@ -3,6 +3,7 @@
 
 #include <chrono>
 #include <climits>
+#include <cstring>
 #include <string>
 #include <thread>
 #include <utility>
@@ -353,6 +354,79 @@ StatusOr<std::unique_ptr<Communicator>> MpiCommunicator::DoSplit(uint64_t seq, i
   MpiCommHandle owned(split);
   MOE_ASSIGN_OR_RETURN(std::unique_ptr<MpiCommunicator> child, Create(split, options()));
   return std::unique_ptr<Communicator>(std::move(child));
+}
+
+namespace {
+
+// A shared-memory window: each rank's part (header + buffer) allocated by MPI on the node, every
+// part mapped into every rank's address space (MPI_Win_shared_query). Loads and stores go straight
+// to memory inside one passive epoch (lock_all at creation); the fences' atomics order them, and
+// MPI_Win_sync makes them visible in MPI's memory model as well.
+class MpiSymmetric final : public SymmetricBuffer {
+ public:
+  MpiSymmetric(MPI_Win win, int rank, int64_t bytes, std::vector<void*> peers,
+               std::vector<uint64_t*> headers, double deadline_seconds)
+      : SymmetricBuffer(rank, bytes, std::move(peers), std::move(headers), deadline_seconds),
+        win_(win) {}
+  ~MpiSymmetric() override {
+    // Freeing is collective: only once every rank has come (else the window is left to the end).
+    if (Depart()) {
+      MPI_Win_unlock_all(win_);
+      MPI_Win_free(&win_);
+    }
+  }
+
+ private:
+  void SyncMemory() override { MPI_Win_sync(win_); }
+
+  MPI_Win win_;
+};
+
+}  // namespace
+
+StatusOr<std::unique_ptr<SymmetricBuffer>> MpiCommunicator::DoAllocateSymmetric(uint64_t /*seq*/,
+                                                                                int64_t bytes) {
+  // The window calls below block inside MPI until every rank calls them; the base class's
+  // all-reduce just now showed every rank arrived, so they cannot wait for a missing one.
+  // Open MPI starts a rank's part 8-byte aligned (a segment header before it, at the same offset in
+  // every process's mapping): 64 bytes more, and each part used from its first cache line.
+  const int64_t part = SymmetricStride(bytes);
+  MOE_ASSIGN_OR_RETURN(const int part_bytes, ToInt("symmetric", "bytes", part + 64));
+  MPI_Info info = MPI_INFO_NULL;
+  MPI_Info_create(&info);
+  MPI_Info_set(info, "alloc_shared_noncontig", "true");  // each rank's part page-aligned, local
+  void* base = nullptr;
+  MPI_Win win = MPI_WIN_NULL;
+  const int code = MPI_Win_allocate_shared(part_bytes, 1, info, data_.get(), &base, &win);
+  MPI_Info_free(&info);
+  MOE_RETURN_IF_ERROR(MpiCall(code, "MPI_Win_allocate_shared"));
+  MPI_Win_set_errhandler(win, MPI_ERRORS_RETURN);
+  std::vector<void*> peers;
+  std::vector<uint64_t*> headers;
+  for (int r = 0; r < size_; ++r) {
+    MPI_Aint size = 0;
+    int disp = 0;
+    void* at = nullptr;
+    MOE_RETURN_IF_ERROR(MpiCall(MPI_Win_shared_query(win, r, &size, &disp, &at),
+                                "MPI_Win_shared_query"));
+    const int64_t skip = static_cast<int64_t>((64 - reinterpret_cast<uintptr_t>(at) % 64) % 64);
+    if (static_cast<int64_t>(size) < skip + part) {
+      return Internal("symmetric: rank " + std::to_string(r) + "'s part of the shared window is " +
+                      std::to_string(static_cast<int64_t>(size)) + " bytes, less than the " +
+                      std::to_string(skip + part) + " it needs");
+    }
+    char* first_line = static_cast<char*>(at) + skip;
+    headers.push_back(reinterpret_cast<uint64_t*>(first_line));
+    peers.push_back(first_line + kSymmetricHeaderBytes);
+  }
+  (void)base;
+  std::memset(headers[static_cast<size_t>(rank_)], 0, static_cast<size_t>(part));
+  MOE_RETURN_IF_ERROR(MpiCall(MPI_Win_lock_all(MPI_MODE_NOCHECK, win), "MPI_Win_lock_all"));
+  MPI_Win_sync(win);
+  // Every rank's part is zero before any rank writes into it.
+  MOE_RETURN_IF_ERROR(Barrier());
+  return std::unique_ptr<SymmetricBuffer>(std::make_unique<MpiSymmetric>(
+      win, rank_, bytes, std::move(peers), std::move(headers), options().deadline_seconds));
 }
 
 }  // namespace moe::comm

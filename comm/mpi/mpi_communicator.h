@@ -76,6 +76,9 @@ class MpiCommunicator final : public Communicator {
   Status DoBroadcast(uint64_t seq, void* buffer, int64_t count, DataType dtype, int root) override;
   Status DoBarrier(uint64_t seq) override;
   StatusOr<std::unique_ptr<Communicator>> DoSplit(uint64_t seq, int color, int key) override;
+  // A shared-memory window over the node's ranks (MPI_Win_allocate_shared).
+  StatusOr<std::unique_ptr<SymmetricBuffer>> DoAllocateSymmetric(uint64_t seq,
+                                                                 int64_t bytes) override;
 
  private:
   struct Ranks {

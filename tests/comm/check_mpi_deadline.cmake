@@ -1,16 +1,23 @@
 # Runs mpi_deadline_main under mpiexec and checks the expected outcome: exit code 3 (MPI_Abort after
 # the deadline was detected as expected), the PASSED line, and the named error from rank 0.
-# Usage: cmake -DMPIEXEC=... -DNP=... -DBINARY=... -P check_mpi_deadline.cmake
+# Usage: cmake -DMPIEXEC=... -DNP=... -DBINARY=... [-DMODE=symmetric] -P check_mpi_deadline.cmake
+if(NOT DEFINED MODE)
+  set(MODE alltoallv)
+endif()
 execute_process(
   COMMAND ${MPIEXEC} -n ${NP} --allow-run-as-root --oversubscribe --mca mpi_yield_when_idle 1
-          ${BINARY}
+          ${BINARY} ${MODE}
   RESULT_VARIABLE rc
   OUTPUT_VARIABLE out
   ERROR_VARIABLE err
   TIMEOUT 60)
 message("${out}")
 math(EXPR missing "${NP} - 1")
-set(expected "rank 0: DEADLINE_EXCEEDED: alltoallv #2 deadline 1.0 s exceeded on rank 0: ranks [${missing}] did not arrive")
+if(MODE STREQUAL "symmetric")
+  set(expected "rank 0: DEADLINE_EXCEEDED: symmetric fence #2 deadline 1.0 s exceeded on rank 0: ranks [${missing}] did not signal")
+else()
+  set(expected "rank 0: DEADLINE_EXCEEDED: alltoallv #2 deadline 1.0 s exceeded on rank 0: ranks [${missing}] did not arrive")
+endif()
 string(FIND "${out}" "${expected}" at)
 if(NOT rc EQUAL 3)
   message(FATAL_ERROR "expected exit code 3 (MPI_Abort after the expected deadline), got '${rc}'\n${err}")

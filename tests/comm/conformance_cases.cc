@@ -495,6 +495,72 @@ void HierarchicalEqualsFlat(Communicator& comm) {
 
 }  // namespace
 
+// ---- symmetric buffers -------------------------------------------------------------------------
+
+// Every rank writes into every rank's buffer (its own included) at the slot of its rank; after a
+// fence each rank reads what every peer wrote. Three rounds through one buffer (a fence before
+// each round's writes too, so a slow reader is never overwritten), once with Signal and Wait
+// apart; then the argument rules.
+void SymmetricBuffersDirectWrites(Communicator& comm) {
+  const int n = comm.size(), me = comm.rank();
+  if (comm.memory_space() != MemorySpace::kHost) {
+    const auto refused = comm.AllocateSymmetric(64);
+    EXPECT_EQ(refused.status().code(), StatusCode::kUnimplemented) << Where(comm, refused.status().ToString());
+    return;
+  }
+  constexpr int64_t kSlot = 3;  // int64 values per (writer) slot: the buffer is not a multiple of 64
+  const int64_t bytes = n * kSlot * static_cast<int64_t>(sizeof(int64_t));
+  auto buffer = comm.AllocateSymmetric(bytes);
+  ASSERT_TRUE(buffer.ok()) << Where(comm, buffer.status().ToString());
+  SymmetricBuffer& buf = **buffer;
+  EXPECT_EQ(buf.size(), n);
+  EXPECT_EQ(buf.rank(), me);
+  EXPECT_EQ(buf.bytes(), bytes);
+  for (int r = 0; r < n; ++r) {
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(buf.peer(r)) % 64, 0u) << Where(comm, "alignment");
+  }
+  const auto* own = static_cast<const int64_t*>(buf.local());
+  EXPECT_TRUE(std::all_of(own, own + n * kSlot, [](int64_t v) { return v == 0; }))
+      << Where(comm, "a fresh buffer is zero");
+  auto value = [](int round, int writer, int reader, int64_t i) {
+    return round * 1000000 + writer * 10000 + reader * 100 + i;
+  };
+  for (int round = 1; round <= 3; ++round) {
+    ASSERT_TRUE(buf.Fence().ok()) << Where(comm, "fence before writing");
+    for (int p = 0; p < n; ++p) {
+      auto* slot = static_cast<int64_t*>(buf.peer(p)) + me * kSlot;
+      for (int64_t i = 0; i < kSlot; ++i) slot[i] = value(round, me, p, i);
+    }
+    if (round == 2) {
+      ASSERT_TRUE(buf.Signal().ok()) << Where(comm, "signal");
+      EXPECT_EQ(buf.Signal().code(), StatusCode::kFailedPrecondition) << Where(comm, "signal twice");
+      ASSERT_TRUE(buf.Wait().ok()) << Where(comm, "wait");
+    } else {
+      ASSERT_TRUE(buf.Fence().ok()) << Where(comm, "fence after writing");
+    }
+    for (int q = 0; q < n; ++q) {
+      for (int64_t i = 0; i < kSlot; ++i) {
+        ASSERT_EQ(own[q * kSlot + i], value(round, q, me, i))
+            << Where(comm, "round " + std::to_string(round) + ", from rank " + std::to_string(q));
+      }
+    }
+  }
+  EXPECT_EQ(buf.fences(), 6u);
+  EXPECT_EQ(buf.Wait().code(), StatusCode::kFailedPrecondition) << Where(comm, "wait without signal");
+
+  auto empty = comm.AllocateSymmetric(0);
+  ASSERT_TRUE(empty.ok()) << Where(comm, empty.status().ToString());
+  EXPECT_TRUE((*empty)->Fence().ok());
+  const auto negative = comm.AllocateSymmetric(-1);
+  ExpectInvalid(comm, negative.status(), "symmetric: bytes=-1 must be >= 0");
+  if (n > 1) {
+    const auto uneven = comm.AllocateSymmetric(64 + me);
+    ExpectInvalid(comm, uneven.status(), "every rank must pass the same bytes");
+    EXPECT_NE(uneven.status().message().find("ask for 64 to " + std::to_string(63 + n)),
+              std::string::npos) << Where(comm, uneven.status().message());
+  }
+}
+
 const std::vector<ConformanceCase>& ConformanceCases() {
   static const std::vector<ConformanceCase> cases = {
       {"AllToAllEveryDtype", AllToAllEveryDtype},
@@ -513,6 +579,7 @@ const std::vector<ConformanceCase>& ConformanceCases() {
       {"LargeAllReduceAndAllGather", LargeAllReduceAndAllGather},
       {"RepeatedMixedCalls", RepeatedMixedCalls},
       {"HierarchicalEqualsFlat", HierarchicalEqualsFlat},
+      {"SymmetricBuffersDirectWrites", SymmetricBuffersDirectWrites},
   };
   return cases;
 }

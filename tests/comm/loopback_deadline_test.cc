@@ -102,5 +102,43 @@ TEST(LoopbackDeadline, AsyncWaitNamesMissingRank) {
   });
 }
 
+// A peer that stops before signalling a symmetric buffer's fence: the others fail at the deadline
+// naming it, and the buffer then fails at once.
+TEST(LoopbackDeadline, SymmetricFenceNamesThePeerThatDidNotSignal) {
+  for (const int size : {2, 3, 4}) {
+    LoopbackOptions options;
+    options.options.deadline_seconds = kDeadline;
+    auto world = LoopbackWorld::Create(size, options);
+    ASSERT_TRUE(world.ok());
+    const int missing = size - 1;
+    std::latch others_done(size - 1);
+    world->RunPerRank([&](Communicator& comm) {
+      auto buffer = comm.AllocateSymmetric(256);
+      ASSERT_TRUE(buffer.ok()) << buffer.status().ToString();
+      SymmetricBuffer& buf = **buffer;
+      ASSERT_TRUE(buf.Fence().ok());  // fence #1 everywhere
+      if (comm.rank() == missing) {
+        others_done.wait();  // never signals #2
+        return;
+      }
+      static_cast<char*>(buf.peer(missing))[comm.rank()] = 1;
+      const auto start = std::chrono::steady_clock::now();
+      const Status status = buf.Fence();
+      const double elapsed =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      EXPECT_EQ(status.code(), StatusCode::kDeadlineExceeded) << status.ToString();
+      EXPECT_EQ(status.message(), "symmetric fence #2 deadline 0.5 s exceeded on rank " +
+                                      std::to_string(comm.rank()) + ": ranks [" +
+                                      std::to_string(missing) + "] did not signal");
+      EXPECT_GE(elapsed, kDeadline * 0.9);
+      EXPECT_LT(elapsed, kDeadline + kSlack);
+      const Status after = buf.Fence();
+      EXPECT_EQ(after.code(), StatusCode::kAborted) << after.ToString();
+      EXPECT_NE(after.message().find("did not signal"), std::string::npos) << after.message();
+      others_done.count_down();
+    });
+  }
+}
+
 }  // namespace
 }  // namespace moe::comm

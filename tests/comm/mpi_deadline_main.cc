@@ -1,6 +1,7 @@
 // MPI deadline check, run by check_mpi_deadline.cmake under mpiexec: the last rank never calls the
-// all-to-all(v); every other rank must get kDeadlineExceeded naming the operation and the missing
-// rank within the deadline (plus slack), and the aborted communicator must then fail at once.
+// all-to-all(v) (mode "alltoallv") or never signals a symmetric buffer's fence (mode "symmetric");
+// every other rank must get kDeadlineExceeded naming the operation and the missing rank within the
+// deadline (plus slack), and the aborted communicator (buffer) must then fail at once.
 // Verdicts are combined over MPI_COMM_WORLD (still healthy: only the library's duplicate has an
 // unfinished operation). The process then ends the way an application should after a deadline:
 // MPI_Abort, since MPI_Finalize may wait for the operation that can never finish. Exit code 3
@@ -50,6 +51,42 @@ bool CheckDeadline(moe::comm::Communicator& comm, int missing) {
   return ok;
 }
 
+// A shared-memory window's fence: the last rank writes, then stops before signalling fence #2.
+bool CheckSymmetricDeadline(moe::comm::Communicator& comm, int missing) {
+  using moe::StatusCode;
+  auto buffer = comm.AllocateSymmetric(1024);
+  if (!buffer.ok()) {
+    std::printf("rank %d: %s\n", comm.rank(), buffer.status().ToString().c_str());
+    return false;
+  }
+  moe::comm::SymmetricBuffer& buf = **buffer;
+  if (!buf.Fence().ok()) return false;  // fence #1 everywhere
+  static_cast<char*>(buf.peer(0))[comm.rank()] = 1;
+  if (comm.rank() == missing) {
+    (void)(*buffer).release();  // never signals; the others will not depart either
+    return true;
+  }
+  const auto start = std::chrono::steady_clock::now();
+  const moe::Status status = buf.Fence();
+  const double elapsed =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const std::string expected = "symmetric fence #2 deadline 1.0 s exceeded on rank " +
+                               std::to_string(comm.rank()) + ": ranks [" + std::to_string(missing) +
+                               "] did not signal";
+  std::printf("rank %d: %s after %.2f s\n", comm.rank(), status.ToString().c_str(), elapsed);
+  bool ok = status.code() == StatusCode::kDeadlineExceeded && status.message() == expected &&
+            elapsed < kDeadline + kSlack;
+  const moe::Status after = buf.Fence();
+  ok = ok && after.code() == StatusCode::kAborted;
+  if (!ok) {
+    std::printf("rank %d: MISMATCH: expected '%s' within %.1f s, then ABORTED; got then %s\n",
+                comm.rank(), expected.c_str(), kDeadline + kSlack, after.ToString().c_str());
+  }
+  std::fflush(stdout);
+  (void)(*buffer).release();  // a failed buffer is left to the process's end (MPI_Abort below)
+  return ok;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -60,7 +97,12 @@ int main(int argc, char** argv) {
   moe::comm::Options options;
   options.deadline_seconds = kDeadline;
   auto comm = moe::comm::MpiCommunicator::Create(MPI_COMM_WORLD, options);
-  int ok = comm.ok() && size >= 2 && CheckDeadline(**comm, size - 1) ? 1 : 0;
+  const bool symmetric = argc > 1 && std::string(argv[1]) == "symmetric";
+  int ok = comm.ok() && size >= 2 &&
+                   (symmetric ? CheckSymmetricDeadline(**comm, size - 1)
+                              : CheckDeadline(**comm, size - 1))
+               ? 1
+               : 0;
   int all_ok = 0;
   MPI_Allreduce(&ok, &all_ok, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
   if (rank == 0) {

@@ -176,19 +176,22 @@ void PrintHeader(std::FILE* out, const comm::Communicator& comm,
       "the row's type; time = dispatch + combine;\n# baseline = %s of the same per-peer counts (mean of "
       "the dispatch and combine directions); ratio = time / (2 x baseline)\n",
       baseline);
-  std::fprintf(out, "#%11s %12s %8s %7s %10s %10s %10s %8s %8s %7s %12s %7s\n", "size", "count",
-               "type", "tokens", "dispatch", "combine", "time", "algbw", "busbw", "#wrong",
-               "baseline", "ratio");
-  std::fprintf(out, "#%11s %12s %8s %7s %10s %10s %10s %8s %8s %7s %12s %7s\n", "(B)", "(elements)",
-               "", "(/rank)", "(us)", "(us)", "(us)", "(GB/s)", "(GB/s)", "", "(us)", "");
+  std::fprintf(out, "# transport = how the rows move: alltoall (the communicator's all-to-all) or "
+               "direct (written straight into the peers' shared buffers, a fence per exchange)\n");
+  std::fprintf(out, "#%11s %12s %8s %9s %7s %10s %10s %10s %8s %8s %7s %12s %7s\n", "size",
+               "count", "type", "transport", "tokens", "dispatch", "combine", "time", "algbw",
+               "busbw", "#wrong", "baseline", "ratio");
+  std::fprintf(out, "#%11s %12s %8s %9s %7s %10s %10s %10s %8s %8s %7s %12s %7s\n", "(B)",
+               "(elements)", "", "", "(/rank)", "(us)", "(us)", "(us)", "(GB/s)", "(GB/s)", "",
+               "(us)", "");
 }
 
-void PrintRow(std::FILE* out, const comm::bench::BenchRow& r, int64_t tokens, double dispatch_us,
-              double combine_us) {
+void PrintRow(std::FILE* out, const comm::bench::BenchRow& r, const char* transport,
+              int64_t tokens, double dispatch_us, double combine_us) {
   std::fprintf(out,
-               " %11lld %12lld %8s %7lld %10.1f %10.1f %10.1f %8.2f %8.2f %7lld %12.1f %7.2f\n",
+               " %11lld %12lld %8s %9s %7lld %10.1f %10.1f %10.1f %8.2f %8.2f %7lld %12.1f %7.2f\n",
                static_cast<long long>(r.bytes), static_cast<long long>(r.count), r.dtype.c_str(),
-               static_cast<long long>(tokens), dispatch_us, combine_us, r.time_us, r.algbw_gbps,
+               transport, static_cast<long long>(tokens), dispatch_us, combine_us, r.time_us, r.algbw_gbps,
                r.busbw_gbps, static_cast<long long>(r.wrong), r.baseline_time_us,
                r.baseline_time_us > 0 ? r.time_us / (2 * r.baseline_time_us) : 0);
   std::fflush(out);
@@ -626,13 +629,21 @@ Status RunDispatchCombineBench(comm::Communicator& comm, const DispatchCombineBe
                         : " (not group-limited)");
      }
    }
-   // Both wire dtypes, one row each: fp32 rows, then bf16 rows (half the bytes).
+   // Both wire dtypes, fp32 rows then bf16 rows (half the bytes), each over both transports
+   // where the direct one runs (a flat exchange of ranks that share a node): the all-to-all, then
+   // direct writes.
    for (const bool bf16 : {false, true}) {
+   for (const ExchangeTransport transport :
+        {ExchangeTransport::kAllToAll, ExchangeTransport::kDirect}) {
     HostDevice device;
     ExpertExchange exchange(&device, &comm, e, o.hidden,
                             {.dropless = o.dropless_exchange,
                              .ranks_per_node = o.ranks_per_node,
-                             .bf16_wire = bf16});
+                             .bf16_wire = bf16,
+                             .transport = transport == ExchangeTransport::kDirect
+                                              ? ExchangeTransport::kAuto
+                                              : ExchangeTransport::kAllToAll});
+    if (exchange.transport() != transport) continue;  // direct cannot run here
     MOE_RETURN_IF_ERROR(exchange.EnableHierarchical());
     ExchangeHandle handle;
     const Tensor x = TokenInput(comm.rank(), tokens, o.hidden);
@@ -692,7 +703,9 @@ Status RunDispatchCombineBench(comm::Communicator& comm, const DispatchCombineBe
     MOE_ASSIGN_OR_RETURN(
         const double sent_sum,
         ReduceScalar(comm, static_cast<double>(send_elems * 4), comm::ReduceOp::kSum));
-    comm::bench::BenchRow row = RowExchangeRow("dispatch_combine", comm, sent_sum);
+    const bool direct = transport == ExchangeTransport::kDirect;
+    comm::bench::BenchRow row =
+        RowExchangeRow(direct ? "dispatch_combine_direct" : "dispatch_combine", comm, sent_sum);
     if (bf16) {
       row.dtype = "bfloat16";
       row.count = row.bytes / 2;
@@ -706,8 +719,9 @@ Status RunDispatchCombineBench(comm::Communicator& comm, const DispatchCombineBe
     row.baseline = "raw_alltoallv";
     summary.Add(row.busbw_gbps, wrong);
     if (!rank0) continue;
-    PrintRow(out, row, tokens, dispatch_us, combine_us);
+    PrintRow(out, row, direct ? "direct" : "alltoall", tokens, dispatch_us, combine_us);
     if (sink) MOE_RETURN_IF_ERROR(sink(row));
+   }
    }
   }
   return summary.Finish(rank0 ? out : nullptr, "dispatch_combine");

@@ -111,6 +111,7 @@ class Communicator {
   const Options& options() const { return options_; }
   // True after a deadline expired or a backend error made this communicator unusable.
   bool aborted() const { return aborted_; }
+  const std::string& abort_reason() const { return abort_reason_; }
 
   // Equal-count all-to-all: sends `count` elements to every rank (block for rank p at
   // send + p·count) and receives `count` from every rank (block from p at recv + p·count).
@@ -152,6 +153,7 @@ class Communicator {
   StatusOr<std::unique_ptr<Communicator>> Split(int color, int key);
 
  protected:
+  friend class SymmetricBuffer;  // a missed fence aborts the communicator too
   explicit Communicator(Options options) : options_(options) {}
 
   // Backend hooks. Arguments are validated, the communicator is not aborted, and `seq` is the

@@ -1,4 +1,4 @@
-// Symmetric buffers' fences and departure (comm/symmetric.h).
+// Symmetric buffers' fences (comm/symmetric.h).
 #include "comm/symmetric.h"
 
 #include <atomic>
@@ -20,13 +20,14 @@ int64_t SymmetricStride(int64_t bytes) {
   return kSymmetricHeaderBytes + (bytes + 63) / 64 * 64;
 }
 
-SymmetricBuffer::SymmetricBuffer(int rank, int64_t bytes, std::vector<void*> peers,
-                                 std::vector<uint64_t*> headers, double deadline_seconds)
-    : rank_(rank),
+SymmetricBuffer::SymmetricBuffer(Communicator* comm, int64_t bytes, std::vector<void*> peers,
+                                 std::vector<uint64_t*> headers)
+    : comm_(comm),
+      rank_(comm->rank()),
       bytes_(bytes),
       peers_(std::move(peers)),
       headers_(std::move(headers)),
-      deadline_seconds_(deadline_seconds) {}
+      deadline_seconds_(comm->options().deadline_seconds) {}
 
 bool SymmetricBuffer::WaitFor(int slot, uint64_t target, std::vector<int>* missing) const {
   using Clock = std::chrono::steady_clock;
@@ -57,6 +58,9 @@ bool SymmetricBuffer::WaitFor(int slot, uint64_t target, std::vector<int>* missi
 }
 
 Status SymmetricBuffer::Signal() {
+  if (!failed() && comm_->aborted()) {
+    failure_ = "its communicator was aborted earlier (" + comm_->abort_reason() + ")";
+  }
   if (failed()) return Aborted("symmetric fence on rank " + std::to_string(rank_) + ": " + failure_);
   if (signalled_ != completed_) {
     return FailedPrecondition("symmetric fence #" + std::to_string(signalled_) + " on rank " +
@@ -81,7 +85,7 @@ Status SymmetricBuffer::Wait() {
     failure_ = "symmetric fence #" + std::to_string(signalled_) + " deadline " + deadline +
                " s exceeded on rank " + std::to_string(rank_) + ": ranks " + FormatRanks(missing) +
                " did not signal";
-    return DeadlineExceeded(failure_);
+    return comm_->Abort(DeadlineExceeded(failure_));
   }
   SyncMemory();
   completed_ = signalled_;
@@ -91,13 +95,6 @@ Status SymmetricBuffer::Wait() {
 Status SymmetricBuffer::Fence() {
   MOE_RETURN_IF_ERROR(Signal());
   return Wait();
-}
-
-bool SymmetricBuffer::Depart() {
-  if (failed()) return false;
-  Slot(headers_[static_cast<size_t>(rank_)], 1).store(1, std::memory_order_release);
-  std::vector<int> missing;
-  return WaitFor(1, 1, &missing);
 }
 
 }  // namespace moe::comm

@@ -15,11 +15,16 @@
 // the fence's number; a fence completes when every rank's counter reached it. A rank that does
 // not signal makes the others fail at the communicator's deadline, naming it:
 //   "symmetric fence #3 deadline 2.0 s exceeded on rank 0: ranks [2] did not signal"
-// after which the buffer is unusable (every later call fails at once).
+// and the communicator is aborted as by any missed deadline: every later call of the buffer or the
+// communicator fails at once.
 //
-// Lifetime: destroying a buffer is collective — it waits (bounded by the deadline) until every
-// rank reached its destructor, since peers may still write into this rank's memory; where a rank
-// never comes, the memory is left allocated rather than freed under a writer.
+// Lifetime: destroying a buffer never waits. Between threads (loopback) the ranks' buffers share
+// one allocation, freed with the last of them. An MPI window is retired by the destructor and
+// freed (a collective call) inside the communicator's next AllocateSymmetric, whose size
+// all-reduce has shown that every rank is past the same destruction (ranks destroy and allocate
+// their buffers in the same order, as for any collective); retired windows of a communicator that
+// allocates no more are left to MPI_Finalize. So a rank's memory is never freed while a peer may
+// still write into it, and a dead peer never holds up the others' clean-up.
 // A buffer must not outlive its communicator; one thread per rank uses it.
 #pragma once
 
@@ -30,6 +35,8 @@
 #include "base/status.h"
 
 namespace moe::comm {
+
+class Communicator;
 
 class SymmetricBuffer {
  public:
@@ -56,13 +63,10 @@ class SymmetricBuffer {
 
  protected:
   // `peers[r]`: rank r's buffer in this address space; `headers[r]`: rank r's 64-byte header, in
-  // memory every rank sees — [0] its signal counter, [1] its departure flag. `deadline_seconds`
-  // bounds every wait.
-  SymmetricBuffer(int rank, int64_t bytes, std::vector<void*> peers, std::vector<uint64_t*> headers,
-                  double deadline_seconds);
-  // Collective departure (see Lifetime above): true when every rank arrived in time (false at
-  // once when this buffer failed: its peers may never come).
-  bool Depart();
+  // memory every rank sees, whose first word is its signal counter. `comm` (which made
+  // the buffer and outlives it) gives the deadline and is aborted when a fence misses it.
+  SymmetricBuffer(Communicator* comm, int64_t bytes, std::vector<void*> peers,
+                  std::vector<uint64_t*> headers);
   // Makes this rank's stores visible / peers' stores visible beyond what C++ atomics order (the
   // MPI backend's MPI_Win_sync); nothing by default.
   virtual void SyncMemory() {}
@@ -72,6 +76,7 @@ class SymmetricBuffer {
   // by the deadline are left in `missing`.
   bool WaitFor(int slot, uint64_t target, std::vector<int>* missing) const;
 
+  Communicator* const comm_;
   const int rank_;
   const int64_t bytes_;
   const std::vector<void*> peers_;

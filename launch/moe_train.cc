@@ -32,6 +32,7 @@ struct Flags {
   int local_groups = 0;
   int pipeline_degree = 0;
   std::string exchange;  // "", "capacity" or "real-rows"
+  std::string transport;  // "", "auto", "alltoall" or "direct"
   int redundant_experts = -1;
   int rebalance_every = -1;
   int ranks_per_node = -1;
@@ -54,6 +55,11 @@ moe::StatusOr<moe::MoeConfig> LoadWithOverrides(const Flags& f) {
   if (f.local_groups > 0) cfg.mutable_moe()->mutable_router()->set_num_local_groups(f.local_groups);
   if (f.pipeline_degree > 0) cfg.mutable_parallel()->set_pipeline_degree(f.pipeline_degree);
   if (!f.exchange.empty()) cfg.mutable_parallel()->set_dropless_exchange(f.exchange == "real-rows");
+  if (!f.transport.empty()) {
+    cfg.mutable_parallel()->set_exchange_transport(f.transport == "direct"     ? moe::config::DIRECT
+                                                   : f.transport == "alltoall" ? moe::config::ALLTOALL
+                                                                               : moe::config::AUTO);
+  }
   if (f.redundant_experts >= 0) {
     cfg.mutable_parallel()->set_num_redundant_experts(f.redundant_experts);
     if (f.redundant_experts == 0 && f.rebalance_every < 0) {
@@ -111,6 +117,10 @@ int main(int argc, char** argv) {
                  "travels and is computed as C rows, padding included) or real-rows (counts "
                  "first, then the kept rows only; the same routing and results)")
       ->check(CLI::IsMember({"capacity", "real-rows"}));
+  app.add_option("--exchange-transport", f.transport,
+                 "override parallel.exchange_transport: auto (direct writes where the group's "
+                 "ranks share a node), alltoall or direct (the same results)")
+      ->check(CLI::IsMember({"auto", "alltoall", "direct"}));
   app.add_option("--redundant-experts", f.redundant_experts,
                  "override parallel.num_redundant_experts (replicas of hot experts; 0: none)")
       ->check(CLI::Range(0, 1 << 20));

@@ -69,10 +69,9 @@ struct SharedBlock {
 
 class InProcessSymmetric final : public SymmetricBuffer {
  public:
-  InProcessSymmetric(std::shared_ptr<SharedBlock> block, int rank, int size, int64_t bytes,
-                     double deadline_seconds)
-      : SymmetricBuffer(rank, bytes, Parts(*block, size, bytes, kSymmetricHeaderBytes),
-                        Headers(*block, size, bytes), deadline_seconds),
+  InProcessSymmetric(Communicator* comm, std::shared_ptr<SharedBlock> block, int64_t bytes)
+      : SymmetricBuffer(comm, bytes, Parts(*block, comm->size(), bytes, kSymmetricHeaderBytes),
+                        Headers(*block, comm->size(), bytes)),
         block_(std::move(block)) {}
 
  private:
@@ -362,8 +361,8 @@ StatusOr<std::unique_ptr<SymmetricBuffer>> LoopbackCommunicator::DoAllocateSymme
   const Status copied = Barrier();
   if (rank_ == 0 && copied.ok()) delete held;
   MOE_RETURN_IF_ERROR(copied);
-  return std::unique_ptr<SymmetricBuffer>(std::make_unique<InProcessSymmetric>(
-      std::move(block), rank_, size(), bytes, options().deadline_seconds));
+  return std::unique_ptr<SymmetricBuffer>(
+      std::make_unique<InProcessSymmetric>(this, std::move(block), bytes));
 }
 
 }  // namespace moe::comm

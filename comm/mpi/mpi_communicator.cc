@@ -364,22 +364,19 @@ namespace {
 // MPI_Win_sync makes them visible in MPI's memory model as well.
 class MpiSymmetric final : public SymmetricBuffer {
  public:
-  MpiSymmetric(MPI_Win win, int rank, int64_t bytes, std::vector<void*> peers,
-               std::vector<uint64_t*> headers, double deadline_seconds)
-      : SymmetricBuffer(rank, bytes, std::move(peers), std::move(headers), deadline_seconds),
+  MpiSymmetric(Communicator* comm, std::vector<MPI_Win>* retired, MPI_Win win, int64_t bytes,
+               std::vector<void*> peers, std::vector<uint64_t*> headers)
+      : SymmetricBuffer(comm, bytes, std::move(peers), std::move(headers)),
+        retired_(retired),
         win_(win) {}
-  ~MpiSymmetric() override {
-    // Freeing is collective: only once every rank has come (else the window is left to the end).
-    if (Depart()) {
-      MPI_Win_unlock_all(win_);
-      MPI_Win_free(&win_);
-    }
-  }
+  // Freeing is collective: the communicator frees the window at its next allocation.
+  ~MpiSymmetric() override { retired_->push_back(win_); }
 
  private:
   void SyncMemory() override { MPI_Win_sync(win_); }
 
-  MPI_Win win_;
+  std::vector<MPI_Win>* const retired_;
+  const MPI_Win win_;
 };
 
 }  // namespace
@@ -387,7 +384,13 @@ class MpiSymmetric final : public SymmetricBuffer {
 StatusOr<std::unique_ptr<SymmetricBuffer>> MpiCommunicator::DoAllocateSymmetric(uint64_t /*seq*/,
                                                                                 int64_t bytes) {
   // The window calls below block inside MPI until every rank calls them; the base class's
-  // all-reduce just now showed every rank arrived, so they cannot wait for a missing one.
+  // all-reduce just now showed every rank arrived, so they cannot wait for a missing one. Every
+  // rank has retired the same windows before it (program order): free them first.
+  for (MPI_Win& retired : retired_windows_) {
+    MPI_Win_unlock_all(retired);
+    MOE_RETURN_IF_ERROR(MpiCall(MPI_Win_free(&retired), "MPI_Win_free"));
+  }
+  retired_windows_.clear();
   // Open MPI starts a rank's part 8-byte aligned (a segment header before it, at the same offset in
   // every process's mapping): 64 bytes more, and each part used from its first cache line.
   const int64_t part = SymmetricStride(bytes);
@@ -425,8 +428,9 @@ StatusOr<std::unique_ptr<SymmetricBuffer>> MpiCommunicator::DoAllocateSymmetric(
   MPI_Win_sync(win);
   // Every rank's part is zero before any rank writes into it.
   MOE_RETURN_IF_ERROR(Barrier());
-  return std::unique_ptr<SymmetricBuffer>(std::make_unique<MpiSymmetric>(
-      win, rank_, bytes, std::move(peers), std::move(headers), options().deadline_seconds));
+  return std::unique_ptr<SymmetricBuffer>(
+      std::make_unique<MpiSymmetric>(this, &retired_windows_, win, bytes, std::move(peers),
+                                     std::move(headers)));
 }
 
 }  // namespace moe::comm

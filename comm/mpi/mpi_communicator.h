@@ -97,6 +97,8 @@ class MpiCommunicator final : public Communicator {
   const int local_rank_;  // among the ranks on this node (MPI_COMM_TYPE_SHARED)
   const int local_size_;
   const int tag_ub_;
+  // Shared-memory windows whose buffers were destroyed, freed by the next AllocateSymmetric.
+  std::vector<MPI_Win> retired_windows_;
   // Operations abandoned at a deadline: MPI may still write into their buffers.
   std::vector<std::unique_ptr<MpiOperation>> abandoned_;
 };

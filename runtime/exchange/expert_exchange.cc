@@ -1,6 +1,7 @@
 // The expert-parallel exchange engine over a Device (runtime/exchange/expert_exchange.h).
 #include "runtime/exchange/expert_exchange.h"
 
+#include <algorithm>
 #include <string>
 #include <utility>
 
@@ -130,6 +131,22 @@ ExpertExchange::ExpertExchange(Device* device, comm::Communicator* ep, int num_e
   MOE_CHECK_OK(ValidateExchangeOptions(options));
   MOE_CHECK(num_experts % w_ == 0);
   MOE_CHECK(ep == nullptr || ep->memory_space() == device->memory_space());
+  // Where the direct transport can run; a forced one that cannot is refused by Layout, saying why.
+  if (ep == nullptr || w_ == 1) {
+    direct_refusal_ = "one rank exchanges nothing";
+  } else if (ep->local_size() < ep->size()) {
+    direct_refusal_ = "the " + std::to_string(ep->size()) + " ranks of the expert-parallel group "
+                      "span nodes (" + std::to_string(ep->local_size()) + " on this one)";
+  } else if (device->memory_space() != MemorySpace::kHost || device->stream() != nullptr) {
+    direct_refusal_ = "the " + std::string(device->name()) + " device: direct writes are on the "
+                      "host device only (NCCL symmetric memory is not wired yet)";
+  } else if (options.ranks_per_node > 0) {
+    direct_refusal_ = "comm.ranks_per_node > 0 asks for the two-stage all-to-all";
+  } else if (options.account_padding) {
+    direct_refusal_ = "accounted padding (the simulator's) moves rows as the all-to-all would";
+  }
+  direct_ = direct_refusal_.empty() && options.transport != ExchangeTransport::kAllToAll;
+  if (options.transport != ExchangeTransport::kDirect) direct_refusal_.clear();
 }
 
 ExpertExchange::~ExpertExchange() = default;
@@ -165,6 +182,10 @@ Status ExpertExchange::Layout(const DispatchPlan& plan, ExchangeHandle* handle) 
   if (plan.num_experts != num_experts_) {
     return InvalidArgument("ExpertExchange: the plan has " + std::to_string(plan.num_experts) +
                            " experts, the exchange " + std::to_string(num_experts_));
+  }
+  if (!direct_refusal_.empty()) {
+    return FailedPrecondition("parallel.exchange_transport=DIRECT cannot run here: " +
+                              direct_refusal_);
   }
   if (options_.ranks_per_node > 0 && ep_ != nullptr && hierarchical_ == nullptr) {
     return FailedPrecondition(
@@ -244,6 +265,7 @@ Status ExpertExchange::Layout(const DispatchPlan& plan, ExchangeHandle* handle) 
   }
   MOE_RETURN_IF_ERROR(arrays.Commit(*device_, &handle->maps_ws_));
   handle->plan_ = &plan;
+  if (direct_) MOE_RETURN_IF_ERROR(DirectLayout(handle));
   return Status::Ok();
 }
 
@@ -287,6 +309,29 @@ Status ExpertExchange::BeginDispatch(const DispatchPlan& plan, MatrixView<const 
   const int64_t float_row = m_ * static_cast<int64_t>(sizeof(float));
   // Where the gather writes: float rows for this rank itself (a one-rank engine's send rows, or
   // the self pieces' receive rows), the wire rows otherwise (float, or bf16 when asked).
+  const PlanRows& pr = handle->plan_rows_;
+  const float* gates = pass == Pass::kBackward ? pr.row_gate : nullptr;
+  // The wire dtype applies to every row, including those that do not travel.
+  const RowFormat local = bf16 ? RowFormat::kRoundedBf16 : RowFormat::kFloat32;
+  if (direct_) {
+    // Each chunk's rows go from x straight into their destinations (DirectDispatch); only the
+    // self pieces are gathered now, into this rank's receive rows.
+    rows.x = x.data();
+    rows.x_rows = x.rows();
+    rows.recv_rows = DirectRows(ep_->rank(), pass, /*receive=*/true);
+    if (handle->maps_.self_dst.empty()) return Status::Ok();
+    return device_->GatherRows({.rows = static_cast<int64_t>(handle->maps_.self_dst.size()),
+                                .cols = m_,
+                                .src_row = dev.self_src,
+                                .dst_row = dev.self_dst,
+                                .row_token = pr.row_token,
+                                .row_gate = gates,
+                                .src = x.data(),
+                                .dst = const_cast<float*>(rows.recv_rows),
+                                .format = local,
+                                .src_rows = x.rows(),
+                                .dst_rows = layout.recv_rows});
+  }
   const bool wire16 = bf16 && ep_ != nullptr;
   MOE_ASSIGN_OR_RETURN(void* send, (wire16 ? rows.send16 : rows.send)
                                        .Get(layout.send_rows * (wire16 ? 2 * m_ : float_row)));
@@ -306,10 +351,6 @@ Status ExpertExchange::BeginDispatch(const DispatchPlan& plan, MatrixView<const 
       MOE_RETURN_IF_ERROR(rows.back16.Get(layout.send_rows * 2 * m_).status());
     }
   }
-  const PlanRows& pr = handle->plan_rows_;
-  const float* gates = pass == Pass::kBackward ? pr.row_gate : nullptr;
-  // The wire dtype applies to every row, including those that do not travel.
-  const RowFormat local = bf16 ? RowFormat::kRoundedBf16 : RowFormat::kFloat32;
   MOE_RETURN_IF_ERROR(device_->GatherRows({.rows = static_cast<int64_t>(handle->maps_.send_dst.size()),
                                            .cols = m_,
                                            .src_row = dev.send_src,
@@ -348,11 +389,6 @@ Status ExpertExchange::Start(ExchangeHandle* handle, Pass pass, int chunk, bool 
   };
   // The dispatch sends the send layout's counts; the combine the receive layout's.
   const std::vector<int64_t>& out_rows = dispatch ? c.send_counts : c.recv_counts;
-  const ExchangeChunk& rc_chunk = handle->recorded_layout_.chunks.empty()
-                                      ? c
-                                      : handle->recorded_layout_.chunks[static_cast<size_t>(chunk)];
-  const std::vector<int64_t>& recorded_out = dispatch ? rc_chunk.send_counts : rc_chunk.recv_counts;
-  const std::vector<int64_t>& recorded_in = dispatch ? rc_chunk.recv_counts : rc_chunk.send_counts;
   const std::vector<int64_t>& out_displs = dispatch ? c.send_displs : c.recv_displs;
   const std::vector<int64_t>& in_rows = dispatch ? c.recv_counts : c.send_counts;
   const std::vector<int64_t>& in_displs = dispatch ? c.recv_displs : c.send_displs;
@@ -362,9 +398,7 @@ Status ExpertExchange::Start(ExchangeHandle* handle, Pass pass, int chunk, bool 
   const int64_t row_elems = bf16 ? row_bytes : m_;
   const comm::DataType dtype = bf16 ? comm::DataType::kUint8 : comm::DataType::kFloat32;
   ExchangeHandle::Requests::Slot& slot = handle->requests_->at(pass, chunk, dispatch);
-  slot.record = stats_.Record(dispatch ? ExchangeCall::Kind::kDispatch : ExchangeCall::Kind::kCombine,
-                              pass == Pass::kBackward, chunk, options_.pipeline_degree,
-                              scaled(recorded_out, row_bytes), scaled(recorded_in, row_bytes));
+  slot.record = RecordCall(*handle, pass, chunk, dispatch);
   slot.ordered = false;
   std::vector<int64_t> sc = scaled(out_rows, row_elems), sd = scaled(out_displs, row_elems),
                        rc = scaled(in_rows, row_elems), rd = scaled(in_displs, row_elems);
@@ -398,6 +432,25 @@ Status ExpertExchange::Start(ExchangeHandle* handle, Pass pass, int chunk, bool 
   });
 }
 
+size_t ExpertExchange::RecordCall(const ExchangeHandle& handle, Pass pass, int chunk,
+                                  bool dispatch) {
+  const ExchangeChunk& c = handle.recorded_layout_.chunks.empty()
+                               ? handle.layout_.chunks[static_cast<size_t>(chunk)]
+                               : handle.recorded_layout_.chunks[static_cast<size_t>(chunk)];
+  // On the wire a row is M floats, or M bf16 values (the direct transport writes the rounded
+  // values as floats; what it records is what the exchange means, as the all-to-all's).
+  const int64_t row_bytes = m_ * (options_.bf16_wire ? 2 : static_cast<int64_t>(sizeof(float)));
+  const auto bytes = [&](const std::vector<int64_t>& rows) {
+    std::vector<int64_t> out(rows);
+    for (int64_t& x : out) x *= row_bytes;
+    return out;
+  };
+  return stats_.Record(dispatch ? ExchangeCall::Kind::kDispatch : ExchangeCall::Kind::kCombine,
+                       pass == Pass::kBackward, chunk, options_.pipeline_degree,
+                       bytes(dispatch ? c.send_counts : c.recv_counts),
+                       bytes(dispatch ? c.recv_counts : c.send_counts));
+}
+
 Status ExpertExchange::Wait(ExchangeHandle* handle, Pass pass, int chunk, bool dispatch) {
   ExchangeHandle::Requests::Slot& slot = handle->requests_->at(pass, chunk, dispatch);
   if (slot.request == nullptr) return Status::Ok();
@@ -415,6 +468,7 @@ Status ExpertExchange::Wait(ExchangeHandle* handle, Pass pass, int chunk, bool d
 
 Status ExpertExchange::StartDispatch(ExchangeHandle* handle, Pass pass, int chunk) {
   if (ep_ == nullptr) return Status::Ok();
+  if (direct_) return DirectDispatch(handle, pass, chunk);
   ExchangeHandle::Rows& rows = handle->rows(pass);
   if (options_.bf16_wire) {
     return Start(handle, pass, chunk, /*dispatch=*/true, rows.send16.data(), rows.recv16.data());
@@ -438,6 +492,7 @@ Status ExpertExchange::Widen(const ExchangeHandle& handle, int chunk, bool dispa
 
 Status ExpertExchange::WaitDispatch(ExchangeHandle* handle, Pass pass, int chunk) {
   if (ep_ == nullptr) return Status::Ok();
+  if (direct_) return DirectFence(handle, pass, chunk, /*dispatch=*/true);
   MOE_RETURN_IF_ERROR(Wait(handle, pass, chunk, /*dispatch=*/true));
   ExchangeHandle::Rows& rows = handle->rows(pass);
   if (options_.bf16_wire) {
@@ -458,6 +513,7 @@ Status ExpertExchange::StartCombine(ExchangeHandle* handle, Pass pass, int chunk
   ExchangeHandle::Rows& r = handle->rows(pass);
   r.combine_rows = rows.data();
   const ExchangeChunk& c = layout.chunks[static_cast<size_t>(chunk)];
+  if (direct_) return DirectCombine(handle, pass, chunk, rows);
   if (!options_.bf16_wire) {
     if (ep_ == nullptr) {
       r.back_rows = rows.data();
@@ -489,25 +545,30 @@ Status ExpertExchange::StartCombine(ExchangeHandle* handle, Pass pass, int chunk
                                       RowAt<uint16_t>(comb16, c.recv_displs[p], m_),
                                       c.recv_counts[p] * m_));
   }
-  const ExchangeMaps& maps = handle->maps_;
+  MOE_RETURN_IF_ERROR(RoundSelfRows(*handle, chunk, rows, back));
+  return Start(handle, pass, chunk, /*dispatch=*/false, comb16, r.back16.data());
+}
+
+Status ExpertExchange::RoundSelfRows(const ExchangeHandle& handle, int chunk,
+                                     MatrixView<const float> rows, float* back) const {
+  const ExchangeMaps& maps = handle.maps_;
   const int64_t first = maps.self_back_begin[static_cast<size_t>(chunk)],
                 n = maps.self_back_begin[static_cast<size_t>(chunk) + 1] - first;
-  if (n > 0) {
-    MOE_RETURN_IF_ERROR(device_->GatherRows({.rows = n,
-                                             .cols = m_,
-                                             .src_row = handle->dev_.self_back_src + first,
-                                             .dst_row = handle->dev_.self_back_dst + first,
-                                             .src = rows.data(),
-                                             .dst = back,
-                                             .format = RowFormat::kRoundedBf16,
-                                             .src_rows = layout.recv_rows,
-                                             .dst_rows = layout.send_rows}));
-  }
-  return Start(handle, pass, chunk, /*dispatch=*/false, comb16, r.back16.data());
+  if (n == 0) return Status::Ok();
+  return device_->GatherRows({.rows = n,
+                              .cols = m_,
+                              .src_row = handle.dev_.self_back_src + first,
+                              .dst_row = handle.dev_.self_back_dst + first,
+                              .src = rows.data(),
+                              .dst = back,
+                              .format = RowFormat::kRoundedBf16,
+                              .src_rows = handle.layout_.recv_rows,
+                              .dst_rows = handle.layout_.send_rows});
 }
 
 Status ExpertExchange::WaitCombine(ExchangeHandle* handle, Pass pass, int chunk) {
   if (ep_ == nullptr) return Status::Ok();
+  if (direct_) return DirectFence(handle, pass, chunk, /*dispatch=*/false);
   MOE_RETURN_IF_ERROR(Wait(handle, pass, chunk, /*dispatch=*/false));
   ExchangeHandle::Rows& rows = handle->rows(pass);
   if (options_.bf16_wire) {
@@ -548,6 +609,154 @@ Status ExpertExchange::GateGradients(const ExchangeHandle& handle, MatrixView<co
                                  .returned = handle.returned(Pass::kForward),
                                  .dy = dy.data(),
                                  .dgate = dgate});
+}
+
+// ---- The direct transport ----------------------------------------------------------------------
+
+namespace {
+
+// The displacements a rank publishes at the start of its symmetric buffer: per chunk, its
+// receive displacements (W) then its send displacements (W).
+int64_t DirectMetaBytes(int ranks) {
+  return (2 * limits::kMaxPipelineDegree * ranks * static_cast<int64_t>(sizeof(int64_t)) + 63) /
+         64 * 64;
+}
+
+}  // namespace
+
+float* ExpertExchange::DirectRows(int rank, Pass pass, bool receive) const {
+  const int64_t row_bytes = m_ * static_cast<int64_t>(sizeof(float));
+  const int64_t per_pass = (sym_recv_rows_ + sym_send_rows_) * row_bytes;
+  char* base = static_cast<char*>(sym_->peer(rank)) + DirectMetaBytes(w_);
+  if (pass == Pass::kBackward) base += per_pass;
+  if (!receive) base += sym_recv_rows_ * row_bytes;
+  return reinterpret_cast<float*>(base);
+}
+
+Status ExpertExchange::DirectLayout(ExchangeHandle* handle) {
+  const ExchangeLayout& layout = handle->layout_;
+  // One size on every rank: the largest receive and send layouts of this call, with room to grow
+  // (dropless layouts change every call) — a smaller call reuses the buffer.
+  int64_t need[2] = {layout.recv_rows, layout.send_rows};
+  MOE_RETURN_IF_ERROR(ep_->AllReduce(need, need, 2, comm::DataType::kInt64, comm::ReduceOp::kMax));
+  if (sym_ == nullptr || need[0] > sym_recv_rows_ || need[1] > sym_send_rows_) {
+    sym_.reset();  // collective: every rank sees the same maxima
+    sym_recv_rows_ = std::max(sym_recv_rows_, need[0] + need[0] / 4);
+    sym_send_rows_ = std::max(sym_send_rows_, need[1] + need[1] / 4);
+    const int64_t bytes = DirectMetaBytes(w_) + 2 * (sym_recv_rows_ + sym_send_rows_) * m_ *
+                                                    static_cast<int64_t>(sizeof(float));
+    MOE_ASSIGN_OR_RETURN(sym_, ep_->AllocateSymmetric(bytes));
+  }
+  // Publish where this rank receives and sends each chunk's rows; read where the peers do.
+  const int chunks = static_cast<int>(layout.chunks.size());
+  auto* mine = static_cast<int64_t*>(sym_->local());
+  for (int j = 0; j < chunks; ++j) {
+    const ExchangeChunk& c = layout.chunks[static_cast<size_t>(j)];
+    for (int p = 0; p < w_; ++p) {
+      mine[(2 * j) * w_ + p] = c.recv_displs[static_cast<size_t>(p)];
+      mine[(2 * j + 1) * w_ + p] = c.send_displs[static_cast<size_t>(p)];
+    }
+  }
+  MOE_RETURN_IF_ERROR(sym_->Fence());
+  ExchangeHandle::Direct& d = handle->direct_;
+  const int me = ep_->rank();
+  d.peer_recv_at.assign(static_cast<size_t>(chunks * w_), 0);
+  d.peer_send_at.assign(static_cast<size_t>(chunks * w_), 0);
+  for (int p = 0; p < w_; ++p) {
+    const auto* theirs = static_cast<const int64_t*>(sym_->peer(p));
+    for (int j = 0; j < chunks; ++j) {
+      d.peer_recv_at[static_cast<size_t>(j * w_ + p)] = theirs[(2 * j) * w_ + me];
+      d.peer_send_at[static_cast<size_t>(j * w_ + p)] = theirs[(2 * j + 1) * w_ + me];
+    }
+  }
+  // Each travelling row's destination row, and the runs of rows with one (chunk, destination).
+  std::vector<int32_t> owner(static_cast<size_t>(layout.send_rows), -1);
+  for (int j = 0; j < chunks; ++j) {
+    const ExchangeChunk& c = layout.chunks[static_cast<size_t>(j)];
+    for (int p = 0; p < w_; ++p) {
+      for (int64_t r = 0; r < c.send_counts[static_cast<size_t>(p)]; ++r) {
+        owner[static_cast<size_t>(c.send_displs[static_cast<size_t>(p)] + r)] = j * w_ + p;
+      }
+    }
+  }
+  const std::vector<int32_t>& send_dst = handle->maps_.send_dst;
+  d.dst.resize(send_dst.size());
+  d.runs.clear();
+  for (size_t i = 0; i < send_dst.size(); ++i) {
+    const int32_t o = owner[static_cast<size_t>(send_dst[i])];
+    const int j = o / w_, p = o % w_;
+    const ExchangeChunk& c = layout.chunks[static_cast<size_t>(j)];
+    d.dst[i] = static_cast<int32_t>(d.peer_recv_at[static_cast<size_t>(o)] + send_dst[i] -
+                                    c.send_displs[static_cast<size_t>(p)]);
+    const int64_t at = static_cast<int64_t>(i);
+    if (d.runs.empty() || d.runs.back().chunk != j || d.runs.back().peer != p) {
+      d.runs.push_back({.chunk = j, .peer = p, .begin = at, .end = at + 1});
+    } else {
+      d.runs.back().end = at + 1;
+    }
+  }
+  return Status::Ok();
+}
+
+Status ExpertExchange::DirectDispatch(ExchangeHandle* handle, Pass pass, int chunk) {
+  ExchangeHandle::Requests::Slot& slot = handle->requests_->at(pass, chunk, /*dispatch=*/true);
+  slot.record = RecordCall(*handle, pass, chunk, /*dispatch=*/true);
+  const ExchangeHandle::Rows& rows = handle->rows(pass);
+  const PlanRows& pr = handle->plan_rows_;
+  const RowFormat format = options_.bf16_wire ? RowFormat::kRoundedBf16 : RowFormat::kFloat32;
+  return stats_.Timed(slot.record, [&]() -> Status {
+    for (const ExchangeHandle::Direct::Run& run : handle->direct_.runs) {
+      if (run.chunk != chunk) continue;
+      MOE_RETURN_IF_ERROR(device_->GatherRows(
+          {.rows = run.end - run.begin,
+           .cols = m_,
+           .src_row = handle->dev_.send_src + run.begin,
+           .dst_row = handle->direct_.dst.data() + run.begin,
+           .row_token = pr.row_token,
+           .row_gate = pass == Pass::kBackward ? pr.row_gate : nullptr,
+           .src = rows.x,
+           .dst = DirectRows(run.peer, pass, /*receive=*/true),
+           .format = format,
+           .src_rows = rows.x_rows,
+           .dst_rows = sym_recv_rows_}));
+    }
+    return Status::Ok();
+  });
+}
+
+Status ExpertExchange::DirectCombine(ExchangeHandle* handle, Pass pass, int chunk,
+                                     MatrixView<const float> rows) {
+  const ExchangeLayout& layout = handle->layout_;
+  const ExchangeChunk& c = layout.chunks[static_cast<size_t>(chunk)];
+  ExchangeHandle::Rows& r = handle->rows(pass);
+  float* const back = DirectRows(ep_->rank(), pass, /*receive=*/false);
+  r.back_rows = back;
+  ExchangeHandle::Requests::Slot& slot = handle->requests_->at(pass, chunk, /*dispatch=*/false);
+  slot.record = RecordCall(*handle, pass, chunk, /*dispatch=*/false);
+  return stats_.Timed(slot.record, [&]() -> Status {
+    // Every returned row is read rounded from the returned rows: this rank's own here.
+    if (options_.bf16_wire) MOE_RETURN_IF_ERROR(RoundSelfRows(*handle, chunk, rows, back));
+    // Source s's rows of this chunk are one run in both layouts: straight into its returned rows.
+    for (int s = 0; s < w_; ++s) {
+      const int64_t n = c.recv_counts[static_cast<size_t>(s)];
+      if (s == layout.shape.self || n == 0) continue;
+      float* to = DirectRows(s, pass, /*receive=*/false) +
+                  handle->direct_.peer_send_at[static_cast<size_t>(chunk * w_ + s)] * m_;
+      const float* from = rows.row(c.recv_displs[static_cast<size_t>(s)]);
+      if (options_.bf16_wire) {
+        MOE_RETURN_IF_ERROR(device_->Cast(CastKind::kRoundBf16, from, to, n * m_));
+      } else {
+        MOE_RETURN_IF_ERROR(device_->Copy(to, from, n * m_ * static_cast<int64_t>(sizeof(float))));
+      }
+    }
+    return Status::Ok();
+  });
+}
+
+Status ExpertExchange::DirectFence(ExchangeHandle* handle, Pass pass, int chunk, bool dispatch) {
+  // Every rank's writes of this chunk (and of any chunk started before) are now in place.
+  const ExchangeHandle::Requests::Slot& slot = handle->requests_->at(pass, chunk, dispatch);
+  return stats_.Timed(slot.record, [&] { return sym_->Fence(); });
 }
 
 Status ExpertExchange::Dispatch(const DispatchPlan& plan, MatrixView<const float> x, Pass pass,

@@ -42,6 +42,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "base/memory.h"
@@ -54,6 +55,7 @@
 
 namespace moe::comm {
 class HierarchicalAllToAll;
+class SymmetricBuffer;
 }
 
 namespace moe {
@@ -77,6 +79,18 @@ struct ExchangeCall {
   double seconds = 0.0;
 };
 
+// How rows move between the ranks (parallel.exchange_transport).
+enum class ExchangeTransport {
+  kAuto,      // kDirect where it can run (below), else kAllToAll
+  kAllToAll,  // the communicator's all-to-all(v)
+  // Each row written straight into its slot in the destination's receive rows (and each expert
+  // output into its slot in the origin's returned rows), in a symmetric buffer of the group
+  // (comm/symmetric.h), a fence per chunk. Needs: every rank of the group on this node
+  // (local_size() == size()), host memory, the host device (no stream), the flat exchange
+  // (ranks_per_node 0) and materialized padding. Same rows in the same places as kAllToAll.
+  kDirect,
+};
+
 struct ExchangeOptions {
   bool dropless = false;    // parallel.dropless_exchange
   int pipeline_degree = 1;  // parallel.pipeline_degree: chunks per exchange, 1..16
@@ -96,6 +110,7 @@ struct ExchangeOptions {
   // group) block C rows, chunk by chunk. Outputs equal the padded run's up to the order of the
   // weight-gradient sums (the padding rows add exact zeros). Ignored when dropless or C = 0.
   bool account_padding = false;
+  ExchangeTransport transport = ExchangeTransport::kAuto;
 };
 
 // kInvalidArgument unless 1 <= pipeline_degree <= limits::kMaxPipelineDegree ("pipeline_degree=17
@@ -179,6 +194,22 @@ class ExchangeHandle {
     const float* recv_rows = nullptr;  // recv, or send for a one-rank engine
     const float* back_rows = nullptr;  // back, or the caller's rows for a one-rank engine
     const float* combine_rows = nullptr;  // the caller's rows of the last combine (self rows)
+    // The direct transport: the pass's x and gates, read by each chunk's StartDispatch.
+    const float* x = nullptr;
+    int64_t x_rows = 0;
+  };
+  // The direct transport's addressing: where this rank's rows go in each peer's buffers.
+  struct Direct {
+    // [chunk·W + p]: peer p's receive row of this rank's first row of chunk j (the dispatch), and
+    // its send row of that chunk's rows for this rank (the combine's return).
+    std::vector<int64_t> peer_recv_at, peer_send_at;
+    // Per entry of ExchangeMaps::send_dst: the destination's receive row.
+    std::vector<int32_t> dst;
+    struct Run {
+      int chunk = 0, peer = 0;
+      int64_t begin = 0, end = 0;  // entries [begin, end) of the send maps
+    };
+    std::vector<Run> runs;
   };
   Rows& rows(Pass pass) { return pass == Pass::kForward ? forward_ : backward_; }
   const Rows& rows(Pass pass) const { return pass == Pass::kForward ? forward_ : backward_; }
@@ -201,6 +232,7 @@ class ExchangeHandle {
   Workspace maps_ws_;
   DeviceArrays maps_staging_;
   Rows forward_, backward_;
+  Direct direct_;
   std::unique_ptr<Requests> requests_;
 };
 
@@ -222,6 +254,10 @@ class ExpertExchange {
   int ranks() const { return w_; }
   int local_experts() const { return local_; }
   const ExchangeOptions& options() const { return options_; }
+  // The transport this engine uses (kAuto resolved): kDirect or kAllToAll.
+  ExchangeTransport transport() const {
+    return direct_ ? ExchangeTransport::kDirect : ExchangeTransport::kAllToAll;
+  }
 
   // Blocking: BeginDispatch, then every chunk started and waited for. x and the rows below live
   // in the device's memory.
@@ -269,6 +305,19 @@ class ExpertExchange {
   // The device orders work on a stream (a GPU, the checked host device): the all-to-alls are
   // stream-ordered requests. The host device runs everything when it is called.
   bool stream_ordered() const { return device_->stream() != nullptr; }
+  // The bf16 wire's combine: chunk j's self rows of `rows`, rounded, into `back` (send layout).
+  Status RoundSelfRows(const ExchangeHandle& handle, int chunk, MatrixView<const float> rows,
+                       float* back) const;
+  // Records an exchange of chunk `chunk` (bytes per peer as the layout says) in the stats.
+  size_t RecordCall(const ExchangeHandle& handle, Pass pass, int chunk, bool dispatch);
+  // The direct transport: sizes the symmetric buffer for this layout (collective), publishes this
+  // rank's displacements and reads the peers' (one fence), and makes the handle's Direct.
+  Status DirectLayout(ExchangeHandle* handle);
+  // Rank r's receive rows / returned rows (send layout) of `pass` in the symmetric buffer.
+  float* DirectRows(int rank, Pass pass, bool receive) const;
+  Status DirectDispatch(ExchangeHandle* handle, Pass pass, int chunk);
+  Status DirectCombine(ExchangeHandle* handle, Pass pass, int chunk, MatrixView<const float> rows);
+  Status DirectFence(ExchangeHandle* handle, Pass pass, int chunk, bool dispatch);
 
   Device* device_;
   comm::Communicator* ep_;
@@ -278,6 +327,14 @@ class ExpertExchange {
   std::unique_ptr<comm::HierarchicalAllToAll> hierarchical_;
   ExchangeStats stats_;
   Workspace counts_;  // the counts all-to-all's buffers in device memory
+  // The direct transport (ExchangeTransport::kDirect): chosen at construction; `direct_refusal_`
+  // says why a forced kDirect cannot run (Layout returns it). The symmetric buffer holds, per
+  // rank, the displacements it publishes, then per pass its receive rows (sym_recv_rows_) and its
+  // returned rows (sym_send_rows_).
+  bool direct_ = false;
+  std::string direct_refusal_;
+  std::unique_ptr<comm::SymmetricBuffer> sym_;
+  int64_t sym_recv_rows_ = 0, sym_send_rows_ = 0;
 };
 
 }  // namespace moe

@@ -13,7 +13,12 @@ ExchangeOptions ExchangeOptionsOf(const config::MoeConfig& cfg, int ranks_per_no
   return {.dropless = cfg.parallel().dropless_exchange(),
           .pipeline_degree = cfg.parallel().pipeline_degree(),
           .ranks_per_node = ranks_per_node,
-          .bf16_wire = cfg.parallel().wire_dtype() == config::BF16};
+          .bf16_wire = cfg.parallel().wire_dtype() == config::BF16,
+          .transport = cfg.parallel().exchange_transport() == config::DIRECT
+                           ? ExchangeTransport::kDirect
+                       : cfg.parallel().exchange_transport() == config::ALLTOALL
+                           ? ExchangeTransport::kAllToAll
+                           : ExchangeTransport::kAuto};
 }
 
 StatusOr<std::unique_ptr<MoeLayer>> MakeMoeLayer(const config::LayerConfig& layer,

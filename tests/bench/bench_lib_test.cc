@@ -158,27 +158,33 @@ TEST(DispatchCombineBench, ReplaysTheExecutorsCountsThroughTheRawBaseline) {
     return RunDispatchCombineBench(c, o, raw, out, sink);
   });
   for (const Status& s : run.status) EXPECT_TRUE(s.ok()) << s.ToString();
-  // Per token count, a float32 row and a bfloat16 row of half the bytes.
-  ASSERT_EQ(run.rows.size(), 4u);
+  // Per token count, float32 rows then bfloat16 rows of half the bytes, each over the all-to-all
+  // and then the direct transport (loopback ranks share memory), the same bytes on both.
+  ASSERT_EQ(run.rows.size(), 8u);
   for (size_t i = 0; i < run.rows.size(); ++i) {
     const BenchRow& r = run.rows[i];
-    EXPECT_EQ(r.op, "dispatch_combine");
+    const bool direct = i % 2 == 1, fp32 = (i / 2) % 2 == 0;
+    EXPECT_EQ(r.op, direct ? "dispatch_combine_direct" : "dispatch_combine");
     EXPECT_EQ(r.wrong, 0);
-    EXPECT_EQ(r.dtype, i % 2 == 0 ? "float32" : "bfloat16");
-    EXPECT_EQ(r.count * (i % 2 == 0 ? 4 : 2), r.bytes);
-    if (i % 2 == 1) {
-      EXPECT_EQ(2 * r.bytes, run.rows[i - 1].bytes);
+    EXPECT_EQ(r.dtype, fp32 ? "float32" : "bfloat16");
+    EXPECT_EQ(r.count * (fp32 ? 4 : 2), r.bytes);
+    if (direct) {
+      EXPECT_EQ(r.bytes, run.rows[i - 1].bytes);
+    }
+    if (!fp32) {
+      EXPECT_EQ(2 * r.bytes, run.rows[i - 2].bytes);
     }
   }
   // Per row: (warmup + iters) replays of both directions. The last replay is the combine
   // direction of the last row, which sends back what the dispatch received.
   int64_t combine_floats = 0;
   for (const CountingRaw& raw : run.raw) {
-    EXPECT_EQ(raw.calls, 4 * 2 * (o.warmup + o.iters));
+    EXPECT_EQ(raw.calls, 8 * 2 * (o.warmup + o.iters));
     for (int64_t c : raw.last_send_counts) combine_floats += c;
   }
   // Over all ranks, what the combines send equals what the dispatches sent: row.bytes per rank.
-  EXPECT_EQ(combine_floats * 4, run.rows[3].bytes * 2);
+  EXPECT_EQ(combine_floats * 4, run.rows[7].bytes * 2);
+  EXPECT_NE(run.table.find("direct"), std::string::npos);
   EXPECT_NE(run.table.find("baseline = fake_alltoallv of the same per-peer counts"),
             std::string::npos);
 }

@@ -143,8 +143,9 @@ if elapsed > limit:
 if kind in ("sigstop", "stall") or a.case == "loop_exit":
     # The survivors noticed: our message names the operation, its deadline and the failed rank
     # ("ranks [2] did not arrive", or "ranks [2] did not complete it" when rank 2 stalled
-    # mid-transfer; a survivor stuck in an earlier operation may be listed beside it).
-    named = [m for m in re.finditer(r"(alltoall|alltoallv|allreduce|allgather|broadcast|barrier) #\d+ deadline "
+    # mid-transfer, or "ranks [2] did not signal" for a direct exchange's fence; a survivor stuck
+    # in an earlier operation may be listed beside it).
+    named = [m for m in re.finditer(r"(alltoall|alltoallv|allreduce|allgather|broadcast|barrier|symmetric fence) #\d+ deadline "
                                     r"[0-9.]+ s exceeded on rank \d+: ranks \[([0-9, ]+)\] did not", stderr)
              if "2" in m.group(2).split(", ")]
     if not named:

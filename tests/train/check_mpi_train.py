@@ -2,7 +2,9 @@
 same config otherwise) must give the same loss curve, and the loss must fall. A second 4-process
 run with pipelined exchanges (--pipeline-degree 3: three chunks per all-to-all, several
 MPI_Ialltoallv in flight) must give the same curve too, and a third with the two-stage all-to-all
-(--ranks-per-node 2: 2 nodes of 2 ranks) the same curve as the flat run, bit for bit.
+(--ranks-per-node 2: 2 nodes of 2 ranks) the same curve as the flat run, bit for bit, and a fourth
+with the all-to-all transport (--exchange-transport alltoall) the same curve as the flat run's
+direct writes (the default on one node), bit for bit.
 
 Usage: check_mpi_train.py --tool moe_train --mpiexec mpiexec --config tiny_lm.textproto
                           --data corpus.txt --workdir DIR [--steps N]"""
@@ -40,12 +42,15 @@ def main():
     one_metrics = os.path.join(a.workdir, "one_g4.jsonl")
     pipe_metrics = os.path.join(a.workdir, "mpi4_pipeline3.jsonl")
     hier_metrics = os.path.join(a.workdir, "mpi4_ranks_per_node2.jsonl")
+    a2a_metrics = os.path.join(a.workdir, "mpi4_alltoall.jsonl")
     common = ["--config", a.config, "--data", a.data, "--steps", str(a.steps), "--quiet"]
     run([a.mpiexec, "-n", "4", a.tool] + common + ["--metrics", mpi_metrics], env)
     run([a.mpiexec, "-n", "4", a.tool] + common + ["--pipeline-degree", "3", "--metrics", pipe_metrics],
         env)
     run([a.mpiexec, "-n", "4", a.tool] + common + ["--ranks-per-node", "2", "--metrics",
                                                    hier_metrics], env)
+    run([a.mpiexec, "-n", "4", a.tool] + common + ["--exchange-transport", "alltoall", "--metrics",
+                                                   a2a_metrics], env)
     run([a.tool, "--backend", "loopback", "--ranks", "1", "--local-groups", "4"] + common +
         ["--metrics", one_metrics], env)
     x, y, z = losses(mpi_metrics), losses(one_metrics), losses(pipe_metrics)
@@ -69,7 +74,13 @@ def main():
     if h != x:
         print("FAIL: the two-stage exchange changed the loss curve")
         failures += 1
-    print(f"{3 - min(failures, 3)} passed, {min(failures, 3)} failed")
+    t = losses(a2a_metrics)
+    print(f"all-to-all transport: {'identical' if t == x else 'DIFFERENT'} to the direct writes' "
+          f"{len(x)} losses")
+    if t != x:
+        print("FAIL: the transport changed the loss curve")
+        failures += 1
+    print(f"{4 - min(failures, 4)} passed, {min(failures, 4)} failed")
     sys.exit(1 if failures else 0)
 
 

@@ -82,16 +82,28 @@ TEST_P(ExpertExchangeTest, DispatchDeliversEveryRowAndCombineSumsTheCallersResul
   world->RunPerRank([&](comm::Communicator& comm) {
     const int p = comm.rank();
     std::string& fail = failures[static_cast<size_t>(p)];
+    const char* transport_name = "";
     const auto check = [&](bool ok, const std::string& what) {
-      if (!ok && fail.empty()) fail = "rank " + std::to_string(p) + ": " + what;
+      if (!ok && fail.empty()) {
+        fail = "rank " + std::to_string(p) + " (" + transport_name + "): " + what;
+      }
       return ok;
     };
     HostDevice device;
+    // Both transports against the same exact expectations, so also equal to each other bit for
+    // bit (the direct one where it runs: a flat exchange of more than one rank).
+    for (const ExchangeTransport transport :
+         {ExchangeTransport::kAllToAll, ExchangeTransport::kDirect}) {
+    const bool direct = transport == ExchangeTransport::kDirect;
+    if (direct && (c.ranks_per_node > 0 || w == 1)) continue;
+    transport_name = direct ? "direct" : "alltoall";
     ExpertExchange exchange(&device, &comm, e, kModel,
                             {.dropless = c.dropless_exchange,
                              .pipeline_degree = c.chunks,
                              .ranks_per_node = c.ranks_per_node,
-                             .bf16_wire = c.bf16});
+                             .bf16_wire = c.bf16,
+                             .transport = transport});
+    if (!check(exchange.transport() == transport, "transport chosen")) return;
     if (!check(exchange.EnableHierarchical().ok(), "EnableHierarchical")) return;
     const DispatchPlan& plan = plans[static_cast<size_t>(p)];
     const Tensor& x = xs[static_cast<size_t>(p)];
@@ -181,6 +193,7 @@ TEST_P(ExpertExchangeTest, DispatchDeliversEveryRowAndCombineSumsTheCallersResul
         check(h.returned_row(Pass::kForward, r)[0] == v, "forward row after the backward");
       }
     }
+    }
   });
   for (const std::string& f : failures) EXPECT_TRUE(f.empty()) << f;
 }
@@ -202,7 +215,10 @@ INSTANTIATE_TEST_SUITE_P(
                       ExchangeCase{"w2_capacity_groups2_bf16", 2, 2, 2, 1, false, 1.0, 0, true},
                       ExchangeCase{"w3_dropless_chunks4_bf16", 3, 2, 1, 4, true, 1.0, 0, true},
                       ExchangeCase{"w4_capacity_hierarchical2_bf16", 4, 2, 1, 1, false, 1.0, 2,
-                                   true}),
+                                   true},
+                      // Seven ranks (an odd world, most peers per row).
+                      ExchangeCase{"w7_capacity_groups2_chunks2", 7, 1, 2, 2, false, 1.25},
+                      ExchangeCase{"w7_dropless_exchange_bf16", 7, 2, 1, 1, true, 1.0, 0, true}),
     [](const ::testing::TestParamInfo<ExchangeCase>& p) { return p.param.name; });
 
 // A one-rank engine (no communicator) exchanges nothing: the received rows are the gathered
@@ -307,6 +323,34 @@ TEST(ExpertExchange, Bf16WireStaysWithinTheRoundingBoundOfFp32) {
     // The rounding is really there: the two dtypes differ somewhere.
     EXPECT_GT(worst[static_cast<size_t>(r)], 0.0) << "rank " << r;
   }
+}
+
+// A forced direct transport where it cannot run is refused naming the field and the reason;
+// AUTO picks it where it can.
+TEST(ExpertExchange, DirectTransportChosenWhereRanksShareMemoryAndRefusedElsewhere) {
+  auto world = comm::LoopbackWorld::Create(2, {});
+  ASSERT_TRUE(world.ok()) << world.status().ToString();
+  world->RunPerRank([&](comm::Communicator& comm) {
+    HostDevice device;
+    EXPECT_EQ(ExpertExchange(&device, &comm, 4, kModel, {}).transport(), ExchangeTransport::kDirect);
+    EXPECT_EQ(ExpertExchange(&device, &comm, 4, kModel, {.ranks_per_node = 1}).transport(),
+              ExchangeTransport::kAllToAll);
+    ExpertExchange forced(&device, &comm, 4, kModel,
+                          {.ranks_per_node = 1, .transport = ExchangeTransport::kDirect});
+    ASSERT_TRUE(forced.EnableHierarchical().ok());
+    ExchangeHandle h;
+    const DispatchPlan plan = MakePlan({"refused", 2, 2, 1, 1, false, 1.0}, comm.rank());
+    Tensor x(plan.num_tokens, kModel);
+    const Status st = forced.Dispatch(plan, x.view(), Pass::kForward, &h);
+    EXPECT_EQ(st.code(), StatusCode::kFailedPrecondition) << st.ToString();
+    EXPECT_NE(st.message().find("parallel.exchange_transport=DIRECT cannot run here: "
+                                "comm.ranks_per_node > 0"),
+              std::string::npos)
+        << st.message();
+  });
+  HostDevice device;
+  EXPECT_EQ(ExpertExchange(&device, nullptr, 4, kModel, {}).transport(),
+            ExchangeTransport::kAllToAll);
 }
 
 TEST(ExpertExchange, ValidatesOptionsAndRanksPerNode) {

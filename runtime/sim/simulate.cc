@@ -59,6 +59,11 @@ StatusOr<SimulationResult> RunSimulation(const MoeConfig& base, int ranks, bool 
   cfg.mutable_train()->set_eval_every(0);
   cfg.mutable_train()->clear_metrics_path();
   cfg.mutable_train()->set_checkpoint_every(0);
+  // The simulated cluster spans nodes: its rows move as all-to-alls (what the cost models price),
+  // not as the direct writes the simulating process's threads could use.
+  if (cfg.parallel().exchange_transport() == config::AUTO) {
+    cfg.mutable_parallel()->set_exchange_transport(config::ALLTOALL);
+  }
   MOE_ASSIGN_OR_RETURN(std::unique_ptr<comm::World> world, make_world(ranks));
   SimulationResult out;
   out.ranks = ranks;

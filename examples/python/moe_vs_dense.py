@@ -38,7 +38,7 @@ def models(h):
 
 
 def slug(name):
-    return name.replace(" ", "").replace("/", "_").replace("x", "x").lower()
+    return name.replace(" ", "").replace("/", "_").lower()
 
 
 def finished(log, steps):

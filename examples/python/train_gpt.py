@@ -334,8 +334,9 @@ def main(argv=None):
     start = time.perf_counter()
     step = first
     for step in range(first, last):
+        lr = learning_rate(args, step)
         for g in opt.param_groups:
-            g["lr"] = learning_rate(args, step)
+            g["lr"] = lr
         rng = np.random.default_rng([args.seed, step])
         inputs, targets = sequences(train, rng, args.batch, args.context)
         lo = rank * share
@@ -351,7 +352,7 @@ def main(argv=None):
         loss = stats[0] / args.batch
         tokens += args.batch * args.context
         rec = {"step": step, "tokens": tokens, "loss": loss, "router_loss": stats[1] / ranks,
-               "lr": learning_rate(args, step)}
+               "lr": lr}
         done = step + 1 == last
         if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
             rec["heldout_loss"] = evaluate(model, heldout, args, comm, rank, ranks)

@@ -19,6 +19,13 @@ T* RowAt(void* base, int64_t row, int64_t cols) {
   return static_cast<T*>(base) + row * cols;
 }
 
+// Every count times `by` (rows to elements or bytes).
+std::vector<int64_t> Scaled(const std::vector<int64_t>& v, int64_t by) {
+  std::vector<int64_t> out(v);
+  for (int64_t& x : out) x *= by;
+  return out;
+}
+
 }  // namespace
 
 Status ValidateExchangeOptions(const ExchangeOptions& options) {
@@ -307,18 +314,12 @@ Status ExpertExchange::BeginDispatch(const DispatchPlan& plan, MatrixView<const 
   ExchangeHandle::Rows& rows = handle->rows(pass);
   const bool bf16 = options_.bf16_wire;
   const int64_t float_row = m_ * static_cast<int64_t>(sizeof(float));
-  // Where the gather writes: float rows for this rank itself (a one-rank engine's send rows, or
-  // the self pieces' receive rows), the wire rows otherwise (float, or bf16 when asked).
   const PlanRows& pr = handle->plan_rows_;
   const float* gates = pass == Pass::kBackward ? pr.row_gate : nullptr;
   // The wire dtype applies to every row, including those that do not travel.
   const RowFormat local = bf16 ? RowFormat::kRoundedBf16 : RowFormat::kFloat32;
-  if (direct_) {
-    // Each chunk's rows go from x straight into their destinations (DirectDispatch); only the
-    // self pieces are gathered now, into this rank's receive rows.
-    rows.x = x.data();
-    rows.x_rows = x.rows();
-    rows.recv_rows = DirectRows(ep_->rank(), pass, /*receive=*/true);
+  // A self piece goes straight to its receive rows (on both transports).
+  const auto gather_self = [&]() -> Status {
     if (handle->maps_.self_dst.empty()) return Status::Ok();
     return device_->GatherRows({.rows = static_cast<int64_t>(handle->maps_.self_dst.size()),
                                 .cols = m_,
@@ -331,7 +332,17 @@ Status ExpertExchange::BeginDispatch(const DispatchPlan& plan, MatrixView<const 
                                 .format = local,
                                 .src_rows = x.rows(),
                                 .dst_rows = layout.recv_rows});
+  };
+  if (direct_) {
+    // Each chunk's rows go from x straight into their destinations (DirectDispatch); only the
+    // self pieces are gathered now, into this rank's receive rows.
+    rows.x = x.data();
+    rows.x_rows = x.rows();
+    rows.recv_rows = DirectRows(ep_->rank(), pass, /*receive=*/true);
+    return gather_self();
   }
+  // Where the gather writes: float rows for this rank itself (a one-rank engine's send rows, or
+  // the self pieces' receive rows), the wire rows otherwise (float, or bf16 when asked).
   const bool wire16 = bf16 && ep_ != nullptr;
   MOE_ASSIGN_OR_RETURN(void* send, (wire16 ? rows.send16 : rows.send)
                                        .Get(layout.send_rows * (wire16 ? 2 * m_ : float_row)));
@@ -362,31 +373,12 @@ Status ExpertExchange::BeginDispatch(const DispatchPlan& plan, MatrixView<const 
                                            .format = wire16 ? RowFormat::kBf16 : local,
                                            .src_rows = x.rows(),
                                            .dst_rows = layout.send_rows}));
-  // A self piece goes straight to its receive rows.
-  if (!handle->maps_.self_dst.empty()) {
-    MOE_RETURN_IF_ERROR(device_->GatherRows({.rows = static_cast<int64_t>(handle->maps_.self_dst.size()),
-                                             .cols = m_,
-                                             .src_row = dev.self_src,
-                                             .dst_row = dev.self_dst,
-                                             .row_token = pr.row_token,
-                                             .row_gate = gates,
-                                             .src = x.data(),
-                                             .dst = const_cast<float*>(rows.recv_rows),
-                                             .format = local,
-                                             .src_rows = x.rows(),
-                                             .dst_rows = layout.recv_rows}));
-  }
-  return Status::Ok();
+  return gather_self();
 }
 
 Status ExpertExchange::Start(ExchangeHandle* handle, Pass pass, int chunk, bool dispatch,
                              const void* send, void* recv) {
   const ExchangeChunk& c = handle->layout_.chunks[static_cast<size_t>(chunk)];
-  const auto scaled = [](const std::vector<int64_t>& v, int64_t by) {
-    std::vector<int64_t> out(v);
-    for (int64_t& x : out) x *= by;
-    return out;
-  };
   // The dispatch sends the send layout's counts; the combine the receive layout's.
   const std::vector<int64_t>& out_rows = dispatch ? c.send_counts : c.recv_counts;
   const std::vector<int64_t>& out_displs = dispatch ? c.send_displs : c.recv_displs;
@@ -400,8 +392,8 @@ Status ExpertExchange::Start(ExchangeHandle* handle, Pass pass, int chunk, bool 
   ExchangeHandle::Requests::Slot& slot = handle->requests_->at(pass, chunk, dispatch);
   slot.record = RecordCall(*handle, pass, chunk, dispatch);
   slot.ordered = false;
-  std::vector<int64_t> sc = scaled(out_rows, row_elems), sd = scaled(out_displs, row_elems),
-                       rc = scaled(in_rows, row_elems), rd = scaled(in_displs, row_elems);
+  std::vector<int64_t> sc = Scaled(out_rows, row_elems), sd = Scaled(out_displs, row_elems),
+                       rc = Scaled(in_rows, row_elems), rd = Scaled(in_displs, row_elems);
   // The self block was moved by the gather (dispatch) and is read in place (combine).
   const int self = handle->layout_.shape.self;
   if (self >= 0) sc[self] = rc[self] = 0;
@@ -440,15 +432,10 @@ size_t ExpertExchange::RecordCall(const ExchangeHandle& handle, Pass pass, int c
   // On the wire a row is M floats, or M bf16 values (the direct transport writes the rounded
   // values as floats; what it records is what the exchange means, as the all-to-all's).
   const int64_t row_bytes = m_ * (options_.bf16_wire ? 2 : static_cast<int64_t>(sizeof(float)));
-  const auto bytes = [&](const std::vector<int64_t>& rows) {
-    std::vector<int64_t> out(rows);
-    for (int64_t& x : out) x *= row_bytes;
-    return out;
-  };
   return stats_.Record(dispatch ? ExchangeCall::Kind::kDispatch : ExchangeCall::Kind::kCombine,
                        pass == Pass::kBackward, chunk, options_.pipeline_degree,
-                       bytes(dispatch ? c.send_counts : c.recv_counts),
-                       bytes(dispatch ? c.recv_counts : c.send_counts));
+                       Scaled(dispatch ? c.send_counts : c.recv_counts, row_bytes),
+                       Scaled(dispatch ? c.recv_counts : c.send_counts, row_bytes));
 }
 
 Status ExpertExchange::Wait(ExchangeHandle* handle, Pass pass, int chunk, bool dispatch) {

@@ -10,6 +10,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -21,27 +22,24 @@ constexpr double kDeadline = 1.0;
 constexpr double kSlack = 3.0;
 constexpr int kExpectedExit = 3;
 
-bool CheckDeadline(moe::comm::Communicator& comm, int missing) {
+// Times `call` (operation #2 of `op`, which rank `missing` never joins) on the other ranks: it
+// must fail with kDeadlineExceeded naming `missing` within the deadline plus slack, and `then`
+// must fail at once with kAborted.
+bool ExpectMissed(const moe::comm::Communicator& comm, const std::string& op, const char* what,
+                  int missing, const std::function<moe::Status()>& call,
+                  const std::function<moe::Status()>& then) {
   using moe::StatusCode;
-  const int n = comm.size();
-  const std::vector<int64_t> counts(static_cast<size_t>(n), 4);
-  std::vector<int64_t> displs(static_cast<size_t>(n));
-  for (int p = 0; p < n; ++p) displs[static_cast<size_t>(p)] = 4 * p;
-  std::vector<float> send(static_cast<size_t>(4 * n), 1.0f), recv(send.size());
-  if (!comm.Barrier().ok()) return false;   // operation #1 succeeds everywhere
-  if (comm.rank() == missing) return true;  // never calls #2
   const auto start = std::chrono::steady_clock::now();
-  const moe::Status status = comm.AllToAllV(send.data(), counts, displs, recv.data(), counts,
-                                            displs, moe::comm::DataType::kFloat32);
+  const moe::Status status = call();
   const double elapsed =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  const std::string expected = "alltoallv #2 deadline 1.0 s exceeded on rank " +
+  const std::string expected = op + " #2 deadline 1.0 s exceeded on rank " +
                                std::to_string(comm.rank()) + ": ranks [" + std::to_string(missing) +
-                               "] did not arrive";
+                               "] did not " + what;
   std::printf("rank %d: %s after %.2f s\n", comm.rank(), status.ToString().c_str(), elapsed);
   bool ok = status.code() == StatusCode::kDeadlineExceeded && status.message() == expected &&
             elapsed < kDeadline + kSlack;
-  const moe::Status after = comm.Barrier();
+  const moe::Status after = then();
   ok = ok && after.code() == StatusCode::kAborted;
   if (!ok) {
     std::printf("rank %d: MISMATCH: expected '%s' within %.1f s, then ABORTED; got then %s\n",
@@ -51,9 +49,25 @@ bool CheckDeadline(moe::comm::Communicator& comm, int missing) {
   return ok;
 }
 
+bool CheckDeadline(moe::comm::Communicator& comm, int missing) {
+  const int n = comm.size();
+  const std::vector<int64_t> counts(static_cast<size_t>(n), 4);
+  std::vector<int64_t> displs(static_cast<size_t>(n));
+  for (int p = 0; p < n; ++p) displs[static_cast<size_t>(p)] = 4 * p;
+  std::vector<float> send(static_cast<size_t>(4 * n), 1.0f), recv(send.size());
+  if (!comm.Barrier().ok()) return false;   // operation #1 succeeds everywhere
+  if (comm.rank() == missing) return true;  // never calls #2
+  return ExpectMissed(
+      comm, "alltoallv", "arrive", missing,
+      [&] {
+        return comm.AllToAllV(send.data(), counts, displs, recv.data(), counts, displs,
+                              moe::comm::DataType::kFloat32);
+      },
+      [&] { return comm.Barrier(); });
+}
+
 // A shared-memory window's fence: the last rank writes, then stops before signalling fence #2.
 bool CheckSymmetricDeadline(moe::comm::Communicator& comm, int missing) {
-  using moe::StatusCode;
   auto buffer = comm.AllocateSymmetric(1024);
   if (!buffer.ok()) {
     std::printf("rank %d: %s\n", comm.rank(), buffer.status().ToString().c_str());
@@ -62,29 +76,9 @@ bool CheckSymmetricDeadline(moe::comm::Communicator& comm, int missing) {
   moe::comm::SymmetricBuffer& buf = **buffer;
   if (!buf.Fence().ok()) return false;  // fence #1 everywhere
   static_cast<char*>(buf.peer(0))[comm.rank()] = 1;
-  if (comm.rank() == missing) {
-    (void)(*buffer).release();  // never signals; the others will not depart either
-    return true;
-  }
-  const auto start = std::chrono::steady_clock::now();
-  const moe::Status status = buf.Fence();
-  const double elapsed =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  const std::string expected = "symmetric fence #2 deadline 1.0 s exceeded on rank " +
-                               std::to_string(comm.rank()) + ": ranks [" + std::to_string(missing) +
-                               "] did not signal";
-  std::printf("rank %d: %s after %.2f s\n", comm.rank(), status.ToString().c_str(), elapsed);
-  bool ok = status.code() == StatusCode::kDeadlineExceeded && status.message() == expected &&
-            elapsed < kDeadline + kSlack;
-  const moe::Status after = buf.Fence();
-  ok = ok && after.code() == StatusCode::kAborted;
-  if (!ok) {
-    std::printf("rank %d: MISMATCH: expected '%s' within %.1f s, then ABORTED; got then %s\n",
-                comm.rank(), expected.c_str(), kDeadline + kSlack, after.ToString().c_str());
-  }
-  std::fflush(stdout);
-  (void)(*buffer).release();  // a failed buffer is left to the process's end (MPI_Abort below)
-  return ok;
+  if (comm.rank() == missing) return true;  // never signals #2
+  return ExpectMissed(comm, "symmetric fence", "signal", missing, [&] { return buf.Fence(); },
+                      [&] { return buf.Fence(); });
 }
 
 }  // namespace

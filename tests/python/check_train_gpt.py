@@ -18,21 +18,14 @@ Exit 0 on success.
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
+
+from check_train_equivalence import run  # runs a command, prints its output, exits on failure
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..", "..")
 EXAMPLE = os.path.join(ROOT, "examples", "python", "train_gpt.py")
-
-
-def run(cmd, env):
-    p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                       timeout=600)
-    print(p.stdout, end="")
-    if p.returncode != 0:
-        sys.exit(f"FAIL: {' '.join(cmd)} exited {p.returncode}")
 
 
 def records(path):

@@ -643,34 +643,48 @@ Status RunDispatchCombineBench(comm::Communicator& comm, const DispatchCombineBe
                              .transport = transport == ExchangeTransport::kDirect
                                               ? ExchangeTransport::kAuto
                                               : ExchangeTransport::kAllToAll});
-    if (exchange.transport() != transport) continue;  // direct cannot run here
     MOE_RETURN_IF_ERROR(exchange.EnableHierarchical());
+    // Direct writes cannot run here: neither flat, nor in the two-stage exchange's node stage.
+    if (transport == ExchangeTransport::kDirect &&
+        exchange.transport() != ExchangeTransport::kDirect && !exchange.intra_node_direct()) {
+      continue;
+    }
     ExchangeHandle handle;
     const Tensor x = TokenInput(comm.rank(), tokens, o.hidden);
     Tensor y(tokens, o.hidden);
     double dispatch_s = 0, combine_s = 0;
     // Dispatch, then Combine of the received rows as they are (identity experts, read in place),
-    // each timed on its own; y is zeroed outside the timed calls.
-    const auto round_trip = [&](bool timed_iter) -> Status {
+    // each timed on its own; y is zeroed outside the timed calls. Returns the microseconds that
+    // count (the two calls).
+    const auto round_trip = [&](bool timed_iter) -> StatusOr<double> {
       exchange.stats().Reset();
       y.Fill(0.0f);
       const double t0 = WallSeconds();
       MOE_RETURN_IF_ERROR(exchange.Dispatch(plan, x.view(), Pass::kForward, &handle));
       const double t1 = WallSeconds();
-      MOE_RETURN_IF_ERROR(exchange.Combine(&handle, Pass::kForward,
-                                           handle.received(Pass::kForward), /*gated=*/true,
-                                           y.view()));
+      // The identity experts' outputs: the received rows themselves, or, where the transport
+      // reads outputs in place (direct: its output rows), written there as an expert would
+      // write its outputs (not timed: an expert writes its outputs on either transport).
+      MatrixView<const float> outputs = handle.received(Pass::kForward);
+      if (float* const shared = exchange.OutputRows(Pass::kForward); shared != nullptr) {
+        std::copy(outputs.data(), outputs.data() + outputs.rows() * outputs.cols(), shared);
+        outputs = MatrixView<const float>(shared, outputs.rows(), outputs.cols());
+      }
       const double t2 = WallSeconds();
+      MOE_RETURN_IF_ERROR(exchange.Combine(&handle, Pass::kForward, outputs, /*gated=*/true,
+                                           y.view()));
+      const double t3 = WallSeconds();
       if (timed_iter) {
         dispatch_s += t1 - t0;
-        combine_s += t2 - t1;
+        combine_s += t3 - t2;
       }
-      return Status::Ok();
+      return (t1 - t0 + t3 - t2) * 1e6;
     };
-    for (int i = 0; i < o.warmup; ++i) MOE_RETURN_IF_ERROR(round_trip(false));
+    for (int i = 0; i < o.warmup; ++i) MOE_RETURN_IF_ERROR(round_trip(false).status());
     // Dispatch + Combine, call by call (its median, min and max go into the row).
     MOE_ASSIGN_OR_RETURN(const comm::bench::Timing timing,
-                         comm::bench::TimeLoop(comm, 0, o.iters, [&] { return round_trip(true); }));
+                         comm::bench::TimeLoopCounted(comm, 0, o.iters,
+                                                      [&] { return round_trip(true); }));
     const ExchangeCall* dispatch = FindCall(exchange.stats(), ExchangeCall::Kind::kDispatch);
     const ExchangeCall* combine = FindCall(exchange.stats(), ExchangeCall::Kind::kCombine);
     if (o.warmup + o.iters == 0 || dispatch == nullptr || combine == nullptr) {

@@ -16,8 +16,8 @@
 // baseline). size = bytes a rank sends in the dispatch (mean over ranks, padding included);
 // algbw = 2 · size / time. With `check`, #wrong counts elements of y that differ from
 // Σ gate · x[t] over each token's kept rows (x rounded to bf16 in the bfloat16 row) — exact.
-// --hierarchical P (ranks_per_node) sends the rows with the two-stage all-to-all; the baseline stays
-// the flat one.
+// --hierarchical P (ranks_per_node) sends the rows with the two-stage all-to-all (its `direct` rows:
+// the intra-node stage by direct writes); the baseline stays the flat one.
 #pragma once
 
 #include <cstdint>

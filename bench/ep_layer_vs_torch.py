@@ -1,9 +1,12 @@
 """The expert-parallel layer of this runtime beside PyTorch's, on the same shapes and rank counts,
 in one run: for each rank count W and shape, `mpirun -n W moe_ep_layer_bench` (the CPU layer over
-MPI: router, Dispatch, experts, Combine, forward + backward) and `torch_ep_layer_bench.py` (the
+MPI: router, Dispatch, experts, Combine, forward + backward; once with each exchange transport,
+the all-to-all and direct writes) and `torch_ep_layer_bench.py` (the
 same layer in PyTorch on W gloo processes, all_to_all_single for dispatch and combine — what
 DeepSpeed-MoE, Tutel and FastMoE do on CPU ranks). One thread per rank on both sides. Prints a
-table of the medians (slowest rank per call) and torch / ours; with --json, one BenchResult line
+table of the medians (slowest rank per call), torch / ours, and each layer over the floor both
+share: the experts' GEMMs alone on the rows our experts receive (moe_ep_layer_bench measures it in
+the same run, every rank at once) — a layer cannot be faster than its own expert GEMMs; with --json, one BenchResult line
 per measurement of ours with the PyTorch time as its baseline.
 
     python3 bench/ep_layer_vs_torch.py --build build --ranks 2,4 --shapes small,fine-grained"""
@@ -58,7 +61,8 @@ def main():
           f"{env.get('OPENBLAS_CORETYPE', 'unset')}, {os.cpu_count()} cores; median of {a.iters} "
           f"calls, slowest rank")
     print(f"# {'shape':13s} {'W':>2s} {'S/rank':>6s} {'M':>4s} {'H':>5s} {'E':>3s} {'k':>2s} | "
-          f"{'ours ms':>9s} {'torch ms':>9s} {'torch/ours':>10s}")
+          f"{'a2a ms':>9s} {'direct ms':>9s} {'torch ms':>9s} {'torch/a2a':>9s} "
+          f"{'torch/direct':>12s} | {'floor ms':>8s} {'direct/fl':>9s} {'torch/fl':>8s}")
     rows = []
     for w in ranks:
         for name in shapes:
@@ -66,27 +70,36 @@ def main():
             if sh["e"] % w:
                 print(f"  {name:13s} {w:2d}  (skipped: {sh['e']} experts on {w} ranks)")
                 continue
-            with tempfile.TemporaryDirectory() as tmp:
-                ours_json = os.path.join(tmp, "ours.jsonl")
-                run([a.mpirun, "-n", str(w), tool, "--backend", "mpi", "--shape", name, "-n",
-                     str(a.iters), "-J", ours_json], env)
-                with open(ours_json) as f:
-                    ours = {r["op"].split("/")[0]: r for r in map(json.loads, f)}
+            ours = {}
+            for transport in ("alltoall", "direct"):
+                with tempfile.TemporaryDirectory() as tmp:
+                    ours_json = os.path.join(tmp, "ours.jsonl")
+                    run([a.mpirun, "-n", str(w), tool, "--backend", "mpi", "--shape", name, "-n",
+                         str(a.iters), "--exchange-transport", transport, "-J", ours_json], env)
+                    with open(ours_json) as f:
+                        for r in map(json.loads, f):
+                            r["op"] = r["op"].split("/")[0] + "_" + transport + "/" + name
+                            ours[r["op"].split("/")[0]] = r
             out = run([a.python, os.path.join(here, "torch_ep_layer_bench.py"), "--ranks", str(w),
                        "--iters", str(a.iters)] +
                       [x for key in ("s", "m", "h", "e", "k") for x in (f"--{key}", str(sh[key]))],
                       env)
             torch_row = json.loads(out.strip().splitlines()[-1])
-            ours_ms = ours["ep_layer_fwd_bwd"]["timeMedianUs"] / 1e3
+            a2a_ms = ours["ep_layer_fwd_bwd_alltoall"]["timeMedianUs"] / 1e3
+            direct_ms = ours["ep_layer_fwd_bwd_direct"]["timeMedianUs"] / 1e3
+            floor_ms = ours["ep_layer_gemm_floor_direct"]["timeMedianUs"] / 1e3
             torch_ms = torch_row["fwd_bwd_ms"]
             print(f"  {name:13s} {w:2d} {sh['s']:6d} {sh['m']:4d} {sh['h']:5d} {sh['e']:3d} "
-                  f"{sh['k']:2d} | {ours_ms:9.1f} {torch_ms:9.1f} {torch_ms / ours_ms:10.2f}",
-                  flush=True)
-            for op, t in (("ep_layer_fwd", torch_row["fwd_ms"]), ("ep_layer_fwd_bwd", torch_ms)):
-                row = dict(ours[op])
-                row["baseline"] = "torch_gloo_" + op
-                row["baselineTimeUs"] = t * 1e3
-                rows.append(row)
+                  f"{sh['k']:2d} | {a2a_ms:9.1f} {direct_ms:9.1f} {torch_ms:9.1f} "
+                  f"{torch_ms / a2a_ms:9.2f} {torch_ms / direct_ms:12.2f} | {floor_ms:8.1f} "
+                  f"{direct_ms / floor_ms:9.2f} {torch_ms / floor_ms:8.2f}", flush=True)
+            for transport in ("alltoall", "direct"):
+                for op, t in (("ep_layer_fwd", torch_row["fwd_ms"]),
+                              ("ep_layer_fwd_bwd", torch_ms)):
+                    row = dict(ours[op + "_" + transport])
+                    row["baseline"] = "torch_gloo_" + op
+                    row["baselineTimeUs"] = t * 1e3
+                    rows.append(row)
     if a.json:
         with open(a.json, "a") as f:
             for row in rows:

@@ -42,7 +42,8 @@ Status ExchangeCounts(Communicator& comm, const std::vector<int64_t>& send,
 }  // namespace
 
 StatusOr<HierarchicalAllToAll> HierarchicalAllToAll::Create(Communicator& comm,
-                                                            int ranks_per_node) {
+                                                            int ranks_per_node,
+                                                            bool direct_intra) {
   if (ranks_per_node < 1 || comm.size() % ranks_per_node != 0) {
     return InvalidArgument(
         "hierarchical alltoall: ranks_per_node=" + std::to_string(ranks_per_node) +
@@ -59,13 +60,86 @@ StatusOr<HierarchicalAllToAll> HierarchicalAllToAll::Create(Communicator& comm,
   const int local = comm.rank() % ranks_per_node;
   MOE_ASSIGN_OR_RETURN(h.intra_, comm.Split(node, local));
   MOE_ASSIGN_OR_RETURN(h.inter_, comm.Split(local, node));
+  h.direct_intra_ = direct_intra && ranks_per_node > 1 &&
+                    comm.memory_space() == MemorySpace::kHost &&
+                    h.intra_->local_size() == h.intra_->size();
   return h;
+}
+
+StatusOr<const void*> HierarchicalAllToAll::DirectStage1(const void* send,
+                                                         std::span<const int64_t> send_counts,
+                                                         std::span<const int64_t> send_displs,
+                                                         int64_t elem_bytes,
+                                                         const std::vector<int64_t>& out1,
+                                                         std::vector<int64_t>* in1) {
+  const int P = ranks_per_node_, N = nodes_, me = intra_->rank();
+  // A rank's header: its stage-1 counts in bytes, (local peer j, node b) order.
+  const int64_t header = (static_cast<int64_t>(out1.size()) * 8 + 63) / 64 * 64;
+  const auto counts = [&](int i) { return static_cast<const int64_t*>(staging_->peer(i)); };
+  const auto publish = [&]() -> Status {
+    auto* mine = static_cast<int64_t*>(staging_->local());
+    for (size_t k = 0; k < out1.size(); ++k) mine[k] = out1[k] * elem_bytes;
+    return staging_->Fence();
+  };
+  // The staging bytes local peer j receives: every local source's blocks for it.
+  const auto staged = [&](int j) {
+    int64_t bytes = 0;
+    for (int i = 0; i < P; ++i) {
+      for (int b = 0; b < N; ++b) bytes += counts(i)[j * N + b];
+    }
+    return bytes;
+  };
+  int64_t need = 0;
+  if (staging_ != nullptr) {
+    MOE_RETURN_IF_ERROR(publish());
+    for (int j = 0; j < P; ++j) need = std::max(need, staged(j));
+  } else {
+    // The first call, no headers yet: what the node's ranks send in stage 1 altogether bounds
+    // what any of them receives.
+    int64_t sent = 0;
+    for (const int64_t c : out1) sent += c * elem_bytes;
+    MOE_RETURN_IF_ERROR(intra_->AllReduce(&sent, &need, 1, DataType::kInt64, ReduceOp::kSum));
+  }
+  if (staging_ == nullptr || need > staging_bytes_) {
+    staging_.reset();  // collective: every local rank sees the same need
+    staging_bytes_ = std::max(staging_bytes_, need + need / 4);
+    MOE_ASSIGN_OR_RETURN(staging_, intra_->AllocateSymmetric(header + staging_bytes_));
+    MOE_RETURN_IF_ERROR(publish());
+  }
+  // Where this rank's blocks start in each local peer's staging rows: after the earlier sources'.
+  in1->assign(out1.size(), 0);
+  for (int i = 0; i < P; ++i) {
+    for (int b = 0; b < N; ++b) (*in1)[static_cast<size_t>(i * N + b)] = counts(i)[me * N + b] / elem_bytes;
+  }
+  for (int j = 0; j < P; ++j) {
+    int64_t offset = 0;
+    for (int i = 0; i < me; ++i) {
+      for (int b = 0; b < N; ++b) offset += counts(i)[j * N + b];
+    }
+    char* const rows = static_cast<char*>(staging_->peer(j)) + header;
+    for (int b = 0; b < N; ++b) {
+      const int dest = b * P + j;
+      const int64_t bytes = send_counts[dest] * elem_bytes;
+      MOE_RETURN_IF_ERROR(CopyBytes(MemorySpace::kHost, rows + offset,
+                                    At(send, send_displs[dest] * elem_bytes), bytes));
+      offset += bytes;
+    }
+  }
+  MOE_RETURN_IF_ERROR(staging_->Fence());
+  return static_cast<const void*>(static_cast<const char*>(staging_->local()) + header);
 }
 
 Status HierarchicalAllToAll::AllToAll(const void* send, void* recv, int64_t count, DataType dtype) {
   const int P = ranks_per_node_;
   const int N = nodes_;
   MOE_RETURN_IF_ERROR(ValidateCount("hierarchical alltoall", "count", count));
+  if (direct_intra_) {
+    // The direct stage 1 writes blocks where they go whatever their sizes: the -v form.
+    const std::vector<int64_t> counts(static_cast<size_t>(P * N), count);
+    std::vector<int64_t> displs(counts.size());
+    for (size_t i = 0; i < displs.size(); ++i) displs[i] = static_cast<int64_t>(i) * count;
+    return AllToAllV(send, counts, displs, recv, counts, displs, dtype);
+  }
   MOE_RETURN_IF_ERROR(ValidateBuffer("hierarchical alltoall", "send", send, count * P * N));
   MOE_RETURN_IF_ERROR(ValidateBuffer("hierarchical alltoall", "recv", recv, count * P * N));
   const MemorySpace space = comm_->memory_space();
@@ -93,6 +167,41 @@ Status HierarchicalAllToAll::AllToAll(const void* send, void* recv, int64_t coun
   return inter_->AllToAll(packed, recv, count * P, dtype);
 }
 
+StatusOr<const void*> HierarchicalAllToAll::IntraStage1(const void* send,
+                                                        std::span<const int64_t> send_counts,
+                                                        std::span<const int64_t> send_displs,
+                                                        DataType dtype,
+                                                        const std::vector<int64_t>& out1,
+                                                        std::vector<int64_t>* in1) {
+  const int P = ranks_per_node_, N = nodes_;
+  const MemorySpace space = comm_->memory_space();
+  const int64_t es = DataTypeSize(dtype);
+  MOE_RETURN_IF_ERROR(ExchangeCounts(*intra_, out1, *in1));
+  std::vector<int64_t> send1(static_cast<size_t>(P), 0), recv1(static_cast<size_t>(P), 0);
+  for (int x = 0; x < P; ++x) {
+    for (int b = 0; b < N; ++b) {
+      send1[static_cast<size_t>(x)] += out1[static_cast<size_t>(x * N + b)];
+      recv1[static_cast<size_t>(x)] += (*in1)[static_cast<size_t>(x * N + b)];
+    }
+  }
+  const std::vector<int64_t> send1_displs = PrefixSums(send1);
+  const std::vector<int64_t> recv1_displs = PrefixSums(recv1);
+  MOE_ASSIGN_OR_RETURN(void* const packed, packed_.Get(Sum(send1) * es));
+  MOE_ASSIGN_OR_RETURN(void* const gathered, gathered_.Get(Sum(recv1) * es));
+  int64_t offset = 0;
+  for (int j = 0; j < P; ++j) {
+    for (int b = 0; b < N; ++b) {
+      const int dest = b * P + j;
+      MOE_RETURN_IF_ERROR(CopyBytes(space, At(packed, offset * es),
+                                    At(send, send_displs[dest] * es), send_counts[dest] * es));
+      offset += send_counts[dest];
+    }
+  }
+  MOE_RETURN_IF_ERROR(
+      intra_->AllToAllV(packed, send1, send1_displs, gathered, recv1, recv1_displs, dtype));
+  return static_cast<const void*>(gathered);
+}
+
 Status HierarchicalAllToAll::AllToAllV(const void* send, std::span<const int64_t> send_counts,
                                        std::span<const int64_t> send_displs, void* recv,
                                        std::span<const int64_t> recv_counts,
@@ -113,36 +222,20 @@ Status HierarchicalAllToAll::AllToAllV(const void* send, std::span<const int64_t
   }
   // in1[(i, b)]: elements local rank i sends to (node b, my local index).
   std::vector<int64_t> in1;
-  MOE_RETURN_IF_ERROR(ExchangeCounts(*intra_, out1, in1));
-
-  std::vector<int64_t> send1(static_cast<size_t>(P), 0), recv1(static_cast<size_t>(P), 0);
-  for (int x = 0; x < P; ++x) {
-    for (int b = 0; b < N; ++b) {
-      send1[static_cast<size_t>(x)] += out1[static_cast<size_t>(x * N + b)];
-      recv1[static_cast<size_t>(x)] += in1[static_cast<size_t>(x * N + b)];
-    }
+  const void* gathered = nullptr;
+  if (direct_intra_) {
+    MOE_ASSIGN_OR_RETURN(gathered,
+                         DirectStage1(send, send_counts, send_displs, es, out1, &in1));
+  } else {
+    MOE_ASSIGN_OR_RETURN(gathered,
+                         IntraStage1(send, send_counts, send_displs, dtype, out1, &in1));
   }
-  const std::vector<int64_t> send1_displs = PrefixSums(send1);
-  const std::vector<int64_t> recv1_displs = PrefixSums(recv1);
-  const int64_t staged = Sum(recv1);  // elements held between the stages
-  MOE_ASSIGN_OR_RETURN(void* const packed, packed_.Get(std::max(Sum(send1), staged) * es));
-  MOE_ASSIGN_OR_RETURN(void* const gathered, gathered_.Get(staged * es));
-  int64_t offset = 0;
-  for (int j = 0; j < P; ++j) {
-    for (int b = 0; b < N; ++b) {
-      const int dest = b * P + j;
-      MOE_RETURN_IF_ERROR(CopyBytes(space, At(packed, offset * es),
-                                    At(send, send_displs[dest] * es), send_counts[dest] * es));
-      offset += send_counts[dest];
-    }
-  }
-  MOE_RETURN_IF_ERROR(
-      intra_->AllToAllV(packed, send1, send1_displs, gathered, recv1, recv1_displs, dtype));
 
+  MOE_ASSIGN_OR_RETURN(void* const packed, packed_.Get(Sum(in1) * es));
   // Stage 2: reorder gathered from (i, b) to (b, i); send node b what is for it.
   const std::vector<int64_t> in1_displs = PrefixSums(in1);
   std::vector<int64_t> send2(static_cast<size_t>(N), 0), recv2(static_cast<size_t>(N), 0);
-  offset = 0;
+  int64_t offset = 0;
   for (int b = 0; b < N; ++b) {
     for (int i = 0; i < P; ++i) {
       const auto k = static_cast<size_t>(i * N + b);

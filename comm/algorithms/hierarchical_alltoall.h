@@ -7,6 +7,16 @@
 // inter-node messages of P blocks instead of n-P messages of one block.
 // The result equals the flat AllToAll / AllToAllV byte for byte.
 //
+// Direct writes inside a node (`direct_intra`, where the node's ranks share memory on the host):
+// stage 1 runs over a symmetric buffer of the node (comm/symmetric.h) instead of the node
+// communicator's all-to-all. Each rank publishes its stage-1 counts in its header and fences; then
+// every rank knows where its blocks go in each local peer's staging rows and writes them there
+// straight from `send` (no packing copy, no count exchange); a second fence, and stage 2 reads its
+// staging rows in place. Why two fences per call suffice: a rank rewrites its header or a peer's
+// staging rows of the next call only after that call's first fence, which every local peer
+// signals after it read this call's headers and sent its staging rows on. The buffer grows (by a
+// quarter more than the largest need, collectively) when a call needs more.
+//
 // Buffers live in the parent communicator's memory space; staging buffers are workspaces there
 // (base/memory.h), kept between calls. Deadlines and abort come from the sub-communicators (same
 // options as the parent); a deadline in either stage returns its error and aborts that
@@ -16,8 +26,10 @@
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <vector>
 
 #include "comm/communicator.h"
+#include "comm/symmetric.h"
 #include "base/memory.h"
 #include "base/status.h"
 
@@ -26,11 +38,14 @@ namespace moe::comm {
 class HierarchicalAllToAll {
  public:
   // Collective over `comm` (two Splits). kInvalidArgument unless ranks_per_node >= 1 divides
-  // comm.size(). `comm` must outlive the result.
-  static StatusOr<HierarchicalAllToAll> Create(Communicator& comm, int ranks_per_node);
+  // comm.size(). `comm` must outlive the result. `direct_intra`: stage 1 by direct writes where
+  // the node has more than one rank, all sharing this host's memory (direct_intra() says whether).
+  static StatusOr<HierarchicalAllToAll> Create(Communicator& comm, int ranks_per_node,
+                                               bool direct_intra = true);
 
   int ranks_per_node() const { return ranks_per_node_; }
   int nodes() const { return nodes_; }
+  bool direct_intra() const { return direct_intra_; }
 
   // Same contract as Communicator::AllToAll / AllToAllV on the parent communicator.
   Status AllToAll(const void* send, void* recv, int64_t count, DataType dtype);
@@ -41,6 +56,16 @@ class HierarchicalAllToAll {
 
  private:
   HierarchicalAllToAll() = default;
+  // Stage 1 by direct writes: `out1` (per local peer j, node b: the elements for rank b·P + j)
+  // published, the blocks written from `send` into the peers' staging rows. Returns this rank's
+  // staging rows; `in1` gets what each (local source i, node b) put there.
+  // Stage 1 over the node communicator: counts exchanged, blocks packed, all-to-all-v.
+  StatusOr<const void*> IntraStage1(const void* send, std::span<const int64_t> send_counts,
+                                    std::span<const int64_t> send_displs, DataType dtype,
+                                    const std::vector<int64_t>& out1, std::vector<int64_t>* in1);
+  StatusOr<const void*> DirectStage1(const void* send, std::span<const int64_t> send_counts,
+                                     std::span<const int64_t> send_displs, int64_t elem_bytes,
+                                     const std::vector<int64_t>& out1, std::vector<int64_t>* in1);
 
   Communicator* comm_ = nullptr;
   std::unique_ptr<Communicator> intra_;  // the P ranks of this node, by local index
@@ -48,6 +73,9 @@ class HierarchicalAllToAll {
   int ranks_per_node_ = 1;
   int nodes_ = 1;
   Workspace packed_, gathered_, arrived_;  // staging between the stages
+  bool direct_intra_ = false;
+  std::unique_ptr<SymmetricBuffer> staging_;  // direct_intra_: the node's staging rows
+  int64_t staging_bytes_ = 0;
 };
 
 }  // namespace moe::comm

@@ -19,16 +19,30 @@ StatusOr<double> ReduceScalar(Communicator& comm, double value, ReduceOp op) {
 
 namespace {
 
-// Per-call microseconds of `iters` calls.
-StatusOr<std::vector<double>> TimedCalls(int iters, const std::function<Status()>& call) {
+// Per-call microseconds of `iters` calls, as each call reports them.
+StatusOr<std::vector<double>> CountedCalls(int iters,
+                                           const std::function<StatusOr<double>()>& call) {
   if (iters < 1) return InvalidArgument("iters=" + std::to_string(iters) + " must be >= 1");
   std::vector<double> us(static_cast<size_t>(iters));
   for (double& t : us) {
-    const auto start = std::chrono::steady_clock::now();
-    MOE_RETURN_IF_ERROR(call());
-    t = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start).count();
+    MOE_ASSIGN_OR_RETURN(t, call());
   }
   return us;
+}
+
+// The call, reporting its whole duration in microseconds.
+std::function<StatusOr<double>()> Whole(const std::function<Status()>& call) {
+  return [&call]() -> StatusOr<double> {
+    const auto start = std::chrono::steady_clock::now();
+    MOE_RETURN_IF_ERROR(call());
+    return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start)
+        .count();
+  };
+}
+
+// Per-call microseconds of `iters` calls.
+StatusOr<std::vector<double>> TimedCalls(int iters, const std::function<Status()>& call) {
+  return CountedCalls(iters, Whole(call));
 }
 
 double Mean(const std::vector<double>& v) {
@@ -60,9 +74,14 @@ StatusOr<Timing> TimeCalls(int warmup, int iters, const std::function<Status()>&
 
 StatusOr<Timing> TimeLoop(Communicator& comm, int warmup, int iters,
                           const std::function<Status()>& call) {
-  for (int i = 0; i < warmup; ++i) MOE_RETURN_IF_ERROR(call());
+  return TimeLoopCounted(comm, warmup, iters, Whole(call));
+}
+
+StatusOr<Timing> TimeLoopCounted(Communicator& comm, int warmup, int iters,
+                                 const std::function<StatusOr<double>()>& call) {
+  for (int i = 0; i < warmup; ++i) MOE_RETURN_IF_ERROR(call().status());
   MOE_RETURN_IF_ERROR(comm.Barrier());
-  MOE_ASSIGN_OR_RETURN(std::vector<double> us, TimedCalls(iters, call));
+  MOE_ASSIGN_OR_RETURN(std::vector<double> us, CountedCalls(iters, call));
   // One max-reduction: [this rank's mean, its calls...] -> [slowest mean, each call's slowest].
   std::vector<double> all(us.size() + 1);
   all[0] = Mean(us);

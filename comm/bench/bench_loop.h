@@ -37,6 +37,10 @@ StatusOr<Timing> TimeCalls(int warmup, int iters, const std::function<Status()>&
 // the ranks' times are reduced as Timing says.
 StatusOr<Timing> TimeLoop(Communicator& comm, int warmup, int iters,
                           const std::function<Status()>& call);
+// The same, where each call returns the microseconds of it that count (parts timed alone, e.g.
+// without the setup between them).
+StatusOr<Timing> TimeLoopCounted(Communicator& comm, int warmup, int iters,
+                                 const std::function<StatusOr<double>()>& call);
 
 // The sizes of a sweep: min, min·factor, min·factor², ... while <= max; just {0} when min is 0.
 std::vector<int64_t> SizeSweep(int64_t min_bytes, int64_t max_bytes, int factor);

@@ -76,11 +76,14 @@ struct RowGather {
 
 // Where each plan row's result is, after a combine: row(r) = rows[return_row[r]] when
 // return_row[r] >= 0, self_rows[-1 - return_row[r]] when < 0 (return_row null: rows[r]).
+// `round_bf16`: every value is read rounded to bfloat16 (to nearest even) — the bf16 wire's
+// direct transport reads the experts' rows where they lie and rounds them as it reads.
 struct ReturnedRows {
   const int32_t* return_row = nullptr;
   const float* rows = nullptr;
   const float* self_rows = nullptr;
   int64_t num_rows = 0, num_self_rows = 0;  // the extents of rows and self_rows
+  bool round_bf16 = false;
 };
 
 // y[t] += Σ over i in [token_row_offset[t], token_row_offset[t + 1]) of gate(r) · row(r),

@@ -142,23 +142,29 @@ Status HostDevice::GatherRows(const RowGather& g) {
       continue;
     }
     const float* const src = g.src + from * m;
+    if (g.format == RowFormat::kRoundedBf16) {
+      // One pass: the (scaled) value rounded as it is written.
+      if (g.row_gate != nullptr) {
+        const float gate = row_steps::GatherScale(g, i);
+        for (int64_t k = 0; k < m; ++k) dst[k] = RoundToBf16(gate * src[k]);
+      } else {
+        RoundFloatsToBf16(src, m, dst);
+      }
+      continue;
+    }
     if (g.row_gate != nullptr) {
       const float gate = row_steps::GatherScale(g, i);
       for (int64_t k = 0; k < m; ++k) dst[k] = gate * src[k];
-    } else if (g.format == RowFormat::kFloat32) {
-      // A run of rows consecutive on both sides (a regroup's segment) is one copy.
-      int64_t run = 1;
-      while (i + run < g.rows && GatherSource(g, i + run) == from + run &&
-             GatherDestination(g, i + run) == to + run) {
-        ++run;
-      }
-      std::memcpy(dst, src, row_bytes * static_cast<size_t>(run));
-      i += run - 1;
       continue;
-    } else {
-      std::memcpy(dst, src, row_bytes);
     }
-    if (g.format == RowFormat::kRoundedBf16) RoundFloatsToBf16(dst, m, dst);
+    // A run of rows consecutive on both sides (a regroup's segment) is one copy.
+    int64_t run = 1;
+    while (i + run < g.rows && GatherSource(g, i + run) == from + run &&
+           GatherDestination(g, i + run) == to + run) {
+      ++run;
+    }
+    std::memcpy(dst, src, row_bytes * static_cast<size_t>(run));
+    i += run - 1;
   }
   return Status::Ok();
 }
@@ -171,8 +177,14 @@ Status HostDevice::CombineRows(const RowCombine& c) {
     for (int64_t i = row_steps::TokenRowsBegin(p, t); i < row_steps::TokenRowsEnd(p, t); ++i) {
       const int32_t r = p.token_rows[i];
       const float* src = row_steps::ReturnedRow(c.returned, r, m);
-      if (c.gated) {
-        const float g = p.row_gate[r];
+      const float g = c.gated ? p.row_gate[r] : 1.0f;
+      if (c.returned.round_bf16) {
+        if (c.gated) {
+          for (int64_t k = 0; k < m; ++k) out[k] += g * RoundToBf16(src[k]);
+        } else {
+          for (int64_t k = 0; k < m; ++k) out[k] += RoundToBf16(src[k]);
+        }
+      } else if (c.gated) {
         for (int64_t k = 0; k < m; ++k) out[k] += g * src[k];
       } else {
         for (int64_t k = 0; k < m; ++k) out[k] += src[k];
@@ -188,7 +200,11 @@ Status HostDevice::GateGradients(const GateGradient& g) {
     const float* d = g.dy + g.plan.row_token[r] * m;
     const float* out = row_steps::ReturnedRow(g.returned, r, m);
     double dot = 0.0;
-    for (int64_t c = 0; c < m; ++c) dot += static_cast<double>(d[c]) * out[c];
+    if (g.returned.round_bf16) {
+      for (int64_t c = 0; c < m; ++c) dot += static_cast<double>(d[c]) * RoundToBf16(out[c]);
+    } else {
+      for (int64_t c = 0; c < m; ++c) dot += static_cast<double>(d[c]) * out[c];
+    }
     g.dgate[r] = static_cast<float>(dot);
   }
   return Status::Ok();

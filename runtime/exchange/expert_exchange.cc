@@ -2,13 +2,16 @@
 #include "runtime/exchange/expert_exchange.h"
 
 #include <algorithm>
+#include <limits>
 #include <string>
 #include <utility>
 
+#include "base/bf16.h"
 #include "base/check.h"
 #include "base/clock.h"
 #include "comm/algorithms/hierarchical_alltoall.h"
 #include "runtime/config/limits.h"
+#include "runtime/device/row_steps.h"
 
 namespace moe {
 namespace {
@@ -111,6 +114,7 @@ MatrixView<const float> ExchangeHandle::received(Pass pass) const {
 
 ReturnedRows ExchangeHandle::returned(Pass pass) const {
   const Rows& r = rows(pass);
+  if (r.direct_done) return r.direct_returned;
   return {.return_row = dev_.return_row,
           .rows = r.back_rows,
           .self_rows = r.combine_rows,
@@ -120,9 +124,12 @@ ReturnedRows ExchangeHandle::returned(Pass pass) const {
 
 const float* ExchangeHandle::returned_row(Pass pass, int64_t plan_row) const {
   MOE_CHECK(host_);
-  const ReturnedRows r = returned(pass);
-  const int32_t at = maps_.return_row[static_cast<size_t>(plan_row)];
-  return at >= 0 ? r.rows + at * row_dim_ : r.self_rows + (-1 - at) * row_dim_;
+  return row_steps::ReturnedRow(returned(pass), plan_row, row_dim_);
+}
+
+float ExchangeHandle::returned_value(Pass pass, int64_t plan_row, int64_t col) const {
+  const float v = returned_row(pass, plan_row)[col];
+  return returned(pass).round_bf16 ? RoundToBf16(v) : v;
 }
 
 ExpertExchange::ExpertExchange(Device* device, comm::Communicator* ep, int num_experts,
@@ -164,9 +171,15 @@ Status ExpertExchange::EnableHierarchical() {
     return Status::Ok();
   }
   MOE_ASSIGN_OR_RETURN(comm::HierarchicalAllToAll h,
-                       comm::HierarchicalAllToAll::Create(*ep_, options_.ranks_per_node));
+                       comm::HierarchicalAllToAll::Create(
+                           *ep_, options_.ranks_per_node,
+                           /*direct_intra=*/options_.transport != ExchangeTransport::kAllToAll));
   hierarchical_ = std::make_unique<comm::HierarchicalAllToAll>(std::move(h));
   return Status::Ok();
+}
+
+bool ExpertExchange::intra_node_direct() const {
+  return hierarchical_ != nullptr && hierarchical_->direct_intra();
 }
 
 Status ExpertExchange::ExchangeCounts(const std::vector<int64_t>& send,
@@ -252,7 +265,9 @@ Status ExpertExchange::Layout(const DispatchPlan& plan, ExchangeHandle* handle) 
                          MakeExchangeLayout(padded_shape, send, padded_recv()));
   }
   // The index maps of the layout, where the device's row operations read them.
-  handle->maps_ = MakeExchangeMaps(handle->layout_, options_.bf16_wire);
+  // The direct transport reads every row rounded where it lies (the self rows too): its maps
+  // point at the self rows as the fp32 wire's do.
+  handle->maps_ = MakeExchangeMaps(handle->layout_, options_.bf16_wire && !direct_);
   const ExchangeMaps& maps = handle->maps_;
   ExchangeHandle::DeviceMaps& dev = handle->dev_;
   DeviceArrays& arrays = handle->maps_staging_;
@@ -338,7 +353,13 @@ Status ExpertExchange::BeginDispatch(const DispatchPlan& plan, MatrixView<const 
     // self pieces are gathered now, into this rank's receive rows.
     rows.x = x.data();
     rows.x_rows = x.rows();
-    rows.recv_rows = DirectRows(ep_->rank(), pass, /*receive=*/true);
+    if (pass == Pass::kForward) {
+      handle->direct_call_ = ++direct_calls_;
+    } else {
+      MOE_RETURN_IF_ERROR(DirectCurrent(*handle));
+    }
+    rows.recv_rows = DirectRows(ep_->rank(), pass, Region::kReceive);
+    rows.direct_done = false;
     return gather_self();
   }
   // Where the gather writes: float rows for this rank itself (a one-rank engine's send rows, or
@@ -573,6 +594,10 @@ Status ExpertExchange::FinishCombine(ExchangeHandle* handle, Pass pass, bool gat
                            std::to_string(y.cols()) + ", the plan needs " +
                            std::to_string(plan.num_tokens) + " x " + std::to_string(m_));
   }
+  if (direct_) {
+    MOE_RETURN_IF_ERROR(DirectCurrent(*handle));
+    DirectReturned(handle, pass);
+  }
   // Stream-ordered requests: the stream waited for each; their statuses (deadlines) now.
   for (int j = 0; j < handle->chunks(); ++j) {
     for (const bool dispatch : {true, false}) {
@@ -591,6 +616,7 @@ Status ExpertExchange::FinishCombine(ExchangeHandle* handle, Pass pass, bool gat
 
 Status ExpertExchange::GateGradients(const ExchangeHandle& handle, MatrixView<const float> dy,
                                      float* dgate) const {
+  if (direct_) MOE_RETURN_IF_ERROR(DirectCurrent(handle));
   return device_->GateGradients({.cols = m_,
                                  .plan = handle.plan_rows_,
                                  .returned = handle.returned(Pass::kForward),
@@ -602,67 +628,152 @@ Status ExpertExchange::GateGradients(const ExchangeHandle& handle, MatrixView<co
 
 namespace {
 
-// The displacements a rank publishes at the start of its symmetric buffer: per chunk, its
-// receive displacements (W) then its send displacements (W).
+// The header a rank publishes at the start of its symmetric buffer, in int64 words: the padding
+// before its rows, per pass its read-in-place flag, the receive and send rows its layout needs,
+// then per chunk its receive displacements (W) and its send displacements (W).
+constexpr int kPadWord = 0, kInPlaceWord = 1, kNeedWord = 3, kDisplsWord = 5;
 int64_t DirectMetaBytes(int ranks) {
-  return (2 * limits::kMaxPipelineDegree * ranks * static_cast<int64_t>(sizeof(int64_t)) + 63) /
-         64 * 64;
+  return ((kDisplsWord + 2 * limits::kMaxPipelineDegree * ranks) *
+              static_cast<int64_t>(sizeof(int64_t)) + 63) / 64 * 64;
+}
+const int64_t* Published(const comm::SymmetricBuffer& sym, int rank) {
+  return static_cast<const int64_t*>(sym.peer(rank));
 }
 
 }  // namespace
 
-float* ExpertExchange::DirectRows(int rank, Pass pass, bool receive) const {
+int64_t ExpertExchange::DirectRowIndex(int rank, Pass pass, Region region) const {
+  // Per pass: receive rows, returned rows (send layout), output rows.
+  int64_t row = direct_first_row_[static_cast<size_t>(rank)];
+  if (pass == Pass::kBackward) row += 2 * sym_recv_rows_ + sym_send_rows_;
+  if (region != Region::kReceive) row += sym_recv_rows_;
+  if (region == Region::kOutput) row += sym_send_rows_;
+  return row;
+}
+
+int64_t ExpertExchange::DirectRowsExtent() const {
+  int64_t end = 0;
+  for (int p = 0; p < w_; ++p) {
+    end = std::max(end, DirectRowIndex(p, Pass::kBackward, Region::kOutput) + sym_recv_rows_);
+  }
+  return end;
+}
+
+float* ExpertExchange::DirectRows(int rank, Pass pass, Region region) const {
+  const int64_t at = DirectRowIndex(rank, pass, region) - direct_first_row_[static_cast<size_t>(rank)];
+  return reinterpret_cast<float*>(static_cast<char*>(sym_->peer(rank)) + DirectMetaBytes(w_) +
+                                  direct_pad_[static_cast<size_t>(rank)]) +
+         at * m_;
+}
+
+int64_t* ExpertExchange::DirectReadInPlace(int rank, Pass pass) const {
+  return static_cast<int64_t*>(sym_->peer(rank)) + kInPlaceWord + (pass == Pass::kBackward ? 1 : 0);
+}
+
+float* ExpertExchange::OutputRows(Pass pass) const {
+  if (!direct_ || !in_place_ || sym_ == nullptr) return nullptr;
+  return DirectRows(ep_->rank(), pass, Region::kOutput);
+}
+
+Status ExpertExchange::DirectPublish(const ExchangeLayout& layout) {
+  int64_t* const mine = static_cast<int64_t*>(sym_->local());
+  mine[kNeedWord] = layout.recv_rows;
+  mine[kNeedWord + 1] = layout.send_rows;
+  for (size_t j = 0; j < layout.chunks.size(); ++j) {
+    const ExchangeChunk& c = layout.chunks[j];
+    int64_t* const displs = mine + kDisplsWord + 2 * static_cast<int64_t>(j) * w_;
+    std::copy(c.recv_displs.begin(), c.recv_displs.end(), displs);
+    std::copy(c.send_displs.begin(), c.send_displs.end(), displs + w_);
+  }
+  return sym_->Fence();
+}
+
+Status ExpertExchange::GrowDirectBuffer(int64_t recv_rows, int64_t send_rows) {
   const int64_t row_bytes = m_ * static_cast<int64_t>(sizeof(float));
-  const int64_t per_pass = (sym_recv_rows_ + sym_send_rows_) * row_bytes;
-  char* base = static_cast<char*>(sym_->peer(rank)) + DirectMetaBytes(w_);
-  if (pass == Pass::kBackward) base += per_pass;
-  if (!receive) base += sym_recv_rows_ * row_bytes;
-  return reinterpret_cast<float*>(base);
+  sym_.reset();  // collective: every rank sees the same maxima
+  sym_recv_rows_ = std::max(sym_recv_rows_, recv_rows + recv_rows / 4);
+  sym_send_rows_ = std::max(sym_send_rows_, send_rows + send_rows / 4);
+  // Up to a row of padding, then per pass the three regions (DirectRowIndex).
+  const int64_t bytes = DirectMetaBytes(w_) + row_bytes +
+                        2 * (2 * sym_recv_rows_ + sym_send_rows_) * row_bytes;
+  MOE_ASSIGN_OR_RETURN(sym_, ep_->AllocateSymmetric(bytes));
+  // This rank's rows start a whole number of rows after the lowest buffer of the group; every
+  // rank's padding as it published it is what its writers use. Whether this rank sees every
+  // rank's rows whole rows from the lowest buffer, as that rank does (one mapping of the group's
+  // memory), and whether every rank does: then output rows can be read where they lie.
+  const char* lowest = static_cast<const char*>(sym_->peer(0));
+  for (int p = 1; p < w_; ++p) lowest = std::min(lowest, static_cast<const char*>(sym_->peer(p)));
+  direct_base_ = lowest;
+  const auto offset = [&](int p) {
+    return static_cast<const char*>(sym_->peer(p)) - lowest + DirectMetaBytes(w_);
+  };
+  static_cast<int64_t*>(sym_->local())[kPadWord] =
+      (row_bytes - offset(ep_->rank()) % row_bytes) % row_bytes;
+  MOE_RETURN_IF_ERROR(sym_->Fence());
+  direct_pad_.assign(static_cast<size_t>(w_), 0);
+  direct_first_row_.assign(static_cast<size_t>(w_), 0);
+  int64_t aligned = 1;
+  for (int p = 0; p < w_; ++p) {
+    const int64_t pad = Published(*sym_, p)[kPadWord];
+    direct_pad_[static_cast<size_t>(p)] = pad;
+    if ((offset(p) + pad) % row_bytes != 0) aligned = 0;
+    direct_first_row_[static_cast<size_t>(p)] = (offset(p) + pad) / row_bytes;
+  }
+  if (DirectRowsExtent() > std::numeric_limits<int32_t>::max()) aligned = 0;
+  MOE_RETURN_IF_ERROR(
+      ep_->AllReduce(&aligned, &aligned, 1, comm::DataType::kInt64, comm::ReduceOp::kMin));
+  in_place_ = aligned == 1;
+  return Status::Ok();
 }
 
 Status ExpertExchange::DirectLayout(ExchangeHandle* handle) {
   const ExchangeLayout& layout = handle->layout_;
-  // One size on every rank: the largest receive and send layouts of this call, with room to grow
-  // (dropless layouts change every call) — a smaller call reuses the buffer.
-  int64_t need[2] = {layout.recv_rows, layout.send_rows};
-  MOE_RETURN_IF_ERROR(ep_->AllReduce(need, need, 2, comm::DataType::kInt64, comm::ReduceOp::kMax));
-  if (sym_ == nullptr || need[0] > sym_recv_rows_ || need[1] > sym_send_rows_) {
-    sym_.reset();  // collective: every rank sees the same maxima
-    sym_recv_rows_ = std::max(sym_recv_rows_, need[0] + need[0] / 4);
-    sym_send_rows_ = std::max(sym_send_rows_, need[1] + need[1] / 4);
-    const int64_t bytes = DirectMetaBytes(w_) + 2 * (sym_recv_rows_ + sym_send_rows_) * m_ *
-                                                    static_cast<int64_t>(sizeof(float));
-    MOE_ASSIGN_OR_RETURN(sym_, ep_->AllocateSymmetric(bytes));
-  }
-  // Publish where this rank receives and sends each chunk's rows; read where the peers do.
   const int chunks = static_cast<int>(layout.chunks.size());
-  auto* mine = static_cast<int64_t*>(sym_->local());
-  for (int j = 0; j < chunks; ++j) {
-    const ExchangeChunk& c = layout.chunks[static_cast<size_t>(j)];
+  const int me = ep_->rank();
+  // One size on every rank, from the largest receive and send layouts of this call: the first
+  // call all-reduces them, later calls read them in the headers the ranks publish with their
+  // displacements (the fence they need anyway). A buffer too small for them is replaced, with
+  // room to grow (dropless layouts change every call): every rank sees the same maxima, so every
+  // rank replaces it, and publishes again into the new one.
+  int64_t need[2] = {layout.recv_rows, layout.send_rows};
+  if (sym_ == nullptr) {
+    MOE_RETURN_IF_ERROR(
+        ep_->AllReduce(need, need, 2, comm::DataType::kInt64, comm::ReduceOp::kMax));
+  } else {
+    MOE_RETURN_IF_ERROR(DirectPublish(layout));
     for (int p = 0; p < w_; ++p) {
-      mine[(2 * j) * w_ + p] = c.recv_displs[static_cast<size_t>(p)];
-      mine[(2 * j + 1) * w_ + p] = c.send_displs[static_cast<size_t>(p)];
+      need[0] = std::max(need[0], Published(*sym_, p)[kNeedWord]);
+      need[1] = std::max(need[1], Published(*sym_, p)[kNeedWord + 1]);
     }
   }
-  MOE_RETURN_IF_ERROR(sym_->Fence());
+  if (sym_ == nullptr || need[0] > sym_recv_rows_ || need[1] > sym_send_rows_) {
+    MOE_RETURN_IF_ERROR(GrowDirectBuffer(need[0], need[1]));
+    MOE_RETURN_IF_ERROR(DirectPublish(layout));
+  }
   ExchangeHandle::Direct& d = handle->direct_;
-  const int me = ep_->rank();
   d.peer_recv_at.assign(static_cast<size_t>(chunks * w_), 0);
   d.peer_send_at.assign(static_cast<size_t>(chunks * w_), 0);
   for (int p = 0; p < w_; ++p) {
-    const auto* theirs = static_cast<const int64_t*>(sym_->peer(p));
+    const int64_t* theirs = Published(*sym_, p) + kDisplsWord;
     for (int j = 0; j < chunks; ++j) {
       d.peer_recv_at[static_cast<size_t>(j * w_ + p)] = theirs[(2 * j) * w_ + me];
       d.peer_send_at[static_cast<size_t>(j * w_ + p)] = theirs[(2 * j + 1) * w_ + me];
     }
   }
-  // Each travelling row's destination row, and the runs of rows with one (chunk, destination).
+  // Each send row's destination rank and receive row; the gathers' destinations, and the runs of
+  // rows with one (chunk, destination).
+  d.send_peer.assign(static_cast<size_t>(layout.send_rows), -1);
+  d.send_peer_row.assign(static_cast<size_t>(layout.send_rows), -1);
   std::vector<int32_t> owner(static_cast<size_t>(layout.send_rows), -1);
   for (int j = 0; j < chunks; ++j) {
     const ExchangeChunk& c = layout.chunks[static_cast<size_t>(j)];
     for (int p = 0; p < w_; ++p) {
+      const int64_t first = c.send_displs[static_cast<size_t>(p)],
+                    at = d.peer_recv_at[static_cast<size_t>(j * w_ + p)];
       for (int64_t r = 0; r < c.send_counts[static_cast<size_t>(p)]; ++r) {
-        owner[static_cast<size_t>(c.send_displs[static_cast<size_t>(p)] + r)] = j * w_ + p;
+        owner[static_cast<size_t>(first + r)] = j * w_ + p;
+        d.send_peer[static_cast<size_t>(first + r)] = p;
+        d.send_peer_row[static_cast<size_t>(first + r)] = static_cast<int32_t>(at + r);
       }
     }
   }
@@ -671,10 +782,8 @@ Status ExpertExchange::DirectLayout(ExchangeHandle* handle) {
   d.runs.clear();
   for (size_t i = 0; i < send_dst.size(); ++i) {
     const int32_t o = owner[static_cast<size_t>(send_dst[i])];
+    d.dst[i] = d.send_peer_row[static_cast<size_t>(send_dst[i])];
     const int j = o / w_, p = o % w_;
-    const ExchangeChunk& c = layout.chunks[static_cast<size_t>(j)];
-    d.dst[i] = static_cast<int32_t>(d.peer_recv_at[static_cast<size_t>(o)] + send_dst[i] -
-                                    c.send_displs[static_cast<size_t>(p)]);
     const int64_t at = static_cast<int64_t>(i);
     if (d.runs.empty() || d.runs.back().chunk != j || d.runs.back().peer != p) {
       d.runs.push_back({.chunk = j, .peer = p, .begin = at, .end = at + 1});
@@ -685,7 +794,17 @@ Status ExpertExchange::DirectLayout(ExchangeHandle* handle) {
   return Status::Ok();
 }
 
+Status ExpertExchange::DirectCurrent(const ExchangeHandle& handle) const {
+  if (handle.direct_call_ == direct_calls_) return Status::Ok();
+  return FailedPrecondition(
+      "ExpertExchange: this handle's rows were taken over by a later forward Dispatch (call " +
+      std::to_string(direct_calls_) + ", the handle's " + std::to_string(handle.direct_call_) +
+      "): on the direct transport the rows live in the engine's symmetric buffer, one call in "
+      "flight per engine");
+}
+
 Status ExpertExchange::DirectDispatch(ExchangeHandle* handle, Pass pass, int chunk) {
+  MOE_RETURN_IF_ERROR(DirectCurrent(*handle));
   ExchangeHandle::Requests::Slot& slot = handle->requests_->at(pass, chunk, /*dispatch=*/true);
   slot.record = RecordCall(*handle, pass, chunk, /*dispatch=*/true);
   const ExchangeHandle::Rows& rows = handle->rows(pass);
@@ -702,7 +821,7 @@ Status ExpertExchange::DirectDispatch(ExchangeHandle* handle, Pass pass, int chu
            .row_token = pr.row_token,
            .row_gate = pass == Pass::kBackward ? pr.row_gate : nullptr,
            .src = rows.x,
-           .dst = DirectRows(run.peer, pass, /*receive=*/true),
+           .dst = DirectRows(run.peer, pass, Region::kReceive),
            .format = format,
            .src_rows = rows.x_rows,
            .dst_rows = sym_recv_rows_}));
@@ -715,19 +834,21 @@ Status ExpertExchange::DirectCombine(ExchangeHandle* handle, Pass pass, int chun
                                      MatrixView<const float> rows) {
   const ExchangeLayout& layout = handle->layout_;
   const ExchangeChunk& c = layout.chunks[static_cast<size_t>(chunk)];
-  ExchangeHandle::Rows& r = handle->rows(pass);
-  float* const back = DirectRows(ep_->rank(), pass, /*receive=*/false);
-  r.back_rows = back;
+  MOE_RETURN_IF_ERROR(DirectCurrent(*handle));
   ExchangeHandle::Requests::Slot& slot = handle->requests_->at(pass, chunk, /*dispatch=*/false);
   slot.record = RecordCall(*handle, pass, chunk, /*dispatch=*/false);
+  // Rows in this rank's output rows stay there for the origins to read (the flag is published by
+  // the chunk's fence); any others are written into the origins' returned rows.
+  const bool in_place = rows.data() == OutputRows(pass);
+  *DirectReadInPlace(ep_->rank(), pass) = in_place ? 1 : 0;
+  if (in_place) return Status::Ok();
   return stats_.Timed(slot.record, [&]() -> Status {
-    // Every returned row is read rounded from the returned rows: this rank's own here.
-    if (options_.bf16_wire) MOE_RETURN_IF_ERROR(RoundSelfRows(*handle, chunk, rows, back));
-    // Source s's rows of this chunk are one run in both layouts: straight into its returned rows.
+    // Source s's rows of this chunk are one run in both layouts: straight into its returned rows
+    // (rounded on the bf16 wire, as the origin would read them).
     for (int s = 0; s < w_; ++s) {
       const int64_t n = c.recv_counts[static_cast<size_t>(s)];
       if (s == layout.shape.self || n == 0) continue;
-      float* to = DirectRows(s, pass, /*receive=*/false) +
+      float* to = DirectRows(s, pass, Region::kReturned) +
                   handle->direct_.peer_send_at[static_cast<size_t>(chunk * w_ + s)] * m_;
       const float* from = rows.row(c.recv_displs[static_cast<size_t>(s)]);
       if (options_.bf16_wire) {
@@ -738,6 +859,39 @@ Status ExpertExchange::DirectCombine(ExchangeHandle* handle, Pass pass, int chun
     }
     return Status::Ok();
   });
+}
+
+void ExpertExchange::DirectReturned(ExchangeHandle* handle, Pass pass) const {
+  ExchangeHandle::Rows& r = handle->rows(pass);
+  const ExchangeHandle::Direct& d = handle->direct_;
+  const std::vector<int32_t>& at = handle->maps_.return_row;
+  const int me = ep_->rank();
+  // Per rank: where its rows of this pass are for this rank to read, counted from direct_base_.
+  std::vector<int64_t> first(static_cast<size_t>(w_));
+  for (int p = 0; p < w_; ++p) {
+    first[static_cast<size_t>(p)] = *DirectReadInPlace(p, pass) != 0
+                                        ? DirectRowIndex(p, pass, Region::kOutput)
+                                        : -1;
+  }
+  const int64_t returned = DirectRowIndex(me, pass, Region::kReturned);
+  r.direct_return_row.resize(at.size());
+  for (size_t i = 0; i < at.size(); ++i) {
+    const int32_t s = at[i];
+    if (s < 0) {  // a self row: where this rank's experts wrote it
+      r.direct_return_row[i] = s;
+      continue;
+    }
+    const int64_t peer_first = first[static_cast<size_t>(d.send_peer[static_cast<size_t>(s)])];
+    r.direct_return_row[i] = static_cast<int32_t>(
+        peer_first >= 0 ? peer_first + d.send_peer_row[static_cast<size_t>(s)] : returned + s);
+  }
+  r.direct_returned = {.return_row = r.direct_return_row.data(),
+                       .rows = reinterpret_cast<const float*>(direct_base_),
+                       .self_rows = r.combine_rows,
+                       .num_rows = DirectRowsExtent(),
+                       .num_self_rows = handle->layout_.recv_rows,
+                       .round_bf16 = options_.bf16_wire};
+  r.direct_done = true;
 }
 
 Status ExpertExchange::DirectFence(ExchangeHandle* handle, Pass pass, int chunk, bool dispatch) {

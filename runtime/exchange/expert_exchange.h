@@ -156,7 +156,8 @@ enum class Pass { kForward, kBackward };
 // One layer call's exchange: the plan it follows, its layout and index maps, and per pass the
 // buffers (device memory) and the requests in flight. Made by ExpertExchange::BeginDispatch of the
 // forward; the backward reuses the layout. A handle must not outlive the plan or the engine that
-// filled it.
+// filled it. On the direct transport its rows live in the engine's symmetric buffer: one call in
+// flight per engine, the handle's rows valid until the engine's next forward BeginDispatch.
 class ExchangeHandle {
  public:
   ExchangeHandle();
@@ -181,8 +182,10 @@ class ExchangeHandle {
   // backward, before its gate), device memory: valid after the pass's combine, until the next
   // Begin of that pass.
   ReturnedRows returned(Pass pass) const;
-  // The same for one row, on the host device only.
+  // The same for one row, on the host device only: where it is stored, and its value `col` as
+  // the combine reads it (rounded when returned(pass).round_bf16).
   const float* returned_row(Pass pass, int64_t plan_row) const;
+  float returned_value(Pass pass, int64_t plan_row, int64_t col) const;
 
  private:
   friend class ExpertExchange;
@@ -194,9 +197,15 @@ class ExchangeHandle {
     const float* recv_rows = nullptr;  // recv, or send for a one-rank engine
     const float* back_rows = nullptr;  // back, or the caller's rows for a one-rank engine
     const float* combine_rows = nullptr;  // the caller's rows of the last combine (self rows)
-    // The direct transport: the pass's x and gates, read by each chunk's StartDispatch.
+    // The direct transport: the pass's x and gates, read by each chunk's StartDispatch; after
+    // its FinishCombine, where each plan row's result is (ReturnedRows over the whole symmetric
+    // buffer: a peer's output rows where the peer left them for this rank to read, or the rows
+    // it wrote into this rank's returned rows), read rounded on the bf16 wire.
     const float* x = nullptr;
     int64_t x_rows = 0;
+    std::vector<int32_t> direct_return_row;
+    ReturnedRows direct_returned;
+    bool direct_done = false;
   };
   // The direct transport's addressing: where this rank's rows go in each peer's buffers.
   struct Direct {
@@ -205,6 +214,8 @@ class ExchangeHandle {
     std::vector<int64_t> peer_recv_at, peer_send_at;
     // Per entry of ExchangeMaps::send_dst: the destination's receive row.
     std::vector<int32_t> dst;
+    // Per send row: its destination rank and that rank's receive row.
+    std::vector<int32_t> send_peer, send_peer_row;
     struct Run {
       int chunk = 0, peer = 0;
       int64_t begin = 0, end = 0;  // entries [begin, end) of the send maps
@@ -233,6 +244,7 @@ class ExchangeHandle {
   DeviceArrays maps_staging_;
   Rows forward_, backward_;
   Direct direct_;
+  uint64_t direct_call_ = 0;  // the engine's forward call that filled it (direct transport)
   std::unique_ptr<Requests> requests_;
 };
 
@@ -258,6 +270,17 @@ class ExpertExchange {
   ExchangeTransport transport() const {
     return direct_ ? ExchangeTransport::kDirect : ExchangeTransport::kAllToAll;
   }
+
+  // Where the caller may write the rows it will combine for `pass` (the receive layout,
+  // handle.received(pass).rows() x row_dim), after that pass's BeginDispatch: on the direct
+  // transport, this rank's output rows in the symmetric buffer — the origins read them where they
+  // lie, nothing is copied (rows combined from any other buffer are written into the origins'
+  // returned rows). Null when the transport offers none (then any buffer works).
+  float* OutputRows(Pass pass) const;
+
+  // The two-stage exchange (after EnableHierarchical) moves rows inside a node by direct writes
+  // (comm/algorithms/hierarchical_alltoall.h).
+  bool intra_node_direct() const;
 
   // Blocking: BeginDispatch, then every chunk started and waited for. x and the rows below live
   // in the device's memory.
@@ -313,11 +336,30 @@ class ExpertExchange {
   // The direct transport: sizes the symmetric buffer for this layout (collective), publishes this
   // rank's displacements and reads the peers' (one fence), and makes the handle's Direct.
   Status DirectLayout(ExchangeHandle* handle);
-  // Rank r's receive rows / returned rows (send layout) of `pass` in the symmetric buffer.
-  float* DirectRows(int rank, Pass pass, bool receive) const;
+  // Writes this layout's needs and displacements into this rank's header, then fences.
+  Status DirectPublish(const ExchangeLayout& layout);
+  // Replaces the symmetric buffer by one for these rows (collective), and works out where every
+  // rank's rows are (direct_pad_, direct_first_row_, in_place_).
+  Status GrowDirectBuffer(int64_t recv_rows, int64_t send_rows);
+  // Rank r's rows of `pass` in the symmetric buffer: its receive rows (written by the peers'
+  // dispatch), its returned rows (send layout; written by the peers' combine when they copy) and
+  // its output rows (OutputRows; read in place by the peers' FinishCombine).
+  enum class Region { kReceive, kReturned, kOutput };
+  float* DirectRows(int rank, Pass pass, Region region) const;
+  // The row of DirectRows(rank, pass, region) counted from direct_base_.
+  int64_t DirectRowIndex(int rank, Pass pass, Region region) const;
+  // Rows from direct_base_ to the end of the group's last rows.
+  int64_t DirectRowsExtent() const;
+  // Rank r's flag word of `pass` in its published header: 1 when its last combine of the pass
+  // left its rows in its output rows for the origins to read.
+  int64_t* DirectReadInPlace(int rank, Pass pass) const;
+  // After the pass's last fence: where each plan row's result is (ExchangeHandle::Rows).
+  void DirectReturned(ExchangeHandle* handle, Pass pass) const;
   Status DirectDispatch(ExchangeHandle* handle, Pass pass, int chunk);
   Status DirectCombine(ExchangeHandle* handle, Pass pass, int chunk, MatrixView<const float> rows);
   Status DirectFence(ExchangeHandle* handle, Pass pass, int chunk, bool dispatch);
+  // kFailedPrecondition when a later forward of this engine took over the handle's rows.
+  Status DirectCurrent(const ExchangeHandle& handle) const;
 
   Device* device_;
   comm::Communicator* ep_;
@@ -335,6 +377,14 @@ class ExpertExchange {
   std::string direct_refusal_;
   std::unique_ptr<comm::SymmetricBuffer> sym_;
   int64_t sym_recv_rows_ = 0, sym_send_rows_ = 0;
+  // Every rank's rows start a whole number of rows after direct_base_ (the lowest buffer of the
+  // group): rank r's first row is direct_first_row_[r], its padding before it direct_pad_[r]
+  // bytes. in_place_: every rank sees that layout alike (the rows of one rank addressable by row
+  // index from another), so output rows can be read where they lie.
+  const char* direct_base_ = nullptr;
+  std::vector<int64_t> direct_pad_, direct_first_row_;
+  bool in_place_ = false;
+  uint64_t direct_calls_ = 0;  // forward calls so far
 };
 
 }  // namespace moe

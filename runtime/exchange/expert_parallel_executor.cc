@@ -49,17 +49,28 @@ Status ExpertParallelExecutor::Run(const DispatchPlan& plan, const PlanRows* pla
   const int64_t bytes = layout.recv_rows * m * static_cast<int64_t>(sizeof(float));
   PassRows& rows = rows_[pass == Pass::kForward ? 0 : 1];
   const bool regroup = !layout.recv_is_expert_major;
-  MOE_ASSIGN_OR_RETURN(void* results_buf, rows.results.Get(bytes));
-  float* const results = static_cast<float*>(results_buf);
-  float* expert_in = nullptr;
   // The experts' outputs go back from one buffer in the receive layout: the results themselves
-  // when no regroup is needed, else a buffer they are gathered into.
-  float* combine_rows = results;
+  // when no regroup is needed, else a buffer they are gathered into — the exchange's output rows
+  // where it offers them (the direct transport: the origins read them there, nothing is copied).
+  float* const shared = exchange_.OutputRows(pass);
+  float* results = nullptr;
+  float* expert_in = nullptr;
+  float* combine_rows = shared;
   if (regroup) {
     MOE_ASSIGN_OR_RETURN(void* e, rows.expert_in.Get(bytes));
-    MOE_ASSIGN_OR_RETURN(void* c, rows.combine_rows.Get(bytes));
+    MOE_ASSIGN_OR_RETURN(void* r, rows.results.Get(bytes));
     expert_in = static_cast<float*>(e);
-    combine_rows = static_cast<float*>(c);
+    results = static_cast<float*>(r);
+    if (combine_rows == nullptr) {
+      MOE_ASSIGN_OR_RETURN(void* c, rows.combine_rows.Get(bytes));
+      combine_rows = static_cast<float*>(c);
+    }
+  } else {
+    if (combine_rows == nullptr) {
+      MOE_ASSIGN_OR_RETURN(void* r, rows.results.Get(bytes));
+      combine_rows = static_cast<float*>(r);
+    }
+    results = combine_rows;
   }
   // Everything the chunks' experts take from the device's memory, taken now: nothing allocates
   // once the first exchange is in flight.

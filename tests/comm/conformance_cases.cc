@@ -448,10 +448,17 @@ void RepeatedMixedCalls(Communicator& comm) {
 void HierarchicalEqualsFlat(Communicator& comm) {
   const int n = comm.size();
   for (int per_node = 1; per_node <= n; ++per_node) {
-    if (n % per_node != 0) continue;
-    auto hier = HierarchicalAllToAll::Create(comm, per_node);
+   if (n % per_node != 0) continue;
+   // Stage 1 over the node communicator, and by direct writes where the node's ranks share the
+   // host's memory (then the calls below also grow its staging buffer: 0, 3, varied, skewed).
+   for (const bool direct : {false, true}) {
+    auto hier = HierarchicalAllToAll::Create(comm, per_node, direct);
     ASSERT_TRUE(hier.ok()) << Where(comm, hier.status().ToString());
-    const std::string tag = "ranks_per_node=" + std::to_string(per_node);
+    const bool can_direct = per_node > 1 && comm.memory_space() == MemorySpace::kHost &&
+                            comm.local_size() == comm.size();
+    EXPECT_EQ(hier->direct_intra(), direct && can_direct) << Where(comm, "direct_intra");
+    const std::string tag = "ranks_per_node=" + std::to_string(per_node) +
+                            (hier->direct_intra() ? " direct" : "");
     for (const DataType dtype : {DataType::kUint8, DataType::kFloat64}) {
       // Equal counts.
       for (const int64_t count : {0, 3}) {
@@ -490,6 +497,7 @@ void HierarchicalEqualsFlat(Communicator& comm) {
         EXPECT_EQ(CompareBytes(flat.expected, flat_bytes), "") << Where(comm, tag + " flat");
       }
     }
+   }
   }
 }
 

@@ -152,8 +152,17 @@ TEST_P(ExpertExchangeTest, DispatchDeliversEveryRowAndCombineSumsTheCallersResul
         }
       }
       check(covered == got.rows(), "segments do not cover the received rows");
+      // The direct transport's output rows, read in place by the origins: used by every other
+      // rank (the others' rows are copied), so both ways meet in one combine.
+      MatrixView<const float> results = out.view();
+      if (direct && scaled != (p % 2 == 1)) {
+        float* const shared = exchange.OutputRows(Pass::kForward);
+        if (!check(shared != nullptr, "the direct transport offers output rows")) return;
+        std::copy(out.data(), out.data() + out.size(), shared);
+        results = MatrixView<const float>(shared, out.rows(), kModel);
+      }
       Tensor y(plan.num_tokens, kModel);
-      st = exchange.Combine(&h, Pass::kForward, out.view(), /*gated=*/true, y.view());
+      st = exchange.Combine(&h, Pass::kForward, results, /*gated=*/true, y.view());
       if (!check(st.ok(), "Combine: " + st.ToString())) return;
       for (int64_t t = 0; t < plan.num_tokens; ++t) {
         for (int64_t k = 0; k < kModel; ++k) {
@@ -163,7 +172,7 @@ TEST_P(ExpertExchangeTest, DispatchDeliversEveryRowAndCombineSumsTheCallersResul
             const float v = wire(scaled ? static_cast<float>(plan.row_expert[r] + 1) * wire(x(t, k))
                                         : wire(x(t, k)));
             want += plan.row_gate[r] * v;
-            check(h.returned_row(Pass::kForward, r)[k] == v, "returned row");
+            check(h.returned_value(Pass::kForward, r, k) == v, "returned row");
           }
           check(y(t, k) == want, "y[" + std::to_string(t) + "][" + std::to_string(k) + "]");
         }
@@ -190,7 +199,7 @@ TEST_P(ExpertExchangeTest, DispatchDeliversEveryRowAndCombineSumsTheCallersResul
       for (int64_t r = 0; r < plan.num_rows(); ++r) {
         const float xr = wire(x(plan.row_token[r], 0));
         const float v = wire(scaled ? static_cast<float>(plan.row_expert[r] + 1) * xr : xr);
-        check(h.returned_row(Pass::kForward, r)[0] == v, "forward row after the backward");
+        check(h.returned_value(Pass::kForward, r, 0) == v, "forward row after the backward");
       }
     }
     }
@@ -351,6 +360,33 @@ TEST(ExpertExchange, DirectTransportChosenWhereRanksShareMemoryAndRefusedElsewhe
   HostDevice device;
   EXPECT_EQ(ExpertExchange(&device, nullptr, 4, kModel, {}).transport(),
             ExchangeTransport::kAllToAll);
+}
+
+// On the direct transport a handle's rows live in the engine's buffer: a second forward takes
+// them over, and the first handle refuses to go on (instead of reading the second call's rows).
+TEST(ExpertExchange, DirectHandleTakenOverByALaterForwardIsRefused) {
+  auto world = comm::LoopbackWorld::Create(2, {});
+  ASSERT_TRUE(world.ok()) << world.status().ToString();
+  world->RunPerRank([&](comm::Communicator& comm) {
+    HostDevice device;
+    ExpertExchange exchange(&device, &comm, 4, kModel, {});
+    ASSERT_EQ(exchange.transport(), ExchangeTransport::kDirect);
+    const DispatchPlan plan = MakePlan({"two", 2, 2, 1, 1, false, 1.0}, comm.rank());
+    Tensor x(plan.num_tokens, kModel), y(plan.num_tokens, kModel);
+    ExchangeHandle first, second;
+    ASSERT_TRUE(exchange.Dispatch(plan, x.view(), Pass::kForward, &first).ok());
+    ASSERT_TRUE(exchange.Dispatch(plan, x.view(), Pass::kForward, &second).ok());
+    const Status st =
+        exchange.Combine(&first, Pass::kForward, first.received(Pass::kForward), true, y.view());
+    EXPECT_EQ(st.code(), StatusCode::kFailedPrecondition) << st.ToString();
+    EXPECT_NE(st.message().find("taken over by a later forward Dispatch"), std::string::npos)
+        << st.message();
+    // The current handle goes on.
+    EXPECT_TRUE(exchange
+                    .Combine(&second, Pass::kForward, second.received(Pass::kForward), true,
+                             y.view())
+                    .ok());
+  });
 }
 
 TEST(ExpertExchange, ValidatesOptionsAndRanksPerNode) {

@@ -66,7 +66,8 @@ __global__ void CombineKernel(RowCombine c) {
     float acc = out[k];
     for (int64_t i = begin; i < end; ++i) {
       const int32_t r = c.plan.token_rows[i];
-      const float v = row_steps::ReturnedRow(c.returned, r, c.cols)[k];
+      float v = row_steps::ReturnedRow(c.returned, r, c.cols)[k];
+      if (c.returned.round_bf16) v = RoundBf16(v);
       acc = c.gated ? fmaf(c.plan.row_gate[r], v, acc) : acc + v;
     }
     out[k] = acc;
@@ -80,7 +81,9 @@ __global__ void GateGradKernel(GateGradient g) {
   const float* d = g.dy + g.plan.row_token[r] * g.cols;
   const float* y = row_steps::ReturnedRow(g.returned, r, g.cols);
   float dot = 0.0f;
-  for (int64_t c = threadIdx.x; c < g.cols; c += blockDim.x) dot = fmaf(d[c], y[c], dot);
+  for (int64_t c = threadIdx.x; c < g.cols; c += blockDim.x) {
+    dot = fmaf(d[c], g.returned.round_bf16 ? RoundBf16(y[c]) : y[c], dot);
+  }
   for (int off = 16; off > 0; off /= 2) dot += __shfl_down_sync(0xffffffffu, dot, off);
   if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = dot;
   __syncthreads();

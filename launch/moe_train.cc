@@ -35,6 +35,7 @@ struct Flags {
   std::string transport;  // "", "auto", "alltoall" or "direct"
   int redundant_experts = -1;
   int rebalance_every = -1;
+  int checkpoint_every = -1;
   int ranks_per_node = -1;
   int steps = -1;
   std::string metrics, checkpoint_dir, data, router_record_dir, router_replay_dir, max_memory;
@@ -73,6 +74,7 @@ moe::StatusOr<moe::MoeConfig> LoadWithOverrides(const Flags& f) {
   if (!f.router_record_dir.empty()) cfg.mutable_train()->set_router_record_dir(f.router_record_dir);
   if (!f.router_replay_dir.empty()) cfg.mutable_train()->set_router_replay_dir(f.router_replay_dir);
   if (!f.checkpoint_dir.empty()) cfg.mutable_train()->set_checkpoint_dir(f.checkpoint_dir);
+  if (f.checkpoint_every >= 0) cfg.mutable_train()->set_checkpoint_every(f.checkpoint_every);
   if (!f.data.empty()) cfg.mutable_train()->set_data_path(f.data);
   if (f.deadline >= 0) cfg.mutable_comm()->set_deadline_seconds(f.deadline);
   moe::flags::ApplyComputeFlags(f.compute, cfg.mutable_compute());
@@ -137,6 +139,9 @@ int main(int argc, char** argv) {
   app.add_option("--router-replay-dir", f.router_replay_dir,
                  "override train.router_replay_dir (route by a recorded run's selections)");
   app.add_option("--checkpoint-dir", f.checkpoint_dir, "override train.checkpoint_dir");
+  app.add_option("--checkpoint-every", f.checkpoint_every,
+                 "override train.checkpoint_every (> 0: also save every N steps; 0: the last only)")
+      ->check(CLI::NonNegativeNumber);
   app.add_option("--data", f.data, "override train.data_path");
   app.add_option("--max-memory", f.max_memory,
                  "memory of this machine for the job's ranks on it (e.g. 16G; default: the "

@@ -14,6 +14,7 @@ PACKAGES=(
   python3-torch python3-numpy
   pybind11-dev python3-pybind11 python3-pytest
   fortunes python3-matplotlib
+  iproute2 util-linux
 )
 
 missing=()

@@ -178,6 +178,25 @@ Status ExpertExchange::EnableHierarchical() {
   return Status::Ok();
 }
 
+std::string ExpertExchange::Description() const {
+  if (direct_) {
+    return "direct writes (the group's " + std::to_string(w_) + " ranks on one node)";
+  }
+  if (options_.ranks_per_node > 0) {
+    return "two-stage all-to-all (" + std::to_string(options_.ranks_per_node) +
+           " ranks per node; the node stage " +
+           (intra_node_direct() ? "by direct writes)" : "by the communicator)");
+  }
+  std::string why;
+  if (ep_ != nullptr && ep_->local_size() < ep_->size()) {
+    why = " (the group's " + std::to_string(w_) + " ranks span nodes, " +
+          std::to_string(ep_->local_size()) + " on this one)";
+  } else if (options_.transport == ExchangeTransport::kAllToAll) {
+    why = " (parallel.exchange_transport: ALLTOALL)";
+  }
+  return "all-to-all" + why;
+}
+
 bool ExpertExchange::intra_node_direct() const {
   return hierarchical_ != nullptr && hierarchical_->direct_intra();
 }

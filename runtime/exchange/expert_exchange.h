@@ -281,6 +281,9 @@ class ExpertExchange {
   // The two-stage exchange (after EnableHierarchical) moves rows inside a node by direct writes
   // (comm/algorithms/hierarchical_alltoall.h).
   bool intra_node_direct() const;
+  // The transport in words, e.g. "direct writes (the group's 4 ranks on one node)" or "two-stage
+  // all-to-all (2 ranks per node; the node stage by direct writes)".
+  std::string Description() const;
 
   // Blocking: BeginDispatch, then every chunk started and waited for. x and the rows below live
   // in the device's memory.

@@ -11,6 +11,7 @@
 
 #include <memory>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "base/status.h"
@@ -44,6 +45,8 @@ class ExpertExecutor {
   // The exchanges this executor made since they were last reset (the experts' time included);
   // null when it makes none.
   virtual ExchangeStats* exchange_stats() { return nullptr; }
+  // How the rows move between ranks, in words ("" when they do not: one rank).
+  virtual std::string exchange_description() const { return ""; }
 };
 
 }  // namespace moe

@@ -63,6 +63,9 @@ class ExpertParallelExecutor : public ExpertExecutor {
   }
 
   ExchangeStats* exchange_stats() override;
+  std::string exchange_description() const override {
+    return ep_ == nullptr ? "" : exchange_.Description();
+  }
   ExchangeStats& stats() { return exchange_.stats(); }
   const ExchangeStats& stats() const { return exchange_.stats(); }
   ExpertExchange& exchange() { return exchange_; }

@@ -72,6 +72,7 @@ class RedundantExpertExecutor : public ExpertExecutor {
     return inner_->AddGradients(grads);
   }
   ExchangeStats* exchange_stats() override { return inner_->exchange_stats(); }
+  std::string exchange_description() const override { return inner_->exchange_description(); }
 
  private:
   std::unique_ptr<ExpertParallelExecutor> inner_;

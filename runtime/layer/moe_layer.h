@@ -143,6 +143,7 @@ class MoeLayer {
   // it waits for the experts' work enqueued so far.
   ExchangeStats* exchange_stats() { return executor_->exchange_stats(); }
   ExpertExecutor* executor() { return executor_.get(); }
+  std::string exchange_description() const { return executor_->exchange_description(); }
 
  private:
   struct Uninitialized {};

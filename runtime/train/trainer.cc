@@ -249,6 +249,17 @@ void Trainer::PrintStart() {
               cfg_.train().data_path().c_str(), static_cast<long long>(data_->train_bytes()), world_->size() * groups_,
               static_cast<long long>(data_->eval_bytes()), static_cast<long long>(cfg_.train().global_batch_tokens()),
               static_cast<long long>(tokens_per_rank_), groups_);
+  // Where the ranks run, as the launch placed them, and how the first layer's rows move.
+  const int local = world_->local_size();
+  const std::vector<MoeLayer*> layers = model_->MoeLayers();
+  const std::string exchange = layers.empty() ? "" : layers.front()->exchange_description();
+  std::printf("  launch: %s; exchange: %s\n",
+              world_->size() % local == 0
+                  ? (std::to_string(world_->size() / local) + " node(s) x " +
+                     std::to_string(local) + " ranks")
+                        .c_str()
+                  : (std::to_string(local) + " ranks on this node").c_str(),
+              exchange.empty() ? "none (one rank per expert-parallel group)" : exchange.c_str());
   std::printf("  memory estimate per rank: %s\n", memory_.Summary(3).c_str());
   std::printf("  model FLOPs per token: %.3g (forward + backward, at the nominal kept rows); peak "
               "per rank: %s\n",

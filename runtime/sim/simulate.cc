@@ -262,6 +262,21 @@ StatusOr<ComputeCalibration> CalibrateCompute(const MoeConfig& cfg, const std::v
     out.seconds.push_back(Median(samples[i].second));
     line.push_back({static_cast<double>(batch_tokens[i]), Median(rest)});
   }
+  // Where the expert rows carry the whole per-token cost (large k·H), what is left does not grow
+  // with the tokens beyond noise: a fixed cost, no per-token term (the least-squares line with its
+  // slope held at 0, i.e. the mean) instead of a fit that refuses a falling line.
+  double mean_x = 0.0, mean_y = 0.0;
+  for (const auto& [x, y] : line) {
+    mean_x += x / static_cast<double>(line.size());
+    mean_y += y / static_cast<double>(line.size());
+  }
+  double sxy = 0.0;
+  for (const auto& [x, y] : line) sxy += (x - mean_x) * (y - mean_y);
+  if (!(sxy > 0)) {
+    out.fixed_seconds = std::max(0.0, mean_y);
+    out.per_token_seconds = 0.0;
+    return out;
+  }
   StatusOr<AlphaBetaFit> fit = FitAlphaBeta(line);
   if (!fit.ok()) return fit.status().WithContext("compute calibration");
   out.fixed_seconds = std::max(0.0, fit->alpha_seconds);

@@ -16,10 +16,15 @@ OPENBLAS_CORETYPE=Haswell for reproducible figures; the MPI runs use --oversubsc
 mpi_yield_when_idle (as the project's MPI tests do).
 
   python3 tests/simulate/validate_cost_model.py --build build --out /tmp/validate
+
+--mpiexec takes a whole launch prefix, e.g. the one scripts/cluster.sh prints, to validate the model
+on a multi-node cluster: the sweeps then measure the cluster's links, and the model is calibrated
+by them.
 """
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -49,7 +54,7 @@ def main():
     ap.add_argument("--steps", type=int, default=45)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3, help="moe_train runs per case; the quietest is kept")
-    ap.add_argument("--mpiexec", default="mpiexec")
+    ap.add_argument("--mpiexec", default="mpiexec", help="the MPI launch command (a prefix may hold flags)")
     ap.add_argument("--cores", type=int, default=os.cpu_count())
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
@@ -61,7 +66,7 @@ def main():
     for backend in a.backends.split(","):
         for n in [int(x) for x in a.ranks.split(",")]:
             tag = f"{backend}_{n}"
-            launch = [a.mpiexec, "-n", str(n)] if backend == "mpi" else []
+            launch = shlex.split(a.mpiexec) + ["-n", str(n)] if backend == "mpi" else []
             where = ["--backend", "mpi"] if backend == "mpi" else ["--backend", "loopback", "--ranks", str(n)]
             bench = {}
             for op, sizes in (("alltoall", ["-d", "float32", "-b", "1K", "-e", "1M"]),

@@ -640,6 +640,7 @@ Status RunDispatchCombineBench(comm::Communicator& comm, const DispatchCombineBe
                             {.dropless = o.dropless_exchange,
                              .ranks_per_node = o.ranks_per_node,
                              .bf16_wire = bf16,
+                             .node_dedup = o.node_dedup,
                              .transport = transport == ExchangeTransport::kDirect
                                               ? ExchangeTransport::kAuto
                                               : ExchangeTransport::kAllToAll});
@@ -653,6 +654,7 @@ Status RunDispatchCombineBench(comm::Communicator& comm, const DispatchCombineBe
     const Tensor x = TokenInput(comm.rank(), tokens, o.hidden);
     Tensor y(tokens, o.hidden);
     double dispatch_s = 0, combine_s = 0;
+    int64_t dispatch_inter_bytes = 0;  // the two-stage exchange's, over the timed calls
     // Dispatch, then Combine of the received rows as they are (identity experts, read in place),
     // each timed on its own; y is zeroed outside the timed calls. Returns the microseconds that
     // count (the two calls).
@@ -660,8 +662,10 @@ Status RunDispatchCombineBench(comm::Communicator& comm, const DispatchCombineBe
       exchange.stats().Reset();
       y.Fill(0.0f);
       const double t0 = WallSeconds();
+      const int64_t inter_before = exchange.inter_node_bytes();
       MOE_RETURN_IF_ERROR(exchange.Dispatch(plan, x.view(), Pass::kForward, &handle));
       const double t1 = WallSeconds();
+      if (timed_iter) dispatch_inter_bytes += exchange.inter_node_bytes() - inter_before;
       // The identity experts' outputs: the received rows themselves, or, where the transport
       // reads outputs in place (direct: its output rows), written there as an expert would
       // write its outputs (not timed: an expert writes its outputs on either transport).
@@ -732,8 +736,29 @@ Status RunDispatchCombineBench(comm::Communicator& comm, const DispatchCombineBe
     row.baseline_time_us = raw_pair_us / 2;
     row.baseline = "raw_alltoallv";
     summary.Add(row.busbw_gbps, wrong);
+    // Where the ranks span nodes (the launch's layout, or --hierarchical's): the bytes a token's
+    // rows take across nodes in the dispatch — what crossed in the two-stage exchange, the rows to
+    // other nodes' ranks in the flat one.
+    const int per_node = o.ranks_per_node > 0 ? o.ranks_per_node : comm.local_size();
+    double inter = static_cast<double>(dispatch_inter_bytes) / std::max(1, o.iters);
+    if (o.ranks_per_node == 0) {
+      inter = 0;
+      for (int d = 0; d < n; ++d) {
+        if (d / per_node != comm.rank() / per_node) {
+          inter += static_cast<double>(dispatch->bytes_to_rank[static_cast<size_t>(d)]);
+        }
+      }
+    }
+    MOE_ASSIGN_OR_RETURN(const double inter_sum, ReduceScalar(comm, inter, comm::ReduceOp::kSum));
     if (!rank0) continue;
     PrintRow(out, row, direct ? "direct" : "alltoall", tokens, dispatch_us, combine_us);
+    if (per_node < n) {
+      std::fprintf(out, "#   inter-node bytes per token in the dispatch: %.1f (%s)\n",
+                   inter_sum / static_cast<double>(tokens * n),
+                   o.ranks_per_node == 0 ? "flat: rows to other nodes' ranks"
+                   : o.node_dedup        ? "two-stage, node-deduplicated"
+                                         : "two-stage");
+    }
     if (sink) MOE_RETURN_IF_ERROR(sink(row));
    }
    }

@@ -60,6 +60,8 @@ struct DispatchCombineBenchOptions {
   // --hierarchical: > 0 exchanges with the two-stage all-to-all, this many ranks per node (the
   // raw baseline stays the flat all-to-all-v).
   int ranks_per_node = 0;
+  // --node-dedup: the two-stage exchange's dispatch sends a token to each other node once.
+  bool node_dedup = false;
   // --groups-per-token: > 0 routes group-limited with one expert group per rank (DeepSeek's
   // device-limited routing): each token's experts lie on at most this many ranks.
   int groups_per_token = 0;

@@ -53,6 +53,7 @@ struct Flags {
   int ranks = 2;
   std::string op = "alltoall";
   int hierarchical = 0;
+  bool node_dedup = false;
   double deadline = 120;
   // --op dispatch_combine
   int64_t tokens = 1024;
@@ -164,6 +165,10 @@ StatusOr<Settings> Validate(const Flags& f) {
     dc.pipeline_degrees = f.pipeline_degrees;
     dc.expert_hidden = f.expert_hidden;
     dc.ranks_per_node = f.hierarchical;
+    dc.node_dedup = f.node_dedup;
+    if (f.node_dedup && f.hierarchical == 0) {
+      return moe::InvalidArgument("--node-dedup needs --hierarchical P (the two-stage exchange)");
+    }
     if (f.redundant_experts < 0) {
       return moe::InvalidArgument("--redundant-experts=" + std::to_string(f.redundant_experts) +
                                   " must be >= 0");
@@ -303,6 +308,8 @@ int main(int argc, char** argv) {
   app.add_option("--hierarchical", f.hierarchical,
                  "ranks per node for the two-stage all-to-all (0: flat)")
       ->check(CLI::Range(0, 1 << 20));
+  app.add_flag("--node-dedup", f.node_dedup,
+               "dispatch_combine --hierarchical: send each token's row to each other node once");
   app.add_option("--deadline", f.deadline, "deadline of every operation, seconds")
       ->check(CLI::PositiveNumber);
   // Not flags::ParseFlags: this tool's parse errors keep their own two-line message.

@@ -36,6 +36,7 @@ struct Flags {
   int redundant_experts = -1;
   int rebalance_every = -1;
   int checkpoint_every = -1;
+  bool node_dedup = false;
   int ranks_per_node = -1;
   int steps = -1;
   std::string metrics, checkpoint_dir, data, router_record_dir, router_replay_dir, max_memory;
@@ -75,6 +76,7 @@ moe::StatusOr<moe::MoeConfig> LoadWithOverrides(const Flags& f) {
   if (!f.router_replay_dir.empty()) cfg.mutable_train()->set_router_replay_dir(f.router_replay_dir);
   if (!f.checkpoint_dir.empty()) cfg.mutable_train()->set_checkpoint_dir(f.checkpoint_dir);
   if (f.checkpoint_every >= 0) cfg.mutable_train()->set_checkpoint_every(f.checkpoint_every);
+  if (f.node_dedup) cfg.mutable_parallel()->set_node_dedup(true);
   if (!f.data.empty()) cfg.mutable_train()->set_data_path(f.data);
   if (f.deadline >= 0) cfg.mutable_comm()->set_deadline_seconds(f.deadline);
   moe::flags::ApplyComputeFlags(f.compute, cfg.mutable_compute());
@@ -139,6 +141,9 @@ int main(int argc, char** argv) {
   app.add_option("--router-replay-dir", f.router_replay_dir,
                  "override train.router_replay_dir (route by a recorded run's selections)");
   app.add_option("--checkpoint-dir", f.checkpoint_dir, "override train.checkpoint_dir");
+  app.add_flag("--node-dedup", f.node_dedup,
+               "set parallel.node_dedup: the two-stage exchange's dispatch sends a token to each "
+               "other node once (needs --ranks-per-node)");
   app.add_option("--checkpoint-every", f.checkpoint_every,
                  "override train.checkpoint_every (> 0: also save every N steps; 0: the last only)")
       ->check(CLI::NonNegativeNumber);

@@ -12,6 +12,6 @@ cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMOE_WITH_CUD
   -DCMAKE_CXX_FLAGS="$FLAGS" -DCMAKE_EXE_LINKER_FLAGS="-fsanitize=address,undefined"
 cmake --build "$BUILD" -j "$(nproc)"
 export OPENBLAS_NUM_THREADS=1 UBSAN_OPTIONS=print_stacktrace=1
-USES_MPI="mpi|MPI|Mpi|simulate"
+USES_MPI="mpi|MPI|Mpi|simulate|cluster"
 ASAN_OPTIONS=detect_leaks=1 ctest --test-dir "$BUILD" --output-on-failure -j "$(nproc)" -E "$USES_MPI"
 ASAN_OPTIONS=detect_leaks=0 ctest --test-dir "$BUILD" --output-on-failure -j "$(nproc)" -R "$USES_MPI"

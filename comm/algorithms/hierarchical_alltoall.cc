@@ -2,6 +2,8 @@
 #include "comm/algorithms/hierarchical_alltoall.h"
 
 #include <algorithm>
+#include <climits>
+#include <cstring>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -56,6 +58,7 @@ StatusOr<HierarchicalAllToAll> HierarchicalAllToAll::Create(Communicator& comm,
   h.packed_ = Workspace(comm.memory_space());
   h.gathered_ = Workspace(comm.memory_space());
   h.arrived_ = Workspace(comm.memory_space());
+  h.expanded_ = Workspace(comm.memory_space());
   const int node = comm.rank() / ranks_per_node;
   const int local = comm.rank() % ranks_per_node;
   MOE_ASSIGN_OR_RETURN(h.intra_, comm.Split(node, local));
@@ -164,6 +167,7 @@ Status HierarchicalAllToAll::AllToAll(const void* send, void* recv, int64_t coun
     }
   }
   // From node a arrive blocks of sources a·P + i, i = 0..P-1: the flat layout.
+  inter_node_bytes_ += block * P * (N - 1);
   return inter_->AllToAll(packed, recv, count * P, dtype);
 }
 
@@ -249,6 +253,9 @@ Status HierarchicalAllToAll::AllToAllV(const void* send, std::span<const int64_t
   const std::vector<int64_t> send2_displs = PrefixSums(send2);
   const std::vector<int64_t> recv2_displs = PrefixSums(recv2);
   MOE_ASSIGN_OR_RETURN(void* const arrived, arrived_.Get(Sum(recv2) * es));
+  for (int b = 0; b < N; ++b) {
+    if (b != inter_->rank()) inter_node_bytes_ += send2[static_cast<size_t>(b)] * es;
+  }
   MOE_RETURN_IF_ERROR(
       inter_->AllToAllV(packed, send2, send2_displs, arrived, recv2, recv2_displs, dtype));
   // arrived holds the blocks in source-rank order; place them at the caller's displacements.
@@ -257,6 +264,166 @@ Status HierarchicalAllToAll::AllToAllV(const void* send, std::span<const int64_t
     MOE_RETURN_IF_ERROR(CopyBytes(space, At(recv, recv_displs[s] * es), At(arrived, offset * es),
                                   recv_counts[s] * es));
     offset += recv_counts[s];
+  }
+  return Status::Ok();
+}
+
+}  // namespace moe::comm
+
+namespace moe::comm {
+
+Status HierarchicalAllToAll::DedupAllToAllV(const void* send, std::span<const int64_t> send_counts,
+                                            std::span<const int64_t> send_displs,
+                                            std::span<const int64_t> row_keys, void* recv,
+                                            std::span<const int64_t> recv_counts,
+                                            std::span<const int64_t> recv_displs,
+                                            int64_t row_bytes) {
+  const int P = ranks_per_node_, N = nodes_, n = P * N;
+  const int node = inter_->rank();
+  const char* op = "hierarchical dedup alltoallv";
+  if (comm_->memory_space() != MemorySpace::kHost) {
+    return Unimplemented(std::string(op) + ": host memory only");
+  }
+  if (row_bytes < 1) return InvalidArgument(std::string(op) + ": row_bytes must be >= 1");
+  MOE_RETURN_IF_ERROR(ValidateVector(op, "send", send, send_counts, send_displs, n));
+  MOE_RETURN_IF_ERROR(ValidateVector(op, "recv", recv, recv_counts, recv_displs, n));
+  for (int d = 0; d < n; ++d) {
+    if (send_displs[d] + send_counts[d] > static_cast<int64_t>(row_keys.size())) {
+      return InvalidArgument(std::string(op) + ": row_keys has " + std::to_string(row_keys.size()) +
+                             " keys, destination " + std::to_string(d) + "'s rows end at " +
+                             std::to_string(send_displs[d] + send_counts[d]));
+    }
+  }
+  const auto row = [&](const void* base, int64_t r) { return At(base, r * row_bytes); };
+  // Per other node b: its unique rows (the send row of each key's first occurrence) and, per
+  // destination there, which unique row each of its rows is (-1: zeros). Message to node b: int32
+  // [P counts][the lists], then the unique rows.
+  std::vector<std::vector<int32_t>> meta(static_cast<size_t>(N));
+  std::vector<std::vector<int64_t>> unique(static_cast<size_t>(N));
+  for (int b = 0; b < N; ++b) {
+    if (b == node) continue;
+    std::vector<int32_t>& m = meta[static_cast<size_t>(b)];
+    std::vector<int64_t>& u = unique[static_cast<size_t>(b)];
+    std::vector<std::pair<int64_t, int32_t>> seen;  // (key, unique index), sorted by key
+    for (int j = 0; j < P; ++j) m.push_back(static_cast<int32_t>(send_counts[b * P + j]));
+    for (int j = 0; j < P; ++j) {
+      const int d = b * P + j;
+      for (int64_t k = 0; k < send_counts[d]; ++k) {
+        const int64_t r = send_displs[d] + k, key = row_keys[static_cast<size_t>(r)];
+        if (key < 0) {
+          m.push_back(-1);
+          continue;
+        }
+        auto it = std::lower_bound(seen.begin(), seen.end(), std::make_pair(key, INT32_MIN));
+        if (it == seen.end() || it->first != key) {
+          it = seen.insert(it, {key, static_cast<int32_t>(u.size())});
+          u.push_back(r);
+        }
+        m.push_back(it->second);
+      }
+    }
+  }
+  // The sizes first (ints of metadata, unique rows), then the two messages per node.
+  std::vector<int64_t> sizes_out(static_cast<size_t>(2 * N), 0), sizes_in(static_cast<size_t>(2 * N));
+  for (int b = 0; b < N; ++b) {
+    sizes_out[static_cast<size_t>(2 * b)] = static_cast<int64_t>(meta[static_cast<size_t>(b)].size());
+    sizes_out[static_cast<size_t>(2 * b + 1)] = static_cast<int64_t>(unique[static_cast<size_t>(b)].size());
+  }
+  MOE_RETURN_IF_ERROR(inter_->AllToAll(sizes_out.data(), sizes_in.data(), 2, DataType::kInt64));
+  std::vector<int64_t> meta_out(static_cast<size_t>(N)), meta_in(static_cast<size_t>(N)),
+      rows_out(static_cast<size_t>(N)), rows_in(static_cast<size_t>(N));
+  for (int b = 0; b < N; ++b) {
+    meta_out[static_cast<size_t>(b)] = sizes_out[static_cast<size_t>(2 * b)];
+    meta_in[static_cast<size_t>(b)] = sizes_in[static_cast<size_t>(2 * b)];
+    rows_out[static_cast<size_t>(b)] = sizes_out[static_cast<size_t>(2 * b + 1)] * row_bytes;
+    rows_in[static_cast<size_t>(b)] = sizes_in[static_cast<size_t>(2 * b + 1)] * row_bytes;
+  }
+  std::vector<int32_t> meta_send, meta_recv(static_cast<size_t>(Sum(meta_in)));
+  for (const std::vector<int32_t>& m : meta) meta_send.insert(meta_send.end(), m.begin(), m.end());
+  MOE_RETURN_IF_ERROR(inter_->AllToAllV(meta_send.data(), meta_out, PrefixSums(meta_out),
+                                        meta_recv.data(), meta_in, PrefixSums(meta_in),
+                                        DataType::kInt32));
+  MOE_ASSIGN_OR_RETURN(void* const packed, packed_.Get(std::max<int64_t>(Sum(rows_out), 1)));
+  MOE_ASSIGN_OR_RETURN(void* const arrived, arrived_.Get(std::max<int64_t>(Sum(rows_in), 1)));
+  int64_t offset = 0;
+  for (int b = 0; b < N; ++b) {
+    for (const int64_t r : unique[static_cast<size_t>(b)]) {
+      std::memcpy(At(packed, offset), row(send, r), static_cast<size_t>(row_bytes));
+      offset += row_bytes;
+    }
+    inter_node_bytes_ += rows_out[static_cast<size_t>(b)] +
+                         meta_out[static_cast<size_t>(b)] * static_cast<int64_t>(sizeof(int32_t));
+  }
+  MOE_RETURN_IF_ERROR(inter_->AllToAllV(packed, rows_out, PrefixSums(rows_out), arrived, rows_in,
+                                        PrefixSums(rows_in), DataType::kUint8));
+  // The relay's node stage: to each local rank j, the rows of every source with this rank's local
+  // index (node by node, this rank's own straight from `send`), expanded from the unique rows.
+  std::vector<int64_t> to_local(static_cast<size_t>(P), 0);
+  std::vector<std::vector<std::pair<const int32_t*, int64_t>>> lists(
+      static_cast<size_t>(N), std::vector<std::pair<const int32_t*, int64_t>>(static_cast<size_t>(P)));
+  const std::vector<int64_t> meta_at = PrefixSums(meta_in), rows_at = PrefixSums(rows_in);
+  for (int a = 0; a < N; ++a) {
+    if (a == node) continue;
+    const int32_t* m = meta_recv.data() + meta_at[static_cast<size_t>(a)];
+    const int32_t* list = m + P;
+    for (int j = 0; j < P; ++j) {
+      lists[static_cast<size_t>(a)][static_cast<size_t>(j)] = {list, m[j]};
+      list += m[j];
+      to_local[static_cast<size_t>(j)] += m[j];
+    }
+  }
+  for (int j = 0; j < P; ++j) to_local[static_cast<size_t>(j)] += send_counts[node * P + j];
+  MOE_ASSIGN_OR_RETURN(void* const expanded,
+                       expanded_.Get(std::max<int64_t>(Sum(to_local) * row_bytes, 1)));
+  offset = 0;
+  for (int j = 0; j < P; ++j) {
+    for (int a = 0; a < N; ++a) {
+      if (a == node) {
+        const int d = node * P + j;
+        const int64_t bytes = send_counts[d] * row_bytes;
+        if (bytes > 0) std::memcpy(At(expanded, offset), row(send, send_displs[d]), static_cast<size_t>(bytes));
+        offset += bytes;
+        continue;
+      }
+      const auto& [list, count] = lists[static_cast<size_t>(a)][static_cast<size_t>(j)];
+      const char* rows = At(arrived, rows_at[static_cast<size_t>(a)]);
+      for (int64_t k = 0; k < count; ++k) {
+        if (list[k] < 0) {
+          std::memset(At(expanded, offset), 0, static_cast<size_t>(row_bytes));
+        } else {
+          std::memcpy(At(expanded, offset), rows + list[k] * row_bytes, static_cast<size_t>(row_bytes));
+        }
+        offset += row_bytes;
+      }
+    }
+  }
+  // From local rank i: the rows of sources a·P + i, node by node; into their displacements.
+  std::vector<int64_t> from_local(static_cast<size_t>(P), 0);
+  for (int i = 0; i < P; ++i) {
+    for (int a = 0; a < N; ++a) from_local[static_cast<size_t>(i)] += recv_counts[a * P + i];
+  }
+  const std::vector<int64_t> out_bytes = [&] {
+    std::vector<int64_t> v(to_local);
+    for (int64_t& x : v) x *= row_bytes;
+    return v;
+  }();
+  std::vector<int64_t> in_bytes(from_local);
+  for (int64_t& x : in_bytes) x *= row_bytes;
+  MOE_ASSIGN_OR_RETURN(void* const gathered,
+                       gathered_.Get(std::max<int64_t>(Sum(in_bytes), 1)));
+  MOE_RETURN_IF_ERROR(intra_->AllToAllV(expanded, out_bytes, PrefixSums(out_bytes), gathered,
+                                        in_bytes, PrefixSums(in_bytes), DataType::kUint8));
+  offset = 0;
+  for (int i = 0; i < P; ++i) {
+    for (int a = 0; a < N; ++a) {
+      const int src = a * P + i;
+      const int64_t bytes = recv_counts[src] * row_bytes;
+      if (bytes > 0) {
+        std::memcpy(At(recv, recv_displs[src] * row_bytes), At(gathered, offset),
+                    static_cast<size_t>(bytes));
+      }
+      offset += bytes;
+    }
   }
   return Status::Ok();
 }

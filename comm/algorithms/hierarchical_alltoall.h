@@ -54,6 +54,23 @@ class HierarchicalAllToAll {
                    std::span<const int64_t> recv_counts, std::span<const int64_t> recv_displs,
                    DataType dtype);
 
+  // Node-deduplicated all-to-all-v of rows (host memory): counts and displacements in rows of
+  // `row_bytes`; row_keys[r] for every row r of `send` (the rows at send_displs[d] .. + counts[d]
+  // for each destination d): rows with one key are byte-equal, key -1 marks a row of zeros.
+  // Byte for byte the flat AllToAllV of the same rows, but a key crosses to each other node once
+  // (zero rows not at all): the sender sends a node its unique rows and, per destination rank
+  // there, the int32 list of which unique row each of its rows is; the rank of the sender's local
+  // index on that node (its relay) expands them and forwards each destination its rows in the
+  // node stage. Rows for the sender's own node take the node stage only. (An exchange's dispatch
+  // sends a token to k experts as k equal rows: on two nodes at top-4 about half the rows.)
+  Status DedupAllToAllV(const void* send, std::span<const int64_t> send_counts,
+                        std::span<const int64_t> send_displs, std::span<const int64_t> row_keys,
+                        void* recv, std::span<const int64_t> recv_counts,
+                        std::span<const int64_t> recv_displs, int64_t row_bytes);
+
+  // Bytes this rank sent to other nodes (its inter-node stage), since creation.
+  int64_t inter_node_bytes() const { return inter_node_bytes_; }
+
  private:
   HierarchicalAllToAll() = default;
   // Stage 1 by direct writes: `out1` (per local peer j, node b: the elements for rank b·P + j)
@@ -76,6 +93,8 @@ class HierarchicalAllToAll {
   bool direct_intra_ = false;
   std::unique_ptr<SymmetricBuffer> staging_;  // direct_intra_: the node's staging rows
   int64_t staging_bytes_ = 0;
+  int64_t inter_node_bytes_ = 0;
+  Workspace expanded_;  // DedupAllToAllV: the relay's rows for the node stage
 };
 
 }  // namespace moe::comm

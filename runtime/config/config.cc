@@ -291,6 +291,11 @@ Status ValidateTrain(const MoeConfig& cfg) {
             "comm.deadline_seconds", cfg.comm().deadline_seconds(), "be a finite number > 0");
   c.Require(cfg.comm().ranks_per_node() >= 0, "comm.ranks_per_node", cfg.comm().ranks_per_node(),
             "be >= 0");
+  if (cfg.parallel().node_dedup()) {
+    c.Require(cfg.comm().ranks_per_node() > 0, "parallel.node_dedup", "true",
+              "run with the two-stage exchange (comm.ranks_per_node > 0): it deduplicates the "
+              "rows that cross between nodes");
+  }
   if (c.status.ok()) c.status = ValidateCompute(cfg.compute(), cfg.moe());
   if (cfg.has_topology()) {
     const auto& tp = cfg.topology();

@@ -40,6 +40,9 @@ Status ValidateExchangeOptions(const ExchangeOptions& options) {
     return InvalidArgument("ranks_per_node=" + std::to_string(options.ranks_per_node) +
                            " must be >= 0");
   }
+  if (options.node_dedup && options.ranks_per_node == 0) {
+    return InvalidArgument("node_dedup needs the two-stage exchange (ranks_per_node > 0)");
+  }
   return Status::Ok();
 }
 
@@ -185,7 +188,8 @@ std::string ExpertExchange::Description() const {
   if (options_.ranks_per_node > 0) {
     return "two-stage all-to-all (" + std::to_string(options_.ranks_per_node) +
            " ranks per node; the node stage " +
-           (intra_node_direct() ? "by direct writes)" : "by the communicator)");
+           (intra_node_direct() ? "by direct writes" : "by the communicator") +
+           (options_.node_dedup ? "; node-deduplicated dispatch)" : ")");
   }
   std::string why;
   if (ep_ != nullptr && ep_->local_size() < ep_->size()) {
@@ -195,6 +199,10 @@ std::string ExpertExchange::Description() const {
     why = " (parallel.exchange_transport: ALLTOALL)";
   }
   return "all-to-all" + why;
+}
+
+int64_t ExpertExchange::inter_node_bytes() const {
+  return hierarchical_ != nullptr ? hierarchical_->inter_node_bytes() : 0;
 }
 
 bool ExpertExchange::intra_node_direct() const {
@@ -306,6 +314,19 @@ Status ExpertExchange::Layout(const DispatchPlan& plan, ExchangeHandle* handle) 
   }
   MOE_RETURN_IF_ERROR(arrays.Commit(*device_, &handle->maps_ws_));
   handle->plan_ = &plan;
+  handle->send_keys_.clear();
+  if (options_.node_dedup && hierarchical_ != nullptr) {
+    if (device_->memory_space() != MemorySpace::kHost || stream_ordered()) {
+      return FailedPrecondition("parallel.node_dedup runs on the host device, not the " +
+                                std::string(device_->name()) + " device");
+    }
+    handle->send_keys_.assign(static_cast<size_t>(handle->layout_.send_rows), -1);
+    for (size_t i = 0; i < maps.send_dst.size(); ++i) {
+      const int32_t p = maps.send_src[i];
+      handle->send_keys_[static_cast<size_t>(maps.send_dst[i])] =
+          p < 0 ? -1 : plan.row_token[static_cast<size_t>(p)];
+    }
+  }
   if (direct_) MOE_RETURN_IF_ERROR(DirectLayout(handle));
   return Status::Ok();
 }
@@ -441,6 +462,14 @@ Status ExpertExchange::Start(ExchangeHandle* handle, Pass pass, int chunk, bool 
   const bool equal =
       handle->layout_.shape.capacity > 0 && handle->layout_.shape.expert_capacity.empty() && self < 0;
   return stats_.Timed(slot.record, [&]() -> Status {
+    if (hierarchical_ != nullptr && dispatch && pass == Pass::kForward &&
+        !handle->send_keys_.empty()) {
+      // Rows per peer, this rank's own block left out (it moved by the gather).
+      std::vector<int64_t> out(out_rows), in(in_rows);
+      if (self >= 0) out[static_cast<size_t>(self)] = in[static_cast<size_t>(self)] = 0;
+      return hierarchical_->DedupAllToAllV(send, out, out_displs, handle->send_keys_, recv, in,
+                                           in_displs, row_bytes);
+    }
     if (hierarchical_ != nullptr) {
       // Blocking calls: on device memory they start once the rows queued on the stream are there.
       if (stream_ordered()) MOE_RETURN_IF_ERROR(device_->Synchronize());

@@ -110,6 +110,9 @@ struct ExchangeOptions {
   // group) block C rows, chunk by chunk. Outputs equal the padded run's up to the order of the
   // weight-gradient sums (the padding rows add exact zeros). Ignored when dropless or C = 0.
   bool account_padding = false;
+  // With ranks_per_node > 0: the forward's dispatch sends each token's row to each other node
+  // once (HierarchicalAllToAll::DedupAllToAllV); same rows in the same places. Host memory.
+  bool node_dedup = false;
   ExchangeTransport transport = ExchangeTransport::kAuto;
 };
 
@@ -235,6 +238,9 @@ class ExchangeHandle {
   // recorded in place of layout_'s (empty otherwise).
   ExchangeLayout recorded_layout_;
   ExchangeMaps maps_;
+  // ExchangeOptions::node_dedup: per send row, the token it carries (-1: padding), the rows'
+  // keys for HierarchicalAllToAll::DedupAllToAllV.
+  std::vector<int64_t> send_keys_;
   struct DeviceMaps {
     const int32_t *send_dst = nullptr, *send_src = nullptr, *self_dst = nullptr,
                   *self_src = nullptr, *self_back_dst = nullptr, *self_back_src = nullptr,
@@ -281,6 +287,8 @@ class ExpertExchange {
   // The two-stage exchange (after EnableHierarchical) moves rows inside a node by direct writes
   // (comm/algorithms/hierarchical_alltoall.h).
   bool intra_node_direct() const;
+  // Bytes this rank's two-stage exchanges sent to other nodes so far (0 when flat).
+  int64_t inter_node_bytes() const;
   // The transport in words, e.g. "direct writes (the group's 4 ranks on one node)" or "two-stage
   // all-to-all (2 ranks per node; the node stage by direct writes)".
   std::string Description() const;

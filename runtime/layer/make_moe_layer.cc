@@ -14,6 +14,7 @@ ExchangeOptions ExchangeOptionsOf(const config::MoeConfig& cfg, int ranks_per_no
           .pipeline_degree = cfg.parallel().pipeline_degree(),
           .ranks_per_node = ranks_per_node,
           .bf16_wire = cfg.parallel().wire_dtype() == config::BF16,
+          .node_dedup = cfg.parallel().node_dedup(),
           .transport = cfg.parallel().exchange_transport() == config::DIRECT
                            ? ExchangeTransport::kDirect
                        : cfg.parallel().exchange_transport() == config::ALLTOALL

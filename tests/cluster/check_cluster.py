@@ -7,7 +7,8 @@ Cases (--case):
                 `mpiexec -n 4` run bit for bit, with the node layout taken from the launch (the
                 start line says 2 nodes x 2 ranks and an all-to-all across nodes; no
                 comm.ranks_per_node in the config); the same with the two-stage all-to-all
-                (--ranks-per-node 2: its node stage by direct writes) and with redundant experts
+                (--ranks-per-node 2: its node stage by direct writes), with its node-deduplicated
+                dispatch (--node-dedup) and with redundant experts
                 (--redundant-experts 4, placement every 5 steps) against their one-node runs.
   node_failure  2 nodes x 2 ranks; after step 5 node 2's link goes down: ranks 0 and 1 (node 1)
                 exit non-zero within the deadline + 6 s, naming the operation and ranks [2, 3];
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -33,7 +35,8 @@ ap.add_argument("--deadline", type=float, default=3.0)
 a = ap.parse_args()
 
 work = os.path.abspath(a.workdir)
-os.makedirs(work, exist_ok=True)
+shutil.rmtree(work, ignore_errors=True)  # a fresh folder: no checkpoints of an earlier run
+os.makedirs(work)
 # A cluster of this case's own (names, subnet, state), beside any other.
 NAMES = {"equivalence": ("moeqe", 77), "node_failure": ("moeqf", 78)}
 name, net = NAMES[a.case]
@@ -81,6 +84,7 @@ try:
         failures = []
         variants = [("flat", []),
                     ("two-stage", ["--ranks-per-node", "2"]),
+                    ("deduplicated", ["--ranks-per-node", "2", "--node-dedup"]),
                     ("redundant experts", ["--redundant-experts", "4", "--rebalance-every", "5"])]
         for label, extra in variants:
             tag = label.replace(" ", "_")
@@ -94,7 +98,9 @@ try:
             if "2 node(s) x 2 ranks" not in start:
                 failures.append(f"{label}: the start line does not say 2 nodes x 2 ranks: {start!r}")
             want = {"two-stage": "two-stage all-to-all (2 ranks per node; the node stage by "
-                                 "direct writes)"}.get(
+                                 "direct writes)",
+                    "deduplicated": "two-stage all-to-all (2 ranks per node; the node stage by "
+                                    "direct writes; node-deduplicated dispatch)"}.get(
                 label, "all-to-all (the group's 4 ranks span nodes, 2 on this one)")
             if want not in start:
                 failures.append(f"{label}: the exchange is not '{want}': {start!r}")
@@ -129,9 +135,11 @@ try:
                     step5.set()
 
         threading.Thread(target=pump, daemon=True).start()
-        if not step5.wait(120):
-            proc.kill()
-            fail("the job did not reach step 5 within 120 s:\n" + "".join(lines[-20:]))
+        start = time.monotonic()
+        while not step5.wait(0.2):
+            if proc.poll() is not None or time.monotonic() - start > 120:
+                proc.kill()
+                fail("the job ended or did not reach step 5 within 120 s:\n" + "".join(lines[-20:]))
         node1 = f"{name}-n1"
 
         def node1_ranks():

@@ -445,6 +445,69 @@ void RepeatedMixedCalls(Communicator& comm) {
 
 // ---- hierarchical == flat -----------------------------------------------------------------------
 
+// The node-deduplicated all-to-all-v: rows keyed by a "token" (byte-equal per key, zeros for key
+// -1), each destination getting a varied number of them, duplicates to one node included. The
+// result is the flat all-to-all-v's byte for byte, and fewer bytes cross between nodes: the ranks
+// of a node get rows of the same keys, so a node of P > 1 ranks receives each key once (its
+// metadata, an int32 per row, included).
+void DedupEqualsFlat(Communicator& comm, HierarchicalAllToAll& hier, const std::string& tag) {
+  const int n = comm.size(), me = comm.rank();
+  constexpr int64_t kRowBytes = 24, kKeys = 5;
+  std::vector<int64_t> send_counts(static_cast<size_t>(n)), recv_counts(static_cast<size_t>(n));
+  // Destination d gets 2 + (me + d) % 3 rows: row k has key k % kKeys of this source (so the
+  // ranks of one node share keys), the first row of every other destination a zero row (-1).
+  const auto count = [](int src, int dst) -> int64_t { return 2 + (src + dst) % 3; };
+  const auto key = [](int src, int dst, int64_t k) -> int64_t {
+    if (k == 0 && dst % 2 == 1) return -1;
+    return src * 100 + k % kKeys;
+  };
+  std::vector<int64_t> keys;
+  Bytes send;
+  for (int d = 0; d < n; ++d) {
+    send_counts[static_cast<size_t>(d)] = count(me, d);
+    recv_counts[static_cast<size_t>(d)] = count(d, me);
+    for (int64_t k = 0; k < count(me, d); ++k) {
+      keys.push_back(key(me, d, k));
+      for (int64_t b = 0; b < kRowBytes; ++b) {
+        send.push_back(keys.back() < 0 ? 0
+                                       : static_cast<unsigned char>((keys.back() * 7 + b) & 0xff));
+      }
+    }
+  }
+  std::vector<int64_t> send_displs(static_cast<size_t>(n), 0), recv_displs(static_cast<size_t>(n), 0);
+  for (int d = 1; d < n; ++d) {
+    send_displs[static_cast<size_t>(d)] = send_displs[static_cast<size_t>(d - 1)] + send_counts[static_cast<size_t>(d - 1)];
+    recv_displs[static_cast<size_t>(d)] = recv_displs[static_cast<size_t>(d - 1)] + recv_counts[static_cast<size_t>(d - 1)];
+  }
+  const int64_t recv_rows = recv_displs.back() + recv_counts.back();
+  std::vector<int64_t> send_bytes(send_counts), send_at(send_displs), recv_bytes(recv_counts),
+      recv_at(recv_displs);
+  for (auto* v : {&send_bytes, &send_at, &recv_bytes, &recv_at}) {
+    for (int64_t& x : *v) x *= kRowBytes;
+  }
+  Bytes flat(static_cast<size_t>(recv_rows * kRowBytes)), dedup(flat.size(), 0x5a);
+  ASSERT_TRUE(comm.AllToAllV(send.data(), send_bytes, send_at, flat.data(), recv_bytes, recv_at,
+                             DataType::kUint8)
+                  .ok());
+  const int64_t before = hier.inter_node_bytes();
+  const Status status = hier.DedupAllToAllV(send.data(), send_counts, send_displs, keys,
+                                            dedup.data(), recv_counts, recv_displs, kRowBytes);
+  ASSERT_TRUE(status.ok()) << Where(comm, tag + " dedup " + status.ToString());
+  EXPECT_EQ(CompareBytes(flat, dedup), "") << Where(comm, tag + " dedup alltoallv");
+  // What the flat rows to other nodes would have been, against what crossed.
+  const int p = hier.ranks_per_node(), node = me / p;
+  int64_t flat_inter = 0;
+  for (int d = 0; d < n; ++d) {
+    if (d / p != node) flat_inter += send_counts[static_cast<size_t>(d)] * kRowBytes;
+  }
+  const int64_t crossed = hier.inter_node_bytes() - before;
+  if (p > 1 && hier.nodes() > 1) {
+    EXPECT_LT(crossed, flat_inter) << Where(comm, tag + " dedup crossed " + std::to_string(crossed) +
+                                                     " bytes, the flat rows " +
+                                                     std::to_string(flat_inter));
+  }
+}
+
 void HierarchicalEqualsFlat(Communicator& comm) {
   const int n = comm.size();
   for (int per_node = 1; per_node <= n; ++per_node) {
@@ -497,6 +560,7 @@ void HierarchicalEqualsFlat(Communicator& comm) {
         EXPECT_EQ(CompareBytes(flat.expected, flat_bytes), "") << Where(comm, tag + " flat");
       }
     }
+    if (comm.memory_space() == MemorySpace::kHost) DedupEqualsFlat(comm, *hier, tag);
    }
   }
 }

@@ -80,6 +80,14 @@ TEST(ConfigTest, KindDependentDefaults) {
   EXPECT_TRUE(dropless.ok()) << dropless.status().ToString();
 }
 
+TEST(ConfigTest, NodeDedupNeedsTheTwoStageExchange) {
+  ExpectInvalid(Layer("top_k: 2") + " parallel { node_dedup: true }",
+                {"parallel.node_dedup=true", "comm.ranks_per_node > 0"});
+  EXPECT_TRUE(ParseConfig(Layer("top_k: 2") + " parallel { node_dedup: true } comm { ranks_per_node: 2 }",
+                          "cfg.textproto")
+                  .ok());
+}
+
 TEST(ConfigTest, TopKAboveNumExperts) {
   ExpectInvalid(Layer("top_k: 5"), {"moe.router.top_k=5", "<= moe.num_experts=4"});
   ExpectInvalid(Layer("gate: NOISY_TOPK top_k: 5"), {"moe.router.top_k=5", "<= moe.num_experts=4"});

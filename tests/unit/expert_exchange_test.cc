@@ -90,21 +90,44 @@ TEST_P(ExpertExchangeTest, DispatchDeliversEveryRowAndCombineSumsTheCallersResul
       return ok;
     };
     HostDevice device;
-    // Both transports against the same exact expectations, so also equal to each other bit for
-    // bit (the direct one where it runs: a flat exchange of more than one rank).
-    for (const ExchangeTransport transport :
-         {ExchangeTransport::kAllToAll, ExchangeTransport::kDirect}) {
-    const bool direct = transport == ExchangeTransport::kDirect;
-    if (direct && (c.ranks_per_node > 0 || w == 1)) continue;
-    transport_name = direct ? "direct" : "alltoall";
+    // Every way of moving the rows against the same exact expectations, so also equal to each
+    // other bit for bit: flat, the all-to-all and direct writes (where they run: more than one
+    // rank); two-stage, its node stage on the communicator, by direct writes, and with the
+    // node-deduplicated dispatch.
+    struct Way {
+      const char* name;
+      ExchangeTransport transport;
+      bool dedup;
+    };
+    const bool two_stage = c.ranks_per_node > 0;
+    const std::vector<Way> ways =
+        two_stage ? std::vector<Way>{{"two-stage", ExchangeTransport::kAllToAll, false},
+                                     {"two-stage, direct node stage", ExchangeTransport::kAuto, false},
+                                     {"two-stage, deduplicated", ExchangeTransport::kAuto, true}}
+                  : std::vector<Way>{{"alltoall", ExchangeTransport::kAllToAll, false},
+                                     {"direct", ExchangeTransport::kDirect, false}};
+    for (const Way& way : ways) {
+    const bool direct = way.transport == ExchangeTransport::kDirect;
+    if (direct && w == 1) continue;
+    transport_name = way.name;
     ExpertExchange exchange(&device, &comm, e, kModel,
                             {.dropless = c.dropless_exchange,
                              .pipeline_degree = c.chunks,
                              .ranks_per_node = c.ranks_per_node,
                              .bf16_wire = c.bf16,
-                             .transport = transport});
-    if (!check(exchange.transport() == transport, "transport chosen")) return;
+                             .node_dedup = way.dedup,
+                             .transport = way.transport});
+    if (!check(exchange.transport() == (direct ? ExchangeTransport::kDirect
+                                               : ExchangeTransport::kAllToAll),
+               "transport chosen")) {
+      return;
+    }
     if (!check(exchange.EnableHierarchical().ok(), "EnableHierarchical")) return;
+    if (two_stage &&
+        !check(exchange.intra_node_direct() == (way.transport == ExchangeTransport::kAuto),
+               "node stage by direct writes")) {
+      return;
+    }
     const DispatchPlan& plan = plans[static_cast<size_t>(p)];
     const Tensor& x = xs[static_cast<size_t>(p)];
     const bool padded = !c.dropless_exchange && plan.capacity > 0;
@@ -216,8 +239,11 @@ INSTANTIATE_TEST_SUITE_P(
                       ExchangeCase{"w4_dropless_routing", 4, 1, 1, 1, false, 0.0},
                       ExchangeCase{"w2_capacity_chunks3", 2, 2, 2, 3, false, 1.25},
                       ExchangeCase{"w3_dropless_chunks4", 3, 2, 1, 4, true, 1.0},
-                      ExchangeCase{"w4_capacity_hierarchical2", 4, 2, 1, 1, false, 1.0},
-                      ExchangeCase{"w4_dropless_hierarchical2_chunks2", 4, 2, 2, 2, true, 1.0},
+                      ExchangeCase{"w4_capacity_hierarchical2", 4, 2, 1, 1, false, 1.0, 2},
+                      ExchangeCase{"w4_dropless_hierarchical2_chunks2", 4, 2, 2, 2, true, 1.0, 2},
+                      ExchangeCase{"w6_capacity_hierarchical2_groups2", 6, 2, 2, 1, false, 1.25,
+                                   2},
+                      ExchangeCase{"w6_dropless_hierarchical3", 6, 1, 1, 1, true, 1.0, 3},
                       // The bf16 wire: capacity (self rows rounded too), dropless with chunks,
                       // hierarchical, and a one-rank communicator.
                       ExchangeCase{"w1_capacity_bf16", 1, 4, 1, 1, false, 1.0, 0, true},

@@ -2,10 +2,10 @@
 #include "comm/algorithms/hierarchical_alltoall.h"
 
 #include <algorithm>
-#include <climits>
 #include <cstring>
 #include <numeric>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "base/memory.h"
@@ -304,7 +304,7 @@ Status HierarchicalAllToAll::DedupAllToAllV(const void* send, std::span<const in
     if (b == node) continue;
     std::vector<int32_t>& m = meta[static_cast<size_t>(b)];
     std::vector<int64_t>& u = unique[static_cast<size_t>(b)];
-    std::vector<std::pair<int64_t, int32_t>> seen;  // (key, unique index), sorted by key
+    std::unordered_map<int64_t, int32_t> seen;  // key -> its unique row's index
     for (int j = 0; j < P; ++j) m.push_back(static_cast<int32_t>(send_counts[b * P + j]));
     for (int j = 0; j < P; ++j) {
       const int d = b * P + j;
@@ -314,11 +314,8 @@ Status HierarchicalAllToAll::DedupAllToAllV(const void* send, std::span<const in
           m.push_back(-1);
           continue;
         }
-        auto it = std::lower_bound(seen.begin(), seen.end(), std::make_pair(key, INT32_MIN));
-        if (it == seen.end() || it->first != key) {
-          it = seen.insert(it, {key, static_cast<int32_t>(u.size())});
-          u.push_back(r);
-        }
+        const auto [it, added] = seen.try_emplace(key, static_cast<int32_t>(u.size()));
+        if (added) u.push_back(r);
         m.push_back(it->second);
       }
     }

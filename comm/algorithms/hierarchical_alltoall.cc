@@ -355,7 +355,7 @@ Status HierarchicalAllToAll::DedupAllToAllV(const void* send, std::span<const in
                                         PrefixSums(rows_in), DataType::kUint8));
   // The relay's node stage: to each local rank j, the rows of every source with this rank's local
   // index (node by node, this rank's own straight from `send`), expanded from the unique rows.
-  std::vector<int64_t> to_local(static_cast<size_t>(P), 0);
+  std::vector<int64_t> to_local(static_cast<size_t>(P), 0);  // bytes to each local rank
   std::vector<std::vector<std::pair<const int32_t*, int64_t>>> lists(
       static_cast<size_t>(N), std::vector<std::pair<const int32_t*, int64_t>>(static_cast<size_t>(P)));
   const std::vector<int64_t> meta_at = PrefixSums(meta_in), rows_at = PrefixSums(rows_in);
@@ -366,12 +366,14 @@ Status HierarchicalAllToAll::DedupAllToAllV(const void* send, std::span<const in
     for (int j = 0; j < P; ++j) {
       lists[static_cast<size_t>(a)][static_cast<size_t>(j)] = {list, m[j]};
       list += m[j];
-      to_local[static_cast<size_t>(j)] += m[j];
+      to_local[static_cast<size_t>(j)] += m[j] * row_bytes;
     }
   }
-  for (int j = 0; j < P; ++j) to_local[static_cast<size_t>(j)] += send_counts[node * P + j];
+  for (int j = 0; j < P; ++j) {
+    to_local[static_cast<size_t>(j)] += send_counts[node * P + j] * row_bytes;
+  }
   MOE_ASSIGN_OR_RETURN(void* const expanded,
-                       expanded_.Get(std::max<int64_t>(Sum(to_local) * row_bytes, 1)));
+                       expanded_.Get(std::max<int64_t>(Sum(to_local), 1)));
   offset = 0;
   for (int j = 0; j < P; ++j) {
     for (int a = 0; a < N; ++a) {
@@ -395,21 +397,14 @@ Status HierarchicalAllToAll::DedupAllToAllV(const void* send, std::span<const in
     }
   }
   // From local rank i: the rows of sources a·P + i, node by node; into their displacements.
-  std::vector<int64_t> from_local(static_cast<size_t>(P), 0);
+  std::vector<int64_t> from_local(static_cast<size_t>(P), 0);  // bytes from each local rank
   for (int i = 0; i < P; ++i) {
-    for (int a = 0; a < N; ++a) from_local[static_cast<size_t>(i)] += recv_counts[a * P + i];
+    for (int a = 0; a < N; ++a) from_local[static_cast<size_t>(i)] += recv_counts[a * P + i] * row_bytes;
   }
-  const std::vector<int64_t> out_bytes = [&] {
-    std::vector<int64_t> v(to_local);
-    for (int64_t& x : v) x *= row_bytes;
-    return v;
-  }();
-  std::vector<int64_t> in_bytes(from_local);
-  for (int64_t& x : in_bytes) x *= row_bytes;
   MOE_ASSIGN_OR_RETURN(void* const gathered,
-                       gathered_.Get(std::max<int64_t>(Sum(in_bytes), 1)));
-  MOE_RETURN_IF_ERROR(intra_->AllToAllV(expanded, out_bytes, PrefixSums(out_bytes), gathered,
-                                        in_bytes, PrefixSums(in_bytes), DataType::kUint8));
+                       gathered_.Get(std::max<int64_t>(Sum(from_local), 1)));
+  MOE_RETURN_IF_ERROR(intra_->AllToAllV(expanded, to_local, PrefixSums(to_local), gathered,
+                                        from_local, PrefixSums(from_local), DataType::kUint8));
   offset = 0;
   for (int i = 0; i < P; ++i) {
     for (int a = 0; a < N; ++a) {

@@ -453,20 +453,19 @@ Status ExpertExchange::Start(ExchangeHandle* handle, Pass pass, int chunk, bool 
   ExchangeHandle::Requests::Slot& slot = handle->requests_->at(pass, chunk, dispatch);
   slot.record = RecordCall(*handle, pass, chunk, dispatch);
   slot.ordered = false;
-  std::vector<int64_t> sc = Scaled(out_rows, row_elems), sd = Scaled(out_displs, row_elems),
-                       rc = Scaled(in_rows, row_elems), rd = Scaled(in_displs, row_elems);
-  // The self block was moved by the gather (dispatch) and is read in place (combine).
+  // Rows per peer; the self block was moved by the gather (dispatch) and is read in place
+  // (combine), so it is left out.
   const int self = handle->layout_.shape.self;
-  if (self >= 0) sc[self] = rc[self] = 0;
+  std::vector<int64_t> out(out_rows), in(in_rows);
+  if (self >= 0) out[static_cast<size_t>(self)] = in[static_cast<size_t>(self)] = 0;
+  const std::vector<int64_t> sc = Scaled(out, row_elems), sd = Scaled(out_displs, row_elems),
+                             rc = Scaled(in, row_elems), rd = Scaled(in_displs, row_elems);
   // Every peer the same L·G·C rows (capacity mode, nothing bypassed): a plain all-to-all.
   const bool equal =
       handle->layout_.shape.capacity > 0 && handle->layout_.shape.expert_capacity.empty() && self < 0;
   return stats_.Timed(slot.record, [&]() -> Status {
     if (hierarchical_ != nullptr && dispatch && pass == Pass::kForward &&
         !handle->send_keys_.empty()) {
-      // Rows per peer, this rank's own block left out (it moved by the gather).
-      std::vector<int64_t> out(out_rows), in(in_rows);
-      if (self >= 0) out[static_cast<size_t>(self)] = in[static_cast<size_t>(self)] = 0;
       return hierarchical_->DedupAllToAllV(send, out, out_displs, handle->send_keys_, recv, in,
                                            in_displs, row_bytes);
     }

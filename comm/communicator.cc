@@ -2,6 +2,7 @@
 // (comm/communicator.h).
 #include "comm/communicator.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <utility>
 
@@ -196,9 +197,39 @@ StatusOr<std::unique_ptr<Communicator>> Communicator::Split(int color, int key) 
   return DoSplit(seq, color, key);
 }
 
-StatusOr<std::unique_ptr<SymmetricBuffer>> Communicator::AllocateSymmetric(int64_t bytes) {
+namespace {
+
+// Runs `collective` on `count` int64 words: in place on the host, or on a device copy of them.
+template <typename Collective>
+Status OnHostWords(MemorySpace space, int64_t* words, int64_t count, Collective collective) {
+  if (space == MemorySpace::kHost) return collective(words);
+  const int64_t bytes = std::max<int64_t>(count, 1) * static_cast<int64_t>(sizeof(int64_t));
+  MOE_ASSIGN_OR_RETURN(Buffer staged, Buffer::FromHost(space, words, bytes));
+  MOE_RETURN_IF_ERROR(collective(staged.data()));
+  return CopyToHost(space, words, staged.data(), bytes);
+}
+
+}  // namespace
+
+Status Communicator::AllReduceWords(int64_t* words, int64_t count, ReduceOp op) {
+  return OnHostWords(memory_space(), words, count, [&](void* at) {
+    return AllReduce(at, at, count, DataType::kInt64, op);
+  });
+}
+
+Status Communicator::BroadcastWords(int64_t* words, int64_t count, int root) {
+  return OnHostWords(memory_space(), words, count,
+                     [&](void* at) { return Broadcast(at, count, DataType::kInt64, root); });
+}
+
+StatusOr<std::unique_ptr<SymmetricBuffer>> Communicator::AllocateSymmetric(int64_t bytes,
+                                                                            int64_t board_words) {
   if (bytes < 0) {
     return InvalidArgument("symmetric: bytes=" + std::to_string(bytes) + " must be >= 0");
+  }
+  if (board_words < 0) {
+    return InvalidArgument("symmetric: board_words=" + std::to_string(board_words) +
+                           " must be >= 0");
   }
   if (local_size() < size()) {
     return FailedPrecondition("symmetric: the " + std::to_string(size()) + " ranks of this " +
@@ -207,25 +238,27 @@ StatusOr<std::unique_ptr<SymmetricBuffer>> Communicator::AllocateSymmetric(int64
                               std::to_string(rank()) + "'s): a symmetric buffer needs ranks that "
                               "share memory (split by node first)");
   }
-  if (memory_space() != MemorySpace::kHost) {
-    return Unimplemented("symmetric: buffers in device memory (NCCL symmetric memory: ncclMemAlloc "
-                         "and window registration) are not wired yet; this " +
-                         std::string(backend()) + " communicator is in device memory");
-  }
-  // Every rank must ask for the same size: one all-reduce of (bytes, -bytes) by max.
-  int64_t range[2] = {bytes, -bytes};
-  MOE_RETURN_IF_ERROR(AllReduce(range, range, 2, DataType::kInt64, ReduceOp::kMax));
+  // Every rank must ask for the same sizes: one all-reduce of (x, -x) by max for both.
+  int64_t range[4] = {bytes, -bytes, board_words, -board_words};
+  MOE_RETURN_IF_ERROR(AllReduceWords(range, 4, ReduceOp::kMax));
   if (range[0] != -range[1]) {
     return InvalidArgument("symmetric: bytes=" + std::to_string(bytes) + " on rank " +
                            std::to_string(rank()) + ", but the ranks ask for " +
                            std::to_string(-range[1]) + " to " + std::to_string(range[0]) +
                            ": every rank must pass the same bytes");
   }
+  if (range[2] != -range[3]) {
+    return InvalidArgument("symmetric: board_words=" + std::to_string(board_words) + " on rank " +
+                           std::to_string(rank()) + ", but the ranks ask for " +
+                           std::to_string(-range[3]) + " to " + std::to_string(range[2]) +
+                           ": every rank must pass the same board_words");
+  }
   MOE_ASSIGN_OR_RETURN(const uint64_t seq, Begin("symmetric"));
-  return DoAllocateSymmetric(seq, bytes);
+  return DoAllocateSymmetric(seq, bytes, board_words);
 }
 
-StatusOr<std::unique_ptr<SymmetricBuffer>> Communicator::DoAllocateSymmetric(uint64_t, int64_t) {
+StatusOr<std::unique_ptr<SymmetricBuffer>> Communicator::DoAllocateSymmetric(uint64_t, int64_t,
+                                                                             int64_t) {
   return Unimplemented("symmetric: the " + std::string(backend()) +
                        " backend has no symmetric buffers");
 }

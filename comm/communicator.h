@@ -139,13 +139,19 @@ class Communicator {
   // Copies `count` elements of `root`'s buffer into every rank's buffer.
   Status Broadcast(void* buffer, int64_t count, DataType dtype, int root);
   Status Barrier();
+  // AllReduce / Broadcast of int64 words in host memory whatever memory_space() is (device memory:
+  // staged through a device buffer), for the small control values collectives agree on.
+  Status AllReduceWords(int64_t* words, int64_t count, ReduceOp op);
+  Status BroadcastWords(int64_t* words, int64_t count, int root);
 
-  // Collective: a buffer of `bytes` (>= 0, the same on every rank) on every rank, each rank's
-  // addressable by all, with fences (comm/symmetric.h). Needs ranks that share memory:
-  // kFailedPrecondition when they span nodes (local_size() < size()); kUnimplemented where the
-  // backend has none yet (device memory: NCCL's symmetric memory is not wired). MPI: a shared-
-  // memory window (MPI_Win_allocate_shared); loopback in host memory: the process's memory.
-  StatusOr<std::unique_ptr<SymmetricBuffer>> AllocateSymmetric(int64_t bytes);
+  // Collective: a buffer of `bytes` (>= 0) and a board of `board_words` (>= 0) int64 host words,
+  // both the same on every rank, on every rank, each rank's addressable by all, with fences
+  // (comm/symmetric.h). Needs ranks that share memory: kFailedPrecondition when they span nodes
+  // (local_size() < size()). MPI: a shared-memory window (MPI_Win_allocate_shared); loopback: the
+  // process's memory (host, or one cudaMalloc for device memory); NCCL: ncclMemAlloc + a symmetric
+  // window (NCCL 2.28 or newer; kFailedPrecondition where NCCL's load/store team is not every rank).
+  StatusOr<std::unique_ptr<SymmetricBuffer>> AllocateSymmetric(int64_t bytes,
+                                                              int64_t board_words = 0);
 
   // Collective over this communicator: ranks with the same color form a new communicator, ordered
   // by (key, rank). color must be >= 0 or kNoColor (the rank gets nullptr). The new communicator
@@ -178,10 +184,11 @@ class Communicator {
                              int root) = 0;
   virtual Status DoBarrier(uint64_t seq) = 0;
   virtual StatusOr<std::unique_ptr<Communicator>> DoSplit(uint64_t seq, int color, int key) = 0;
-  // `bytes` is valid and the same on every rank, the ranks share a node, memory is on the host.
+  // `bytes` and `board_words` are valid and the same on every rank, the ranks share a node.
   // Default: kUnimplemented naming the backend.
   virtual StatusOr<std::unique_ptr<SymmetricBuffer>> DoAllocateSymmetric(uint64_t seq,
-                                                                         int64_t bytes);
+                                                                         int64_t bytes,
+                                                                         int64_t board_words);
 
   // Marks the communicator aborted and returns `status` (for `return Abort(DeadlineExceeded(..))`).
   Status Abort(Status status);

@@ -12,50 +12,22 @@
 namespace moe::comm {
 namespace {
 
-std::atomic_ref<uint64_t> Slot(uint64_t* header, int slot) { return std::atomic_ref<uint64_t>(header[slot]); }
+// A rank's fence counter: the first word of its header.
+std::atomic_ref<uint64_t> Counter(uint64_t* header) { return std::atomic_ref<uint64_t>(*header); }
 
 }  // namespace
 
-int64_t SymmetricStride(int64_t bytes) {
-  return kSymmetricHeaderBytes + (bytes + 63) / 64 * 64;
-}
-
-SymmetricBuffer::SymmetricBuffer(Communicator* comm, int64_t bytes, std::vector<void*> peers,
-                                 std::vector<uint64_t*> headers)
+SymmetricBuffer::SymmetricBuffer(Communicator* comm, int64_t bytes, MemorySpace space,
+                                 std::vector<void*> peers, int64_t board_words,
+                                 std::vector<int64_t*> boards)
     : comm_(comm),
       rank_(comm->rank()),
       bytes_(bytes),
+      space_(space),
       peers_(std::move(peers)),
-      headers_(std::move(headers)),
+      board_words_(board_words),
+      boards_(std::move(boards)),
       deadline_seconds_(comm->options().deadline_seconds) {}
-
-bool SymmetricBuffer::WaitFor(int slot, uint64_t target, std::vector<int>* missing) const {
-  using Clock = std::chrono::steady_clock;
-  const auto deadline = Clock::now() + std::chrono::duration<double>(deadline_seconds_);
-  for (int64_t spins = 0;; ++spins) {
-    bool all = true;
-    for (int r = 0; r < size() && all; ++r) {
-      all = Slot(headers_[static_cast<size_t>(r)], slot).load(std::memory_order_acquire) >= target;
-    }
-    if (all) return true;
-    if (Clock::now() > deadline) {
-      missing->clear();
-      for (int r = 0; r < size(); ++r) {
-        if (Slot(headers_[static_cast<size_t>(r)], slot).load(std::memory_order_acquire) < target) {
-          missing->push_back(r);
-        }
-      }
-      if (missing->empty()) return true;  // they arrived at the last moment
-      return false;
-    }
-    // Ranks may outnumber cores (tests oversubscribe): give the core away, then sleep a little.
-    if (spins < 1000) {
-      std::this_thread::yield();
-    } else {
-      std::this_thread::sleep_for(std::chrono::microseconds(50));
-    }
-  }
-}
 
 Status SymmetricBuffer::Signal() {
   if (!failed() && comm_->aborted()) {
@@ -66,9 +38,12 @@ Status SymmetricBuffer::Signal() {
     return FailedPrecondition("symmetric fence #" + std::to_string(signalled_) + " on rank " +
                               std::to_string(rank_) + ": Signal called again before its Wait");
   }
-  SyncMemory();
+  const Status arrived = Arrive(signalled_ + 1);
+  if (!arrived.ok()) {
+    failure_ = arrived.message();
+    return comm_->Abort(arrived);
+  }
   ++signalled_;
-  Slot(headers_[static_cast<size_t>(rank_)], 0).store(signalled_, std::memory_order_release);
   return Status::Ok();
 }
 
@@ -78,16 +53,11 @@ Status SymmetricBuffer::Wait() {
     return FailedPrecondition("symmetric fence on rank " + std::to_string(rank_) +
                               ": Wait called without a Signal before it");
   }
-  std::vector<int> missing;
-  if (!WaitFor(0, signalled_, &missing)) {
-    char deadline[32];
-    std::snprintf(deadline, sizeof(deadline), "%.1f", deadline_seconds_);
-    failure_ = "symmetric fence #" + std::to_string(signalled_) + " deadline " + deadline +
-               " s exceeded on rank " + std::to_string(rank_) + ": ranks " + FormatRanks(missing) +
-               " did not signal";
-    return comm_->Abort(DeadlineExceeded(failure_));
+  const Status awaited = Await(signalled_);
+  if (!awaited.ok()) {
+    failure_ = awaited.message();
+    return comm_->Abort(awaited);
   }
-  SyncMemory();
   completed_ = signalled_;
   return Status::Ok();
 }
@@ -95,6 +65,59 @@ Status SymmetricBuffer::Wait() {
 Status SymmetricBuffer::Fence() {
   MOE_RETURN_IF_ERROR(Signal());
   return Wait();
+}
+
+CountedSymmetricBuffer::CountedSymmetricBuffer(Communicator* comm, int64_t bytes,
+                                               MemorySpace space, std::vector<void*> peers,
+                                               int64_t board_words, std::vector<int64_t*> boards,
+                                               std::vector<uint64_t*> headers)
+    : SymmetricBuffer(comm, bytes, space, std::move(peers), board_words, std::move(boards)),
+      headers_(std::move(headers)) {}
+
+bool CountedSymmetricBuffer::WaitFor(uint64_t target, std::vector<int>* missing) const {
+  using Clock = std::chrono::steady_clock;
+  const auto deadline = Clock::now() + std::chrono::duration<double>(deadline_seconds());
+  for (int64_t spins = 0;; ++spins) {
+    bool all = true;
+    for (int r = 0; r < size() && all; ++r) {
+      all = Counter(headers_[static_cast<size_t>(r)]).load(std::memory_order_acquire) >= target;
+    }
+    if (all) return true;
+    if (Clock::now() > deadline) {
+      missing->clear();
+      for (int r = 0; r < size(); ++r) {
+        if (Counter(headers_[static_cast<size_t>(r)]).load(std::memory_order_acquire) < target) {
+          missing->push_back(r);
+        }
+      }
+      return missing->empty();  // all arrived at the last moment
+    }
+    // Ranks may outnumber cores (tests oversubscribe): give the core away, then sleep a little.
+    if (spins < 1000) {
+      std::this_thread::yield();
+    } else {
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
+  }
+}
+
+Status CountedSymmetricBuffer::Arrive(uint64_t fence) {
+  SyncMemory();
+  Counter(headers_[static_cast<size_t>(rank())]).store(fence, std::memory_order_release);
+  return Status::Ok();
+}
+
+Status CountedSymmetricBuffer::Await(uint64_t fence) {
+  std::vector<int> missing;
+  if (!WaitFor(fence, &missing)) {
+    char deadline[32];
+    std::snprintf(deadline, sizeof(deadline), "%.1f", deadline_seconds());
+    return DeadlineExceeded("symmetric fence #" + std::to_string(fence) + " deadline " + deadline +
+                            " s exceeded on rank " + std::to_string(rank()) + ": ranks " +
+                            FormatRanks(missing) + " did not signal");
+  }
+  SyncMemory();
+  return Status::Ok();
 }
 
 }  // namespace moe::comm

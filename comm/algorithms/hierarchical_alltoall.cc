@@ -76,11 +76,11 @@ StatusOr<const void*> HierarchicalAllToAll::DirectStage1(const void* send,
                                                          const std::vector<int64_t>& out1,
                                                          std::vector<int64_t>* in1) {
   const int P = ranks_per_node_, N = nodes_, me = intra_->rank();
-  // A rank's header: its stage-1 counts in bytes, (local peer j, node b) order.
-  const int64_t header = (static_cast<int64_t>(out1.size()) * 8 + 63) / 64 * 64;
-  const auto counts = [&](int i) { return static_cast<const int64_t*>(staging_->peer(i)); };
+  // A rank's board: its stage-1 counts in bytes, (local peer j, node b) order.
+  const int64_t words = static_cast<int64_t>(out1.size());
+  const auto counts = [&](int i) { return staging_->board(i); };
   const auto publish = [&]() -> Status {
-    auto* mine = static_cast<int64_t*>(staging_->local());
+    int64_t* const mine = staging_->board();
     for (size_t k = 0; k < out1.size(); ++k) mine[k] = out1[k] * elem_bytes;
     return staging_->Fence();
   };
@@ -97,7 +97,7 @@ StatusOr<const void*> HierarchicalAllToAll::DirectStage1(const void* send,
     MOE_RETURN_IF_ERROR(publish());
     for (int j = 0; j < P; ++j) need = std::max(need, staged(j));
   } else {
-    // The first call, no headers yet: what the node's ranks send in stage 1 altogether bounds
+    // The first call, no boards yet: what the node's ranks send in stage 1 altogether bounds
     // what any of them receives.
     int64_t sent = 0;
     for (const int64_t c : out1) sent += c * elem_bytes;
@@ -106,7 +106,7 @@ StatusOr<const void*> HierarchicalAllToAll::DirectStage1(const void* send,
   if (staging_ == nullptr || need > staging_bytes_) {
     staging_.reset();  // collective: every local rank sees the same need
     staging_bytes_ = std::max(staging_bytes_, need + need / 4);
-    MOE_ASSIGN_OR_RETURN(staging_, intra_->AllocateSymmetric(header + staging_bytes_));
+    MOE_ASSIGN_OR_RETURN(staging_, intra_->AllocateSymmetric(staging_bytes_, words));
     MOE_RETURN_IF_ERROR(publish());
   }
   // Where this rank's blocks start in each local peer's staging rows: after the earlier sources'.
@@ -119,7 +119,7 @@ StatusOr<const void*> HierarchicalAllToAll::DirectStage1(const void* send,
     for (int i = 0; i < me; ++i) {
       for (int b = 0; b < N; ++b) offset += counts(i)[j * N + b];
     }
-    char* const rows = static_cast<char*>(staging_->peer(j)) + header;
+    char* const rows = static_cast<char*>(staging_->peer(j));
     for (int b = 0; b < N; ++b) {
       const int dest = b * P + j;
       const int64_t bytes = send_counts[dest] * elem_bytes;
@@ -129,7 +129,7 @@ StatusOr<const void*> HierarchicalAllToAll::DirectStage1(const void* send,
     }
   }
   MOE_RETURN_IF_ERROR(staging_->Fence());
-  return static_cast<const void*>(static_cast<const char*>(staging_->local()) + header);
+  return static_cast<const void*>(staging_->local());
 }
 
 Status HierarchicalAllToAll::AllToAll(const void* send, void* recv, int64_t count, DataType dtype) {

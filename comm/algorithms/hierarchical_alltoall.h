@@ -9,12 +9,12 @@
 //
 // Direct writes inside a node (`direct_intra`, where the node's ranks share memory on the host):
 // stage 1 runs over a symmetric buffer of the node (comm/symmetric.h) instead of the node
-// communicator's all-to-all. Each rank publishes its stage-1 counts in its header and fences; then
+// communicator's all-to-all. Each rank publishes its stage-1 counts on its board and fences; then
 // every rank knows where its blocks go in each local peer's staging rows and writes them there
 // straight from `send` (no packing copy, no count exchange); a second fence, and stage 2 reads its
-// staging rows in place. Why two fences per call suffice: a rank rewrites its header or a peer's
+// staging rows in place. Why two fences per call suffice: a rank rewrites its board or a peer's
 // staging rows of the next call only after that call's first fence, which every local peer
-// signals after it read this call's headers and sent its staging rows on. The buffer grows (by a
+// signals after it read this call's boards and sent its staging rows on. The buffer grows (by a
 // quarter more than the largest need, collectively) when a call needs more.
 //
 // Buffers live in the parent communicator's memory space; staging buffers are workspaces there

@@ -55,39 +55,80 @@ std::string Mismatch(const std::string& op, uint64_t seq, int rank, const std::s
   return op + " #" + std::to_string(seq) + " on rank " + std::to_string(rank) + ": " + what;
 }
 
-// Every rank's header and buffer in one allocation, shared by the ranks' SymmetricBuffers (threads
-// of one process): it is freed with the last of them, so no rank frees memory a peer still writes.
+// Every rank's header, board and buffer in one allocation, shared by the ranks' SymmetricBuffers
+// (threads of one process): it is freed with the last of them, so no rank frees memory a peer still
+// writes. In device memory the buffers are one device allocation beside it (zeroed).
 struct SharedBlock {
-  explicit SharedBlock(size_t bytes) : base(static_cast<char*>(std::aligned_alloc(64, bytes))) {
-    if (base != nullptr) std::memset(base, 0, bytes);
+  SharedBlock(int ranks, int64_t bytes, int64_t board_words, MemorySpace space)
+      : space(space),
+        stride(SymmetricStride(space == MemorySpace::kHost ? bytes : 0, board_words)),
+        device_stride(RoundUp64(bytes)),
+        base(static_cast<char*>(std::aligned_alloc(64, static_cast<size_t>(ranks * stride)))) {
+    if (base != nullptr) std::memset(base, 0, static_cast<size_t>(ranks * stride));
   }
   ~SharedBlock() { std::free(base); }
   SharedBlock(const SharedBlock&) = delete;
   SharedBlock& operator=(const SharedBlock&) = delete;
+
+  // Rank r's header, board and buffer.
+  char* part(int r) const { return base + r * stride; }
+  void* buffer(int r, int64_t board_words) const {
+    return space == MemorySpace::kHost ? part(r) + SymmetricDataOffset(board_words)
+                                       : device.as<char>() + r * device_stride;
+  }
+
+  const MemorySpace space;
+  const int64_t stride, device_stride;
   char* const base;
+  Buffer device;  // device memory: every rank's buffer
 };
 
-class InProcessSymmetric final : public SymmetricBuffer {
+class InProcessSymmetric final : public CountedSymmetricBuffer {
  public:
-  InProcessSymmetric(Communicator* comm, std::shared_ptr<SharedBlock> block, int64_t bytes)
-      : SymmetricBuffer(comm, bytes, Parts(*block, comm->size(), bytes, kSymmetricHeaderBytes),
-                        Headers(*block, comm->size(), bytes)),
+  InProcessSymmetric(Communicator* comm, std::shared_ptr<SharedBlock> block, int64_t bytes,
+                     int64_t board_words)
+      : CountedSymmetricBuffer(comm, bytes, block->space, Buffers(*block, comm->size(), board_words),
+                               board_words, Boards(*block, comm->size()),
+                               Headers(*block, comm->size())),
         block_(std::move(block)) {}
 
  private:
-  static std::vector<void*> Parts(const SharedBlock& block, int size, int64_t bytes, int64_t at) {
-    std::vector<void*> parts;
-    for (int r = 0; r < size; ++r) parts.push_back(block.base + r * SymmetricStride(bytes) + at);
-    return parts;
+  static std::vector<void*> Buffers(const SharedBlock& block, int size, int64_t board_words) {
+    std::vector<void*> buffers;
+    for (int r = 0; r < size; ++r) buffers.push_back(block.buffer(r, board_words));
+    return buffers;
   }
-  static std::vector<uint64_t*> Headers(const SharedBlock& block, int size, int64_t bytes) {
+  static std::vector<int64_t*> Boards(const SharedBlock& block, int size) {
+    std::vector<int64_t*> boards;
+    for (int r = 0; r < size; ++r) {
+      boards.push_back(reinterpret_cast<int64_t*>(block.part(r) + kSymmetricHeaderBytes));
+    }
+    return boards;
+  }
+  static std::vector<uint64_t*> Headers(const SharedBlock& block, int size) {
     std::vector<uint64_t*> headers;
-    for (void* p : Parts(block, size, bytes, 0)) headers.push_back(static_cast<uint64_t*>(p));
+    for (int r = 0; r < size; ++r) headers.push_back(reinterpret_cast<uint64_t*>(block.part(r)));
     return headers;
   }
 
   const std::shared_ptr<SharedBlock> block_;
 };
+
+// Rank 0's block: the host parts, and in device memory the zeroed device buffers.
+StatusOr<std::shared_ptr<SharedBlock>> MakeSharedBlock(int ranks, int64_t bytes,
+                                                       int64_t board_words, MemorySpace space) {
+  auto block = std::make_shared<SharedBlock>(ranks, bytes, board_words, space);
+  if (block->base == nullptr) {
+    return Internal("symmetric: allocating " + std::to_string(ranks * block->stride) +
+                    " bytes of host memory failed");
+  }
+  if (space == MemorySpace::kDevice) {
+    const int64_t device_bytes = std::max<int64_t>(ranks * block->device_stride, 64);
+    const std::vector<char> zeros(static_cast<size_t>(device_bytes), 0);
+    MOE_ASSIGN_OR_RETURN(block->device, Buffer::FromHost(space, zeros.data(), device_bytes));
+  }
+  return block;
+}
 
 }  // namespace
 
@@ -341,20 +382,24 @@ StatusOr<std::unique_ptr<Communicator>> LoopbackCommunicator::DoSplit(uint64_t s
 }
 
 StatusOr<std::unique_ptr<SymmetricBuffer>> LoopbackCommunicator::DoAllocateSymmetric(
-    uint64_t /*seq*/, int64_t bytes) {
-  // Rank 0 allocates and broadcasts the address of its reference; every rank copies the reference,
-  // and a barrier keeps rank 0's alive until then (if the barrier fails it is left, not freed).
+    uint64_t /*seq*/, int64_t bytes, int64_t board_words) {
+  // Rank 0 allocates and broadcasts the address of its reference (0 if it failed); every rank
+  // copies the reference, and a barrier keeps rank 0's alive until then (if the barrier fails it is
+  // left, not freed).
   std::shared_ptr<SharedBlock>* held = nullptr;
+  Status made;
   if (rank_ == 0) {
-    auto block = std::make_shared<SharedBlock>(static_cast<size_t>(size() * SymmetricStride(bytes)));
-    if (block->base == nullptr) {
-      return Internal("symmetric: allocating " + std::to_string(size() * SymmetricStride(bytes)) +
-                      " bytes failed");
+    StatusOr<std::shared_ptr<SharedBlock>> block =
+        MakeSharedBlock(size(), bytes, board_words, memory_space());
+    if (block.ok()) {
+      held = new std::shared_ptr<SharedBlock>(std::move(*block));
+    } else {
+      made = block.status();
     }
-    held = new std::shared_ptr<SharedBlock>(std::move(block));
   }
   int64_t address = static_cast<int64_t>(reinterpret_cast<uintptr_t>(held));
-  MOE_RETURN_IF_ERROR(Broadcast(&address, 1, DataType::kInt64, 0));
+  MOE_RETURN_IF_ERROR(BroadcastWords(&address, 1, 0));
+  MOE_RETURN_IF_ERROR(made);
   if (address == 0) return Internal("symmetric: rank 0 could not allocate the buffers");
   std::shared_ptr<SharedBlock> block =
       *reinterpret_cast<std::shared_ptr<SharedBlock>*>(static_cast<uintptr_t>(address));
@@ -362,7 +407,7 @@ StatusOr<std::unique_ptr<SymmetricBuffer>> LoopbackCommunicator::DoAllocateSymme
   if (rank_ == 0 && copied.ok()) delete held;
   MOE_RETURN_IF_ERROR(copied);
   return std::unique_ptr<SymmetricBuffer>(
-      std::make_unique<InProcessSymmetric>(this, std::move(block), bytes));
+      std::make_unique<InProcessSymmetric>(this, std::move(block), bytes, board_words));
 }
 
 }  // namespace moe::comm

@@ -36,8 +36,8 @@ class LoopbackCommunicator final : public Communicator {
   Status DoBarrier(uint64_t seq) override;
   StatusOr<std::unique_ptr<Communicator>> DoSplit(uint64_t seq, int color, int key) override;
   // Host memory: one allocation for every rank, shared by their buffers.
-  StatusOr<std::unique_ptr<SymmetricBuffer>> DoAllocateSymmetric(uint64_t seq,
-                                                                 int64_t bytes) override;
+  StatusOr<std::unique_ptr<SymmetricBuffer>> DoAllocateSymmetric(
+      uint64_t seq, int64_t bytes, int64_t board_words) override;
 
  private:
   Status PostOrFail(uint64_t seq, LoopbackPost post);

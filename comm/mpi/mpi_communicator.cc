@@ -362,11 +362,13 @@ namespace {
 // part mapped into every rank's address space (MPI_Win_shared_query). Loads and stores go straight
 // to memory inside one passive epoch (lock_all at creation); the fences' atomics order them, and
 // MPI_Win_sync makes them visible in MPI's memory model as well.
-class MpiSymmetric final : public SymmetricBuffer {
+class MpiSymmetric final : public CountedSymmetricBuffer {
  public:
   MpiSymmetric(Communicator* comm, std::vector<MPI_Win>* retired, MPI_Win win, int64_t bytes,
-               std::vector<void*> peers, std::vector<uint64_t*> headers)
-      : SymmetricBuffer(comm, bytes, std::move(peers), std::move(headers)),
+               std::vector<void*> peers, int64_t board_words, std::vector<int64_t*> boards,
+               std::vector<uint64_t*> headers)
+      : CountedSymmetricBuffer(comm, bytes, MemorySpace::kHost, std::move(peers), board_words,
+                               std::move(boards), std::move(headers)),
         retired_(retired),
         win_(win) {}
   // Freeing is collective: the communicator frees the window at its next allocation.
@@ -381,8 +383,8 @@ class MpiSymmetric final : public SymmetricBuffer {
 
 }  // namespace
 
-StatusOr<std::unique_ptr<SymmetricBuffer>> MpiCommunicator::DoAllocateSymmetric(uint64_t /*seq*/,
-                                                                                int64_t bytes) {
+StatusOr<std::unique_ptr<SymmetricBuffer>> MpiCommunicator::DoAllocateSymmetric(
+    uint64_t /*seq*/, int64_t bytes, int64_t board_words) {
   // The window calls below block inside MPI until every rank calls them; the base class's
   // all-reduce just now showed every rank arrived, so they cannot wait for a missing one. Every
   // rank has retired the same windows before it (program order): free them first.
@@ -393,7 +395,7 @@ StatusOr<std::unique_ptr<SymmetricBuffer>> MpiCommunicator::DoAllocateSymmetric(
   retired_windows_.clear();
   // Open MPI starts a rank's part 8-byte aligned (a segment header before it, at the same offset in
   // every process's mapping): 64 bytes more, and each part used from its first cache line.
-  const int64_t part = SymmetricStride(bytes);
+  const int64_t part = SymmetricStride(bytes, board_words);
   MOE_ASSIGN_OR_RETURN(const int part_bytes, ToInt("symmetric", "bytes", part + 64));
   MPI_Info info = MPI_INFO_NULL;
   MPI_Info_create(&info);
@@ -405,6 +407,7 @@ StatusOr<std::unique_ptr<SymmetricBuffer>> MpiCommunicator::DoAllocateSymmetric(
   MOE_RETURN_IF_ERROR(MpiCall(code, "MPI_Win_allocate_shared"));
   MPI_Win_set_errhandler(win, MPI_ERRORS_RETURN);
   std::vector<void*> peers;
+  std::vector<int64_t*> boards;
   std::vector<uint64_t*> headers;
   for (int r = 0; r < size_; ++r) {
     MPI_Aint size = 0;
@@ -420,7 +423,8 @@ StatusOr<std::unique_ptr<SymmetricBuffer>> MpiCommunicator::DoAllocateSymmetric(
     }
     char* first_line = static_cast<char*>(at) + skip;
     headers.push_back(reinterpret_cast<uint64_t*>(first_line));
-    peers.push_back(first_line + kSymmetricHeaderBytes);
+    boards.push_back(reinterpret_cast<int64_t*>(first_line + kSymmetricHeaderBytes));
+    peers.push_back(first_line + SymmetricDataOffset(board_words));
   }
   (void)base;
   std::memset(headers[static_cast<size_t>(rank_)], 0, static_cast<size_t>(part));
@@ -430,7 +434,7 @@ StatusOr<std::unique_ptr<SymmetricBuffer>> MpiCommunicator::DoAllocateSymmetric(
   MOE_RETURN_IF_ERROR(Barrier());
   return std::unique_ptr<SymmetricBuffer>(
       std::make_unique<MpiSymmetric>(this, &retired_windows_, win, bytes, std::move(peers),
-                                     std::move(headers)));
+                                     board_words, std::move(boards), std::move(headers)));
 }
 
 }  // namespace moe::comm

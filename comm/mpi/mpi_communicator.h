@@ -77,8 +77,8 @@ class MpiCommunicator final : public Communicator {
   Status DoBarrier(uint64_t seq) override;
   StatusOr<std::unique_ptr<Communicator>> DoSplit(uint64_t seq, int color, int key) override;
   // A shared-memory window over the node's ranks (MPI_Win_allocate_shared).
-  StatusOr<std::unique_ptr<SymmetricBuffer>> DoAllocateSymmetric(uint64_t seq,
-                                                                 int64_t bytes) override;
+  StatusOr<std::unique_ptr<SymmetricBuffer>> DoAllocateSymmetric(
+      uint64_t seq, int64_t bytes, int64_t board_words) override;
 
  private:
   struct Ranks {

@@ -1,12 +1,14 @@
 // The NCCL backend (comm/nccl/nccl_communicator.h).
 #include "comm/nccl/nccl_communicator.h"
 
+#include <algorithm>
 #include <chrono>
 #include <string>
 #include <thread>
 #include <utility>
 
 #include "base/memory.h"
+#include "comm/symmetric.h"
 
 namespace moe::comm {
 namespace {
@@ -91,6 +93,72 @@ class NcclRequest final : public Request {
   cudaEvent_t event_;
 };
 
+// A symmetric buffer in NCCL symmetric memory: every rank's part of one registered window, each
+// addressed through the mapping NCCL made in this process (device memory, written by device copies
+// and kernels). The fence is an all-gather on the communicator of (fence number, board words): it
+// is a barrier with the communicator's deadline, and it brings every rank's board over. A rank's
+// device writes into the buffers were completed by its caller before its Signal (symmetric.h), so
+// once the all-gather returns on a rank every peer's writes of the fence are in memory.
+class NcclSymmetric final : public SymmetricBuffer {
+ public:
+  // `boards`: this rank's board words, then size() rows of (fence, words) as gathered.
+  NcclSymmetric(NcclCommunicator* comm, std::vector<NcclWindow>* retired, NcclWindow window,
+                int64_t bytes, std::vector<void*> peers, int64_t board_words,
+                std::unique_ptr<int64_t[]> boards, Buffer staging)
+      : SymmetricBuffer(comm, bytes, MemorySpace::kDevice, std::move(peers), board_words,
+                        Boards(boards.get(), comm->rank(), comm->size(), board_words)),
+        retired_(retired),
+        window_(window),
+        words_(boards.release()),
+        staging_(std::move(staging)) {}
+  ~NcclSymmetric() override { retired_->push_back(window_); }
+
+  static std::vector<int64_t*> Boards(int64_t* words, int rank, int ranks, int64_t board_words) {
+    std::vector<int64_t*> boards;
+    for (int r = 0; r < ranks; ++r) {
+      boards.push_back(r == rank ? words : words + board_words + r * (board_words + 1) + 1);
+    }
+    return boards;
+  }
+  static int64_t HostWords(int ranks, int64_t board_words) {
+    return board_words + ranks * (board_words + 1);
+  }
+
+ private:
+  int64_t row() const { return board_words() + 1; }
+
+  Status Arrive(uint64_t fence) override {
+    // The row this rank contributes: the fence's number, then its board.
+    std::vector<int64_t> mine(static_cast<size_t>(row()));
+    mine[0] = static_cast<int64_t>(fence);
+    std::copy(board(), board() + board_words(), mine.begin() + 1);
+    return CopyFromHost(MemorySpace::kDevice, staging_.data(), mine.data(),
+                        row() * static_cast<int64_t>(sizeof(int64_t)));
+  }
+
+  Status Await(uint64_t fence) override {
+    int64_t* const gathered = staging_.as<int64_t>() + row();
+    MOE_RETURN_IF_ERROR(comm()->AllGather(staging_.data(), gathered, row(), DataType::kInt64));
+    int64_t* const rows = words_.get() + board_words();
+    MOE_RETURN_IF_ERROR(CopyToHost(MemorySpace::kDevice, rows, gathered,
+                                   size() * row() * static_cast<int64_t>(sizeof(int64_t))));
+    for (int r = 0; r < size(); ++r) {
+      if (rows[r * row()] != static_cast<int64_t>(fence)) {
+        return Internal("symmetric fence #" + std::to_string(fence) + " on rank " +
+                        std::to_string(rank()) + ": rank " + std::to_string(r) +
+                        " arrived at its fence #" + std::to_string(rows[r * row()]) +
+                        " (the ranks' fences are out of step)");
+      }
+    }
+    return Status::Ok();
+  }
+
+  std::vector<NcclWindow>* const retired_;
+  const NcclWindow window_;
+  const std::unique_ptr<int64_t[]> words_;
+  const Buffer staging_;  // device: this rank's row, then every rank's
+};
+
 }  // namespace
 
 StatusOr<std::unique_ptr<NcclCommunicator>> NcclCommunicator::Create(Communicator& bootstrap,
@@ -156,8 +224,10 @@ NcclCommunicator::~NcclCommunicator() {
   (void)cudaSetDevice(device_);
   if (comm_ != nullptr) {
     if (aborted()) {
+      // Windows of an aborted communicator are not deregistered (collective) nor freed.
       (void)ncclCommAbort(comm_);
     } else {
+      (void)ReleaseRetired(0);
       const ncclResult_t finalized =
           SettleComm(comm_, ncclCommFinalize(comm_), DeadlineFrom(options()));
       if (finalized == ncclSuccess) {
@@ -349,5 +419,90 @@ StatusOr<std::unique_ptr<Communicator>> NcclCommunicator::DoSplit(uint64_t seq, 
   MOE_RETURN_IF_ERROR(out->Init());
   return std::unique_ptr<Communicator>(std::move(out));
 }
+
+#if NCCL_VERSION_CODE >= NCCL_VERSION(2, 28, 0)
+Status NcclCommunicator::ReleaseRetired(uint64_t seq) {
+  Status status;
+  for (const NcclWindow& w : retired_windows_) {
+    if (status.ok()) status = Settle("symmetric", seq, ncclCommWindowDeregister(comm_, w.window));
+    if (status.ok() && ncclMemFree(w.memory) != ncclSuccess) {
+      status = Internal("symmetric #" + std::to_string(seq) + ": ncclMemFree failed");
+    }
+  }
+  retired_windows_.clear();
+  return status;
+}
+
+StatusOr<std::unique_ptr<SymmetricBuffer>> NcclCommunicator::DoAllocateSymmetric(
+    uint64_t seq, int64_t bytes, int64_t board_words) {
+  MOE_RETURN_IF_ERROR(CudaCall(cudaSetDevice(device_), "cudaSetDevice"));
+  // Deregistering is collective: every rank retired the same windows before this allocation,
+  // whose size all-reduce showed all of them past it.
+  MOE_RETURN_IF_ERROR(ReleaseRetired(seq));
+  const int load_store = NcclLoadStoreRanks(comm_);
+  if (load_store != size_) {
+    return FailedPrecondition("symmetric: NCCL's load/store team has " +
+                              std::to_string(load_store) + " of this communicator's " +
+                              std::to_string(size_) + " ranks (GPUs without P2P / NVLink to each "
+                              "other, or on other nodes): a symmetric buffer needs all of them");
+  }
+  // One window on every rank, a whole number of NCCL's alignment, zeroed.
+  const int64_t align = NCCL_WIN_REQUIRED_ALIGNMENT;
+  const int64_t size = std::max<int64_t>((bytes + align - 1) / align * align, align);
+  NcclWindow w;
+  if (ncclMemAlloc(&w.memory, static_cast<size_t>(size)) != ncclSuccess) {
+    return Internal("symmetric #" + std::to_string(seq) + ": ncclMemAlloc of " +
+                    std::to_string(size) + " bytes failed");
+  }
+  const Status registered =
+      Settle("symmetric", seq,
+             ncclCommWindowRegister(comm_, w.memory, static_cast<size_t>(size), &w.window,
+                                    NCCL_WIN_COLL_SYMMETRIC));
+  if (!registered.ok()) {
+    (void)ncclMemFree(w.memory);
+    return registered;
+  }
+  // From here the window is released like any buffer's: retired, freed by the next allocation.
+  std::unique_ptr<SymmetricBuffer> buffer;
+  const auto retire_unless_made = [&](Status status) {
+    if (!status.ok()) retired_windows_.push_back(w);
+    return status;
+  };
+  const std::string what = "symmetric #" + std::to_string(seq);
+  MOE_RETURN_IF_ERROR(retire_unless_made(
+      CudaCall(cudaMemsetAsync(w.memory, 0, static_cast<size_t>(size), stream_),
+               what + " cudaMemsetAsync")));
+  StatusOr<Buffer> peer_table =
+      Buffer::Allocate(MemorySpace::kDevice, size_ * static_cast<int64_t>(sizeof(void*)));
+  MOE_RETURN_IF_ERROR(retire_unless_made(peer_table.status()));
+  MOE_RETURN_IF_ERROR(retire_unless_made(CudaCall(
+      NcclWindowPeers(w.window, size_, peer_table->as<void*>(), stream_), what + " peers")));
+  MOE_RETURN_IF_ERROR(
+      retire_unless_made(CudaCall(cudaStreamSynchronize(stream_), what + " synchronize")));
+  std::vector<void*> peers(static_cast<size_t>(size_));
+  MOE_RETURN_IF_ERROR(retire_unless_made(
+      CopyToHost(MemorySpace::kDevice, peers.data(), peer_table->data(),
+                 size_ * static_cast<int64_t>(sizeof(void*)))));
+  const int64_t host_words = NcclSymmetric::HostWords(size_, board_words);
+  auto boards = std::make_unique<int64_t[]>(static_cast<size_t>(host_words));  // zero
+  StatusOr<Buffer> staging = Buffer::Allocate(
+      MemorySpace::kDevice, (size_ + 1) * (board_words + 1) * static_cast<int64_t>(sizeof(int64_t)));
+  MOE_RETURN_IF_ERROR(retire_unless_made(staging.status()));
+  // Every rank's part is zero before any rank writes into it.
+  MOE_RETURN_IF_ERROR(retire_unless_made(Barrier()));
+  return std::unique_ptr<SymmetricBuffer>(std::make_unique<NcclSymmetric>(
+      this, &retired_windows_, w, bytes, std::move(peers), board_words, std::move(boards),
+      std::move(*staging)));
+}
+#else
+Status NcclCommunicator::ReleaseRetired(uint64_t) { return Status::Ok(); }
+
+StatusOr<std::unique_ptr<SymmetricBuffer>> NcclCommunicator::DoAllocateSymmetric(uint64_t,
+                                                                                 int64_t,
+                                                                                 int64_t) {
+  return Unimplemented("symmetric: NCCL " + std::to_string(NCCL_VERSION_CODE) +
+                       " has no device API; symmetric buffers need NCCL 2.28 or newer");
+}
+#endif
 
 }  // namespace moe::comm

@@ -25,8 +25,10 @@
 
 #include <memory>
 #include <string_view>
+#include <vector>
 
 #include "comm/communicator.h"
+#include "comm/nccl/nccl_window.h"
 
 namespace moe::comm {
 
@@ -68,8 +70,15 @@ class NcclCommunicator final : public Communicator {
   Status DoBroadcast(uint64_t seq, void* buffer, int64_t count, DataType dtype, int root) override;
   Status DoBarrier(uint64_t seq) override;
   StatusOr<std::unique_ptr<Communicator>> DoSplit(uint64_t seq, int color, int key) override;
+  // NCCL symmetric memory: ncclMemAlloc + ncclCommWindowRegister(NCCL_WIN_COLL_SYMMETRIC), peers
+  // through the device API (NCCL 2.28); fences all-gather the boards on this communicator.
+  StatusOr<std::unique_ptr<SymmetricBuffer>> DoAllocateSymmetric(
+      uint64_t seq, int64_t bytes, int64_t board_words) override;
 
  private:
+  // Deregisters and frees the retired windows (every rank retired the same ones).
+  Status ReleaseRetired(uint64_t seq);
+
   NcclCommunicator(ncclComm_t comm, int device, const Options& options);
   // Creates the stream and scratch memory after construction.
   Status Init();
@@ -89,6 +98,7 @@ class NcclCommunicator final : public Communicator {
   int local_size_ = 0;
   cudaStream_t stream_ = nullptr;
   int* scratch_ = nullptr;  // one device int for Barrier
+  std::vector<NcclWindow> retired_windows_;
 };
 
 }  // namespace moe::comm

@@ -154,9 +154,12 @@ ExpertExchange::ExpertExchange(Device* device, comm::Communicator* ep, int num_e
   } else if (ep->local_size() < ep->size()) {
     direct_refusal_ = "the " + std::to_string(ep->size()) + " ranks of the expert-parallel group "
                       "span nodes (" + std::to_string(ep->local_size()) + " on this one)";
-  } else if (device->memory_space() != MemorySpace::kHost || device->stream() != nullptr) {
-    direct_refusal_ = "the " + std::string(device->name()) + " device: direct writes are on the "
-                      "host device only (NCCL symmetric memory is not wired yet)";
+  } else if ((device->memory_space() != MemorySpace::kHost || device->stream() != nullptr) &&
+             options.transport != ExchangeTransport::kDirect) {
+    // Compiled and wired, but never yet run on GPUs by this project: opt-in until measured.
+    direct_refusal_ = "AUTO keeps the all-to-all on the " + std::string(device->name()) +
+                      " device (direct writes into device memory are chosen by "
+                      "parallel.exchange_transport: DIRECT)";
   } else if (options.ranks_per_node > 0) {
     direct_refusal_ = "comm.ranks_per_node > 0 asks for the two-stage all-to-all";
   } else if (options.account_padding) {
@@ -197,6 +200,8 @@ std::string ExpertExchange::Description() const {
           std::to_string(ep_->local_size()) + " on this one)";
   } else if (options_.transport == ExchangeTransport::kAllToAll) {
     why = " (parallel.exchange_transport: ALLTOALL)";
+  } else if (device_->memory_space() != MemorySpace::kHost && w_ > 1) {
+    why = " (AUTO on device memory; DIRECT forces direct writes)";
   }
   return "all-to-all" + why;
 }
@@ -344,12 +349,13 @@ Status ExpertExchange::BeginDispatch(const DispatchPlan& plan, MatrixView<const 
     *handle = ExchangeHandle();
     for (ExchangeHandle::Rows* r : {&handle->forward_, &handle->backward_}) {
       for (Workspace* ws : {&r->send, &r->recv, &r->back, &r->send16, &r->recv16, &r->comb16,
-                            &r->back16}) {
+                            &r->back16, &r->direct_ws}) {
         *ws = Workspace(memory);
       }
     }
     handle->maps_ws_ = Workspace(memory);
     handle->plan_rows_ws_ = Workspace(memory);
+    handle->direct_.ws = Workspace(memory);
   }
   handle->row_dim_ = m_;
   handle->host_ = device_->memory_space() == MemorySpace::kHost && device_->stream() == nullptr;
@@ -643,7 +649,7 @@ Status ExpertExchange::FinishCombine(ExchangeHandle* handle, Pass pass, bool gat
   }
   if (direct_) {
     MOE_RETURN_IF_ERROR(DirectCurrent(*handle));
-    DirectReturned(handle, pass);
+    MOE_RETURN_IF_ERROR(DirectReturned(handle, pass));
   }
   // Stream-ordered requests: the stream waited for each; their statuses (deadlines) now.
   for (int j = 0; j < handle->chunks(); ++j) {
@@ -675,17 +681,11 @@ Status ExpertExchange::GateGradients(const ExchangeHandle& handle, MatrixView<co
 
 namespace {
 
-// The header a rank publishes at the start of its symmetric buffer, in int64 words: the padding
-// before its rows, per pass its read-in-place flag, the receive and send rows its layout needs,
-// then per chunk its receive displacements (W) and its send displacements (W).
+// The board words a rank publishes with its symmetric buffer: the padding before its rows, per
+// pass its read-in-place flag, the receive and send rows its layout needs, then per chunk its
+// receive displacements (W) and its send displacements (W).
 constexpr int kPadWord = 0, kInPlaceWord = 1, kNeedWord = 3, kDisplsWord = 5;
-int64_t DirectMetaBytes(int ranks) {
-  return ((kDisplsWord + 2 * limits::kMaxPipelineDegree * ranks) *
-              static_cast<int64_t>(sizeof(int64_t)) + 63) / 64 * 64;
-}
-const int64_t* Published(const comm::SymmetricBuffer& sym, int rank) {
-  return static_cast<const int64_t*>(sym.peer(rank));
-}
+int64_t DirectBoardWords(int ranks) { return kDisplsWord + 2 * limits::kMaxPipelineDegree * ranks; }
 
 }  // namespace
 
@@ -708,13 +708,13 @@ int64_t ExpertExchange::DirectRowsExtent() const {
 
 float* ExpertExchange::DirectRows(int rank, Pass pass, Region region) const {
   const int64_t at = DirectRowIndex(rank, pass, region) - direct_first_row_[static_cast<size_t>(rank)];
-  return reinterpret_cast<float*>(static_cast<char*>(sym_->peer(rank)) + DirectMetaBytes(w_) +
+  return reinterpret_cast<float*>(static_cast<char*>(sym_->peer(rank)) +
                                   direct_pad_[static_cast<size_t>(rank)]) +
          at * m_;
 }
 
-int64_t* ExpertExchange::DirectReadInPlace(int rank, Pass pass) const {
-  return static_cast<int64_t*>(sym_->peer(rank)) + kInPlaceWord + (pass == Pass::kBackward ? 1 : 0);
+int64_t ExpertExchange::DirectReadInPlace(int rank, Pass pass) const {
+  return sym_->board(rank)[kInPlaceWord + (pass == Pass::kBackward ? 1 : 0)];
 }
 
 float* ExpertExchange::OutputRows(Pass pass) const {
@@ -723,7 +723,7 @@ float* ExpertExchange::OutputRows(Pass pass) const {
 }
 
 Status ExpertExchange::DirectPublish(const ExchangeLayout& layout) {
-  int64_t* const mine = static_cast<int64_t*>(sym_->local());
+  int64_t* const mine = sym_->board();
   mine[kNeedWord] = layout.recv_rows;
   mine[kNeedWord + 1] = layout.send_rows;
   for (size_t j = 0; j < layout.chunks.size(); ++j) {
@@ -741,9 +741,8 @@ Status ExpertExchange::GrowDirectBuffer(int64_t recv_rows, int64_t send_rows) {
   sym_recv_rows_ = std::max(sym_recv_rows_, recv_rows + recv_rows / 4);
   sym_send_rows_ = std::max(sym_send_rows_, send_rows + send_rows / 4);
   // Up to a row of padding, then per pass the three regions (DirectRowIndex).
-  const int64_t bytes = DirectMetaBytes(w_) + row_bytes +
-                        2 * (2 * sym_recv_rows_ + sym_send_rows_) * row_bytes;
-  MOE_ASSIGN_OR_RETURN(sym_, ep_->AllocateSymmetric(bytes));
+  const int64_t bytes = row_bytes + 2 * (2 * sym_recv_rows_ + sym_send_rows_) * row_bytes;
+  MOE_ASSIGN_OR_RETURN(sym_, ep_->AllocateSymmetric(bytes, DirectBoardWords(w_)));
   // This rank's rows start a whole number of rows after the lowest buffer of the group; every
   // rank's padding as it published it is what its writers use. Whether this rank sees every
   // rank's rows whole rows from the lowest buffer, as that rank does (one mapping of the group's
@@ -752,23 +751,22 @@ Status ExpertExchange::GrowDirectBuffer(int64_t recv_rows, int64_t send_rows) {
   for (int p = 1; p < w_; ++p) lowest = std::min(lowest, static_cast<const char*>(sym_->peer(p)));
   direct_base_ = lowest;
   const auto offset = [&](int p) {
-    return static_cast<const char*>(sym_->peer(p)) - lowest + DirectMetaBytes(w_);
+    return static_cast<const char*>(sym_->peer(p)) - lowest;
   };
-  static_cast<int64_t*>(sym_->local())[kPadWord] =
+  sym_->board()[kPadWord] =
       (row_bytes - offset(ep_->rank()) % row_bytes) % row_bytes;
   MOE_RETURN_IF_ERROR(sym_->Fence());
   direct_pad_.assign(static_cast<size_t>(w_), 0);
   direct_first_row_.assign(static_cast<size_t>(w_), 0);
   int64_t aligned = 1;
   for (int p = 0; p < w_; ++p) {
-    const int64_t pad = Published(*sym_, p)[kPadWord];
+    const int64_t pad = sym_->board(p)[kPadWord];
     direct_pad_[static_cast<size_t>(p)] = pad;
     if ((offset(p) + pad) % row_bytes != 0) aligned = 0;
     direct_first_row_[static_cast<size_t>(p)] = (offset(p) + pad) / row_bytes;
   }
   if (DirectRowsExtent() > std::numeric_limits<int32_t>::max()) aligned = 0;
-  MOE_RETURN_IF_ERROR(
-      ep_->AllReduce(&aligned, &aligned, 1, comm::DataType::kInt64, comm::ReduceOp::kMin));
+  MOE_RETURN_IF_ERROR(ep_->AllReduceWords(&aligned, 1, comm::ReduceOp::kMin));
   in_place_ = aligned == 1;
   return Status::Ok();
 }
@@ -778,19 +776,18 @@ Status ExpertExchange::DirectLayout(ExchangeHandle* handle) {
   const int chunks = static_cast<int>(layout.chunks.size());
   const int me = ep_->rank();
   // One size on every rank, from the largest receive and send layouts of this call: the first
-  // call all-reduces them, later calls read them in the headers the ranks publish with their
+  // call all-reduces them, later calls read them on the boards the ranks publish with their
   // displacements (the fence they need anyway). A buffer too small for them is replaced, with
   // room to grow (dropless layouts change every call): every rank sees the same maxima, so every
   // rank replaces it, and publishes again into the new one.
   int64_t need[2] = {layout.recv_rows, layout.send_rows};
   if (sym_ == nullptr) {
-    MOE_RETURN_IF_ERROR(
-        ep_->AllReduce(need, need, 2, comm::DataType::kInt64, comm::ReduceOp::kMax));
+    MOE_RETURN_IF_ERROR(ep_->AllReduceWords(need, 2, comm::ReduceOp::kMax));
   } else {
     MOE_RETURN_IF_ERROR(DirectPublish(layout));
     for (int p = 0; p < w_; ++p) {
-      need[0] = std::max(need[0], Published(*sym_, p)[kNeedWord]);
-      need[1] = std::max(need[1], Published(*sym_, p)[kNeedWord + 1]);
+      need[0] = std::max(need[0], sym_->board(p)[kNeedWord]);
+      need[1] = std::max(need[1], sym_->board(p)[kNeedWord + 1]);
     }
   }
   if (sym_ == nullptr || need[0] > sym_recv_rows_ || need[1] > sym_send_rows_) {
@@ -801,7 +798,7 @@ Status ExpertExchange::DirectLayout(ExchangeHandle* handle) {
   d.peer_recv_at.assign(static_cast<size_t>(chunks * w_), 0);
   d.peer_send_at.assign(static_cast<size_t>(chunks * w_), 0);
   for (int p = 0; p < w_; ++p) {
-    const int64_t* theirs = Published(*sym_, p) + kDisplsWord;
+    const int64_t* theirs = sym_->board(p) + kDisplsWord;
     for (int j = 0; j < chunks; ++j) {
       d.peer_recv_at[static_cast<size_t>(j * w_ + p)] = theirs[(2 * j) * w_ + me];
       d.peer_send_at[static_cast<size_t>(j * w_ + p)] = theirs[(2 * j + 1) * w_ + me];
@@ -838,7 +835,9 @@ Status ExpertExchange::DirectLayout(ExchangeHandle* handle) {
       d.runs.back().end = at + 1;
     }
   }
-  return Status::Ok();
+  d.arrays.Clear();
+  d.arrays.Add(d.dst, &d.dst_on_device);
+  return d.arrays.Commit(*device_, &d.ws);
 }
 
 Status ExpertExchange::DirectCurrent(const ExchangeHandle& handle) const {
@@ -864,7 +863,7 @@ Status ExpertExchange::DirectDispatch(ExchangeHandle* handle, Pass pass, int chu
           {.rows = run.end - run.begin,
            .cols = m_,
            .src_row = handle->dev_.send_src + run.begin,
-           .dst_row = handle->direct_.dst.data() + run.begin,
+           .dst_row = handle->direct_.dst_on_device + run.begin,
            .row_token = pr.row_token,
            .row_gate = pass == Pass::kBackward ? pr.row_gate : nullptr,
            .src = rows.x,
@@ -887,7 +886,7 @@ Status ExpertExchange::DirectCombine(ExchangeHandle* handle, Pass pass, int chun
   // Rows in this rank's output rows stay there for the origins to read (the flag is published by
   // the chunk's fence); any others are written into the origins' returned rows.
   const bool in_place = rows.data() == OutputRows(pass);
-  *DirectReadInPlace(ep_->rank(), pass) = in_place ? 1 : 0;
+  sym_->board()[kInPlaceWord + (pass == Pass::kBackward ? 1 : 0)] = in_place ? 1 : 0;
   if (in_place) return Status::Ok();
   return stats_.Timed(slot.record, [&]() -> Status {
     // Source s's rows of this chunk are one run in both layouts: straight into its returned rows
@@ -908,7 +907,7 @@ Status ExpertExchange::DirectCombine(ExchangeHandle* handle, Pass pass, int chun
   });
 }
 
-void ExpertExchange::DirectReturned(ExchangeHandle* handle, Pass pass) const {
+Status ExpertExchange::DirectReturned(ExchangeHandle* handle, Pass pass) const {
   ExchangeHandle::Rows& r = handle->rows(pass);
   const ExchangeHandle::Direct& d = handle->direct_;
   const std::vector<int32_t>& at = handle->maps_.return_row;
@@ -916,7 +915,7 @@ void ExpertExchange::DirectReturned(ExchangeHandle* handle, Pass pass) const {
   // Per rank: where its rows of this pass are for this rank to read, counted from direct_base_.
   std::vector<int64_t> first(static_cast<size_t>(w_));
   for (int p = 0; p < w_; ++p) {
-    first[static_cast<size_t>(p)] = *DirectReadInPlace(p, pass) != 0
+    first[static_cast<size_t>(p)] = DirectReadInPlace(p, pass) != 0
                                         ? DirectRowIndex(p, pass, Region::kOutput)
                                         : -1;
   }
@@ -932,19 +931,28 @@ void ExpertExchange::DirectReturned(ExchangeHandle* handle, Pass pass) const {
     r.direct_return_row[i] = static_cast<int32_t>(
         peer_first >= 0 ? peer_first + d.send_peer_row[static_cast<size_t>(s)] : returned + s);
   }
-  r.direct_returned = {.return_row = r.direct_return_row.data(),
+  const int32_t* return_row = nullptr;
+  r.direct_arrays.Clear();
+  r.direct_arrays.Add(r.direct_return_row, &return_row);
+  MOE_RETURN_IF_ERROR(r.direct_arrays.Commit(*device_, &r.direct_ws));
+  r.direct_returned = {.return_row = return_row,
                        .rows = reinterpret_cast<const float*>(direct_base_),
                        .self_rows = r.combine_rows,
                        .num_rows = DirectRowsExtent(),
                        .num_self_rows = handle->layout_.recv_rows,
                        .round_bf16 = options_.bf16_wire};
   r.direct_done = true;
+  return Status::Ok();
 }
 
 Status ExpertExchange::DirectFence(ExchangeHandle* handle, Pass pass, int chunk, bool dispatch) {
-  // Every rank's writes of this chunk (and of any chunk started before) are now in place.
+  // Every rank's writes of this chunk (and of any chunk started before) are now in place; on a
+  // device, once this rank's stream has done its writes.
   const ExchangeHandle::Requests::Slot& slot = handle->requests_->at(pass, chunk, dispatch);
-  return stats_.Timed(slot.record, [&] { return sym_->Fence(); });
+  return stats_.Timed(slot.record, [&]() -> Status {
+    if (stream_ordered()) MOE_RETURN_IF_ERROR(device_->Synchronize());
+    return sym_->Fence();
+  });
 }
 
 Status ExpertExchange::Dispatch(const DispatchPlan& plan, MatrixView<const float> x, Pass pass,

@@ -207,6 +207,8 @@ class ExchangeHandle {
     const float* x = nullptr;
     int64_t x_rows = 0;
     std::vector<int32_t> direct_return_row;
+    DeviceArrays direct_arrays;  // direct_return_row where the device reads it
+    Workspace direct_ws;
     ReturnedRows direct_returned;
     bool direct_done = false;
   };
@@ -215,8 +217,11 @@ class ExchangeHandle {
     // [chunk·W + p]: peer p's receive row of this rank's first row of chunk j (the dispatch), and
     // its send row of that chunk's rows for this rank (the combine's return).
     std::vector<int64_t> peer_recv_at, peer_send_at;
-    // Per entry of ExchangeMaps::send_dst: the destination's receive row.
+    // Per entry of ExchangeMaps::send_dst: the destination's receive row; where the device reads it.
     std::vector<int32_t> dst;
+    const int32_t* dst_on_device = nullptr;
+    DeviceArrays arrays;
+    Workspace ws;
     // Per send row: its destination rank and that rank's receive row.
     std::vector<int32_t> send_peer, send_peer_row;
     struct Run {
@@ -347,7 +352,7 @@ class ExpertExchange {
   // The direct transport: sizes the symmetric buffer for this layout (collective), publishes this
   // rank's displacements and reads the peers' (one fence), and makes the handle's Direct.
   Status DirectLayout(ExchangeHandle* handle);
-  // Writes this layout's needs and displacements into this rank's header, then fences.
+  // Writes this layout's needs and displacements on this rank's board, then fences.
   Status DirectPublish(const ExchangeLayout& layout);
   // Replaces the symmetric buffer by one for these rows (collective), and works out where every
   // rank's rows are (direct_pad_, direct_first_row_, in_place_).
@@ -361,11 +366,11 @@ class ExpertExchange {
   int64_t DirectRowIndex(int rank, Pass pass, Region region) const;
   // Rows from direct_base_ to the end of the group's last rows.
   int64_t DirectRowsExtent() const;
-  // Rank r's flag word of `pass` in its published header: 1 when its last combine of the pass
-  // left its rows in its output rows for the origins to read.
-  int64_t* DirectReadInPlace(int rank, Pass pass) const;
+  // Rank r's flag of `pass` on its published board: 1 when its last combine of the pass left its
+  // rows in its output rows for the origins to read.
+  int64_t DirectReadInPlace(int rank, Pass pass) const;
   // After the pass's last fence: where each plan row's result is (ExchangeHandle::Rows).
-  void DirectReturned(ExchangeHandle* handle, Pass pass) const;
+  Status DirectReturned(ExchangeHandle* handle, Pass pass) const;
   Status DirectDispatch(ExchangeHandle* handle, Pass pass, int chunk);
   Status DirectCombine(ExchangeHandle* handle, Pass pass, int chunk, MatrixView<const float> rows);
   Status DirectFence(ExchangeHandle* handle, Pass pass, int chunk, bool dispatch);

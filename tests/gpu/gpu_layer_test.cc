@@ -240,6 +240,7 @@ struct EpCase {
   bool global_balance = false;  // router.aux_loss_scope GLOBAL (over a host-memory world)
   int redundant = 0;            // parallel.num_redundant_experts (round-robin placement)
   bool nccl = false;  // the ranks over NCCL, one GPU each (skips with fewer GPUs than ranks)
+  bool direct = false;  // parallel.exchange_transport DIRECT: writes into symmetric device memory
 };
 void PrintTo(const EpCase& c, std::ostream* os) { *os << c.name; }
 
@@ -311,7 +312,9 @@ TEST_P(DeviceLayerExpertParallel, RanksOnDeviceBuffersEqualOneCpuRankWithGroups)
                               .exchange = {.dropless = c.dropless_exchange,
                                            .pipeline_degree = c.pipeline_degree,
                                            .ranks_per_node = c.ranks_per_node,
-                                           .bf16_wire = c.bf16_wire},
+                                           .bf16_wire = c.bf16_wire,
+                                           .transport = c.direct ? ExchangeTransport::kDirect
+                                                                 : ExchangeTransport::kAuto},
                               .local_rank = r,
                               .balance = host_world ? &host_world->rank(r) : nullptr,
                               .placement = placement};
@@ -468,7 +471,23 @@ INSTANTIATE_TEST_SUITE_P(
         EpCase{"nccl_two_ranks_dropless_bf16_wire", 2,
                "model_dim: 16 num_experts: 4 expert { hidden_dim: 24 } router { top_k: 2 "
                "capacity_factor_train: 0 }",
-               3, /*dropless_exchange=*/true, 0, /*bf16_wire=*/true, false, 0, /*nccl=*/true}),
+               3, /*dropless_exchange=*/true, 0, /*bf16_wire=*/true, false, 0, /*nccl=*/true},
+        // Direct writes into symmetric device memory (one cudaMalloc shared by the loopback ranks;
+        // NCCL symmetric windows across GPUs), forced: AUTO keeps the all-to-all on devices.
+        EpCase{"two_ranks_direct_writes_two_chunks", 2,
+               "model_dim: 16 num_experts: 4 expert { hidden_dim: 24 } router { top_k: 2 "
+               "capacity_factor_train: 1.0 min_capacity: 1 aux_loss_weight: 0.1 }",
+               2, false, 0, false, false, 0, false, /*direct=*/true},
+        EpCase{"four_ranks_direct_writes_dropless_bf16_wire", 4,
+               "model_dim: 16 num_experts: 8 num_shared_experts: 1 expert { hidden_dim: 12 kind: "
+               "SWIGLU bias: false } router { top_k: 3 normalization: TOPK_SOFTMAX "
+               "capacity_factor_train: 0 }",
+               3, /*dropless_exchange=*/true, 0, /*bf16_wire=*/true, false, 0, false,
+               /*direct=*/true},
+        EpCase{"nccl_two_ranks_direct_writes", 2,
+               "model_dim: 16 num_experts: 4 expert { hidden_dim: 24 } router { top_k: 2 "
+               "capacity_factor_train: 1.0 min_capacity: 1 }",
+               2, false, 0, false, false, 0, /*nccl=*/true, /*direct=*/true}),
     [](const ::testing::TestParamInfo<EpCase>& p) { return p.param.name; });
 
 }  // namespace

@@ -277,7 +277,7 @@ Status HierarchicalAllToAll::DedupAllToAllV(const void* send, std::span<const in
                                             std::span<const int64_t> row_keys, void* recv,
                                             std::span<const int64_t> recv_counts,
                                             std::span<const int64_t> recv_displs,
-                                            int64_t row_bytes) {
+                                            int64_t row_bytes, std::span<const float> row_scales) {
   const int P = ranks_per_node_, N = nodes_, n = P * N;
   const int node = inter_->rank();
   const char* op = "hierarchical dedup alltoallv";
@@ -285,6 +285,13 @@ Status HierarchicalAllToAll::DedupAllToAllV(const void* send, std::span<const in
     return Unimplemented(std::string(op) + ": host memory only");
   }
   if (row_bytes < 1) return InvalidArgument(std::string(op) + ": row_bytes must be >= 1");
+  const bool scaled = !row_scales.empty();
+  if (scaled && (row_bytes % 4 != 0 || row_scales.size() != row_keys.size())) {
+    return InvalidArgument(std::string(op) + ": row_scales needs float32 rows (row_bytes " +
+                           std::to_string(row_bytes) + ") and one scale per key (" +
+                           std::to_string(row_scales.size()) + " for " +
+                           std::to_string(row_keys.size()) + ")");
+  }
   MOE_RETURN_IF_ERROR(ValidateVector(op, "send", send, send_counts, send_displs, n));
   MOE_RETURN_IF_ERROR(ValidateVector(op, "recv", recv, recv_counts, recv_displs, n));
   for (int d = 0; d < n; ++d) {
@@ -295,9 +302,21 @@ Status HierarchicalAllToAll::DedupAllToAllV(const void* send, std::span<const in
     }
   }
   const auto row = [&](const void* base, int64_t r) { return At(base, r * row_bytes); };
+  // `to` <- scale · `from` (one row; `scale_bits`: the float's bits), or a copy without one.
+  const auto put = [&](void* to, const void* from, const void* scale_bits) {
+    if (scale_bits == nullptr) {
+      std::memcpy(to, from, static_cast<size_t>(row_bytes));
+      return;
+    }
+    float scale = 0.0f;
+    std::memcpy(&scale, scale_bits, sizeof(scale));
+    float* t = static_cast<float*>(to);
+    const float* f = static_cast<const float*>(from);
+    for (int64_t c = 0; c < row_bytes / 4; ++c) t[c] = scale * f[c];
+  };
   // Per other node b: its unique rows (the send row of each key's first occurrence) and, per
   // destination there, which unique row each of its rows is (-1: zeros). Message to node b: int32
-  // [P counts][the lists], then the unique rows.
+  // [P counts][the lists][with scales: each listed row's scale, bit for bit], then the unique rows.
   std::vector<std::vector<int32_t>> meta(static_cast<size_t>(N));
   std::vector<std::vector<int64_t>> unique(static_cast<size_t>(N));
   for (int b = 0; b < N; ++b) {
@@ -317,6 +336,16 @@ Status HierarchicalAllToAll::DedupAllToAllV(const void* send, std::span<const in
         const auto [it, added] = seen.try_emplace(key, static_cast<int32_t>(u.size()));
         if (added) u.push_back(r);
         m.push_back(it->second);
+      }
+    }
+    if (scaled) {
+      for (int j = 0; j < P; ++j) {
+        const int d = b * P + j;
+        for (int64_t k = 0; k < send_counts[d]; ++k) {
+          int32_t bits = 0;
+          std::memcpy(&bits, &row_scales[static_cast<size_t>(send_displs[d] + k)], sizeof(bits));
+          m.push_back(bits);
+        }
       }
     }
   }
@@ -358,6 +387,8 @@ Status HierarchicalAllToAll::DedupAllToAllV(const void* send, std::span<const in
   std::vector<int64_t> to_local(static_cast<size_t>(P), 0);  // bytes to each local rank
   std::vector<std::vector<std::pair<const int32_t*, int64_t>>> lists(
       static_cast<size_t>(N), std::vector<std::pair<const int32_t*, int64_t>>(static_cast<size_t>(P)));
+  std::vector<std::vector<const int32_t*>> scales(
+      static_cast<size_t>(N), std::vector<const int32_t*>(static_cast<size_t>(P)));
   const std::vector<int64_t> meta_at = PrefixSums(meta_in), rows_at = PrefixSums(rows_in);
   for (int a = 0; a < N; ++a) {
     if (a == node) continue;
@@ -367,6 +398,12 @@ Status HierarchicalAllToAll::DedupAllToAllV(const void* send, std::span<const in
       lists[static_cast<size_t>(a)][static_cast<size_t>(j)] = {list, m[j]};
       list += m[j];
       to_local[static_cast<size_t>(j)] += m[j] * row_bytes;
+    }
+    // The scales follow all P lists, in the same order.
+    const int32_t* scale = list;
+    for (int j = 0; j < P && scaled; ++j) {
+      scales[static_cast<size_t>(a)][static_cast<size_t>(j)] = scale;
+      scale += m[j];
     }
   }
   for (int j = 0; j < P; ++j) {
@@ -380,17 +417,29 @@ Status HierarchicalAllToAll::DedupAllToAllV(const void* send, std::span<const in
       if (a == node) {
         const int d = node * P + j;
         const int64_t bytes = send_counts[d] * row_bytes;
-        if (bytes > 0) std::memcpy(At(expanded, offset), row(send, send_displs[d]), static_cast<size_t>(bytes));
+        if (!scaled && bytes > 0) {
+          std::memcpy(At(expanded, offset), row(send, send_displs[d]), static_cast<size_t>(bytes));
+        }
+        for (int64_t k = 0; scaled && k < send_counts[d]; ++k) {
+          const int64_t r = send_displs[d] + k;
+          void* to = At(expanded, offset + k * row_bytes);
+          if (row_keys[static_cast<size_t>(r)] < 0) {
+            std::memset(to, 0, static_cast<size_t>(row_bytes));
+          } else {
+            put(to, row(send, r), &row_scales[static_cast<size_t>(r)]);
+          }
+        }
         offset += bytes;
         continue;
       }
       const auto& [list, count] = lists[static_cast<size_t>(a)][static_cast<size_t>(j)];
+      const int32_t* scale = scales[static_cast<size_t>(a)][static_cast<size_t>(j)];
       const char* rows = At(arrived, rows_at[static_cast<size_t>(a)]);
       for (int64_t k = 0; k < count; ++k) {
         if (list[k] < 0) {
           std::memset(At(expanded, offset), 0, static_cast<size_t>(row_bytes));
         } else {
-          std::memcpy(At(expanded, offset), rows + list[k] * row_bytes, static_cast<size_t>(row_bytes));
+          put(At(expanded, offset), rows + list[k] * row_bytes, scaled ? scale + k : nullptr);
         }
         offset += row_bytes;
       }

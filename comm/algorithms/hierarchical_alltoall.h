@@ -63,10 +63,15 @@ class HierarchicalAllToAll {
   // index on that node (its relay) expands them and forwards each destination its rows in the
   // node stage. Rows for the sender's own node take the node stage only. (An exchange's dispatch
   // sends a token to k experts as k equal rows: on two nodes at top-4 about half the rows.)
+  // `row_scales` (empty: none; else one per row of `send`, rows of float32): row r arrives as
+  // row_scales[r] · (send row r), each value one float multiplication, so rows with one key need
+  // only be equal before scaling (the backward's gate-scaled rows of one token); the scale travels
+  // with its row's list entry (4 bytes more per row) and the relay multiplies as it expands.
   Status DedupAllToAllV(const void* send, std::span<const int64_t> send_counts,
                         std::span<const int64_t> send_displs, std::span<const int64_t> row_keys,
                         void* recv, std::span<const int64_t> recv_counts,
-                        std::span<const int64_t> recv_displs, int64_t row_bytes);
+                        std::span<const int64_t> recv_displs, int64_t row_bytes,
+                        std::span<const float> row_scales = {});
 
   // Bytes this rank sent to other nodes (its inter-node stage), since creation.
   int64_t inter_node_bytes() const { return inter_node_bytes_; }

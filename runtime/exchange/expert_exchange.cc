@@ -320,6 +320,7 @@ Status ExpertExchange::Layout(const DispatchPlan& plan, ExchangeHandle* handle) 
   MOE_RETURN_IF_ERROR(arrays.Commit(*device_, &handle->maps_ws_));
   handle->plan_ = &plan;
   handle->send_keys_.clear();
+  handle->send_scales_.clear();
   if (options_.node_dedup && hierarchical_ != nullptr) {
     if (device_->memory_space() != MemorySpace::kHost || stream_ordered()) {
       return FailedPrecondition("parallel.node_dedup runs on the host device, not the " +
@@ -429,12 +430,24 @@ Status ExpertExchange::BeginDispatch(const DispatchPlan& plan, MatrixView<const 
       MOE_RETURN_IF_ERROR(rows.back16.Get(layout.send_rows * 2 * m_).status());
     }
   }
+  // The backward's node-deduplicated dispatch on the fp32 wire: a token's dY rows cross to a node
+  // once, unscaled, each with its gate, and are scaled where they arrive (the same product).
+  const bool scale_on_arrival = pass == Pass::kBackward && !handle->send_keys_.empty() && !bf16;
+  handle->send_scales_.clear();
+  if (scale_on_arrival) {
+    const ExchangeMaps& maps = handle->maps_;
+    handle->send_scales_.assign(static_cast<size_t>(layout.send_rows), 1.0f);
+    for (size_t i = 0; i < maps.send_dst.size(); ++i) {
+      const int32_t p = maps.send_src[i];
+      if (p >= 0) handle->send_scales_[static_cast<size_t>(maps.send_dst[i])] = pr.row_gate[p];
+    }
+  }
   MOE_RETURN_IF_ERROR(device_->GatherRows({.rows = static_cast<int64_t>(handle->maps_.send_dst.size()),
                                            .cols = m_,
                                            .src_row = dev.send_src,
                                            .dst_row = dev.send_dst,
                                            .row_token = pr.row_token,
-                                           .row_gate = gates,
+                                           .row_gate = scale_on_arrival ? nullptr : gates,
                                            .src = x.data(),
                                            .dst = send,
                                            .format = wire16 ? RowFormat::kBf16 : local,
@@ -469,11 +482,25 @@ Status ExpertExchange::Start(ExchangeHandle* handle, Pass pass, int chunk, bool 
   // Every peer the same L·G·C rows (capacity mode, nothing bypassed): a plain all-to-all.
   const bool equal =
       handle->layout_.shape.capacity > 0 && handle->layout_.shape.expert_capacity.empty() && self < 0;
-  return stats_.Timed(slot.record, [&]() -> Status {
-    if (hierarchical_ != nullptr && dispatch && pass == Pass::kForward &&
-        !handle->send_keys_.empty()) {
-      return hierarchical_->DedupAllToAllV(send, out, out_displs, handle->send_keys_, recv, in,
-                                           in_displs, row_bytes);
+  if (hierarchical_ == nullptr && ep_->local_size() < w_) {
+    // The flat exchange across nodes: what it sends to ranks of other nodes.
+    ExchangeCall& call = stats_.calls[slot.record];
+    const int node = ep_->rank() / ep_->local_size();
+    for (int p = 0; p < w_; ++p) {
+      if (p / ep_->local_size() != node) {
+        call.inter_node_bytes += call.bytes_to_rank[static_cast<size_t>(p)];
+      }
+    }
+  }
+  // The two-stage exchange's calls block: what its inter-node stage sent is counted after them.
+  const int64_t inter_before = inter_node_bytes();
+  const Status sent = stats_.Timed(slot.record, [&]() -> Status {
+    if (hierarchical_ != nullptr && dispatch && !handle->send_keys_.empty() &&
+        (pass == Pass::kForward || !handle->send_scales_.empty())) {
+      return hierarchical_->DedupAllToAllV(
+          send, out, out_displs, handle->send_keys_, recv, in, in_displs, row_bytes,
+          pass == Pass::kBackward ? std::span<const float>(handle->send_scales_)
+                                  : std::span<const float>());
     }
     if (hierarchical_ != nullptr) {
       // Blocking calls: on device memory they start once the rows queued on the stream are there.
@@ -496,6 +523,10 @@ Status ExpertExchange::Start(ExchangeHandle* handle, Pass pass, int chunk, bool 
     MOE_ASSIGN_OR_RETURN(slot.request, ep_->StartAllToAllV(send, sc, sd, recv, rc, rd, dtype));
     return Status::Ok();
   });
+  if (hierarchical_ != nullptr) {
+    stats_.calls[slot.record].inter_node_bytes += inter_node_bytes() - inter_before;
+  }
+  return sent;
 }
 
 size_t ExpertExchange::RecordCall(const ExchangeHandle& handle, Pass pass, int chunk,

@@ -77,6 +77,11 @@ struct ExchangeCall {
   double start_seconds = 0.0;            // WallSeconds() when the call began
   // Inside the communicator: the blocking call, or the start plus the Wait of an asynchronous one.
   double seconds = 0.0;
+  // Bytes this rank sent to ranks of other nodes in this call: the two-stage exchange's inter-node
+  // stage as it ran (node-deduplicated rows and their index lists included); the flat exchange's
+  // bytes_to_rank to ranks outside this rank's node (the launch's nodes, ranks node-major); 0
+  // when the group is on one node.
+  int64_t inter_node_bytes = 0;
 };
 
 // How rows move between the ranks (parallel.exchange_transport).
@@ -86,8 +91,9 @@ enum class ExchangeTransport {
   // Each row written straight into its slot in the destination's receive rows (and each expert
   // output into its slot in the origin's returned rows), in a symmetric buffer of the group
   // (comm/symmetric.h), a fence per chunk. Needs: every rank of the group on this node
-  // (local_size() == size()), host memory, the host device (no stream), the flat exchange
-  // (ranks_per_node 0) and materialized padding. Same rows in the same places as kAllToAll.
+  // (local_size() == size()), the flat exchange (ranks_per_node 0) and materialized padding; on
+  // device memory it must be asked for (kAuto keeps the all-to-all there). Same rows in the same
+  // places as kAllToAll.
   kDirect,
 };
 
@@ -246,6 +252,9 @@ class ExchangeHandle {
   // ExchangeOptions::node_dedup: per send row, the token it carries (-1: padding), the rows'
   // keys for HierarchicalAllToAll::DedupAllToAllV.
   std::vector<int64_t> send_keys_;
+  // ... and in the backward on the fp32 wire, per send row its gate: the rows are gathered
+  // unscaled (a token's rows equal) and scaled where they arrive (empty otherwise).
+  std::vector<float> send_scales_;
   struct DeviceMaps {
     const int32_t *send_dst = nullptr, *send_src = nullptr, *self_dst = nullptr,
                   *self_src = nullptr, *self_back_dst = nullptr, *self_back_src = nullptr,

@@ -496,7 +496,8 @@ Status Trainer::RecordRouterSelections() {
 }
 
 std::vector<double> Trainer::WorldStats::Flatten() const {
-  std::vector<double> flat = {ce_sum, aux, z, dropped_slots, total_slots};
+  std::vector<double> flat = {ce_sum, aux, z, dropped_slots, total_slots, inter_node_bytes,
+                              forward_dispatch_inter_node_bytes};
   flat.insert(flat.end(), tokens_per_expert.begin(), tokens_per_expert.end());
   for (const std::vector<double>& l : layer_loads) flat.insert(flat.end(), l.begin(), l.end());
   return flat;
@@ -504,7 +505,10 @@ std::vector<double> Trainer::WorldStats::Flatten() const {
 
 void Trainer::WorldStats::Unflatten(const std::vector<double>& flat) {
   size_t at = 0;
-  for (double* v : {&ce_sum, &aux, &z, &dropped_slots, &total_slots}) *v = flat[at++];
+  for (double* v : {&ce_sum, &aux, &z, &dropped_slots, &total_slots, &inter_node_bytes,
+                    &forward_dispatch_inter_node_bytes}) {
+    *v = flat[at++];
+  }
   for (double& v : tokens_per_expert) v = flat[at++];
   for (std::vector<double>& l : layer_loads) {
     for (double& v : l) v = flat[at++];
@@ -561,6 +565,14 @@ StatusOr<Trainer::WorldStats> Trainer::SumStepStats(const LmStepStats& local) {
   w.dropped_slots = static_cast<double>(local.dropped_slots);
   w.total_slots = static_cast<double>(local.total_slots);
   for (int64_t v : local.tokens_per_expert) w.tokens_per_expert.push_back(static_cast<double>(v));
+  for (const ExchangeStats* layer : LayerExchangeStats()) {
+    for (const ExchangeCall& call : layer->calls) {
+      w.inter_node_bytes += static_cast<double>(call.inter_node_bytes);
+      if (call.kind == ExchangeCall::Kind::kDispatch && !call.backward) {
+        w.forward_dispatch_inter_node_bytes += static_cast<double>(call.inter_node_bytes);
+      }
+    }
+  }
   // Redundant experts: per layer, the selected slots of every (EP rank, expert) — this rank's row
   // — for the placement's statistics and the next rebalance.
   if (!placements_.empty()) {
@@ -651,6 +663,9 @@ void Trainer::RecordLoads(const WorldStats& world, report::StepMetrics* m) {
     m->set_rank_load_imbalance_without_replicas(without);
   }
   m->set_drop_fraction(world.total_slots > 0 ? world.dropped_slots / world.total_slots : 0.0);
+  m->set_inter_node_bytes(static_cast<int64_t>(world.inter_node_bytes));
+  m->set_forward_dispatch_inter_node_bytes(
+      static_cast<int64_t>(world.forward_dispatch_inter_node_bytes));
   kept_rows_ = static_cast<int64_t>(sum_load);
 }
 

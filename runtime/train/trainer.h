@@ -97,6 +97,7 @@ class Trainer {
   // The step's statistics summed over the world (one all-reduce of float64).
   struct WorldStats {
     double ce_sum = 0.0, aux = 0.0, z = 0.0, dropped_slots = 0.0, total_slots = 0.0;
+    double inter_node_bytes = 0.0, forward_dispatch_inter_node_bytes = 0.0;  // this step's
     std::vector<double> tokens_per_expert;         // E: kept slots per expert
     std::vector<std::vector<double>> layer_loads;  // redundant experts: per layer, W x E selected
     std::vector<double> Flatten() const;

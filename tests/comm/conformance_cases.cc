@@ -506,6 +506,37 @@ void DedupEqualsFlat(Communicator& comm, HierarchicalAllToAll& hier, const std::
                                                      " bytes, the flat rows " +
                                                      std::to_string(flat_inter));
   }
+
+  // Scaled rows (the backward's gate-scaled dY): one key's rows are equal before scaling; each
+  // arrives as its scale times the row, the same product as the flat exchange of scaled rows.
+  constexpr int64_t kCols = kRowBytes / 4;
+  std::vector<float> unscaled, scaled, scales;
+  for (size_t r = 0; r < keys.size(); ++r) {
+    const float scale = r % 3 == 0 ? -0.7f : 0.1f * static_cast<float>(r + me) + 0.3f;
+    scales.push_back(keys[r] < 0 ? 1.0f : scale);
+    for (int64_t c = 0; c < kCols; ++c) {
+      const float v = keys[r] < 0 ? 0.0f : 0.37f * static_cast<float>(keys[r]) - 0.11f * static_cast<float>(c);
+      unscaled.push_back(v);
+      scaled.push_back(keys[r] < 0 ? 0.0f : scale * v);
+    }
+  }
+  std::vector<float> flat_scaled(static_cast<size_t>(recv_rows * kCols)),
+      dedup_scaled(flat_scaled.size(), -9.0f);
+  ASSERT_TRUE(comm.AllToAllV(scaled.data(), send_bytes, send_at, flat_scaled.data(), recv_bytes,
+                             recv_at, DataType::kUint8)
+                  .ok());
+  const Status scaled_status =
+      hier.DedupAllToAllV(unscaled.data(), send_counts, send_displs, keys, dedup_scaled.data(),
+                          recv_counts, recv_displs, kRowBytes, scales);
+  ASSERT_TRUE(scaled_status.ok()) << Where(comm, tag + " scaled dedup " + scaled_status.ToString());
+  EXPECT_EQ(std::memcmp(flat_scaled.data(), dedup_scaled.data(), flat_scaled.size() * sizeof(float)), 0)
+      << Where(comm, tag + " scaled dedup alltoallv: not the flat exchange's bits");
+  const std::vector<float> one_short(scales.begin(), scales.end() - 1);
+  EXPECT_EQ(hier.DedupAllToAllV(unscaled.data(), send_counts, send_displs, keys,
+                                dedup_scaled.data(), recv_counts, recv_displs, kRowBytes, one_short)
+                .code(),
+            StatusCode::kInvalidArgument)
+      << Where(comm, tag + " a scale per key");
 }
 
 void HierarchicalEqualsFlat(Communicator& comm) {

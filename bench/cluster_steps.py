@@ -5,8 +5,9 @@ group-limited top-k over num_expert_groups = nodes with groups_per_token 1 and 2
 
 Runs moe_train through a launch prefix (the one scripts/cluster.sh prints), reads its --metrics
 (step_seconds, inter_node_bytes, forward_dispatch_inter_node_bytes: every rank's bytes summed) and
-prints a markdown table: median step time over the steps after --warmup, inter-node bytes per token
-of the whole step and of the forward dispatches alone, and the final loss.
+prints a markdown table: median step time over the steps after --warmup and rank 0's time inside
+the exchanges (alltoall_seconds), inter-node bytes per token of the whole step and of the forward
+dispatches alone, and the final loss.
 
   scripts/cluster.sh up 2 --ranks-per-node 2 --link-gbit 1
   OPENBLAS_NUM_THREADS=1 python3 bench/cluster_steps.py --prefix "$(scripts/cluster.sh prefix)" \\
@@ -76,19 +77,23 @@ def main():
                 med = lambda key, scale=1.0: statistics.median(float(s.get(key, 0)) * scale for s in steps)
                 row = {"routing": routing, "exchange": exchange, "steps": len(steps),
                        "step_ms": med("step_seconds", 1e3),
+                       "exchange_ms": med("alltoall_seconds", 1e3),
                        "inter_node_bytes_per_token": med("inter_node_bytes") / tokens,
                        "forward_dispatch_inter_node_bytes_per_token": med("forward_dispatch_inter_node_bytes") / tokens,
                        "final_loss": steps[-1]["loss"]}
                 rows.append(row)
-                print(f"{routing} {exchange}: {row['step_ms']:.0f} ms, {row['inter_node_bytes_per_token']:.0f} B/token "
+                print(f"{routing} {exchange}: {row['step_ms']:.0f} ms ({row['exchange_ms']:.0f} in exchanges), "
+                      f"{row['inter_node_bytes_per_token']:.0f} B/token "
                       f"({row['forward_dispatch_inter_node_bytes_per_token']:.0f} in forward dispatches)", file=sys.stderr)
     if a.json:
         json.dump(rows, open(a.json, "w"), indent=1)
-    print("| routing | exchange | step (ms, median) | inter-node bytes / token (step) | of which forward dispatch | final loss |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| routing | exchange | step (ms, median) | in exchanges (ms, rank 0) | inter-node bytes / token (step) "
+          "| of which forward dispatch | final loss |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['routing']} | {r['exchange']} | {r['step_ms']:.0f} | {r['inter_node_bytes_per_token']:.0f} | "
-              f"{r['forward_dispatch_inter_node_bytes_per_token']:.0f} | {r['final_loss']:.6f} |")
+        print(f"| {r['routing']} | {r['exchange']} | {r['step_ms']:.0f} | {r['exchange_ms']:.0f} | "
+              f"{r['inter_node_bytes_per_token']:.0f} | {r['forward_dispatch_inter_node_bytes_per_token']:.0f} | "
+              f"{r['final_loss']:.6f} |")
 
 
 if __name__ == "__main__":

@@ -139,6 +139,29 @@ StatusOr<double> CostModel::HierarchicalAllToAllSeconds(const TrafficMatrix& byt
   return Exchange(stage1, options_.count_self) + Exchange(stage2, false);
 }
 
+StatusOr<double> CostModel::DedupAllToAllSeconds(const TrafficMatrix& bytes,
+                                                  const TrafficMatrix& unique) const {
+  MOE_RETURN_IF_ERROR(CheckMatrix(bytes));
+  MOE_RETURN_IF_ERROR(CheckMatrix(unique));
+  const int p = gpus_per_node_;
+  const size_t n = static_cast<size_t>(ranks_);
+  // Stage A: only what crosses nodes (a rank's own node takes stage B alone).
+  TrafficMatrix stage_a(n, std::vector<double>(n, 0.0)), stage_b(n, std::vector<double>(n, 0.0));
+  for (int s = 0; s < ranks_; ++s) {
+    for (int d = 0; d < ranks_; ++d) {
+      if (node_of(s) != node_of(d)) {
+        stage_a[static_cast<size_t>(s)][static_cast<size_t>(d)] =
+            unique[static_cast<size_t>(s)][static_cast<size_t>(d)];
+      }
+      // Stage B: the relay of s on d's node, (node of d, local index of s), forwards to d.
+      const int relay = node_of(d) * p + s % p;
+      stage_b[static_cast<size_t>(relay)][static_cast<size_t>(d)] +=
+          bytes[static_cast<size_t>(s)][static_cast<size_t>(d)];
+    }
+  }
+  return Exchange(stage_a, false) + Exchange(stage_b, options_.count_self);
+}
+
 StatusOr<double> CostModel::ComputeSeconds(const std::vector<double>& flops) const {
   if (static_cast<int>(flops.size()) != ranks_) {
     return InvalidArgument("flops per rank has " + std::to_string(flops.size()) + " entries, expected " +
@@ -199,9 +222,16 @@ StatusOr<StepPrediction> CostModel::PredictStep(const StepTraffic& step, bool hi
   auto a2a = [&](const TrafficMatrix& m) {
     return hierarchical ? HierarchicalAllToAllSeconds(m) : FlatAllToAllSeconds(m);
   };
+  if (!step.dispatch_unique.empty() && step.dispatch_unique.size() != step.dispatch.size()) {
+    return InvalidArgument("step: " + std::to_string(step.dispatch_unique.size()) +
+                           " deduplicated dispatch matrices for " +
+                           std::to_string(step.dispatch.size()) + " dispatches");
+  }
   std::vector<double> dispatch_t, combine_t;  // per all-to-all, for the pipeline groups
-  for (const TrafficMatrix& m : step.dispatch) {
-    MOE_ASSIGN_OR_RETURN(const double t, a2a(m));
+  for (size_t i = 0; i < step.dispatch.size(); ++i) {
+    const TrafficMatrix& m = step.dispatch[i];
+    const bool dedup = hierarchical && !step.dispatch_unique.empty() && !step.dispatch_unique[i].empty();
+    MOE_ASSIGN_OR_RETURN(const double t, dedup ? DedupAllToAllSeconds(m, step.dispatch_unique[i]) : a2a(m));
     out.dispatch_seconds += t;
     dispatch_t.push_back(t);
   }

@@ -20,6 +20,13 @@
 //   stage 2 (inter): (n, j) -> (m, j), m != n, carries sum over i of bytes[(n,i)][(m,j)]
 //   each stage is costed like a flat all-to-all of one link class; T = T1 + T2 (serial). The
 //   stage-2 message already lands on its destination rank, so no third redistribution stage.
+// Node-deduplicated dispatch (HierarchicalAllToAll::DedupAllToAllV, parallel.node_dedup), given
+// unique[s][d]: the bytes rank s sent to its relay d = (other node, s's local index) — its unique
+// rows and their index lists, as the exchange recorded them:
+//   stage A (inter): s -> relay, unique[s][relay]
+//   stage B (intra, at the destination node m): (m, i) -> (m, j), j != i, carries sum over nodes n
+//     of bytes[(n,i)][(m,j)] (what the relay expanded for (m, j), plus its own rows for it)
+//   T = T_A + T_B (serial: the relay expands what arrived).
 // Expert GEMMs: t(r) = flops(r) / (gpu_tflops * 1e12 * gemm_efficiency); T = max over r.
 // Gradient all-reduce (ring over all ranks): 2 (n-1) (a + bytes / (n b)) with the slowest link
 //   class in the ring (inter when nodes > 1).
@@ -72,6 +79,9 @@ StatusOr<config::TopologyConfig> LoadTopology(const std::string& path);
 // One step's inputs, per rank of the simulated job (all vectors have `ranks` entries).
 struct StepTraffic {
   std::vector<TrafficMatrix> dispatch;  // one matrix per dispatch all-to-all (fwd and bwd, per layer)
+  // Per dispatch: the node-deduplicated exchange's unique[s][relay] (cost model header), or an
+  // empty matrix where that dispatch was not deduplicated. Empty: none was.
+  std::vector<TrafficMatrix> dispatch_unique;
   std::vector<TrafficMatrix> combine;   // one per combine all-to-all
   std::vector<double> expert_flops;     // per rank, forward + backward
   std::vector<double> other_flops;      // per rank: non-expert compute (router, norms, head), fwd+bwd
@@ -115,15 +125,20 @@ class CostModel {
 
   int ranks() const { return ranks_; }
   int node_of(int rank) const { return rank / gpus_per_node_; }
+  int gpus_per_node() const { return gpus_per_node_; }
   const config::TopologyConfig& topology() const { return topology_; }
 
   // kInvalidArgument for a matrix that is not ranks x ranks or has negative entries.
   StatusOr<double> FlatAllToAllSeconds(const TrafficMatrix& bytes) const;
   StatusOr<double> HierarchicalAllToAllSeconds(const TrafficMatrix& bytes) const;
+  // `bytes` as the flat exchange means them, `unique` what crossed to each relay (header).
+  StatusOr<double> DedupAllToAllSeconds(const TrafficMatrix& bytes,
+                                        const TrafficMatrix& unique) const;
   StatusOr<double> ComputeSeconds(const std::vector<double>& flops_per_rank) const;
   StatusOr<double> AllReduceSeconds(double bytes) const;
-  // hierarchical = true costs every all-to-all with the two-stage algorithm. kInvalidArgument for a
-  // pipeline group with no chunks, unequal chunk counts or an index out of range.
+  // hierarchical = true costs every all-to-all with the two-stage algorithm, and a dispatch with
+  // a unique matrix (StepTraffic::dispatch_unique) as the node-deduplicated one. kInvalidArgument
+  // for a pipeline group with no chunks, unequal chunk counts or an index out of range.
   StatusOr<StepPrediction> PredictStep(const StepTraffic& step, bool hierarchical) const;
 
  private:

@@ -146,8 +146,45 @@ NodeTraffic MeanNodeTraffic(const SimulationResult& run, int gpus_per_node) {
   return out;
 }
 
+namespace {
+
+// unique[src][relay] of exchange c (cost_model.h): what each rank sent to other nodes as it ran
+// (ExchangeCall::inter_node_bytes), to its relay on each other node (the rank of its local index
+// there), split over those nodes as its rows to them are; zero where the call was not
+// deduplicated (it recorded nothing), so the cost model prices those as the two-stage exchange.
+TrafficMatrix UniqueMatrix(const SimulationResult& run, int s, size_t c, const TrafficMatrix& flat,
+                           int per_node) {
+  const int n = run.ranks, nodes = n / per_node;
+  TrafficMatrix unique(static_cast<size_t>(n), std::vector<double>(static_cast<size_t>(n), 0.0));
+  bool any = false;
+  for (int src = 0; src < n; ++src) {
+    const double crossed =
+        static_cast<double>(run.steps[static_cast<size_t>(s)][static_cast<size_t>(src)].calls[c].inter_node_bytes);
+    std::vector<double> to_node(static_cast<size_t>(nodes), 0.0);
+    double flat_out = 0.0;
+    for (int d = 0; d < n; ++d) {
+      if (d / per_node == src / per_node) continue;
+      to_node[static_cast<size_t>(d / per_node)] += flat[static_cast<size_t>(src)][static_cast<size_t>(d)];
+      flat_out += flat[static_cast<size_t>(src)][static_cast<size_t>(d)];
+    }
+    if (crossed <= 0 || flat_out <= 0) continue;
+    any = true;
+    for (int m = 0; m < nodes; ++m) {
+      if (m == src / per_node) continue;
+      unique[static_cast<size_t>(src)][static_cast<size_t>(m * per_node + src % per_node)] =
+          crossed * to_node[static_cast<size_t>(m)] / flat_out;
+    }
+  }
+  return any ? unique : TrafficMatrix();
+}
+
+}  // namespace
+
 StepTraffic ClusterStepTraffic(const SimulationResult& run, const MoeConfig& cfg, int s) {
   StepTraffic t;
+  // The job ran the node-deduplicated dispatch: its calls recorded what crossed nodes.
+  const int per_node = cfg.comm().ranks_per_node();
+  const bool dedup = cfg.parallel().node_dedup() && per_node > 0 && run.ranks % per_node == 0;
   const double m = cfg.moe().model_dim(), h = cfg.moe().expert().hidden_dim();
   const double mats = cfg.moe().expert().kind() == config::SWIGLU ? 3 : 2;
   const double fwd_per_row = 2 * m * h * mats;
@@ -176,6 +213,7 @@ StepTraffic ClusterStepTraffic(const SimulationResult& run, const MoeConfig& cfg
     StepTraffic::PipelineGroup& group = chunk_slot(call);
     const size_t j = static_cast<size_t>(std::max(call.chunk, 0));
     if (call.kind == ExchangeCall::Kind::kDispatch) {
+      if (dedup) t.dispatch_unique.push_back(UniqueMatrix(run, s, c, mat, per_node));
       // Forward: one GEMM pass per row; backward: two (dX and dW).
       const double passes = call.backward ? 2.0 : 1.0;
       for (size_t d = 0; d < mat.size(); ++d) {
@@ -204,7 +242,11 @@ StatusOr<StepPrediction> PredictCluster(const SimulationResult& run, const MoeCo
   StepPrediction mean;
   const double k = 1.0 / std::max(1, run.num_steps());
   for (int s = 0; s < run.num_steps(); ++s) {
-    MOE_ASSIGN_OR_RETURN(const StepPrediction p, model.PredictStep(ClusterStepTraffic(run, cfg, s), hierarchical));
+    StepTraffic traffic = ClusterStepTraffic(run, cfg, s);
+    // The relays of a deduplicated dispatch are the job's nodes: on another layout of the target
+    // its dispatches are priced as the two-stage exchange's.
+    if (model.gpus_per_node() != cfg.comm().ranks_per_node()) traffic.dispatch_unique.clear();
+    MOE_ASSIGN_OR_RETURN(const StepPrediction p, model.PredictStep(traffic, hierarchical));
     mean.dispatch_seconds += k * p.dispatch_seconds;
     mean.combine_seconds += k * p.combine_seconds;
     mean.experts_seconds += k * p.experts_seconds;

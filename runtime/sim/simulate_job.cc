@@ -139,7 +139,10 @@ Status PredictTarget(const SimulationResult& run, const MoeConfig& cfg, const Si
       target.name().c_str(), target.nodes(), target.gpus_per_node(), pipeline_degree);
   std::printf("%-14s %12s %12s %12s %12s %12s %12s\n", "all-to-all", "dispatch", "combine",
               "experts", "other", "overlap", "step");
-  for (const auto& [name, p] : {std::pair<const char*, StepPrediction>{"flat", flat}, {"hierarchical", hier}}) {
+  // The two-stage row prices the job's node-deduplicated dispatches as such where it ran them.
+  const bool dedup = cfg.parallel().node_dedup() && cfg.comm().ranks_per_node() == model.gpus_per_node();
+  for (const auto& [name, p] : {std::pair<const char*, StepPrediction>{"flat", flat},
+                                {dedup ? "hier. dedup" : "hierarchical", hier}}) {
     std::printf("%-14s %12.3f %12.3f %12.3f %12.3f %12.3f %12.3f\n", name, p.dispatch_seconds * 1e6,
                 p.combine_seconds * 1e6, p.experts_seconds * 1e6, p.other_seconds * 1e6,
                 p.overlap_seconds * 1e6, p.total() * 1e6);

@@ -3,8 +3,10 @@
 simulated final loss equals moe_train's on 4 loopback ranks and (with --mpiexec) on 4 MPI ranks.
 With --compute-topology (slow GPUs: the experts cost as much as the exchanges) also the pipelined
 exchange (parallel.pipeline_degree 2): chunked exchanges in issue order D0 D1 C0 C1 per layer and
-direction, and a predicted overlap > 0, where pipeline degree 1 predicts none."""
-import argparse, json, os, subprocess, sys
+direction, and a predicted overlap > 0, where pipeline degree 1 predicts none. Also the two-stage
+exchange on 2-rank nodes with and without parallel.node_dedup: the same loss, the deduplicated
+dispatches predicted cheaper."""
+import argparse, json, os, re, subprocess, sys
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--simulate", required=True)
@@ -95,6 +97,30 @@ if a.compute_topology:
         assert abs(parts - p["overlap_seconds"] - p["step_seconds"]) <= 1e-6 * p["step_seconds"], p
     print(f"ok: pipeline degree 2 on {p2['topology']}: overlap {p2['flat']['overlap_seconds'] * 1e6:.1f} us of "
           f"{p2['flat']['step_seconds'] * 1e6:.1f} us (degree 1: {piped[1][1]['flat']['step_seconds'] * 1e6:.1f} us)")
+# The two-stage exchange on 2-rank nodes, without and with the node-deduplicated dispatch (5 steps
+# each, the target's nodes of 2): the same losses, and the deduplicated dispatches predicted cheaper
+# (fewer bytes cross nodes), the combines the same.
+two_stage = {}
+for dedup in (False, True):
+    cfg = os.path.join(a.out, f"two_stage_dedup{int(dedup)}.textproto")
+    text = open(a.config).read()
+    text = re.sub(r"comm \{", "comm { ranks_per_node: 2", text) if re.search(r"^comm \{", text, re.M) \
+        else text + "\ncomm { ranks_per_node: 2 }\n"
+    if dedup:
+        text += "\nparallel { node_dedup: true }\n"
+    open(cfg, "w").write(text)
+    out = os.path.join(a.out, f"two_stage_dedup{int(dedup)}")
+    subprocess.run([a.simulate, "--config", cfg, "--ranks", "4", "--steps", "5", "--data", a.data,
+                    "--topology", a.topology, "--gpus-per-node", "2", "--out", out], check=True,
+                   stdout=subprocess.DEVNULL)
+    two_stage[dedup] = (json.load(open(os.path.join(out, "measured.json"))),
+                        json.load(open(os.path.join(out, "predicted.json")))["hierarchical"])
+assert two_stage[False][0]["final_loss"] == two_stage[True][0]["final_loss"], two_stage
+plain, dedup = two_stage[False][1], two_stage[True][1]
+assert 0 < dedup["dispatch_seconds"] < plain["dispatch_seconds"], (plain, dedup)
+assert abs(dedup["combine_seconds"] - plain["combine_seconds"]) <= 1e-9 * plain["combine_seconds"], (plain, dedup)
+print(f"ok: node-deduplicated dispatch predicted {dedup['dispatch_seconds'] * 1e6:.1f} us per step against "
+      f"{plain['dispatch_seconds'] * 1e6:.1f} us two-stage, the same loss")
 # A bad topology is a clear error with exit code 2.
 bad = os.path.join(a.out, "bad_topology.textproto")
 open(bad, "w").write('name: "bad" nodes: 1 gpus_per_node: 4 intra_bandwidth_gbps: 0 inter_bandwidth_gbps: 1 gpu_tflops: 1\n')

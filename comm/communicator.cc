@@ -199,26 +199,33 @@ StatusOr<std::unique_ptr<Communicator>> Communicator::Split(int color, int key) 
 
 namespace {
 
-// Runs `collective` on `count` int64 words: in place on the host, or on a device copy of them.
+// Runs `collective` on `count` int64 words: in place, or on a copy in `staging`'s memory.
 template <typename Collective>
-Status OnHostWords(MemorySpace space, int64_t* words, int64_t count, Collective collective) {
-  if (space == MemorySpace::kHost) return collective(words);
+Status OnHostWords(MemoryResource* staging, int64_t* words, int64_t count, Collective collective) {
+  if (staging == nullptr) return collective(words);
   const int64_t bytes = std::max<int64_t>(count, 1) * static_cast<int64_t>(sizeof(int64_t));
-  MOE_ASSIGN_OR_RETURN(Buffer staged, Buffer::FromHost(space, words, bytes));
-  MOE_RETURN_IF_ERROR(collective(staged.data()));
-  return CopyToHost(space, words, staged.data(), bytes);
+  MOE_ASSIGN_OR_RETURN(void* staged, staging->Allocate(bytes));
+  Status status = CopyFromHost(staging->space(), staged, words, bytes);
+  if (status.ok()) status = collective(staged);
+  if (status.ok()) status = CopyToHost(staging->space(), words, staged, bytes);
+  staging->Free(staged, bytes);
+  return status;
 }
 
 }  // namespace
 
+MemoryResource* Communicator::WordStaging() const {
+  return memory_space() == MemorySpace::kHost ? nullptr : DefaultResource(memory_space());
+}
+
 Status Communicator::AllReduceWords(int64_t* words, int64_t count, ReduceOp op) {
-  return OnHostWords(memory_space(), words, count, [&](void* at) {
+  return OnHostWords(WordStaging(), words, count, [&](void* at) {
     return AllReduce(at, at, count, DataType::kInt64, op);
   });
 }
 
 Status Communicator::BroadcastWords(int64_t* words, int64_t count, int root) {
-  return OnHostWords(memory_space(), words, count,
+  return OnHostWords(WordStaging(), words, count,
                      [&](void* at) { return Broadcast(at, count, DataType::kInt64, root); });
 }
 

@@ -190,6 +190,11 @@ class Communicator {
                                                                          int64_t bytes,
                                                                          int64_t board_words);
 
+  // Where AllReduceWords / BroadcastWords stage their host words for the collective: memory of
+  // this communicator's space, or null where host words can be passed as they are (host memory;
+  // the default for device memory is its DefaultResource).
+  virtual MemoryResource* WordStaging() const;
+
   // Marks the communicator aborted and returns `status` (for `return Abort(DeadlineExceeded(..))`).
   Status Abort(Status status);
 

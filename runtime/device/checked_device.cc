@@ -486,6 +486,44 @@ class CheckedRequest final : public comm::Request {
   bool waited_ = false;
 };
 
+// The inner communicator's symmetric buffer (host memory) as the checked device's memory: its
+// fences are the inner buffer's, and a signal first checks, as the host's access to every rank's
+// buffer, that no operation the host has not waited for still reads or writes one — on a GPU the
+// peers would go on while this rank's stream still works on the buffers (comm/symmetric.h).
+class CheckedSymmetric final : public comm::SymmetricBuffer {
+ public:
+  CheckedSymmetric(comm::Communicator* comm, CheckedDevice* device,
+                   std::unique_ptr<comm::SymmetricBuffer> inner)
+      : SymmetricBuffer(comm, inner->bytes(), MemorySpace::kDevice, Peers(*inner),
+                        inner->board_words(), Boards(*inner)),
+        device_(device),
+        inner_(std::move(inner)) {}
+
+ private:
+  static std::vector<void*> Peers(const comm::SymmetricBuffer& b) {
+    std::vector<void*> peers;
+    for (int r = 0; r < b.size(); ++r) peers.push_back(b.peer(r));
+    return peers;
+  }
+  static std::vector<int64_t*> Boards(const comm::SymmetricBuffer& b) {
+    std::vector<int64_t*> boards;
+    for (int r = 0; r < b.size(); ++r) {
+      boards.push_back(r == b.rank() ? b.board() : const_cast<int64_t*>(b.board(r)));
+    }
+    return boards;
+  }
+  Status Arrive(uint64_t fence) override {
+    std::vector<CheckedDevice::Access> buffers;
+    for (int r = 0; r < size(); ++r) buffers.push_back({peer(r), bytes(), true});
+    MOE_RETURN_IF_ERROR(device_->HostAccess("symmetric fence #" + std::to_string(fence), buffers));
+    return inner_->Signal();
+  }
+  Status Await(uint64_t) override { return inner_->Wait(); }
+
+  CheckedDevice* device_;
+  std::unique_ptr<comm::SymmetricBuffer> inner_;
+};
+
 class CheckedCommunicator final : public comm::Communicator {
  public:
   CheckedCommunicator(CheckedDevice* device, comm::Communicator* inner,
@@ -578,6 +616,16 @@ class CheckedCommunicator final : public comm::Communicator {
     comm::Communicator* raw = split.get();
     return std::unique_ptr<comm::Communicator>(
         std::make_unique<CheckedCommunicator>(device_, raw, std::move(split), 0));
+  }
+  // Its "device memory" is host memory: host words pass as they are.
+  MemoryResource* WordStaging() const override { return nullptr; }
+  StatusOr<std::unique_ptr<comm::SymmetricBuffer>> DoAllocateSymmetric(
+      uint64_t seq, int64_t bytes, int64_t board_words) override {
+    MOE_RETURN_IF_ERROR(Blocking("symmetric #" + std::to_string(seq), {}));
+    MOE_ASSIGN_OR_RETURN(std::unique_ptr<comm::SymmetricBuffer> inner,
+                         inner_->AllocateSymmetric(bytes, board_words));
+    return std::unique_ptr<comm::SymmetricBuffer>(
+        std::make_unique<CheckedSymmetric>(this, device_, std::move(inner)));
   }
 
  private:

@@ -136,7 +136,10 @@ class CheckedDevice final : public Device {
 // compute stream's work queued before it, reads its send rows and writes its receive rows when it
 // runs; Request::Then makes the compute stream wait for it; Wait runs it. Blocking calls run the
 // communication stream's queued work first (in issue order, as NCCL's stream would) and check
-// their device buffers as host accesses. Deadlines are the inner communicator's.
+// their device buffers as host accesses. Deadlines are the inner communicator's. Symmetric
+// buffers are the inner communicator's, reported as device memory; a fence's signal fails unless
+// the host waited for every operation that reads or writes any rank's buffer (on a GPU the peers
+// would go on while this rank's stream still works on them).
 // `drop_then` (a test's planted bug): the Then of the drop_then-th stream-ordered all-to-all
 // (1-based; 0: none) is ignored — one missing event wait.
 std::unique_ptr<comm::Communicator> MakeCheckedCommunicator(CheckedDevice* device,

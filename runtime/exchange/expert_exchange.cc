@@ -763,12 +763,22 @@ Status ExpertExchange::DirectPublish(const ExchangeLayout& layout) {
     std::copy(c.recv_displs.begin(), c.recv_displs.end(), displs);
     std::copy(c.send_displs.begin(), c.send_displs.end(), displs + w_);
   }
+  return DirectSync();
+}
+
+Status ExpertExchange::DirectSync() {
+  // On a device, a fence publishes this rank's work on the buffers once the stream has done it
+  // (comm/symmetric.h): nothing queued still reads or writes them when peers go on.
+  if (stream_ordered()) MOE_RETURN_IF_ERROR(device_->Synchronize());
   return sym_->Fence();
 }
 
 Status ExpertExchange::GrowDirectBuffer(int64_t recv_rows, int64_t send_rows) {
   const int64_t row_bytes = m_ * static_cast<int64_t>(sizeof(float));
-  sym_.reset();  // collective: every rank sees the same maxima
+  // Collective: every rank sees the same maxima. On a device the stream's work on the old buffer
+  // is done first (its memory goes back when the next buffer is allocated).
+  if (stream_ordered()) MOE_RETURN_IF_ERROR(device_->Synchronize());
+  sym_.reset();
   sym_recv_rows_ = std::max(sym_recv_rows_, recv_rows + recv_rows / 4);
   sym_send_rows_ = std::max(sym_send_rows_, send_rows + send_rows / 4);
   // Up to a row of padding, then per pass the three regions (DirectRowIndex).
@@ -786,7 +796,7 @@ Status ExpertExchange::GrowDirectBuffer(int64_t recv_rows, int64_t send_rows) {
   };
   sym_->board()[kPadWord] =
       (row_bytes - offset(ep_->rank()) % row_bytes) % row_bytes;
-  MOE_RETURN_IF_ERROR(sym_->Fence());
+  MOE_RETURN_IF_ERROR(DirectSync());
   direct_pad_.assign(static_cast<size_t>(w_), 0);
   direct_first_row_.assign(static_cast<size_t>(w_), 0);
   int64_t aligned = 1;
@@ -980,10 +990,7 @@ Status ExpertExchange::DirectFence(ExchangeHandle* handle, Pass pass, int chunk,
   // Every rank's writes of this chunk (and of any chunk started before) are now in place; on a
   // device, once this rank's stream has done its writes.
   const ExchangeHandle::Requests::Slot& slot = handle->requests_->at(pass, chunk, dispatch);
-  return stats_.Timed(slot.record, [&]() -> Status {
-    if (stream_ordered()) MOE_RETURN_IF_ERROR(device_->Synchronize());
-    return sym_->Fence();
-  });
+  return stats_.Timed(slot.record, [&] { return DirectSync(); });
 }
 
 Status ExpertExchange::Dispatch(const DispatchPlan& plan, MatrixView<const float> x, Pass pass,

@@ -383,6 +383,8 @@ class ExpertExchange {
   Status DirectDispatch(ExchangeHandle* handle, Pass pass, int chunk);
   Status DirectCombine(ExchangeHandle* handle, Pass pass, int chunk, MatrixView<const float> rows);
   Status DirectFence(ExchangeHandle* handle, Pass pass, int chunk, bool dispatch);
+  // A fence of the symmetric buffer, after the device's stream finished its work (on a device).
+  Status DirectSync();
   // kFailedPrecondition when a later forward of this engine took over the handle's rows.
   Status DirectCurrent(const ExchangeHandle& handle) const;
 

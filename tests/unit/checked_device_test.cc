@@ -165,6 +165,12 @@ ExchangeOptions Ex(bool dropless, int chunks, bool bf16 = false) {
   return {.dropless = dropless, .pipeline_degree = chunks, .bf16_wire = bf16};
 }
 
+ExchangeOptions Direct(bool dropless, int chunks, bool bf16 = false) {
+  ExchangeOptions o = Ex(dropless, chunks, bf16);
+  o.transport = ExchangeTransport::kDirect;
+  return o;
+}
+
 const char kTop2[] =
     "model_dim: 8 num_experts: 4 expert { hidden_dim: 12 } router { top_k: 2 "
     "capacity_factor_train: 1.0 min_capacity: 1 aux_loss_weight: 0.1 z_loss_weight: 0.01 }";
@@ -199,7 +205,14 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{"two_ranks_redundant_pipelined", 2, kTop2, Ex(true, 2), 2},
                       Case{"four_ranks_redundant_capacity", 4, kTop2, Ex(false, 1), 4},
                       Case{"two_ranks_expert_choice", 2, kExpertChoice, Ex(false, 2)},
-                      Case{"two_ranks_soft_moe_pipelined", 2, kSoft, Ex(false, 2)}),
+                      Case{"two_ranks_soft_moe_pipelined", 2, kSoft, Ex(false, 2)},
+                      // Direct writes into symmetric "device" memory (DIRECT: AUTO keeps the
+                      // all-to-all on devices): gathers and copies into the peers' buffers queued
+                      // on the stream, fences after the host waited for them.
+                      Case{"two_ranks_direct_capacity_pipelined", 2, kTop2, Direct(false, 3)},
+                      Case{"three_ranks_direct_noisy", 3, kNoisy6, Direct(true, 1)},
+                      Case{"four_ranks_direct_dropless_bf16_pipelined", 4, kDropless,
+                           Direct(true, 2, true)}),
     [](const ::testing::TestParamInfo<Case>& p) { return p.param.name; });
 
 // A dropped Request::Then: the first exchange's receive rows are read by the compute stream with
@@ -273,6 +286,46 @@ TEST(CheckedDeviceBugs, BufferReusedOneChunkEarlyNamesBothOperations) {
     EXPECT_NE(msg.find("compute stream) writes"), std::string::npos) << msg;
     EXPECT_NE(msg.find("alltoallv #"), std::string::npos) << msg;
     EXPECT_NE(msg.find("communication stream) reads"), std::string::npos) << msg;
+  }
+}
+
+// A row written into a peer's symmetric buffer by the device, then a fence before the host waited
+// for the write: on a GPU the peer would read the buffer while the copy may not have run.
+TEST(CheckedDeviceBugs, FenceBeforeTheDeviceWroteNamesTheWrite) {
+  auto world = comm::LoopbackWorld::Create(2, {MemorySpace::kHost, {.deadline_seconds = 5}});
+  ASSERT_TRUE(world.ok());
+  std::vector<Status> first(2), second(2);
+  std::vector<float> got(2, 0.0f);
+  world->RunPerRank([&](comm::Communicator& host_comm) {
+    const int r = host_comm.rank();
+    CheckedDevice device;
+    auto comm = MakeCheckedCommunicator(&device, &host_comm);
+    auto buffer = comm->AllocateSymmetric(64, 1);
+    ASSERT_TRUE(buffer.ok()) << buffer.status().ToString();
+    comm::SymmetricBuffer& buf = **buffer;
+    EXPECT_EQ(buf.memory_space(), MemorySpace::kDevice);
+    Workspace row(device.memory());
+    float* value = static_cast<float*>(*row.Get(sizeof(float)));
+    const float mine = 10.0f + static_cast<float>(r);
+    EXPECT_TRUE(device.Upload(value, &mine, sizeof(float)).ok());
+    // Right: the host waits for the copy into the peer's buffer, then fences.
+    EXPECT_TRUE(device.Copy(buf.peer(1 - r), value, sizeof(float)).ok());
+    EXPECT_TRUE(device.Synchronize().ok());
+    first[r] = buf.Fence();
+    EXPECT_TRUE(device.Download(&got[r], buf.local(), sizeof(float)).ok());
+    // The bug: the next copy is still queued when the fence signals.
+    EXPECT_TRUE(device.Copy(buf.peer(1 - r), value, sizeof(float)).ok());
+    second[r] = buf.Signal();
+    (void)device.Synchronize();
+  });
+  for (int r = 0; r < 2; ++r) {
+    EXPECT_TRUE(first[r].ok()) << first[r].ToString();
+    EXPECT_EQ(got[r], 10.0f + static_cast<float>(1 - r)) << "rank " << r;
+    const std::string msg = second[r].message();
+    EXPECT_EQ(second[r].code(), StatusCode::kFailedPrecondition) << second[r].ToString();
+    EXPECT_NE(msg.find("symmetric fence #2"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("Copy (operation"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("which the host has not waited for"), std::string::npos) << msg;
   }
 }
 

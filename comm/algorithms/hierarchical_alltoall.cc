@@ -349,39 +349,41 @@ Status HierarchicalAllToAll::DedupAllToAllV(const void* send, std::span<const in
       }
     }
   }
-  // The sizes first (ints of metadata, unique rows), then the two messages per node.
+  // The sizes first (ints of metadata, unique rows), then one message per node: the metadata,
+  // then the unique rows, each part padded to 8 bytes (the lists and rows stay aligned).
   std::vector<int64_t> sizes_out(static_cast<size_t>(2 * N), 0), sizes_in(static_cast<size_t>(2 * N));
   for (int b = 0; b < N; ++b) {
     sizes_out[static_cast<size_t>(2 * b)] = static_cast<int64_t>(meta[static_cast<size_t>(b)].size());
     sizes_out[static_cast<size_t>(2 * b + 1)] = static_cast<int64_t>(unique[static_cast<size_t>(b)].size());
   }
   MOE_RETURN_IF_ERROR(inter_->AllToAll(sizes_out.data(), sizes_in.data(), 2, DataType::kInt64));
+  const auto pad8 = [](int64_t bytes) { return (bytes + 7) / 8 * 8; };
+  // Per node: the metadata's bytes (padded) and the message's.
   std::vector<int64_t> meta_out(static_cast<size_t>(N)), meta_in(static_cast<size_t>(N)),
-      rows_out(static_cast<size_t>(N)), rows_in(static_cast<size_t>(N));
+      msg_out(static_cast<size_t>(N)), msg_in(static_cast<size_t>(N));
   for (int b = 0; b < N; ++b) {
-    meta_out[static_cast<size_t>(b)] = sizes_out[static_cast<size_t>(2 * b)];
-    meta_in[static_cast<size_t>(b)] = sizes_in[static_cast<size_t>(2 * b)];
-    rows_out[static_cast<size_t>(b)] = sizes_out[static_cast<size_t>(2 * b + 1)] * row_bytes;
-    rows_in[static_cast<size_t>(b)] = sizes_in[static_cast<size_t>(2 * b + 1)] * row_bytes;
+    const size_t i = static_cast<size_t>(b);
+    meta_out[i] = pad8(sizes_out[2 * i] * static_cast<int64_t>(sizeof(int32_t)));
+    meta_in[i] = pad8(sizes_in[2 * i] * static_cast<int64_t>(sizeof(int32_t)));
+    msg_out[i] = meta_out[i] + pad8(sizes_out[2 * i + 1] * row_bytes);
+    msg_in[i] = meta_in[i] + pad8(sizes_in[2 * i + 1] * row_bytes);
   }
-  std::vector<int32_t> meta_send, meta_recv(static_cast<size_t>(Sum(meta_in)));
-  for (const std::vector<int32_t>& m : meta) meta_send.insert(meta_send.end(), m.begin(), m.end());
-  MOE_RETURN_IF_ERROR(inter_->AllToAllV(meta_send.data(), meta_out, PrefixSums(meta_out),
-                                        meta_recv.data(), meta_in, PrefixSums(meta_in),
-                                        DataType::kInt32));
-  MOE_ASSIGN_OR_RETURN(void* const packed, packed_.Get(std::max<int64_t>(Sum(rows_out), 1)));
-  MOE_ASSIGN_OR_RETURN(void* const arrived, arrived_.Get(std::max<int64_t>(Sum(rows_in), 1)));
+  MOE_ASSIGN_OR_RETURN(void* const packed, packed_.Get(std::max<int64_t>(Sum(msg_out), 1)));
+  MOE_ASSIGN_OR_RETURN(void* const arrived, arrived_.Get(std::max<int64_t>(Sum(msg_in), 1)));
   int64_t offset = 0;
   for (int b = 0; b < N; ++b) {
+    const std::vector<int32_t>& m = meta[static_cast<size_t>(b)];
+    if (!m.empty()) std::memcpy(At(packed, offset), m.data(), m.size() * sizeof(int32_t));
+    int64_t at = offset + meta_out[static_cast<size_t>(b)];
     for (const int64_t r : unique[static_cast<size_t>(b)]) {
-      std::memcpy(At(packed, offset), row(send, r), static_cast<size_t>(row_bytes));
-      offset += row_bytes;
+      std::memcpy(At(packed, at), row(send, r), static_cast<size_t>(row_bytes));
+      at += row_bytes;
     }
-    inter_node_bytes_ += rows_out[static_cast<size_t>(b)] +
-                         meta_out[static_cast<size_t>(b)] * static_cast<int64_t>(sizeof(int32_t));
+    offset += msg_out[static_cast<size_t>(b)];
+    inter_node_bytes_ += msg_out[static_cast<size_t>(b)];
   }
-  MOE_RETURN_IF_ERROR(inter_->AllToAllV(packed, rows_out, PrefixSums(rows_out), arrived, rows_in,
-                                        PrefixSums(rows_in), DataType::kUint8));
+  MOE_RETURN_IF_ERROR(inter_->AllToAllV(packed, msg_out, PrefixSums(msg_out), arrived, msg_in,
+                                        PrefixSums(msg_in), DataType::kUint8));
   // The relay's node stage: to each local rank j, the rows of every source with this rank's local
   // index (node by node, this rank's own straight from `send`), expanded from the unique rows.
   std::vector<int64_t> to_local(static_cast<size_t>(P), 0);  // bytes to each local rank
@@ -389,10 +391,10 @@ Status HierarchicalAllToAll::DedupAllToAllV(const void* send, std::span<const in
       static_cast<size_t>(N), std::vector<std::pair<const int32_t*, int64_t>>(static_cast<size_t>(P)));
   std::vector<std::vector<const int32_t*>> scales(
       static_cast<size_t>(N), std::vector<const int32_t*>(static_cast<size_t>(P)));
-  const std::vector<int64_t> meta_at = PrefixSums(meta_in), rows_at = PrefixSums(rows_in);
+  const std::vector<int64_t> msg_at = PrefixSums(msg_in);
   for (int a = 0; a < N; ++a) {
     if (a == node) continue;
-    const int32_t* m = meta_recv.data() + meta_at[static_cast<size_t>(a)];
+    const int32_t* m = reinterpret_cast<const int32_t*>(At(arrived, msg_at[static_cast<size_t>(a)]));
     const int32_t* list = m + P;
     for (int j = 0; j < P; ++j) {
       lists[static_cast<size_t>(a)][static_cast<size_t>(j)] = {list, m[j]};
@@ -434,7 +436,7 @@ Status HierarchicalAllToAll::DedupAllToAllV(const void* send, std::span<const in
       }
       const auto& [list, count] = lists[static_cast<size_t>(a)][static_cast<size_t>(j)];
       const int32_t* scale = scales[static_cast<size_t>(a)][static_cast<size_t>(j)];
-      const char* rows = At(arrived, rows_at[static_cast<size_t>(a)]);
+      const char* rows = At(arrived, msg_at[static_cast<size_t>(a)] + meta_in[static_cast<size_t>(a)]);
       for (int64_t k = 0; k < count; ++k) {
         if (list[k] < 0) {
           std::memset(At(expanded, offset), 0, static_cast<size_t>(row_bytes));

@@ -58,8 +58,9 @@ class HierarchicalAllToAll {
   // `row_bytes`; row_keys[r] for every row r of `send` (the rows at send_displs[d] .. + counts[d]
   // for each destination d): rows with one key are byte-equal, key -1 marks a row of zeros.
   // Byte for byte the flat AllToAllV of the same rows, but a key crosses to each other node once
-  // (zero rows not at all): the sender sends a node its unique rows and, per destination rank
-  // there, the int32 list of which unique row each of its rows is; the rank of the sender's local
+  // (zero rows not at all): the sender sends a node, in one message after an exchange of sizes,
+  // per destination rank there the int32 list of which unique row each of its rows is, then its
+  // unique rows; the rank of the sender's local
   // index on that node (its relay) expands them and forwards each destination its rows in the
   // node stage. Rows for the sender's own node take the node stage only. (An exchange's dispatch
   // sends a token to k experts as k equal rows: on two nodes at top-4 about half the rows.)

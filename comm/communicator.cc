@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <tuple>
 #include <utility>
 
 #include "comm/validate.h"
@@ -248,17 +249,14 @@ StatusOr<std::unique_ptr<SymmetricBuffer>> Communicator::AllocateSymmetric(int64
   // Every rank must ask for the same sizes: one all-reduce of (x, -x) by max for both.
   int64_t range[4] = {bytes, -bytes, board_words, -board_words};
   MOE_RETURN_IF_ERROR(AllReduceWords(range, 4, ReduceOp::kMax));
-  if (range[0] != -range[1]) {
-    return InvalidArgument("symmetric: bytes=" + std::to_string(bytes) + " on rank " +
-                           std::to_string(rank()) + ", but the ranks ask for " +
-                           std::to_string(-range[1]) + " to " + std::to_string(range[0]) +
-                           ": every rank must pass the same bytes");
-  }
-  if (range[2] != -range[3]) {
-    return InvalidArgument("symmetric: board_words=" + std::to_string(board_words) + " on rank " +
-                           std::to_string(rank()) + ", but the ranks ask for " +
-                           std::to_string(-range[3]) + " to " + std::to_string(range[2]) +
-                           ": every rank must pass the same board_words");
+  for (const auto& [name, value, at] : {std::tuple{"bytes", bytes, 0}, {"board_words", board_words, 2}}) {
+    const int64_t most = range[at], least = -range[at + 1];
+    if (most != least) {
+      return InvalidArgument("symmetric: " + std::string(name) + "=" + std::to_string(value) +
+                             " on rank " + std::to_string(rank()) + ", but the ranks ask for " +
+                             std::to_string(least) + " to " + std::to_string(most) +
+                             ": every rank must pass the same " + name);
+    }
   }
   MOE_ASSIGN_OR_RETURN(const uint64_t seq, Begin("symmetric"));
   return DoAllocateSymmetric(seq, bytes, board_words);

@@ -268,10 +268,6 @@ Status HierarchicalAllToAll::AllToAllV(const void* send, std::span<const int64_t
   return Status::Ok();
 }
 
-}  // namespace moe::comm
-
-namespace moe::comm {
-
 Status HierarchicalAllToAll::DedupAllToAllV(const void* send, std::span<const int64_t> send_counts,
                                             std::span<const int64_t> send_displs,
                                             std::span<const int64_t> row_keys, void* recv,

@@ -109,7 +109,7 @@ class NcclSymmetric final : public SymmetricBuffer {
                         Boards(boards.get(), comm->rank(), comm->size(), board_words)),
         retired_(retired),
         window_(window),
-        words_(boards.release()),
+        words_(std::move(boards)),
         staging_(std::move(staging)) {}
   ~NcclSymmetric() override { retired_->push_back(window_); }
 
@@ -463,7 +463,6 @@ StatusOr<std::unique_ptr<SymmetricBuffer>> NcclCommunicator::DoAllocateSymmetric
     return registered;
   }
   // From here the window is released like any buffer's: retired, freed by the next allocation.
-  std::unique_ptr<SymmetricBuffer> buffer;
   const auto retire_unless_made = [&](Status status) {
     if (!status.ok()) retired_windows_.push_back(w);
     return status;

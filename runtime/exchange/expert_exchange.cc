@@ -29,6 +29,18 @@ std::vector<int64_t> Scaled(const std::vector<int64_t>& v, int64_t by) {
   return out;
 }
 
+// Per send row of `maps`, `of(p)` for the plan row p it carries, `padding` for a row that carries
+// none.
+template <typename T, typename Of>
+std::vector<T> PerSendRow(const ExchangeMaps& maps, int64_t send_rows, T padding, Of of) {
+  std::vector<T> out(static_cast<size_t>(send_rows), padding);
+  for (size_t i = 0; i < maps.send_dst.size(); ++i) {
+    const int32_t p = maps.send_src[i];
+    if (p >= 0) out[static_cast<size_t>(maps.send_dst[i])] = of(p);
+  }
+  return out;
+}
+
 }  // namespace
 
 Status ValidateExchangeOptions(const ExchangeOptions& options) {
@@ -326,12 +338,9 @@ Status ExpertExchange::Layout(const DispatchPlan& plan, ExchangeHandle* handle) 
       return FailedPrecondition("parallel.node_dedup runs on the host device, not the " +
                                 std::string(device_->name()) + " device");
     }
-    handle->send_keys_.assign(static_cast<size_t>(handle->layout_.send_rows), -1);
-    for (size_t i = 0; i < maps.send_dst.size(); ++i) {
-      const int32_t p = maps.send_src[i];
-      handle->send_keys_[static_cast<size_t>(maps.send_dst[i])] =
-          p < 0 ? -1 : plan.row_token[static_cast<size_t>(p)];
-    }
+    handle->send_keys_ = PerSendRow<int64_t>(maps, handle->layout_.send_rows, -1, [&](int32_t p) {
+      return plan.row_token[static_cast<size_t>(p)];
+    });
   }
   if (direct_) MOE_RETURN_IF_ERROR(DirectLayout(handle));
   return Status::Ok();
@@ -435,12 +444,8 @@ Status ExpertExchange::BeginDispatch(const DispatchPlan& plan, MatrixView<const 
   const bool scale_on_arrival = pass == Pass::kBackward && !handle->send_keys_.empty() && !bf16;
   handle->send_scales_.clear();
   if (scale_on_arrival) {
-    const ExchangeMaps& maps = handle->maps_;
-    handle->send_scales_.assign(static_cast<size_t>(layout.send_rows), 1.0f);
-    for (size_t i = 0; i < maps.send_dst.size(); ++i) {
-      const int32_t p = maps.send_src[i];
-      if (p >= 0) handle->send_scales_[static_cast<size_t>(maps.send_dst[i])] = pr.row_gate[p];
-    }
+    handle->send_scales_ = PerSendRow<float>(handle->maps_, layout.send_rows, 1.0f,
+                                             [&](int32_t p) { return pr.row_gate[p]; });
   }
   MOE_RETURN_IF_ERROR(device_->GatherRows({.rows = static_cast<int64_t>(handle->maps_.send_dst.size()),
                                            .cols = m_,
@@ -717,6 +722,7 @@ namespace {
 // receive displacements (W) and its send displacements (W).
 constexpr int kPadWord = 0, kInPlaceWord = 1, kNeedWord = 3, kDisplsWord = 5;
 int64_t DirectBoardWords(int ranks) { return kDisplsWord + 2 * limits::kMaxPipelineDegree * ranks; }
+int InPlaceWord(Pass pass) { return kInPlaceWord + (pass == Pass::kBackward ? 1 : 0); }
 
 }  // namespace
 
@@ -745,7 +751,7 @@ float* ExpertExchange::DirectRows(int rank, Pass pass, Region region) const {
 }
 
 int64_t ExpertExchange::DirectReadInPlace(int rank, Pass pass) const {
-  return sym_->board(rank)[kInPlaceWord + (pass == Pass::kBackward ? 1 : 0)];
+  return sym_->board(rank)[InPlaceWord(pass)];
 }
 
 float* ExpertExchange::OutputRows(Pass pass) const {
@@ -927,7 +933,7 @@ Status ExpertExchange::DirectCombine(ExchangeHandle* handle, Pass pass, int chun
   // Rows in this rank's output rows stay there for the origins to read (the flag is published by
   // the chunk's fence); any others are written into the origins' returned rows.
   const bool in_place = rows.data() == OutputRows(pass);
-  sym_->board()[kInPlaceWord + (pass == Pass::kBackward ? 1 : 0)] = in_place ? 1 : 0;
+  sym_->board()[InPlaceWord(pass)] = in_place ? 1 : 0;
   if (in_place) return Status::Ok();
   return stats_.Timed(slot.record, [&]() -> Status {
     // Source s's rows of this chunk are one run in both layouts: straight into its returned rows
